@@ -1,0 +1,106 @@
+"""edge.quant: the fixed-point helpers against a plain Python big-integer model of gemmlowp."""
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from edge import quant as Q
+from edge.errors import TinyshieldError
+
+i32 = st.integers(-(1 << 31), (1 << 31) - 1)
+
+
+def srdhm_ref(a, b):
+    if a == b == -(1 << 31):
+        return (1 << 31) - 1
+    ab = a * b
+    nudge = (1 << 30) if ab >= 0 else 1 - (1 << 30)
+    v = ab + nudge
+    return int(v / (1 << 31)) if abs(v) < (1 << 52) else (abs(v) >> 31) * (1 if v >= 0 else -1)
+
+
+def rdbpot_ref(x, e):
+    mask = (1 << e) - 1
+    rem = x & mask
+    thr = (mask >> 1) + (1 if x < 0 else 0)
+    return (x >> e) + (1 if rem > thr else 0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(i32, i32)
+def test_srdhm_matches_bigint(a, b):
+    assert int(Q.saturating_rounding_doubling_high_mul(a, b)) == srdhm_ref(a, b)
+
+
+@settings(max_examples=300, deadline=None)
+@given(i32, st.integers(0, 31))
+def test_rdbpot_rounds_half_away(x, e):
+    assert int(Q.rounding_divide_by_pot(x, e)) == rdbpot_ref(x, e)
+    # half away from zero, against exact rationals
+    from fractions import Fraction
+    f = Fraction(x, 1 << e)
+    want = math.floor(abs(f) + Fraction(1, 2)) * (1 if f >= 0 else -1)
+    assert int(Q.rounding_divide_by_pot(x, e)) == want
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.floats(1e-9, 1e9, allow_nan=False))
+def test_quantize_multiplier_represents_real(r):
+    m, s = Q.quantize_multiplier(r)
+    if m == 0:
+        assert r < 2 ** -31
+        return
+    assert (1 << 30) <= m < (1 << 31)
+    assert abs(m * 2.0 ** (s - 31) - r) <= r * 2 ** -30
+
+
+@settings(max_examples=300, deadline=None)
+@given(i32, st.floats(1e-6, 4.0))
+def test_mbqm_vectorised_equals_scalar_and_is_close(x, r):
+    m, s = Q.quantize_multiplier(r)
+    xs = np.array([x, -x if x != -(1 << 31) else 0, 0], dtype=np.int64)
+    got = Q.multiply_by_quantized_multiplier(xs, m, s)
+    left = max(s, 0)
+    for v, g in zip(xs, got):
+        xv = max(min(int(v) << left, (1 << 31) - 1), -(1 << 31))
+        assert int(g) == rdbpot_ref(srdhm_ref(xv, m), max(-s, 0))
+    if abs(x * r) < 2 ** 30 and s <= 0:
+        assert abs(int(got[0]) - x * r) <= 1 + abs(x * r) * 2 ** -29
+
+
+def test_mbqm_per_channel_broadcast():
+    acc = np.arange(-600, 600, 7, dtype=np.int64).reshape(-1, 4)
+    m, s = Q.quantize_multipliers([0.01, 0.5, 1.5, 3e-5])
+    got = Q.multiply_by_quantized_multiplier(acc, m, s)
+    for c in range(4):
+        assert np.array_equal(got[:, c], Q.multiply_by_quantized_multiplier(acc[:, c], m[c], s[c]))
+
+
+def test_saturate_and_quantize():
+    assert Q.saturate([300, -300, 5], np.int8).tolist() == [127, -128, 5]
+    assert Q.round_half_away([0.5, -0.5, 1.5, -2.5]).tolist() == [1, -1, 2, -3]
+    aq = Q.choose_activation_qparams(-1.0, 3.0)
+    q = Q.quantize([-1.0, 0.0, 3.0, 100.0], aq.scale, aq.zero_point)
+    assert q[1] == aq.zero_point and q[0] == -128 and q[2] == 127 and q[3] == 127
+
+
+def test_weights_symmetric_per_channel():
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(8, 5)) * np.arange(1, 9)[:, None]
+    w[3] = 0
+    q, s = Q.quantize_weights_per_channel(w, axis=0)
+    assert q.dtype == np.int8 and q.min() >= -127 and np.abs(q).max(axis=1)[[0, 1, 2, 4]].min() == 127
+    assert s[3] == 1.0 and not q[3].any()
+    assert np.abs(q * s[:, None] - w).max() <= s.max() / 2 + 1e-12
+
+
+def test_bad_inputs_are_refused():
+    with pytest.raises(TinyshieldError, match="multiplier"):
+        Q.quantize_multiplier(float("nan"))
+    with pytest.raises(TinyshieldError, match="too large"):
+        Q.quantize_multiplier(2.0 ** 40)
+    with pytest.raises(TinyshieldError, match="not finite"):
+        Q.choose_activation_qparams(-np.inf, 1.0)
+    with pytest.raises(TinyshieldError, match="calibration"):
+        Q.RangeObserver().range()
