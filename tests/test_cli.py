@@ -1,0 +1,40 @@
+"""Every job has --help; the console script is installed; user errors print one line and exit 2."""
+import subprocess
+import sys
+
+import pytest
+
+from tools.cli import main, parser
+
+
+def jobs():
+    sub = next(a for a in parser()._actions if a.dest == "command")
+    return sorted(sub.choices)
+
+
+def test_top_level_help_lists_every_job(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for job in jobs():
+        assert job in out
+
+
+@pytest.mark.parametrize("job", jobs())
+def test_each_job_has_help(job, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([job, "--help"])
+    assert e.value.code == 0
+    assert f"usage: tinyshield {job}" in capsys.readouterr().out
+
+
+def test_console_script_runs():
+    out = subprocess.run([sys.executable, "-m", "tools", "--help"], capture_output=True, text=True, check=True)
+    assert "usage: tinyshield" in out.stdout
+
+
+def test_user_error_is_one_line(capsys):
+    assert main(["train", "no-such-recipe"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: unknown recipe 'no-such-recipe'") and "\n" not in err
