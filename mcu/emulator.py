@@ -1,0 +1,177 @@
+"""The emulated board: QEMU running a firmware image, its UART on a local TCP port.
+
+    with Emulator(firmware) as emu:          # boots qemu-system-arm, picks a free port
+        link = Link(emu.url)                   # socket://127.0.0.1:PORT
+        ...
+        emu.instructions()                     # exact count of the last inference (plugin)
+
+QEMU is started with the project's instruction-count plugin (mcu/plugin/insn_count.c) watching
+the firmware's tsh_mark_begin/tsh_mark_end. A context manager, an atexit hook and (on Linux)
+a parent-death signal make sure no QEMU outlives the Python process that started it — except
+`detach=True`, used by `tinyshield flash` to leave a board running for later commands.
+"""
+from __future__ import annotations
+
+import atexit
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import weakref
+from pathlib import Path
+
+from edge.errors import TinyshieldError
+from edge.paths import build_dir
+from mcu.boards import Board, board as get_board
+from mcu.build import Firmware, build_plugin, require_toolchain
+
+QEMU = "qemu-system-arm"
+_running: "weakref.WeakSet[Emulator]" = weakref.WeakSet()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent():
+    """Runs in the child before exec: SIGTERM QEMU if the Python process dies (Linux prctl)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def qemu_command(fw: Firmware, board: Board, port: int, plugin: Path | None, count_file: Path | None) -> list[str]:
+    cmd = [QEMU, "-M", board.machine, "-nographic", "-monitor", "none",
+           "-serial", f"tcp:127.0.0.1:{port},server=on,wait=off,nodelay=on", "-kernel", str(fw.elf)]
+    if plugin is not None:
+        cmd += ["-plugin", f"{plugin},begin={fw.mark_begin:#x},end={fw.mark_end:#x},out={count_file}"]
+    return cmd
+
+
+class Emulator:
+    def __init__(self, firmware: Firmware, port: int | None = None, count_instructions: bool = True,
+                 detach: bool = False, work_dir: Path | None = None):
+        require_toolchain(QEMU)
+        self.fw = firmware
+        self.board = get_board(firmware.board)
+        self.want_port = port
+        self.count = count_instructions
+        self.detach = detach
+        self.work_dir = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="qemu-", dir=build_dir()))
+        self.proc: subprocess.Popen | None = None
+        self.port: int | None = None
+        self.count_file = self.work_dir / "instructions.txt"
+        self.log_file = self.work_dir / "qemu.log"
+
+    @property
+    def url(self) -> str:
+        return f"socket://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def start(self, boot_timeout: float = 10.0) -> "Emulator":
+        plugin = build_plugin() if self.count else None
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.count_file.unlink(missing_ok=True)
+        for attempt in range(5):
+            port = self.want_port or _free_port()
+            log = open(self.log_file, "wb")
+            self.proc = subprocess.Popen(
+                qemu_command(self.fw, self.board, port, plugin, self.count_file),
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=self.detach, preexec_fn=None if self.detach else _die_with_parent)
+            log.close()
+            self.port = port
+            if self._wait_listening(boot_timeout):
+                _running.add(self)
+                return self
+            text = self.log_file.read_text(errors="replace")
+            self.stop()
+            if "Address already in use" in text and self.want_port is None:
+                continue                            # another process took the port meanwhile
+            raise TinyshieldError(f"QEMU ({self.board.machine}) did not start: {text.strip()[-1500:] or 'no output'}")
+        raise TinyshieldError("could not find a free TCP port for the emulated board's UART")
+
+    def _wait_listening(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                return False
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.settimeout(0.2)
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return True                     # QEMU's chardev accepts one client at a time; we let go
+            time.sleep(0.02)
+        return False
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """Pull the plug: SIGKILL, as if the board died."""
+        if self.alive():
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        else:
+            self.proc.wait()                        # reap: no zombie
+        _running.discard(self)
+
+    def __enter__(self) -> "Emulator":
+        if self.proc is None:
+            self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def instructions(self) -> tuple[int, int] | None:
+        """(intervals counted so far, instructions of the last one) from the plugin, or None."""
+        try:
+            text = self.count_file.read_text().split()
+        except FileNotFoundError:
+            return None
+        return (int(text[0]), int(text[1])) if len(text) == 2 else None
+
+
+@atexit.register
+def _stop_all():
+    for emu in list(_running):
+        if not emu.detach:
+            emu.stop()
+
+
+def read_count_file(path: Path) -> tuple[int, int] | None:
+    try:
+        text = Path(path).read_text().split()
+    except FileNotFoundError:
+        return None
+    return (int(text[0]), int(text[1])) if len(text) == 2 else None
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
