@@ -1,0 +1,30 @@
+"""Export tinyshield models to .tflite and run them in LiteRT and TFLite Micro (no TensorFlow).
+
+Quick reference
+---------------
+Linear layers (weights as in torch: w is (out, in)):
+
+    from edge.litert import export_linear_stack, Interpreter
+    model = export_linear_stack([(w1, b1), (w2, b2)], batch_shape=(1,), relu=True)   # fp32 bytes
+    y = Interpreter(model, threads=2).run(x)          # x: float32 (1, in) -> y: (1, out)
+
+int8 linear stack (per-channel int8 weights, int32 bias, fixed point of edge.quant):
+
+    q = quantize_linear_stack([(w1, b1), (w2, b2)], calib=x_calib, relu=True)
+    model = q.export((1,))                            # int8 in, int8 out
+    y8 = MicroInterpreter(model).run(q.quantize_input(x))   # == q.reference(...) bit for bit
+
+Runners: `Interpreter(bytes_or_path, threads=None, xnnpack=True)` (ai-edge-litert, or
+tflite_runtime when only that is installed) and `MicroInterpreter(bytes_or_path)` (tflite-micro;
+`.run_full(x).arena_bytes` is the arena the recording allocator reports); `tflm_arena_bytes(model)`.
+Both validate the flatbuffer first: a truncated or corrupt file raises TinyshieldError.
+
+Writers: `edge.litert.writer.Builder` (a shape-tracking graph builder over the flatbuffer object
+API) and `edge.litert.validate.validate(bytes) -> ModelT`.
+"""
+from edge.litert.linear import QuantizedStack, export_linear, export_linear_stack, quantize_linear_stack
+from edge.litert.runtime import Interpreter, MicroInterpreter, tflm_arena_bytes
+from edge.litert.validate import validate
+
+__all__ = ["Interpreter", "MicroInterpreter", "QuantizedStack", "export_linear", "export_linear_stack",
+           "quantize_linear_stack", "tflm_arena_bytes", "validate"]

@@ -1,0 +1,193 @@
+"""Run .tflite models: LiteRT (ai-edge-litert, `tflite_runtime` as fallback) and TFLite Micro.
+
+Both runners validate the flatbuffer in Python first (`edge.litert.validate`), so a truncated or
+corrupt file raises TinyshieldError instead of crashing the process.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edge.errors import TinyshieldError
+from edge.litert.validate import validate
+
+
+def read_model(model: bytes | bytearray | str | Path) -> tuple[bytes, str]:
+    """(bytes, where) from bytes or a path."""
+    if isinstance(model, (bytes, bytearray, memoryview)):
+        return bytes(model), "model bytes"
+    p = Path(model)
+    if not p.is_file():
+        raise TinyshieldError(f"{p}: .tflite file not found")
+    return p.read_bytes(), str(p)
+
+
+def _litert_module():
+    try:
+        from ai_edge_litert import interpreter as lite
+        return lite, "ai-edge-litert"
+    except ImportError:
+        pass
+    try:
+        from tflite_runtime import interpreter as lite  # numpy<2 only; kept as a fallback
+        return lite, "tflite_runtime"
+    except ImportError as e:
+        raise TinyshieldError("no LiteRT runtime: pip install ai-edge-litert (or tflite-runtime)") from e
+
+
+class Interpreter:
+    """A LiteRT interpreter over one model.
+
+    `Interpreter(model_bytes_or_path, threads=N).run(x)` -> output array (or a list when the
+    model has several outputs). `x` may be one array or a list, in the model's input order;
+    arrays are cast to the input dtype. `xnnpack=False` uses TFLite's builtin kernels only,
+    whose integer arithmetic is the reference (gemmlowp fixed point) one.
+    """
+
+    def __init__(self, model, threads: int | None = None, xnnpack: bool = True, preserve_all: bool = False):
+        data, where = read_model(model)
+        self.model = validate(data, where)
+        self.where = where
+        lite, self.runtime = _litert_module()
+        if threads is not None and threads < 1:
+            raise TinyshieldError(f"threads must be >= 1, got {threads}")
+        kwargs = {"model_content": data, "num_threads": threads}
+        if not xnnpack:
+            kwargs["experimental_op_resolver_type"] = lite.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+        if preserve_all:
+            kwargs["experimental_preserve_all_tensors"] = True
+        try:
+            self.interp = lite.Interpreter(**kwargs)
+            self.interp.allocate_tensors()
+        except (ValueError, RuntimeError) as e:
+            raise TinyshieldError(f"{where}: LiteRT cannot load the model: {e}") from e
+        self.inputs = self.interp.get_input_details()
+        self.outputs = self.interp.get_output_details()
+
+    def run(self, x):
+        xs = list(x) if isinstance(x, (list, tuple)) else [x]
+        if len(xs) != len(self.inputs):
+            raise TinyshieldError(f"{self.where}: model takes {len(self.inputs)} inputs, got {len(xs)}")
+        for d, a in zip(self.inputs, xs):
+            a = np.asarray(a)
+            if tuple(a.shape) != tuple(int(s) for s in d["shape"]):
+                raise TinyshieldError(
+                    f"{self.where}: input {d['name']} has shape {tuple(int(s) for s in d['shape'])}, got {tuple(a.shape)}")
+            self.interp.set_tensor(d["index"], np.ascontiguousarray(a, dtype=d["dtype"]))
+        try:
+            self.interp.invoke()
+            out = [self.interp.get_tensor(d["index"]).copy() for d in self.outputs]
+        except (ValueError, RuntimeError) as e:
+            raise TinyshieldError(f"{self.where}: LiteRT failed to run the model: {e}") from e
+        return out[0] if len(out) == 1 else out
+
+    def tensor(self, name: str) -> np.ndarray:
+        """An intermediate tensor by name (needs preserve_all=True)."""
+        for d in self.interp.get_tensor_details():
+            if d["name"] == name:
+                return self.interp.get_tensor(d["index"]).copy()
+        raise TinyshieldError(f"{self.where}: no tensor named {name!r}")
+
+
+# ---- TFLite Micro ----------------------------------------------------------------------------
+
+_ARENA_RE = re.compile(r"Arena allocation total (\d+) bytes")
+
+
+def _capture_fd2(fn):
+    """Run fn() with the C-level stderr redirected to a temp file; returns (result, text)."""
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        saved = os.dup(2)
+        try:
+            os.dup2(tmp.fileno(), 2)
+            result = fn()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        tmp.seek(0)
+        return result, tmp.read().decode(errors="replace")
+
+
+@dataclass
+class MicroRun:
+    outputs: list[np.ndarray]
+    arena_bytes: int          # what the recording allocator says the model needed
+    log: str                  # print_allocations() text
+
+
+class MicroInterpreter:
+    """TFLite Micro (the `tflite-micro` package) over one model, with the arena it really used.
+
+    `MicroInterpreter(model_bytes).run(x)` -> output array; `.arena_bytes` after the first run.
+    """
+
+    def __init__(self, model, arena_size: int | None = None):
+        try:
+            from tflite_micro.python.tflite_micro import runtime as tflm
+        except ImportError as e:
+            raise TinyshieldError("TFLite Micro is not installed: pip install tflite-micro") from e
+        data, where = read_model(model)
+        m = validate(data, where)
+        self.where = where
+        sg = m.subgraphs[0]
+        self.n_inputs, self.n_outputs = len(sg.inputs), len(sg.outputs)
+        # generous by default; the real need is measured and reported by print_allocations()
+        self.arena_size = arena_size or max(4 * len(data), 1 << 20) + _activation_bytes(m)
+        try:
+            self.interp, _ = _capture_fd2(lambda: tflm.Interpreter.from_bytes(data, arena_size=self.arena_size))
+        except (ValueError, RuntimeError) as e:
+            raise TinyshieldError(f"{where}: TFLite Micro cannot load the model: {e}") from e
+        self.arena_bytes: int | None = None
+
+    def run(self, x) -> np.ndarray | list[np.ndarray]:
+        outs = self.run_full(x).outputs
+        return outs[0] if self.n_outputs == 1 else outs
+
+    def run_full(self, x) -> MicroRun:
+        xs = list(x) if isinstance(x, (list, tuple)) else [x]
+        if len(xs) != self.n_inputs:
+            raise TinyshieldError(f"{self.where}: model takes {self.n_inputs} inputs, got {len(xs)}")
+
+        def go():
+            for i, a in enumerate(xs):
+                d = self.interp.get_input_details(i)
+                self.interp.set_input(np.ascontiguousarray(a, dtype=d["dtype"]).reshape(d["shape"]), i)
+            self.interp.invoke()
+            self.interp.print_allocations()
+            return [self.interp.get_output(i).copy() for i in range(self.n_outputs)]
+
+        try:
+            outs, log = _capture_fd2(go)
+        except (ValueError, RuntimeError) as e:
+            raise TinyshieldError(f"{self.where}: TFLite Micro failed to run the model: {e}") from e
+        hit = _ARENA_RE.search(log)
+        if hit is None:
+            raise TinyshieldError(f"{self.where}: TFLite Micro printed no arena total:\n{log[-500:]}")
+        self.arena_bytes = int(hit.group(1))
+        return MicroRun(outs, self.arena_bytes, log)
+
+
+def _activation_bytes(m) -> int:
+    """Sum of all non-constant tensor sizes: an upper bound on what the arena can need for them."""
+    from edge.litert.schema import NUMPY_TYPES
+    total = 0
+    for t in m.subgraphs[0].tensors:
+        data = m.buffers[t.buffer].data if m.buffers else None
+        if data is None or not len(data):
+            total += int(np.prod(t.shape if t.shape is not None else [], dtype=np.int64)) * NUMPY_TYPES[t.type].itemsize
+    return total + 64 * 1024
+
+
+def tflm_arena_bytes(model) -> int:
+    """Bytes of TFLite Micro arena `model` needs (one inference on zeros, recording allocator)."""
+    mi = MicroInterpreter(model)
+    xs = []
+    for i in range(mi.n_inputs):
+        d = mi.interp.get_input_details(i)
+        xs.append(np.zeros(d["shape"], dtype=d["dtype"]))
+    return mi.run_full(xs).arena_bytes
