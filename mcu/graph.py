@@ -77,8 +77,9 @@ class Ref:
 
 @dataclass(frozen=True)
 class Const:
-    """A constant (flash) tensor of the graph."""
+    """A constant (flash) tensor of the graph, starting `offset` bytes in (e.g. one head's rows)."""
     tensor: str
+    offset: int = 0
 
 
 @dataclass

@@ -1,0 +1,91 @@
+"""The numpy reference executor: runs a `Schedule` call by call, exactly as the generated C does.
+
+With an `ArenaPlan` every buffer lives at its planned offset inside ONE arena (as on the device),
+so a wrong plan corrupts results here too; without one each buffer gets its own memory.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from edge.errors import TinyshieldError
+from mcu.graph import DTYPES, Buffer, Const, Graph, Ref, Schedule
+from mcu.kernels import KERNELS, PTYPES
+
+
+def _resolve(arg, ptype: str, mem: dict[str, np.ndarray], graph: Graph):
+    if ptype == "int":
+        if not isinstance(arg, (int, np.integer)):
+            raise TinyshieldError(f"expected an integer argument, got {arg!r}")
+        return int(arg)
+    dt = np.dtype(PTYPES[ptype])
+    if isinstance(arg, Ref):
+        raw = mem[arg.buffer][arg.offset:]
+    elif isinstance(arg, Const):
+        t = graph.tensors[arg.tensor]
+        raw = t.data.reshape(-1).view(np.uint8)[arg.offset:]
+        if np.dtype(DTYPES[t.dtype]) != dt:
+            raise TinyshieldError(f"constant {arg.tensor} is {t.dtype}, the kernel expects {dt.name}")
+    else:
+        raise TinyshieldError(f"expected a Ref or Const for a {ptype} parameter, got {arg!r}")
+    n = raw.size // dt.itemsize
+    return raw[:n * dt.itemsize].view(dt)
+
+
+def _memory(schedule: Schedule, plan) -> dict[str, np.ndarray]:
+    if plan is None:
+        return {name: np.zeros(b.nbytes, dtype=np.uint8) for name, b in schedule.buffers.items()}
+    arena = np.zeros(plan.arena_bytes, dtype=np.uint8)
+    return {name: arena[plan.offsets[name]:plan.offsets[name] + b.nbytes] for name, b in schedule.buffers.items()}
+
+
+def run(schedule: Schedule, inputs: dict[str, np.ndarray], plan=None) -> dict[str, np.ndarray]:
+    """Execute; `inputs` maps graph input names to arrays; returns the graph outputs (typed, shaped)."""
+    g = schedule.graph
+    mem = _memory(schedule, plan)
+    for name in g.inputs:
+        if name not in inputs:
+            raise TinyshieldError(f"missing input {name!r} for graph {g.name}")
+        t = g.tensors[name]
+        x = np.asarray(inputs[name])
+        if x.size != int(np.prod(t.shape)):
+            raise TinyshieldError(f"input {name!r} has {x.size} elements, the graph expects shape {t.shape}")
+        mem[name][:t.nbytes] = np.ascontiguousarray(x.astype(DTYPES[t.dtype])).view(np.uint8).ravel()
+    for call in schedule.calls:
+        k = KERNELS.get(call.kernel)
+        if k is None:
+            raise TinyshieldError(f"kernel {call.kernel!r} (op {call.op}) is not registered in mcu.kernels")
+        k(*(_resolve(a, pt, mem, g) for a, (_, pt) in zip(call.args, k.params)))
+    out = {}
+    for name in g.outputs:
+        t = g.tensors[name]
+        out[name] = mem[name][:t.nbytes].view(DTYPES[t.dtype]).reshape(t.shape).copy()
+    return out
+
+
+def one_call_per_op(graph: Graph) -> Schedule:
+    """The plainest schedule: one buffer per activation tensor, each op's calls in graph order.
+    (mcu.schedules.layerwise is the real baseline; this one has no dependency on it.)"""
+    from mcu.lower import calls_for
+
+    buffers = {n: Buffer(n, t.nbytes, t.kind) for n, t in graph.tensors.items() if t.kind != "const"}
+
+    def loc(name, offset=0):
+        t = graph.tensors[name]
+        return Const(name, offset) if t.kind == "const" else Ref(name, offset)
+
+    calls = [c for op in graph.ops for c in calls_for(graph, op, loc)]
+    return Schedule("one_call_per_op", graph, buffers, calls)
+
+
+def layerwise(graph: Graph) -> Schedule:
+    """mcu.schedules.layerwise when it exists, else `one_call_per_op`."""
+    try:
+        from mcu.schedules import layerwise as lw
+    except ImportError:
+        return one_call_per_op(graph)
+    return lw(graph)
+
+
+def reference(graph: Graph, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The int8 reference result of a graph (layerwise schedule, separate buffers)."""
+    return run(layerwise(graph), inputs)

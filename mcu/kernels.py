@@ -1,0 +1,264 @@
+"""The numpy reference kernels: the numerics spec of the int8 runtime, one function per C kernel.
+
+Every kernel works on flat buffers with explicit dimensions and strides, exactly like its C twin
+`tsh_<name>` in `mcu/firmware/kernels/` (same parameter order, same integer results). Pointer
+parameters arrive as flat numpy arrays (views into the arena, or constant data); outputs are
+written in place. Arithmetic is exact (int64 in numpy); the C kernels use int32 accumulators, which
+is the same thing because the lowering guarantees every accumulator fits in int32 (|bias| <= 2^30,
+K * 255 * 127 < 2^30 for the layer sizes we accept).
+
+Parameter types, used by the executor to view arena bytes and by codegen to declare/cast:
+  "i8*", "i16*", "i32*"            mutable pointers (outputs, or scratch)
+  "const i8*", "const i16*", ...   read-only pointers (inputs, constants)
+  "int"                            a 32-bit integer scalar
+
+Numerics (see also edge.quant):
+- requantisation: edge.quant.multiply_by_quantized_multiplier (TFLite double rounding), + zero
+  point, clamp to [act_min, act_max] (or the int8 range);
+- softmax: integer, tile-friendly. Per row over the unmasked keys: m = max s_j;
+  e_j = lut[m - s_j] (lut[d] = round(2^15 * exp(-d * scale_s)), int32, 256 entries);
+  S = sum e_j; p_j = min(32767, (e_j * 2^15 + S/2) / S) as int16 (probabilities in units of 2^-15);
+  masked keys get p_j = 0, a row with no key gets all zeros;
+- LayerNorm (fused with the residual add): x = (a - za) * ca + (b - zb) * cb (ca, cb integers
+  carrying the ratio of the two scales); mu = round(sum x / d); var = floor(sum (x - mu)^2 / d) + eps;
+  sigma = isqrt(var) (at least 1); inv = round(2^40 / sigma); n = RDBPOT64((x - mu) * inv, 28)
+  (the normalised value in units of 2^-12); y = sat(MBQM(n, gm[c], gs[c]) + beta[c] + zy), where
+  gm may be negative (gamma < 0);
+- GELU and other pointwise functions: a 256-entry int8 table indexed by x + 128;
+- mean pooling: avg = round((sum_i (x_i - zx)) * 2^8 / n) over the n unmasked rows, then MBQM.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+from numpy.lib.stride_tricks import as_strided
+
+from edge.quant import (INT32_MAX, multiply_by_quantized_multiplier as mbqm, rounding_divide_by_pot,
+                        saturate)
+
+PTYPES = {"i8*": np.int8, "i16*": np.int16, "i32*": np.int32,
+          "const i8*": np.int8, "const i16*": np.int16, "const i32*": np.int32}
+
+EXP_ONE = 1 << 15        # softmax: lut[0]; probabilities are in units of 2^-15
+LN_IN_BITS = 12          # add_layernorm: |ca|, |cb| <= 2^12
+LN_INV_BITS = 40         # inv = 2^40 / sigma
+LN_OUT_BITS = 12         # normalised values in units of 2^-12
+POOL_BITS = 8            # mean_pool keeps 8 fractional bits of the average
+
+
+@dataclass(frozen=True)
+class Kernel:
+    name: str
+    fn: Callable
+    params: tuple[tuple[str, str], ...]   # (parameter name, type)
+
+    def __call__(self, *args):
+        if len(args) != len(self.params):
+            raise TypeError(f"kernel {self.name} takes {len(self.params)} arguments, got {len(args)}")
+        return self.fn(*args)
+
+
+KERNELS: dict[str, Kernel] = {}
+
+
+def kernel(**types):
+    """Register a numpy kernel; keyword arguments give each parameter's type, in order."""
+    def wrap(fn):
+        names = list(inspect.signature(fn).parameters)
+        if names != list(types):
+            raise AssertionError(f"{fn.__name__}: parameter types {list(types)} do not match {names}")
+        KERNELS[fn.__name__] = Kernel(fn.__name__, fn, tuple(types.items()))
+        return fn
+    return wrap
+
+
+def register(name: str, fn: Callable, params) -> None:
+    """For other modules (e.g. the tiled kernels) adding kernels to the same table."""
+    KERNELS[name] = Kernel(name, fn, tuple(params))
+
+
+def view2d(buf: np.ndarray, rows: int, cols: int, stride: int) -> np.ndarray:
+    """A (rows, cols) view of a flat buffer whose rows start `stride` elements apart."""
+    if rows == 0 or cols == 0:
+        return buf[:0].reshape(0, max(cols, 0))
+    need = (rows - 1) * stride + cols
+    if need > buf.size:
+        raise ValueError(f"buffer of {buf.size} elements too small for {rows}x{cols} (stride {stride})")
+    s = buf.strides[0]
+    return as_strided(buf, shape=(rows, cols), strides=(stride * s, s))
+
+
+def div_round(a, b):
+    """a / b rounded half away from zero, b > 0 (int64 arrays or ints)."""
+    a = np.asarray(a, dtype=np.int64)
+    q = (np.abs(a) + b // 2) // b
+    return np.where(a < 0, -q, q)
+
+
+def isqrt(v):
+    """Floor square root of non-negative int64 values."""
+    v = np.asarray(v, dtype=np.int64)
+    r = np.floor(np.sqrt(v.astype(np.float64))).astype(np.int64)
+    r = np.where(r * r > v, r - 1, r)
+    r = np.where((r + 1) * (r + 1) <= v, r + 1, r)
+    return r
+
+
+def _out(y: np.ndarray, values, lo, hi):
+    y[...] = np.clip(values, lo, hi)
+
+
+# ---------------------------------------------------------------- linear algebra
+
+@kernel(x="const i8*", w="const i8*", bias="const i32*", mult="const i32*", shift="const i32*", y="i8*",
+        M="int", K="int", N="int", x_stride="int", y_stride="int", y_zp="int", act_min="int", act_max="int")
+def fc_s8(x, w, bias, mult, shift, y, M, K, N, x_stride, y_stride, y_zp, act_min, act_max):
+    """y[m, n] = clamp(MBQM(bias[n] + sum_k x[m, k] * w[n, k], mult[n], shift[n]) + y_zp).
+
+    Weights (N, K) row-major; the input zero point is folded into `bias` by the lowering
+    (bias' = bias - x_zp * sum_k w[n, k]), so the kernel needs none."""
+    X = view2d(x, M, K, x_stride).astype(np.int64)
+    W = w[:N * K].reshape(N, K).astype(np.int64)
+    acc = X @ W.T + bias[:N]
+    _out(view2d(y, M, N, y_stride), mbqm(acc, mult[:N], shift[:N]) + y_zp, act_min, act_max)
+
+
+@kernel(q="const i8*", k="const i8*", s="i8*", Lq="int", Lk="int", dh="int", q_stride="int",
+        k_stride="int", s_stride="int", q_zp="int", k_zp="int", mult="int", shift="int", s_zp="int")
+def matmul_qk_s8(q, k, s, Lq, Lk, dh, q_stride, k_stride, s_stride, q_zp, k_zp, mult, shift, s_zp):
+    """Attention scores of one head: s[i, j] = sat8(MBQM(sum_t (q[i,t]-q_zp)(k[j,t]-k_zp)) + s_zp)."""
+    Q = view2d(q, Lq, dh, q_stride).astype(np.int64) - q_zp
+    Kt = view2d(k, Lk, dh, k_stride).astype(np.int64) - k_zp
+    _out(view2d(s, Lq, Lk, s_stride), mbqm(Q @ Kt.T, mult, shift) + s_zp, -128, 127)
+
+
+@kernel(p="const i16*", v="const i8*", y="i8*", Lq="int", Lk="int", dh="int", p_stride="int",
+        v_stride="int", y_stride="int", v_zp="int", mult="int", shift="int", y_zp="int")
+def matmul_pv_s8(p, v, y, Lq, Lk, dh, p_stride, v_stride, y_stride, v_zp, mult, shift, y_zp):
+    """Attention context of one head: y[i, t] = sat8(MBQM(sum_j p[i,j] (v[j,t]-v_zp)) + y_zp)."""
+    P = view2d(p, Lq, Lk, p_stride).astype(np.int64)
+    V = view2d(v, Lk, dh, v_stride).astype(np.int64) - v_zp
+    _out(view2d(y, Lq, dh, y_stride), mbqm(P @ V, mult, shift) + y_zp, -128, 127)
+
+
+@kernel(x="const i8*", w="const i8*", bias="const i32*", mult="const i32*", shift="const i32*", y="i8*",
+        H="int", W="int", Cin="int", Cout="int", Hout="int", Wout="int", ksize="int", stride="int",
+        pad="int", x_zp="int", y_zp="int", act_min="int", act_max="int")
+def conv2d_s8(x, w, bias, mult, shift, y, H, W, Cin, Cout, Hout, Wout, ksize, stride, pad, x_zp, y_zp,
+              act_min, act_max):
+    """2-D convolution, HWC activations, weights (Cout, k, k, Cin); padded taps contribute 0 (real)."""
+    X = np.full((H + 2 * pad + stride * ksize, W + 2 * pad + stride * ksize, Cin), 0, dtype=np.int64)
+    X[pad:pad + H, pad:pad + W] = x[:H * W * Cin].reshape(H, W, Cin).astype(np.int64) - x_zp
+    cols = np.empty((Hout, Wout, ksize, ksize, Cin), dtype=np.int64)
+    for kh in range(ksize):
+        for kw in range(ksize):
+            cols[:, :, kh, kw] = X[kh:kh + stride * Hout:stride, kw:kw + stride * Wout:stride]
+    acc = cols.reshape(Hout * Wout, -1) @ w[:Cout * ksize * ksize * Cin].reshape(Cout, -1).astype(np.int64).T
+    acc += bias[:Cout]
+    _out(y[:Hout * Wout * Cout].reshape(Hout * Wout, Cout), mbqm(acc, mult[:Cout], shift[:Cout]) + y_zp,
+         act_min, act_max)
+
+
+# ---------------------------------------------------------------- softmax
+
+def softmax_exp(s_row: np.ndarray, valid: np.ndarray, m, lut: np.ndarray) -> np.ndarray:
+    """e_j = lut[m - s_j] for valid keys, 0 otherwise (pass 2 and 3 of a tiled softmax use this too)."""
+    d = np.clip(np.asarray(m, dtype=np.int64)[..., None] - s_row.astype(np.int64), 0, 255)
+    return np.where(valid, lut[d].astype(np.int64), 0)
+
+
+def softmax_probs(e: np.ndarray, S) -> np.ndarray:
+    """p_j = min(32767, round(e_j * 2^15 / S)); 0 where S == 0."""
+    S = np.asarray(S, dtype=np.int64)[..., None]
+    safe = np.maximum(S, 1)
+    p = np.minimum((e * EXP_ONE + safe // 2) // safe, 32767)
+    return np.where(S > 0, p, 0)
+
+
+def softmax_rowmax(s_rows: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """m = max over valid keys (-128 when none: then every e_j is 0 anyway)."""
+    return np.where(valid, s_rows.astype(np.int64), -128).max(axis=-1)
+
+
+@kernel(s="const i8*", mask="const i8*", lut="const i32*", p="i16*", Lq="int", Lk="int",
+        s_stride="int", p_stride="int")
+def softmax_s16(s, mask, lut, p, Lq, Lk, s_stride, p_stride):
+    """Integer softmax over each row of int8 scores; keys with mask[j] == 0 are left out."""
+    S8 = view2d(s, Lq, Lk, s_stride)
+    valid = (mask[:Lk] != 0)[None, :]
+    m = softmax_rowmax(S8, valid)
+    e = softmax_exp(S8, valid, m, lut)
+    view2d(p, Lq, Lk, p_stride)[...] = softmax_probs(e, e.sum(axis=-1))
+
+
+def exp_lut(score_scale: float) -> np.ndarray:
+    """The softmax table for int8 scores of scale `score_scale`: lut[d] = round(2^15 exp(-d scale))."""
+    d = np.arange(256, dtype=np.float64)
+    return np.floor(EXP_ONE * np.exp(-d * score_scale) + 0.5).astype(np.int32)
+
+
+# ---------------------------------------------------------------- normalisation, pointwise, pooling
+
+@kernel(a="const i8*", b="const i8*", gm="const i32*", gs="const i32*", beta="const i32*", y="i8*",
+        M="int", d="int", a_zp="int", b_zp="int", ca="int", cb="int", eps="int", y_zp="int")
+def add_layernorm_s8(a, b, gm, gs, beta, y, M, d, a_zp, b_zp, ca, cb, eps, y_zp):
+    """y = LayerNorm(a + b) per row of d, rows contiguous (the residual add and the LayerNorm fused)."""
+    x = ((a[:M * d].astype(np.int64) - a_zp) * ca + (b[:M * d].astype(np.int64) - b_zp) * cb).reshape(M, d)
+    mu = div_round(x.sum(axis=1), d)[:, None]
+    xc = x - mu
+    var = (xc * xc).sum(axis=1) // d + eps
+    sigma = np.maximum(isqrt(var), 1)[:, None]
+    inv = ((1 << LN_INV_BITS) + sigma // 2) // sigma
+    n = rounding_divide_by_pot(xc * inv, LN_INV_BITS - LN_OUT_BITS)
+    out = mbqm(n, gm[:d], gs[:d]) + beta[:d] + y_zp
+    y[:M * d] = saturate(out, np.int8).ravel()
+
+
+@kernel(x="const i8*", table="const i8*", y="i8*", n="int")
+def lut_s8(x, table, y, n):
+    """y[i] = table[x[i] + 128]: GELU (or any pointwise int8 -> int8 function)."""
+    y[:n] = table[x[:n].astype(np.int64) + 128]
+
+
+@kernel(x="const i8*", mask="const i8*", y="i8*", L="int", d="int", x_zp="int", mult="int", shift="int",
+        y_zp="int")
+def mean_pool_s8(x, mask, y, L, d, x_zp, mult, shift, y_zp):
+    """Mean over the unmasked rows of x (L, d): the sentence / image embedding."""
+    X = x[:L * d].reshape(L, d).astype(np.int64) - x_zp
+    valid = mask[:L] != 0
+    n = int(valid.sum())
+    tot = X[valid].sum(axis=0) if n else np.zeros(d, dtype=np.int64)
+    avg = div_round(tot << POOL_BITS, max(n, 1))
+    y[:d] = saturate(mbqm(avg, mult, shift) + y_zp, np.int8)
+
+
+# ---------------------------------------------------------------- token inputs
+
+@kernel(ids="const i32*", table="const i8*", y="i8*", L="int", d="int", vocab="int")
+def embedding_s8(ids, table, y, L, d, vocab):
+    """y[i] = table[ids[i]] (rows of d); an id outside [0, vocab) reads row 0 ([PAD])."""
+    idx = ids[:L].astype(np.int64)
+    idx = np.where((idx >= 0) & (idx < vocab), idx, 0)
+    y[:L * d] = table[:vocab * d].reshape(vocab, d)[idx].ravel()
+
+
+@kernel(ids="const i32*", mask="i8*", L="int")
+def pad_mask(ids, mask, L):
+    """mask[i] = 1 for a real token, 0 for [PAD] (id 0)."""
+    mask[:L] = (ids[:L] != 0).astype(np.int8)
+
+
+# ---------------------------------------------------------------- helpers for the lowering
+
+def gelu_table(x_scale: float, x_zp: int, y_scale: float, y_zp: int) -> np.ndarray:
+    """256-entry int8 table of exact (erf) GELU from one int8 quantisation to another."""
+    q = np.arange(-128, 128, dtype=np.float64)
+    xr = (q - x_zp) * x_scale
+    g = 0.5 * xr * (1.0 + np.vectorize(math.erf)(xr / math.sqrt(2.0)))
+    return saturate(np.sign(g / y_scale) * np.floor(np.abs(g / y_scale) + 0.5) + y_zp, np.int8)
+
+

@@ -1,0 +1,82 @@
+"""PTQ lowering: int8 graphs of the ViT and BERT track their float models; bad calibration input is refused."""
+import numpy as np
+import pytest
+import torch
+
+from edge.errors import TinyshieldError
+from edge.models.bert import BertClassifier, BertConfig
+from edge.models.vit import ViT, ViTConfig
+from mcu.execute import one_call_per_op, reference, run
+from mcu.lower import OP_KINDS, lower_bert, lower_bert_classifier, lower_vit
+
+TINY_BERT = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                       intermediate_size=64, max_position_embeddings=32)
+
+
+def random_ids(n, L, seed=0, vocab=100):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1, vocab, size=(n, L))
+    for r in ids:
+        r[rng.integers(3, L):] = 0
+    return ids.astype(np.int32)
+
+
+def dequant(g, name, q):
+    t = g.tensors[name].q
+    return (q.astype(np.float64) - t.zero_point) * t.scale[0]
+
+
+def test_bert_classifier_int8_tracks_float():
+    torch.manual_seed(0)
+    m = BertClassifier(TINY_BERT).eval()
+    ids = random_ids(64, 16)
+    g = lower_bert_classifier(m, ids, 16)
+    assert {op.kind for op in g.ops} <= set(OP_KINDS)
+    with torch.no_grad():
+        t = torch.from_numpy(ids[:6]).long()
+        f = m(t, (t != 0).long()).numpy()
+    q = np.stack([reference(g, {"input": ids[i]})["logits"][0] for i in range(6)])
+    err = np.abs(dequant(g, "logits", q) - f).max()
+    assert err < 0.05 * max(1.0, np.abs(f).max())
+
+
+def test_bert_encoder_hidden_states_and_padding_invariance():
+    torch.manual_seed(1)
+    m = BertClassifier(TINY_BERT).eval().bert
+    ids = random_ids(32, 16, seed=1)
+    g = lower_bert(m, ids, 16)
+    x = ids[0].copy()
+    n = int((x != 0).sum())
+    h = reference(g, {"input": x})["hidden"]
+    with torch.no_grad():
+        hf = m(torch.from_numpy(x[None]).long(), torch.from_numpy(x[None] != 0).long())[0].numpy()
+    assert np.abs(dequant(g, "hidden", h)[:n] - hf[:n]).max() < 0.25
+    # padded keys are masked out: changing nothing but what sits after the padding cannot change real rows
+    y = x.copy()
+    y[n:] = 0
+    assert np.array_equal(reference(g, {"input": y})["hidden"][:n], h[:n])
+
+
+def test_vit_int8_agrees_with_float_on_random_digits():
+    torch.manual_seed(0)
+    cfg = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    m = ViT(cfg).eval()
+    rng = np.random.default_rng(0)
+    imgs = (rng.random((40, 28, 28)) ** 4 * 255).astype(np.uint8)
+    g = lower_vit(m, imgs[:32])
+    with torch.no_grad():
+        f = m(torch.from_numpy(imgs[32:]).float().div(255).unsqueeze(1)).numpy()
+    s = one_call_per_op(g)
+    q = np.stack([run(s, {"input": (im.astype(np.int16) - 128).astype(np.int8)})["logits"][0] for im in imgs[32:]])
+    assert np.abs(dequant(g, "logits", q) - f).max() < 0.05 * max(1.0, np.abs(f).max())
+
+
+def test_bad_calibration_input_is_refused():
+    m = BertClassifier(TINY_BERT).eval()
+    with pytest.raises(TinyshieldError, match="calibration ids"):
+        lower_bert_classifier(m, np.zeros((0, 8), dtype=np.int32), 8)
+    with pytest.raises(TinyshieldError, match="max_position_embeddings"):
+        lower_bert_classifier(m, random_ids(4, 8), 64)
+    with pytest.raises(TinyshieldError, match="calibration images"):
+        lower_vit(ViT(ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)),
+                  np.zeros((4, 28, 28), dtype=np.float32))
