@@ -67,10 +67,10 @@ def require_toolchain(*tools: str) -> None:
                               "(installs gcc-arm-none-eabi, libnewlib-arm-none-eabi and qemu-system-arm)")
 
 
-def _sources(board: Board, model_dir: Path) -> list[Path]:
+def _sources(board: Board, model_dir: Path, kernels: bool) -> list[Path]:
     runtime = [p for p in sorted(FIRMWARE.glob("*.c")) if not p.name.startswith("uart_")]
     runtime.append(FIRMWARE / f"uart_{board.uart}.c")
-    kernels = sorted((FIRMWARE / "kernels").glob("*.c"))
+    kernels = sorted((FIRMWARE / "kernels").glob("*.c")) if kernels else []
     return runtime + kernels + sorted(model_dir.glob("*.c"))
 
 
@@ -119,17 +119,19 @@ def _overflow_error(log: str, board: Board) -> TinyshieldError | None:
 
 
 def build_firmware(model_dir: str | Path, board: str | Board | None = None, *, input_bytes: int | None = None,
-                   output_bytes: int | None = None, extra_cflags: tuple[str, ...] = (), force: bool = False,
-                   quiet: bool = True) -> Firmware:
-    """Compile and link the firmware for `board` around the generated sources in `model_dir`."""
+                   output_bytes: int | None = None, extra_cflags: tuple[str, ...] = (), kernels: bool = True,
+                   force: bool = False, quiet: bool = True) -> Firmware:
+    """Compile and link the firmware for `board` around the generated sources in `model_dir`.
+    `kernels=False` leaves out mcu/firmware/kernels/ (for a model.c that brings its own code)."""
     require_toolchain()
     b = board if isinstance(board, Board) else get_board(board)
     model_dir = Path(model_dir)
     if not (model_dir / "model.c").is_file() or not (model_dir / "model.h").is_file():
         raise TinyshieldError(f"{model_dir} has no model.c/model.h: generate them first (tinyshield build MODEL)")
     in_b, out_b = _io_bytes(model_dir, input_bytes, output_bytes)
-    srcs = _sources(b, model_dir)
-    headers = sorted(FIRMWARE.glob("*.h")) + sorted((FIRMWARE / "kernels").glob("*.h")) + sorted(model_dir.glob("*.h"))
+    srcs = _sources(b, model_dir, kernels)
+    headers = [*sorted(FIRMWARE.glob("*.h")), *(sorted((FIRMWARE / "kernels").glob("*.h")) if kernels else []),
+               *sorted(model_dir.glob("*.h"))]
     defines = {**b.defines(), "TSH_INPUT_BYTES": f"{in_b}u", "TSH_OUTPUT_BYTES": f"{out_b}u"}
     flags = [*b.gcc_flags(), *CFLAGS, *extra_cflags, *(f"-D{k}={v}" for k, v in defines.items()),
              f"-I{FIRMWARE}", f"-I{FIRMWARE / 'kernels'}", f"-I{model_dir}"]
