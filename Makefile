@@ -9,7 +9,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 APT_PKGS := gcc-arm-none-eabi libnewlib-arm-none-eabi qemu-system-arm
 
-.PHONY: demo test setup system-deps clean
+.PHONY: demo test setup system-deps plugin clean
 
 demo: setup
 	$(BIN)/tinyshield demo
@@ -17,7 +17,11 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
-setup: system-deps $(STAMP)
+setup: system-deps $(STAMP) plugin
+
+# The QEMU instruction-count plugin (mcu/plugin/), built with the host gcc into build/plugin/.
+plugin: $(STAMP)
+	@$(BIN)/python -c "from mcu.build import build_plugin; print('qemu plugin:', build_plugin())"
 
 # Debian packages: installed only when one is missing (dpkg is the source of truth).
 system-deps:
