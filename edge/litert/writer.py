@@ -182,6 +182,9 @@ class Builder:
     def mul(self, a, b, name="mul", out_quant="inherit"):
         return self._binary(OPS.MUL, fb.MulOptionsT, fb.BuiltinOptions.MulOptions, a, b, name, None, out_quant)
 
+    def div(self, a, b, name="div"):
+        return self._binary(OPS.DIV, fb.DivOptionsT, fb.BuiltinOptions.DivOptions, a, b, name)
+
     def minimum(self, a, b, name="min"):
         return self._binary(OPS.MINIMUM, fb.MaximumMinimumOptionsT, fb.BuiltinOptions.MaximumMinimumOptions,
                             a, b, name)
