@@ -189,3 +189,101 @@ def build_plugin(force: bool = False) -> Path:
         raise TinyshieldError(f"building the QEMU plugin failed:\n{r.stderr.strip()}")
     tmp.replace(so)
     return so
+
+
+# ---------------------------------------------------------------- model -> firmware
+
+@dataclass
+class BuiltModel:
+    """Everything about one model deployed to one board: the int8 graph, its schedule and arena
+    plan (the host reference runs exactly these), the generated C and the firmware image."""
+    name: str
+    kind: str                     # "vit", "bert-classifier"
+    board: str
+    graph: object                 # mcu.graph.Graph
+    schedule: object              # mcu.graph.Schedule
+    plan: object                  # mcu.planner.ArenaPlan
+    source_dir: Path
+    firmware: Firmware
+
+    @property
+    def macs(self) -> int:
+        return self.schedule.macs()
+
+    def quantise_input(self, x) -> "np.ndarray":
+        """Raw model input -> what the device takes. Images: uint8 (28, 28) -> int8 HWC, exactly as
+        the reference quantises (p/255 with scale 1/255 and zero point -128 is p - 128)."""
+        import numpy as np
+        t = self.graph.tensors[self.graph.inputs[0]]
+        x = np.asarray(x)
+        if self.kind == "vit":
+            if x.dtype != np.uint8 or x.size != int(np.prod(t.shape)):
+                raise TinyshieldError(f"image input must be uint8 with {int(np.prod(t.shape))} pixels, got {x.dtype} {x.shape}")
+            scale, zp = t.q.scale[0], t.q.zero_point
+            q = np.round(x.astype(np.float64) / 255.0 / scale) + zp
+            return np.clip(q, -128, 127).astype(np.int8).reshape(t.shape)
+        return x.astype(np.int32).reshape(t.shape)
+
+    def reference(self, q) -> "np.ndarray":
+        """The host int8 reference output for a device input (same schedule, same arena plan)."""
+        from mcu.execute import run
+        return run(self.schedule, {self.graph.inputs[0]: q}, self.plan)[self.graph.outputs[0]]
+
+
+def _schedule(graph, kind: str):
+    if kind == "tiled":
+        from mcu.schedules import tiled
+        return tiled(graph)
+    from mcu.execute import layerwise
+    return layerwise(graph)
+
+
+def _lower(loaded, calib: int, seq_len: int | None):
+    from mcu import lower
+    if loaded.kind == "vit":
+        from edge.data import data_dir, mnist
+        ds = mnist(allow_fallback=data_dir(required=False) is None)
+        return lower.lower_vit(loaded.model, ds.x_train[:calib])
+    if loaded.kind == "bert-classifier":
+        from edge.data import sst2
+        from edge.models.minilm import load_tokenizer, tokenize
+        L = seq_len or 64
+        ids = tokenize(load_tokenizer(), sst2("train").texts[:calib], pad_to=L)
+        return lower.lower_bert_classifier(loaded.model, ids, L)
+    raise TinyshieldError(f"model kind {loaded.kind!r} cannot be deployed to a board yet (vit, bert-classifier)")
+
+
+def build_model(spec: str, board: str | None = None, schedule: str = "layerwise", calib: int = 500,
+                seq_len: int | None = None, force: bool = False) -> BuiltModel:
+    """MODEL spec -> int8 graph (PTQ on `calib` training inputs) -> schedule -> arena plan ->
+    generated C -> firmware for `board`. Cached under build/deploy/<hash>/ by model file,
+    board and options."""
+    import pickle
+
+    from edge.models.registry import resolve
+    from edge.paths import artefact_dir
+
+    b = get_board(board)
+    loaded = resolve(spec)
+    weights = (loaded.path / "model.safetensors") if loaded.path else None
+    key = {"spec": spec, "weights": hashlib.sha256(weights.read_bytes()).hexdigest() if weights else None,
+           "board": b.id, "schedule": schedule, "calib": calib, "seq_len": seq_len, "version": 1}
+    d = artefact_dir("deploy", key)
+    cached = d / "model.pkl"
+    if cached.is_file() and not force:
+        graph, sched, plan = pickle.loads(cached.read_bytes())
+    else:
+        from mcu.planner import check, plan as make_plan
+        graph = _lower(loaded, calib, seq_len)
+        sched = _schedule(graph, schedule)
+        plan = make_plan(sched)
+        check(plan, sched)
+        cached.write_bytes(pickle.dumps((graph, sched, plan)))
+    src = d / "src"
+    if not (src / "model.c").is_file() or force:
+        from mcu.codegen import generate
+        generate(sched, plan, src)
+    t_in, t_out = graph.tensors[graph.inputs[0]], graph.tensors[graph.outputs[0]]
+    fw = build_firmware(src, b, input_bytes=t_in.nbytes, output_bytes=t_out.nbytes, force=force)
+    return BuiltModel(spec if not Path(spec).is_dir() else Path(spec).name, loaded.kind, b.id,
+                      graph, sched, plan, src, fw)

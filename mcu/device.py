@@ -100,3 +100,58 @@ def open_board(firmware, port: int | None = None, timeout: float = 5.0):
             yield Device(link, emu.count_file, emu)
         finally:
             link.close()
+
+
+@dataclass
+class Evaluation:
+    board: str
+    model: str
+    n: int
+    accuracy: float               # argmax of the device logits vs the labels
+    agreement: float              # fraction of inputs whose device logits equal the host reference bit for bit
+    mismatches: list[int]         # indices where they differ
+    mean_instructions: float | None
+    instructions_per_mac: float | None
+    macs: int
+    arena_bytes: int
+    stack_max: int                # deepest stack of any inference (stack painting)
+    peak_sram: int                # arena + stack high-water, measured on the device
+    static_ram: int               # .data + .bss of the firmware (arena and I/O buffers included)
+    seconds: float
+
+    def rows(self) -> list[tuple[str, str]]:
+        ipi = f"{self.mean_instructions:,.0f}" if self.mean_instructions is not None else "n/a (no emulator)"
+        ipm = f"{self.instructions_per_mac:.3f}" if self.instructions_per_mac is not None else "n/a"
+        return [("board", self.board), ("model", self.model), ("inputs", f"{self.n:,}"),
+                ("accuracy", f"{100 * self.accuracy:.2f}%"),
+                ("agreement with host reference", f"{100 * self.agreement:.2f}% ({self.n - len(self.mismatches)}/{self.n} bit-identical)"),
+                ("instructions / inference", ipi), ("MACs / inference", f"{self.macs:,}"),
+                ("instructions / MAC", ipm), ("arena (planner)", f"{self.arena_bytes:,} B"),
+                ("stack high-water", f"{self.stack_max:,} B"),
+                ("peak SRAM (arena + stack)", f"{self.peak_sram:,} B"),
+                ("static RAM (.data + .bss)", f"{self.static_ram:,} B"),
+                ("wall time", f"{self.seconds:.1f} s ({self.n / max(self.seconds, 1e-9):.1f} inferences/s)")]
+
+
+def evaluate(dev: Device, built, inputs, labels, progress_bar=None, check_reference: bool = True) -> Evaluation:
+    """Run every input on the device; compare with the labels and with the host int8 reference."""
+    t0 = time.monotonic()
+    hits, mismatches, instr, stack_max = 0, [], [], 0
+    task = progress_bar.add_task(f"eval on {dev.info.board}", total=len(inputs), info="") if progress_bar else None
+    for i, (x, y) in enumerate(zip(inputs, labels)):
+        q = built.quantise_input(x)
+        r = dev.infer(q)
+        hits += int(np.argmax(r.output.reshape(-1)) == int(y))
+        if check_reference and not np.array_equal(r.output.reshape(-1), built.reference(q).reshape(-1)):
+            mismatches.append(i)
+        if r.instructions is not None:
+            instr.append(r.instructions)
+        stack_max = max(stack_max, r.stack_bytes)
+        if progress_bar:
+            progress_bar.update(task, advance=1, info=f"acc {hits / (i + 1):.3f} agree {1 - len(mismatches) / (i + 1):.3f}")
+    n = len(inputs)
+    mean_i = float(np.mean(instr)) if instr else None
+    macs = int(dev.info.macs)
+    return Evaluation(dev.info.board, dev.info.name, n, hits / max(n, 1), 1 - len(mismatches) / max(n, 1) if check_reference else float("nan"),
+                      mismatches, mean_i, mean_i / macs if mean_i and macs else None, macs, dev.info.arena_bytes,
+                      stack_max, dev.info.arena_bytes + stack_max, dev.info.static_ram, time.monotonic() - t0)

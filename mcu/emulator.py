@@ -15,6 +15,7 @@ from __future__ import annotations
 import atexit
 import ctypes
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -24,7 +25,6 @@ import weakref
 from pathlib import Path
 
 from edge.errors import TinyshieldError
-from edge.paths import build_dir
 from mcu.boards import Board, board as get_board
 from mcu.build import Firmware, build_plugin, require_toolchain
 
@@ -63,7 +63,8 @@ class Emulator:
         self.want_port = port
         self.count = count_instructions
         self.detach = detach
-        self.work_dir = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="qemu-", dir=build_dir()))
+        self.own_dir = work_dir is None             # a temporary directory, removed by stop()
+        self.work_dir = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="qemu-"))
         self.proc: subprocess.Popen | None = None
         self.port: int | None = None
         self.count_file = self.work_dir / "instructions.txt"
@@ -134,6 +135,8 @@ class Emulator:
         else:
             self.proc.wait()                        # reap: no zombie
         _running.discard(self)
+        if self.own_dir:
+            shutil.rmtree(self.work_dir, ignore_errors=True)
 
     def __enter__(self) -> "Emulator":
         if self.proc is None:
@@ -145,11 +148,7 @@ class Emulator:
 
     def instructions(self) -> tuple[int, int] | None:
         """(intervals counted so far, instructions of the last one) from the plugin, or None."""
-        try:
-            text = self.count_file.read_text().split()
-        except FileNotFoundError:
-            return None
-        return (int(text[0]), int(text[1])) if len(text) == 2 else None
+        return read_count_file(self.count_file)
 
 
 @atexit.register
@@ -160,6 +159,7 @@ def _stop_all():
 
 
 def read_count_file(path: Path) -> tuple[int, int] | None:
+    """The plugin's "<intervals> <instructions of the last interval>" line, or None (not yet written)."""
     try:
         text = Path(path).read_text().split()
     except FileNotFoundError:

@@ -1,0 +1,66 @@
+"""`tinyshield eval MODEL --board B --dataset mnist --limit 1000`: accuracy and cost on the device."""
+
+
+def register(sub):
+    from tools.run_board import add_board_args
+    p = sub.add_parser("eval", help="evaluate a model on a board over the serial link",
+                       description="Run a test set on the (emulated) board: accuracy, instructions per inference "
+                                   "and per MAC, peak SRAM measured on the device, agreement with the host int8 reference.")
+    p.add_argument("model", nargs="?", default="vit-mnist", help="recipe name or model directory (default vit-mnist)")
+    add_board_args(p)
+    p.add_argument("--dataset", default="mnist", choices=["mnist", "sst2"], help="test set (default mnist)")
+    p.add_argument("--limit", type=int, default=1000, help="number of test inputs (default 1000)")
+    p.add_argument("--url", default=None, help="serial URL of a running board instead of booting the emulator")
+    p.add_argument("--json", default=None, help="also write the result as JSON to this file")
+    p.set_defaults(func=run)
+
+
+def test_set(dataset: str, built, limit: int):
+    import numpy as np
+
+    from edge.errors import TinyshieldError
+    if dataset == "mnist":
+        if built.kind != "vit":
+            raise TinyshieldError(f"dataset mnist needs an image model, {built.name} is {built.kind}")
+        from edge.data import data_dir, mnist
+        ds = mnist(allow_fallback=data_dir(required=False) is None)
+        return ds.x_test[:limit], ds.y_test[:limit], ds.source
+    if built.kind != "bert-classifier":
+        raise TinyshieldError(f"dataset sst2 needs a text classifier, {built.name} is {built.kind}")
+    from edge.data import sst2
+    from edge.models.minilm import load_tokenizer, tokenize
+    ds = sst2("dev")
+    L = built.graph.tensors[built.graph.inputs[0]].shape[0]
+    ids = np.asarray(tokenize(load_tokenizer(), ds.texts[:limit], pad_to=L)).astype(np.int32)
+    return ids, ds.labels[:limit], ds.source
+
+
+def print_report(ev, title="on-device evaluation"):
+    from rich.console import Console
+    from rich.table import Table
+    t = Table(title=title, show_header=False)
+    t.add_column("", style="bold")
+    t.add_column("")
+    for k, v in ev.rows():
+        t.add_row(k, v)
+    Console().print(t)
+
+
+def run(args):
+    import json
+    from dataclasses import asdict
+
+    from edge.progress import progress
+    from mcu.device import evaluate
+    from tools.run_board import build, device_for
+
+    built = build(args)
+    xs, ys, source = test_set(args.dataset, built, args.limit)
+    print(f"data: {source}; firmware {built.firmware.elf}")
+    with device_for(built, args.url) as dev, progress() as bar:
+        ev = evaluate(dev, built, xs, ys, bar)
+    print_report(ev)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(asdict(ev), f, indent=1)
+    return 0

@@ -1,0 +1,104 @@
+"""`tinyshield run --board ...`, `eval --board ...` and `flash`: the board side of the CLI.
+
+A board is either the emulated one left running by `tinyshield flash` (found in build/boards/),
+one given by --url (a real board over /dev/ttyACM0, or any socket://), or else a fresh emulator
+booted for this command and stopped after it.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+from edge.errors import TinyshieldError
+
+
+def add_board_args(p, model_optional: bool = False):
+    from mcu.boards import BOARDS, DEFAULT_BOARD
+    p.add_argument("--board", default=None, choices=list(BOARDS), help=f"board (default {DEFAULT_BOARD})")
+    p.add_argument("--schedule", default="layerwise", choices=["layerwise", "tiled"],
+                   help="memory schedule of the generated code (default layerwise)")
+    p.add_argument("--calib", type=int, default=500, help="calibration inputs for int8 quantisation (default 500)")
+    p.add_argument("--seq-len", type=int, default=None, help="sequence length of text models (default 64)")
+
+
+def build(args):
+    from mcu.build import build_model
+    return build_model(args.model, args.board, schedule=getattr(args, "schedule", "layerwise"),
+                       calib=getattr(args, "calib", 500), seq_len=getattr(args, "seq_len", None))
+
+
+@contextmanager
+def device_for(built, url: str | None = None):
+    """A Device running `built`: --url, the board left running by `flash` (if it runs this
+    firmware), or a fresh emulator for the duration of the command."""
+    from mcu import flash
+    from mcu.device import connect, open_board
+
+    if url:
+        dev = connect(url)
+        try:
+            yield dev
+        finally:
+            dev.close()
+        return
+    rb = flash.running(built.board)
+    if rb is not None and Path(rb.elf) == built.firmware.elf:
+        dev = connect(rb.url, count_file=Path(rb.count_file))
+        try:
+            yield dev
+        finally:
+            dev.close()
+        return
+    with open_board(built.firmware) as dev:
+        yield dev
+
+
+def load_input(spec: str, built):
+    """INPUT for a board: mnist:INDEX (a test image and its label), an .npy/.png image, or text."""
+    import numpy as np
+    if built.kind == "vit":
+        if spec.startswith("mnist:"):
+            from edge.data import data_dir, mnist
+            ds = mnist(allow_fallback=data_dir(required=False) is None)
+            i = int(spec.split(":", 1)[1])
+            if not 0 <= i < len(ds.x_test):
+                raise TinyshieldError(f"mnist index {i} out of range 0..{len(ds.x_test) - 1}")
+            return ds.x_test[i], int(ds.y_test[i])
+        p = Path(spec)
+        if not p.is_file():
+            raise TinyshieldError(f"input {spec!r} is neither mnist:INDEX nor an image file")
+        if p.suffix == ".npy":
+            img = np.load(p)
+        else:
+            import matplotlib.image as mpimg
+            img = mpimg.imread(p)
+            img = img[..., :3].mean(-1) if img.ndim == 3 else img
+            img = (img * 255).round() if img.dtype != np.uint8 else img
+        img = np.asarray(img)
+        if img.shape != (28, 28):
+            raise TinyshieldError(f"image {p} is {img.shape}, the model takes 28x28 grey")
+        return img.astype(np.uint8), None
+    from edge.models.minilm import load_tokenizer, tokenize
+    L = built.graph.tensors[built.graph.inputs[0]].shape[0]
+    return np.asarray(tokenize(load_tokenizer(), [spec], pad_to=L))[0].astype(np.int32), None
+
+
+def run_on_board(args) -> int:
+    import numpy as np
+    if not args.inputs:
+        raise TinyshieldError("give at least one INPUT (e.g. mnist:0)")
+    built = build(args)
+    with device_for(built, args.url) as dev:
+        for spec in args.inputs:
+            x, label = load_input(spec, built)
+            q = built.quantise_input(x)
+            r = dev.infer(q)
+            ref = built.reference(q)
+            logits = dev.dequantise(r.output).reshape(-1)
+            same = np.array_equal(r.output.reshape(-1), ref.reshape(-1))
+            print(f"{spec}: class {int(np.argmax(logits))}" + (f" (label {label})" if label is not None else "")
+                  + f"  logits {np.array2string(logits, precision=2)}")
+            n = f"{r.instructions:,} instructions" if r.instructions is not None else f"{r.cycles:,} cycles"
+            print(f"  on {dev.info.board}: {n}, stack {r.stack_bytes:,} B, arena {r.arena_bytes:,} B, "
+                  f"peak SRAM {r.peak_sram:,} B; host int8 reference {'identical' if same else 'DIFFERS'}")
+    return 0
