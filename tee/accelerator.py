@@ -1,0 +1,131 @@
+"""The untrusted accelerator: its own process, all cores, only the transformed linear layers.
+
+It never receives plaintext: it holds the accelerator model of a bundle (plain, ShadowNet-obfuscated or
+int8 field weights) and answers `matmul` requests. It records what it receives (the attacker's view,
+for the audit) and can be made malicious (`tamper`) to test the enclave's checks.
+"""
+from __future__ import annotations
+
+import json
+import time
+from multiprocessing.connection import wait
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file
+
+from edge.errors import TinyshieldError
+from tee.fieldmath import HALF, P
+from tee.messages import Message, recv, send
+
+ATTACKS = ("flip", "perturb", "swap", "replay")
+
+
+def tamper(attack: str, y: np.ndarray, previous: np.ndarray | None, rng: np.random.Generator) -> np.ndarray:
+    """A malicious answer derived from the honest one `y` (and the last answer for the same layer)."""
+    y = y.copy()
+    i, j = rng.integers(y.shape[0]), rng.integers(y.shape[1])
+    if attack == "flip":            # one bit of one entry (low 23 bits: stays a plausible field element)
+        bits = y.view(np.uint32)
+        bits[i, j] ^= np.uint32(1 << int(rng.integers(23)))
+    elif attack == "perturb":       # the smallest possible change of one entry
+        if y.dtype == np.uint32:
+            y[i, j] = (int(y[i, j]) + 1) % P
+        else:
+            y[i, j] = np.nextafter(y[i, j], np.float32(np.inf))
+    elif attack == "swap":          # two output channels exchanged
+        a, b = rng.choice(y.shape[1], 2, replace=False)
+        y[:, [a, b]] = y[:, [b, a]]
+    elif attack == "replay":        # a stale answer from an earlier call
+        if previous is not None and previous.shape == y.shape:
+            y = previous.copy()
+    else:
+        raise TinyshieldError(f"unknown attack {attack!r}: {', '.join(ATTACKS)}")
+    return y
+
+
+class Backend:
+    """Runs one layer: fp32 x @ W^T (plain, shadownet) or exact x~ w_q^T mod p in float64 (blinded)."""
+
+    def __init__(self, accel_dir: Path, mode: str, kind: str, layers: dict):
+        self.mode, self.kind = mode, kind
+        self.layers = layers
+        if kind == "litert" and mode != "blinded":
+            from tee.litert_backend import LayerRunner
+            self.runner = LayerRunner(accel_dir, layers, torch.get_num_threads())
+            return
+        self.kind = "torch"
+        w = load_file(str(accel_dir / "weights.safetensors"))
+        dtype = torch.float64 if mode == "blinded" else torch.float32
+        self.w = {k: torch.from_numpy(v).to(dtype) for k, v in w.items()}
+
+    def __call__(self, layer: str, x: np.ndarray) -> np.ndarray:
+        if layer not in self.layers:
+            raise TinyshieldError(f"unknown layer {layer!r}")
+        rows, k, m = self.layers[layer]
+        if x.ndim != 2 or x.shape[1] != k:
+            raise TinyshieldError(f"{layer}: input shape {x.shape}, expected (rows, {k})")
+        if self.mode == "blinded":
+            if x.dtype != np.uint32:
+                raise TinyshieldError("blinded mode takes field elements (uint32)")
+            xt = torch.from_numpy(x.view(np.int32)).to(torch.float64)
+            xt = torch.where(xt > HALF, xt - P, xt)          # centred: keeps float64 sums exact
+            y = torch.remainder((xt @ self.w[layer]).to(torch.int64), P)
+            return y.to(torch.int32).numpy().view(np.uint32)
+        if x.dtype != np.float32:
+            raise TinyshieldError("this mode takes float32 activations")
+        if self.kind == "litert":
+            return self.runner(layer, x)
+        return (torch.from_numpy(x) @ self.w[layer]).numpy()
+
+
+def main(enclave_conn, host_conn, bundle_dir: str, backend: str, threads: int, record: bool,
+         attack: str | None, attack_after: int, seed: int | None) -> None:
+    torch.set_num_threads(threads)
+    header = json.loads((Path(bundle_dir) / "bundle.json").read_text())
+    layers = header["accelerator"]["layers"]
+    run = Backend(Path(bundle_dir) / "accelerator", header["mode"], backend, layers) if layers else None
+    rng = np.random.default_rng(seed)
+    transcript: list[tuple[str, np.ndarray]] = []
+    last: dict[str, np.ndarray] = {}
+    calls, busy = 0, 0.0
+    conns = [enclave_conn, host_conn]
+    while True:
+        for conn in wait(conns):
+            try:
+                msg = recv(conn)
+            except TinyshieldError:
+                return
+            if msg.kind == "matmul":
+                x = msg.arrays[0]
+                t = time.perf_counter()
+                try:
+                    y = run(msg.fields["layer"], x)
+                except TinyshieldError as e:
+                    send(conn, Message("error", {"message": str(e)}))
+                    continue
+                seconds = time.perf_counter() - t
+                if attack and calls >= attack_after:
+                    y = tamper(attack, y, last.get(msg.fields["layer"]), rng)
+                last[msg.fields["layer"]] = y
+                calls += 1
+                busy += seconds
+                if record:
+                    transcript.append((msg.fields["layer"], x.copy()))
+                send(conn, Message("result", {"seq": msg.fields["seq"], "seconds": seconds}, [y]))
+            elif msg.kind == "transcript":
+                send(conn, Message("transcript_data", {"entries": json.dumps([n for n, _ in transcript])},
+                                   [a for _, a in transcript]))
+            elif msg.kind == "stats":
+                send(conn, Message("stats_data", {"calls": calls, "seconds": busy,
+                                                  "backend": run.kind if run else "none"}))
+            elif msg.kind == "reset_stats":
+                calls, busy = 0, 0.0
+                transcript.clear()
+                send(conn, Message("ok"))
+            elif msg.kind == "stop":
+                send(conn, Message("ok"))
+                return
+            else:
+                send(conn, Message("error", {"message": f"the accelerator does not serve {msg.kind!r}"}))

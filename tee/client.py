@@ -1,0 +1,142 @@
+"""The host side: start the enclave (1 thread) and the accelerator (all cores) as spawned processes,
+attest the enclave, send encrypted inputs, collect outputs and the timing breakdown."""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edge.errors import TinyshieldError
+from tee import accelerator, enclave
+from tee.attestation import Channel, Quote, fresh_nonce, new_keypair, verify_quote
+from tee.bundle import Bundle, load_header
+from tee.messages import Message, decode, encode, recv, send
+from tee.sealing import measurement
+
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+@contextmanager
+def _threads_env(n: int):
+    """Spawned children read these at import time, before any torch.set_num_threads call."""
+    old = {k: os.environ.get(k) for k in THREAD_VARS}
+    os.environ.update({k: str(n) for k in THREAD_VARS})
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@dataclass
+class Timing:
+    total_s: float            # client wall time: request to decrypted answer
+    enclave_s: float          # enclave compute (non-linears, masking, checks, restoration)
+    accelerator_s: float      # accelerator compute
+    transfer_s: float         # enclave <-> accelerator messaging (encode, pipe, decode)
+    pad_s: float = 0.0        # unsealing the one-time pad (blinded; part of enclave_s)
+    offline_s: float = 0.0    # pads made on the fly when none were precomputed
+    calls: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class ProtectedSession:
+    def __init__(self, bundle_dir, backend: str | None = None, record: bool = False, attack: str | None = None,
+                 attack_after: int = 0, seed: int | None = None, accel_threads: int | None = None, attest: bool = True):
+        self.bundle: Bundle = load_header(bundle_dir)
+        self.backend = backend or self.bundle.header["accelerator"]["backend"]
+        if self.backend not in ("torch", "litert"):
+            raise TinyshieldError(f"unknown accelerator backend {self.backend!r}: torch or litert")
+        ctx = mp.get_context("spawn")
+        self.host_end, accel_host = ctx.Pipe()
+        enc_accel, accel_enc = ctx.Pipe()
+        self.client_end, enc_client = ctx.Pipe()
+        threads = accel_threads or os.cpu_count() or 1
+        with _threads_env(threads):
+            self.accel = ctx.Process(target=accelerator.main, name="tinyshield-accelerator", daemon=True,
+                                     args=(accel_enc, accel_host, str(self.bundle.path), self.backend, threads,
+                                           record, attack, attack_after, seed))
+            self.accel.start()
+        with _threads_env(1):
+            self.enclave = ctx.Process(target=enclave.main, name="tinyshield-enclave", daemon=True,
+                                       args=(enc_client, enc_accel, str(self.bundle.path)))
+            self.enclave.start()
+        for c in (accel_host, enc_accel, accel_enc, enc_client):
+            c.close()
+        self.channel: Channel | None = None
+        self.quote: Quote | None = None
+        if attest:
+            self.attest()
+
+    # ---- attestation ---------------------------------------------------------------------------------
+    def request_quote(self, nonce: bytes, client_pub: bytes) -> Quote:
+        send(self.client_end, Message("attest", {"nonce": nonce.hex(), "client_key": client_pub.hex()}))
+        f = recv(self.client_end, "quote").fields
+        return Quote(bytes.fromhex(f["measurement"]), bytes.fromhex(f["nonce"]), client_pub,
+                     bytes.fromhex(f["enclave_key"]), bytes.fromhex(f["signature"]))
+
+    def attest(self, quote: Quote | None = None) -> Quote:
+        """Verify the enclave before any input leaves the client; `quote` lets tests inject a replayed one."""
+        own, own_pub = new_keypair()
+        nonce = fresh_nonce()
+        fresh = self.request_quote(nonce, own_pub)
+        q = quote or fresh
+        expected = measurement(self.bundle.header["enclave_config"])   # computed from the code the client trusts
+        verify_quote(q, bytes.fromhex(self.bundle.header["device_key"]), expected, nonce, own_pub)
+        self.channel = Channel(own, q.enclave_key, q.body(), initiator=True)
+        self.quote = q
+        return q
+
+    # ---- inference -----------------------------------------------------------------------------------
+    def infer(self, inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, Timing]:
+        if self.channel is None:
+            raise TinyshieldError("the enclave is not attested: call attest() first")
+        names = sorted(inputs)
+        arrays = [np.ascontiguousarray(inputs[n], dtype=np.float32 if n == "image" else np.int32) for n in names]
+        t = time.perf_counter()
+        blob, n = self.channel.encrypt(encode(Message("inputs", {"names": ",".join(names)}, arrays)))
+        send(self.client_end, Message("infer", {"counter": n}, [np.frombuffer(blob, dtype=np.uint8)]))
+        reply = recv(self.client_end, "output")
+        out = decode(self.channel.decrypt(reply.arrays[0].tobytes(), reply.fields["counter"]), "outputs").arrays[0]
+        total = time.perf_counter() - t
+        tm = json.loads(reply.fields["timings"])
+        return out.copy(), Timing(total_s=total, enclave_s=tm["enclave_s"], accelerator_s=tm["accelerator_s"],
+                                  transfer_s=tm["transfer_s"], pad_s=tm["pad_s"], offline_s=tm["offline_s"],
+                                  calls=tm["calls"])
+
+    # ---- the untrusted side's view -------------------------------------------------------------------
+    def transcript(self) -> list[tuple[str, np.ndarray]]:
+        send(self.host_end, Message("transcript"))
+        m = recv(self.host_end, "transcript_data")
+        return list(zip(json.loads(m.fields["entries"]), m.arrays))
+
+    def accelerator_stats(self) -> dict:
+        send(self.host_end, Message("stats"))
+        return recv(self.host_end, "stats_data").fields
+
+    def close(self) -> None:
+        for conn, proc in ((self.client_end, self.enclave), (self.host_end, self.accel)):
+            try:
+                send(conn, Message("stop"))
+                conn.recv_bytes() if conn.poll(5) else None
+            except (OSError, EOFError, BrokenPipeError):
+                pass
+            proc.join(5)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(2)
+            conn.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,38 @@
+"""The accelerator's LiteRT backend: one fp32 FULLY_CONNECTED .tflite per outsourced layer
+(exported with edge.litert), run by the LiteRT interpreter with all cores.
+
+Only the float32 modes (plain, shadownet) run here: LiteRT has no float64 kernels, and the blinded
+mode's field products need 40-bit exact sums, so it runs on the torch backend in float64.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from edge.errors import TinyshieldError
+from edge.litert import Interpreter, export_linear
+
+
+def layer_file(accel_dir: Path, name: str) -> Path:
+    return Path(accel_dir) / f"{name}.tflite"
+
+
+def export_layers(weights_t: dict[str, np.ndarray], shapes: dict[str, list[int]], accel_dir: Path) -> None:
+    """weights_t: name -> W^T (in, out) as the accelerator stores it; shapes: name -> [rows, in, out]."""
+    for name, wt in weights_t.items():
+        rows = shapes[name][0]
+        layer_file(accel_dir, name).write_bytes(
+            export_linear(np.ascontiguousarray(wt.T, dtype=np.float32), None, batch_shape=(rows,)))
+
+
+class LayerRunner:
+    def __init__(self, accel_dir: Path, shapes: dict[str, list[int]], threads: int):
+        missing = [n for n in shapes if not layer_file(accel_dir, n).is_file()]
+        if missing:
+            raise TinyshieldError(f"{accel_dir}: no .tflite for {missing[0]} — protect the model again "
+                                  "or run the accelerator with --backend torch")
+        self.interp = {n: Interpreter(layer_file(accel_dir, n), threads=threads) for n in shapes}
+
+    def __call__(self, layer: str, x: np.ndarray) -> np.ndarray:
+        return self.interp[layer].run(x)
