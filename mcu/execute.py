@@ -38,8 +38,10 @@ def _memory(schedule: Schedule, plan) -> dict[str, np.ndarray]:
     return {name: arena[plan.offsets[name]:plan.offsets[name] + b.nbytes] for name, b in schedule.buffers.items()}
 
 
-def run(schedule: Schedule, inputs: dict[str, np.ndarray], plan=None) -> dict[str, np.ndarray]:
-    """Execute; `inputs` maps graph input names to arrays; returns the graph outputs (typed, shaped)."""
+def run(schedule: Schedule, inputs: dict[str, np.ndarray], plan=None, kernels=None) -> dict[str, np.ndarray]:
+    """Execute; `inputs` maps graph input names to arrays; returns the graph outputs (typed, shaped).
+    `kernels` maps kernel names to implementations (default: the numpy KERNELS; e.g. the C kernels
+    of `mcu.hostlib.HostKernels`), called with the same resolved arguments."""
     g = schedule.graph
     mem = _memory(schedule, plan)
     for name in g.inputs:
@@ -54,7 +56,11 @@ def run(schedule: Schedule, inputs: dict[str, np.ndarray], plan=None) -> dict[st
         k = KERNELS.get(call.kernel)
         if k is None:
             raise TinyshieldError(f"kernel {call.kernel!r} (op {call.op}) is not registered in mcu.kernels")
-        k(*(_resolve(a, pt, mem, g) for a, (_, pt) in zip(call.args, k.params)))
+        if len(call.args) != len(k.params):
+            raise TinyshieldError(f"call of {call.kernel} (op {call.op}) has {len(call.args)} arguments, "
+                                  f"the kernel takes {len(k.params)}")
+        impl = k if kernels is None else kernels[call.kernel]
+        impl(*(_resolve(a, pt, mem, g) for a, (_, pt) in zip(call.args, k.params)))
     out = {}
     for name in g.outputs:
         t = g.tensors[name]

@@ -1,0 +1,150 @@
+/* Fixed-point helpers shared by the kernels: the requantisation of edge/quant.py, exactly.
+ * Internal header (static inline, no symbols exported). */
+#ifndef TSH_FIXEDPOINT_H
+#define TSH_FIXEDPOINT_H
+
+#include <stdint.h>
+#include <string.h>
+
+#if defined(TSH_EMULATE_DSP) || (defined(__ARM_FEATURE_DSP) && !defined(TSH_PORTABLE))
+#define TSH_USE_DSP 1
+#else
+#define TSH_USE_DSP 0
+#endif
+
+/* Division of an int64 by 2^31 truncating toward zero (what C's `/` does), without a library call. */
+static inline int64_t tsh_tdiv31(int64_t v)
+{
+    return v >= 0 ? (v >> 31) : -((-v) >> 31);
+}
+
+/* gemmlowp SaturatingRoundingDoublingHighMul */
+static inline int32_t tsh_srdhm(int32_t a, int32_t b)
+{
+    if (a == INT32_MIN && b == INT32_MIN) return INT32_MAX;
+    int64_t ab = (int64_t)a * (int64_t)b;
+    int64_t nudge = ab >= 0 ? ((int64_t)1 << 30) : (1 - ((int64_t)1 << 30));
+    return (int32_t)tsh_tdiv31(ab + nudge);
+}
+
+/* gemmlowp RoundingDivideByPOT (round half away from zero), 0 <= e <= 31 */
+static inline int32_t tsh_rdbpot(int32_t x, int32_t e)
+{
+    int32_t mask = (int32_t)(((int64_t)1 << e) - 1);
+    int32_t rem = x & mask;
+    int32_t threshold = (mask >> 1) + (x < 0 ? 1 : 0);
+    return (x >> e) + (rem > threshold ? 1 : 0);
+}
+
+/* The same on int64, 0 <= e <= 62 */
+static inline int64_t tsh_rdbpot64(int64_t x, int32_t e)
+{
+    int64_t mask = ((int64_t)1 << e) - 1;
+    int64_t rem = x & mask;
+    int64_t threshold = (mask >> 1) + (x < 0 ? 1 : 0);
+    return (x >> e) + (rem > threshold ? 1 : 0);
+}
+
+/* TFLite MultiplyByQuantizedMultiplier; the left shift saturates to int32 (defined, unlike TFLite). */
+static inline int32_t tsh_mbqm(int32_t x, int32_t mult, int32_t shift)
+{
+    int32_t left = shift > 0 ? shift : 0, right = shift > 0 ? 0 : -shift;
+    if (left) {
+        int64_t xs = (int64_t)x * ((int64_t)1 << left);
+        x = xs > INT32_MAX ? INT32_MAX : (xs < INT32_MIN ? INT32_MIN : (int32_t)xs);
+    }
+    return tsh_rdbpot(tsh_srdhm(x, mult), right);
+}
+
+static inline int32_t tsh_clamp(int32_t x, int32_t lo, int32_t hi)
+{
+    return x < lo ? lo : (x > hi ? hi : x);
+}
+
+static inline int8_t tsh_sat8(int32_t x)
+{
+    return (int8_t)tsh_clamp(x, -128, 127);
+}
+
+/* v + zp clamped to [lo, hi] (an int8 range), in 64 bits so extreme values cannot overflow */
+static inline int8_t tsh_add_clamp8(int32_t v, int32_t zp, int32_t lo, int32_t hi)
+{
+    int64_t r = (int64_t)v + zp;
+    return (int8_t)(r < lo ? lo : (r > hi ? hi : r));
+}
+
+/* a / b rounded half away from zero, b > 0 */
+static inline int64_t tsh_div_round(int64_t a, int64_t b)
+{
+    return a >= 0 ? (a + b / 2) / b : -((-a + b / 2) / b);
+}
+
+/* floor(sqrt(v)) for v >= 0, bit by bit (no floating point, no division) */
+static inline int64_t tsh_isqrt64(int64_t v)
+{
+    uint64_t n = (uint64_t)v, r = 0, bit = (uint64_t)1 << 62;
+    while (bit > n) bit >>= 2;
+    while (bit) {
+        if (n >= r + bit) {
+            n -= r + bit;
+            r = (r >> 1) + bit;
+        } else {
+            r >>= 1;
+        }
+        bit >>= 2;
+    }
+    return (int64_t)r;
+}
+
+/* ---- DSP instructions: the real ones on Cortex-M, C emulations for host tests of the same code ---- */
+#if defined(__ARM_FEATURE_DSP) && !defined(TSH_PORTABLE) && !defined(TSH_EMULATE_DSP)
+static inline int32_t tsh_smlad(int32_t a, int32_t b, int32_t acc)
+{
+    int32_t r;
+    __asm__("smlad %0, %1, %2, %3" : "=r"(r) : "r"(a), "r"(b), "r"(acc));
+    return r;
+}
+static inline int32_t tsh_sxtb16(int32_t x)          /* bytes 0 and 2, sign extended to halfwords */
+{
+    int32_t r;
+    __asm__("sxtb16 %0, %1" : "=r"(r) : "r"(x));
+    return r;
+}
+static inline int32_t tsh_sxtb16_ror8(int32_t x)     /* bytes 1 and 3 */
+{
+    int32_t r;
+    __asm__("sxtb16 %0, %1, ror #8" : "=r"(r) : "r"(x));
+    return r;
+}
+#else
+static inline int32_t tsh_lo16(int32_t x) { return (int32_t)(int16_t)(uint16_t)((uint32_t)x & 0xffffu); }
+static inline int32_t tsh_hi16(int32_t x) { return (int32_t)(int16_t)(uint16_t)((uint32_t)x >> 16); }
+static inline int32_t tsh_pack16(int32_t lo, int32_t hi)
+{
+    return (int32_t)(((uint32_t)(uint16_t)lo) | ((uint32_t)(uint16_t)hi << 16));
+}
+static inline int32_t tsh_smlad(int32_t a, int32_t b, int32_t acc)
+{
+    return acc + tsh_lo16(a) * tsh_lo16(b) + tsh_hi16(a) * tsh_hi16(b);
+}
+static inline int32_t tsh_sxtb16(int32_t x)
+{
+    uint32_t u = (uint32_t)x;
+    return tsh_pack16((int8_t)(uint8_t)(u & 0xffu), (int8_t)(uint8_t)((u >> 16) & 0xffu));
+}
+static inline int32_t tsh_sxtb16_ror8(int32_t x)
+{
+    uint32_t u = (uint32_t)x;
+    return tsh_pack16((int8_t)(uint8_t)((u >> 8) & 0xffu), (int8_t)(uint8_t)(u >> 24));
+}
+#endif
+
+/* An unaligned little-endian 32-bit load (one LDR on Cortex-M4, which allows unaligned LDR). */
+static inline int32_t tsh_read32(const int8_t *p)
+{
+    int32_t v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+#endif /* TSH_FIXEDPOINT_H */

@@ -1,0 +1,64 @@
+/* tinyshield int8 kernels: the C twins of mcu/kernels.py (numerics spec there and in edge/quant.py).
+ *
+ * Plain C99, no allocation, no global state. Every kernel takes flat pointers into the arena or
+ * into const (flash) tables, then int32 scalars (dimensions, strides, zero points, multipliers,
+ * shifts), in the same order as its numpy twin. Results are bit-identical to numpy.
+ *
+ * Build options: on a core with the DSP extension (__ARM_FEATURE_DSP, e.g. Cortex-M4/M7/M33) the
+ * hot loops use SMLAD/SXTB16; define TSH_PORTABLE to force the plain C path, or TSH_EMULATE_DSP to
+ * run the DSP-shaped code with C emulations of the instructions (how the host tests check it). */
+#ifndef TSH_KERNELS_H
+#define TSH_KERNELS_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+void tsh_fc_s8(const int8_t *x, const int8_t *w, const int32_t *bias, const int32_t *mult,
+               const int32_t *shift, int8_t *y, int32_t M, int32_t K, int32_t N, int32_t x_stride,
+               int32_t y_stride, int32_t y_zp, int32_t act_min, int32_t act_max);
+
+void tsh_matmul_qk_s8(const int8_t *q, const int8_t *k, int8_t *s, int32_t Lq, int32_t Lk, int32_t dh,
+                      int32_t q_stride, int32_t k_stride, int32_t s_stride, int32_t q_zp, int32_t k_zp,
+                      int32_t mult, int32_t shift, int32_t s_zp);
+
+void tsh_matmul_pv_s8(const int16_t *p, const int8_t *v, int8_t *y, int32_t Lq, int32_t Lk, int32_t dh,
+                      int32_t p_stride, int32_t v_stride, int32_t y_stride, int32_t v_zp, int32_t mult,
+                      int32_t shift, int32_t y_zp);
+
+void tsh_conv2d_s8(const int8_t *x, const int8_t *w, const int32_t *bias, const int32_t *mult,
+                   const int32_t *shift, int8_t *y, int32_t H, int32_t W, int32_t Cin, int32_t Cout,
+                   int32_t Hout, int32_t Wout, int32_t ksize, int32_t stride, int32_t pad, int32_t x_zp,
+                   int32_t y_zp, int32_t act_min, int32_t act_max);
+
+void tsh_softmax_s16(const int8_t *s, const int8_t *mask, const int32_t *lut, int16_t *p, int32_t Lq,
+                     int32_t Lk, int32_t s_stride, int32_t p_stride);
+
+void tsh_add_layernorm_s8(const int8_t *a, const int8_t *b, const int32_t *gm, const int32_t *gs,
+                          const int32_t *beta, int8_t *y, int32_t M, int32_t d, int32_t a_zp, int32_t b_zp,
+                          int32_t ca, int32_t cb, int32_t eps, int32_t y_zp);
+
+void tsh_lut_s8(const int8_t *x, const int8_t *table, int8_t *y, int32_t n);
+
+void tsh_mean_pool_s8(const int8_t *x, const int8_t *mask, int8_t *y, int32_t L, int32_t d, int32_t x_zp,
+                      int32_t mult, int32_t shift, int32_t y_zp);
+
+void tsh_embedding_s8(const int32_t *ids, const int8_t *table, int8_t *y, int32_t L, int32_t d, int32_t vocab);
+
+void tsh_pad_mask(const int32_t *ids, int8_t *mask, int32_t L);
+
+/* tiled.c (the tiled schedule's attention, see mcu/tiled.py) */
+void tsh_attention_s8(const int8_t *q, const int8_t *k, const int8_t *v, const int8_t *mask,
+                      const int32_t *lut, int8_t *y, int8_t *s_tile, int32_t *acc, int32_t *stats,
+                      int32_t Lq, int32_t Lk, int32_t dh, int32_t kt, int32_t q_stride, int32_t k_stride,
+                      int32_t v_stride, int32_t y_stride, int32_t q_zp, int32_t k_zp, int32_t qk_mult,
+                      int32_t qk_shift, int32_t s_zp, int32_t v_zp, int32_t pv_mult, int32_t pv_shift,
+                      int32_t y_zp);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* TSH_KERNELS_H */

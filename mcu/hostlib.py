@@ -1,0 +1,115 @@
+"""The C kernels built for the host with the system gcc and loaded with ctypes.
+
+Tests call the very C code the firmware runs, in milliseconds. Libraries are cached under
+`build/hostlib/<hash of sources and flags>/`, so an edit to any kernel source rebuilds.
+
+Variants: "portable" (plain C loops) and "dsp" (the Cortex-M DSP code path, with the SMLAD/SXTB16
+instructions emulated in C: the same blocking, the same integer results).
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+
+from edge.errors import TinyshieldError
+from edge.paths import build_dir
+from mcu.kernels import KERNELS
+
+KERNEL_DIR = Path(__file__).resolve().parent / "firmware" / "kernels"
+VARIANTS = {"portable": ["-DTSH_PORTABLE"], "dsp": ["-DTSH_EMULATE_DSP"]}
+CFLAGS = ["-std=c99", "-O2", "-fPIC", "-shared", "-Wall", "-Wextra", "-Werror"]
+
+
+def kernel_sources() -> list[Path]:
+    return sorted(KERNEL_DIR.glob("*.c"))
+
+
+def _cc() -> str:
+    cc = os.environ.get("CC", "gcc")
+    if shutil.which(cc) is None:
+        raise TinyshieldError(f"C compiler {cc!r} not found: install gcc (apt-get install gcc) or set $CC")
+    return cc
+
+
+def build_shared(sources: list[Path], flags: list[str], name: str, include: list[Path] = ()) -> Path:
+    """Compile `sources` into a cached shared library; the key covers every source, header and flag."""
+    headers = sorted(KERNEL_DIR.glob("*.h")) + [h for d in include for h in sorted(Path(d).glob("*.h"))]
+    h = hashlib.sha256()
+    for p in list(sources) + headers:
+        h.update(str(p.name).encode())
+        h.update(Path(p).read_bytes())
+    h.update(" ".join(CFLAGS + flags).encode())
+    out = build_dir() / "hostlib" / h.hexdigest()[:16] / f"{name}.so"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(f".{os.getpid()}.tmp")
+    cmd = [_cc(), *CFLAGS, *flags, f"-I{KERNEL_DIR}", *(f"-I{d}" for d in include), *map(str, sources), "-o", str(tmp)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise TinyshieldError(f"host build of {name} failed:\n{' '.join(cmd)}\n{r.stderr.strip()}")
+    os.replace(tmp, out)   # atomic: parallel test processes never load a half-written library
+    return out
+
+
+_CTYPES = {"int": ctypes.c_int32}
+
+
+class HostKernels:
+    """The C kernels of one variant, callable with the numpy kernels' arguments (flat arrays, ints)."""
+
+    def __init__(self, variant: str = "portable"):
+        if variant not in VARIANTS:
+            raise TinyshieldError(f"unknown kernel variant {variant!r} ({', '.join(VARIANTS)})")
+        self.variant = variant
+        self.path = build_shared(kernel_sources(), VARIANTS[variant], f"libtsh_{variant}")
+        self.lib = ctypes.CDLL(str(self.path))
+        self._fns: dict[str, object] = {}
+
+    def function(self, name: str):
+        if name not in self._fns:
+            k = KERNELS.get(name)
+            if k is None:
+                raise TinyshieldError(f"kernel {name!r} has no numpy reference in mcu.kernels")
+            try:
+                fn = getattr(self.lib, f"tsh_{name}")
+            except AttributeError:
+                raise TinyshieldError(f"kernel {name!r}: tsh_{name} is missing from the C kernels") from None
+            fn.argtypes = [_CTYPES.get(t, ctypes.c_void_p) for _, t in k.params]
+            fn.restype = None
+            params = k.params
+
+            def call(*args, _fn=fn, _params=params):
+                conv = []
+                for a, (pname, t) in zip(args, _params):
+                    if t == "int":
+                        conv.append(int(a))
+                    else:
+                        arr = np.asarray(a)
+                        if arr.dtype != np.dtype(_dtype(t)) or not arr.flags.c_contiguous:
+                            raise TinyshieldError(f"tsh_{name}: argument {pname} must be a contiguous "
+                                                  f"{np.dtype(_dtype(t)).name} array, got {arr.dtype}")
+                        conv.append(arr.ctypes.data)
+                _fn(*conv)
+            self._fns[name] = call
+        return self._fns[name]
+
+    def __getitem__(self, name: str):
+        return self.function(name)
+
+    def get(self, name: str, default=None):
+        try:
+            return self.function(name)
+        except TinyshieldError:
+            return default
+
+
+def _dtype(t: str):
+    from mcu.kernels import PTYPES
+    return PTYPES[t]
