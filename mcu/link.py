@@ -158,27 +158,37 @@ class Link:
                                   "the board was reset, killed or unplugged") from None
         self.buf += chunk
 
+    def _scan(self) -> tuple[int, int, bytes] | None:
+        """Find a complete, valid frame at any sync position. A false sync in noise can announce a
+        long payload that never comes, so a later sync is tried too instead of waiting on the
+        first. Bytes that can no longer start a frame are dropped."""
+        buf, start, keep = self.buf, 0, None
+        while (i := buf.find(SYNC, start)) >= 0:
+            start = i + 1
+            if len(buf) < i + 6:
+                keep = i if keep is None else keep
+                continue
+            cmd, seq, n = struct.unpack_from("<BBH", buf, i + 2)
+            if n > MAX_PAYLOAD:
+                continue
+            if len(buf) < i + 10 + n:
+                keep = i if keep is None else keep
+                continue
+            body = bytes(buf[i + 2:i + 6 + n])
+            if struct.unpack_from("<I", buf, i + 6 + n)[0] == zlib.crc32(body):
+                del buf[:i + 10 + n]
+                return cmd, seq, body[4:]
+        if keep is None:                                   # nothing pending: keep only a trailing 0xA5
+            keep = len(buf) - 1 if buf.endswith(SYNC[:1]) else len(buf)
+        del buf[:keep]
+        return None
+
     def read_frame(self, deadline: float) -> tuple[int, int, bytes] | None:
         """Next well-formed frame (cmd, seq, payload), or None at the deadline. Garbage is skipped."""
         while True:
-            i = self.buf.find(SYNC)
-            if i < 0:
-                del self.buf[:max(0, len(self.buf) - 1)]      # keep a trailing 0xA5
-            else:
-                del self.buf[:i]
-                if len(self.buf) >= 6:
-                    cmd, seq, n = struct.unpack_from("<BBH", self.buf, 2)
-                    if n > MAX_PAYLOAD:
-                        del self.buf[:1]
-                        continue
-                    if len(self.buf) >= 6 + n + 4:
-                        body = bytes(self.buf[2:6 + n])
-                        (crc,) = struct.unpack_from("<I", self.buf, 6 + n)
-                        if crc == zlib.crc32(body):
-                            del self.buf[:6 + n + 4]
-                            return cmd, seq, body[4:]
-                        del self.buf[:1]                      # not a frame after all: rescan
-                        continue
+            got = self._scan()
+            if got is not None:
+                return got
             if time.monotonic() > deadline:
                 return None
             self._read_some()
