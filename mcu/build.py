@@ -254,7 +254,7 @@ def _lower(loaded, calib: int, seq_len: int | None):
 
 
 def build_model(spec: str, board: str | None = None, schedule: str = "layerwise", calib: int = 500,
-                seq_len: int | None = None, force: bool = False) -> BuiltModel:
+                seq_len: int | None = None, force: bool = False, name: str | None = None) -> BuiltModel:
     """MODEL spec -> int8 graph (PTQ on `calib` training inputs) -> schedule -> arena plan ->
     generated C -> firmware for `board`. Cached under build/deploy/<hash>/ by model file,
     board and options."""
@@ -285,5 +285,5 @@ def build_model(spec: str, board: str | None = None, schedule: str = "layerwise"
         generate(sched, plan, src)
     t_in, t_out = graph.tensors[graph.inputs[0]], graph.tensors[graph.outputs[0]]
     fw = build_firmware(src, b, input_bytes=t_in.nbytes, output_bytes=t_out.nbytes, force=force)
-    return BuiltModel(spec if not Path(spec).is_dir() else Path(spec).name, loaded.kind, b.id,
+    return BuiltModel(name or (spec if not Path(spec).is_dir() else Path(spec).name), loaded.kind, b.id,
                       graph, sched, plan, src, fw)
