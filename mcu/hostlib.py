@@ -113,3 +113,42 @@ class HostKernels:
 def _dtype(t: str):
     from mcu.kernels import PTYPES
     return PTYPES[t]
+
+
+class ModelInfo(ctypes.Structure):
+    """`tsh_model_info_t` of the firmware contract (mcu/codegen.py)."""
+    _fields_ = [("name", ctypes.c_char_p), ("input_dtype", ctypes.c_uint8), ("output_dtype", ctypes.c_uint8),
+                ("input_rank", ctypes.c_uint8), ("output_rank", ctypes.c_uint8),
+                ("input_shape", ctypes.c_uint16 * 4), ("output_shape", ctypes.c_uint16 * 4),
+                ("input_scale", ctypes.c_float), ("input_zero_point", ctypes.c_int32),
+                ("output_scale", ctypes.c_float), ("output_zero_point", ctypes.c_int32),
+                ("input_bytes", ctypes.c_uint32), ("output_bytes", ctypes.c_uint32),
+                ("arena_bytes", ctypes.c_uint32), ("macs", ctypes.c_uint32)]
+
+
+_INFO_DTYPES = {0: np.int8, 1: np.uint8, 2: np.int16, 3: np.int32}
+
+
+class HostModel:
+    """A generated model.c (+ the C kernels) built as a host shared library: `run(x)` is one
+    `tsh_model_run` call, exactly the code the firmware runs."""
+
+    def __init__(self, model_dir, variant: str = "portable"):
+        d = Path(model_dir)
+        if not (d / "model.c").is_file():
+            raise TinyshieldError(f"{d} has no model.c: generate it first (mcu.codegen.generate)")
+        srcs = kernel_sources() + [d / "model.c"]
+        self.path = build_shared(srcs, VARIANTS[variant] + ["-Wno-unused-function"], "libmodel", include=[d])
+        self.lib = ctypes.CDLL(str(self.path))
+        self.info = ModelInfo.in_dll(self.lib, "tsh_model_info")
+        self.lib.tsh_model_run.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+        self.lib.tsh_model_run.restype = None
+
+    def run(self, x) -> np.ndarray:
+        i = self.info
+        x = np.ascontiguousarray(x, dtype=_INFO_DTYPES[i.input_dtype])
+        if x.nbytes != i.input_bytes:
+            raise TinyshieldError(f"model input must be {i.input_bytes} bytes, got {x.nbytes}")
+        out = np.zeros(i.output_bytes // np.dtype(_INFO_DTYPES[i.output_dtype]).itemsize, _INFO_DTYPES[i.output_dtype])
+        self.lib.tsh_model_run(x.ctypes.data, out.ctypes.data)
+        return out.reshape(tuple(i.output_shape[:i.output_rank]))
