@@ -253,11 +253,53 @@ def _lower(loaded, calib: int, seq_len: int | None):
     raise TinyshieldError(f"model kind {loaded.kind!r} cannot be deployed to a board yet (vit, bert-classifier)")
 
 
+RUNTIME_FLASH = 8 * 1024       # the runtime and kernels take less flash than this; used for early refusals
+
+
+def check_budget(graph, plan, board: Board) -> None:
+    """Refuse a model that cannot fit before generating and compiling it: its weights alone
+    against the flash budget, its arena + I/O buffers + minimum stack against RAM. The link is
+    the exact check (see _overflow_error); these are lower bounds of the overflow."""
+    t_in, t_out = graph.tensors[graph.inputs[0]], graph.tensors[graph.outputs[0]]
+    flash = graph.const_bytes() + RUNTIME_FLASH
+    ram = plan.arena_bytes + t_in.nbytes + t_out.nbytes + board.min_stack
+    over = []
+    if flash > board.flash_bytes:
+        over.append(f"FLASH overflowed by at least {flash - board.flash_bytes:,} bytes (weights {graph.const_bytes():,} B, "
+                    f"budget {board.flash_bytes:,} B) — compress the weights (int8, clustered low-rank embedding)")
+    if ram > board.ram_bytes:
+        over.append(f"RAM overflowed by at least {ram - board.ram_bytes:,} bytes (arena {plan.arena_bytes:,} B + I/O "
+                    f"{t_in.nbytes + t_out.nbytes:,} B + stack {board.min_stack:,} B, budget {board.ram_bytes:,} B) — "
+                    "use a tiled schedule or a shorter sequence")
+    if over:
+        raise TinyshieldError(f"model {graph.name} does not fit board {board.id}: " + "; ".join(over)
+                              + "; or pick a bigger board")
+
+
+def deploy_graph(graph, board: str | Board | None, out_dir: Path, schedule: str = "layerwise",
+                 force: bool = False):
+    """int8 graph -> schedule -> checked arena plan -> budget check -> C sources -> firmware.
+    Returns (schedule, plan, firmware)."""
+    from mcu.codegen import generate
+    from mcu.planner import check, plan as make_plan
+
+    b = board if isinstance(board, Board) else get_board(board)
+    sched = _schedule(graph, schedule)
+    plan = make_plan(sched)
+    check(plan, sched)
+    check_budget(graph, plan, b)
+    src = Path(out_dir) / "src"
+    if force or not (src / "model.c").is_file():
+        generate(sched, plan, src)
+    t_in, t_out = graph.tensors[graph.inputs[0]], graph.tensors[graph.outputs[0]]
+    fw = build_firmware(src, b, input_bytes=t_in.nbytes, output_bytes=t_out.nbytes, force=force)
+    return sched, plan, fw
+
+
 def build_model(spec: str, board: str | None = None, schedule: str = "layerwise", calib: int = 500,
                 seq_len: int | None = None, force: bool = False, name: str | None = None) -> BuiltModel:
-    """MODEL spec -> int8 graph (PTQ on `calib` training inputs) -> schedule -> arena plan ->
-    generated C -> firmware for `board`. Cached under build/deploy/<hash>/ by model file,
-    board and options."""
+    """MODEL spec -> int8 graph (PTQ on `calib` training inputs) -> `deploy_graph`. The graph
+    and the generated C are cached under build/deploy/<hash>/ by weights, board and options."""
     import pickle
 
     from edge.models.registry import resolve
@@ -267,23 +309,14 @@ def build_model(spec: str, board: str | None = None, schedule: str = "layerwise"
     loaded = resolve(spec)
     weights = (loaded.path / "model.safetensors") if loaded.path else None
     key = {"spec": spec, "weights": hashlib.sha256(weights.read_bytes()).hexdigest() if weights else None,
-           "board": b.id, "schedule": schedule, "calib": calib, "seq_len": seq_len, "version": 1}
+           "board": b.id, "schedule": schedule, "calib": calib, "seq_len": seq_len, "version": 2}
     d = artefact_dir("deploy", key)
-    cached = d / "model.pkl"
+    cached = d / "graph.pkl"
     if cached.is_file() and not force:
-        graph, sched, plan = pickle.loads(cached.read_bytes())
+        graph = pickle.loads(cached.read_bytes())
     else:
-        from mcu.planner import check, plan as make_plan
         graph = _lower(loaded, calib, seq_len)
-        sched = _schedule(graph, schedule)
-        plan = make_plan(sched)
-        check(plan, sched)
-        cached.write_bytes(pickle.dumps((graph, sched, plan)))
-    src = d / "src"
-    if not (src / "model.c").is_file() or force:
-        from mcu.codegen import generate
-        generate(sched, plan, src)
-    t_in, t_out = graph.tensors[graph.inputs[0]], graph.tensors[graph.outputs[0]]
-    fw = build_firmware(src, b, input_bytes=t_in.nbytes, output_bytes=t_out.nbytes, force=force)
+        cached.write_bytes(pickle.dumps(graph))
+    sched, plan, fw = deploy_graph(graph, b, d, schedule, force=force)
     return BuiltModel(name or (spec if not Path(spec).is_dir() else Path(spec).name), loaded.kind, b.id,
-                      graph, sched, plan, src, fw)
+                      graph, sched, plan, d / "src", fw)

@@ -65,3 +65,102 @@ def test_evaluation_on_another_board(env):
     assert ev.agreement == 1.0 and not ev.mismatches
     assert ev.mean_instructions > 0 and ev.instructions_per_mac > 0
     assert ev.peak_sram == b.plan.arena_bytes + ev.stack_max
+
+
+@pytest.mark.slow
+def test_uncompressed_bert_tiny_is_refused_naming_the_overflow(env, tmp_path):
+    """BERT-tiny's 30522 x 128 word embedding alone (3.9 MB int8) cannot fit 1 MB of flash; with a
+    small vocabulary but L = 512, its attention scores cannot fit 192 KB of RAM."""
+    from edge.errors import TinyshieldError
+    from edge.models.bert import BertClassifier, BertConfig
+    from mcu.build import deploy_graph
+    from mcu.lower import lower_bert_classifier
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    bert = BertClassifier(BertConfig(), 2).eval()
+    ids = rng.integers(1, 30522, (4, 32))
+    g = lower_bert_classifier(bert, ids, 32)
+    with pytest.raises(TinyshieldError, match=r"does not fit board stm32f405: FLASH overflowed by at least [\d,]+ bytes"):
+        deploy_graph(g, "stm32f405", tmp_path / "flash")
+
+    small = BertClassifier(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, intermediate_size=64), 2)
+    g = lower_bert_classifier(small.eval(), rng.integers(1, 100, (4, 512)), 512)
+    with pytest.raises(TinyshieldError, match=r"stm32f405: RAM overflowed by at least [\d,]+ bytes .* tiled schedule"):
+        deploy_graph(g, "stm32f405", tmp_path / "ram")
+
+
+def _garbage(rng: np.random.Generator, k: int) -> bytes:
+    """One malformed frame of a few kinds: noise, bit flips, truncation, bad lengths, unknown commands."""
+    from mcu.link import MAX_PAYLOAD, SYNC, frame
+    kind = k % 7
+    good = frame(int(rng.choice([1, 2, 4, 5, 7])), int(rng.integers(256)), rng.bytes(int(rng.integers(0, 40))))
+    if kind == 0:
+        return rng.bytes(int(rng.integers(1, 64)))
+    if kind == 1:                                    # flip a bit somewhere after the sync bytes
+        b = bytearray(good)
+        i = int(rng.integers(2, len(b)))
+        b[i] ^= 1 << int(rng.integers(8))
+        return bytes(b)
+    if kind == 2:                                    # cut short, then the next frame arrives
+        return good[:int(rng.integers(1, len(good)))]
+    if kind == 3:                                    # a length beyond the limit
+        return SYNC + bytes([1, 0]) + int(rng.integers(MAX_PAYLOAD + 1, 65536)).to_bytes(2, "little")
+    if kind == 4:                                    # valid frame, unknown command
+        return frame(int(rng.integers(0x08, 0x7F)), int(rng.integers(256)), rng.bytes(4))
+    if kind == 5:                                    # valid frame, bad arguments
+        return frame(int(rng.choice([2, 3, 4, 6])), int(rng.integers(256)), rng.bytes(int(rng.integers(1, 3))))
+    return SYNC * int(rng.integers(1, 4)) + rng.bytes(int(rng.integers(0, 8)))
+
+
+@pytest.mark.slow
+def test_firmware_survives_fuzzing_and_still_answers_correctly(env, built):
+    _, ds = env
+    rng = np.random.default_rng(0)
+    q = built.quantise_input(ds.x_test[1])
+    with open_board(built.firmware) as dev:
+        before = dev.infer(q)
+        sent = 0
+        for _ in range(100):
+            dev.link.send_raw(b"".join(_garbage(rng, k) for k in range(sent, sent + 20)))
+            sent += 20
+            dev.link.drain(quiet=0.01)               # read the error replies so the UART never blocks
+        assert sent >= 2000
+        dev.link.send_raw(bytes(1100))               # complete whatever partial frame the noise left open
+        dev.link.drain(quiet=0.3)
+        st = dev.link.stats()
+        assert st.frames_crc + st.frames_malformed > 500
+        assert dev.link.info().name == dev.info.name
+        after = dev.infer(q)
+        assert np.array_equal(after.output, before.output)
+        assert np.array_equal(after.output.reshape(-1), built.reference(q).reshape(-1))
+        assert after.instructions == before.instructions
+
+
+@pytest.mark.slow
+def test_two_boards_at_once(env, built):
+    import threading
+
+    model_dir, ds = env
+    other = build_model(str(model_dir), "mps2-an386", calib=64)
+    results, errors = {}, []
+
+    def work(b):
+        try:
+            with open_board(b.firmware) as dev:
+                same = []
+                for x in ds.x_test[:4]:
+                    q = b.quantise_input(x)
+                    same.append(np.array_equal(dev.infer(q).output.reshape(-1), b.reference(q).reshape(-1)))
+                results[b.board] = (dev.emulator.port, same)
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(b,)) for b in (built, other)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    assert results["stm32f405"][0] != results["mps2-an386"][0]
+    assert all(results["stm32f405"][1]) and all(results["mps2-an386"][1])
