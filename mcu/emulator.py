@@ -168,6 +168,12 @@ def read_count_file(path: Path) -> tuple[int, int] | None:
 
 
 def pid_alive(pid: int) -> bool:
+    """True while the process runs. A finished child of ours is reaped here (no zombie left)."""
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:
+        pass                                        # not our child: init reaps it
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

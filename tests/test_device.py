@@ -164,3 +164,35 @@ def test_two_boards_at_once(env, built):
     assert not errors, errors
     assert results["stm32f405"][0] != results["mps2-an386"][0]
     assert all(results["stm32f405"][1]) and all(results["mps2-an386"][1])
+
+
+@pytest.mark.slow
+def test_cli_flash_run_eval_stop(env, built, capsys):
+    """`tinyshield flash` leaves the board running, `run`/`eval --board` use it, `flash --stop` ends it."""
+    from mcu import flash
+    from tools.cli import main
+
+    model_dir, _ = env
+    common = ["--board", "stm32f405", "--calib", "64"]
+    assert main(["flash", str(built.firmware.elf)]) == 0
+    rb = flash.running("stm32f405")
+    assert rb is not None and rb.alive()
+    try:
+        assert main(["run", str(model_dir), "mnist:0", "--board", "stm32f405"]) == 0
+        out = capsys.readouterr().out
+        assert "host int8 reference identical" in out and "instructions" in out
+        assert main(["eval", str(model_dir), *common, "--limit", "3"]) == 0
+        out = capsys.readouterr().out
+        assert "100.00% (3/3 bit-identical)" in out and "instructions / MAC" in out
+        assert flash.running("stm32f405").pid == rb.pid          # the flashed board served both
+    finally:
+        assert main(["flash", "--board", "stm32f405", "--stop"]) == 0
+    assert flash.running("stm32f405") is None and not os.path.exists(f"/proc/{rb.pid}")
+
+
+def test_cli_errors_are_one_line(env, capsys, tmp_path):
+    from tools.cli import main
+    assert main(["flash", str(tmp_path / "nope.elf")]) == 2
+    assert "not a firmware built by `tinyshield build`" in capsys.readouterr().err
+    assert main(["eval", "no-such-model", "--board", "stm32f405"]) == 2
+    assert "unknown model 'no-such-model'" in capsys.readouterr().err
