@@ -53,10 +53,17 @@ def _place(order: list[str], sizes: dict[str, int], life: dict[str, tuple[int, i
            best: bool) -> dict[str, int]:
     """Place buffers one by one in `order`; first fit (lowest offset) or best fit (tightest gap)."""
     offsets: dict[str, int] = {}
+    # Placed buffers indexed by time bucket, so finding the ones whose lifetimes meet a new
+    # buffer's costs the buffers live nearby, not all of them (schedules have 10^4 buffers).
+    durations = sorted(b - a + 1 for a, b in life.values())
+    width = max(1, durations[len(durations) // 2] if durations else 1)   # the typical lifetime
+    buckets: dict[int, list[str]] = {}
     for name in order:
         size = sizes[name]
+        a, b = life[name]
+        near = {o for k in range(a // width, b // width + 1) for o in buckets.get(k, ())}
         # Bytes already taken by placed buffers whose lifetimes meet this one's, by offset.
-        taken = sorted((offsets[o], offsets[o] + sizes[o]) for o in offsets if _overlap(life[o], life[name]))
+        taken = sorted((offsets[o], offsets[o] + sizes[o]) for o in near if _overlap(life[o], life[name]))
         gaps, cursor = [], 0
         for lo, hi in taken:
             if lo - cursor >= size:
@@ -67,6 +74,8 @@ def _place(order: list[str], sizes: dict[str, int], life: dict[str, tuple[int, i
         else:
             choice = min(gaps)[1]          # tightest gap, lowest offset on ties
         offsets[name] = choice
+        for k in range(a // width, b // width + 1):
+            buckets.setdefault(k, []).append(name)
     return offsets
 
 

@@ -1,0 +1,401 @@
+"""Schedule passes: an int8 `Graph` -> a `Schedule` (kernel calls over arena buffers).
+
+- `layerwise(graph)`: every op produces its whole output tensor into a buffer of its own, in graph
+  order — what TFLite Micro does. The baseline.
+- `tiled(graph, budget=..., tiles=...)`: the same integers, computed block of rows by block of rows.
+  1. Ops that work row by row (fully connected, residual add + LayerNorm, GELU table, embedding
+     lookup, and attention seen from its queries) are fused into *segments* run one block of
+     `rows` tokens at a time, so their intermediates exist only for one block: the q projection,
+     the per-head context, the FFN's L x 4d hidden layer, the embedding rows.
+  2. Attention (matmul_qk + softmax + matmul_pv) becomes `attention_s8` per head and query block,
+     streaming over key tiles of `kt` keys: the h x L x L score and probability tensors never exist.
+  3. Re-ordering: the K and V projections, which attention needs for *all* tokens, are hoisted out
+     of the block loop and run just before it (splitting a segment there); the Q projection moves
+     into the loop, next to its only use.
+  4. In place: a segment whose output has the shape of an input that dies in the segment writes
+     over it (block j's rows are read only by block j, before the block writes them), so one
+     L x d hidden state is carried through all layers; a GELU table lookup overwrites its input.
+  Peak = X + K + V (3 L d bytes) + one block's scratch: the floor of an exact schedule.
+- `search_tiles(graph, budget)`: the block/tile sizes with the fewest MACs (recomputed scores
+  count) whose live-set peak fits the budget; the smallest peak when nothing fits.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from edge.errors import TinyshieldError
+from mcu.graph import Buffer, Call, Const, Graph, Op, Ref, Schedule
+from mcu.lower import calls_for
+from mcu.planner import lower_bound, plan
+from mcu.tiled import attention_macs, attention_scratch
+
+
+def _whole_loc(graph: Graph):
+    def loc(name, offset=0):
+        t = graph.tensors[name]
+        return Const(name, offset) if t.kind == "const" else Ref(name, offset)
+    return loc
+
+
+def layerwise(graph: Graph) -> Schedule:
+    """One buffer per activation tensor, each op's calls on whole tensors, in graph order."""
+    buffers = {n: Buffer(n, t.nbytes, t.kind) for n, t in graph.tensors.items() if t.kind != "const"}
+    loc = _whole_loc(graph)
+    calls = [c for op in graph.ops for c in calls_for(graph, op, loc)]
+    return Schedule("layerwise", graph, buffers, calls, {})
+
+
+# ---------------------------------------------------------------- units: ops as the tiled pass sees them
+
+@dataclass(frozen=True)
+class Tiles:
+    rows: int       # tokens per block: attention queries, FFN / LayerNorm / embedding rows
+    kt: int         # keys per tile of the streaming softmax (>= L: scores computed once per block)
+
+
+@dataclass
+class Unit:
+    ops: list[Op]
+    kind: str                       # op kind, or "attention" for matmul_qk + softmax + matmul_pv
+    rows: int                       # number of rows it iterates over (0: not row-wise)
+    row_inputs: list[str]           # tensors indexed by row (block j reads rows of block j only)
+    whole_inputs: list[str]         # tensors read in full by every block (K, V, mask)
+    inputs: list[str]
+    outputs: list[str]
+    name: str = ""
+
+
+def _units(graph: Graph) -> list[Unit]:
+    ops, out, i = graph.ops, [], 0
+    T = graph.tensors
+    while i < len(ops):
+        op = ops[i]
+        a = op.attrs
+        if (op.kind == "matmul_qk" and i + 2 < len(ops) and ops[i + 1].kind == "softmax"
+                and ops[i + 2].kind == "matmul_pv" and ops[i + 1].inputs[0] == op.outputs[0]
+                and ops[i + 2].inputs[0] == ops[i + 1].outputs[0]):
+            sm, pv = ops[i + 1], ops[i + 2]
+            q, k = op.inputs
+            v = pv.inputs[1]
+            mask, lut = sm.inputs[1], sm.inputs[2]
+            out.append(Unit([op, sm, pv], "attention", a["L"], [q], [k, v, mask], [q, k, v, mask, lut],
+                            list(pv.outputs), pv.name))
+            i += 3
+            continue
+        rows, row_in = 0, []
+        if op.kind == "fully_connected" and a["M"] > 1:
+            rows, row_in = a["M"], [op.inputs[0]]
+        elif op.kind == "add_layernorm" and a["M"] > 1:
+            rows, row_in = a["M"], op.inputs[:2]
+        elif op.kind == "lut" and len(T[op.inputs[0]].shape) == 2 and T[op.inputs[0]].shape[0] > 1:
+            rows, row_in = T[op.inputs[0]].shape[0], [op.inputs[0]]
+        elif op.kind == "embedding" and a["L"] > 1:
+            rows, row_in = a["L"], [op.inputs[0]]
+        out.append(Unit([op], op.kind, rows, row_in, [], list(op.inputs), list(op.outputs), op.name))
+        i += 1
+    return out
+
+
+def _segments(units: list[Unit]) -> list[tuple[str, list[Unit]]]:
+    """Execution order: ("whole", [unit]) or ("rows", [units]) run block by block.
+
+    A row segment is cut where a unit needs a tensor whole (attention's K and V) that the segment
+    itself produces: the producers are hoisted out and run whole right after the part of the
+    segment their inputs come from."""
+    out: list[tuple[str, list[Unit]]] = []
+    cur: list[Unit] = []
+
+    def flush():
+        if cur:
+            out.append(("rows", list(cur)))
+            cur.clear()
+
+    for u in units:
+        if not u.rows:
+            flush()
+            out.append(("whole", [u]))
+            continue
+        if cur and u.rows != cur[0].rows:
+            flush()
+        made = {t for c in cur for t in c.outputs}
+        need = [t for t in u.whole_inputs if t in made]
+        if need:
+            producers = [c for c in cur if set(c.outputs) & set(need)]
+            deps = {t for p in producers for t in p.inputs}
+            cut = max((j + 1 for j, c in enumerate(cur) if set(c.outputs) & deps), default=0)
+            head = cur[:cut]
+            tail = [c for c in cur[cut:] if c not in producers]
+            cur[:] = head
+            flush()
+            out.extend(("whole", [p]) for p in producers)
+            cur[:] = tail
+        cur.append(u)
+    flush()
+    return out
+
+
+def _row_bytes(graph: Graph, t: str) -> int:
+    ten = graph.tensors[t]
+    return ten.nbytes // ten.shape[0]
+
+
+# ---------------------------------------------------------------- the tiled pass
+
+class _Emitter:
+    """Collects buffers and calls; whole tensors are named by tensor and renamed to their alias
+    class (in-place chains) at the end."""
+
+    def __init__(self, graph: Graph):
+        self.g = graph
+        self.calls: list[Call] = []
+        self.buffers: dict[str, Buffer] = {}
+        self.alias: dict[str, str] = {}          # tensor -> tensor whose buffer it reuses
+
+    def root(self, t: str) -> str:
+        while t in self.alias:
+            t = self.alias[t]
+        return t
+
+    def whole(self, t: str) -> None:
+        ten = self.g.tensors[t]
+        if ten.kind != "const" and t not in self.buffers and t not in self.alias:
+            self.buffers[t] = Buffer(t, ten.nbytes, ten.kind)
+
+    def chunk(self, name: str, nbytes: int) -> str:
+        self.buffers[name] = Buffer(name, nbytes, "scratch")
+        return name
+
+    def finish(self, name: str, params: dict) -> Schedule:
+        g = self.g
+        # An in-place chain is one buffer, named after a graph output in it (the executor and the
+        # firmware read outputs by name), else after its first tensor.
+        classes: dict[str, list[str]] = {}
+        for t in list(self.buffers) + list(self.alias):
+            classes.setdefault(self.root(t), []).append(t)
+        rename, buffers = {}, {}
+        for r, members in classes.items():
+            outs = [m for m in members if m in g.outputs]
+            label = outs[0] if outs else r
+            b = self.buffers[r]
+            kind = "output" if outs else b.kind
+            size = max([b.nbytes] + [g.tensors[m].nbytes for m in members if m in g.tensors])
+            buffers[label] = Buffer(label, size, kind)
+            for m in members:
+                rename[m] = label
+
+        def fix(a):
+            return Ref(rename.get(a.buffer, a.buffer), a.offset) if isinstance(a, Ref) else a
+        calls = [Call(c.kernel, tuple(fix(a) for a in c.args), c.op, c.macs) for c in self.calls]
+        return Schedule(name, g, buffers, calls, params)
+
+
+def _alias_plan(graph: Graph, seg: list[Unit], later_inputs: set[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """In-place decisions for one row segment: (whole output -> input it overwrites,
+    chunk-local lut output -> its chunk-local input)."""
+    made = {t for u in seg for t in u.outputs}
+    ins = [t for u in seg for t in u.inputs if t not in made]
+    whole_read = {t for u in seg for t in u.whole_inputs}
+    last_read = {}
+    for j, u in enumerate(seg):
+        for t in u.row_inputs:
+            last_read[t] = j
+    outs, used = {}, set()
+    for j, u in enumerate(seg):
+        for o in u.outputs:
+            if o not in later_inputs and o not in graph.outputs:
+                continue                                    # chunk-local, not a whole buffer
+            for i in ins:
+                ti, to = graph.tensors[i], graph.tensors[o]
+                if (i not in used and ti.kind == "activation" and i not in whole_read and i not in later_inputs
+                        and i in last_read and last_read[i] <= j and ti.nbytes == to.nbytes
+                        and ti.shape[0] == to.shape[0]):
+                    outs[o] = i
+                    used.add(i)
+                    break
+    local = {}
+    for j, u in enumerate(seg):
+        if u.kind == "lut":
+            x, y = u.inputs[0], u.outputs[0]
+            later = {t for v in seg[j + 1:] for t in v.inputs}
+            if x in made and x not in later and x not in later_inputs and y not in later_inputs \
+                    and y not in graph.outputs:
+                local[y] = x
+    return outs, local
+
+
+def _rows_calls(e: _Emitter, u: Unit, r0: int, n: int, loc, scratch, kt: int) -> list[Call]:
+    op, a = u.ops[0], u.ops[0].attrs
+    i, o = op.inputs, op.outputs
+    if u.kind == "fully_connected":
+        K, N = a["K"], a["N"]
+        return [Call("fc_s8", (loc(i[0]), Const(i[1]), Const(i[2]), Const(i[3]), Const(i[4]), loc(o[0]),
+                               n, K, N, K, N, a["y_zp"], a["act_min"], a["act_max"]), op.name, n * K * N)]
+    if u.kind == "add_layernorm":
+        return [Call("add_layernorm_s8", (loc(i[0]), loc(i[1]), Const(i[2]), Const(i[3]), Const(i[4]), loc(o[0]),
+                                          n, a["d"], a["a_zp"], a["b_zp"], a["ca"], a["cb"], a["eps"], a["y_zp"]),
+                     op.name, 0)]
+    if u.kind == "lut":
+        cols = e.g.tensors[i[0]].shape[1]
+        return [Call("lut_s8", (loc(i[0]), Const(i[1]), loc(o[0]), n * cols), op.name, 0)]
+    if u.kind == "embedding":
+        return [Call("embedding_s8", (loc(i[0]), Const(i[1]), loc(o[0]), n, a["d"], a["vocab"]), op.name, 0)]
+    if u.kind == "attention":
+        qk, pv = u.ops[0].attrs, u.ops[2].attrs
+        h, L, dh = qk["heads"], qk["L"], qk["dh"]
+        q, k, v, mask, lut = u.inputs
+        ctx = u.outputs[0]
+        d = h * dh
+        kk = min(kt, L)
+        sc = {name: scratch(f"{u.name}.{name}", nbytes) for name, nbytes in attention_scratch(n, kk, dh).items()}
+        calls = []
+        for hh in range(h):
+            def at(ref, off=hh * dh):
+                return type(ref)(ref.buffer if isinstance(ref, Ref) else ref.tensor, ref.offset + off)
+            calls.append(Call("attention_s8", (
+                at(loc(q)), at(whole(e, k)), at(whole(e, v)), whole(e, mask), Const(lut), at(loc(ctx)),
+                Ref(sc["s_tile"]), Ref(sc["acc"]), Ref(sc["stats"]),
+                n, L, dh, kt, d, d, d, d, qk["q_zp"], qk["k_zp"], qk["mult"], qk["shift"], qk["s_zp"],
+                pv["v_zp"], pv["mult"], pv["shift"], pv["y_zp"]), u.name, attention_macs(n, L, dh, kt)))
+        return calls
+    raise TinyshieldError(f"op {op.name} ({op.kind}) cannot be run by rows")
+
+
+def whole(e: _Emitter, t: str, offset: int = 0):
+    if e.g.tensors[t].kind == "const":
+        return Const(t, offset)
+    return Ref(e.root(t), offset)
+
+
+def tiled_with(graph: Graph, tiles: Tiles) -> Schedule:
+    """The tiled schedule for fixed block/tile sizes."""
+    if tiles.rows < 1 or tiles.kt < 1:
+        raise TinyshieldError(f"tile sizes must be >= 1, got rows={tiles.rows} kt={tiles.kt}")
+    e = _Emitter(graph)
+    for t in graph.inputs:
+        e.whole(t)
+    order = _segments(_units(graph))
+    for s, (kind, seg) in enumerate(order):
+        later_inputs = {t for _, later in order[s + 1:] for u in later for t in u.inputs}
+        if kind == "whole":
+            op_loc = lambda name, offset=0: whole(e, name, offset)   # noqa: E731
+            for u in seg:
+                for op in u.ops:
+                    for t in op.outputs:
+                        e.whole(t)
+                    e.calls.extend(calls_for(graph, op, op_loc))
+            continue
+        made = {t for u in seg for t in u.outputs}
+        keep = {t for t in made if t in later_inputs or t in graph.outputs}   # whole buffers
+        outs, local = _alias_plan(graph, seg, later_inputs)
+        for o, i in outs.items():
+            e.alias[o] = i
+        for t in keep:
+            e.whole(t)
+        R = seg[0].rows
+        for r0 in range(0, R, tiles.rows):
+            n = min(tiles.rows, R - r0)
+            blk: dict[str, str] = {}
+
+            def loc(t, r0=r0, n=n, blk=blk):
+                ten = graph.tensors[t]
+                rb = _row_bytes(graph, t)
+                if ten.kind == "const":
+                    return Const(t, r0 * rb)
+                if t in made and t not in keep:                     # this block's rows only
+                    src = local.get(t)
+                    if src is not None and src in blk:
+                        blk[t] = blk[src]
+                    elif t not in blk:
+                        blk[t] = e.chunk(f"{t}@{r0}", n * rb)
+                    return Ref(blk[t])
+                return Ref(e.root(t), r0 * rb)
+
+            def scratch(name, nbytes, r0=r0):
+                return e.chunk(f"{name}@{r0}", nbytes)
+
+            for u in seg:
+                e.calls.extend(_rows_calls(e, u, r0, n, loc, scratch, tiles.kt))
+    return e.finish("tiled", {"rows": tiles.rows, "kt": tiles.kt})
+
+
+# ---------------------------------------------------------------- tile search
+
+@dataclass
+class Candidate:
+    rows: int
+    kt: int
+    peak: int           # live-set peak (bytes, 16-aligned buffers)
+    macs: int
+    calls: int
+
+
+@dataclass
+class Search:
+    chosen: Candidate
+    fits: bool
+    budget: int | None
+    candidates: list[Candidate] = field(default_factory=list)
+
+
+def _powers(lo: int, hi: int) -> list[int]:
+    out, v = [], lo
+    while v < hi:
+        out.append(v)
+        v *= 2
+    return out + [hi]
+
+
+def seq_rows(graph: Graph) -> int:
+    """Tokens of the encoder (the row count the tiles divide)."""
+    rows = [u.rows for u in _units(graph) if u.kind == "attention"]
+    if not rows:
+        raise TinyshieldError(f"graph {graph.name} has no attention: nothing to tile")
+    return rows[0]
+
+
+KT_CHOICES = (16, 64, 256)     # key tiles tried besides "all keys at once"
+SLACK = 1.02                   # without a fitting budget: within 2% of the smallest peak, fewest MACs/calls
+
+
+def search_tiles(graph: Graph, budget: int | None = None, align: int = 16) -> Search:
+    """Fewest MACs (then fewest calls, then least memory) among the tile sizes whose live-set peak
+    fits `budget`; without a budget, or when none fits, the fewest MACs/calls within 2% of the
+    smallest peak. Recomputed attention scores count in the MACs."""
+    L = seq_rows(graph)
+    cands = []
+    for rows in _powers(1, L):
+        for kt in sorted({k for k in KT_CHOICES if k < L} | {L}):
+            s = tiled_with(graph, Tiles(rows, kt))
+            cands.append(Candidate(rows, kt, lower_bound(s, align), s.macs(), len(s.calls)))
+    fitting = [c for c in cands if budget is not None and c.peak <= budget]
+    if not fitting:
+        least = min(c.peak for c in cands)
+        pool = [c for c in cands if c.peak <= least * SLACK]
+    else:
+        pool = fitting
+    best = min(pool, key=lambda c: (c.macs, c.calls, c.peak))
+    return Search(best, bool(fitting), budget, cands)
+
+
+def tiled(graph: Graph, budget: int | None = None, tiles: Tiles | None = None, align: int = 16) -> Schedule:
+    """The tiled schedule; tile sizes from `tiles`, else searched under `budget` (bytes)."""
+    search = None
+    if tiles is None:
+        search = search_tiles(graph, budget, align)
+        tiles = Tiles(search.chosen.rows, search.chosen.kt)
+    s = tiled_with(graph, tiles)
+    if search is not None:
+        s.params.update(budget=budget, fits=search.fits, candidates=len(search.candidates))
+    return s
+
+
+SCHEDULES = {"layerwise": layerwise, "tiled": tiled}
+
+
+def schedule(graph: Graph, name: str, budget: int | None = None) -> Schedule:
+    if name not in SCHEDULES:
+        raise TinyshieldError(f"unknown schedule {name!r}: use one of {', '.join(SCHEDULES)}")
+    return layerwise(graph) if name == "layerwise" else tiled(graph, budget=budget)
+
+
+__all__ = ["layerwise", "tiled", "tiled_with", "search_tiles", "Tiles", "schedule", "plan"]
