@@ -1,0 +1,106 @@
+"""Schedules: the tiled schedule computes exactly what the layerwise one does, in far less memory."""
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from edge.errors import TinyshieldError
+from edge.models.bert import BertConfig, BertModel
+from mcu import execute
+from mcu.lower import lower_bert
+from mcu.planner import check, lower_bound, plan
+from mcu.profile import check_budget, profile
+from mcu.schedules import Tiles, layerwise, search_tiles, tiled, tiled_with
+
+L = 24
+
+
+@pytest.fixture(scope="module")
+def bert():
+    """A BERT-tiny-shaped encoder (d=128, 2 heads, FFN 512, 2 layers), random weights, int8."""
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=300, max_position_embeddings=64)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, 300, (6, L))
+    ids[:, L - 5:] = 0                       # padding: the masked keys must stay masked when tiled
+    g = lower_bert(BertModel(cfg), ids, L)
+    x = ids[0].astype(np.int32)
+    return g, x, execute.run(layerwise(g), {"input": x})["hidden"]
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.integers(1, L + 2), kt=st.integers(1, L + 2))
+def test_tiled_equals_layerwise_bit_for_bit(bert, rows, kt):
+    g, x, want = bert
+    s = tiled_with(g, Tiles(rows, kt))
+    p = plan(s)
+    check(p, s)
+    assert p.arena_bytes >= lower_bound(s)
+    # executed inside ONE arena at the planned offsets: a bad plan or alias would corrupt it
+    got = execute.run(s, {"input": x}, plan=p)["hidden"]
+    np.testing.assert_array_equal(got, want)
+
+
+def test_tiled_in_c_equals_numpy(bert):
+    from mcu.hostlib import HostKernels
+    g, x, want = bert
+    s = tiled_with(g, Tiles(5, 8))
+    got = execute.run(s, {"input": x}, plan=plan(s), kernels=HostKernels("portable"))["hidden"]
+    np.testing.assert_array_equal(got, want)
+
+
+def test_tiled_structure_and_memory(bert):
+    g, _, _ = bert
+    lw, t = layerwise(g), tiled_with(g, Tiles(4, 8))
+    kernels = {c.kernel for c in t.calls}
+    assert "attention_s8" in kernels and not kernels & {"matmul_qk_s8", "softmax_s16", "matmul_pv_s8"}
+    assert not any("scores" in b or "probs" in b for b in t.buffers)      # the L x L tensors never exist
+    d = 128
+    floor = 3 * L * d
+    assert lower_bound(t) < lower_bound(lw) / 2
+    assert lower_bound(t) >= floor                                        # X, K, V of all tokens
+    assert t.macs() > lw.macs()                                           # kt < L: scores recomputed
+    assert tiled_with(g, Tiles(4, L)).macs() == lw.macs()                 # one key tile: no recompute
+
+
+def test_search_respects_budget(bert):
+    g, _, _ = bert
+    s = search_tiles(g, budget=None)
+    small = min(c.peak for c in s.candidates)
+    assert s.chosen.peak <= small * 1.02
+    roomy = search_tiles(g, budget=10**6)
+    assert roomy.fits and roomy.chosen.macs == min(c.macs for c in roomy.candidates)
+    sched = tiled(g, budget=small)
+    assert lower_bound(sched) <= small and sched.params["fits"]
+
+
+def test_budget_refusal_names_peak_op_bytes_and_budget(bert):
+    g, _, _ = bert
+    prof = profile(layerwise(g))
+    with pytest.raises(TinyshieldError) as e:
+        check_budget(prof, 4096, "stm32f405")
+    msg = str(e.value)
+    assert f"{prof.arena_bytes:,} B" in msg and "4,096 B" in msg and "stm32f405" in msg
+    assert prof.steps[prof.peak_step].op in msg
+    check_budget(prof, prof.arena_bytes, "stm32f405")                    # exactly at the budget is fine
+
+
+def test_bad_tiles_refused(bert):
+    g, _, _ = bert
+    with pytest.raises(TinyshieldError, match="tile sizes"):
+        tiled_with(g, Tiles(0, 4))
+
+
+def test_tiled_vit_equals_layerwise():
+    """Any BERT-block graph tiles: the ViT (conv stem, constant token mask, 49 tokens, 4 heads)."""
+    from edge.models.vit import ViT, ViTConfig
+    from mcu.lower import lower_vit
+    torch.manual_seed(1)
+    imgs = np.random.default_rng(1).integers(0, 256, (8, 28, 28)).astype(np.uint8)
+    g = lower_vit(ViT(ViTConfig(num_hidden_layers=2)), imgs)
+    x = (imgs[0].astype(np.int16) - 128).astype(np.int8).reshape(28, 28, 1)
+    want = execute.run(layerwise(g), {"input": x})["logits"]
+    for tiles in (Tiles(7, 16), Tiles(3, 5)):
+        s = tiled_with(g, tiles)
+        np.testing.assert_array_equal(execute.run(s, {"input": x}, plan=plan(s))["logits"], want)
+        assert lower_bound(s) < lower_bound(layerwise(g))
