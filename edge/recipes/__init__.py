@@ -15,6 +15,6 @@ class Trained:
 
 def recipes() -> dict:
     """Name -> callable(**overrides) -> Trained. Imported lazily: training pulls in torch."""
-    from edge.recipes import vit_mnist
+    from edge.recipes import bert_tiny_sst2, vit_mnist
 
-    return {"vit-mnist": vit_mnist.train}
+    return {"vit-mnist": vit_mnist.train, "bert-tiny-sst2": bert_tiny_sst2.train}

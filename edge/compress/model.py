@@ -1,0 +1,234 @@
+"""Compress a BERT's word-embedding table into a CLR table, fine-tune briefly, and account sizes.
+
+Works for the BERT-tiny classifier (`BertClassifier`) and for a bare `BertModel` (MiniLM). The CLR
+module replaces `embeddings.word_embeddings` in place: `BertEmbeddings` calls it on the token ids
+exactly as it called the `nn.Embedding`, so the rest of the model is untouched.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from edge.compress.clr import CLREmbedding, QuantCLR, factorize, layout_bytes
+from edge.compress.search import Cost, SearchResult, min_cost, search
+from edge.errors import TinyshieldError
+from edge.models.bert import BertClassifier, BertModel, mean_pool
+
+
+def bert_of(model: nn.Module) -> BertModel:
+    if isinstance(model, BertClassifier):
+        return model.bert
+    if isinstance(model, BertModel):
+        return model
+    raise TinyshieldError(f"can only compress BERT models (BertClassifier or BertModel), not {type(model).__name__}")
+
+
+def word_table(model: nn.Module) -> torch.Tensor:
+    emb = bert_of(model).embeddings.word_embeddings
+    if not isinstance(emb, nn.Embedding):
+        raise TinyshieldError("this model's word embeddings are already compressed")
+    return emb.weight.detach()
+
+
+def set_word_embeddings(model: nn.Module, module: nn.Module) -> None:
+    bert_of(model).embeddings.word_embeddings = module
+
+
+# ---------------------------------------------------------------------------------------------
+# sizes
+
+def other_params(model: nn.Module) -> int:
+    """Parameters outside the word-embedding table."""
+    word = bert_of(model).embeddings.word_embeddings
+    skip = {id(p) for p in word.parameters()}
+    return sum(p.numel() for p in model.parameters() if id(p) not in skip)
+
+
+def int8_bytes(t: torch.Tensor) -> int:
+    """Flash bytes of one tensor in the int8 deployment: matrices int8 + one float32 scale per row;
+    vectors (biases, LayerNorm) 4 bytes per value (int32 bias / fixed-point LayerNorm parameters)."""
+    if t.dim() >= 2:
+        return t.numel() + 4 * t.shape[0]
+    return 4 * t.numel()
+
+
+def other_bytes(model: nn.Module) -> int:
+    word = bert_of(model).embeddings.word_embeddings
+    skip = {id(p) for p in word.parameters()}
+    return sum(int8_bytes(p) for p in model.parameters() if id(p) not in skip)
+
+
+def size_parts(model: nn.Module) -> dict[str, dict]:
+    """params and int8 flash bytes per part: word embeddings, other embeddings, encoder, head."""
+    bert = bert_of(model)
+    parts: dict[str, dict] = {}
+
+    def add(name, params, nbytes):
+        parts[name] = {"params": int(params), "int8_bytes": int(nbytes)}
+
+    word = bert.embeddings.word_embeddings
+    if isinstance(word, CLREmbedding):
+        add("word_embeddings (CLR)", word.params(), layout_bytes(word.layout)["total"])
+    else:
+        add("word_embeddings", word.weight.numel(), int8_bytes(word.weight))
+    rest = [p for n, p in bert.embeddings.named_parameters() if not n.startswith("word_embeddings")]
+    add("position/type embeddings + LayerNorm", sum(p.numel() for p in rest), sum(int8_bytes(p) for p in rest))
+    enc = list(bert.encoder.parameters()) + (list(bert.pooler.parameters()) if hasattr(bert, "pooler") else [])
+    add("encoder", sum(p.numel() for p in enc), sum(int8_bytes(p) for p in enc))
+    if isinstance(model, BertClassifier):
+        head = list(model.classifier.parameters())
+        add("classifier", sum(p.numel() for p in head), sum(int8_bytes(p) for p in head))
+    add("total", sum(v["params"] for v in parts.values()), sum(v["int8_bytes"] for v in parts.values()))
+    return parts
+
+
+# ---------------------------------------------------------------------------------------------
+# budgets
+
+def parse_size(text: str, unit: str) -> int:
+    """'0.77M' -> 770000 (params); '1MB' -> 1048576, '900KB' -> 921600, '250000' (bytes)."""
+    s = text.strip().upper().replace("_", "")
+    if unit == "bytes":
+        mult = {"MB": 1 << 20, "KB": 1 << 10, "M": 1 << 20, "K": 1 << 10, "B": 1}
+        s = s.removesuffix("IB").removesuffix("B") + ("B" if s.endswith("B") else "")
+    else:
+        mult = {"M": 10**6, "K": 10**3}
+    for suffix, m in sorted(mult.items(), key=lambda kv: -len(kv[0])):
+        if s.endswith(suffix):
+            s, factor = s[:-len(suffix)], m
+            break
+    else:
+        factor = 1
+    try:
+        value = float(s)
+    except ValueError:
+        what = "parameter count such as 0.77M or 770000" if unit == "params" else "size such as 1MB or 900KB"
+        raise TinyshieldError(f"cannot read {text!r} as a {what}") from None
+    if value <= 0 or not math.isfinite(value):
+        raise TinyshieldError(f"budget must be positive, got {text!r}")
+    return int(round(value * factor))
+
+
+def embedding_budget(model: nn.Module, total_budget: int, unit: str) -> int:
+    """What is left for the word table when the rest of the model keeps its size; error if nothing fits."""
+    V, d = word_table(model).shape
+    fixed = other_params(model) if unit == "params" else other_bytes(model)
+    smallest = fixed + min_cost(V, d, Cost(unit))
+    if total_budget < smallest:
+        what = "parameters" if unit == "params" else "bytes of int8 flash"
+        raise TinyshieldError(
+            f"budget of {total_budget:,} {what} cannot be met: the weights outside the word embeddings "
+            f"alone take {fixed:,} and the smallest CLR table (rank 1) {smallest - fixed:,}; "
+            f"the smallest feasible budget is {smallest:,} {what}")
+    return total_budget - fixed
+
+
+# ---------------------------------------------------------------------------------------------
+# compress + fine-tune
+
+@dataclass
+class Compressed:
+    model: nn.Module          # the model with a float CLR word-embedding module
+    search: SearchResult
+    quant: QuantCLR | None = None
+    metrics: dict = field(default_factory=dict)
+
+
+def compress(model: nn.Module, weights: np.ndarray, budget: int, unit: str = "params",
+             total: bool = True, cands=None) -> Compressed:
+    """Search a CLR layout within `budget` (of the whole model if `total`, else of the table alone)
+    and install its factors in a copy of `model`."""
+    import copy
+
+    table = word_table(model)
+    emb_budget = embedding_budget(model, budget, unit) if total else budget
+    res = search(table, weights, emb_budget, unit, cands)
+    clr = factorize(table, res.layout, torch.as_tensor(weights), res.bases)
+    out = copy.deepcopy(model)
+    set_word_embeddings(out, clr)
+    return Compressed(out, res)
+
+
+def quantize(c: Compressed) -> Compressed:
+    """int8 factors; the model's CLR module is replaced by the exactly dequantised one."""
+    emb = bert_of(c.model).embeddings.word_embeddings
+    q = QuantCLR.from_float(emb)
+    set_word_embeddings(c.model, q.to_float())
+    c.quant = q
+    return c
+
+
+def finetune_classifier(model: BertClassifier, seqs: list[np.ndarray], labels: np.ndarray, *,
+                        teacher: BertClassifier | None = None, steps: int = 400, batch_size: int = 64,
+                        lr: float = 1e-3, kd_weight: float = 1.0, temperature: float = 2.0, seed: int = 0,
+                        quiet: bool = True) -> dict:
+    """Brief recovery training of a compressed classifier: labels + KL to the uncompressed model."""
+    from edge.progress import progress
+    from edge.recipes.bert_tiny_sst2 import batches, pad
+
+    g = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    warm = max(1, steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    lengths = np.array([len(s) for s in seqs])
+    y = torch.from_numpy(labels)
+    losses, step, t0 = [], 0, time.time()
+    if teacher is not None:
+        teacher.eval()
+    with progress(disable=quiet) as bar:
+        task = bar.add_task("fine-tune compressed", total=steps, info="")
+        while step < steps:
+            for idx in batches(len(seqs), batch_size, lengths, g):
+                if step >= steps:
+                    break
+                model.train()
+                ids, mask = pad([seqs[j] for j in idx])
+                z = model(ids, mask)
+                loss = F.cross_entropy(z, y[idx])
+                if teacher is not None and kd_weight:
+                    with torch.no_grad():
+                        zt = teacher(ids, mask)
+                    kl = F.kl_div(F.log_softmax(z / temperature, -1), F.log_softmax(zt / temperature, -1),
+                                  log_target=True, reduction="batchmean")
+                    loss = loss + kd_weight * temperature ** 2 * kl
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                losses.append(loss.item())
+                step += 1
+                bar.update(task, advance=1, info=f"loss {np.mean(losses[-20:]):.3f}")
+    model.eval()
+    return {"steps": step, "seconds": round(time.time() - t0, 1),
+            "first_loss": losses[0] if losses else None, "last_loss": float(np.mean(losses[-20:])) if losses else None}
+
+
+@torch.no_grad()
+def sentence_fidelity(model: BertModel, reference: BertModel, tokenizer, texts: list[str],
+                      batch_size: int = 128) -> float:
+    """Mean cosine between the sentence embeddings (mean pool) of `model` and `reference`."""
+    from edge.models.minilm import tokenize
+
+    total = 0.0
+    for i in range(0, len(texts), batch_size):
+        b = tokenize(tokenizer, texts[i:i + batch_size])
+        a = mean_pool(model(b.input_ids, b.attention_mask), b.attention_mask)
+        r = mean_pool(reference(b.input_ids, b.attention_mask), b.attention_mask)
+        total += float(F.cosine_similarity(a, r, dim=-1).sum())
+    return total / len(texts)
+
+
+def relative_error(original: torch.Tensor, approx: torch.Tensor, weights: np.ndarray | None = None) -> float:
+    """sum_t w_t ||E_t - E^_t||^2 / sum_t w_t ||E_t||^2 (unweighted when `weights` is None)."""
+    w = torch.ones(len(original), dtype=torch.float64) if weights is None else torch.as_tensor(weights).double()
+    num = (w[:, None] * (original.double() - approx.double()) ** 2).sum()
+    den = (w[:, None] * original.double() ** 2).sum()
+    return float(num / den)
