@@ -135,20 +135,25 @@ class Evaluation:
 
 def evaluate(dev: Device, built, inputs, labels, progress_bar=None, check_reference: bool = True) -> Evaluation:
     """Run every input on the device; compare with the labels and with the host int8 reference."""
+    from concurrent.futures import ThreadPoolExecutor
+
     t0 = time.monotonic()
     hits, mismatches, instr, stack_max = 0, [], [], 0
     task = progress_bar.add_task(f"eval on {dev.info.board}", total=len(inputs), info="") if progress_bar else None
+    pool = ThreadPoolExecutor(1)         # the host reference runs while the device computes
     for i, (x, y) in enumerate(zip(inputs, labels)):
         q = built.quantise_input(x)
+        ref = pool.submit(built.reference, q) if check_reference else None
         r = dev.infer(q)
         hits += int(np.argmax(r.output.reshape(-1)) == int(y))
-        if check_reference and not np.array_equal(r.output.reshape(-1), built.reference(q).reshape(-1)):
+        if ref is not None and not np.array_equal(r.output.reshape(-1), ref.result().reshape(-1)):
             mismatches.append(i)
         if r.instructions is not None:
             instr.append(r.instructions)
         stack_max = max(stack_max, r.stack_bytes)
         if progress_bar:
             progress_bar.update(task, advance=1, info=f"acc {hits / (i + 1):.3f} agree {1 - len(mismatches) / (i + 1):.3f}")
+    pool.shutdown()
     n = len(inputs)
     mean_i = float(np.mean(instr)) if instr else None
     macs = int(dev.info.macs)
