@@ -87,29 +87,55 @@ def check_budget(prof: Profile, budget: int, board: str) -> None:
 
 # ---------------------------------------------------------------- presenters
 
-def op_rows(prof: Profile, max_rows: int = 40) -> list[Step]:
-    """One row per op (consecutive calls of the same op merged to their worst call), the peak kept."""
-    merged: list[Step] = []
+@dataclass
+class OpRow:
+    op: str
+    kernel: str
+    calls: int
+    macs: int
+    worst: Step               # the op's call with the largest live set
+
+
+def op_rows(prof: Profile) -> list[OpRow]:
+    """One row per op in order of first call: its calls, MACs and its worst live set. (A tiled
+    schedule calls each op once per block; the table shows the op, not every block.)"""
+    rows: dict[str, OpRow] = {}
     for s in prof.steps:
-        if merged and merged[-1].op == s.op:
-            last = merged[-1]
-            if s.live_bytes > last.live_bytes:
-                merged[-1] = Step(s.index, s.kernel, s.op, last.macs + s.macs, s.live, s.live_bytes)
-            else:
-                last.macs += s.macs
+        r = rows.get(s.op)
+        if r is None:
+            rows[s.op] = OpRow(s.op, s.kernel, 1, s.macs, s)
         else:
-            merged.append(Step(s.index, s.kernel, s.op, s.macs, s.live, s.live_bytes))
-    if len(merged) <= max_rows:
-        return merged
-    top = sorted(range(len(merged)), key=lambda i: -merged[i].live_bytes)[:max_rows]
-    return [merged[i] for i in sorted(top)]
+            r.calls += 1
+            r.macs += s.macs
+            if s.live_bytes > r.worst.live_bytes:
+                r.worst = s
+    return list(rows.values())
 
 
-def render(prof: Profile, console=None, budget: int | None = None, board: str = "") -> None:
+_SHORT = (("encoder.layer.", "L"), ("embeddings.", "emb."), ("attention.self.", "att."),
+          ("attention.output.", "att.out."), ("intermediate.", "ffn."), ("output.", "out."),
+          ("LayerNorm", "LN"), ("word_embeddings", "words"))
+
+
+def short(name: str) -> str:
+    """A compact buffer/op name for tables: encoder.layer.0.attention.self.query.out -> L0.att.query."""
+    for a, b in _SHORT:
+        name = name.replace(a, b)
+    return name.replace(".out@", "@").removesuffix(".out")
+
+
+def _live_text(prof: Profile, live: list[str], top: int = 6) -> str:
+    big = sorted(live, key=lambda n: -prof.buffers[n][0])
+    text = ", ".join(f"{short(n)} {prof.buffers[n][0] / 1024:.1f}K" for n in big[:top])
+    return text + (f", +{len(big) - top} smaller" if len(big) > top else "")
+
+
+def render(prof: Profile, console=None, budget: int | None = None, board: str = "", max_rows: int = 40) -> None:
     from rich.console import Console
     from rich.table import Table
     console = console or Console()
-    head = Table(title=f"{prof.schedule} schedule {prof.params or ''}", show_header=False)
+    shown = {k: v for k, v in prof.params.items() if isinstance(v, (int, float, str, bool, type(None)))}
+    head = Table(title=f"{prof.schedule} schedule {shown or ''}", show_header=False)
     head.add_row("arena (planned, " + prof.plan.strategy + ")", f"{prof.arena_bytes:,} B")
     head.add_row("live-set peak (lower bound)", f"{prof.peak_live:,} B")
     head.add_row("peak op", prof.peak_op)
@@ -118,23 +144,37 @@ def render(prof: Profile, console=None, budget: int | None = None, board: str = 
         head.add_row(f"budget ({board})", f"{budget:,} B  ({100 * prof.arena_bytes / budget:.0f}% used)")
     console.print(head)
 
-    t = Table(title="live set by op (worst call of each op run)")
-    for col in ("call", "op", "kernel", "live bytes", "live buffers"):
-        t.add_column(col, justify="right" if col in ("call", "live bytes") else "left")
-    for s in op_rows(prof):
-        mark = " *" if s.index == prof.peak_step else ""
-        t.add_row(str(s.index), s.op + mark, s.kernel, f"{s.live_bytes:,}", ", ".join(s.live))
+    t = Table(title="live set by op (at each op's worst call; * = the peak)")
+    for col in ("op", "kernel", "calls", "MACs", "live bytes", "largest live buffers"):
+        t.add_column(col, justify="right" if col in ("calls", "MACs", "live bytes") else "left")
+    rows = op_rows(prof)
+    if len(rows) > max_rows:   # keep the heaviest, in schedule order
+        keep = set(sorted(range(len(rows)), key=lambda i: -rows[i].worst.live_bytes)[:max_rows])
+        rows = [r for i, r in enumerate(rows) if i in keep]
+    for r in rows:
+        mark = " *" if r.worst.index == prof.peak_step else ""
+        t.add_row(short(r.op) + mark, r.kernel, str(r.calls), f"{r.macs:,}", f"{r.worst.live_bytes:,}",
+                  _live_text(prof, r.worst.live))
     console.print(t)
 
-    m = Table(title="arena map")
+    m = Table(title="arena map (per-block buffers at the same place shown once, xN)")
     for col in ("offset", "end", "bytes", "buffer", "kind", "live calls"):
         m.add_column(col, justify="right" if col in ("offset", "end", "bytes") else "left")
-    for n in sorted(prof.plan.offsets, key=lambda n: (prof.plan.offsets[n], prof.plan.lifetimes[n])):
-        nbytes, kind = prof.buffers[n]
-        a, b = prof.plan.lifetimes[n]
-        m.add_row(f"{prof.plan.offsets[n]:,}", f"{prof.plan.offsets[n] + nbytes:,}", f"{nbytes:,}", n, kind,
-                  f"{a}-{b}")
+    for (off, base, nbytes, kind), lives in arena_map(prof):
+        label = short(base) + (f" x{len(lives)}" if len(lives) > 1 else "")
+        m.add_row(f"{off:,}", f"{off + nbytes:,}", f"{nbytes:,}", label, kind,
+                  f"{lives[0][0]}-{lives[-1][1]}")
     console.print(m)
+
+
+def arena_map(prof: Profile) -> list[tuple[tuple[int, str, int, str], list[tuple[int, int]]]]:
+    """Arena rows by offset: (offset, buffer name without its block suffix, bytes, kind) -> lifetimes."""
+    groups: dict[tuple[int, str, int, str], list[tuple[int, int]]] = {}
+    for n, off in prof.plan.offsets.items():
+        nbytes, kind = prof.buffers[n]
+        groups.setdefault((off, n.split("@")[0] + ("@*" if "@" in n else ""), nbytes, kind), []).append(
+            prof.plan.lifetimes[n])
+    return sorted(((k, sorted(v)) for k, v in groups.items()), key=lambda kv: (kv[0][0], kv[1][0]))
 
 
 def plot_timelines(profiles: list[Profile], path, budget: int | None = None, title: str = "") -> None:
@@ -156,10 +196,56 @@ def plot_timelines(profiles: list[Profile], path, budget: int | None = None, tit
         ax.axhline(budget / 1024, color="red", lw=1.5, label=f"board budget {budget / 1024:.0f} KiB")
     ax.set_xlabel("progress through one inference (fraction of kernel calls)")
     ax.set_ylabel("arena bytes live (KiB)")
-    ax.set_yscale("log")
+    ax.set_ylim(bottom=0)
     ax.set_title(title or "memory timeline")
     ax.legend(fontsize=8, loc="upper right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# ---------------------------------------------------------------- graphs to plan
+
+def planning_graph(spec: str, seq_len: int, calib: int = 4, seed: int = 0):
+    """The int8 graph of MODEL for memory planning: `bert-tiny` (BERT-tiny, 2x128, 2 heads, FFN 512,
+    random weights — memory does not depend on them), `vit-mnist` (the trained recipe when cached,
+    else the same architecture with random weights), `minilm`, or a model directory. Calibration
+    uses a few random inputs: scales change no buffer size."""
+    import numpy as np
+    import torch
+
+    from mcu import lower
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    kind, model = None, None
+    if spec == "bert-tiny":
+        from edge.models.bert import BertClassifier, BertConfig
+        kind, model = "bert-classifier", BertClassifier(BertConfig(max_position_embeddings=max(512, seq_len)), 2)
+    elif spec == "vit-mnist":
+        from edge.models.registry import resolve
+        try:
+            loaded = resolve(spec, train_if_missing=False)
+            kind, model = loaded.kind, loaded.model
+        except TinyshieldError:
+            from edge.models.vit import ViT, ViTConfig
+            kind, model = "vit", ViT(ViTConfig())
+    else:
+        from edge.models.registry import resolve
+        loaded = resolve(spec, train_if_missing=False)
+        kind, model = loaded.kind, loaded.model
+    model = model.eval()
+    if kind == "vit":
+        imgs = rng.integers(0, 256, (calib, model.config.image_size, model.config.image_size)).astype(np.uint8)
+        return lower.lower_vit(model, imgs)
+    if kind in ("bert-classifier", "bert", "minilm"):
+        bert = model.bert if kind == "bert-classifier" else model
+        ids = rng.integers(1, bert.config.vocab_size, (calib, seq_len))
+        if seq_len > bert.config.max_position_embeddings:
+            raise TinyshieldError(f"--seq-len {seq_len} exceeds {spec}'s {bert.config.max_position_embeddings} "
+                                  "positions: use a shorter --seq-len")
+        if kind == "bert-classifier":
+            return lower.lower_bert_classifier(model, ids, seq_len)
+        return lower.lower_bert(model, ids, seq_len)
+    raise TinyshieldError(f"cannot plan a {kind!r} model: bert-tiny, vit-mnist, minilm or a model directory")

@@ -1,0 +1,59 @@
+"""`tinyshield plan`: memory profile of a model's schedule on a board (peak, live set, arena map)."""
+
+
+def register(sub):
+    p = sub.add_parser("plan", help="profile the memory schedule of a model against a board's RAM",
+                       description="Lower MODEL to int8, schedule it (tiled or layerwise), plan the arena and "
+                                   "print the peak, the live set op by op and the arena map. Refuses a plan "
+                                   "over the board's RAM budget.")
+    p.add_argument("model", help="bert-tiny, vit-mnist, minilm, or a model directory")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens for text models (default 128)")
+    p.add_argument("--board", default="stm32f405", help="board whose RAM budget applies (default stm32f405)")
+    p.add_argument("--schedule", choices=["tiled", "layerwise"], default="tiled")
+    p.add_argument("--tiles", default=None, metavar="ROWS,KT",
+                   help="fixed tile sizes (tokens per block, keys per tile) instead of the search")
+    p.add_argument("--strategy", choices=["best_fit", "greedy_by_size"], default="best_fit",
+                   help="arena planner (greedy_by_size is TFLite Micro's)")
+    p.add_argument("--plot", default=None, metavar="PNG", help="draw the memory timeline of both schedules")
+    p.add_argument("--rows", type=int, default=40, help="at most this many ops in the live-set table")
+    p.set_defaults(func=run)
+
+
+def _tiles(text):
+    from edge.errors import TinyshieldError
+    from mcu.schedules import Tiles
+    try:
+        rows, kt = (int(v) for v in text.split(","))
+    except ValueError:
+        raise TinyshieldError(f"--tiles {text!r}: give two integers ROWS,KT, e.g. --tiles 16,512") from None
+    return Tiles(rows, kt)
+
+
+def run(args):
+    from rich.console import Console
+
+    from edge.errors import TinyshieldError
+    from mcu.profile import board_budget, check_budget, planning_graph, plot_timelines, profile, render
+    from mcu.schedules import layerwise, tiled
+
+    if args.seq_len < 1:
+        raise TinyshieldError(f"--seq-len must be >= 1, got {args.seq_len}")
+    console = Console(width=None if Console().is_terminal else 160)
+    budget = board_budget(args.board)
+    tiles = _tiles(args.tiles) if args.tiles else None
+    with console.status(f"lowering {args.model} to int8 (L = {args.seq_len})"):
+        graph = planning_graph(args.model, args.seq_len)
+    with console.status("scheduling and planning"):
+        scheds = {"layerwise": layerwise(graph), "tiled": tiled(graph, budget=budget, tiles=tiles)}
+        profs = {k: profile(s, args.strategy) for k, s in scheds.items()}
+    prof = profs[args.schedule]
+    render(prof, console, budget=budget, board=args.board, max_rows=args.rows)
+    other = profs["tiled" if args.schedule == "layerwise" else "layerwise"]
+    console.print(f"{other.schedule}: arena {other.arena_bytes:,} B (peak at {other.peak_op}); "
+                  f"{prof.schedule} / {other.schedule} = {prof.arena_bytes / other.arena_bytes:.3f}")
+    if args.plot:
+        plot_timelines(list(profs.values()), args.plot, budget,
+                       f"{graph.name}, L = {args.seq_len}, {args.board}")
+        console.print(f"timeline written to {args.plot}")
+    check_budget(prof, budget, args.board)
+    return 0
