@@ -52,6 +52,10 @@ def test_boot_and_info_round_trip(board, fw_build, tmp_path):
         r = dev.infer(x)
         assert np.array_equal(r.output, x)
         assert r.instructions > 10 and r.stack_bytes > 0
+        assert dev.link.stats().runs == 1
+        dev.link.reset()                                  # a system reset: counters start again
+        assert dev.link.stats().runs == 0
+        assert np.array_equal(dev.infer(x).output, x) and dev.link.stats().runs == 1
 
 
 def test_instruction_count_is_exact_and_repeatable(fw_build, tmp_path):
