@@ -16,7 +16,8 @@ import torch
 from safetensors.numpy import load_file
 
 from edge.errors import TinyshieldError
-from tee.fieldmath import HALF, P
+from tee import blinded
+from tee.fieldmath import P
 from tee.messages import Message, recv, send
 
 ATTACKS = ("flip", "perturb", "swap", "replay")
@@ -46,7 +47,7 @@ def tamper(attack: str, y: np.ndarray, previous: np.ndarray | None, rng: np.rand
 
 
 class Backend:
-    """Runs one layer: fp32 x @ W^T (plain, shadownet) or exact x~ w_q^T mod p in float64 (blinded)."""
+    """Runs one layer: fp32 x @ W^T (plain, shadownet) or exact x~ w_q^T mod p (blinded, int8 digits)."""
 
     def __init__(self, accel_dir: Path, mode: str, kind: str, layers: dict):
         self.mode, self.kind = mode, kind
@@ -57,7 +58,8 @@ class Backend:
             return
         self.kind = "torch"
         w = load_file(str(accel_dir / "weights.safetensors"))
-        dtype = torch.float64 if mode == "blinded" else torch.float32
+        # blinded: w_q^T as int8 for the exact int8-digit GEMM; otherwise float32
+        dtype = torch.int8 if mode == "blinded" else torch.float32
         self.w = {k: torch.from_numpy(v).to(dtype) for k, v in w.items()}
 
     def __call__(self, layer: str, x: np.ndarray) -> np.ndarray:
@@ -69,10 +71,7 @@ class Backend:
         if self.mode == "blinded":
             if x.dtype != np.uint32:
                 raise TinyshieldError("blinded mode takes field elements (uint32)")
-            xt = torch.from_numpy(x.view(np.int32)).to(torch.float64)
-            xt = torch.where(xt > HALF, xt - P, xt)          # centred: keeps float64 sums exact
-            y = torch.remainder((xt @ self.w[layer]).to(torch.int64), P)
-            return y.to(torch.int32).numpy().view(np.uint32)
+            return blinded.accelerate(x, self.w[layer])
         if x.dtype != np.float32:
             raise TinyshieldError("this mode takes float32 activations")
         if self.kind == "litert":

@@ -5,7 +5,8 @@ bits fx for its input, calibrated so that |x_q @ w_q^T| stays below p/8 (the res
 A pad holds, per layer, a uniform mask r (rows x in) and its unblinding factor u = r w_q^T mod p; pads are
 precomputed and sealed, and each is used for exactly one inference.
 Online: the enclave sends x~ = x_q + r mod p; the accelerator returns y~ = x~ w_q^T mod p; the enclave checks
-y~ s == x~ (w_q^T s) mod p for a fresh random s (Freivalds; a wrong y~ passes with probability <= 1/p),
+y~ s == x~ v mod p for the pad's one-time secret s and v = w_q^T s (Freivalds; a wrong y~ passes with
+probability <= 1/p),
 then y = centre(y~ - u) * fx scale * w_scale + b. The result equals the fixed-point reference exactly.
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 
 from edge.errors import TinyshieldError
-from tee.fieldmath import HALF, P, center, check_exact_bound, matmul_mod, uniform
+from tee.fieldmath import HALF, P, center, check_exact_bound, int8_matmul_mod, matmul_mod, reduce, split_matvec_mod, uniform
 
 W_BITS = 8
 MAX_W = 2 ** (W_BITS - 1) - 1
@@ -46,15 +47,19 @@ def quantize_input(x: torch.Tensor, fx: int) -> np.ndarray:
 
 
 def calibrate_fx(x_calib: np.ndarray, w_q: np.ndarray, max_fx: int = 24) -> int:
-    """Most fractional bits for which the calibration inputs neither wrap nor leave the centred field."""
-    xt = torch.from_numpy(np.ascontiguousarray(x_calib, dtype=np.float32))
-    for fx in range(max_fx, -9, -1):
+    """Most fractional bits for which the calibration inputs neither wrap nor leave the centred field.
+
+    |x_q w_q^T| grows like 2^fx, so one float product gives the estimate; the exact check confirms it."""
+    x = np.ascontiguousarray(x_calib, dtype=np.float32)
+    peak = max(float(np.abs(x @ w_q.T.astype(np.float32)).max(initial=0)), float(np.abs(x).max(initial=0)), 1e-30)
+    fx = min(max_fx, int(np.floor(np.log2(HEADROOM / peak))))
+    xt = torch.from_numpy(x)
+    while fx >= -8:
         xq = quantize_input(xt, fx)
-        if np.abs(xq).max(initial=0) >= HEADROOM:
-            continue
-        y = xq.astype(np.float64) @ w_q.T.astype(np.float64)
-        if np.abs(y).max(initial=0) < HEADROOM:
+        if np.abs(xq).max(initial=0) < HEADROOM and \
+                np.abs(xq.astype(np.float64) @ w_q.T.astype(np.float64)).max(initial=0) < HEADROOM:
             return fx
+        fx -= 1
     raise TinyshieldError("blinded mode: inputs of a layer are too large for the field even at 8 integer "
                           "bits; use shadownet or enclave-only for this model")
 
@@ -66,54 +71,65 @@ def make_layer(w: np.ndarray, b: np.ndarray, x_calib: np.ndarray) -> BlindLayer:
 
 
 def make_pad(layers: dict[str, BlindLayer], rows: dict[str, int]) -> dict[str, np.ndarray]:
-    """One inference's masks and unblinding factors (uint32, every entry < p)."""
+    """One inference's secrets per layer (uint32, entries < p): mask r, unblinding factor u = r w_q^T,
+    and a Freivalds vector s with v = w_q^T s, so the online check costs only O(rows * (in + out))."""
     pad = {}
     for name, layer in layers.items():
         r = uniform((rows[name], layer.w_q.shape[1]))
+        s = uniform((layer.w_q.shape[0],))
         pad[f"{name}.r"] = r.astype(np.uint32)
-        pad[f"{name}.u"] = matmul_mod(center(r), layer.w_q.T).astype(np.uint32)
+        pad[f"{name}.u"] = int8_matmul_mod(pad[f"{name}.r"], torch.from_numpy(layer.w_q.T.astype(np.int8)))
+        pad[f"{name}.s"] = s.astype(np.uint32)
+        pad[f"{name}.v"] = matmul_mod(center(s)[None], layer.w_q)[0].astype(np.uint32)
     return pad
 
 
 def blind(x: torch.Tensor, layer: BlindLayer, r: np.ndarray) -> np.ndarray:
-    xq = quantize_input(x, layer.fx)
-    if np.abs(xq).max(initial=0) >= HALF:
+    """x~ = round(x 2^fx) + r mod p, as uint32 field elements."""
+    scaled = x * float(2 ** layer.fx)
+    lo, hi = torch.aminmax(scaled)
+    if max(-float(lo), float(hi)) >= HALF:
         raise TinyshieldError("blinded mode: an activation left the fixed-point range (overflow); "
                               "protect the model again with calibration inputs closer to real ones")
-    return ((xq + r) % P).astype(np.uint32)
+    t = torch.round(scaled).to(torch.int32) + torch.from_numpy(r.view(np.int32))
+    return reduce(t).numpy().view(np.uint32)
 
 
-def accelerate(x_tilde: np.ndarray, wt: np.ndarray) -> np.ndarray:
-    """The accelerator's work: y~ = x~ w_q^T mod p, exactly, in float64 (wt = w_q^T as float64)."""
-    return matmul_mod(center(x_tilde.astype(np.int64)), wt).astype(np.uint32)
+def accelerate(x_tilde: np.ndarray, wt8: torch.Tensor) -> np.ndarray:
+    """The accelerator's work: y~ = x~ w_q^T mod p, exactly (int8 digit GEMM; wt8 = w_q^T as int8)."""
+    return int8_matmul_mod(x_tilde, wt8)
 
 
-def freivalds(x_tilde: np.ndarray, y_tilde: np.ndarray, w_q: np.ndarray, key: bytes | None = None) -> bool:
-    """y~ == x~ w_q^T (mod p)? Checked on a fresh random s: cost O(rows*(in+out) + in*out), miss <= 1/p."""
-    if y_tilde.shape != (x_tilde.shape[0], w_q.shape[0]) or (y_tilde >= P).any():
+def _as64(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(a.view(np.int32)).to(torch.float64)   # [0, p): no centring needed for exactness
+
+
+def freivalds(x_tilde: np.ndarray, y_tilde: np.ndarray, s: np.ndarray, v: np.ndarray) -> bool:
+    """y~ s == x~ v (mod p) with the pad's secret one-time s and v = w_q^T s: a wrong y~ passes with
+    probability <= 1/p. Cost O(rows * (in + out)): two thin float64 GEMMs, exact by splitting s and v."""
+    if y_tilde.shape != (x_tilde.shape[0], len(s)) or y_tilde.dtype != np.uint32 or int(y_tilde.max()) >= P:
         return False
-    s = uniform((w_q.shape[0],), key)
-    ws = (w_q.T.astype(np.int64) @ s) % P                 # |.| < in-range: 127 * p * out < 2^63
-    lhs = (y_tilde.astype(np.int64) @ s) % P              # each term < p^2 ~ 2^46.7; out <= 2^16 terms
-    rhs = (x_tilde.astype(np.int64) @ ws) % P
+    lhs = split_matvec_mod(_as64(y_tilde), s)
+    rhs = split_matvec_mod(_as64(x_tilde), v)
     return bool(np.array_equal(lhs, rhs))
 
 
 def unblind(y_tilde: np.ndarray, u: np.ndarray, layer: BlindLayer) -> torch.Tensor:
-    y_int = center((y_tilde.astype(np.int64) - u) % P)
-    return dequantize(y_int, layer)
+    d = torch.from_numpy(y_tilde.view(np.int32)) - torch.from_numpy(u.view(np.int32))   # in (-p, p)
+    d = torch.where(d > HALF, d - P, torch.where(d < -HALF, d + P, d))                  # centred y_int
+    return dequantize(d, layer)
 
 
-def dequantize(y_int: np.ndarray, layer: BlindLayer) -> torch.Tensor:
-    y = torch.from_numpy(y_int.astype(np.float32))   # |y_int| < p/2 < 2^24: exact in float32
-    return y * torch.from_numpy(layer.out_scale) + torch.from_numpy(layer.bias)
+def dequantize(y_int, layer: BlindLayer) -> torch.Tensor:
+    y = torch.as_tensor(y_int).to(torch.float32)   # |y_int| < p/2 < 2^24: exact in float32
+    return torch.addcmul(torch.from_numpy(layer.bias), y, torch.from_numpy(layer.out_scale))
 
 
 def reference_lin(layers: dict[str, BlindLayer]):
     """The fixed-point reference: the same quantisation and dequantisation with x_q w_q^T computed in the clear."""
     def lin(name: str, x: torch.Tensor) -> torch.Tensor:
         layer = layers[name]
-        xq = quantize_input(x, layer.fx)
-        y = xq.astype(np.float64) @ layer.w_q.T.astype(np.float64)   # exact: |partial sums| < 2^53
-        return dequantize(y.astype(np.int64), layer)
+        xq = torch.round(x * float(2 ** layer.fx)).to(torch.float64).numpy()
+        y = xq @ layer.w_q.T.astype(np.float64)   # exact: |partial sums| < 2^53
+        return dequantize(torch.from_numpy(y.astype(np.int64)), layer)
     return lin

@@ -19,13 +19,16 @@ from tee.messages import Message, decode, encode, recv, send
 from tee.sealing import measurement
 
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+# Spinning OpenMP workers are ruinous on a shared, oversubscribed machine (measured: 10x slower matmuls).
+PASSIVE = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 @contextmanager
 def _threads_env(n: int):
     """Spawned children read these at import time, before any torch.set_num_threads call."""
-    old = {k: os.environ.get(k) for k in THREAD_VARS}
+    old = {k: os.environ.get(k) for k in THREAD_VARS + tuple(PASSIVE)}
     os.environ.update({k: str(n) for k in THREAD_VARS})
+    os.environ.update(PASSIVE)
     try:
         yield
     finally:

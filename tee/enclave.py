@@ -110,12 +110,12 @@ class Enclave:
             r, u = pad[f"{name}.r"], pad[f"{name}.u"]
             if r.shape[0] != x.shape[0]:
                 raise TinyshieldError(f"{name}: input has {x.shape[0]} rows, pads were made for {r.shape[0]}")
-            x_tilde = blinded.blind(x, layer, r.astype(np.int64))
+            x_tilde = blinded.blind(x, layer, r)
             y_tilde = self.link.matmul(name, x_tilde)
-            if not blinded.freivalds(x_tilde, y_tilde, layer.w_q):
+            if not blinded.freivalds(x_tilde, y_tilde, pad[f"{name}.s"], pad[f"{name}.v"]):
                 raise TinyshieldError(f"integrity check failed on {name}: the accelerator returned a wrong result "
                                       "(Freivalds); inference aborted")
-            return blinded.unblind(y_tilde, u.astype(np.int64), layer)
+            return blinded.unblind(y_tilde, u, layer)
         return lin
 
     def next_pad(self) -> dict[str, np.ndarray]:

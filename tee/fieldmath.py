@@ -1,15 +1,21 @@
 """Arithmetic in the prime field of the blinded mode, p = 2^23 + 2^21 + 7 (Slalom's choice: every
-field element fits a float32 mantissa exactly), and a cryptographic source of uniform field elements."""
+field element fits a float32 mantissa exactly), and a cryptographic source of uniform field elements.
+
+The accelerator's exact kernel: a field element is three signed base-256 digits, each an int8; int8 x int8 products accumulate exactly in int32 (|sum| <= k * 128 * 127 < 2^31 for
+k < 132,000), so x~ w^T mod p is one int8 GEMM over the stacked digits plus a cheap recombination.
+"""
 from __future__ import annotations
 
 import os
 
 import numpy as np
+import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 P = 2 ** 23 + 2 ** 21 + 7
 HALF = P // 2
 FLOAT64_EXACT = 2 ** 53
+MAX_K_INT8 = (2 ** 31 - 1) // (128 * 127)
 
 
 def uniform(shape, key: bytes | None = None) -> np.ndarray:
@@ -21,26 +27,65 @@ def uniform(shape, key: bytes | None = None) -> np.ndarray:
     return (words % np.uint64(P)).astype(np.int64).reshape(shape)
 
 
-def center(a: np.ndarray) -> np.ndarray:
-    """Field elements (int64 in [0, p)) -> signed representatives in (-p/2, p/2]."""
+def center(a):
+    """Field elements in [0, p) -> signed representatives in (-p/2, p/2] (numpy or torch)."""
+    if isinstance(a, torch.Tensor):
+        return torch.where(a > HALF, a - P, a)
     return np.where(a > HALF, a - P, a)
 
 
-def matmul_mod(x: np.ndarray, wt: np.ndarray) -> np.ndarray:
-    """(x @ wt) mod p computed exactly in float64 (the accelerator's kernel, also used to precompute pads).
+def reduce(t: torch.Tensor) -> torch.Tensor:
+    """Integers in (-p, 2p) -> [0, p) with two selects (cheaper than a division)."""
+    t = torch.where(t >= P, t - P, t)
+    return torch.where(t < 0, t + P, t)
 
-    Exact because x is centred (|x| <= p/2) and |wt| is small: check_exact_bound proves that every
-    partial sum stays below 2^53, whatever order the BLAS adds in.
-    """
+
+OFFSET = 128 * (1 + 256 + 65536)   # centre(x) + OFFSET lies in [0, 2^24): three bytes
+
+
+def digits(x: np.ndarray) -> np.ndarray:
+    """Field elements (uint32 in [0, p), shape (rows, k)) -> int8 (3 * rows, k) with x = d0 + 256 d1 + 65536 d2.
+
+    The bytes b_i of centre(x) + OFFSET are the digits shifted by 128, so d_i = b_i - 128 = b_i XOR 0x80 read
+    as int8: three cheap passes, no division."""
+    rows, k = x.shape
+    x = x.astype(np.uint32, copy=False)
+    z = np.where(x > HALF, x - np.uint32(P - OFFSET), x + np.uint32(OFFSET)).view(np.uint8).reshape(rows, k, 4)
+    out = np.empty((3, rows, k), np.uint8)
+    for i in range(3):
+        out[i] = z[:, :, i]
+    out ^= np.uint8(0x80)
+    return out.view(np.int8).reshape(3 * rows, k)
+
+
+def int8_matmul_mod(x_tilde: np.ndarray, wt: torch.Tensor) -> np.ndarray:
+    """(x~ @ wt) mod p, exactly: x~ uint32 in [0, p) (rows, k), wt int8 (k, m). Returns uint32 in [0, p)."""
+    rows = x_tilde.shape[0]
+    y = torch._int_mm(torch.from_numpy(digits(x_tilde)), wt).numpy().astype(np.int64)
+    y = y[:rows] + (y[rows:2 * rows] << 8) + (y[2 * rows:] << 16)
+    return (y % P).astype(np.uint32)
+
+
+def matmul_mod(x: np.ndarray, wt: np.ndarray) -> np.ndarray:
+    """(x @ wt) mod p in float64 for centred x and small integer wt (offline: pads); exact, see check_exact_bound."""
     y = np.asarray(x, dtype=np.float64) @ np.asarray(wt, dtype=np.float64)
     return np.remainder(y.astype(np.int64), P)
 
 
-def exact_bound(k: int, max_abs_w: int) -> int:
-    """Largest possible |partial sum| of a k-term dot product of a centred field vector with |w| <= max_abs_w."""
-    return k * HALF * max_abs_w
-
-
 def check_exact_bound(k: int, max_abs_w: int) -> None:
-    if exact_bound(k, max_abs_w) >= FLOAT64_EXACT:
+    if k * HALF * max_abs_w >= FLOAT64_EXACT:
         raise ValueError(f"float64 matmul would not be exact: {k} x {HALF} x {max_abs_w} >= 2^53")
+    if k > MAX_K_INT8:
+        raise ValueError(f"int8 digit matmul would overflow int32 for {k} inputs (max {MAX_K_INT8})")
+
+
+def split_matvec_mod(a: torch.Tensor, v: np.ndarray) -> np.ndarray:
+    """(a @ v) mod p exactly in float64, for a (rows, n) float64 with entries in (-p, p) and v in [0, p)^n.
+
+    v is centred and split into v = 4096 v_hi + v_lo, so every partial sum stays below
+    n * 2^23.33 * 2^12 < 2^53 for n < 2^17; one (n x 2) GEMM gives both halves."""
+    vc = center(v.astype(np.int64))
+    lo = vc & 4095
+    hi = (vc - lo) >> 12
+    r = (a @ torch.from_numpy(np.stack([lo, hi], 1).astype(np.float64))).to(torch.int64)
+    return torch.remainder(r[:, 0] + (r[:, 1] << 12), P).numpy()

@@ -1,8 +1,9 @@
 """The accelerator's LiteRT backend: one fp32 FULLY_CONNECTED .tflite per outsourced layer
 (exported with edge.litert), run by the LiteRT interpreter with all cores.
 
-Only the float32 modes (plain, shadownet) run here: LiteRT has no float64 kernels, and the blinded
-mode's field products need 40-bit exact sums, so it runs on the torch backend in float64.
+Only the float32 modes (plain, shadownet) run here. The blinded mode needs exact field products
+(int8 digits x int8 weights -> int32); LiteRT's int8 FULLY_CONNECTED requantises its int32 accumulator
+to int8, so that mode runs its int8 GEMM on the torch backend (torch._int_mm).
 """
 from __future__ import annotations
 
