@@ -190,8 +190,13 @@ def test_cli_flash_run_eval_stop(env, built, capsys):
     assert flash.running("stm32f405") is None and not os.path.exists(f"/proc/{rb.pid}")
 
 
-def test_cli_errors_are_one_line(env, capsys, tmp_path):
+def test_cli_errors_are_one_line(env, built, capsys, tmp_path):
+    import importlib.util
+
     from tools.cli import main
+    if importlib.util.find_spec("pyocd") is None:
+        assert main(["flash", str(built.firmware.elf), "--probe"]) == 2
+        assert "needs pyocd, the optional 'flash' extra" in capsys.readouterr().err
     assert main(["flash", str(tmp_path / "nope.elf")]) == 2
     assert "not a firmware built by `tinyshield build`" in capsys.readouterr().err
     assert main(["eval", "no-such-model", "--board", "stm32f405"]) == 2
