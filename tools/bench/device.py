@@ -66,7 +66,7 @@ def main(argv=None):
                   f"{r['instructions_per_mac']:.3f}", f"{r['macs']:,}", f"{r['arena_bytes']:,}",
                   f"{r['stack_max']:,}", f"{r['peak_sram']:,}", f"{100 * r['accuracy']:.1f}%",
                   f"{100 * r['agreement']:.1f}%")
-    Console().print(t)
+    Console(width=200).print(t)
     out = build_dir() / "bench" / "device.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"limit": a.limit, "rows": rows}, indent=1))
