@@ -12,25 +12,21 @@
 #define TSH_USE_DSP 0
 #endif
 
-/* Division of an int64 by 2^31 truncating toward zero (what C's `/` does), without a library call. */
-static inline int64_t tsh_tdiv31(int64_t v)
-{
-    return v >= 0 ? (v >> 31) : -((-v) >> 31);
-}
-
-/* gemmlowp SaturatingRoundingDoublingHighMul */
+/* gemmlowp SaturatingRoundingDoublingHighMul: trunc((a b + nudge) / 2^31) with nudge = +-2^30 is
+ * exactly floor((a b + 2^30) / 2^31) for both signs of a b (for a b < 0 the truncation toward zero
+ * of (a b + 1 - 2^30) / 2^31 is the ceiling, i.e. floor((a b + 2^30) / 2^31)), so one 64-bit add
+ * and an arithmetic shift do it: SMULL, ADDS/ADC, two shifts on Cortex-M. */
 static inline int32_t tsh_srdhm(int32_t a, int32_t b)
 {
     if (a == INT32_MIN && b == INT32_MIN) return INT32_MAX;
-    int64_t ab = (int64_t)a * (int64_t)b;
-    int64_t nudge = ab >= 0 ? ((int64_t)1 << 30) : (1 - ((int64_t)1 << 30));
-    return (int32_t)tsh_tdiv31(ab + nudge);
+    return (int32_t)(((int64_t)a * (int64_t)b + ((int64_t)1 << 30)) >> 31);
 }
 
-/* gemmlowp RoundingDivideByPOT (round half away from zero), 0 <= e <= 31 */
+/* gemmlowp RoundingDivideByPOT (round half away from zero), 0 <= e <= 31 (32-bit only: a 64-bit
+ * variable shift would be a library call on Cortex-M) */
 static inline int32_t tsh_rdbpot(int32_t x, int32_t e)
 {
-    int32_t mask = (int32_t)(((int64_t)1 << e) - 1);
+    int32_t mask = (int32_t)(((uint32_t)1 << e) - 1u);
     int32_t rem = x & mask;
     int32_t threshold = (mask >> 1) + (x < 0 ? 1 : 0);
     return (x >> e) + (rem > threshold ? 1 : 0);
