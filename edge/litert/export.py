@@ -173,8 +173,13 @@ class Lowering:
         return b.reshape(b.div(s, n, name=f"{path}/mean"), (B, D), name=path)
 
 
-def export_bert(model: BertModel, seq_len: int, batch: int = 1, head: str = "sentence", gelu: str = "exact",
-                name: str = "bert") -> bytes:
+def _done(b: Builder, y: int) -> Builder:
+    b.outputs = [y]
+    return b
+
+
+def build_bert(model: BertModel, seq_len: int, batch: int = 1, head: str = "sentence", gelu: str = "exact",
+               name: str = "bert") -> Builder:
     if head not in HEADS:
         raise TinyshieldError(f"unknown head {head!r}: use one of {', '.join(HEADS)}")
     b = Builder(name)
@@ -182,24 +187,23 @@ def export_bert(model: BertModel, seq_len: int, batch: int = 1, head: str = "sen
     ids = b.input("input_ids", (batch, seq_len), np.int32)
     h, mask, _ = lo.bert(model, ids, "bert")
     if head == "hidden":
-        return b.finish([h])
+        return _done(b, h)
     y = lo.mean_pool(h, mask)
     if head == "sentence":
         y = lo.at("normalize").b.l2_normalize(y, name="sentence_embedding")
-    return b.finish([y])
+    return _done(b, y)
 
 
-def export_bert_classifier(model: BertClassifier, seq_len: int, batch: int = 1, gelu: str = "exact",
-                           name: str = "bert-classifier") -> bytes:
+def build_bert_classifier(model: BertClassifier, seq_len: int, batch: int = 1, gelu: str = "exact",
+                          name: str = "bert-classifier") -> Builder:
     b = Builder(name)
     lo = Lowering(b, gelu)
     ids = b.input("input_ids", (batch, seq_len), np.int32)
     h, mask, _ = lo.bert(_expect(model.bert, BertModel, "bert"), ids, "bert")
-    y = lo.linear(lo.mean_pool(h, mask), model.classifier, "classifier")
-    return b.finish([y])
+    return _done(b, lo.linear(lo.mean_pool(h, mask), model.classifier, "classifier"))
 
 
-def export_vit(model: ViT, batch: int = 1, gelu: str = "exact", name: str = "vit") -> bytes:
+def build_vit(model: ViT, batch: int = 1, gelu: str = "exact", name: str = "vit") -> Builder:
     c = model.config
     b = Builder(name)
     lo = Lowering(b, gelu)
@@ -240,10 +244,10 @@ def export_vit(model: ViT, batch: int = 1, gelu: str = "exact", name: str = "vit
     x = lo.encoder(x, model.encoder, c.encoder_config(), None, "encoder")
     lo.at("pool")
     x = b.reshape(b.mean(x, [1], name="pool/mean"), (batch, d), name="pool")
-    return b.finish([lo.linear(x, model.classifier, "classifier")])
+    return _done(b, lo.linear(x, model.classifier, "classifier"))
 
 
-def export_sequential(model: nn.Sequential, input_shape, gelu: str = "exact", name: str = "sequential") -> bytes:
+def build_sequential(model: nn.Sequential, input_shape, gelu: str = "exact", name: str = "sequential") -> Builder:
     """An nn.Sequential of per-token layers (Linear, LayerNorm, activations) over float input."""
     b = Builder(name)
     lo = Lowering(b, gelu)
@@ -263,24 +267,30 @@ def export_sequential(model: nn.Sequential, input_shape, gelu: str = "exact", na
             continue
         else:
             raise unsupported(m, path)
-    return b.finish([x])
+    return _done(b, x)
+
+
+def build_model(model: nn.Module, seq_len: int | None = None, batch: int = 1, gelu: str = "exact",
+                head: str = "sentence", input_shape=None) -> Builder:
+    """The fp32 graph of a tinyshield model, not yet serialised (int8 export quantises it)."""
+    model = model.eval()
+    with torch.no_grad():
+        if type(model) is ViT:
+            return build_vit(model, batch, gelu)
+        if type(model) in (BertModel, BertClassifier):
+            if seq_len is None or seq_len < 1:
+                raise TinyshieldError("text models export for a fixed sequence length: give seq_len (--seq-len L)")
+            if type(model) is BertClassifier:
+                return build_bert_classifier(model, seq_len, batch, gelu)
+            return build_bert(model, seq_len, batch, head, gelu)
+        if type(model) is nn.Sequential:
+            if input_shape is None:
+                raise TinyshieldError("an nn.Sequential needs input_shape to export")
+            return build_sequential(model, input_shape, gelu)
+    raise unsupported(model, type(model).__name__)
 
 
 def export_model(model: nn.Module, seq_len: int | None = None, batch: int = 1, gelu: str = "exact",
                  head: str = "sentence", input_shape=None) -> bytes:
     """fp32 .tflite bytes of a tinyshield model (see the module docstring for inputs and outputs)."""
-    model = model.eval()
-    with torch.no_grad():
-        if type(model) is ViT:
-            return export_vit(model, batch, gelu)
-        if type(model) in (BertModel, BertClassifier):
-            if seq_len is None or seq_len < 1:
-                raise TinyshieldError("text models export for a fixed sequence length: give seq_len (--seq-len L)")
-            if type(model) is BertClassifier:
-                return export_bert_classifier(model, seq_len, batch, gelu)
-            return export_bert(model, seq_len, batch, head, gelu)
-        if type(model) is nn.Sequential:
-            if input_shape is None:
-                raise TinyshieldError("an nn.Sequential needs input_shape to export")
-            return export_sequential(model, input_shape, gelu)
-    raise unsupported(model, type(model).__name__)
+    return build_model(model, seq_len, batch, gelu, head, input_shape).finish()

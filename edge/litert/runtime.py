@@ -138,10 +138,18 @@ class MicroInterpreter:
         self.n_inputs, self.n_outputs = len(sg.inputs), len(sg.outputs)
         # generous by default; the real need is measured and reported by print_allocations()
         self.arena_size = arena_size or max(4 * len(data), 1 << 20) + _activation_bytes(m)
-        try:
-            self.interp, _ = _capture_fd2(lambda: tflm.Interpreter.from_bytes(data, arena_size=self.arena_size))
-        except (ValueError, RuntimeError) as e:
-            raise TinyshieldError(f"{where}: TFLite Micro cannot load the model: {e}") from e
+        def load():
+            try:
+                return tflm.Interpreter.from_bytes(data, arena_size=self.arena_size), None
+            except (ValueError, RuntimeError) as e:
+                return None, e
+
+        (self.interp, err), text = _capture_fd2(load)
+        if err is not None:
+            # TFLite Micro says why on stderr (e.g. "Didn't find op for builtin opcode 'GELU'")
+            why = " ".join(l.strip() for l in text.splitlines() if l.strip() and not l.startswith("["))[-600:]
+            raise TinyshieldError(f"{where}: TFLite Micro cannot load the model: {err}"
+                                  + (f" ({why})" if why else "")) from err
         self.arena_bytes: int | None = None
 
     def run(self, x) -> np.ndarray | list[np.ndarray]:

@@ -80,9 +80,11 @@ class Builder:
         self.name = name
         self.tensors: list[TensorInfo] = []
         self.operators: list[fb.OperatorT] = []
+        self.op_codes: list[int] = []     # builtin code of each operator
         self.op_sources: list[str] = []   # model module each op came from (summaries, errors)
         self.opcodes: dict[int, int] = {}
         self.inputs: list[int] = []
+        self.outputs: list[int] = []
         self._names: set[str] = set()
         self.source = ""                  # set by exporters while lowering one module
 
@@ -104,9 +106,9 @@ class Builder:
 
     def const(self, name: str, array, dtype=None, quant: Quant | None = None) -> int:
         a = np.asarray(array, dtype=dtype)
-        if a.dtype == np.float64:
+        if dtype is None and a.dtype == np.float64:
             a = a.astype(np.float32)
-        if a.dtype == np.int64:
+        if dtype is None and a.dtype == np.int64:  # index/shape constants: .tflite wants int32
             a = a.astype(np.int32)
         return self.tensor(name, a.shape, a.dtype, quant, np.ascontiguousarray(a))
 
@@ -138,6 +140,7 @@ class Builder:
         if options is not None:
             o.builtinOptionsType, o.builtinOptions = options_type, options
         self.operators.append(o)
+        self.op_codes.append(code)
         self.op_sources.append(self.source)
 
     def fully_connected(self, x: int, w: int, b: int | None, act: str | None = None, name: str = "fc",
@@ -299,8 +302,11 @@ class Builder:
         return y
 
     # ---- serialisation -------------------------------------------------------------------
-    def finish(self, outputs: list[int], description: str = "tinyshield") -> bytes:
-        """Serialise to .tflite bytes (file identifier TFL3)."""
+    def finish(self, outputs: list[int] | None = None, description: str = "tinyshield") -> bytes:
+        """Serialise to .tflite bytes (file identifier TFL3); `outputs` defaults to `self.outputs`."""
+        outputs = self.outputs if outputs is None else outputs
+        if not outputs:
+            raise TinyshieldError(f"{self.name}: the graph has no outputs")
         buffers = [_AlignedBuffer()]  # buffer 0: the empty sentinel every .tflite starts with
         tensors = []
         for t in self.tensors:
