@@ -1,0 +1,56 @@
+"""Putting a runtime together: the trained model's store, its calibration, and a policy by name.
+
+`open_runtime(store, "adapmoe", budget, gating=..., prefetch=...)` is AdapMoE: DP-sized per-layer
+LRU partitions, adaptive gating and prefetching; the other names are the baselines.
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import torch
+
+from edge.errors import TinyshieldError
+from edge.moe.calibrate import Calibration, calibrate
+from edge.moe.runtime import POLICIES, MoERuntime
+from edge.moe.store import ExpertStore
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_budget(text: str, total_bytes: int) -> int:
+    """'4MB', '512KiB', '1000000' (bytes) or '25%' (of all experts) -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(%|[kmg]i?b|b)?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise TinyshieldError(f"cannot read budget {text!r}: use bytes (4000000), units (4MB, 512KiB) "
+                              "or a share of all experts (25%)")
+    value, unit = float(m.group(1)), (m.group(2) or "").lower()
+    if unit == "%":
+        if value > 100:
+            raise TinyshieldError(f"budget {text!r} is more than 100% of the experts")
+        return int(total_bytes * value / 100)
+    return int(value * _UNITS[unit])
+
+
+def calibration_ids(corpora=None, per_corpus: int = 1024) -> torch.Tensor:
+    """Calibration bytes from the training part of each corpus (never the validation tail)."""
+    from edge.moe.train import CORPORA, split_corpora
+
+    train, _ = split_corpora(corpora or CORPORA)
+    parts = [s[len(s) // 3:len(s) // 3 + per_corpus] for s in train.values()]
+    return torch.from_numpy(np.concatenate(parts).astype(np.int64))
+
+
+def open_runtime(store: ExpertStore, policy: str, budget_bytes: int, *, gating: bool = True,
+                 prefetch: bool = True, dp: bool = True, calibration: Calibration | None = None,
+                 trace=None) -> MoERuntime:
+    if policy not in POLICIES:
+        raise TinyshieldError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    if policy != "adapmoe":
+        return MoERuntime(store, policy, budget_bytes, trace=trace)
+    if calibration is None and (gating or dp):
+        calibration = calibrate(store, calibration_ids())
+    total = budget_bytes // store.expert_bytes
+    slots = calibration.slots(total, gated=gating) if dp else None
+    return MoERuntime(store, "adapmoe", budget_bytes, gating=calibration.gating() if gating else None,
+                      prefetch=prefetch, slots=slots)

@@ -1,0 +1,109 @@
+"""Offline measurements AdapMoE needs before it runs: per-layer sensitivity s_l, the gating threshold T,
+and per-layer hit curves from which the DP sizes each layer's share of the cache.
+
+s_l: dropping the second expert moves the gate weights from (w1, w2) to (1, 0), i.e. by w2 along
+d = (+1, -1). A second-order estimate of the loss change is 1/2 * s_l * w2^2 with s_l = E[(g . d)^2]
+(the Fisher approximation of the curvature), g being the loss gradient with respect to the two
+gate weights of a token. T is the quantile of s_l * w2^2 over calibration tokens that drops the
+requested fraction of second experts. All measured on training text, never on the evaluation text.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from edge.moe.model import VOCAB, MoEModel
+from edge.moe.policies import allocate_slots, even_slots, lru_hit_curve
+from edge.moe.runtime import Gating, MoERuntime
+from edge.moe.store import ExpertStore
+from edge.paths import config_hash
+
+
+@dataclass
+class Calibration:
+    sensitivity: list[float]
+    threshold: float
+    drop_fraction: float
+    curves_top2: list[list[int]]    # per layer: LRU hits with 0..E slots, gating off
+    curves_gated: list[list[int]]   # the same with adaptive gating on
+    tokens: int
+
+    def gating(self) -> Gating:
+        return Gating(self.sensitivity, self.threshold)
+
+    def slots(self, total: int, gated: bool) -> list[int]:
+        """DP allocation of `total` expert slots over layers (each layer keeps at least one when possible)."""
+        curves = self.curves_gated if gated else self.curves_top2
+        L = len(curves)
+        if total < L:
+            return allocate_slots(curves, total)
+        rest = allocate_slots([c[1:] for c in curves], total - L)  # one slot per layer first
+        return [s + 1 for s in rest]
+
+
+def full_model(store: ExpertStore, model: MoEModel | None = None) -> MoEModel:
+    """The all-in-RAM model rebuilt from the store (int8 experts dequantised): the reference."""
+    from edge.moe.runtime import dense_model
+
+    dense = model or dense_model(store)
+    full = MoEModel(store.cfg)
+    state = {k: v for k, v in dense.state_dict().items() if not k.endswith((".moe.w1", ".moe.w2"))}
+    experts = store.load_all()
+    for l in range(store.cfg.layers):
+        ws = [experts[(l, e)].weights() for e in range(store.cfg.experts)]
+        state[f"blocks.{l}.moe.w1"] = torch.stack([w[0] for w in ws])
+        state[f"blocks.{l}.moe.w2"] = torch.stack([w[1] for w in ws])
+    full.load_state_dict(state)
+    return full.eval()
+
+
+def sensitivity(model: MoEModel, ids: torch.Tensor) -> tuple[list[float], list[np.ndarray]]:
+    """s_l per layer and, per layer, every calibration token's second gate weight w2."""
+    T = model.cfg.context
+    n = (len(ids) - 1) // T
+    x = torch.stack([ids[i * T:i * T + T + 1] for i in range(n)])
+    model.zero_grad(set_to_none=True)
+    logits = model(x[:, :-1])
+    F.cross_entropy(logits.reshape(-1, VOCAB), x[:, 1:].reshape(-1), reduction="sum").backward()
+    s, w2 = [], []
+    for b in model.blocks:
+        w = b.moe.last_weights
+        g = w.grad[:, 1] - w.grad[:, 0]
+        s.append(float((g ** 2).mean()))
+        w2.append(w[:, 1].detach().numpy())
+    model.zero_grad(set_to_none=True)
+    return s, w2
+
+
+def calibrate(store: ExpertStore, ids: torch.Tensor, drop_fraction: float = 0.5,
+              trace_tokens: int = 768) -> Calibration:
+    """Measures s_l, T and hit curves on `ids` (training text); cached in the store directory."""
+    if len(ids) < store.cfg.context + 1:
+        raise ValueError(f"calibration needs at least {store.cfg.context + 1} tokens, got {len(ids)}")
+    key = config_hash({"ids": config_hash(ids.tolist()), "drop": drop_fraction, "trace": trace_tokens, "v": 1})
+    path = store.root / f"calibration-{key}.json"
+    if path.is_file():
+        return Calibration(**json.loads(path.read_text()))
+    model = full_model(store)
+    s, w2 = sensitivity(model, ids)
+    scores = np.concatenate([s_l * w ** 2 for s_l, w in zip(s, w2)])
+    threshold = float(np.quantile(scores, drop_fraction)) if drop_fraction > 0 else 0.0
+    gating = Gating(s, threshold)
+    curves = []
+    for g in (None, gating):
+        with MoERuntime(store, "ram", gating=g, model=None) as rt:
+            rt.score(ids[:trace_tokens + 1])
+            trace = rt.stats.trace
+        curves.append([lru_hit_curve(trace, l, store.cfg.experts) for l in range(store.cfg.layers)])
+    cal = Calibration(s, threshold, drop_fraction, curves[0], curves[1], trace_tokens)
+    path.write_text(json.dumps(asdict(cal)))
+    return cal
+
+
+def default_slots(store: ExpertStore, budget_bytes: int) -> list[int]:
+    cfg = store.cfg
+    return even_slots(cfg.layers, cfg.experts, budget_bytes // store.expert_bytes)

@@ -1,0 +1,269 @@
+"""Token-by-token MoE decoding with experts served from a budgeted cache over the expert store.
+
+Dense weights (embeddings, attention, routers, head) stay in RAM; experts come from `ExpertCache`,
+missing ones are read from `ExpertStore` (the decoder waits: stall time). AdapMoE's two run-time
+ideas live here: adaptive gating (`Gating`: drop the second expert when s_l * w2^2 < T) and
+prefetching layer l+1's top expert, predicted by layer l+1's router on layer l's hidden state,
+through a background I/O thread (`Prefetcher`). With gating off, the numbers computed are the
+same whatever the policy: the cache changes where weights come from, never what they are.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch.nn import functional as F
+
+from edge.errors import TinyshieldError
+from edge.moe.cache import ExpertCache
+from edge.moe.model import MoEModel, expert_ffn, route
+from edge.moe.policies import Belady, Key, LayerLRU, LFU, NoCache, Policy, allocate_slots, even_slots
+from edge.moe.prefetch import Prefetcher
+from edge.moe.store import Expert, ExpertStore
+
+POLICIES = ("ram", "on-demand", "lru", "lfu", "adapmoe", "belady")
+
+
+@dataclass
+class Gating:
+    """Sensitivity-based adaptive gating: per-layer s_l (estimated from data) and one threshold T."""
+    sensitivity: list[float]
+    threshold: float
+
+    def keep_second(self, layer: int, w2: float) -> bool:
+        return self.sensitivity[layer] * w2 * w2 >= self.threshold
+
+
+@dataclass
+class RunStats:
+    tokens: int = 0
+    accesses: int = 0          # demand accesses (experts the decoder needed)
+    hits: int = 0              # resident and ready when needed
+    late: int = 0              # in flight (prefetched) when needed: partial stall
+    misses: int = 0            # read synchronously
+    prefetch_issued: int = 0
+    prefetch_used: int = 0     # prefetched experts that were needed before being evicted
+    experts_activated: int = 0
+    bytes_read: int = 0
+    stall_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    nll_sum: float = 0.0
+    nll_count: int = 0
+    trace: list = field(default_factory=list, repr=False)  # demand keys in order
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / max(1, self.accesses)
+
+    @property
+    def prefetch_precision(self) -> float:
+        return self.prefetch_used / self.prefetch_issued if self.prefetch_issued else float("nan")
+
+    @property
+    def prefetch_recall(self) -> float:
+        """Of the accesses that were not already resident without prefetching, the share prefetch served."""
+        need = self.prefetch_used + self.misses
+        return self.prefetch_used / need if need else float("nan")
+
+    @property
+    def perplexity(self) -> float:
+        return float(torch.tensor(self.nll_sum / self.nll_count).exp()) if self.nll_count else float("nan")
+
+    def summary(self) -> dict:
+        t = max(1, self.tokens)
+        d = {k: v for k, v in asdict(self).items() if k != "trace"}
+        d.update(hit_rate=self.hit_rate, prefetch_precision=self.prefetch_precision,
+                 prefetch_recall=self.prefetch_recall, perplexity=self.perplexity,
+                 bytes_per_token=self.bytes_read / t, stall_ms_per_token=1e3 * self.stall_seconds / t,
+                 tokens_per_s=self.tokens / self.wall_seconds if self.wall_seconds else float("nan"),
+                 experts_per_token=self.experts_activated / t)
+        return d
+
+
+def dense_model(store: ExpertStore) -> MoEModel:
+    """The model without its experts (their parameters become empty): what RAM holds besides the cache."""
+    model = MoEModel(store.cfg)
+    state = store.dense_state()
+    own = model.dense_state()
+    missing = [k for k in own if k not in state]
+    if missing:
+        raise TinyshieldError(f"{store.root / 'dense.safetensors'}: missing {missing[0]} — rebuild the store")
+    model.load_state_dict({**model.state_dict(), **state})
+    for b in model.blocks:
+        b.moe.w1 = torch.nn.Parameter(torch.empty(0), requires_grad=False)
+        b.moe.w2 = torch.nn.Parameter(torch.empty(0), requires_grad=False)
+    return model.eval()
+
+
+def make_policy(name: str, store: ExpertStore, budget_bytes: int, slots: list[int] | None = None,
+                trace: list[Key] | None = None) -> Policy:
+    cfg = store.cfg
+    total = budget_bytes // store.expert_bytes
+    if name == "on-demand":
+        return NoCache()
+    if name == "lru":
+        return LayerLRU(even_slots(cfg.layers, cfg.experts, total))
+    if name == "lfu":
+        return LFU()
+    if name == "adapmoe":
+        return LayerLRU(slots if slots is not None else even_slots(cfg.layers, cfg.experts, total))
+    if name == "belady":
+        if trace is None:
+            raise TinyshieldError("the belady policy replays a recorded trace: record one first (moe trace)")
+        return Belady(trace)
+    raise TinyshieldError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")
+
+
+class MoERuntime:
+    def __init__(self, store: ExpertStore, policy: str = "lru", budget_bytes: int = 0, *,
+                 gating: Gating | None = None, prefetch: bool = False, slots: list[int] | None = None,
+                 trace: list[Key] | None = None, model: MoEModel | None = None):
+        self.store = store
+        self.cfg = store.cfg
+        self.model = model or dense_model(store)
+        self.gating = gating
+        self.policy_name = policy
+        self.stats = RunStats()
+        self._prefetched: set[Key] = set()
+        self._plock = threading.Lock()
+        if policy == "ram":
+            self.resident = store.load_all()
+            self.cache = None
+        else:
+            self.resident = None
+            self.cache = ExpertCache(budget_bytes, make_policy(policy, store, budget_bytes, slots, trace))
+            self.cache.on_evict = self._forget_prefetch
+        self.prefetcher = (Prefetcher(store.read, self.cache, lambda x: x.nbytes, self._forget_prefetch)
+                           if prefetch and self.cache is not None else None)
+        store.reset_counters()
+        self.reset()
+
+    # ---- experts -------------------------------------------------------------------------------
+    def _forget_prefetch(self, key: Key) -> None:
+        with self._plock:
+            self._prefetched.discard(key)
+
+    def expert(self, key: Key) -> Expert:
+        """The demand path: cached, in flight (wait), or a synchronous read (stall)."""
+        s = self.stats
+        s.accesses += 1
+        s.trace.append(key)
+        if self.resident is not None:
+            s.hits += 1
+            return self.resident[key]
+        with self._plock:
+            was_prefetched = key in self._prefetched
+            self._prefetched.discard(key)
+        fut = self.prefetcher.pending(key) if self.prefetcher else None
+        if fut is not None:
+            t0 = time.perf_counter()
+            value = fut.result()
+            s.stall_seconds += time.perf_counter() - t0
+            v = self.cache.access(key)
+            s.late += 1
+            s.prefetch_used += was_prefetched
+            return v if v is not None else value
+        v = self.cache.access(key)
+        if v is not None:
+            s.hits += 1
+            s.prefetch_used += was_prefetched
+            return v
+        s.misses += 1
+        t0 = time.perf_counter()
+        v = self.store.read(key)
+        s.stall_seconds += time.perf_counter() - t0
+        self.cache.put(key, v, v.nbytes)
+        return v
+
+    def _prefetch(self, key: Key) -> None:
+        if self.prefetcher.request(key):
+            with self._plock:
+                self._prefetched.add(key)
+            self.stats.prefetch_issued += 1
+
+    # ---- decoding ------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Starts a new sequence (clears the attention KV cache; the expert cache stays warm)."""
+        self.past = [None] * self.cfg.layers
+        self.pos = 0
+
+    @torch.inference_mode()
+    def step(self, token: int) -> torch.Tensor:
+        """Feeds one byte, returns the next-byte logits (256,)."""
+        if self.pos >= self.cfg.context:
+            raise TinyshieldError(f"context of {self.cfg.context} tokens is full; call reset()")
+        m = self.model
+        x = m.embed(torch.tensor([[token]]), self.pos)
+        L = self.cfg.layers
+        for l, blk in enumerate(m.blocks):
+            a, self.past[l] = blk.attn(blk.ln1(x), self.past[l])
+            x = x + a
+            if self.prefetcher is not None and l + 1 < L:
+                nxt = m.blocks[l + 1]
+                self._prefetch((l + 1, int(nxt.moe.router(nxt.ln2(x)).argmax())))
+            h = blk.ln2(x).view(1, -1)
+            idx, w = route(blk.moe.router(h), self.cfg.top_k)
+            idx, w = idx[0].tolist(), w[0]
+            if self.gating is not None and len(idx) > 1 and not self.gating.keep_second(l, float(w[1])):
+                idx, w = idx[:1], torch.ones(1)
+            y = torch.zeros_like(h)
+            for j, e in enumerate(idx):
+                w1, w2 = self.expert((l, e)).weights()
+                y += w[j] * expert_ffn(h, w1, w2)
+            self.stats.experts_activated += len(idx)
+            x = x + y.view_as(x)
+        self.pos += 1
+        self.stats.tokens += 1
+        return m.head(m.ln_f(x))[0, 0]
+
+    def score(self, ids: torch.Tensor) -> RunStats:
+        """Teacher-forced next-byte NLL over `ids` in windows of the model's context (perplexity)."""
+        t0 = time.perf_counter()
+        T = self.cfg.context
+        for i in range(0, len(ids) - 1, T):
+            window = ids[i:i + T + 1]
+            self.reset()
+            for j in range(len(window) - 1):
+                logits = self.step(int(window[j]))
+                self.stats.nll_sum += float(F.cross_entropy(logits[None], window[j + 1:j + 2]))
+                self.stats.nll_count += 1
+        self._finish(t0)
+        return self.stats
+
+    def generate(self, prompt: torch.Tensor, n: int, temperature: float = 0.8, seed: int = 0) -> list[int]:
+        t0 = time.perf_counter()
+        g = torch.Generator().manual_seed(seed)
+        out = [int(t) for t in prompt]
+        if not out:
+            raise TinyshieldError("the prompt is empty: give at least one character")
+        self.reset()
+        ctx = out[-self.cfg.context:]
+        for t in ctx:
+            logits = self.step(t)
+        for _ in range(n):
+            probs = (logits / max(temperature, 1e-4)).softmax(-1)
+            nxt = int(torch.multinomial(probs, 1, generator=g)) if temperature > 0 else int(logits.argmax())
+            out.append(nxt)
+            if self.pos >= self.cfg.context:  # slide: re-read the last half of the window
+                self.reset()
+                for t in out[-self.cfg.context // 2:-1]:
+                    self.step(t)
+            logits = self.step(nxt)
+        self._finish(t0)
+        return out
+
+    def _finish(self, t0: float) -> None:
+        self.stats.wall_seconds += time.perf_counter() - t0
+        self.stats.bytes_read = self.store.bytes_read
+
+    def close(self) -> None:
+        if self.prefetcher is not None:
+            self.prefetcher.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,160 @@
+"""`tinyshield moe train|run|trace|bench`: the MoE language model with experts on storage under a RAM budget."""
+
+
+def register(sub):
+    p = sub.add_parser("moe", help="MoE LM with experts offloaded to storage: train, run, trace, bench",
+                       description="A byte-level Mixture-of-Experts LM whose experts live on storage; "
+                                   "a byte-budgeted cache (LRU, LFU, AdapMoE, ...) decides what stays in RAM.")
+    jobs = p.add_subparsers(dest="moe_job", metavar="ACTION")
+    jobs.required = True
+
+    t = jobs.add_parser("train", help="train the MoE LM on the shared text corpora (cached by config)")
+    t.add_argument("--steps", type=int, help="training steps (default: the recipe's)")
+    t.add_argument("--tiny", action="store_true", help="a tiny config that trains in seconds (smoke runs)")
+    t.add_argument("--force", action="store_true", help="retrain even when a cached model exists")
+    t.set_defaults(func=run_train)
+
+    def common(q):
+        q.add_argument("--model", help="trained MoE model directory (default: the `moe train` model)")
+        q.add_argument("--budget", default="25%", help="RAM for experts: bytes, 4MB, 512KiB or 25%% (default 25%%)")
+        q.add_argument("--int8", action="store_true", help="store and cache experts as int8")
+        q.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+
+    r = jobs.add_parser("run", help="generate text with experts served from the cache")
+    common(r)
+    r.add_argument("--policy", default="adapmoe", help="ram, on-demand, lru, lfu, adapmoe (default)")
+    r.add_argument("--prompt", required=True, help="text to continue")
+    r.add_argument("--tokens", type=int, default=200, help="bytes to generate (default 200)")
+    r.add_argument("--temperature", type=float, default=0.8)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--no-gating", action="store_true", help="adapmoe: keep both experts always")
+    r.add_argument("--no-prefetch", action="store_true", help="adapmoe: no background prefetching")
+    r.set_defaults(func=run_run)
+
+    tr = jobs.add_parser("trace", help="record the expert routing trace of a text and replay it offline")
+    common(tr)
+    tr.add_argument("--corpus", default="wikitext2-test",
+                    help="text to route: a corpus name (validation tail for training corpora) or a file path")
+    tr.add_argument("--tokens", type=int, default=1024, help="bytes of it to run (default 1024)")
+    tr.add_argument("--gating", action="store_true", help="record with adaptive gating on")
+    tr.add_argument("--out", help="write the trace JSON here (default build/moe-trace.json)")
+    tr.set_defaults(func=run_trace)
+
+    b = jobs.add_parser("bench", help="the caching benchmark (same as python -m tools.bench.moe)")
+    b.add_argument("--tokens", type=int, default=None, help="evaluation bytes (default: the benchmark's)")
+    b.add_argument("--quick", action="store_true", help="a short run for a smoke check")
+    b.set_defaults(func=run_bench)
+
+
+def _threads(n):
+    import torch
+    torch.set_num_threads(max(1, n))
+
+
+def _store(args):
+    from pathlib import Path
+
+    from edge.moe.store import store_for
+    from edge.moe.train import train
+
+    if args.model:
+        model_dir = Path(args.model)
+        if not model_dir.is_dir():
+            from edge.errors import TinyshieldError
+            raise TinyshieldError(f"{model_dir}: no such model directory — train one with `tinyshield moe train`")
+    else:
+        r = train()
+        model_dir = r.path
+    return store_for(model_dir, int8=args.int8)
+
+
+def run_train(args):
+    from edge.moe.train import MoERecipe, tiny_recipe, train
+
+    over = {"steps": args.steps} if args.steps else {}
+    recipe = tiny_recipe(**over) if args.tiny else MoERecipe(**over)
+    r = train(recipe, force=args.force)
+    print(f"{r.name}: {'cached ' if r.cached else ''}model at {r.path}")
+    for k, v in r.metrics.items():
+        print(f"  {k}: {v}")
+
+
+def _report(rt, budget):
+    s = rt.stats.summary()
+    print(f"policy {rt.policy_name}  budget {budget:,} B of {rt.store.total_bytes:,} B of experts "
+          f"({100 * budget / rt.store.total_bytes:.0f}%)")
+    print(f"  tokens/s {s['tokens_per_s']:.1f}   hit rate {100 * s['hit_rate']:.1f}%   "
+          f"bytes read/token {s['bytes_per_token']:,.0f}   stall/token {s['stall_ms_per_token']:.2f} ms   "
+          f"experts/token {s['experts_per_token']:.2f}")
+    if s["prefetch_issued"]:
+        print(f"  prefetch: issued {s['prefetch_issued']}  precision {100 * s['prefetch_precision']:.1f}%  "
+              f"recall {100 * s['prefetch_recall']:.1f}%")
+
+
+def run_run(args):
+    from edge.moe.adapmoe import open_runtime, parse_budget
+    from edge.moe.model import decode, encode
+
+    _threads(args.threads)
+    store = _store(args)
+    budget = parse_budget(args.budget, store.total_bytes)
+    with open_runtime(store, args.policy, budget, gating=not args.no_gating, prefetch=not args.no_prefetch) as rt:
+        out = rt.generate(encode(args.prompt), args.tokens, temperature=args.temperature, seed=args.seed)
+    print(decode(out))
+    print()
+    _report(rt, budget)
+
+
+def run_trace(args):
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from edge import data
+    from edge.errors import TinyshieldError
+    from edge.moe.adapmoe import open_runtime, parse_budget
+    from edge.moe.model import encode
+    from edge.moe.replay import replay_all
+    from edge.moe.train import split_corpora
+    from edge.paths import build_dir
+
+    _threads(args.threads)
+    store = _store(args)
+    if args.corpus in data.TEXT_CORPORA:
+        ids = torch.from_numpy(split_corpora([args.corpus])[1][args.corpus].astype("int64"))
+        if args.corpus.startswith("wikitext2-test"):
+            ids = encode(data.text_corpus(args.corpus))
+    elif Path(args.corpus).is_file():
+        ids = encode(Path(args.corpus).read_text(encoding="utf-8"))
+    else:
+        raise TinyshieldError(f"{args.corpus!r} is neither a corpus ({', '.join(data.TEXT_CORPORA)}) nor a file")
+    ids = ids[:args.tokens + 1]
+    with open_runtime(store, "adapmoe" if args.gating else "ram", store.total_bytes,
+                      gating=args.gating, prefetch=False, dp=False) as rt:
+        stats = rt.score(ids)
+    trace = [list(k) for k in stats.trace]
+    budget = parse_budget(args.budget, store.total_bytes)
+    slots = budget // store.expert_bytes
+    out = Path(args.out) if args.out else build_dir() / "moe-trace.json"
+    out.write_text(json.dumps({"store": str(store.root), "corpus": args.corpus, "tokens": stats.tokens,
+                               "gating": args.gating, "perplexity": stats.perplexity, "trace": trace}))
+    cfg = store.cfg
+    print(f"{stats.tokens} tokens, {len(trace)} expert accesses, perplexity {stats.perplexity:.3f}; trace -> {out}")
+    for l in range(cfg.layers):
+        counts = [sum(1 for k in stats.trace if k == (l, e)) for e in range(cfg.experts)]
+        print(f"  layer {l}: uses per expert {counts}")
+    print(f"offline replay at {slots} slots ({budget:,} B):")
+    for name, hr in replay_all(stats.trace, cfg.layers, cfg.experts, slots).items():
+        print(f"  {name:10s} hit rate {100 * hr:.1f}%")
+
+
+def run_bench(args):
+    from tools.bench.moe import main
+
+    argv = []
+    if args.tokens:
+        argv += ["--tokens", str(args.tokens)]
+    if args.quick:
+        argv += ["--quick"]
+    return main(argv)
