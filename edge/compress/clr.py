@@ -83,6 +83,11 @@ def weighted_basis(rows: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Ten
     the k-th squared singular value is exactly the weighted error removed by the k-th rank.
     """
     a = rows.double() * weights.double().sqrt()[:, None]
+    if a.shape[0] > a.shape[1]:
+        # Tall cluster: the d x d Gram matrix has the same right singular vectors and is far cheaper.
+        evals, evecs = torch.linalg.eigh(a.T @ a)
+        order = torch.argsort(evals, descending=True)
+        return evecs[:, order].T.contiguous(), evals[order].clamp(min=0)
     _, s, vh = torch.linalg.svd(a, full_matrices=False)
     return vh, s * s
 

@@ -91,28 +91,24 @@ def size_parts(model: nn.Module) -> dict[str, dict]:
 # ---------------------------------------------------------------------------------------------
 # budgets
 
+_SUFFIXES = {"params": {"": 1, "K": 10**3, "M": 10**6},
+             "bytes": {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10,
+                       "M": 1 << 20, "MB": 1 << 20, "MIB": 1 << 20}}
+
+
 def parse_size(text: str, unit: str) -> int:
-    """'0.77M' -> 770000 (params); '1MB' -> 1048576, '900KB' -> 921600, '250000' (bytes)."""
-    s = text.strip().upper().replace("_", "")
-    if unit == "bytes":
-        mult = {"MB": 1 << 20, "KB": 1 << 10, "M": 1 << 20, "K": 1 << 10, "B": 1}
-        s = s.removesuffix("IB").removesuffix("B") + ("B" if s.endswith("B") else "")
-    else:
-        mult = {"M": 10**6, "K": 10**3}
-    for suffix, m in sorted(mult.items(), key=lambda kv: -len(kv[0])):
-        if s.endswith(suffix):
-            s, factor = s[:-len(suffix)], m
-            break
-    else:
-        factor = 1
-    try:
-        value = float(s)
-    except ValueError:
-        what = "parameter count such as 0.77M or 770000" if unit == "params" else "size such as 1MB or 900KB"
-        raise TinyshieldError(f"cannot read {text!r} as a {what}") from None
-    if value <= 0 or not math.isfinite(value):
+    """'0.77M' -> 770,000 params; '1MB' -> 1,048,576 bytes, '900KB' -> 921,600 bytes."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
+    factor = _SUFFIXES[unit].get(m.group(2).upper()) if m else None
+    if factor is None:
+        example = "0.77M or 770000" if unit == "params" else "1MB, 900KB or 1000000"
+        raise TinyshieldError(f"cannot read {text!r} as a {unit} budget; write it like {example}")
+    value = int(round(float(m.group(1)) * factor))
+    if value <= 0:
         raise TinyshieldError(f"budget must be positive, got {text!r}")
-    return int(round(value * factor))
+    return value
 
 
 def embedding_budget(model: nn.Module, total_budget: int, unit: str) -> int:

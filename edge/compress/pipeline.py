@@ -1,0 +1,129 @@
+"""The whole compression job behind `tinyshield compress`: search, fine-tune, quantise, measure, save."""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from edge.compress import model as cm
+from edge.compress.clr import layout_bytes, token_cost
+from edge.compress.io import save_compressed
+from edge.compress.search import token_counts, token_weights
+from edge.errors import TinyshieldError
+from edge.models.bert import BertClassifier, BertModel
+
+FLASH_1MB = 1 << 20
+
+
+@dataclass
+class Report:
+    model: str
+    budget: int
+    unit: str
+    layout: dict                 # clusters, ranks, winning assignment, what else was tried
+    sizes_before: dict
+    sizes_after: dict
+    reconstruction: dict         # relative errors of the table (weighted by SST-2 train counts, and plain)
+    quality: dict                # accuracy (classifier) or sentence-embedding fidelity (MiniLM)
+    lookup_cost: dict            # per token: worst case and token-frequency average
+    seconds: float
+    path: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def sst2_weights(vocab_size: int, train_limit: int | None = None) -> np.ndarray:
+    """Token weights from SST-2 train only (its counts, square-rooted; see `search.token_weights`)."""
+    from edge import data
+
+    texts = data.sst2("train").texts[:train_limit]
+    return token_weights(token_counts(texts, vocab_size))
+
+
+def lookup_summary(layout, weights: np.ndarray) -> dict:
+    costs = [token_cost(layout, c) for c in range(len(layout.sizes))]
+    w_c = np.array([weights[layout.members(c)].sum() for c in range(len(layout.sizes))])
+    w_c = w_c / w_c.sum()
+    return {"max_macs": max(c["macs"] for c in costs), "max_bytes_read": max(c["bytes_read"] for c in costs),
+            "mean_macs": float(sum(p * c["macs"] for p, c in zip(w_c, costs))),
+            "mean_bytes_read": float(sum(p * c["bytes_read"] for p, c in zip(w_c, costs)))}
+
+
+def compress_model(model: nn.Module, name: str, budget: int, unit: str = "params", *, total: bool = True,
+                   finetune_steps: int = 300, int8: bool = True, out: str | Path | None = None,
+                   train_limit: int | None = None, dev_limit: int | None = None, quiet: bool = True,
+                   cands=None) -> tuple[Report, cm.Compressed]:
+    """Compress `model`'s word table within `budget` and report sizes, errors and quality.
+
+    Classifier: SST-2 dev accuracy of the original, the compressed model before and after
+    `finetune_steps` of recovery training (labels + KL to the original), and with int8 factors.
+    Bare BERT (MiniLM): mean cosine of sentence embeddings vs the original on SST-2 dev.
+    """
+    from edge import data
+
+    t0 = time.time()
+    model = model.eval()
+    table = cm.word_table(model)
+    weights = sst2_weights(table.shape[0], train_limit)
+    sizes_before = cm.size_parts(model)
+    comp = cm.compress(model, weights, budget, unit, total=total, cands=cands)
+    clr = cm.bert_of(comp.model).embeddings.word_embeddings
+    recon = {"weighted_rel_error": cm.relative_error(table, clr.table(), weights),
+             "rel_error": cm.relative_error(table, clr.table())}
+    dev = data.sst2("dev")
+    dev_texts, dev_labels = dev.texts[:dev_limit], dev.labels[:dev_limit]
+    quality: dict = {}
+    notes: list[str] = []
+
+    if isinstance(model, BertClassifier):
+        from edge.recipes.bert_tiny_sst2 import accuracy, encode
+
+        dev_seqs = encode(dev_texts, 64)
+        quality["original_accuracy"] = accuracy(model, dev_seqs, dev_labels)
+        quality["compressed_accuracy"] = accuracy(comp.model, dev_seqs, dev_labels)
+        if finetune_steps:
+            tr = data.sst2("train")
+            seqs = encode(tr.texts[:train_limit], 64)
+            quality["finetune"] = cm.finetune_classifier(comp.model, seqs, tr.labels[:train_limit],
+                                                         teacher=model, steps=finetune_steps, quiet=quiet)
+            quality["finetuned_accuracy"] = accuracy(comp.model, dev_seqs, dev_labels)
+        best = quality.get("finetuned_accuracy", quality["compressed_accuracy"])
+        if int8:
+            cm.quantize(comp)
+            quality["int8_clr_accuracy"] = accuracy(comp.model, dev_seqs, dev_labels)
+            best = quality["int8_clr_accuracy"]
+        quality["accuracy"] = best
+        quality["drop_points"] = 100 * (quality["original_accuracy"] - best)
+        quality["dev_sentences"] = len(dev_seqs)
+    elif isinstance(model, BertModel):
+        from edge.models.minilm import load_tokenizer
+
+        tok = load_tokenizer()
+        quality["fidelity"] = cm.sentence_fidelity(comp.model, model, tok, dev_texts)
+        if int8:
+            cm.quantize(comp)
+            quality["int8_fidelity"] = cm.sentence_fidelity(comp.model, model, tok, dev_texts)
+        quality["dev_sentences"] = len(dev_texts)
+        notes.append("fidelity = mean cosine of mean-pooled sentence embeddings vs the original, SST-2 dev")
+    else:
+        raise TinyshieldError(f"cannot compress a {type(model).__name__}")
+
+    if int8 and comp.quant is not None:
+        recon["int8_weighted_rel_error"] = cm.relative_error(table, comp.quant.table(), weights)
+    clr = cm.bert_of(comp.model).embeddings.word_embeddings
+    lay = clr.layout
+    layout = {"candidate": comp.search.candidate, "tried": comp.search.tried,
+              "clusters": [{"rows": n, "rank": r, "dense": dn} for n, r, dn in zip(lay.sizes, lay.ranks, lay.dense)],
+              "params": lay.params(), "int8_bytes": layout_bytes(lay), "cost": comp.search.cost}
+    report = Report(name, budget, unit, layout, sizes_before, cm.size_parts(comp.model), recon, quality,
+                    lookup_summary(lay, weights), round(time.time() - t0, 1), notes=notes)
+    if out is not None:
+        report.path = str(save_compressed(comp.model, comp.quant, out, {"report": report.to_dict()}))
+    return report, comp

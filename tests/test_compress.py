@@ -1,0 +1,170 @@
+"""CLR embeddings: exactness, lookup, budgeted search, file round trip, infeasible budgets."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edge.compress.clr import QuantCLR, factorize, layout_from_clusters
+from edge.compress.io import load_compressed, save_compressed
+from edge.compress.model import compress, embedding_budget, other_params, parse_size, quantize, relative_error
+from edge.compress.search import Cost, allocate, candidates, curve, frequency_bands, search, uniform_rank
+from edge.errors import TinyshieldError
+from edge.models.bert import BertClassifier, BertConfig
+
+V, D = 600, 16
+
+
+@pytest.fixture(scope="module")
+def table():
+    # A table with structure (low-rank core + noise) like real embeddings, not pure noise.
+    g = torch.Generator().manual_seed(0)
+    core = torch.randn(V, 4, generator=g) @ torch.randn(4, D, generator=g)
+    return core + 0.3 * torch.randn(V, D, generator=g)
+
+
+@pytest.fixture(scope="module")
+def weights():
+    rng = np.random.default_rng(0)
+    return np.sqrt(rng.zipf(1.5, V).clip(max=10_000) + 0.5)
+
+
+def small_classifier(vocab=V, d=D):
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=vocab, hidden_size=d, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=32)
+    return BertClassifier(cfg, 2).eval()
+
+
+def test_full_rank_reconstruction_is_exact(table, weights):
+    cl = frequency_bands(weights, 4, first=32)
+    for dense in (False, True):
+        lay = layout_from_clusters(cl, [D] * 4, [dense] * 4, D)
+        emb = factorize(table, lay, torch.as_tensor(weights))
+        torch.testing.assert_close(emb.table(), table, atol=1e-5, rtol=0)
+
+
+def test_lookup_equals_dense_lookup_of_reconstruction(table, weights):
+    lay = layout_from_clusters(frequency_bands(weights, 5, first=20), [D, 7, 3, 2, 1], [True] + [False] * 4, D)
+    emb = factorize(table, lay, torch.as_tensor(weights))
+    ids = torch.randint(0, V, (4, 33), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(emb(ids), emb.table()[ids], atol=1e-6, rtol=0)
+    q = QuantCLR.from_float(emb)
+    torch.testing.assert_close(q.to_float()(ids), q.table()[ids], atol=1e-5, rtol=1e-5)
+    # int8 factors stay close to the float factors they came from
+    assert relative_error(emb.table(), q.table()) < 1e-3
+
+
+def test_rank_allocation_beats_plain_svd_and_uniform_ranks(table, weights):
+    budget = 2500
+    res = search(table, weights, budget)
+    plain = search(table, np.ones(V), budget, cands=candidates(table.numpy(), np.ones(V), bands=(1,), splits=(1,)))
+    plain_err = relative_error(table, factorize(table, plain.layout).table(), weights)
+    uni_layout, uni_err = uniform_rank(table, weights, frequency_bands(weights, 4, first=32), budget)
+    assert res.rel_error < plain_err
+    assert res.rel_error <= uni_err + 1e-12
+    assert res.cost <= budget and Cost("params").layout(uni_layout) <= budget
+    # the reported error is the error of the factors actually built
+    emb = factorize(table, res.layout, torch.as_tensor(weights), res.bases)
+    assert relative_error(table, emb.table(), weights) == pytest.approx(res.rel_error, rel=1e-6, abs=1e-9)
+
+
+@settings(max_examples=40, deadline=None)
+@given(budget=st.integers(min_value=V + D, max_value=V * D + 100), unit=st.sampled_from(["params", "bytes"]),
+       bands=st.integers(1, 6))
+def test_search_respects_the_budget_exactly(table, weights, budget, unit, bands):
+    cost = Cost(unit)
+    if unit == "bytes":
+        budget = budget * 2 + cost.fixed(V, bands)
+    cands = candidates(table.numpy(), weights, bands=(bands,), splits=(1,))
+    try:
+        res = search(table, weights, budget, unit, cands)
+    except TinyshieldError:
+        # only when even rank 1 in every cluster of this assignment does not fit
+        k = int(cands[0].cluster_of.max()) + 1
+        sizes = np.bincount(cands[0].cluster_of)
+        assert cost.fixed(V, k) + sum(min(cost.cluster(n, 1, False, D), cost.cluster(n, D, True, D))
+                                      for n in sizes) > budget
+        return
+    assert res.cost == cost.layout(res.layout) <= budget
+    # saturated: no single further step (one more rank, or going dense) fits in what is left
+    left = budget - res.cost
+    for n, r, dn in zip(res.layout.sizes, res.layout.ranks, res.layout.dense):
+        if dn:
+            continue
+        now = cost.cluster(n, r, False, D)
+        nxt = [cost.cluster(n, D, True, D)] + ([cost.cluster(n, r + 1, False, D)] if r + 1 < min(n, D) else [])
+        assert all(c - now > left for c in nxt)
+
+
+def test_allocate_reports_infeasible():
+    cv = curve(100, D, np.linspace(10, 1, D - 1) ** 2, 400.0, Cost("params"))
+    assert allocate([cv], cv.cost[0] - 1) is None
+    assert allocate([cv], cv.cost[0]) == [0]
+
+
+def test_infeasible_budget_names_the_smallest_feasible_one(table, weights):
+    model = small_classifier()
+    with pytest.raises(TinyshieldError, match="smallest feasible budget is") as e:
+        compress(model, weights, other_params(model) - 1)
+    smallest = int(str(e.value).split("smallest feasible budget is ")[1].split()[0].replace(",", ""))
+    assert smallest == other_params(model) + V + D  # rest of the model + one rank-1 cluster
+    c = compress(model, weights, smallest)  # and that budget works
+    assert c.search.cost + other_params(model) <= smallest
+    with pytest.raises(TinyshieldError, match="smallest feasible budget is"):
+        embedding_budget(model, 10, "bytes")
+
+
+def test_compressed_model_round_trips(tmp_path, weights):
+    model = small_classifier()
+    c = compress(model, weights, other_params(model) + 3000)
+    ids = torch.randint(1, V, (3, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        save_compressed(c.model, None, tmp_path / "f32")
+        f = load_compressed(tmp_path / "f32")
+        torch.testing.assert_close(f.model(ids), c.model(ids), atol=0, rtol=0)
+        quantize(c)
+        save_compressed(c.model, c.quant, tmp_path / "i8")
+        q = load_compressed(tmp_path / "i8")
+        torch.testing.assert_close(q.model(ids), c.model(ids), atol=0, rtol=0)
+    for a, b in zip(q.quant.u + q.quant.v, c.quant.u + c.quant.v):
+        assert (a is None and b is None) or torch.equal(a, b)
+    cfg = json.loads((tmp_path / "i8" / "config.json").read_text())
+    assert cfg["kind"] == "bert-classifier-clr" and cfg["word_embeddings"]["dtype"] == "int8"
+    assert sum(cl["rows"] for cl in cfg["word_embeddings"]["clusters"]) == V
+
+
+def test_damaged_files_give_clear_errors(tmp_path, weights):
+    from safetensors.torch import load_file, save_file
+
+    model = small_classifier()
+    c = quantize(compress(model, weights, other_params(model) + 3000))
+    d = save_compressed(c.model, c.quant, tmp_path / "m")
+    state = load_file(str(d / "model.safetensors"))
+    del state["clr.0.u"]
+    save_file(state, str(d / "model.safetensors"))
+    with pytest.raises(TinyshieldError, match="missing tensor 'clr.0.u'"):
+        load_compressed(d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["word_embeddings"]["version"] = 99
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(TinyshieldError, match="version 99 is not supported"):
+        load_compressed(d)
+    (d / "config.json").write_text(json.dumps({"kind": "vit", "model": {}}))
+    with pytest.raises(TinyshieldError, match="not a CLR-compressed model"):
+        load_compressed(d)
+    with pytest.raises(TinyshieldError, match="config file not found"):
+        load_compressed(tmp_path / "nowhere")
+
+
+def test_parse_size():
+    assert parse_size("0.77M", "params") == 770_000
+    assert parse_size("1MB", "bytes") == 1 << 20
+    assert parse_size("900KB", "bytes") == 900 * 1024
+    for bad in ("", "1GB", "x", "0"):
+        with pytest.raises(TinyshieldError):
+            parse_size(bad, "bytes")

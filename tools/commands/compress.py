@@ -1,0 +1,66 @@
+"""`tinyshield compress MODEL --budget 0.77M | --flash 1MB`: CLR word embeddings within a budget."""
+
+
+def register(sub):
+    p = sub.add_parser(
+        "compress", help="compress a BERT's word embeddings (clustered low-rank) to a parameter or flash budget",
+        description="Search cluster assignment and per-cluster ranks of the word-embedding table within the "
+                    "budget (token statistics from SST-2 train), fine-tune a classifier briefly, quantise the "
+                    "factors to int8, and write the model (safetensors + config.json) and a report.")
+    p.add_argument("model", help="bert-tiny-sst2 (recipe), minilm, or a model directory")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--budget", help="total parameters of the compressed model, e.g. 0.77M or 770000")
+    g.add_argument("--flash", help="total int8 flash bytes of the compressed model, e.g. 1MB or 900KB")
+    g.add_argument("--embedding-budget", help="parameters of the word table alone, e.g. 1.17M")
+    p.add_argument("--out", help="output directory (default: build/compressed/<model>-<budget>/)")
+    p.add_argument("--finetune-steps", type=int, default=300,
+                   help="recovery training steps for classifiers (default 300; 0 = none)")
+    p.add_argument("--float", action="store_true", help="keep float32 factors (default: int8 factors)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def run(args):
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from edge.compress.model import parse_size
+    from edge.compress.pipeline import compress_model
+    from edge.models.registry import resolve
+    from edge.paths import build_dir
+
+    if args.budget:
+        budget, unit, total = parse_size(args.budget, "params"), "params", True
+    elif args.flash:
+        budget, unit, total = parse_size(args.flash, "bytes"), "bytes", True
+    else:
+        budget, unit, total = parse_size(args.embedding_budget, "params"), "params", False
+    loaded = resolve(args.model)
+    name = args.model.rstrip("/").split("/")[-1]
+    tag = (args.budget or args.flash or "emb" + args.embedding_budget).replace(".", "_")
+    out = args.out or build_dir() / "compressed" / f"{name}-{tag}"
+    report, _ = compress_model(loaded.model, name, budget, unit, total=total, finetune_steps=args.finetune_steps,
+                               int8=not args.float, out=out, quiet=args.quiet)
+    (build_dir() / "compressed").mkdir(parents=True, exist_ok=True)
+    with open(f"{report.path}/report.json", "w") as f:
+        json.dump(report.to_dict(), f, indent=2, default=str)
+
+    con = Console()
+    t = Table(title=f"{name}: {budget:,} {unit} budget ({'total' if total else 'word table'})")
+    for col in ("part", "params before", "params after", "int8 bytes before", "int8 bytes after"):
+        t.add_column(col, justify="right" if col != "part" else "left")
+    before, after = report.sizes_before, report.sizes_after
+    for (kb, vb), (ka, va) in zip(before.items(), after.items()):
+        t.add_row(ka, f"{vb['params']:,}", f"{va['params']:,}", f"{vb['int8_bytes']:,}", f"{va['int8_bytes']:,}")
+    con.print(t)
+    lay = report.layout
+    con.print(f"layout: {lay['candidate']}, {len(lay['clusters'])} clusters, ranks "
+              + ", ".join(("dense" if c["dense"] else str(c["rank"])) + f"x{c['rows']}" for c in lay["clusters"]))
+    con.print("reconstruction: " + ", ".join(f"{k} {v:.4f}" for k, v in report.reconstruction.items()))
+    con.print("quality: " + ", ".join(f"{k} {v:.4f}" for k, v in report.quality.items() if isinstance(v, float)))
+    con.print(f"lookup per token: up to {report.lookup_cost['max_macs']:,} MACs / "
+              f"{report.lookup_cost['max_bytes_read']:,} bytes read; frequency-weighted mean "
+              f"{report.lookup_cost['mean_macs']:.0f} MACs")
+    con.print(f"wrote {report.path} (model.safetensors, config.json, report.json) in {report.seconds:.0f} s")
