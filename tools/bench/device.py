@@ -46,7 +46,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--limit", type=int, default=50, help="test inputs per configuration")
     p.add_argument("--boards", default="stm32f405,mps2-an386,mps3-an547")
-    p.add_argument("--schedules", default="layerwise")
+    p.add_argument("--schedules", default="layerwise,tiled")
     p.add_argument("--models", default="vit-mnist:mnist", help="comma list of MODEL:DATASET")
     a = p.parse_args(argv)
     models = [tuple(m.split(":")) for m in a.models.split(",")]
