@@ -41,7 +41,8 @@ class Device:
         self.count_file = Path(count_file) if count_file else None
         self.emulator = emulator
         self.info: ModelInfo = link.info()
-        self._intervals = self._count()[0] if self._count() else 0
+        c = self._count()
+        self._intervals = c[0] if c else 0
 
     def _count(self) -> tuple[int, int] | None:
         return read_count_file(self.count_file) if self.count_file else None

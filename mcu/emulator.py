@@ -39,7 +39,8 @@ def _free_port() -> int:
 
 
 def _die_with_parent():
-    """Runs in the child before exec: SIGTERM QEMU if the Python process dies (Linux prctl)."""
+    """Runs in the child before exec: SIGTERM QEMU if the Python process dies (Linux prctl).
+    The signal follows the *thread* that started QEMU, so start and use a board in one thread."""
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
