@@ -11,21 +11,33 @@ from edge.errors import TinyshieldError
 from mcu.graph import Schedule
 from mcu.planner import ArenaPlan, align_up, check, live_bytes, lower_bound, plan
 
-# RAM budgets for the arena, bytes. Replaced by mcu.boards when the boards module provides them.
+# Board RAM and minimum stack, bytes: the fallback when mcu.boards is absent (it is the source of truth).
 BOARD_RAM = {"stm32f405": 192 * 1024, "mps2-an386": 320 * 1024, "mps3-an547": 512 * 1024}
+MIN_STACK = 8 * 1024
 
 
-def board_budget(board: str) -> int:
-    """RAM budget of `board` in bytes: mcu.boards' linker budget when that module is present."""
+def board_ram(board: str) -> tuple[int, int]:
+    """(RAM bytes, minimum stack bytes) of `board`, from mcu.boards' linker budgets."""
     try:
         from mcu.boards import board as board_info
     except ImportError:
         board_info = None
     if board_info is not None:
-        return int(board_info(board).ram_bytes)
+        b = board_info(board)
+        return int(b.ram_bytes), int(getattr(b, "min_stack", MIN_STACK))
     if board not in BOARD_RAM:
         raise TinyshieldError(f"unknown board {board!r}: use one of {', '.join(BOARD_RAM)}")
-    return BOARD_RAM[board]
+    return BOARD_RAM[board], MIN_STACK
+
+
+def board_budget(board: str, graph=None) -> int:
+    """Bytes the arena may take on `board`: RAM minus the firmware's minimum stack and, given the
+    graph, its input and output buffers — the same sum the firmware link checks."""
+    ram, stack = board_ram(board)
+    io = 0
+    if graph is not None:
+        io = sum(graph.tensors[n].nbytes for n in list(graph.inputs) + list(graph.outputs))
+    return ram - stack - io
 
 
 @dataclass
@@ -79,10 +91,11 @@ def profile(schedule: Schedule, strategy: str = "best_fit", align: int = 16) -> 
 def check_budget(prof: Profile, budget: int, board: str) -> None:
     """Refuse a plan over the board's RAM budget, naming the peak op, the peak bytes and the budget."""
     if prof.arena_bytes > budget:
+        fix = "use --schedule tiled, a shorter --seq-len" if prof.schedule != "tiled" else "use a shorter --seq-len"
         raise TinyshieldError(
             f"the {prof.schedule} schedule needs {prof.arena_bytes:,} B of arena (live-set peak "
-            f"{prof.peak_live:,} B at {prof.peak_op}) but {board} has a budget of {budget:,} B: "
-            "use --schedule tiled, a shorter --seq-len, or a board with more RAM")
+            f"{prof.peak_live:,} B at {prof.peak_op}) but {board} has an arena budget of {budget:,} B "
+            f"(RAM minus stack and I/O): {fix} or a board with more RAM")
 
 
 # ---------------------------------------------------------------- presenters
@@ -141,7 +154,7 @@ def render(prof: Profile, console=None, budget: int | None = None, board: str = 
     head.add_row("peak op", prof.peak_op)
     head.add_row("calls / MACs", f"{len(prof.steps):,} / {prof.macs:,}")
     if budget is not None:
-        head.add_row(f"budget ({board})", f"{budget:,} B  ({100 * prof.arena_bytes / budget:.0f}% used)")
+        head.add_row(f"arena budget ({board})", f"{budget:,} B  ({100 * prof.arena_bytes / budget:.0f}% used)")
     console.print(head)
 
     t = Table(title="live set by op (at each op's worst call; * = the peak)")

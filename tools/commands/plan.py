@@ -39,10 +39,11 @@ def run(args):
     if args.seq_len < 1:
         raise TinyshieldError(f"--seq-len must be >= 1, got {args.seq_len}")
     console = Console(width=None if Console().is_terminal else 160)
-    budget = board_budget(args.board)
+    board_budget(args.board)          # an unknown board fails before the (slower) lowering
     tiles = _tiles(args.tiles) if args.tiles else None
     with console.status(f"lowering {args.model} to int8 (L = {args.seq_len})"):
         graph = planning_graph(args.model, args.seq_len)
+    budget = board_budget(args.board, graph)
     with console.status("scheduling and planning"):
         scheds = {"layerwise": layerwise(graph), "tiled": tiled(graph, budget=budget, tiles=tiles)}
         profs = {k: profile(s, args.strategy) for k, s in scheds.items()}

@@ -1,0 +1,32 @@
+"""`tinyshield plan`: profile tables, the timeline figure, and refusal of a plan over the board's budget."""
+import pytest
+
+from tools.cli import main
+
+
+@pytest.mark.slow
+def test_plan_prints_profile_and_plots(tmp_path, capsys):
+    png = tmp_path / "mem.png"
+    assert main(["plan", "bert-tiny", "--seq-len", "64", "--board", "stm32f405", "--tiles", "8,64",
+                 "--plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "live-set peak" in out and "arena map" in out and "attention_s8" in out
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_plan_refuses_over_budget(capsys):
+    assert main(["plan", "bert-tiny", "--seq-len", "256", "--board", "stm32f405", "--schedule", "layerwise",
+                 "--tiles", "16,256"]) == 2
+    err = capsys.readouterr().err
+    assert "error: the layerwise schedule needs" in err
+    assert "softmax" in err and "stm32f405 has an arena budget of" in err
+
+
+def test_plan_bad_arguments(capsys):
+    assert main(["plan", "bert-tiny", "--board", "esp32"]) == 2
+    assert "unknown board 'esp32'" in capsys.readouterr().err
+    assert main(["plan", "bert-tiny", "--seq-len", "0"]) == 2
+    assert "--seq-len must be >= 1" in capsys.readouterr().err
+    assert main(["plan", "bert-tiny", "--seq-len", "16", "--tiles", "four"]) == 2
+    assert "--tiles 'four'" in capsys.readouterr().err
