@@ -1,0 +1,327 @@
+"""The attack suite: what the untrusted side sees and can do, measured.
+
+- transcript: everything the accelerator received, checked for plaintext inputs/activations (after
+  normalising and matching rows) and for mask reuse between calls;
+- weights: normalise-and-match of the accelerator's model against the true weights (which modes expose them);
+- ShadowNet weight recovery: fake-channel detection by row statistics, matching against a public model;
+- malicious accelerator: flipped entry, tiny perturbation, swapped channels, replayed output, over many
+  trials, against the blinded mode's Freivalds check (theoretical miss rate 1/p per check);
+- sealing: tampered ciphertext, wrong measurement, replayed attestation must be refused.
+The auditor is the model owner: it unseals the bundle with the device root key to score the attacks.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edge.errors import TinyshieldError
+from tee import blinded, program
+from tee.accelerator import ATTACKS, tamper
+from tee.fieldmath import HALF, P
+
+
+# ---- row matching ---------------------------------------------------------------------------------
+def _unit(a: np.ndarray) -> np.ndarray:
+    a = np.asarray(a, dtype=np.float64)
+    a = a - a.mean(axis=1, keepdims=True) if a.shape[1] > 1 else a
+    return a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-30)
+
+
+def best_abs_cos(found: np.ndarray, truth: np.ndarray, chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """For each row of `truth`, the best |cosine| over rows of `found` and its index (normalise-and-match)."""
+    f, t = _unit(found), _unit(truth)
+    best, idx = np.zeros(len(t)), np.zeros(len(t), dtype=np.int64)
+    for i in range(0, len(t), chunk):
+        c = np.abs(t[i:i + chunk] @ f.T)
+        best[i:i + chunk], idx[i:i + chunk] = c.max(1), c.argmax(1)
+    return best, idx
+
+
+def as_float(sent: np.ndarray) -> np.ndarray:
+    """What an attacker would analyse: floats as they are, field elements centred."""
+    if sent.dtype == np.uint32:
+        a = sent.astype(np.int64)
+        return np.where(a > HALF, a - P, a).astype(np.float64)
+    return sent.astype(np.float64)
+
+
+# ---- weights ---------------------------------------------------------------------------------------
+@dataclass
+class WeightExposure:
+    mode: str
+    exposed: bool
+    mean_best_cos: float          # over true rows, best |cos| with a row the accelerator holds
+    share_rows_matched: float     # share of true rows found with |cos| > 0.99
+
+
+def weight_exposure(mode: str, accel_weights: dict[str, np.ndarray], true: dict[str, tuple[np.ndarray, np.ndarray]]) -> WeightExposure:
+    if not accel_weights:
+        return WeightExposure(mode, False, 0.0, 0.0)
+    cos = []
+    for name, wt in accel_weights.items():
+        b, _ = best_abs_cos(np.asarray(wt, dtype=np.float64).T, true[name][0])
+        cos.append(b)
+    c = np.concatenate(cos)
+    return WeightExposure(mode, bool((c > 0.99).mean() > 0.5), float(c.mean()), float((c > 0.99).mean()))
+
+
+@dataclass
+class ShadowAttack:
+    layer: str
+    channels: int
+    fakes: int
+    normalise_match_cos: float     # mean best |cos| of true rows among normalised obfuscated rows
+    fake_detection_accuracy: float # share of obfuscated rows correctly labelled real/fake by row statistics
+    fake_recall: float
+    public_match_share: float      # share of real channels placed at the right position by public-model matching
+    public_recovered_cos: float    # cosine (whole matrix) of recovered weights vs the protected ones
+    public_only_cos: float         # the public model's own cosine to the protected weights (the baseline)
+
+
+def fake_scores(obf: np.ndarray) -> np.ndarray:
+    """Row statistic: how well a row's energy follows the layer's column-energy profile.
+
+    Trained rows share it (some inputs matter to every channel); random fake rows are flat."""
+    e = obf.astype(np.float64) ** 2
+    e /= np.maximum(e.sum(1, keepdims=True), 1e-30)
+    profile = np.median(e, axis=0)
+    return _unit(e) @ _unit(profile[None])[0]
+
+
+def two_means(x: np.ndarray) -> np.ndarray:
+    """1-D two-cluster split (Lloyd's iterations); True = the low cluster."""
+    lo, hi = np.percentile(x, 10), np.percentile(x, 90)
+    for _ in range(50):
+        low = np.abs(x - lo) < np.abs(x - hi)
+        if low.all() or (~low).all():
+            break
+        lo, hi = x[low].mean(), x[~low].mean()
+    return np.abs(x - lo) < np.abs(x - hi)
+
+
+def shadow_attacks(name: str, obf: np.ndarray, fake: np.ndarray, perm: np.ndarray, w_true: np.ndarray,
+                   w_public: np.ndarray) -> ShadowAttack:
+    best, _ = best_abs_cos(obf, w_true)
+    guess_fake = two_means(fake_scores(obf))
+    # Matching against the public model: each public row claims its best obfuscated row; the scale is the
+    # projection of the obfuscated row on the public row.
+    pub_best, pub_idx = best_abs_cos(obf, w_public)
+    rec = np.zeros_like(w_true, dtype=np.float64)
+    for i, j in enumerate(pub_idx):
+        o = obf[j].astype(np.float64)
+        a = (o @ w_public[i]) / max(float(w_public[i] @ w_public[i]), 1e-30)
+        rec[i] = o / (a if abs(a) > 1e-30 else 1.0)
+
+    def cos(a, b):
+        a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+        return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
+
+    return ShadowAttack(name, int(w_true.shape[0]), int(fake.sum()), float(best.mean()),
+                        float((guess_fake == fake).mean()), float((guess_fake & fake).sum() / max(fake.sum(), 1)),
+                        float((pub_idx == perm).mean()), cos(rec, w_true), cos(w_public, w_true))
+
+
+# ---- malicious accelerator -------------------------------------------------------------------------
+@dataclass
+class Detection:
+    attack: str
+    trials: int
+    detected: int
+    rate: float
+    theoretical_miss: float
+
+
+def detection_trials(w: np.ndarray, b: np.ndarray, rows: int, trials: int = 1000, seed: int = 0,
+                     attacks: tuple[str, ...] = ATTACKS) -> list[Detection]:
+    """Run the blinded protocol for one layer `trials` times per attack with a lying accelerator.
+
+    Each trial uses a fresh pad (mask, unblinding factor, Freivalds vector), a fresh input, the real
+    accelerator kernel and the real check; the liar derives its answer from the honest one."""
+    rng = np.random.default_rng(seed)
+    x_calib = rng.standard_normal((rows, w.shape[1])).astype(np.float32)
+    layer = blinded.make_layer(w, b, x_calib)
+    wt8 = torch.from_numpy(layer.w_q.T.astype(np.int8).copy())
+    out = []
+    for attack in attacks:
+        detected, previous = 0, None
+        for _ in range(trials):
+            pad = blinded.make_pad({"l": layer}, {"l": rows})
+            x = torch.from_numpy((rng.standard_normal((rows, w.shape[1])) * 0.5).astype(np.float32))
+            xt = blinded.blind(x, layer, pad["l.r"])
+            honest = blinded.accelerate(xt, wt8)
+            lie = tamper(attack, honest, previous, rng)
+            previous = honest
+            if np.array_equal(lie, honest):   # a replay with nothing stale yet is no attack
+                continue
+            detected += not blinded.freivalds(xt, lie, pad["l.s"], pad["l.v"])
+        n = trials - (1 if attack == "replay" else 0)
+        out.append(Detection(attack, n, detected, detected / max(n, 1), 1.0 / P))
+    return out
+
+
+MIN_DIM = 32
+
+
+# ---- transcript ------------------------------------------------------------------------------------
+@dataclass
+class TranscriptReport:
+    mode: str
+    calls: int
+    max_row_cos: float            # best |cos| of any sent row with any plaintext row of the same layer
+    chance_cos: float             # the same statistic for random Gaussian rows of the same shapes
+    rows_matched: int             # sent rows with |cos| > 0.99 to a plaintext row
+    repeated_input_identical: int # calls whose data was byte-identical when the same input was sent twice
+    mask_reuse_pairs: int         # call pairs whose difference equals the plaintext difference (mask reused)
+    pairs_checked: int
+
+
+def transcript_report(mode: str, transcript: list[tuple[str, np.ndarray]], plain: list[dict[str, np.ndarray]],
+                      calls_per_inference: int) -> TranscriptReport:
+    """`transcript` covers len(plain) inferences in order; the last input repeats the first."""
+    n_inf = len(plain)
+    if calls_per_inference == 0 or not transcript:
+        return TranscriptReport(mode, 0, 0.0, 0.0, 0, 0, 0, 0)
+    by_inf = [transcript[i * calls_per_inference:(i + 1) * calls_per_inference] for i in range(n_inf)]
+    max_cos = chance = 0.0
+    matched = 0
+    rng = np.random.default_rng(0)
+    for calls, acts in zip(by_inf, plain):
+        for name, sent in calls:
+            if sent.shape[1] < MIN_DIM:   # in a handful of dimensions every cosine is large
+                continue
+            best, _ = best_abs_cos(acts[name], as_float(sent))
+            max_cos = max(max_cos, float(best.max()))
+            matched += int((best > 0.99).sum())
+            noise, _ = best_abs_cos(acts[name], rng.standard_normal(sent.shape))
+            chance = max(chance, float(noise.max()))
+    identical = sum(np.array_equal(a[1], b[1]) for a, b in zip(by_inf[0], by_inf[-1]))
+    reuse = pairs = 0
+    for i in range(n_inf):
+        for j in range(i + 1, n_inf):
+            for (name, si), (_, sj) in zip(by_inf[i], by_inf[j]):
+                d_sent = as_float(si) - as_float(sj)
+                d_plain = plain[i][name].astype(np.float64) - plain[j][name].astype(np.float64)
+                pairs += 1
+                if mode == "blinded":
+                    continue   # differences of field elements are uniform: covered by max_row_cos
+                if np.linalg.norm(d_plain) == 0:
+                    reuse += bool(np.allclose(d_sent, 0, atol=1e-3))
+                else:
+                    c = float(d_sent.ravel() @ d_plain.ravel() / (np.linalg.norm(d_sent) * np.linalg.norm(d_plain) + 1e-30))
+                    reuse += c > 0.999
+    return TranscriptReport(mode, len(transcript), max_cos, chance, matched, int(identical), reuse, pairs)
+
+
+# ---- sealing ----------------------------------------------------------------------------------------
+@dataclass
+class SealingCheck:
+    check: str
+    refused: bool
+    message: str
+
+
+def sealing_checks(bundle_dir: Path) -> list[SealingCheck]:
+    """Tampered ciphertext, a changed enclave config (= another measurement), a replayed quote."""
+    from tee.client import ProtectedSession
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for check in ("tampered ciphertext", "wrong measurement"):
+            copy = Path(tmp) / check.replace(" ", "-")
+            shutil.copytree(bundle_dir, copy, ignore=shutil.ignore_patterns("pads", "*.tflite", "audit.json"))
+            (copy / "pads").mkdir(exist_ok=True)
+            if check == "tampered ciphertext":
+                blob = bytearray((copy / "enclave.sealed").read_bytes())
+                blob[len(blob) // 2] ^= 0x01
+                (copy / "enclave.sealed").write_bytes(bytes(blob))
+            else:
+                header = json.loads((copy / "bundle.json").read_text())
+                header["enclave_config"]["params"]["audit"] = "changed"
+                header["accelerator"]["backend"] = "torch"
+                (copy / "bundle.json").write_text(json.dumps(header))
+            header = json.loads((copy / "bundle.json").read_text())
+            header["accelerator"]["backend"] = "torch"
+            (copy / "bundle.json").write_text(json.dumps(header))
+            out.append(_refused(check, lambda: ProtectedSession(copy, accel_threads=1).close()))
+        with ProtectedSession(bundle_dir, accel_threads=1) as s:
+            old = s.quote
+            out.append(_refused("replayed attestation", lambda: s.attest(quote=old)))
+    return out
+
+
+def _refused(check: str, fn) -> SealingCheck:
+    try:
+        fn()
+    except TinyshieldError as e:
+        return SealingCheck(check, True, str(e))
+    return SealingCheck(check, False, "accepted")
+
+
+@dataclass
+class AuditReport:
+    bundle: str
+    mode: str
+    transcript: TranscriptReport | None = None
+    weights: WeightExposure | None = None
+    shadow: list[ShadowAttack] = field(default_factory=list)
+    detection: list[Detection] = field(default_factory=list)
+    sealing: list[SealingCheck] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def run_audit(bundle_dir: str | Path, inputs: list[dict[str, np.ndarray]], trials: int = 1000,
+              public: dict[str, np.ndarray] | None = None, shadow_layers: int = 8, detection_layer: str | None = None,
+              sealing: bool = True, seed: int = 0) -> AuditReport:
+    """The whole suite on one bundle. `inputs`: two or more model inputs (the first is sent again at the end).
+    `public`: weights (name -> W) of a public model the attacker may hold; None uses the true weights plus
+    noise of half their size, a stand-in for a related public checkpoint."""
+    from safetensors.numpy import load_file
+
+    from tee.bundle import load_header, record_inputs
+    from tee.client import ProtectedSession
+    from tee.enclave import Enclave
+
+    bundle = load_header(bundle_dir)
+    owner = Enclave(bundle.path)                 # the owner's view: plaintext weights and secrets
+    report = AuditReport(str(bundle.path), bundle.mode)
+    seq = list(inputs) + [inputs[0]]
+    with ProtectedSession(bundle.path, record=True) as s:
+        for inp in seq:
+            s.infer(inp)
+        transcript = s.transcript()
+    plain = [record_inputs(owner.model, owner.params, [inp]) for inp in seq]
+    per_inf = len(transcript) // len(seq) if transcript else 0
+    report.transcript = transcript_report(bundle.mode, transcript, plain, per_inf)
+
+    wfile = bundle.path / "accelerator" / "weights.safetensors"
+    accel = load_file(str(wfile)) if wfile.is_file() else {}
+    report.weights = weight_exposure(bundle.mode, accel, owner.params)
+
+    rng = np.random.default_rng(seed)
+    if bundle.mode == "shadownet":
+        for name in list(owner.params)[:shadow_layers]:
+            w_true = owner.params[name][0]
+            if public is not None and name in public:
+                w_pub = public[name]
+            else:
+                w_pub = w_true + 0.5 * rng.standard_normal(w_true.shape).astype(np.float32) * \
+                    np.linalg.norm(w_true, axis=1, keepdims=True) / np.sqrt(w_true.shape[1])
+            layer = owner.shadow[name][0]
+            report.shadow.append(shadow_attacks(name, accel[name].T, layer.fake, layer.perm, w_true, w_pub))
+    if trials > 0:
+        name = detection_layer or next(n for n in owner.params if n.startswith("layer0"))
+        w, b = owner.params[name]
+        if bundle.mode == "blinded":
+            report.detection = detection_trials(w, b, owner.config["rows"][name], trials, seed)
+        else:   # no integrity check in these modes: every lie is accepted
+            report.detection = [Detection(a, 0, 0, 0.0, 1.0) for a in ATTACKS] if bundle.mode != "enclave-only" else []
+    if sealing:
+        report.sealing = sealing_checks(bundle.path)
+    return report
