@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-DTYPES = {"int8": np.int8, "uint8": np.uint8, "int16": np.int16, "int32": np.int32}
+DTYPES = {"int8": np.int8, "uint8": np.uint8, "int16": np.int16, "uint16": np.uint16, "int32": np.int32}
 
 
 @dataclass(frozen=True)

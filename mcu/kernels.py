@@ -41,7 +41,7 @@ from edge.quant import (INT32_MAX, multiply_by_quantized_multiplier as mbqm, rou
                         saturate)
 
 PTYPES = {"i8*": np.int8, "i16*": np.int16, "i32*": np.int32,
-          "const i8*": np.int8, "const i16*": np.int16, "const i32*": np.int32}
+          "const i8*": np.int8, "const i16*": np.int16, "const u16*": np.uint16, "const i32*": np.int32}
 
 EXP_ONE = 1 << 15        # softmax: lut[0]; probabilities are in units of 2^-15
 LN_IN_BITS = 12          # add_layernorm: |ca|, |cb| <= 2^12
@@ -244,6 +244,38 @@ def embedding_s8(ids, table, y, L, d, vocab):
     idx = ids[:L].astype(np.int64)
     idx = np.where((idx >= 0) & (idx < vocab), idx, 0)
     y[:L * d] = table[:vocab * d].reshape(vocab, d)[idx].ravel()
+
+
+CLR_FIELDS = ("start", "rows", "rank", "dense", "u_off", "v_off", "vm_off", "u_shift", "v_shift")
+
+
+@kernel(ids="const i32*", slot="const u16*", clusters="const i32*", u="const i8*", v="const i8*",
+        u_mult="const i32*", v_mult="const i32*", y="i8*", L="int", d="int", vocab="int", nclusters="int")
+def embedding_clr_s8(ids, slot, clusters, u, v, u_mult, v_mult, y, L, d, vocab, nclusters):
+    """Clustered low-rank embedding lookup (the CLR table of edge.compress.clr, int8).
+
+    Token t (an id outside [0, vocab) reads id 0) sits at slot s = slot[t], in the cluster c whose
+    [start, start + rows) holds s, at row i = s - start. `clusters` has one row of CLR_FIELDS per
+    cluster. Low-rank cluster: acc_j = sum_k u[i, k] v[k, j] (int8 x int8 -> int32), then
+    t_j = MBQM(acc_j, v_mult[vm_off + j], v_shift) (the per-column scale), y_j = sat8(MBQM(t_j,
+    u_mult[s], u_shift)) (the per-row scale). Dense cluster: y_j = sat8(MBQM(u[i, j], u_mult[s], u_shift))."""
+    tab = clusters[:nclusters * len(CLR_FIELDS)].reshape(nclusters, len(CLR_FIELDS)).astype(np.int64)
+    out = y[:L * d].reshape(L, d)
+    for p in range(L):
+        t = int(ids[p])
+        s = int(slot[t if 0 <= t < vocab else 0])
+        c = next((k for k in range(nclusters) if tab[k, 0] <= s < tab[k, 0] + tab[k, 1]), None)
+        if c is None:
+            out[p] = 0
+            continue
+        start, rows, r, dense, uo, vo, mo, ush, vsh = (int(x) for x in tab[c])
+        i = s - start
+        if dense:
+            row = u[uo + i * d: uo + (i + 1) * d].astype(np.int64)
+        else:
+            acc = u[uo + i * r: uo + (i + 1) * r].astype(np.int64) @ v[vo: vo + r * d].reshape(r, d).astype(np.int64)
+            row = mbqm(acc, v_mult[mo: mo + d], vsh)
+        out[p] = saturate(mbqm(row, int(u_mult[s]), ush), np.int8)
 
 
 @kernel(ids="const i32*", mask="i8*", L="int")

@@ -17,6 +17,7 @@ Op kinds (inputs -> outputs; integer attributes in `Op.attrs`; consts are graph 
 | `lut`            | x i8, table i8[256]                       | y i8           | lut_s8 (GELU)                   |
 | `mean_pool`      | x (L,d) i8, mask (L) i8                   | y (1,d) i8     | mean_pool_s8                    |
 | `embedding`      | ids (L) i32, table (V,d) i8               | y (L,d) i8     | embedding_s8                    |
+| `embedding_clr`  | ids, slot u16[V], clusters i32[k*9], u i8, v i8, u_mult i32[V], v_mult i32 | y (L,d) i8 | embedding_clr_s8 (CLR table) |
 | `pad_mask`       | ids (L) i32                               | mask (L) i8    | pad_mask                        |
 
 Heads live side by side in the columns of q, k, v and context (head h = columns h*dh .. h*dh+dh-1),
@@ -63,7 +64,7 @@ class Builder:
 
     def const(self, name, data: np.ndarray, q: QParams | None = None) -> str:
         dtype = {np.dtype(np.int8): "int8", np.dtype(np.int16): "int16", np.dtype(np.int32): "int32",
-                 np.dtype(np.uint8): "uint8"}[data.dtype]
+                 np.dtype(np.uint8): "uint8", np.dtype(np.uint16): "uint16"}[data.dtype]
         self.tensors[name] = Tensor(name, tuple(data.shape), dtype, "const", q, np.ascontiguousarray(data))
         return name
 
@@ -336,7 +337,71 @@ def _bert_calibrate(bert, ids: np.ndarray, obs: Observers, batch: int):
     return outs
 
 
-def _bert_int8(b: Builder, bert, L: int, obs: Observers) -> tuple[str, str]:
+def _shared_shift_multipliers(reals: np.ndarray) -> tuple[np.ndarray, int]:
+    """Multipliers m_i with one shift: reals_i ~= m_i 2^(shift - 31), m_i < 2^31 (a row of scales)."""
+    reals = np.asarray(reals, dtype=np.float64)
+    mx = float(reals.max()) if reals.size else 0.0
+    if mx <= 0:
+        return np.zeros(reals.shape, np.int32), 0
+    shift = max(-31, math.frexp(mx)[1])
+    if shift > 30:
+        raise TinyshieldError(f"CLR scale {mx:g} too large to requantise")
+    m = np.clip(Q.round_half_away(reals * 2.0 ** (31 - shift)), 0, Q.INT32_MAX)
+    return m.astype(np.int32), shift
+
+
+def _clr_embedding(b: Builder, emb, ids: str, L: int, clr=None) -> str:
+    """The int8 CLR table (edge.compress.clr.QuantCLR) as constants + one `embedding_clr` op."""
+    from mcu.kernels import CLR_FIELDS
+
+    if clr is None:
+        from edge.compress.clr import QuantCLR
+        clr = QuantCLR.from_float(emb)
+    lay = clr.layout
+    V, d = lay.vocab_size, lay.dim
+    if V > 65536:
+        raise TinyshieldError(f"CLR vocabulary of {V} tokens does not fit the uint16 slot index (at most 65536)")
+    table = clr.table().double().numpy()
+    s_out = max(float(np.abs(table).max()), 1e-12) / 127.0
+    rows, us_, vs_, um = [], [], [], np.zeros(V, np.int32)
+    vm_all, u_off, v_off = [], 0, 0
+    for c, (start, n, r, dense) in enumerate(zip(lay.starts, lay.sizes, lay.ranks, lay.dense)):
+        uq = clr.u[c].numpy().astype(np.int8)
+        usc = clr.u_scale[c].double().numpy()
+        vm_off, vsh = sum(len(x) for x in vm_all), 0
+        if dense:
+            real2 = usc / s_out
+        else:
+            vq = clr.v[c].numpy().astype(np.int8)
+            vsc = clr.v_scale[c].double().numpy()
+            vmax = float(vsc.max())
+            gain = max(0, min(8, 29 - int(r * 127 * 127).bit_length()))   # fraction bits kept after stage 1
+            m1, vsh = _shared_shift_multipliers(vsc / vmax * 2.0 ** gain)
+            vm_all.append(m1)
+            vs_.append(vq.ravel())
+            real2 = usc * vmax / (2.0 ** gain * s_out)
+        m2, ush = _shared_shift_multipliers(real2)
+        um[int(start):int(start) + n] = m2
+        rows.append([int(start), n, r if not dense else d, int(dense), u_off, v_off, vm_off, ush, vsh])
+        us_.append(uq.ravel())
+        u_off += uq.size
+        v_off += 0 if dense else clr.v[c].numel()
+    name = "embeddings.word_embeddings"
+    cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)
+    b.const(f"{name}.slot", np.asarray(lay.slot).astype(np.uint16))
+    b.const(f"{name}.clusters", np.array(rows, dtype=np.int32).reshape(-1))
+    b.const(f"{name}.u", cat(us_, np.int8))
+    b.const(f"{name}.v", cat(vs_, np.int8))
+    b.const(f"{name}.u_mult", um)
+    b.const(f"{name}.v_mult", cat(vm_all, np.int32))
+    assert len(rows[0]) == len(CLR_FIELDS)
+    words = b.act(f"{name}.out", (L, d), Q.ActQ(s_out, 0))
+    b.op("embedding_clr", name, [ids] + [f"{name}.{k}" for k in ("slot", "clusters", "u", "v", "u_mult", "v_mult")],
+         [words], L=L, d=d, vocab=V, nclusters=len(rows))
+    return words
+
+
+def _bert_int8(b: Builder, bert, L: int, obs: Observers, clr=None) -> tuple[str, str]:
     c = bert.config
     if L > c.max_position_embeddings:
         raise TinyshieldError(f"seq_len {L} exceeds the model's max_position_embeddings {c.max_position_embeddings}")
@@ -344,11 +409,14 @@ def _bert_int8(b: Builder, bert, L: int, obs: Observers) -> tuple[str, str]:
     mask = b.act("mask", (L,), None)
     b.op("pad_mask", "embeddings.mask", [ids], [mask], L=L)
     e = bert.embeddings
-    wt, wq = _const_q(e.word_embeddings.weight.detach().double().numpy())
-    b.const("embeddings.word_embeddings.weight", wt, wq)
-    words = b.act("embeddings.word_embeddings.out", (L, c.hidden_size), Q.ActQ(wq.scale[0], 0))
-    b.op("embedding", "embeddings.word_embeddings", [ids, "embeddings.word_embeddings.weight"], [words],
-         L=L, d=c.hidden_size, vocab=c.vocab_size)
+    if hasattr(e.word_embeddings, "layout"):          # a CLR table (edge.compress.clr.CLREmbedding)
+        words = _clr_embedding(b, e.word_embeddings, ids, L, clr)
+    else:
+        wt, wq = _const_q(e.word_embeddings.weight.detach().double().numpy())
+        b.const("embeddings.word_embeddings.weight", wt, wq)
+        words = b.act("embeddings.word_embeddings.out", (L, c.hidden_size), Q.ActQ(wq.scale[0], 0))
+        b.op("embedding", "embeddings.word_embeddings", [ids, "embeddings.word_embeddings.weight"], [words],
+             L=L, d=c.hidden_size, vocab=c.vocab_size)
     pos = (e.position_embeddings.weight[:L] + e.token_type_embeddings.weight[0]).detach().double().numpy()
     pt, pq = _const_q(pos)
     b.const("embeddings.position_embeddings.weight", pt, pq)
@@ -357,14 +425,16 @@ def _bert_int8(b: Builder, bert, L: int, obs: Observers) -> tuple[str, str]:
     return _encoder_int8(b, bert.encoder, c, x, mask, L, obs), mask
 
 
-def lower_bert(model, calib_ids, seq_len: int, batch: int = 64) -> Graph:
-    """Any BertModel-shaped encoder -> int8 graph whose output `hidden` is the last hidden states (L, d)."""
+def lower_bert(model, calib_ids, seq_len: int, batch: int = 64, clr=None) -> Graph:
+    """Any BertModel-shaped encoder -> int8 graph whose output `hidden` is the last hidden states (L, d).
+    A CLR word table (edge.compress) is lowered to `embedding_clr`; `clr` may give its int8 form
+    (QuantCLR), else it is quantised here."""
     ids = _check_ids(calib_ids, seq_len, model)
     obs = Observers()
     _bert_calibrate(model.eval(), ids, obs, batch)
     model.float()
     b = Builder("bert-int8")
-    x, _ = _bert_int8(b, model, seq_len, obs)
+    x, _ = _bert_int8(b, model, seq_len, obs, clr)
     b.tensors["hidden"] = b.tensors.pop(x)
     b.tensors["hidden"].name = "hidden"
     for op in b.ops:
@@ -372,8 +442,9 @@ def lower_bert(model, calib_ids, seq_len: int, batch: int = 64) -> Graph:
     return b.graph(["input"], ["hidden"], {"kind": "bert", "seq_len": seq_len, "calib": int(len(ids))})
 
 
-def lower_bert_classifier(model, calib_ids, seq_len: int, batch: int = 64) -> Graph:
-    """BertClassifier (encoder + mean pooling + linear head) -> int8 graph with output `logits`."""
+def lower_bert_classifier(model, calib_ids, seq_len: int, batch: int = 64, clr=None) -> Graph:
+    """BertClassifier (encoder + mean pooling + linear head) -> int8 graph with output `logits`.
+    A CLR word table is handled as in `lower_bert`."""
     ids = _check_ids(calib_ids, seq_len, model.bert)
     obs = Observers()
     model = model.eval()
@@ -384,7 +455,7 @@ def lower_bert_classifier(model, calib_ids, seq_len: int, batch: int = 64) -> Gr
             obs.see("classifier.out", model.classifier.double()(pooled))
     model.float()
     b = Builder("bert-classifier-int8")
-    x, mask = _bert_int8(b, model.bert, seq_len, obs)
+    x, mask = _bert_int8(b, model.bert, seq_len, obs, clr)
     pooled = _mean_pool(b, "pool", x, mask, seq_len, model.config.hidden_size, obs.q("pool.out"))
     _fc(b, "classifier", model.classifier, pooled, obs.q("classifier.out"), 1, out_name="logits")
     return b.graph(["input"], ["logits"], {"kind": "bert-classifier", "seq_len": seq_len,
@@ -432,10 +503,13 @@ def calls_for(graph: Graph, op: Op, loc) -> list[Call]:
                                       a["shift"], a["y_zp"]), op.name, 0)]
     if k == "embedding":
         return [Call("embedding_s8", (loc(i[0]), loc(i[1]), loc(o[0]), a["L"], a["d"], a["vocab"]), op.name, 0)]
+    if k == "embedding_clr":
+        return [Call("embedding_clr_s8", (*(loc(t) for t in i), loc(o[0]), a["L"], a["d"], a["vocab"], a["nclusters"]),
+                     op.name, 0)]
     if k == "pad_mask":
         return [Call("pad_mask", (loc(i[0]), loc(o[0]), a["L"]), op.name, 0)]
     raise TinyshieldError(f"op kind {k!r} (op {op.name}) has no kernel: supported are {', '.join(OP_KINDS)}")
 
 
 OP_KINDS = ("conv2d", "fully_connected", "matmul_qk", "softmax", "matmul_pv", "add_layernorm", "lut",
-            "mean_pool", "embedding", "pad_mask")
+            "mean_pool", "embedding", "embedding_clr", "pad_mask")

@@ -20,16 +20,22 @@ WARN = ["-std=c99", "-O2", "-Wall", "-Wextra", "-Werror"]
 ARM = ["arm-none-eabi-gcc", "-mcpu=cortex-m4", "-mthumb", "-mfloat-abi=hard", "-mfpu=fpv4-sp-d16"]
 
 
-def bert_tiny_graph(L=32, vocab=500):
+def bert_tiny_graph(L=32, vocab=500, clr=False):
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=vocab, hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
                      intermediate_size=512, max_position_embeddings=64)
     m = BertClassifier(cfg).eval()
+    quant = None
+    if clr:
+        from edge.compress.clr import QuantCLR, factorize, layout_from_clusters
+        lay = layout_from_clusters(np.arange(vocab) % 4, ranks=(8, 16, 16, 128), dense=(False, False, False, True), dim=128)
+        quant = QuantCLR.from_float(factorize(m.bert.embeddings.word_embeddings.weight.detach(), lay))
+        m.bert.embeddings.word_embeddings = quant.to_float()
     rng = np.random.default_rng(0)
     ids = rng.integers(1, vocab, size=(24, L)).astype(np.int32)
     for r in ids:
         r[rng.integers(4, L):] = 0
-    return lower_bert_classifier(m, ids[:16], L), ids[16:]
+    return lower_bert_classifier(m, ids[:16], L, clr=quant), ids[16:]
 
 
 def vit_graph():
@@ -58,8 +64,16 @@ def bert(tmp_path_factory):
     return s, p, generate(s, p, tmp_path_factory.mktemp("bert")), list(ids)
 
 
+@pytest.fixture(scope="module")
+def bert_clr(tmp_path_factory):
+    g, ids = bert_tiny_graph(clr=True)
+    s = layerwise(g)
+    p = plan(s)
+    return s, p, generate(s, p, tmp_path_factory.mktemp("bert_clr")), list(ids)
+
+
 @pytest.mark.parametrize("variant", ["portable", "dsp"])
-@pytest.mark.parametrize("model", ["vit", "bert"])
+@pytest.mark.parametrize("model", ["vit", "bert", "bert_clr"])
 def test_generated_model_equals_reference(model, variant, request):
     s, p, gen, inputs = request.getfixturevalue(model)
     hm = HostModel(gen.dir, variant)
@@ -82,7 +96,7 @@ def test_model_info_describes_io(vit, bert):
     assert vi.input_dtype == 0 and vi.input_zero_point == -128 and list(vi.input_shape) == [28, 28, 1, 0]
 
 
-@pytest.mark.parametrize("model", ["vit", "bert"])
+@pytest.mark.parametrize("model", ["vit", "bert", "bert_clr"])
 def test_generated_c_compiles_warning_free_host_and_cortex_m4(model, request, tmp_path, arm_toolchain):
     gen = request.getfixturevalue(model)[2]
     srcs = [str(gen.model_c)] + [str(p) for p in kernel_sources()]

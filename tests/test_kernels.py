@@ -194,3 +194,30 @@ def test_unknown_kernel_and_bad_argument_are_refused(ck):
         ck["no_such_kernel"]
     with pytest.raises(TinyshieldError, match="contiguous int8"):
         ck["lut_s8"](np.zeros(4, np.float32), np.zeros(256, np.int8), np.zeros(4, np.int8), 4)
+
+
+@SETTINGS
+@given(st.data())
+def test_embedding_clr(ck, data):
+    d = data.draw
+    dd, k = d(st.integers(1, 9)), d(st.integers(1, 4))
+    sizes = [d(st.integers(1, 5)) for _ in range(k)]
+    V = sum(sizes)
+    rng = np.random.default_rng(d(st.integers(0, 2 ** 32 - 1)))
+    slot = rng.permutation(V).astype(np.uint16)
+    rows, u, v, vm, start = [], [], [], [], 0
+    for n in sizes:
+        dense, r = d(st.booleans()), d(st.integers(1, 6))
+        rows += [start, n, dd if dense else r, int(dense), sum(map(len, u)), sum(map(len, v)), sum(map(len, vm)),
+                 d(shift), d(shift)]
+        u.append(i8(d, n * (dd if dense else r)))
+        if not dense:
+            v.append(i8(d, r * dd))
+            vm.append(np.array([d(mult) for _ in range(dd)], np.int32))
+        start += n
+    cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)
+    L = d(st.integers(1, 6))
+    ids = rand(d, L, -2, V + 2, np.int32)
+    args = [ids, slot, np.array(rows, np.int32), cat(u, np.int8), cat(v, np.int8),
+            np.array([d(mult) for _ in range(V)], np.int32), cat(vm, np.int32), np.zeros(L * dd, np.int8), L, dd, V, k]
+    both(ck, "embedding_clr_s8", args, [7])

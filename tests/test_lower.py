@@ -80,3 +80,36 @@ def test_bad_calibration_input_is_refused():
     with pytest.raises(TinyshieldError, match="calibration images"):
         lower_vit(ViT(ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)),
                   np.zeros((4, 28, 28), dtype=np.float32))
+
+
+def test_clr_embedding_lowers_to_the_int8_table():
+    from edge.compress.clr import QuantCLR, factorize, layout_from_clusters
+    from mcu.hostlib import HostKernels
+
+    torch.manual_seed(2)
+    m = BertClassifier(TINY_BERT).eval()
+    table = m.bert.embeddings.word_embeddings.weight.detach()
+    rng = np.random.default_rng(2)
+    cluster_of = rng.integers(0, 3, size=TINY_BERT.vocab_size)
+    lay = layout_from_clusters(cluster_of, ranks=(4, 6, 32), dense=(False, False, True), dim=32)
+    quant = QuantCLR.from_float(factorize(table, lay))
+    m.bert.embeddings.word_embeddings = quant.to_float()
+    ids = random_ids(32, 16, seed=3)
+    g = lower_bert_classifier(m, ids, 16, clr=quant)
+    assert [op.kind for op in g.ops][:2] == ["pad_mask", "embedding_clr"]
+    s = one_call_per_op(g)
+    hk = HostKernels("dsp")
+    words = g.tensors["embeddings.word_embeddings.out"]
+    want = quant.table().numpy()
+    for x in ids[:4]:
+        a = run(s, {"input": x})
+        assert np.array_equal(a["logits"], run(s, {"input": x}, kernels=hk)["logits"])
+    # the lookup itself reproduces QuantCLR's dequantised rows to within one output step
+    from mcu.kernels import embedding_clr_s8
+    c = {n: g.tensors[f"embeddings.word_embeddings.{n}"].data for n in ("slot", "clusters", "u", "v", "u_mult", "v_mult")}
+    y = np.zeros(16 * 32, np.int8)
+    x = ids[0]
+    embedding_clr_s8(x, c["slot"], c["clusters"], c["u"], c["v"], c["u_mult"], c["v_mult"], y, 16, 32, 100,
+                     len(c["clusters"]) // 9)
+    got = y.reshape(16, 32) * words.q.scale[0]
+    assert np.abs(got - want[x]).max() <= 1.01 * words.q.scale[0]

@@ -47,6 +47,12 @@ void tsh_mean_pool_s8(const int8_t *x, const int8_t *mask, int8_t *y, int32_t L,
 
 void tsh_embedding_s8(const int32_t *ids, const int8_t *table, int8_t *y, int32_t L, int32_t d, int32_t vocab);
 
+/* Clustered low-rank embedding; `clusters` rows: start, rows, rank, dense, u_off, v_off, vm_off,
+ * u_shift, v_shift (see mcu.kernels.embedding_clr_s8) */
+void tsh_embedding_clr_s8(const int32_t *ids, const uint16_t *slot, const int32_t *clusters, const int8_t *u,
+                          const int8_t *v, const int32_t *u_mult, const int32_t *v_mult, int8_t *y, int32_t L,
+                          int32_t d, int32_t vocab, int32_t nclusters);
+
 void tsh_pad_mask(const int32_t *ids, int8_t *mask, int32_t L);
 
 /* tiled.c (the tiled schedule's attention, see mcu/tiled.py) */

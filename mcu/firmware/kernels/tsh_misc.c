@@ -30,6 +30,42 @@ void tsh_embedding_s8(const int32_t *ids, const int8_t *table, int8_t *y, int32_
     }
 }
 
+void tsh_embedding_clr_s8(const int32_t *ids, const uint16_t *slot, const int32_t *clusters, const int8_t *u,
+                          const int8_t *v, const int32_t *u_mult, const int32_t *v_mult, int8_t *y, int32_t L,
+                          int32_t d, int32_t vocab, int32_t nclusters)
+{
+    for (int32_t p = 0; p < L; p++) {
+        int32_t t = ids[p];
+        int32_t s = slot[(t >= 0 && t < vocab) ? t : 0];
+        int8_t *out = y + p * d;
+        const int32_t *c = 0;
+        for (int32_t k = 0; k < nclusters; k++) {
+            const int32_t *ck = clusters + 9 * k;
+            if (ck[0] <= s && s < ck[0] + ck[1]) {
+                c = ck;
+                break;
+            }
+        }
+        if (c == 0) {
+            memset(out, 0, (size_t)d);
+            continue;
+        }
+        int32_t i = s - c[0], r = c[2], um = u_mult[s], ush = c[7], vsh = c[8];
+        if (c[3]) {
+            const int8_t *ui = u + c[4] + i * d;
+            for (int32_t j = 0; j < d; j++) out[j] = tsh_sat8(tsh_mbqm(ui[j], um, ush));
+            continue;
+        }
+        const int8_t *ui = u + c[4] + i * r, *vc = v + c[5];
+        const int32_t *vm = v_mult + c[6];
+        for (int32_t j = 0; j < d; j++) {
+            int32_t acc = 0;
+            for (int32_t k = 0; k < r; k++) acc += ui[k] * vc[k * d + j];
+            out[j] = tsh_sat8(tsh_mbqm(tsh_mbqm(acc, vm[j], vsh), um, ush));
+        }
+    }
+}
+
 void tsh_pad_mask(const int32_t *ids, int8_t *mask, int32_t L)
 {
     for (int32_t i = 0; i < L; i++) mask[i] = (int8_t)(ids[i] != 0);
