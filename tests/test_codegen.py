@@ -125,3 +125,17 @@ def test_missing_kernel_and_dtype_are_refused(vit, tmp_path):
                                                             Ref("input"), 4), "x")])
     with pytest.raises(TinyshieldError, match="is int32"):
         generate(wrong, p, tmp_path)
+
+
+@pytest.mark.parametrize("model", ["vit", "bert_clr"])
+def test_generated_tiled_schedule_equals_layerwise_reference(model, request, tmp_path):
+    from mcu.schedules import tiled
+
+    s_lw, _, _, inputs = request.getfixturevalue(model)
+    g = s_lw.graph
+    s = tiled(g)
+    p = plan(s)
+    check(p, s)
+    hm = HostModel(generate(s, p, tmp_path).dir, "dsp")
+    for x in inputs[:3]:
+        assert np.array_equal(hm.run(x), run(s_lw, {g.inputs[0]: x})[g.outputs[0]])
