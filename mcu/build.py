@@ -238,19 +238,42 @@ def _schedule(graph, kind: str):
     return layerwise(graph)
 
 
-def _lower(loaded, calib: int, seq_len: int | None):
+@dataclass
+class _Source:
+    model: object                 # the float torch model
+    kind: str                     # "vit", "bert-classifier"
+    path: Path | None
+    clr: object = None            # edge.compress.clr.QuantCLR: the int8 CLR word table, if compressed
+
+
+def _load(spec: str) -> _Source:
+    """A recipe name / model directory (edge.models.registry), or a CLR-compressed directory
+    written by `tinyshield compress` (kind "bert-classifier-clr", edge.compress.io)."""
+    p = Path(spec)
+    if p.is_dir() and (p / "config.json").is_file():
+        kind = json.loads((p / "config.json").read_text()).get("kind", "")
+        if kind.endswith("-clr"):
+            from edge.compress.io import load_compressed
+            c = load_compressed(p)
+            return _Source(c.model.eval(), kind.removesuffix("-clr"), p, c.quant)
+    from edge.models.registry import resolve
+    loaded = resolve(spec)
+    return _Source(loaded.model, loaded.kind, loaded.path)
+
+
+def _lower(src: _Source, calib: int, seq_len: int | None):
     from mcu import lower
-    if loaded.kind == "vit":
+    if src.kind == "vit":
         from edge.data import data_dir, mnist
         ds = mnist(allow_fallback=data_dir(required=False) is None)
-        return lower.lower_vit(loaded.model, ds.x_train[:calib])
-    if loaded.kind == "bert-classifier":
+        return lower.lower_vit(src.model, ds.x_train[:calib])
+    if src.kind == "bert-classifier":
         from edge.data import sst2
         from edge.models.minilm import load_tokenizer, tokenize
         L = seq_len or 64
-        ids = tokenize(load_tokenizer(), sst2("train").texts[:calib], pad_to=L)
-        return lower.lower_bert_classifier(loaded.model, ids, L)
-    raise TinyshieldError(f"model kind {loaded.kind!r} cannot be deployed to a board yet (vit, bert-classifier)")
+        ids = tokenize(load_tokenizer(), sst2("train").texts[:calib], pad_to=L).input_ids.numpy()
+        return lower.lower_bert_classifier(src.model, ids, L, clr=src.clr)
+    raise TinyshieldError(f"model kind {src.kind!r} cannot be deployed to a board yet (vit, bert-classifier)")
 
 
 RUNTIME_FLASH = 8 * 1024       # the runtime and kernels take less flash than this; used for early refusals
@@ -302,12 +325,11 @@ def build_model(spec: str, board: str | None = None, schedule: str = "layerwise"
     and the generated C are cached under build/deploy/<hash>/ by weights, board and options."""
     import pickle
 
-    from edge.models.registry import resolve
     from edge.paths import artefact_dir
 
     b = get_board(board)
-    loaded = resolve(spec)
-    weights = (loaded.path / "model.safetensors") if loaded.path else None
+    src = _load(spec)
+    weights = (src.path / "model.safetensors") if src.path else None
     key = {"spec": spec, "weights": hashlib.sha256(weights.read_bytes()).hexdigest() if weights else None,
            "board": b.id, "schedule": schedule, "calib": calib, "seq_len": seq_len, "version": 2}
     d = artefact_dir("deploy", key)
@@ -315,8 +337,8 @@ def build_model(spec: str, board: str | None = None, schedule: str = "layerwise"
     if cached.is_file() and not force:
         graph = pickle.loads(cached.read_bytes())
     else:
-        graph = _lower(loaded, calib, seq_len)
+        graph = _lower(src, calib, seq_len)
         cached.write_bytes(pickle.dumps(graph))
     sched, plan, fw = deploy_graph(graph, b, d, schedule, force=force)
-    return BuiltModel(name or (spec if not Path(spec).is_dir() else Path(spec).name), loaded.kind, b.id,
+    return BuiltModel(name or (spec if not Path(spec).is_dir() else Path(spec).name), src.kind, b.id,
                       graph, sched, plan, d / "src", fw)

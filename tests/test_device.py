@@ -201,3 +201,34 @@ def test_cli_errors_are_one_line(env, built, capsys, tmp_path):
     assert "not a firmware built by `tinyshield build`" in capsys.readouterr().err
     assert main(["eval", "no-such-model", "--board", "stm32f405"]) == 2
     assert "unknown model 'no-such-model'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bert_with_clr_embedding_on_device(env, shared_data, tmp_path):
+    """A BERT classifier whose 30522-token word table is clustered low-rank (the `tinyshield
+    compress` format), calibrated on SST-2: the device's logits equal the host reference."""
+    from edge.compress.clr import QuantCLR, factorize, layout_from_clusters
+    from edge.compress.io import save_compressed
+    from edge.compress.model import set_word_embeddings
+    from edge.data import sst2
+    from edge.models.bert import BertClassifier, BertConfig
+    from edge.models.minilm import load_tokenizer, tokenize
+
+    torch.manual_seed(0)
+    model = BertClassifier(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                      intermediate_size=64, max_position_embeddings=64), 2).eval()
+    table = model.bert.embeddings.word_embeddings.weight.detach()
+    cluster_of = (np.arange(table.shape[0]) >= 1000).astype(np.int64)     # frequent ids dense, the rest rank 8
+    clr = factorize(table, layout_from_clusters(cluster_of, ranks=(32, 8), dense=(True, False), dim=32))
+    set_word_embeddings(model, clr)
+    d = save_compressed(model, QuantCLR.from_float(clr), tmp_path / "bert-clr")
+
+    b = build_model(str(d), "stm32f405", calib=32, seq_len=32)
+    assert b.graph.const_bytes() < 30522 * 32                             # less than the dense int8 table alone
+    texts = sst2("dev").texts[:3]
+    ids = tokenize(load_tokenizer(), texts, pad_to=32).input_ids.numpy().astype(np.int32)
+    with open_board(b.firmware) as dev:
+        assert dev.info.input_dtype == "int32" and dev.info.input_shape == (32,)
+        for x in ids:
+            q = b.quantise_input(x)
+            assert np.array_equal(dev.infer(q).output.reshape(-1), b.reference(q).reshape(-1))

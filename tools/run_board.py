@@ -80,7 +80,7 @@ def load_input(spec: str, built):
         return img.astype(np.uint8), None
     from edge.models.minilm import load_tokenizer, tokenize
     L = built.graph.tensors[built.graph.inputs[0]].shape[0]
-    return np.asarray(tokenize(load_tokenizer(), [spec], pad_to=L))[0].astype(np.int32), None
+    return tokenize(load_tokenizer(), [spec], pad_to=L).input_ids.numpy()[0].astype(np.int32), None
 
 
 def run_on_board(args) -> int:

@@ -31,7 +31,7 @@ def test_set(dataset: str, built, limit: int):
     from edge.models.minilm import load_tokenizer, tokenize
     ds = sst2("dev")
     L = built.graph.tensors[built.graph.inputs[0]].shape[0]
-    ids = np.asarray(tokenize(load_tokenizer(), ds.texts[:limit], pad_to=L)).astype(np.int32)
+    ids = tokenize(load_tokenizer(), ds.texts[:limit], pad_to=L).input_ids.numpy().astype(np.int32)
     return ids, ds.labels[:limit], ds.source
 
 
