@@ -45,7 +45,7 @@ class MoERecipe:
 def tiny_recipe(**overrides) -> MoERecipe:
     """A config that trains in seconds: for tests and smoke runs."""
     base = dict(model=MoEConfig(dim=32, layers=2, heads=2, experts=4, top_k=2, ffn=64, context=64),
-                steps=20, batch_size=8, seq_len=32, eval_tokens=2048)
+                steps=20, batch_size=8, seq_len=32, eval_tokens=2048, threads=1)
     base.update(overrides)
     return MoERecipe(**base)
 

@@ -50,6 +50,7 @@ def main(argv=None) -> int:
     ap.add_argument("--drop", type=float, default=0.5, help="share of second experts the gating threshold drops "
                                                            "on calibration text")
     ap.add_argument("--int8", action="store_true")
+    ap.add_argument("--model", help="trained MoE model directory (default: the `moe train` model)")
     ap.add_argument("--quick", action="store_true", help="fewer tokens and runs (smoke check)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -67,8 +68,8 @@ def main(argv=None) -> int:
     from edge.paths import build_dir
 
     tokens = 256 if args.quick else args.tokens
-    trained = train()
-    store = store_for(trained.path, int8=args.int8)
+    model_dir = args.model or train().path
+    store = store_for(model_dir, int8=args.int8)
     cfg = store.cfg
     ids = eval_ids(tokens)
     t0 = time.time()
@@ -134,7 +135,7 @@ def main(argv=None) -> int:
                     "belady_hit_rate_25_adapmoe_trace": ad["belady_same_trace"],
                     "activation_reduction_pct": 100 * (1 - ad["experts_per_token"] / (ref.experts_activated / ref.tokens))}
 
-    result = {"model": str(trained.path), "store": str(store.root), "dtype": "int8" if args.int8 else "float32",
+    result = {"model": str(model_dir), "store": str(store.root), "dtype": "int8" if args.int8 else "float32",
               "expert_bytes": store.expert_bytes, "experts_total_bytes": total, "eval_tokens": ref.tokens,
               "io": "posix_fadvise(POSIX_FADV_DONTNEED) after every expert read; sha256 checked on every read",
               "torch_threads": 1, "reference_perplexity": ref_ppl, "reference_tokens_per_s": ref.summary()["tokens_per_s"],
@@ -160,7 +161,7 @@ def main(argv=None) -> int:
                   pct(r["prefetch_precision"]), pct(r["prefetch_recall"]), f"{r['bytes_per_token'] / 1e3:.0f}",
                   f"{r['stall_ms_per_token']:.2f}", f"{r['tokens_per_s']:.1f}", f"{r['perplexity']:.3f}",
                   f"{r['experts_per_token']:.2f}")
-    con = Console()
+    con = Console(width=200)
     con.print(t)
     g = Table(title="adaptive gating alone (all experts in RAM)")
     for c in ["drop share (calib.)", "T", "ppl", "ppl change", "experts/tok", "activations saved"]:

@@ -43,6 +43,7 @@ def register(sub):
     b = jobs.add_parser("bench", help="the caching benchmark (same as python -m tools.bench.moe)")
     b.add_argument("--tokens", type=int, default=None, help="evaluation bytes (default: the benchmark's)")
     b.add_argument("--quick", action="store_true", help="a short run for a smoke check")
+    b.add_argument("--model", help="trained MoE model directory (default: the `moe train` model)")
     b.set_defaults(func=run_bench)
 
 
@@ -116,15 +117,15 @@ def run_trace(args):
     from edge.moe.adapmoe import open_runtime, parse_budget
     from edge.moe.model import encode
     from edge.moe.replay import replay_all
-    from edge.moe.train import split_corpora
+    from edge.moe.train import CORPORA, split_corpora
     from edge.paths import build_dir
 
     _threads(args.threads)
     store = _store(args)
-    if args.corpus in data.TEXT_CORPORA:
+    if args.corpus in CORPORA:  # a training corpus: only its held-out tail
         ids = torch.from_numpy(split_corpora([args.corpus])[1][args.corpus].astype("int64"))
-        if args.corpus.startswith("wikitext2-test"):
-            ids = encode(data.text_corpus(args.corpus))
+    elif args.corpus in data.TEXT_CORPORA:
+        ids = encode(data.text_corpus(args.corpus))
     elif Path(args.corpus).is_file():
         ids = encode(Path(args.corpus).read_text(encoding="utf-8"))
     else:
@@ -157,4 +158,6 @@ def run_bench(args):
         argv += ["--tokens", str(args.tokens)]
     if args.quick:
         argv += ["--quick"]
+    if args.model:
+        argv += ["--model", args.model]
     return main(argv)
