@@ -36,9 +36,10 @@ def bench(models, boards, schedules, limit: int) -> list[dict]:
                     with open_board(built.firmware) as dev:
                         ev = evaluate(dev, built, xs, ys, bar)
                     fw = built.firmware
-                    rows.append({"model": spec, "board": board, "schedule": schedule, "flash_used": fw.flash_used,
-                                 "flash_bytes": fw.flash_bytes, "ram_used": fw.ram_used, "ram_bytes": fw.ram_bytes,
-                                 "planner_arena": built.plan.arena_bytes, **asdict(ev)})
+                    rows.append({**asdict(ev), "model": spec, "device_model": ev.model, "board": board,
+                                 "schedule": schedule, "flash_used": fw.flash_used, "flash_bytes": fw.flash_bytes,
+                                 "ram_used": fw.ram_used, "ram_bytes": fw.ram_bytes,
+                                 "planner_arena": built.plan.arena_bytes})
     return rows
 
 
