@@ -230,6 +230,8 @@ class Link:
                     if code in (1, 5):                      # garbled or cut in transit: send again
                         last = ERRORS[code]
                         break
+                    if ecmd != cmd:
+                        continue                             # a stray answer to some other frame
                     raise DeviceError(code, ecmd, detail)
         raise TinyshieldError(f"board at {self.url} did not answer {name} after {self.retries + 1} tries "
                               f"({last}): it may be hung, killed or running different firmware — "

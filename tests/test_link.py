@@ -77,3 +77,15 @@ def test_device_crc_equals_zlib(tmp_path):
         assert lib.tsh_crc32_update(0, data, len(data)) == zlib.crc32(data)
     # fed in pieces, as the firmware does
     assert lib.tsh_crc32_update(lib.tsh_crc32_update(0, b"12345", 5), b"6789", 4) == zlib.crc32(b"123456789")
+
+
+def test_device_error_for_this_request_is_raised_and_strays_are_ignored():
+    """A loop:// link reads back what it writes: plant replies ahead of the request's echo."""
+    import struct
+
+    from mcu.link import DeviceError
+    with Link("loop://", timeout=0.3, retries=0) as link:
+        # an error about another command with the next seq (a stray), then the real one
+        link.send_raw(frame(0x7F, 1, struct.pack("<BBH", 4, 0x05, 0)) + frame(0x7F, 1, struct.pack("<BBH", 4, 0x04, 8)))
+        with pytest.raises(DeviceError, match="device refused DOWNLOAD: bad argument"):
+            link.request("DOWNLOAD", b"")
