@@ -80,6 +80,7 @@ class ShadowAttack:
     fake_detection_accuracy: float # share of obfuscated rows correctly labelled real/fake by row statistics
     fake_recall: float
     public_match_share: float      # share of real channels placed at the right position by public-model matching
+    public_fake_accuracy: float    # share of rows labelled right when "claimed by no public row" means fake
     public_recovered_cos: float    # cosine (whole matrix) of recovered weights vs the protected ones
     public_only_cos: float         # the public model's own cosine to the protected weights (the baseline)
 
@@ -124,7 +125,8 @@ def shadow_attacks(name: str, obf: np.ndarray, fake: np.ndarray, perm: np.ndarra
 
     return ShadowAttack(name, int(w_true.shape[0]), int(fake.sum()), float(best.mean()),
                         float((guess_fake == fake).mean()), float((guess_fake & fake).sum() / max(fake.sum(), 1)),
-                        float((pub_idx == perm).mean()), cos(rec, w_true), cos(w_public, w_true))
+                        float((pub_idx == perm).mean()), float((~np.isin(np.arange(len(obf)), pub_idx) == fake).mean()),
+                        cos(rec, w_true), cos(w_public, w_true))
 
 
 # ---- malicious accelerator -------------------------------------------------------------------------

@@ -1,0 +1,205 @@
+"""Protected inference, in-process parts: wire format, sealing, attestation, field arithmetic, transforms, attacks."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edge.errors import TinyshieldError
+from tee import attestation, audit, blinded, fieldmath, messages, sealing, shadownet
+from tee.fieldmath import HALF, P
+
+
+@pytest.fixture
+def root_key(tmp_path, monkeypatch):
+    monkeypatch.setenv("TINYSHIELD_ROOT_KEY", str(tmp_path / "root.key"))
+    return sealing.device_root_key()
+
+
+# ---- messages ----------------------------------------------------------------------------------------
+def test_message_roundtrip_and_refusals():
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    buf = messages.encode(messages.Message("matmul", {"layer": "l0", "seq": 7}, [x]))
+    m = messages.decode(bytearray(buf), "matmul")
+    assert m.fields == {"layer": "l0", "seq": 7} and np.array_equal(m.arrays[0], x)
+    with pytest.raises(TinyshieldError, match="trailing"):
+        messages.decode(buf + b"\0")
+    with pytest.raises(TinyshieldError, match="truncated"):
+        messages.decode(buf[:-1])
+    with pytest.raises(TinyshieldError, match="magic"):
+        messages.decode(b"XXXX" + buf[4:])
+    with pytest.raises(TinyshieldError, match="expected result"):
+        messages.decode(buf, "result")
+    with pytest.raises(TinyshieldError, match="seq must be int"):
+        messages.encode(messages.Message("matmul", {"layer": "l0", "seq": "7"}, [x]))
+    with pytest.raises(TinyshieldError, match="dtype"):
+        messages.encode(messages.Message("matmul", {"layer": "l0", "seq": 1}, [x.astype(np.float64)]))
+    with pytest.raises(TinyshieldError, match="not part of the protocol"):
+        messages.encode(messages.Message("exec", {}, []))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 200), st.integers(0, 255))
+def test_corrupted_messages_never_crash(pos, byte):
+    buf = bytearray(messages.encode(messages.Message("result", {"seq": 1, "seconds": 0.5},
+                                                     [np.ones((2, 3), np.uint32)])))
+    buf[pos % len(buf)] = byte
+    try:
+        messages.decode(buf)
+    except TinyshieldError:
+        pass   # refused with a clear error; anything else (KeyError, ValueError...) fails the test
+
+
+# ---- sealing and attestation -------------------------------------------------------------------------
+def test_sealing_refuses_tampering_other_measurement_and_changed_code(root_key, tmp_path):
+    cfg = {"mode": "blinded", "model": {"hidden_size": 64}}
+    meas = sealing.measurement(cfg)
+    key = sealing.seal_key(root_key, meas)
+    blob = sealing.seal(key, b"secret weights", b"bundle\0" + meas)
+    assert b"secret" not in blob
+    assert sealing.unseal(key, blob, b"bundle\0" + meas) == b"secret weights"
+    bad = bytearray(blob)
+    bad[-20] ^= 1
+    with pytest.raises(TinyshieldError, match="cannot unseal"):
+        sealing.unseal(key, bytes(bad), b"bundle\0" + meas)
+    other = sealing.measurement({**cfg, "mode": "plain"})
+    with pytest.raises(TinyshieldError, match="cannot unseal"):
+        sealing.unseal(sealing.seal_key(root_key, other), blob, b"bundle\0" + other)
+    with pytest.raises(TinyshieldError, match="cannot unseal"):      # blob moved to another purpose
+        sealing.unseal(key, blob, b"pad\0" + meas)
+    # A changed enclave (one byte of its code) measures differently, so it derives another key.
+    code = tmp_path / "code"
+    code.mkdir()
+    for name in sealing.ENCLAVE_CODE:
+        (code / name).write_bytes((sealing.TEE_DIR / name).read_bytes())
+    assert sealing.code_digest(root=code) == sealing.code_digest()
+    (code / "enclave.py").write_bytes((code / "enclave.py").read_bytes() + b"\n# patched\n")
+    changed = sealing.measurement(cfg, sealing.code_digest(root=code))
+    assert changed != meas
+    with pytest.raises(TinyshieldError, match="cannot unseal"):
+        sealing.unseal(sealing.seal_key(root_key, changed), blob, b"bundle\0" + meas)
+
+
+def test_attestation_and_channel_refuse_replays(root_key):
+    meas = sealing.measurement({"mode": "plain"})
+    dev = attestation.device_public_key(root_key)
+    ck, cpub = attestation.new_keypair()
+    ek, epub = attestation.new_keypair()
+    nonce = attestation.fresh_nonce()
+    q = attestation.make_quote(root_key, meas, nonce, cpub, epub)
+    attestation.verify_quote(q, dev, meas, nonce, cpub)
+    with pytest.raises(TinyshieldError, match="stale or replayed"):
+        attestation.verify_quote(q, dev, meas, attestation.fresh_nonce(), cpub)
+    with pytest.raises(TinyshieldError, match="measurement"):
+        attestation.verify_quote(q, dev, sealing.measurement({"mode": "blinded"}), nonce, cpub)
+    with pytest.raises(TinyshieldError, match="signature"):
+        attestation.verify_quote(q, attestation.device_public_key(b"\1" * 32), meas, nonce, cpub)
+    forged = attestation.Quote(q.measurement, q.nonce, q.client_key, attestation.new_keypair()[1], q.signature)
+    with pytest.raises(TinyshieldError, match="signature"):    # a swapped-in key breaks the signature
+        attestation.verify_quote(forged, dev, meas, nonce, cpub)
+    client = attestation.Channel(ck, epub, q.body(), initiator=True)
+    enclave = attestation.Channel(ek, cpub, q.body(), initiator=False)
+    blob, n = client.encrypt(b"input")
+    assert enclave.decrypt(blob, n) == b"input"
+    with pytest.raises(TinyshieldError, match="replay"):
+        enclave.decrypt(blob, n)
+
+
+# ---- field arithmetic -----------------------------------------------------------------------------
+EDGES = [0, 1, HALF - 1, HALF, HALF + 1, P - 1]
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 300), st.integers(1, 24), st.integers(0, 2 ** 32 - 1))
+def test_int8_digit_matmul_is_exact_mod_p(rows, k, m, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, P, (rows, k)).astype(np.uint32)
+    x.flat[: min(len(EDGES), x.size)] = EDGES[: min(len(EDGES), x.size)]
+    w = rng.integers(-127, 128, (k, m)).astype(np.int8)
+    got = fieldmath.int8_matmul_mod(x, torch.from_numpy(w))
+    xc = np.where(x.astype(np.int64) > HALF, x.astype(np.int64) - P, x.astype(np.int64)).astype(object)
+    want = np.mod(xc @ w.astype(object), P).astype(np.int64)
+    assert np.array_equal(got.astype(np.int64), want)
+    d = fieldmath.digits(x).astype(np.int64).reshape(3, rows, k)
+    assert np.array_equal(d[0] + 256 * d[1] + 65536 * d[2], xc.astype(np.int64))
+
+
+def test_split_matvec_is_exact_and_uniform_masks_cover_the_field():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, P, (17, 1536))
+    v = rng.integers(0, P, 1536)
+    got = fieldmath.split_matvec_mod(torch.from_numpy(a.astype(np.float64)), v)
+    assert np.array_equal(got, np.mod(a.astype(object) @ v.astype(object), P).astype(np.int64))
+    u = fieldmath.uniform((200_000,))
+    assert u.min() >= 0 and u.max() < P and abs(u.mean() / (P / 2) - 1) < 0.01
+
+
+# ---- blinded -----------------------------------------------------------------------------------------
+def _layer(rows=49, k=64, m=48, seed=0):
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((m, k)) / np.sqrt(k)).astype(np.float32)
+    b = rng.standard_normal(m).astype(np.float32)
+    x = rng.standard_normal((rows, k)).astype(np.float32)
+    return w, b, x, blinded.make_layer(w, b, x)
+
+
+def test_blinded_linear_equals_fixed_point_reference_with_fresh_masks():
+    w, b, x, layer = _layer()
+    wt8 = torch.from_numpy(layer.w_q.T.astype(np.int8).copy())
+    pads = [blinded.make_pad({"l": layer}, {"l": x.shape[0]}) for _ in range(2)]
+    sent = []
+    for pad in pads:
+        xt = blinded.blind(torch.from_numpy(x), layer, pad["l.r"])
+        yt = blinded.accelerate(xt, wt8)
+        assert blinded.freivalds(xt, yt, pad["l.s"], pad["l.v"])
+        y = blinded.unblind(yt, pad["l.u"], layer)
+        assert torch.equal(y, blinded.reference_lin({"l": layer})("l", torch.from_numpy(x)))
+        sent.append(xt)
+    assert not np.array_equal(sent[0], sent[1]) and not np.array_equal(pads[0]["l.r"], pads[1]["l.r"])
+    # the masked input is unrelated to the plaintext: best |cos| stays at chance level
+    best, _ = audit.best_abs_cos(x, audit.as_float(sent[0]))
+    assert best.max() < 0.7
+    ref = x @ w.T + b
+    assert np.abs(y.numpy() - ref).max() < 0.05 * np.abs(ref).max()   # int8 weights: close to fp32
+
+
+def test_blinded_overflow_is_refused_not_wrapped():
+    _, _, x, layer = _layer()
+    pad = blinded.make_pad({"l": layer}, {"l": x.shape[0]})
+    with pytest.raises(TinyshieldError, match="fixed-point range"):
+        blinded.blind(torch.from_numpy(x * 1e6), layer, pad["l.r"])
+
+
+def test_lying_accelerator_is_detected_in_every_trial():
+    w, b, x, _ = _layer(rows=16, k=32, m=24)
+    results = audit.detection_trials(w, b, rows=16, trials=300)
+    assert {r.attack for r in results} == {"flip", "perturb", "swap", "replay"}
+    for r in results:
+        assert r.trials >= 299 and r.detected == r.trials, r
+        assert r.theoretical_miss == pytest.approx(1 / P)
+
+
+# ---- shadownet ---------------------------------------------------------------------------------------
+def test_shadownet_restores_exactly_but_exposes_weights():
+    from edge.models.minilm import load_minilm
+    from tee import program
+    params = program.linears(load_minilm())
+    w, b = params["layer0.attn_out"]
+    rng = np.random.default_rng(0)
+    layer = shadownet.transform(w, rng, fake_ratio=0.25)
+    assert layer.obf.shape == (480, 384) and layer.fake.sum() == 96
+    x = rng.standard_normal((8, 384)).astype(np.float32)
+    masks = shadownet.mask_pool(8, 384, 1.0, 2, rng)
+    mask_out = masks[1] @ layer.obf.T
+    y = shadownet.restore((x + masks[1]) @ layer.obf.T, mask_out, layer, b)
+    ref = x @ w.T + b
+    assert np.abs(y - ref).max() <= 1e-4 * np.abs(ref).max()
+    # attacks: normalising rows finds every real channel; a related public model recovers order, scales, fakes
+    public = w + 0.5 * rng.standard_normal(w.shape).astype(np.float32) * np.linalg.norm(w, axis=1, keepdims=True) / np.sqrt(384)
+    r = audit.shadow_attacks("attn_out", layer.obf, layer.fake, layer.perm, w, public)
+    assert r.normalise_match_cos > 0.9999
+    assert r.public_match_share == 1.0 and r.public_fake_accuracy == 1.0
+    assert r.public_recovered_cos > 0.999 > r.public_only_cos + 0.05
+    assert r.fake_detection_accuracy > 0.6   # even without a public model, row statistics give fakes away
