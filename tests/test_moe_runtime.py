@@ -106,6 +106,7 @@ def test_prefetch_counts_and_generation(stores, calib):
     assert len(out) == 6 + 70 and s.prefetch_issued > 0
     assert 0 <= s.prefetch_used <= s.prefetch_issued
     assert s.hits + s.late + s.misses == s.accesses
+    assert s.predictions == s.tokens * (CFG.layers - 1) and 0 <= s.predictions_right <= s.predictions
     assert not rt.prefetcher.thread.is_alive()
 
 

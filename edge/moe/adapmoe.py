@@ -43,7 +43,7 @@ def calibration_ids(corpora=None, per_corpus: int = 1024) -> torch.Tensor:
 
 def open_runtime(store: ExpertStore, policy: str, budget_bytes: int, *, gating: bool = True,
                  prefetch: bool = True, dp: bool = True, calibration: Calibration | None = None,
-                 trace=None) -> MoERuntime:
+                 trace=None, prefetch_at: str = "attn") -> MoERuntime:
     if policy not in POLICIES:
         raise TinyshieldError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
     if policy != "adapmoe":
@@ -53,4 +53,4 @@ def open_runtime(store: ExpertStore, policy: str, budget_bytes: int, *, gating: 
     total = budget_bytes // store.expert_bytes
     slots = calibration.slots(total, gated=gating) if dp else None
     return MoERuntime(store, "adapmoe", budget_bytes, gating=calibration.gating() if gating else None,
-                      prefetch=prefetch, slots=slots)
+                      prefetch=prefetch, slots=slots, prefetch_at=prefetch_at)

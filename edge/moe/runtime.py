@@ -46,6 +46,8 @@ class RunStats:
     prefetch_issued: int = 0
     prefetch_used: int = 0     # prefetched experts that were needed before being evicted
     experts_activated: int = 0
+    predictions: int = 0       # next-layer top-1 guesses made for prefetching
+    predictions_right: int = 0
     bytes_read: int = 0
     stall_seconds: float = 0.0
     wall_seconds: float = 0.0
@@ -74,7 +76,8 @@ class RunStats:
     def summary(self) -> dict:
         t = max(1, self.tokens)
         d = {k: v for k, v in asdict(self).items() if k != "trace"}
-        d.update(hit_rate=self.hit_rate, prefetch_precision=self.prefetch_precision,
+        d.update(hit_rate=self.hit_rate,
+                 prediction_accuracy=self.predictions_right / self.predictions if self.predictions else float("nan"), prefetch_precision=self.prefetch_precision,
                  prefetch_recall=self.prefetch_recall, perplexity=self.perplexity,
                  bytes_per_token=self.bytes_read / t, stall_ms_per_token=1e3 * self.stall_seconds / t,
                  tokens_per_s=self.tokens / self.wall_seconds if self.wall_seconds else float("nan"),
@@ -119,7 +122,12 @@ def make_policy(name: str, store: ExpertStore, budget_bytes: int, slots: list[in
 class MoERuntime:
     def __init__(self, store: ExpertStore, policy: str = "lru", budget_bytes: int = 0, *,
                  gating: Gating | None = None, prefetch: bool = False, slots: list[int] | None = None,
-                 trace: list[Key] | None = None, model: MoEModel | None = None):
+                 trace: list[Key] | None = None, model: MoEModel | None = None, prefetch_at: str = "attn"):
+        """prefetch_at: guess layer l+1's expert from layer l's hidden state after its attention ("attn",
+        more time to hide the read) or after its FFN ("ffn", a closer guess, less time)."""
+        if prefetch_at not in ("attn", "ffn"):
+            raise TinyshieldError(f"prefetch_at is 'attn' or 'ffn', not {prefetch_at!r}")
+        self.prefetch_at = prefetch_at
         self.store = store
         self.cfg = store.cfg
         self.model = model or dense_model(store)
@@ -177,6 +185,15 @@ class MoERuntime:
         self.cache.put(key, v, v.nbytes)
         return v
 
+    def _guess(self, l: int, x: torch.Tensor) -> Key | None:
+        """Layer l+1's router on layer l's hidden state: the expert to prefetch (and queue its read)."""
+        if self.prefetcher is None or l + 1 >= self.cfg.layers:
+            return None
+        nxt = self.model.blocks[l + 1]
+        key = (l + 1, int(nxt.moe.router(nxt.ln2(x)).argmax()))
+        self._prefetch(key)
+        return key
+
     def _prefetch(self, key: Key) -> None:
         if self.prefetcher.request(key):
             with self._plock:
@@ -196,16 +213,17 @@ class MoERuntime:
             raise TinyshieldError(f"context of {self.cfg.context} tokens is full; call reset()")
         m = self.model
         x = m.embed(torch.tensor([[token]]), self.pos)
-        L = self.cfg.layers
+        guess = None  # (l, e) predicted for the current layer by the previous one, when prefetching
         for l, blk in enumerate(m.blocks):
             a, self.past[l] = blk.attn(blk.ln1(x), self.past[l])
             x = x + a
-            if self.prefetcher is not None and l + 1 < L:
-                nxt = m.blocks[l + 1]
-                self._prefetch((l + 1, int(nxt.moe.router(nxt.ln2(x)).argmax())))
+            next_guess = self._guess(l, x) if self.prefetch_at == "attn" else None
             h = blk.ln2(x).view(1, -1)
             idx, w = route(blk.moe.router(h), self.cfg.top_k)
             idx, w = idx[0].tolist(), w[0]
+            if guess is not None:
+                self.stats.predictions += 1
+                self.stats.predictions_right += guess == (l, idx[0])
             if self.gating is not None and len(idx) > 1 and not self.gating.keep_second(l, float(w[1])):
                 idx, w = idx[:1], torch.ones(1)
             y = torch.zeros_like(h)
@@ -214,6 +232,7 @@ class MoERuntime:
                 y += w[j] * expert_ffn(h, w1, w2)
             self.stats.experts_activated += len(idx)
             x = x + y.view_as(x)
+            guess = self._guess(l, x) if self.prefetch_at == "ffn" else next_guess
         self.pos += 1
         self.stats.tokens += 1
         return m.head(m.ln_f(x))[0, 0]
