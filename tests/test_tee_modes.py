@@ -1,0 +1,148 @@
+"""Protected inference end to end: real enclave and accelerator processes, real LiteRT, real MiniLM weights."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from edge.errors import TinyshieldError
+from edge.models.vit import ViT, ViTConfig
+from tee import audit, blinded, bundle, program
+from tee.client import ProtectedSession
+from tee.enclave import Enclave
+
+pytestmark = pytest.mark.slow
+
+SMALL = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, stem_channels=8)
+
+
+@pytest.fixture(scope="module")
+def tee_env(tmp_path_factory):
+    """Isolated build dir and device key for the whole module (bundles are reused across tests)."""
+    mp = pytest.MonkeyPatch()
+    d = tmp_path_factory.mktemp("tee")
+    mp.setenv("TINYSHIELD_BUILD", str(d / "build"))
+    mp.setenv("TINYSHIELD_ROOT_KEY", str(d / "root.key"))
+    yield d
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def vit():
+    torch.manual_seed(0)
+    return ViT(SMALL).eval()
+
+
+def images(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [{"image": rng.random((1, 1, 28, 28), dtype=np.float32)} for _ in range(n)]
+
+
+def fixed_point_reference(bundle_dir, inputs):
+    """The blinded result computed in the clear, with the enclave's own (unsealed) scales, on one thread."""
+    owner = Enclave(bundle_dir)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return program.forward(owner.model, inputs, blinded.reference_lin(owner.blind))
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("mode", bundle.MODES)
+def test_mode_output_and_transcript(tee_env, vit, mode):
+    b = bundle.protect(vit, tee_env / mode, mode, pads=2)
+    assert b.header["accelerator"]["backend"] == ("litert" if mode in ("plain", "shadownet") else "torch")
+    x1, x2 = images(2)
+    plain = program.forward(vit, x1, program.plain_lin(program.linears(vit)))
+    with ProtectedSession(b.path, record=True) as s:
+        outs = [s.infer(x)[0] for x in (x1, x2, x1)]
+        transcript = s.transcript()
+        stats = s.accelerator_stats()
+    y = outs[0]
+    if mode == "blinded":
+        assert np.array_equal(y, fixed_point_reference(b.path, x1))           # exact, bit for bit
+        assert np.array_equal(outs[2], y)                                       # fresh masks, same answer
+        assert np.abs(y - plain).max() < 0.05 * np.abs(plain).max()
+        assert len(list((b.path / "pads").glob("*.sealed"))) == 0               # pads are one-time
+    else:
+        assert np.abs(y - plain).max() <= 1e-4 * np.abs(plain).max()
+    calls = len(program.linears(vit))
+    if mode == "enclave-only":
+        assert transcript == [] and stats["calls"] == 0
+        return
+    assert len(transcript) == 3 * calls and stats["calls"] == 3 * calls
+    acts = [bundle.record_inputs(vit, program.linears(vit), [x]) for x in (x1, x2, x1)]
+    r = audit.transcript_report(mode, transcript, acts, calls)
+    if mode == "plain":
+        assert r.rows_matched > 0 and r.repeated_input_identical == calls    # the baseline leaks everything
+    else:
+        assert r.rows_matched == 0 and r.repeated_input_identical == 0        # no plaintext row, masks differ
+    if mode == "blinded":
+        assert r.max_row_cos < r.chance_cos + 0.1
+        assert all(t.dtype == np.uint32 and int(t.max()) < blinded.P for _, t in transcript)
+
+
+@pytest.mark.parametrize("attack", ["flip", "replay"])
+def test_lying_accelerator_aborts_blinded_inference(tee_env, vit, attack):
+    b = bundle.protect(vit, tee_env / f"lie-{attack}", "blinded", pads=0)
+    calls = len(program.linears(vit))
+    with ProtectedSession(b.path, attack=attack, attack_after=calls, seed=1) as s:
+        s.infer(images(1)[0])                        # the first inference is honest
+        with pytest.raises(TinyshieldError, match="integrity check failed"):
+            s.infer(images(1, seed=5)[0])
+
+
+def test_sealing_and_attestation_refusals(tee_env, vit):
+    b = bundle.protect(vit, tee_env / "seal", "shadownet")
+    checks = {c.check: c for c in audit.sealing_checks(b.path)}
+    assert set(checks) == {"tampered ciphertext", "wrong measurement", "replayed attestation"}
+    assert all(c.refused for c in checks.values()), checks
+    assert "cannot unseal" in checks["tampered ciphertext"].message
+    assert "replayed" in checks["replayed attestation"].message
+
+
+def test_protect_refuses_bad_arguments(tee_env, vit, tmp_path):
+    with pytest.raises(TinyshieldError, match="unknown protection mode"):
+        bundle.protect(vit, tmp_path / "x", "homomorphic")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    with pytest.raises(TinyshieldError, match="not a protected bundle"):
+        bundle.protect(vit, tmp_path / "taken", "plain")
+    with pytest.raises(TinyshieldError, match="no bundle.json"):
+        ProtectedSession(tmp_path / "taken")
+
+
+def test_minilm_blinded_is_exact_and_close_to_fp32(tee_env):
+    from edge.models.minilm import load_minilm, load_tokenizer, tokenize
+    model = load_minilm()
+    b = bundle.protect(model, tee_env / "minilm", "blinded", seq_len=32, pads=1)
+    t = tokenize(load_tokenizer(), ["Protected inference keeps the weights in the enclave."], pad_to=32)
+    x = {"input_ids": t.input_ids.numpy().astype(np.int32), "attention_mask": t.attention_mask.numpy().astype(np.int32)}
+    with ProtectedSession(b.path, backend="torch") as s:
+        y, timing = s.infer(x)
+    assert timing.calls == 24 and timing.accelerator_s > 0
+    assert np.array_equal(y, fixed_point_reference(b.path, x))
+    ref = program.forward(model, x, program.plain_lin(program.linears(model)))
+    assert float(y[0] @ ref[0]) > 0.999     # sentence-embedding cosine to the fp32 model
+
+
+def test_cli_protect_infer_audit(tee_env, vit, capsys):
+    from edge.models.io import save_model
+    from tools.cli import main
+    mdir = save_model(vit, tee_env / "vit-model", {"kind": "vit", "model": SMALL.to_dict()})
+    npy = tee_env / "digit.npy"
+    np.save(npy, (np.random.default_rng(0).random((28, 28)) * 255).astype(np.uint8))
+    out = tee_env / "cli-bundle"
+    assert main(["protect", str(mdir), "--mode", "blinded", "--out", str(out), "--pads", "1"]) == 0
+    assert main(["infer", "--protected", str(out), str(npy), str(npy)]) == 0
+    text = capsys.readouterr().out
+    assert "enclave attested" in text and text.count("class ") == 2
+    assert main(["audit", str(out), str(npy), str(npy), "--trials", "100", "--no-sealing"]) == 0
+    report = json.loads((out / "audit.json").read_text())
+    assert all(d["rate"] == 1.0 and d["trials"] >= 99 for d in report["detection"])
+    assert report["weights"]["exposed"] is True      # blinded (Slalom) protects inputs and integrity, not weights
+    assert main(["infer", "--protected", str(tee_env / "nothing"), "x"]) == 2
+    assert "no bundle.json" in capsys.readouterr().err
