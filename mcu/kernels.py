@@ -114,15 +114,40 @@ def _out(y: np.ndarray, values, lo, hi):
 
 # ---------------------------------------------------------------- linear algebra
 
+def pack_fc_weights(W: np.ndarray) -> np.ndarray:
+    """(N, K) int8 -> the flat layout fc_s8 reads: output channels in pairs, each pair's two rows
+    interleaved per 4 k (row 2p's 4 bytes, row 2p+1's 4 bytes, ...), then the K % 4 tail of row 2p,
+    then of row 2p+1; an odd last row plainly. One pointer walks a pair with 8-byte loads."""
+    W = np.asarray(W)
+    N, K = W.shape
+    P, K4 = N // 2, K // 4
+    pairs = W[:2 * P].reshape(P, 2, K)
+    main = pairs[:, :, :4 * K4].reshape(P, 2, K4, 4).transpose(0, 2, 1, 3).reshape(P, 8 * K4)
+    tail = pairs[:, :, 4 * K4:].reshape(P, 2 * (K - 4 * K4))
+    out = np.concatenate([main, tail], axis=1).reshape(-1)
+    return np.concatenate([out, W[2 * P:].reshape(-1)]).astype(W.dtype)
+
+
+def unpack_fc_weights(w: np.ndarray, N: int, K: int) -> np.ndarray:
+    """The inverse of `pack_fc_weights`: flat packed -> (N, K)."""
+    P, K4 = N // 2, K // 4
+    pairs = w[:2 * P * K].reshape(P, 2 * K)
+    main = pairs[:, :8 * K4].reshape(P, K4, 2, 4).transpose(0, 2, 1, 3).reshape(P, 2, 4 * K4)
+    tail = pairs[:, 8 * K4:].reshape(P, 2, K - 4 * K4)
+    W = np.concatenate([main, tail], axis=2).reshape(2 * P, K)
+    return np.concatenate([W, w[2 * P * K:N * K].reshape(N - 2 * P, K)], axis=0)
+
+
 @kernel(x="const i8*", w="const i8*", bias="const i32*", mult="const i32*", shift="const i32*", y="i8*",
         M="int", K="int", N="int", x_stride="int", y_stride="int", y_zp="int", act_min="int", act_max="int")
 def fc_s8(x, w, bias, mult, shift, y, M, K, N, x_stride, y_stride, y_zp, act_min, act_max):
-    """y[m, n] = clamp(MBQM(bias[n] + sum_k x[m, k] * w[n, k], mult[n], shift[n]) + y_zp).
+    """y[m, n] = clamp(MBQM(bias[n] + sum_k x[m, k] * W[n, k], mult[n], shift[n]) + y_zp).
 
-    Weights (N, K) row-major; the input zero point is folded into `bias` by the lowering
-    (bias' = bias - x_zp * sum_k w[n, k]), so the kernel needs none."""
+    W (N, K) is stored packed by `pack_fc_weights` (pairs of channels interleaved for the Cortex-M
+    kernel); the input zero point is folded into `bias` by the lowering
+    (bias' = bias - x_zp * sum_k W[n, k]), so the kernel needs none."""
     X = view2d(x, M, K, x_stride).astype(np.int64)
-    W = w[:N * K].reshape(N, K).astype(np.int64)
+    W = unpack_fc_weights(w[:N * K], N, K).astype(np.int64)
     acc = X @ W.T + bias[:N]
     _out(view2d(y, M, N, y_stride), mbqm(acc, mult[:N], shift[:N]) + y_zp, act_min, act_max)
 

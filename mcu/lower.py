@@ -9,7 +9,7 @@ Op kinds (inputs -> outputs; integer attributes in `Op.attrs`; consts are graph 
 | kind             | inputs                                    | outputs        | kernel(s)                       |
 |------------------|-------------------------------------------|----------------|---------------------------------|
 | `conv2d`         | x (H,W,Cin) i8, weight (Cout,k,k,Cin), bias i32, mult, shift | y (Hout,Wout,Cout) i8 | conv2d_s8        |
-| `fully_connected`| x (M,K) i8, weight (N,K) i8, bias i32 (x zero point folded in), mult i32[N], shift i32[N] | y (M,N) i8 | fc_s8 |
+| `fully_connected`| x (M,K) i8, weight (N,K) i8 packed by kernels.pack_fc_weights, bias i32 (x zero point folded in), mult i32[N], shift i32[N] | y (M,N) i8 | fc_s8 |
 | `matmul_qk`      | q (L,d) i8, k (L,d) i8                    | scores (h,L,L) i8 | matmul_qk_s8, once per head  |
 | `softmax`        | scores (h,L,L) i8, mask (L) i8, lut i32[256] | probs (h,L,L) i16 | softmax_s16 (all rows at once) |
 | `matmul_pv`      | probs (h,L,L) i16, v (L,d) i8             | context (L,d) i8 | matmul_pv_s8, once per head    |
@@ -99,7 +99,8 @@ def _fc(b: Builder, name: str, lin: torch.nn.Linear, x: str, out_q: Q.ActQ, M: i
     bq = Q.quantize_bias(bias, xq.scale, ws).astype(np.int64) - xq.zero_point * wq.astype(np.int64).sum(1)
     m, s = Q.quantize_multipliers(xq.scale * ws / out_q.scale)
     y = b.act(out_name or f"{name}.out", (M, N), out_q)
-    b.const(f"{name}.weight", wq, QParams(tuple(ws.tolist()), 0, 0))
+    # stored in the kernel's packed layout (mcu.kernels.pack_fc_weights); the tensor keeps shape (N, K)
+    b.const(f"{name}.weight", K.pack_fc_weights(wq).reshape(N, Kd), QParams(tuple(ws.tolist()), 0, 0))
     b.const(f"{name}.bias", np.clip(bq, -BIAS_LIMIT, BIAS_LIMIT).astype(np.int32))
     b.const(f"{name}.mult", m)
     b.const(f"{name}.shift", s)

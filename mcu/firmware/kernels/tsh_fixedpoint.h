@@ -69,6 +69,73 @@ static inline int8_t tsh_add_clamp8(int32_t v, int32_t zp, int32_t lo, int32_t h
     return (int8_t)(r < lo ? lo : (r > hi ? hi : r));
 }
 
+/* Requantisation with everything that depends only on the channel hoisted out of the inner loops
+ * (a channel's outputs for several rows share it). Same integers as tsh_mbqm + zero point + clamp. */
+typedef struct {
+    int32_t mult, left, right, mask, half, lo, hi, zp, amin, amax;
+} tsh_rq_t;
+
+static inline tsh_rq_t tsh_rq_make(int32_t mult, int32_t shift, int32_t zp, int32_t lo, int32_t hi)
+{
+    tsh_rq_t q;
+    q.mult = mult;
+    q.left = shift > 0 ? shift : 0;
+    q.right = shift > 0 ? 0 : -shift;
+    q.mask = (int32_t)(((uint32_t)1 << q.right) - 1u);
+    q.half = q.mask >> 1;
+    q.zp = zp;
+    q.lo = lo - zp;     /* compare before adding the zero point: no overflow near INT32_MAX */
+    q.hi = hi - zp;
+    q.amin = lo;
+    q.amax = hi;
+    return q;
+}
+
+#if defined(__ARM_FEATURE_DSP) && !defined(TSH_PORTABLE) && !defined(TSH_EMULATE_DSP)
+/* The common case (no left shift, multiplier not INT32_MIN) in 13 instructions: SMULL, the 64-bit
+ * rounding add and shift (SRDHM), the rounding right shift, QADD of the zero point (saturating, so
+ * the clamp that follows sees what exact arithmetic would), then the activation clamp. */
+static inline int8_t tsh_rq_fast(const tsh_rq_t *q, int32_t x)
+{
+    int32_t lo, hi, t, r;
+    __asm__("smull %[lo], %[hi], %[x], %[m]\n\t"
+            "adds %[lo], %[lo], #0x40000000\n\t"
+            "adc %[hi], %[hi], #0\n\t"
+            "lsr %[lo], %[lo], #31\n\t"
+            "orr %[lo], %[lo], %[hi], lsl #1\n\t"
+            "and %[t], %[lo], %[mask]\n\t"
+            "add %[hi], %[half], %[lo], lsr #31\n\t"
+            "asr %[r], %[lo], %[right]\n\t"
+            "cmp %[t], %[hi]\n\t"
+            "it gt\n\t"
+            "addgt %[r], %[r], #1\n\t"
+            "qadd %[r], %[r], %[zp]\n\t"
+            : [lo] "=&r"(lo), [hi] "=&r"(hi), [t] "=&r"(t), [r] "=&r"(r)
+            : [x] "r"(x), [m] "r"(q->mult), [mask] "r"(q->mask), [half] "r"(q->half), [right] "r"(q->right),
+              [zp] "r"(q->zp)
+            : "cc");
+    return (int8_t)(r < q->amin ? q->amin : (r > q->amax ? q->amax : r));
+}
+#define TSH_RQ_FAST_OK(q) ((q)->left == 0 && (q)->mult != INT32_MIN)
+#endif
+
+static inline int8_t tsh_rq_apply(const tsh_rq_t *q, int32_t x)
+{
+    if (__builtin_expect(q->left != 0, 0)) {
+        int64_t xs = (int64_t)x * ((int64_t)1 << q->left);
+        x = xs > INT32_MAX ? INT32_MAX : (xs < INT32_MIN ? INT32_MIN : (int32_t)xs);
+    }
+    int32_t h;
+    if (__builtin_expect(x == INT32_MIN && q->mult == INT32_MIN, 0))
+        h = INT32_MAX;
+    else
+        h = (int32_t)(((int64_t)x * (int64_t)q->mult + ((int64_t)1 << 30)) >> 31);
+    int32_t r = (h >> q->right) + ((h & q->mask) > q->half + (int32_t)((uint32_t)h >> 31) ? 1 : 0);
+    if (r > q->hi) return (int8_t)(q->hi + q->zp);
+    if (r < q->lo) return (int8_t)(q->lo + q->zp);
+    return (int8_t)(r + q->zp);
+}
+
 /* a / b rounded half away from zero, b > 0 */
 static inline int64_t tsh_div_round(int64_t a, int64_t b)
 {

@@ -7,38 +7,124 @@ static inline int8_t requant_clamp(int32_t acc, int32_t mult, int32_t shift, int
     return tsh_add_clamp8(tsh_mbqm(acc, mult, shift), zp, lo, hi);
 }
 
-#if TSH_USE_DSP
-/* Two rows x two output channels at a time, four k per step: each 32-bit load brings four int8
- * values, SXTB16 splits them into the (0,2) and (1,3) halfword pairs and SMLAD does two MACs.
- * Both operands are split the same way, so the pairs line up. */
-static void fc_block2x2(const int8_t *x0, const int8_t *x1, const int8_t *w0, const int8_t *w1, int32_t K,
-                        int32_t *a00, int32_t *a01, int32_t *a10, int32_t *a11)
+/* ---- fully connected ----
+ * Weight layout (mcu.kernels.pack_fc_weights): output channels in pairs; pair p (rows 2p, 2p+1)
+ * starts at byte 2 p K and holds, for each group g of 4 k, row 2p's 4 bytes then row 2p+1's 4 bytes,
+ * then the K % 4 tail bytes of row 2p, then of row 2p+1. An odd last row is stored plainly. So one
+ * pointer walks both rows of a pair with 8-byte loads. */
+
+/* weight k of the `which` (0/1) row of a pair whose first byte is `wp` */
+static inline int32_t wpair_at(const int8_t *wp, int32_t K, int32_t which, int32_t k)
 {
-    int32_t s00 = *a00, s01 = *a01, s10 = *a10, s11 = *a11;
-    int32_t k = 0;
-    for (; k + 4 <= K; k += 4) {
-        int32_t xv0 = tsh_read32(x0 + k), xv1 = tsh_read32(x1 + k);
-        int32_t wv0 = tsh_read32(w0 + k), wv1 = tsh_read32(w1 + k);
-        int32_t x0a = tsh_sxtb16(xv0), x0b = tsh_sxtb16_ror8(xv0);
-        int32_t x1a = tsh_sxtb16(xv1), x1b = tsh_sxtb16_ror8(xv1);
-        int32_t w0a = tsh_sxtb16(wv0), w0b = tsh_sxtb16_ror8(wv0);
-        int32_t w1a = tsh_sxtb16(wv1), w1b = tsh_sxtb16_ror8(wv1);
-        s00 = tsh_smlad(x0a, w0a, s00);
-        s00 = tsh_smlad(x0b, w0b, s00);
-        s01 = tsh_smlad(x0a, w1a, s01);
-        s01 = tsh_smlad(x0b, w1b, s01);
-        s10 = tsh_smlad(x1a, w0a, s10);
-        s10 = tsh_smlad(x1b, w0b, s10);
-        s11 = tsh_smlad(x1a, w1a, s11);
-        s11 = tsh_smlad(x1b, w1b, s11);
+    int32_t K4 = K / 4;
+    if (k < 4 * K4) return wp[8 * (k / 4) + 4 * which + (k % 4)];
+    return wp[8 * K4 + which * (K - 4 * K4) + (k - 4 * K4)];
+}
+
+#if TSH_USE_DSP
+#define TSH_FC_KMAX 512       /* rows up to this length are sign-extended once onto the stack (3 KB) */
+#define TSH_FC_UNROLL 32      /* steps of 4 k per straight-line block (32 x 80 bytes of code) */
+#define TSH_STR2(x) #x
+#define TSH_STR(x) TSH_STR2(x)
+
+/* Three rows sign-extended into int16 pairs, interleaved per 4 k: row0 (0,2) (1,3), row1, row2. */
+static void fc_extend3(const int8_t *x0, const int8_t *x1, const int8_t *x2, int32_t K4, int32_t *xe)
+{
+    for (int32_t g = 0; g < K4; g++) {
+        int32_t v0 = tsh_read32(x0 + 4 * g), v1 = tsh_read32(x1 + 4 * g), v2 = tsh_read32(x2 + 4 * g);
+        xe[0] = tsh_sxtb16(v0); xe[1] = tsh_sxtb16_ror8(v0);
+        xe[2] = tsh_sxtb16(v1); xe[3] = tsh_sxtb16_ror8(v1);
+        xe[4] = tsh_sxtb16(v2); xe[5] = tsh_sxtb16_ror8(v2);
+        xe += 6;
     }
-    for (; k < K; k++) {
-        s00 += x0[k] * w0[k];
-        s01 += x0[k] * w1[k];
-        s10 += x1[k] * w0[k];
-        s11 += x1[k] * w1[k];
+}
+
+#if defined(__ARM_FEATURE_DSP) && !defined(TSH_PORTABLE) && !defined(TSH_EMULATE_DSP)
+/* `steps` (1..TSH_FC_UNROLL) steps of 4 k for 3 rows x 2 channels: per step one LDRD of the weight
+ * pair, four SXTB16, three LDRD of the extended rows and twelve SMLAD = 20 instructions for 24 MACs.
+ * The steps are straight-line code entered part way (no loop counter: all 14 registers hold
+ * accumulators, operands and the two pointers); every instruction is 32-bit, 80 bytes a step. */
+__attribute__((noinline)) static void fc_steps3x2(int32_t *acc, const int32_t **xe, const int8_t **wp, int32_t steps)
+{
+    int32_t a0 = acc[0], a1 = acc[1], a2 = acc[2], a3 = acc[3], a4 = acc[4], a5 = acc[5];
+    const int32_t *x = *xe;
+    const int8_t *w = *wp;
+    int32_t t0, t1, t2, t3, xa, xb = (TSH_FC_UNROLL - steps) * 80;
+    __asm__ volatile(
+        "adr %[xa], 1f\n\t"
+        "add %[xa], %[xa], %[xb]\n\t"
+        "orr %[xa], %[xa], #1\n\t"
+        "bx %[xa]\n\t"
+        ".p2align 2\n"
+        "1:\n\t"
+        ".rept " TSH_STR(TSH_FC_UNROLL) "\n\t"
+        "ldrd %[t0], %[t1], [%[w]], #8\n\t"
+        "sxtb16 %[t2], %[t0]\n\t"
+        "sxtb16 %[t0], %[t0], ror #8\n\t"
+        "sxtb16 %[t3], %[t1]\n\t"
+        "sxtb16 %[t1], %[t1], ror #8\n\t"
+        "ldrd %[xa], %[xb], [%[x]], #8\n\t"
+        "smlad %[a0], %[xa], %[t2], %[a0]\n\t"
+        "smlad %[a0], %[xb], %[t0], %[a0]\n\t"
+        "smlad %[a1], %[xa], %[t3], %[a1]\n\t"
+        "smlad %[a1], %[xb], %[t1], %[a1]\n\t"
+        "ldrd %[xa], %[xb], [%[x]], #8\n\t"
+        "smlad %[a2], %[xa], %[t2], %[a2]\n\t"
+        "smlad %[a2], %[xb], %[t0], %[a2]\n\t"
+        "smlad %[a3], %[xa], %[t3], %[a3]\n\t"
+        "smlad %[a3], %[xb], %[t1], %[a3]\n\t"
+        "ldrd %[xa], %[xb], [%[x]], #8\n\t"
+        "smlad %[a4], %[xa], %[t2], %[a4]\n\t"
+        "smlad %[a4], %[xb], %[t0], %[a4]\n\t"
+        "smlad %[a5], %[xa], %[t3], %[a5]\n\t"
+        "smlad %[a5], %[xb], %[t1], %[a5]\n\t"
+        ".endr\n\t"
+        : [a0] "+r"(a0), [a1] "+r"(a1), [a2] "+r"(a2), [a3] "+r"(a3), [a4] "+r"(a4), [a5] "+r"(a5),
+          [x] "+r"(x), [w] "+r"(w), [t0] "=&r"(t0), [t1] "=&r"(t1), [t2] "=&r"(t2), [t3] "=&r"(t3),
+          [xa] "=&r"(xa), [xb] "+&r"(xb)
+        :
+        : "memory", "cc");
+    acc[0] = a0; acc[1] = a1; acc[2] = a2; acc[3] = a3; acc[4] = a4; acc[5] = a5;
+    *xe = x;
+    *wp = w;
+}
+#else
+/* The same integers in C (host tests of the DSP path run this with emulated instructions). */
+static void fc_steps3x2(int32_t *acc, const int32_t **xe, const int8_t **wp, int32_t steps)
+{
+    const int32_t *x = *xe;
+    const int8_t *w = *wp;
+    for (int32_t g = 0; g < steps; g++) {
+        int32_t w0 = tsh_read32(w), w1 = tsh_read32(w + 4);
+        int32_t w0a = tsh_sxtb16(w0), w0b = tsh_sxtb16_ror8(w0), w1a = tsh_sxtb16(w1), w1b = tsh_sxtb16_ror8(w1);
+        for (int32_t r = 0; r < 3; r++) {
+            acc[2 * r] = tsh_smlad(x[2 * r + 1], w0b, tsh_smlad(x[2 * r], w0a, acc[2 * r]));
+            acc[2 * r + 1] = tsh_smlad(x[2 * r + 1], w1b, tsh_smlad(x[2 * r], w1a, acc[2 * r + 1]));
+        }
+        w += 8;
+        x += 6;
     }
-    *a00 = s00; *a01 = s01; *a10 = s10; *a11 = s11;
+    *xe = x;
+    *wp = w;
+}
+#endif
+
+/* One row against one weight pair (both channels), SXTB16 on both sides. */
+static void fc_row_pair(const int8_t *x, const int8_t *wp, int32_t K, int32_t *s0, int32_t *s1)
+{
+    int32_t K4 = K / 4, a0 = *s0, a1 = *s1;
+    for (int32_t g = 0; g < K4; g++) {
+        int32_t xv = tsh_read32(x + 4 * g), w0 = tsh_read32(wp + 8 * g), w1 = tsh_read32(wp + 8 * g + 4);
+        int32_t xa = tsh_sxtb16(xv), xb = tsh_sxtb16_ror8(xv);
+        a0 = tsh_smlad(xb, tsh_sxtb16_ror8(w0), tsh_smlad(xa, tsh_sxtb16(w0), a0));
+        a1 = tsh_smlad(xb, tsh_sxtb16_ror8(w1), tsh_smlad(xa, tsh_sxtb16(w1), a1));
+    }
+    for (int32_t k = 4 * K4; k < K; k++) {
+        a0 += x[k] * wpair_at(wp, K, 0, k);
+        a1 += x[k] * wpair_at(wp, K, 1, k);
+    }
+    *s0 = a0;
+    *s1 = a1;
 }
 
 static int32_t dot_s8(const int8_t *x, const int8_t *w, int32_t K, int32_t acc)
@@ -53,6 +139,22 @@ static int32_t dot_s8(const int8_t *x, const int8_t *w, int32_t K, int32_t acc)
     return acc;
 }
 #else
+static void fc_row_pair(const int8_t *x, const int8_t *wp, int32_t K, int32_t *s0, int32_t *s1)
+{
+    int32_t K4 = K / 4, a0 = *s0, a1 = *s1;
+    for (int32_t g = 0; g < K4; g++, x += 4, wp += 8)
+        for (int32_t j = 0; j < 4; j++) {
+            a0 += x[j] * wp[j];
+            a1 += x[j] * wp[4 + j];
+        }
+    for (int32_t k = 0; k < K - 4 * K4; k++) {
+        a0 += x[k] * wp[k];
+        a1 += x[k] * wp[K - 4 * K4 + k];
+    }
+    *s0 = a0;
+    *s1 = a1;
+}
+
 static int32_t dot_s8(const int8_t *x, const int8_t *w, int32_t K, int32_t acc)
 {
     for (int32_t k = 0; k < K; k++) acc += x[k] * w[k];
@@ -64,31 +166,56 @@ void tsh_fc_s8(const int8_t *x, const int8_t *w, const int32_t *bias, const int3
                const int32_t *shift, int8_t *y, int32_t M, int32_t K, int32_t N, int32_t x_stride,
                int32_t y_stride, int32_t y_zp, int32_t act_min, int32_t act_max)
 {
-    int32_t m = 0;
+    int32_t m = 0, N2 = N / 2 * 2;
 #if TSH_USE_DSP
-    for (; m + 2 <= M; m += 2) {
-        const int8_t *x0 = x + m * x_stride, *x1 = x0 + x_stride;
-        int8_t *y0 = y + m * y_stride, *y1 = y0 + y_stride;
-        int32_t n = 0;
-        for (; n + 2 <= N; n += 2) {
-            int32_t a00 = bias[n], a01 = bias[n + 1], a10 = bias[n], a11 = bias[n + 1];
-            fc_block2x2(x0, x1, w + n * K, w + (n + 1) * K, K, &a00, &a01, &a10, &a11);
-            y0[n] = requant_clamp(a00, mult[n], shift[n], y_zp, act_min, act_max);
-            y0[n + 1] = requant_clamp(a01, mult[n + 1], shift[n + 1], y_zp, act_min, act_max);
-            y1[n] = requant_clamp(a10, mult[n], shift[n], y_zp, act_min, act_max);
-            y1[n + 1] = requant_clamp(a11, mult[n + 1], shift[n + 1], y_zp, act_min, act_max);
-        }
-        for (; n < N; n++) {
-            y0[n] = requant_clamp(dot_s8(x0, w + n * K, K, bias[n]), mult[n], shift[n], y_zp, act_min, act_max);
-            y1[n] = requant_clamp(dot_s8(x1, w + n * K, K, bias[n]), mult[n], shift[n], y_zp, act_min, act_max);
+    /* the register-blocked path needs 4-byte aligned 8-byte weight groups */
+    if (K <= TSH_FC_KMAX && K % 4 == 0 && ((uintptr_t)w & 3u) == 0) {
+        int32_t xe[6 * (TSH_FC_KMAX / 4)];
+        int32_t K4 = K / 4;
+        for (; m + 3 <= M; m += 3) {
+            const int8_t *x0 = x + m * x_stride;
+            int8_t *y0 = y + m * y_stride;
+            fc_extend3(x0, x0 + x_stride, x0 + 2 * x_stride, K4, xe);
+            for (int32_t n = 0; n < N2; n += 2) {
+                int32_t acc[6] = {bias[n], bias[n + 1], bias[n], bias[n + 1], bias[n], bias[n + 1]};
+                const int32_t *xp = xe;
+                const int8_t *wp = w + n * K;
+                for (int32_t g = 0; g < K4; g += TSH_FC_UNROLL)
+                    fc_steps3x2(acc, &xp, &wp, K4 - g < TSH_FC_UNROLL ? K4 - g : TSH_FC_UNROLL);
+                for (int32_t c = 0; c < 2; c++) {
+                    tsh_rq_t q = tsh_rq_make(mult[n + c], shift[n + c], y_zp, act_min, act_max);
+                    int8_t *yc = y0 + n + c;
+#ifdef TSH_RQ_FAST_OK
+                    if (TSH_RQ_FAST_OK(&q)) {
+                        yc[0] = tsh_rq_fast(&q, acc[c]);
+                        yc[y_stride] = tsh_rq_fast(&q, acc[2 + c]);
+                        yc[2 * y_stride] = tsh_rq_fast(&q, acc[4 + c]);
+                        continue;
+                    }
+#endif
+                    yc[0] = tsh_rq_apply(&q, acc[c]);
+                    yc[y_stride] = tsh_rq_apply(&q, acc[2 + c]);
+                    yc[2 * y_stride] = tsh_rq_apply(&q, acc[4 + c]);
+                }
+            }
+            if (N2 < N)
+                for (int32_t r = 0; r < 3; r++)
+                    y0[r * y_stride + N2] = requant_clamp(dot_s8(x0 + r * x_stride, w + N2 * K, K, bias[N2]),
+                                                          mult[N2], shift[N2], y_zp, act_min, act_max);
         }
     }
 #endif
     for (; m < M; m++) {
         const int8_t *xr = x + m * x_stride;
         int8_t *yr = y + m * y_stride;
-        for (int32_t n = 0; n < N; n++)
-            yr[n] = requant_clamp(dot_s8(xr, w + n * K, K, bias[n]), mult[n], shift[n], y_zp, act_min, act_max);
+        for (int32_t n = 0; n < N2; n += 2) {
+            int32_t a0 = bias[n], a1 = bias[n + 1];
+            fc_row_pair(xr, w + n * K, K, &a0, &a1);
+            yr[n] = requant_clamp(a0, mult[n], shift[n], y_zp, act_min, act_max);
+            yr[n + 1] = requant_clamp(a1, mult[n + 1], shift[n + 1], y_zp, act_min, act_max);
+        }
+        if (N2 < N)
+            yr[N2] = requant_clamp(dot_s8(xr, w + N2 * K, K, bias[N2]), mult[N2], shift[N2], y_zp, act_min, act_max);
     }
 }
 
