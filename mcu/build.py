@@ -319,6 +319,21 @@ def deploy_graph(graph, board: str | Board | None, out_dir: Path, schedule: str 
     return sched, plan, fw
 
 
+PIPELINE = ["mcu/lower.py", "mcu/kernels.py", "mcu/tiled.py", "mcu/schedules.py", "mcu/planner.py",
+            "mcu/codegen.py", "mcu/graph.py", "edge/quant.py", "edge/compress/clr.py"]
+
+
+def _pipeline_hash() -> str:
+    """Hash of the code that turns a model into C: a cached graph or generated source is stale
+    as soon as the lowering, the numerics or the code generator change."""
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for rel in PIPELINE:
+        p = root / rel
+        h.update(rel.encode() + b"\0" + (p.read_bytes() if p.is_file() else b""))
+    return h.hexdigest()[:16]
+
+
 def build_model(spec: str, board: str | None = None, schedule: str = "layerwise", calib: int = 500,
                 seq_len: int | None = None, force: bool = False, name: str | None = None) -> BuiltModel:
     """MODEL spec -> int8 graph (PTQ on `calib` training inputs) -> `deploy_graph`. The graph
@@ -331,7 +346,8 @@ def build_model(spec: str, board: str | None = None, schedule: str = "layerwise"
     src = _load(spec)
     weights = (src.path / "model.safetensors") if src.path else None
     key = {"spec": spec, "weights": hashlib.sha256(weights.read_bytes()).hexdigest() if weights else None,
-           "board": b.id, "schedule": schedule, "calib": calib, "seq_len": seq_len, "version": 2}
+           "board": b.id, "schedule": schedule, "calib": calib, "seq_len": seq_len, "code": _pipeline_hash(),
+           "version": 2}
     d = artefact_dir("deploy", key)
     cached = d / "graph.pkl"
     if cached.is_file() and not force:
