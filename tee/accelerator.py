@@ -123,6 +123,9 @@ def main(enclave_conn, host_conn, bundle_dir: str, backend: str, threads: int, r
                 calls, busy = 0, 0.0
                 transcript.clear()
                 send(conn, Message("ok"))
+            elif msg.kind == "record":
+                record = bool(msg.fields["on"])
+                send(conn, Message("ok"))
             elif msg.kind == "stop":
                 send(conn, Message("ok"))
                 return

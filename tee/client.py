@@ -121,6 +121,13 @@ class ProtectedSession:
         m = recv(self.host_end, "transcript_data")
         return list(zip(json.loads(m.fields["entries"]), m.arrays))
 
+    def record(self, on: bool) -> None:
+        """Switch the accelerator's transcript on or off (and clear it and the counters)."""
+        send(self.host_end, Message("record", {"on": int(on)}))
+        recv(self.host_end, "ok")
+        send(self.host_end, Message("reset_stats"))
+        recv(self.host_end, "ok")
+
     def accelerator_stats(self) -> dict:
         send(self.host_end, Message("stats"))
         return recv(self.host_end, "stats_data").fields

@@ -32,6 +32,7 @@ SCHEMA: dict[str, tuple[dict[str, type], int | None, tuple[str, ...]]] = {
     "stats": ({}, 0, ()),
     "stats_data": ({"calls": int, "seconds": float, "backend": str}, 0, ()),
     "reset_stats": ({}, 0, ()),
+    "record": ({"on": int}, 0, ()),
     "ok": ({}, 0, ()),
     "stop": ({}, 0, ()),
     # client <-> enclave

@@ -1,0 +1,219 @@
+"""Benchmark: protected inference of all-MiniLM-L6-v2 (real weights) in the four modes, and the attack suite.
+
+    nice -n 10 .venv/bin/python -m tools.bench.tee [--seq-len 128] [--iters 10] [--trials 1000]
+
+- correctness: shadownet vs the fp32 model (max relative error), blinded vs the fixed-point reference
+  (bit-exact) and vs fp32 (sentence-embedding cosine), on real sentences;
+- latency at L = seq-len, the four modes side by side in one run (sessions open together, requests
+  interleaved so machine load hits all modes alike): client total, enclave compute (1 thread),
+  accelerator compute (all cores), enclave<->accelerator transfer; medians over --iters;
+- lying accelerator: --trials per attack against the blinded check on one MiniLM layer;
+- weights: which modes expose them (normalise-and-match) and the ShadowNet recovery attacks on all 24 layers;
+- transcript: plaintext rows and mask reuse in what the accelerator received.
+Prints rich tables and writes build/bench/tee.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import asdict
+
+import numpy as np
+import torch
+
+from edge.paths import build_dir
+
+SENTENCES = [
+    "A gripping, beautifully shot film that stays with you long after the credits.",
+    "The quarterly report shows revenue growth slowing across every region.",
+    "Can protected inference keep a model's weights secret on an untrusted device?",
+    "The striker scored twice in the second half to seal the win.",
+]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="tools.bench.tee")
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--trials", type=int, default=1000)
+    ap.add_argument("--detect-layer", default="layer0.attn_out")
+    ap.add_argument("--accel-threads", type=int, default=None, help="default: all cores")
+    args = ap.parse_args(argv)
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from edge.models.minilm import load_minilm, load_tokenizer, tokenize
+    from tee import audit, blinded, bundle, program
+    from tee.client import ProtectedSession
+    from tee.enclave import Enclave
+
+    con = Console()
+    torch.set_num_threads(1)
+    out_dir = build_dir() / "bench"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = load_minilm()
+    params = program.linears(model)
+    tok = load_tokenizer()
+    inputs = []
+    for s in SENTENCES:
+        t = tokenize(tok, [s], pad_to=args.seq_len)
+        inputs.append({"input_ids": t.input_ids.numpy().astype(np.int32),
+                       "attention_mask": t.attention_mask.numpy().astype(np.int32)})
+    fp32 = [program.forward(model, x, program.plain_lin(params)) for x in inputs]
+    n_runs = args.warmup + args.iters
+
+    bundles = {}
+    protect_s = {}
+    for mode in bundle.MODES:
+        con.print(f"protect minilm ({mode})")
+        pads = n_runs + len(inputs) + 3 if mode == "blinded" else 0
+        b = bundle.protect(model, build_dir() / "bench" / "tee" / f"minilm-{mode}", mode, seq_len=args.seq_len, pads=pads)
+        bundles[mode], protect_s[mode] = b, round(b.seconds, 1)
+
+    threads = args.accel_threads or os.cpu_count()
+    result = {"seq_len": args.seq_len, "iters": args.iters, "accel_threads": threads, "enclave_threads": 1,
+              "cpu_count": os.cpu_count(), "load_avg_start": os.getloadavg(), "protect_s": protect_s}
+    sessions = {m: ProtectedSession(bundles[m].path, accel_threads=threads, record=False) for m in bundle.MODES}
+    try:
+        # ---- correctness ---------------------------------------------------------------------------
+        owner = Enclave(bundles["blinded"].path)
+        correctness = {}
+        for mode, s in sessions.items():
+            errs, exact, cos = [], [], []
+            for x, ref in zip(inputs, fp32):
+                y, _ = s.infer(x)
+                errs.append(float(np.abs(y - ref).max() / np.abs(ref).max()))
+                cos.append(float(y[0] @ ref[0]))
+                if mode == "blinded":
+                    exact.append(bool(np.array_equal(y, program.forward(owner.model, x, blinded.reference_lin(owner.blind)))))
+            correctness[mode] = {"max_rel_err_vs_fp32": max(errs), "min_cos_vs_fp32": min(cos)}
+            if exact:
+                correctness[mode]["equal_to_fixed_point_reference"] = all(exact)
+        result["correctness"] = correctness
+
+        # ---- latency, interleaved ------------------------------------------------------------------
+        rows = {m: [] for m in bundle.MODES}
+        for i in range(n_runs):
+            for mode, s in sessions.items():
+                _, t = s.infer(inputs[i % len(inputs)])
+                if i >= args.warmup:
+                    rows[mode].append(t)
+        med = lambda ts, k: float(np.median([getattr(t, k) for t in ts])) * 1e3
+        latency = {m: {k: med(ts, k) for k in ("total_s", "enclave_s", "accelerator_s", "transfer_s", "pad_s", "offline_s")}
+                   for m, ts in rows.items()}
+        latency = {m: {k.replace("_s", "_ms"): round(v, 2) for k, v in d.items()} for m, d in latency.items()}
+        result["latency_ms"] = latency
+        result["backends"] = {m: s.backend if m in ("plain", "shadownet") else ("torch" if m == "blinded" else "none")
+                              for m, s in sessions.items()}
+        result["load_avg_end"] = os.getloadavg()
+        bl, pl, eo = (latency[m]["total_ms"] for m in ("blinded", "plain", "enclave-only"))
+        result["targets"] = {"blinded_over_plain": round(bl / pl, 2), "blinded_le_2x_plain": bl <= 2 * pl,
+                             "blinded_over_enclave_only": round(bl / eo, 2), "blinded_faster_than_enclave_only": bl < eo}
+
+        # ---- transcript ----------------------------------------------------------------------------
+        transcripts = {}
+        seq = [inputs[0], inputs[1], inputs[0]]
+        acts = [__import__("tee.bundle", fromlist=["record_inputs"]).record_inputs(model, params, [x]) for x in seq]
+        for mode, s in sessions.items():
+            s.record(True)
+            for x in seq:
+                s.infer(x)
+            tr = s.transcript()
+            s.record(False)
+            transcripts[mode] = asdict(audit.transcript_report(mode, tr, acts, len(tr) // 3 if tr else 0))
+        result["transcript"] = transcripts
+    finally:
+        for s in sessions.values():
+            s.close()
+
+    # ---- weights ---------------------------------------------------------------------------------
+    from safetensors.numpy import load_file
+    exposure = {}
+    for mode, b in bundles.items():
+        f = b.path / "accelerator" / "weights.safetensors"
+        exposure[mode] = asdict(audit.weight_exposure(mode, load_file(str(f)) if f.is_file() else {}, params))
+    result["weight_exposure"] = exposure
+    sn = Enclave(bundles["shadownet"].path)
+    accel = load_file(str(bundles["shadownet"].path / "accelerator" / "weights.safetensors"))
+    rng = np.random.default_rng(0)
+    attacks = {"public=MiniLM checkpoint": [], "public=related model (weights + 50% noise)": []}
+    for name, (w, _) in params.items():
+        layer = sn.shadow[name][0]
+        noisy = w + 0.5 * rng.standard_normal(w.shape).astype(np.float32) * np.linalg.norm(w, axis=1, keepdims=True) / np.sqrt(w.shape[1])
+        for key, pub in zip(attacks, (w, noisy)):
+            attacks[key].append(asdict(audit.shadow_attacks(name, accel[name].T, layer.fake, layer.perm, w, pub)))
+    summary = {}
+    for key, rs in attacks.items():
+        summary[key] = {k: float(np.mean([r[k] for r in rs])) for k in
+                        ("normalise_match_cos", "fake_detection_accuracy", "fake_recall", "public_match_share",
+                         "public_fake_accuracy", "public_recovered_cos", "public_only_cos")}
+    result["shadownet_attacks"] = {"mean_over_layers": summary, "per_layer": attacks["public=related model (weights + 50% noise)"]}
+
+    # ---- lying accelerator ------------------------------------------------------------------------
+    w, b_ = params[args.detect_layer]
+    t0 = time.perf_counter()
+    det = audit.detection_trials(w, b_, args.seq_len, args.trials)
+    result["detection"] = {"layer": args.detect_layer, "seconds": round(time.perf_counter() - t0, 1),
+                           "results": [asdict(d) for d in det],
+                           "other_modes": "plain and shadownet have no integrity check: every altered result is accepted"}
+
+    (out_dir / "tee.json").write_text(json.dumps(result, indent=1, default=float))
+    report(con, result)
+    con.print(f"wrote {out_dir / 'tee.json'}")
+    return 0
+
+
+def report(con, r: dict) -> None:
+    from rich.table import Table
+    tab = Table(title=f"MiniLM L={r['seq_len']}: latency (median of {r['iters']}, ms; enclave 1 thread, accelerator "
+                      f"{r['accel_threads']} threads)")
+    for c in ("mode", "backend", "total", "enclave", "accelerator", "transfer", "pad unseal", "vs plain", "vs enclave-only"):
+        tab.add_column(c, justify="right")
+    L = r["latency_ms"]
+    for m, d in L.items():
+        tab.add_row(m, r["backends"][m], f"{d['total_ms']:.1f}", f"{d['enclave_ms']:.1f}", f"{d['accelerator_ms']:.1f}",
+                    f"{d['transfer_ms']:.1f}", f"{d['pad_ms']:.1f}", f"{d['total_ms'] / L['plain']['total_ms']:.2f}x",
+                    f"{d['total_ms'] / L['enclave-only']['total_ms']:.2f}x")
+    con.print(tab)
+    con.print(f"targets: {r['targets']}")
+    tab = Table(title="correctness vs the fp32 model")
+    for c in ("mode", "max rel err", "min cosine", "== fixed-point ref"):
+        tab.add_column(c, justify="right")
+    for m, d in r["correctness"].items():
+        tab.add_row(m, f"{d['max_rel_err_vs_fp32']:.2e}", f"{d['min_cos_vs_fp32']:.6f}",
+                    str(d.get("equal_to_fixed_point_reference", "")))
+    con.print(tab)
+    tab = Table(title="what the untrusted accelerator learns")
+    for c in ("mode", "weights exposed", "weight rows matched", "input rows matched", "max |cos| (chance)",
+              "same data on repeat", "mask-reuse pairs"):
+        tab.add_column(c, justify="right")
+    for m in r["weight_exposure"]:
+        w, t = r["weight_exposure"][m], r["transcript"][m]
+        tab.add_row(m, "YES" if w["exposed"] else "no", f"{w['share_rows_matched']:.1%}", str(t["rows_matched"]),
+                    f"{t['max_row_cos']:.3f} ({t['chance_cos']:.3f})", str(t["repeated_input_identical"]),
+                    f"{t['mask_reuse_pairs']}/{t['pairs_checked']}")
+    con.print(tab)
+    tab = Table(title="ShadowNet weight recovery (mean over the 24 MiniLM layers)")
+    for c in ("attacker's public model", "normalise+match cos", "fakes by statistics", "channels placed",
+              "fakes by public match", "recovered cos", "public-only cos"):
+        tab.add_column(c, justify="right")
+    for k, d in r["shadownet_attacks"]["mean_over_layers"].items():
+        tab.add_row(k, f"{d['normalise_match_cos']:.4f}", f"{d['fake_detection_accuracy']:.2f}",
+                    f"{d['public_match_share']:.2%}", f"{d['public_fake_accuracy']:.2f}",
+                    f"{d['public_recovered_cos']:.4f}", f"{d['public_only_cos']:.4f}")
+    con.print(tab)
+    tab = Table(title=f"lying accelerator vs blinded mode ({r['detection']['layer']})")
+    for c in ("attack", "trials", "detected", "rate", "theoretical miss / check"):
+        tab.add_column(c, justify="right")
+    for d in r["detection"]["results"]:
+        tab.add_row(d["attack"], str(d["trials"]), str(d["detected"]), f"{d['rate']:.4f}", f"{d['theoretical_miss']:.2e}")
+    con.print(tab)
+    con.print(r["detection"]["other_modes"])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
