@@ -91,33 +91,7 @@ static inline tsh_rq_t tsh_rq_make(int32_t mult, int32_t shift, int32_t zp, int3
     return q;
 }
 
-#if defined(__ARM_FEATURE_DSP) && !defined(TSH_PORTABLE) && !defined(TSH_EMULATE_DSP)
-/* The common case (no left shift, multiplier not INT32_MIN) in 13 instructions: SMULL, the 64-bit
- * rounding add and shift (SRDHM), the rounding right shift, QADD of the zero point (saturating, so
- * the clamp that follows sees what exact arithmetic would), then the activation clamp. */
-static inline int8_t tsh_rq_fast(const tsh_rq_t *q, int32_t x)
-{
-    int32_t lo, hi, t, r;
-    __asm__("smull %[lo], %[hi], %[x], %[m]\n\t"
-            "adds %[lo], %[lo], #0x40000000\n\t"
-            "adc %[hi], %[hi], #0\n\t"
-            "lsr %[lo], %[lo], #31\n\t"
-            "orr %[lo], %[lo], %[hi], lsl #1\n\t"
-            "and %[t], %[lo], %[mask]\n\t"
-            "add %[hi], %[half], %[lo], lsr #31\n\t"
-            "asr %[r], %[lo], %[right]\n\t"
-            "cmp %[t], %[hi]\n\t"
-            "it gt\n\t"
-            "addgt %[r], %[r], #1\n\t"
-            "qadd %[r], %[r], %[zp]\n\t"
-            : [lo] "=&r"(lo), [hi] "=&r"(hi), [t] "=&r"(t), [r] "=&r"(r)
-            : [x] "r"(x), [m] "r"(q->mult), [mask] "r"(q->mask), [half] "r"(q->half), [right] "r"(q->right),
-              [zp] "r"(q->zp)
-            : "cc");
-    return (int8_t)(r < q->amin ? q->amin : (r > q->amax ? q->amax : r));
-}
-#define TSH_RQ_FAST_OK(q) ((q)->left == 0 && (q)->mult != INT32_MIN)
-#endif
+
 
 static inline int8_t tsh_rq_apply(const tsh_rq_t *q, int32_t x)
 {

@@ -23,7 +23,7 @@ static inline int32_t wpair_at(const int8_t *wp, int32_t K, int32_t which, int32
 
 #if TSH_USE_DSP
 #define TSH_FC_KMAX 512       /* rows up to this length are sign-extended once onto the stack (3 KB) */
-#define TSH_FC_UNROLL 32      /* steps of 4 k per straight-line block (32 x 80 bytes of code) */
+#define TSH_FC_UNROLL 64      /* steps of 4 k per straight-line block (64 x 80 bytes of code) */
 #define TSH_STR2(x) #x
 #define TSH_STR(x) TSH_STR2(x)
 
@@ -44,70 +44,137 @@ static void fc_extend3(const int8_t *x0, const int8_t *x1, const int8_t *x2, int
  * pair, four SXTB16, three LDRD of the extended rows and twelve SMLAD = 20 instructions for 24 MACs.
  * The steps are straight-line code entered part way (no loop counter: all 14 registers hold
  * accumulators, operands and the two pointers); every instruction is 32-bit, 80 bytes a step. */
-__attribute__((noinline)) static void fc_steps3x2(int32_t *acc, const int32_t **xe, const int8_t **wp, int32_t steps)
+#define FC_STEPS(a0, a1, a2, a3, a4, a5, x, w, steps)                                              \
+    do {                                                                                           \
+        int32_t t0_, t1_, t2_, t3_, xa_, xb_ = (TSH_FC_UNROLL - (steps)) * 80;                     \
+        __asm__ volatile(                                                                          \
+            "adr %[xa], 1f\n\t"                                                                    \
+            "add %[xa], %[xa], %[xb]\n\t"                                                          \
+            "orr %[xa], %[xa], #1\n\t"                                                             \
+            "bx %[xa]\n\t"                                                                         \
+            ".p2align 2\n"                                                                         \
+            "1:\n\t"                                                                               \
+            ".rept " TSH_STR(TSH_FC_UNROLL) "\n\t"                                                 \
+            "ldrd %[t0], %[t1], [%[w]], #8\n\t"                                                    \
+            "sxtb16 %[t2], %[t0]\n\t"                                                              \
+            "sxtb16 %[t0], %[t0], ror #8\n\t"                                                      \
+            "sxtb16 %[t3], %[t1]\n\t"                                                              \
+            "sxtb16 %[t1], %[t1], ror #8\n\t"                                                      \
+            "ldrd %[xa], %[xb], [%[x]], #8\n\t"                                                    \
+            "smlad %[a0], %[xa], %[t2], %[a0]\n\t"                                                 \
+            "smlad %[a0], %[xb], %[t0], %[a0]\n\t"                                                 \
+            "smlad %[a1], %[xa], %[t3], %[a1]\n\t"                                                 \
+            "smlad %[a1], %[xb], %[t1], %[a1]\n\t"                                                 \
+            "ldrd %[xa], %[xb], [%[x]], #8\n\t"                                                    \
+            "smlad %[a2], %[xa], %[t2], %[a2]\n\t"                                                 \
+            "smlad %[a2], %[xb], %[t0], %[a2]\n\t"                                                 \
+            "smlad %[a3], %[xa], %[t3], %[a3]\n\t"                                                 \
+            "smlad %[a3], %[xb], %[t1], %[a3]\n\t"                                                 \
+            "ldrd %[xa], %[xb], [%[x]], #8\n\t"                                                    \
+            "smlad %[a4], %[xa], %[t2], %[a4]\n\t"                                                 \
+            "smlad %[a4], %[xb], %[t0], %[a4]\n\t"                                                 \
+            "smlad %[a5], %[xa], %[t3], %[a5]\n\t"                                                 \
+            "smlad %[a5], %[xb], %[t1], %[a5]\n\t"                                                 \
+            ".endr\n\t"                                                                            \
+            : [a0] "+r"(a0), [a1] "+r"(a1), [a2] "+r"(a2), [a3] "+r"(a3), [a4] "+r"(a4),           \
+              [a5] "+r"(a5), [x] "+r"(x), [w] "+r"(w), [t0] "=&r"(t0_), [t1] "=&r"(t1_),           \
+              [t2] "=&r"(t2_), [t3] "=&r"(t3_), [xa] "=&r"(xa_), [xb] "+&r"(xb_)                    \
+            :                                                                                      \
+            : "memory", "cc");                                                                     \
+    } while (0)
+
+/* Requantise one accumulator on the short path: no left shift, 1 <= right <= 23, multiplier >= 0,
+ * |x| < 2^30, full int8 range. SRDHM(x, m) = floor((x m + 2^30) / 2^31) = floor((2x m + 2^31) / 2^32)
+ * is SMMULR of 2x (which fits) and m; RDBPOT is QADD of 2^(right-1), minus the sign bit, arithmetic
+ * shift (when that QADD saturates the exact result is >= 2^(31-right) >= 256 and saturates below
+ * too); then QADD of the zero point and SSAT to int8: the same integers as tsh_mbqm + clamp. */
+static inline int32_t fc_rq_fast(int32_t x, int32_t m, int32_t rnd, int32_t right, int32_t zp)
 {
-    int32_t a0 = acc[0], a1 = acc[1], a2 = acc[2], a3 = acc[3], a4 = acc[4], a5 = acc[5];
-    const int32_t *x = *xe;
-    const int8_t *w = *wp;
-    int32_t t0, t1, t2, t3, xa, xb = (TSH_FC_UNROLL - steps) * 80;
-    __asm__ volatile(
-        "adr %[xa], 1f\n\t"
-        "add %[xa], %[xa], %[xb]\n\t"
-        "orr %[xa], %[xa], #1\n\t"
-        "bx %[xa]\n\t"
-        ".p2align 2\n"
-        "1:\n\t"
-        ".rept " TSH_STR(TSH_FC_UNROLL) "\n\t"
-        "ldrd %[t0], %[t1], [%[w]], #8\n\t"
-        "sxtb16 %[t2], %[t0]\n\t"
-        "sxtb16 %[t0], %[t0], ror #8\n\t"
-        "sxtb16 %[t3], %[t1]\n\t"
-        "sxtb16 %[t1], %[t1], ror #8\n\t"
-        "ldrd %[xa], %[xb], [%[x]], #8\n\t"
-        "smlad %[a0], %[xa], %[t2], %[a0]\n\t"
-        "smlad %[a0], %[xb], %[t0], %[a0]\n\t"
-        "smlad %[a1], %[xa], %[t3], %[a1]\n\t"
-        "smlad %[a1], %[xb], %[t1], %[a1]\n\t"
-        "ldrd %[xa], %[xb], [%[x]], #8\n\t"
-        "smlad %[a2], %[xa], %[t2], %[a2]\n\t"
-        "smlad %[a2], %[xb], %[t0], %[a2]\n\t"
-        "smlad %[a3], %[xa], %[t3], %[a3]\n\t"
-        "smlad %[a3], %[xb], %[t1], %[a3]\n\t"
-        "ldrd %[xa], %[xb], [%[x]], #8\n\t"
-        "smlad %[a4], %[xa], %[t2], %[a4]\n\t"
-        "smlad %[a4], %[xb], %[t0], %[a4]\n\t"
-        "smlad %[a5], %[xa], %[t3], %[a5]\n\t"
-        "smlad %[a5], %[xb], %[t1], %[a5]\n\t"
-        ".endr\n\t"
-        : [a0] "+r"(a0), [a1] "+r"(a1), [a2] "+r"(a2), [a3] "+r"(a3), [a4] "+r"(a4), [a5] "+r"(a5),
-          [x] "+r"(x), [w] "+r"(w), [t0] "=&r"(t0), [t1] "=&r"(t1), [t2] "=&r"(t2), [t3] "=&r"(t3),
-          [xa] "=&r"(xa), [xb] "+&r"(xb)
-        :
-        : "memory", "cc");
-    acc[0] = a0; acc[1] = a1; acc[2] = a2; acc[3] = a3; acc[4] = a4; acc[5] = a5;
-    *xe = x;
-    *wp = w;
+    int32_t h, r;
+    __asm__("add %[h], %[x], %[x]\n\t"
+            "smmulr %[h], %[h], %[m]\n\t"
+            "qadd %[r], %[h], %[rnd]\n\t"
+            "sub %[r], %[r], %[h], lsr #31\n\t"
+            "asr %[r], %[r], %[right]\n\t"
+            "qadd %[r], %[r], %[zp]\n\t"
+            "ssat %[r], #8, %[r]\n\t"
+            : [h] "=&r"(h), [r] "=&r"(r)
+            : [x] "r"(x), [m] "r"(m), [rnd] "r"(rnd), [right] "r"(right), [zp] "r"(zp));
+    return r;
 }
 #else
 /* The same integers in C (host tests of the DSP path run this with emulated instructions). */
-static void fc_steps3x2(int32_t *acc, const int32_t **xe, const int8_t **wp, int32_t steps)
+#define FC_STEPS(a0, a1, a2, a3, a4, a5, x, w, steps)                                              \
+    do {                                                                                           \
+        for (int32_t g_ = 0; g_ < (steps); g_++) {                                                 \
+            int32_t w0_ = tsh_read32(w), w1_ = tsh_read32(w + 4);                                  \
+            int32_t w0a_ = tsh_sxtb16(w0_), w0b_ = tsh_sxtb16_ror8(w0_);                           \
+            int32_t w1a_ = tsh_sxtb16(w1_), w1b_ = tsh_sxtb16_ror8(w1_);                           \
+            a0 = tsh_smlad(x[1], w0b_, tsh_smlad(x[0], w0a_, a0));                                 \
+            a1 = tsh_smlad(x[1], w1b_, tsh_smlad(x[0], w1a_, a1));                                 \
+            a2 = tsh_smlad(x[3], w0b_, tsh_smlad(x[2], w0a_, a2));                                 \
+            a3 = tsh_smlad(x[3], w1b_, tsh_smlad(x[2], w1a_, a3));                                 \
+            a4 = tsh_smlad(x[5], w0b_, tsh_smlad(x[4], w0a_, a4));                                 \
+            a5 = tsh_smlad(x[5], w1b_, tsh_smlad(x[4], w1a_, a5));                                 \
+            w += 8;                                                                                \
+            x += 6;                                                                                \
+        }                                                                                          \
+    } while (0)
+
+static inline int32_t fc_rq_fast(int32_t x, int32_t m, int32_t rnd, int32_t right, int32_t zp)
 {
-    const int32_t *x = *xe;
-    const int8_t *w = *wp;
-    for (int32_t g = 0; g < steps; g++) {
-        int32_t w0 = tsh_read32(w), w1 = tsh_read32(w + 4);
-        int32_t w0a = tsh_sxtb16(w0), w0b = tsh_sxtb16_ror8(w0), w1a = tsh_sxtb16(w1), w1b = tsh_sxtb16_ror8(w1);
-        for (int32_t r = 0; r < 3; r++) {
-            acc[2 * r] = tsh_smlad(x[2 * r + 1], w0b, tsh_smlad(x[2 * r], w0a, acc[2 * r]));
-            acc[2 * r + 1] = tsh_smlad(x[2 * r + 1], w1b, tsh_smlad(x[2 * r], w1a, acc[2 * r + 1]));
-        }
-        w += 8;
-        x += 6;
-    }
-    *xe = x;
-    *wp = w;
+    (void)rnd;
+    return tsh_sat8(tsh_mbqm(x, m, -right) + zp);   /* right >= 1: |mbqm| <= 2^30, no overflow */
 }
 #endif
+
+/* Three rows (their extension `xe`) against all channel pairs, every channel on the short
+ * requantisation path (see fc_rq_fast): the hot loop of the Cortex-M fully connected layer. */
+static void fc_rows3_fast(const int32_t *xe, const int8_t *w, const int32_t *bias, const int32_t *mult,
+                          const int32_t *shift, int8_t *y, int32_t y_stride, int32_t K4, int32_t N2, int32_t y_zp)
+{
+    for (int32_t n = 0; n < N2; n += 2) {
+        int32_t a0 = bias[n], a1 = bias[n + 1], a2 = a0, a3 = a1, a4 = a0, a5 = a1;
+        const int32_t *x = xe;
+        if (K4 <= TSH_FC_UNROLL) {
+            FC_STEPS(a0, a1, a2, a3, a4, a5, x, w, K4);
+        } else {
+            for (int32_t g = 0; g < K4; g += TSH_FC_UNROLL) {
+                int32_t steps = K4 - g < TSH_FC_UNROLL ? K4 - g : TSH_FC_UNROLL;
+                FC_STEPS(a0, a1, a2, a3, a4, a5, x, w, steps);
+            }
+        }
+        int32_t r0 = -shift[n], m0 = mult[n], d0 = 1 << (r0 - 1);
+        int8_t *yc = y + n;
+        yc[0] = (int8_t)fc_rq_fast(a0, m0, d0, r0, y_zp);
+        yc[y_stride] = (int8_t)fc_rq_fast(a2, m0, d0, r0, y_zp);
+        yc[2 * y_stride] = (int8_t)fc_rq_fast(a4, m0, d0, r0, y_zp);
+        int32_t r1 = -shift[n + 1], m1 = mult[n + 1], d1 = 1 << (r1 - 1);
+        yc[1] = (int8_t)fc_rq_fast(a1, m1, d1, r1, y_zp);
+        yc[y_stride + 1] = (int8_t)fc_rq_fast(a3, m1, d1, r1, y_zp);
+        yc[2 * y_stride + 1] = (int8_t)fc_rq_fast(a5, m1, d1, r1, y_zp);
+    }
+}
+
+/* Up to three rows against all channel pairs, any requantisation parameters. */
+static void fc_rows3(const int32_t *xe, const int8_t *w, const int32_t *bias, const int32_t *mult,
+                     const int32_t *shift, int8_t *y, int32_t y_stride, int32_t rows, int32_t K4, int32_t N2,
+                     int32_t y_zp, int32_t act_min, int32_t act_max)
+{
+    for (int32_t n = 0; n < N2; n += 2) {
+        int32_t a0 = bias[n], a1 = bias[n + 1], a2 = a0, a3 = a1, a4 = a0, a5 = a1;
+        const int32_t *x = xe;
+        for (int32_t g = 0; g < K4; g += TSH_FC_UNROLL) {
+            int32_t steps = K4 - g < TSH_FC_UNROLL ? K4 - g : TSH_FC_UNROLL;
+            FC_STEPS(a0, a1, a2, a3, a4, a5, x, w, steps);
+        }
+        int32_t acc[6] = {a0, a1, a2, a3, a4, a5};
+        for (int32_t c = 0; c < 2; c++) {
+            tsh_rq_t q = tsh_rq_make(mult[n + c], shift[n + c], y_zp, act_min, act_max);
+            for (int32_t r = 0; r < rows; r++) y[r * y_stride + n + c] = tsh_rq_apply(&q, acc[2 * r + c]);
+        }
+    }
+}
 
 /* One row against one weight pair (both channels), SXTB16 on both sides. */
 static void fc_row_pair(const int8_t *x, const int8_t *wp, int32_t K, int32_t *s0, int32_t *s1)
@@ -169,37 +236,24 @@ void tsh_fc_s8(const int8_t *x, const int8_t *w, const int32_t *bias, const int3
     int32_t m = 0, N2 = N / 2 * 2;
 #if TSH_USE_DSP
     /* the register-blocked path needs 4-byte aligned 8-byte weight groups */
-    if (K <= TSH_FC_KMAX && K % 4 == 0 && ((uintptr_t)w & 3u) == 0) {
+    if (K <= TSH_FC_KMAX && K % 4 == 0 && ((uintptr_t)w & 3u) == 0 && M >= 2) {
         int32_t xe[6 * (TSH_FC_KMAX / 4)];
-        int32_t K4 = K / 4;
-        for (; m + 3 <= M; m += 3) {
+        int32_t K4 = K / 4, fast = act_min == -128 && act_max == 127;
+        /* the short requantisation needs |acc| < 2^30: |bias| + K * 2^14 with K <= 512 */
+        for (int32_t n = 0; n < N2 && fast; n++)
+            fast = mult[n] >= 0 && shift[n] <= -1 && shift[n] >= -23 && bias[n] < (1 << 29) && bias[n] > -(1 << 29);
+        for (; m < M; m += 3) {
+            int32_t rows = M - m < 3 ? M - m : 3;
             const int8_t *x0 = x + m * x_stride;
+            const int8_t *x1 = rows > 1 ? x0 + x_stride : x0, *x2 = rows > 2 ? x0 + 2 * x_stride : x0;
             int8_t *y0 = y + m * y_stride;
-            fc_extend3(x0, x0 + x_stride, x0 + 2 * x_stride, K4, xe);
-            for (int32_t n = 0; n < N2; n += 2) {
-                int32_t acc[6] = {bias[n], bias[n + 1], bias[n], bias[n + 1], bias[n], bias[n + 1]};
-                const int32_t *xp = xe;
-                const int8_t *wp = w + n * K;
-                for (int32_t g = 0; g < K4; g += TSH_FC_UNROLL)
-                    fc_steps3x2(acc, &xp, &wp, K4 - g < TSH_FC_UNROLL ? K4 - g : TSH_FC_UNROLL);
-                for (int32_t c = 0; c < 2; c++) {
-                    tsh_rq_t q = tsh_rq_make(mult[n + c], shift[n + c], y_zp, act_min, act_max);
-                    int8_t *yc = y0 + n + c;
-#ifdef TSH_RQ_FAST_OK
-                    if (TSH_RQ_FAST_OK(&q)) {
-                        yc[0] = tsh_rq_fast(&q, acc[c]);
-                        yc[y_stride] = tsh_rq_fast(&q, acc[2 + c]);
-                        yc[2 * y_stride] = tsh_rq_fast(&q, acc[4 + c]);
-                        continue;
-                    }
-#endif
-                    yc[0] = tsh_rq_apply(&q, acc[c]);
-                    yc[y_stride] = tsh_rq_apply(&q, acc[2 + c]);
-                    yc[2 * y_stride] = tsh_rq_apply(&q, acc[4 + c]);
-                }
-            }
+            fc_extend3(x0, x1, x2, K4, xe);
+            if (fast && rows == 3)
+                fc_rows3_fast(xe, w, bias, mult, shift, y0, y_stride, K4, N2, y_zp);
+            else
+                fc_rows3(xe, w, bias, mult, shift, y0, y_stride, rows, K4, N2, y_zp, act_min, act_max);
             if (N2 < N)
-                for (int32_t r = 0; r < 3; r++)
+                for (int32_t r = 0; r < rows; r++)
                     y0[r * y_stride + N2] = requant_clamp(dot_s8(x0 + r * x_stride, w + N2 * K, K, bias[N2]),
                                                           mult[N2], shift[N2], y_zp, act_min, act_max);
         }
