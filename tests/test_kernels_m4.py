@@ -1,0 +1,89 @@
+"""The C kernels compiled for Cortex-M4 (DSP path: SMLAD/SXTB16 asm) and run on the emulated board
+equal the numpy reference bit for bit: one firmware whose model is a hand-made schedule calling
+every kernel on random and adversarial arguments (fast and slow requantisation paths, K not a
+multiple of 4, K beyond one straight-line block, extreme shifts and biases)."""
+import numpy as np
+import pytest
+
+from mcu.graph import Buffer, Call, Const, Graph, Ref, Schedule, Tensor
+from mcu.kernels import exp_lut, pack_fc_weights
+
+pytestmark = pytest.mark.slow
+
+
+def kernel_zoo(seed=0):
+    rng = np.random.default_rng(seed)
+    tensors, calls, out = {}, [], [0]
+    i8 = lambda n: rng.integers(-128, 128, size=n).astype(np.int8)
+
+    def const(name, data):
+        dt = {np.int8: "int8", np.int16: "int16", np.int32: "int32", np.uint16: "uint16"}[data.dtype.type]
+        tensors[name] = Tensor(name, data.shape, dt, "const", None, np.ascontiguousarray(data))
+        return Const(name)
+
+    def dest(nbytes):
+        r = Ref("output", out[0])
+        out[0] += (nbytes + 3) // 4 * 4
+        return r
+
+    X = 4096
+    # fully connected: (M, K, N, fast requantisation?)
+    for j, (M, K, N, fast) in enumerate([(7, 128, 9, True), (5, 36, 6, True), (3, 260, 5, True), (4, 516, 4, True),
+                                         (6, 64, 8, False), (2, 30, 3, False), (1, 12, 2, True)]):
+        W = rng.integers(-127, 128, size=(N, K)).astype(np.int8)
+        if fast:
+            bias, mult, shift = rng.integers(-2 ** 20, 2 ** 20, N), rng.integers(2 ** 30, 2 ** 31, N), rng.integers(-20, -6, N)
+            lo, hi = -128, 127
+        else:
+            bias = rng.choice([-(2 ** 30), 2 ** 30, 5], N)
+            mult = rng.choice([0, 1, 2 ** 31 - 1, 2 ** 30], N)
+            shift = rng.choice([-31, 0, 3, 30, -25], N)
+            lo, hi = -20, 90
+        args = (Ref("input"), const(f"w{j}", pack_fc_weights(W)), const(f"b{j}", bias.astype(np.int32)),
+                const(f"m{j}", mult.astype(np.int32)), const(f"s{j}", shift.astype(np.int32)), dest(M * N),
+                M, K, N, K, N, int(rng.integers(-128, 128)), lo, hi)
+        calls.append(Call("fc_s8", args, f"fc{j}", M * K * N))
+    calls.append(Call("matmul_qk_s8", (Ref("input"), Ref("input", 100), dest(6 * 7), 6, 7, 16, 20, 24, 7,
+                                       -3, 17, 1 << 30, -9, 5), "qk"))
+    p = rng.integers(0, 2 ** 15, size=5 * 9).astype(np.int16)
+    calls.append(Call("matmul_pv_s8", (const("p", p), Ref("input", 7), dest(5 * 12), 5, 9, 12, 9, 13, 12,
+                                       -7, 1 << 30, -14, 3), "pv"))
+    calls.append(Call("conv2d_s8", (Ref("input"), const("cw", i8(4 * 9 * 3)), const("cb", rng.integers(-999, 999, 4).astype(np.int32)),
+                                    const("cm", np.full(4, 1 << 30, np.int32)), const("cs", np.full(4, -8, np.int32)),
+                                    dest(4 * 4 * 4), 7, 7, 3, 4, 4, 4, 3, 2, 1, -128, 3, 3, 127), "conv"))
+    mask = const("mask", np.array([1, 1, 0, 1, 1, 1, 0, 1, 1, 1, 1], np.int8))
+    sm = dest(2 * 4 * 11)
+    calls.append(Call("softmax_s16", (Ref("input"), mask, const("lut", exp_lut(0.07)), sm, 4, 11, 11, 11), "softmax"))
+    d = 24
+    calls.append(Call("add_layernorm_s8", (Ref("input"), Ref("input", 300), const("gm", rng.integers(-2 ** 31, 2 ** 31, d).astype(np.int32)),
+                                           const("gs", rng.integers(-20, -5, d).astype(np.int32)),
+                                           const("gb", rng.integers(-60, 60, d).astype(np.int32)), dest(3 * d), 3, d,
+                                           7, -9, 4096, 1234, 77, -4), "ln"))
+    calls.append(Call("lut_s8", (Ref("input"), const("t", i8(256)), dest(50), 50), "lut"))
+    calls.append(Call("mean_pool_s8", (Ref("input"), mask, dest(8), 11, 8, 3, 1 << 30, -6, -2), "pool"))
+    ids = const("ids", np.array([3, 0, 9, 2, 40, -1], np.int32))
+    calls.append(Call("embedding_s8", (ids, const("emb", i8(10 * 6)), dest(36), 6, 6, 10), "emb"))
+    calls.append(Call("pad_mask", (ids, dest(6), 6), "mask"))
+    tensors["input"] = Tensor("input", (X,), "int8", "input")
+    tensors["output"] = Tensor("output", (out[0],), "int8", "output")
+    g = Graph("kernel-zoo", tensors, [], ["input"], ["output"])
+    bufs = {"input": Buffer("input", X, "input"), "output": Buffer("output", out[0], "output")}
+    return Schedule("zoo", g, bufs, calls), i8(X)
+
+
+def test_every_kernel_on_the_emulated_cortex_m4_equals_numpy(tmp_path, arm_toolchain):
+    from mcu.build import build_firmware
+    from mcu.codegen import generate
+    from mcu.device import open_board
+    from mcu.execute import run
+    from mcu.planner import plan
+
+    s, x = kernel_zoo()
+    p = plan(s)
+    gen = generate(s, p, tmp_path / "zoo")
+    want = run(s, {"input": x}, p)["output"]
+    for flags in [(), ("-DTSH_PORTABLE",)]:
+        fw = build_firmware(gen.dir, "stm32f405", extra_cflags=flags)
+        with open_board(fw) as dev:
+            got = dev.infer(x).output
+        assert np.array_equal(got, want), f"{flags or 'DSP'}: device differs at {np.flatnonzero(got != want)[:10]}"
