@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from edge.errors import TinyshieldError
-from mcu.graph import DTYPES, Buffer, Const, Graph, Ref, Schedule
+from mcu.graph import DTYPES, Const, Graph, Ref, Schedule
 from mcu.kernels import KERNELS, PTYPES
 
 
@@ -68,27 +68,10 @@ def run(schedule: Schedule, inputs: dict[str, np.ndarray], plan=None, kernels=No
     return out
 
 
-def one_call_per_op(graph: Graph) -> Schedule:
-    """The plainest schedule: one buffer per activation tensor, each op's calls in graph order.
-    (mcu.schedules.layerwise is the real baseline; this one has no dependency on it.)"""
-    from mcu.lower import calls_for
-
-    buffers = {n: Buffer(n, t.nbytes, t.kind) for n, t in graph.tensors.items() if t.kind != "const"}
-
-    def loc(name, offset=0):
-        t = graph.tensors[name]
-        return Const(name, offset) if t.kind == "const" else Ref(name, offset)
-
-    calls = [c for op in graph.ops for c in calls_for(graph, op, loc)]
-    return Schedule("one_call_per_op", graph, buffers, calls)
-
-
 def layerwise(graph: Graph) -> Schedule:
-    """mcu.schedules.layerwise when it exists, else `one_call_per_op`."""
-    try:
-        from mcu.schedules import layerwise as lw
-    except ImportError:
-        return one_call_per_op(graph)
+    """The baseline schedule (mcu.schedules.layerwise): one buffer per tensor, ops in graph order."""
+    from mcu.schedules import layerwise as lw
+
     return lw(graph)
 
 

@@ -37,8 +37,7 @@ from typing import Callable
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from edge.quant import (INT32_MAX, multiply_by_quantized_multiplier as mbqm, rounding_divide_by_pot,
-                        saturate)
+from edge.quant import multiply_by_quantized_multiplier as mbqm, rounding_divide_by_pot, saturate
 
 PTYPES = {"i8*": np.int8, "i16*": np.int16, "i32*": np.int32,
           "const i8*": np.int8, "const i16*": np.int16, "const u16*": np.uint16, "const i32*": np.int32}

@@ -41,7 +41,7 @@ import torch
 from edge import quant as Q
 from edge.errors import TinyshieldError
 from mcu import kernels as K
-from mcu.graph import Call, Const, Graph, Op, QParams, Ref, Tensor
+from mcu.graph import Call, Graph, Op, QParams, Tensor
 
 BIAS_LIMIT = 1 << 30      # accumulators stay inside int32: |bias| <= 2^30 and K*255*127 < 2^30
 MAX_K = (1 << 30) // (255 * 127)

@@ -6,7 +6,7 @@ import torch
 from edge.errors import TinyshieldError
 from edge.models.bert import BertClassifier, BertConfig
 from edge.models.vit import ViT, ViTConfig
-from mcu.execute import one_call_per_op, reference, run
+from mcu.execute import layerwise, reference, run
 from mcu.lower import OP_KINDS, lower_bert, lower_bert_classifier, lower_vit
 
 TINY_BERT = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -66,7 +66,7 @@ def test_vit_int8_agrees_with_float_on_random_digits():
     g = lower_vit(m, imgs[:32])
     with torch.no_grad():
         f = m(torch.from_numpy(imgs[32:]).float().div(255).unsqueeze(1)).numpy()
-    s = one_call_per_op(g)
+    s = layerwise(g)
     q = np.stack([run(s, {"input": (im.astype(np.int16) - 128).astype(np.int8)})["logits"][0] for im in imgs[32:]])
     assert np.abs(dequant(g, "logits", q) - f).max() < 0.05 * max(1.0, np.abs(f).max())
 
@@ -97,7 +97,7 @@ def test_clr_embedding_lowers_to_the_int8_table():
     ids = random_ids(32, 16, seed=3)
     g = lower_bert_classifier(m, ids, 16, clr=quant)
     assert [op.kind for op in g.ops][:2] == ["pad_mask", "embedding_clr"]
-    s = one_call_per_op(g)
+    s = layerwise(g)
     hk = HostKernels("dsp")
     words = g.tensors["embeddings.word_embeddings.out"]
     want = quant.table().numpy()

@@ -38,10 +38,10 @@ def fc_graph(M: int, K: int, N: int):
 
 
 def schedules(g):
-    from mcu.execute import one_call_per_op
+    from mcu.schedules import layerwise
     from mcu.graph import Schedule
 
-    s = one_call_per_op(g)
+    s = layerwise(g)
     empty = Schedule("copy-only", g, s.buffers, [])
     return s, empty
 
