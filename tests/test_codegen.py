@@ -96,6 +96,7 @@ def test_model_info_describes_io(vit, bert):
     assert vi.input_dtype == 0 and vi.input_zero_point == -128 and list(vi.input_shape) == [28, 28, 1, 0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["vit", "bert", "bert_clr"])
 def test_generated_c_compiles_warning_free_host_and_cortex_m4(model, request, tmp_path, arm_toolchain):
     gen = request.getfixturevalue(model)[2]
