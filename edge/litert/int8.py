@@ -61,7 +61,7 @@ def calibration_set(name: str, n: int = 32, seq_len: int | None = None, seed: in
 def export_int8(model: torch.nn.Module, calib: list, seq_len: int | None = None, batch: int = 1,
                 mode: str = "hybrid", gelu: str = "exact", head: str = "sentence", int8_io: bool = False,
                 input_shape=None, wide_modules: str | None = FFN_OUT, float_modules: tuple[str, ...] = (),
-                percentile: float = 100.0) -> bytes:
+                percentile: float = 100.0, description: str = "tinyshield") -> bytes:
     """int8 .tflite bytes of a model (see edge.litert.quantize for the modes and options)."""
     calib = list(calib)
     if not calib:
@@ -70,7 +70,7 @@ def export_int8(model: torch.nn.Module, calib: list, seq_len: int | None = None,
     fp = build_model(model, seq_len, cal_batch, gelu, head, input_shape)
     ranges = calibrate(fp, calib, percentile)
     target = fp if batch == cal_batch else build_model(model, seq_len, batch, gelu, head, input_shape)
-    return quantize_graph(target, ranges, mode, int8_io, float_modules, wide_modules).finish()
+    return quantize_graph(target, ranges, mode, int8_io, float_modules, wide_modules).finish(description=description)
 
 
 def bert_tiny_int8_encoder(seq_len: int, model: torch.nn.Module | None = None, calib: list | None = None,

@@ -1,0 +1,95 @@
+""".tflite files of tinyshield models: export options, metadata in the file, and a cache.
+
+The file's `description` holds a small JSON (`{"tinyshield": {...}}`): model kind, input kind, L,
+int8 mode, labels — so `tinyshield run model.tflite ...` knows how to feed and read it.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from edge.errors import TinyshieldError
+from edge.paths import artefact_dir
+
+TEXT_KINDS = ("minilm", "bert", "bert-classifier")
+DEFAULT_SEQ_LEN = 128
+
+
+@dataclass
+class ExportOptions:
+    int8: bool = False
+    mode: str = "hybrid"            # int8 graph: hybrid | full
+    calib: str | None = None        # sst2 | mnist | random (default: sst2 for text, mnist for images)
+    calib_n: int = 32
+    seq_len: int | None = None      # text models (default 128)
+    batch: int = 1
+    gelu: str = "exact"             # exact | tanh | sigmoid (TFLite Micro has no GELU kernel)
+    head: str = "sentence"          # BertModel / MiniLM output: sentence | mean | hidden
+
+
+def _kind_is_text(kind: str) -> bool:
+    return kind in TEXT_KINDS
+
+
+def export_loaded(loaded, opts: ExportOptions) -> bytes:
+    """.tflite bytes of a `registry.Loaded` model under `opts`, with metadata in the description."""
+    from edge.litert.export import build_model
+    from edge.litert.int8 import calibration_set, export_int8
+
+    text = _kind_is_text(loaded.kind)
+    seq_len = (opts.seq_len or DEFAULT_SEQ_LEN) if text else None
+    if opts.batch < 1:
+        raise TinyshieldError(f"batch must be >= 1, got {opts.batch}")
+    calib = None
+    calib_name = None
+    if opts.int8:
+        calib_name = opts.calib or ("sst2" if text else "mnist")
+        if (text and calib_name == "mnist") or (not text and calib_name in ("sst2", "random")):
+            raise TinyshieldError(f"--calib {calib_name} does not fit a {loaded.kind} model "
+                                  f"(use {'sst2 or random' if text else 'mnist'})")
+        vocab = getattr(getattr(loaded.model, "config", None), "vocab_size", 30522)
+        calib = calibration_set(calib_name, n=opts.calib_n, seq_len=seq_len, vocab_size=vocab)
+    meta = {"kind": loaded.kind, "input": "ids" if text else "image", "seq_len": seq_len, "batch": opts.batch,
+            "int8": opts.mode if opts.int8 else None, "calib": calib_name, "gelu": opts.gelu,
+            "head": opts.head if loaded.kind in ("minilm", "bert") else "logits",
+            "labels": loaded.config.get("labels")}
+    desc = json.dumps({"tinyshield": meta})
+    if opts.int8:
+        return export_int8(loaded.model, calib, seq_len=seq_len, batch=opts.batch, mode=opts.mode,
+                           gelu=opts.gelu, head=opts.head, description=desc)
+    return build_model(loaded.model, seq_len, opts.batch, opts.gelu, opts.head).finish(description=desc)
+
+
+def read_meta(model) -> dict:
+    """The tinyshield metadata of a validated ModelT (empty for foreign .tflite files)."""
+    d = model.description
+    d = d.decode(errors="replace") if isinstance(d, bytes) else (d or "")
+    try:
+        return json.loads(d).get("tinyshield", {})
+    except (json.JSONDecodeError, AttributeError):
+        return {}
+
+
+def model_key(spec: str) -> dict:
+    """What identifies a model for the cache: its name, or its directory and weights' stamp."""
+    p = Path(spec)
+    if p.is_dir():
+        w = p / "model.safetensors"
+        st = w.stat() if w.is_file() else None
+        return {"dir": str(p.resolve()), "size": st and st.st_size, "mtime": st and st.st_mtime_ns}
+    return {"name": spec}
+
+
+def tflite_for(spec: str, opts: ExportOptions, force: bool = False) -> Path:
+    """Path of the cached .tflite of model `spec` (recipe name, 'minilm' or model dir) under `opts`."""
+    from edge.models.registry import resolve
+    d = artefact_dir("tflite", {"model": model_key(spec), **asdict(opts)})
+    out = d / "model.tflite"
+    if out.is_file() and not force:
+        return out
+    data = export_loaded(resolve(spec), opts)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(out)
+    return out
