@@ -190,7 +190,8 @@ def arena_map(prof: Profile) -> list[tuple[tuple[int, str, int, str], list[tuple
     return sorted(((k, sorted(v)) for k, v in groups.items()), key=lambda kv: (kv[0][0], kv[1][0]))
 
 
-def plot_timelines(profiles: list[Profile], path, budget: int | None = None, title: str = "") -> None:
+def plot_timelines(profiles: list[Profile], path, budget: int | None = None, title: str = "",
+                   budget_label: str = "board budget") -> None:
     """Live bytes against progress through the inference (0..1, so schedules of different call
     counts line up), one line per schedule, the planned arena dashed, the budget as a red line."""
     import matplotlib
@@ -206,7 +207,7 @@ def plot_timelines(profiles: list[Profile], path, budget: int | None = None, tit
         ax.axhline(prof.arena_bytes / 1024, color=line.get_color(), ls="--", lw=1,
                    label=f"{prof.schedule}: planned arena {prof.arena_bytes / 1024:.0f} KiB")
     if budget is not None:
-        ax.axhline(budget / 1024, color="red", lw=1.5, label=f"board budget {budget / 1024:.0f} KiB")
+        ax.axhline(budget / 1024, color="red", lw=1.5, label=f"{budget_label} {budget / 1024:.0f} KiB")
     ax.set_xlabel("progress through one inference (fraction of kernel calls)")
     ax.set_ylabel("arena bytes live (KiB)")
     ax.set_ylim(bottom=0)
