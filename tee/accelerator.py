@@ -16,7 +16,7 @@ import torch
 from safetensors.numpy import load_file
 
 from edge.errors import TinyshieldError
-from tee import blinded
+from tee import blinded, dma
 from tee.fieldmath import P
 from tee.messages import Message, recv, send
 
@@ -80,8 +80,9 @@ class Backend:
 
 
 def main(enclave_conn, host_conn, bundle_dir: str, backend: str, threads: int, record: bool,
-         attack: str | None, attack_after: int, seed: int | None) -> None:
+         attack: str | None, attack_after: int, seed: int | None, buffer_names: tuple[str, str] | None = None) -> None:
     torch.set_num_threads(threads)
+    buffers = tuple(dma.attach(n) for n in buffer_names) if buffer_names else None
     header = json.loads((Path(bundle_dir) / "bundle.json").read_text())
     layers = header["accelerator"]["layers"]
     run = Backend(Path(bundle_dir) / "accelerator", header["mode"], backend, layers) if layers else None
@@ -96,8 +97,16 @@ def main(enclave_conn, host_conn, bundle_dir: str, backend: str, threads: int, r
                 msg = recv(conn)
             except TinyshieldError:
                 return
-            if msg.kind == "matmul":
-                x = msg.arrays[0]
+            if msg.kind in ("matmul", "matmul_dma"):
+                f = msg.fields
+                try:
+                    x = msg.arrays[0] if msg.kind == "matmul" else \
+                        dma.view(buffers[0], f["dtype"], f["rows"], f["cols"]) if buffers else None
+                    if x is None:
+                        raise TinyshieldError("no shared buffers were set up")
+                except TinyshieldError as e:
+                    send(conn, Message("error", {"message": str(e)}))
+                    continue
                 t = time.perf_counter()
                 try:
                     y = run(msg.fields["layer"], x)
@@ -112,7 +121,16 @@ def main(enclave_conn, host_conn, bundle_dir: str, backend: str, threads: int, r
                 busy += seconds
                 if record:
                     transcript.append((msg.fields["layer"], x.copy()))
-                send(conn, Message("result", {"seq": msg.fields["seq"], "seconds": seconds}, [y]))
+                if msg.kind == "matmul":
+                    send(conn, Message("result", {"seq": f["seq"], "seconds": seconds}, [y]))
+                else:
+                    try:
+                        dma.view(buffers[1], dma.code(y), *y.shape)[...] = y
+                    except TinyshieldError as e:
+                        send(conn, Message("error", {"message": str(e)}))
+                        continue
+                    send(conn, Message("result_dma", {"seq": f["seq"], "seconds": seconds, "dtype": dma.code(y),
+                                                      "rows": y.shape[0], "cols": y.shape[1]}))
             elif msg.kind == "transcript":
                 send(conn, Message("transcript_data", {"entries": json.dumps([n for n, _ in transcript])},
                                    [a for _, a in transcript]))

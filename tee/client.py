@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edge.errors import TinyshieldError
-from tee import accelerator, enclave
+from tee import accelerator, dma, enclave
 from tee.attestation import Channel, Quote, fresh_nonce, new_keypair, verify_quote
 from tee.bundle import Bundle, load_header
 from tee.messages import Message, decode, encode, recv, send
@@ -53,11 +53,21 @@ class Timing:
 
 class ProtectedSession:
     def __init__(self, bundle_dir, backend: str | None = None, record: bool = False, attack: str | None = None,
-                 attack_after: int = 0, seed: int | None = None, accel_threads: int | None = None, attest: bool = True):
+                 attack_after: int = 0, seed: int | None = None, accel_threads: int | None = None, attest: bool = True,
+                 transport: str = "dma"):
         self.bundle: Bundle = load_header(bundle_dir)
         self.backend = backend or self.bundle.header["accelerator"]["backend"]
         if self.backend not in ("torch", "litert"):
             raise TinyshieldError(f"unknown accelerator backend {self.backend!r}: torch or litert")
+        if transport not in ("dma", "pipe"):
+            raise TinyshieldError(f"unknown transport {transport!r}: dma (shared buffers) or pipe")
+        layers = self.bundle.header["accelerator"]["layers"]
+        self.buffers = []
+        if transport == "dma" and layers:
+            # one buffer each way, as large as the largest layer's input or output (4-byte elements)
+            size = max(rows * max(k, m) * 4 for rows, k, m in layers.values())
+            self.buffers = [dma.create(size), dma.create(size)]
+        names = tuple(b.name for b in self.buffers) or None
         ctx = mp.get_context("spawn")
         self.host_end, accel_host = ctx.Pipe()
         enc_accel, accel_enc = ctx.Pipe()
@@ -66,18 +76,22 @@ class ProtectedSession:
         with _threads_env(threads):
             self.accel = ctx.Process(target=accelerator.main, name="tinyshield-accelerator", daemon=True,
                                      args=(accel_enc, accel_host, str(self.bundle.path), self.backend, threads,
-                                           record, attack, attack_after, seed))
+                                           record, attack, attack_after, seed, names))
             self.accel.start()
         with _threads_env(1):
             self.enclave = ctx.Process(target=enclave.main, name="tinyshield-enclave", daemon=True,
-                                       args=(enc_client, enc_accel, str(self.bundle.path)))
+                                       args=(enc_client, enc_accel, str(self.bundle.path), names))
             self.enclave.start()
         for c in (accel_host, enc_accel, accel_enc, enc_client):
             c.close()
         self.channel: Channel | None = None
         self.quote: Quote | None = None
         if attest:
-            self.attest()
+            try:
+                self.attest()
+            except BaseException:
+                self.close()     # stop both processes and free the shared buffers
+                raise
 
     # ---- attestation ---------------------------------------------------------------------------------
     def request_quote(self, nonce: bytes, client_pub: bytes) -> Quote:
@@ -144,6 +158,10 @@ class ProtectedSession:
                 proc.terminate()
                 proc.join(2)
             conn.close()
+        for b in self.buffers:
+            b.close()
+            b.unlink()
+        self.buffers = []
 
     def __enter__(self):
         return self

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from edge.errors import TinyshieldError
-from tee import blinded, program, shadownet
+from tee import blinded, dma, program, shadownet
 from tee.attestation import Channel, make_quote, new_keypair
 from tee.messages import Message, recv, send
 from tee.sealing import device_root_key, measurement, seal_key
@@ -25,8 +25,9 @@ from tee.sealing import device_root_key, measurement, seal_key
 class AcceleratorLink:
     """The enclave's side of the accelerator connection; checks every answer's sequence number, shape and dtype."""
 
-    def __init__(self, conn, out_dims: dict[str, int]):
+    def __init__(self, conn, out_dims: dict[str, int], buffers=None):
         self.conn, self.out_dims, self.seq = conn, out_dims, 0
+        self.buffers = buffers     # (outbound, inbound) shared buffers, or None to send data over the pipe
         self.reset()
 
     def reset(self):
@@ -38,11 +39,19 @@ class AcceleratorLink:
             raise TinyshieldError("this enclave has no accelerator connection")
         self.seq += 1
         t = time.perf_counter()
-        send(self.conn, Message("matmul", {"layer": layer, "seq": self.seq}, [x]))
-        reply = recv(self.conn, "result")
+        if self.buffers is None:
+            send(self.conn, Message("matmul", {"layer": layer, "seq": self.seq}, [x]))
+            reply = recv(self.conn, "result")
+            y = reply.arrays[0]
+        else:
+            dma.view(self.buffers[0], dma.code(x), *x.shape)[...] = x
+            send(self.conn, Message("matmul_dma", {"layer": layer, "seq": self.seq, "dtype": dma.code(x),
+                                                   "rows": x.shape[0], "cols": x.shape[1]}))
+            reply = recv(self.conn, "result_dma")
+            f = reply.fields
+            y = dma.view(self.buffers[1], f["dtype"], f["rows"], f["cols"]).copy()   # copy out, then check
         self.wait += time.perf_counter() - t
         self.calls += 1
-        y = reply.arrays[0]
         if reply.fields["seq"] != self.seq:
             raise TinyshieldError(f"accelerator answered request {reply.fields['seq']}, expected {self.seq}")
         if y.shape != (x.shape[0], self.out_dims[layer]) or y.dtype != x.dtype:
@@ -52,7 +61,7 @@ class AcceleratorLink:
 
 
 class Enclave:
-    def __init__(self, bundle_dir: str | Path, accel_conn=None):
+    def __init__(self, bundle_dir: str | Path, accel_conn=None, buffers=None):
         self.dir = Path(bundle_dir)
         header = json.loads((self.dir / "bundle.json").read_text())
         self.config = header["enclave_config"]
@@ -64,9 +73,10 @@ class Enclave:
         sealed = read_sealed(self.dir / "enclave.sealed", self.key, b"bundle\0" + self.meas)
         self.model = self._build_model(sealed)
         self.params = program.linears(self.model)
-        self.link = AcceleratorLink(accel_conn, self._out_dims(sealed))
+        self.link = AcceleratorLink(accel_conn, self._out_dims(sealed), buffers)
         self.channel: Channel | None = None
         self.offline = 0.0
+        self.prefetched: dict[str, np.ndarray] | None = None
         if self.mode == "shadownet":
             self.shadow = {n: (shadownet.ShadowLayer(obf=None, perm=sealed[f"sn.{n}.perm"], scale=sealed[f"sn.{n}.scale"],
                                                      fake=sealed[f"sn.{n}.fake"].astype(bool)),
@@ -118,7 +128,16 @@ class Enclave:
             return blinded.unblind(y_tilde, u, layer)
         return lin
 
+    def prefetch(self) -> None:
+        """Between requests: unseal the next pad now, so the next inference does not wait for it."""
+        if self.mode == "blinded" and self.prefetched is None:
+            self.prefetched = self._take_pad(allow_make=False)
+
     def next_pad(self) -> dict[str, np.ndarray]:
+        pad, self.prefetched = self.prefetched, None
+        return pad if pad is not None else self._take_pad(allow_make=True)
+
+    def _take_pad(self, allow_make: bool) -> dict[str, np.ndarray] | None:
         """Take (and delete) the next one-time pad; with none left, make one here (slow, counted as offline)."""
         from tee.bundle import pad_aad, read_sealed
         files = sorted((self.dir / "pads").glob("*.sealed"))
@@ -127,6 +146,8 @@ class Enclave:
             pad = read_sealed(f, self.key, pad_aad(int(f.stem), self.meas))
             f.unlink()   # one use only
             return pad
+        if not allow_make:
+            return None
         t = time.perf_counter()
         pad = blinded.make_pad(self.blind, self.config["rows"])
         self.offline += time.perf_counter() - t
@@ -178,12 +199,13 @@ class Enclave:
         raise TinyshieldError(f"the enclave does not serve {msg.kind!r} requests")
 
 
-def main(client_conn, accel_conn, bundle_dir: str) -> None:
+def main(client_conn, accel_conn, bundle_dir: str, buffer_names: tuple[str, str] | None = None) -> None:
     """Process entry point (spawned with one thread)."""
     torch.set_num_threads(1)
     torch.set_grad_enabled(False)
+    buffers = tuple(dma.attach(n) for n in buffer_names) if buffer_names else None
     try:
-        enclave, failure = Enclave(bundle_dir, accel_conn), None
+        enclave, failure = Enclave(bundle_dir, accel_conn, buffers), None
     except TinyshieldError as e:
         enclave, failure = None, str(e)
     while True:
@@ -201,3 +223,8 @@ def main(client_conn, accel_conn, bundle_dir: str) -> None:
         except TinyshieldError as e:
             reply = Message("error", {"message": str(e)})
         send(client_conn, reply)
+        if enclave is not None and msg.kind in ("attest", "infer"):
+            try:
+                enclave.prefetch()
+            except TinyshieldError:
+                pass   # a bad pad file is reported when the next inference needs it

@@ -53,7 +53,8 @@ def fixed_point_reference(bundle_dir, inputs):
 
 @pytest.mark.parametrize("mode", bundle.MODES)
 def test_mode_output_and_transcript(tee_env, vit, mode):
-    b = bundle.protect(vit, tee_env / mode, mode, pads=2)
+    # ShadowNet keeps a small pool of precomputed masks; a pool of one makes its reuse leak deterministic
+    b = bundle.protect(vit, tee_env / mode, mode, pads=2, mask_pool=1)
     assert b.header["accelerator"]["backend"] == ("litert" if mode in ("plain", "shadownet") else "torch")
     x1, x2 = images(2)
     plain = program.forward(vit, x1, program.plain_lin(program.linears(vit)))
@@ -78,14 +79,16 @@ def test_mode_output_and_transcript(tee_env, vit, mode):
     r = audit.transcript_report(mode, transcript, acts, calls)
     if mode == "plain":
         assert r.rows_matched > 0 and r.repeated_input_identical == calls    # the baseline leaks everything
+    elif mode == "shadownet":
+        # a reused mask sends a repeated input identically, and x1 - x2 in the clear for different inputs
+        assert r.repeated_input_identical == calls and r.mask_reuse_pairs == r.pairs_checked
     else:
         assert r.rows_matched == 0 and r.repeated_input_identical == 0        # no plaintext row, masks differ
-    if mode == "blinded":
-        assert r.max_row_cos < r.chance_cos + 0.1
+        assert r.mask_reuse_pairs == 0 and r.max_row_cos < r.chance_cos + 0.1
         assert all(t.dtype == np.uint32 and int(t.max()) < blinded.P for _, t in transcript)
 
 
-@pytest.mark.parametrize("attack", ["flip", "replay"])
+@pytest.mark.parametrize("attack", ["replay"])   # all four attacks: test_tee.py, with the same kernel and check
 def test_lying_accelerator_aborts_blinded_inference(tee_env, vit, attack):
     b = bundle.protect(vit, tee_env / f"lie-{attack}", "blinded", pads=0)
     calls = len(program.linears(vit))
