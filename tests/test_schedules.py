@@ -41,11 +41,13 @@ def test_tiled_equals_layerwise_bit_for_bit(bert, rows, kt):
     np.testing.assert_array_equal(got, want)
 
 
-def test_tiled_in_c_equals_numpy(bert):
+@pytest.mark.parametrize("variant", ["portable", "dsp"])
+def test_tiled_in_c_equals_numpy(bert, variant):
+    """The C kernels (host build) run the tiled schedule in one planned arena, in-place rows included."""
     from mcu.hostlib import HostKernels
     g, x, want = bert
     s = tiled_with(g, Tiles(5, 8))
-    got = execute.run(s, {"input": x}, plan=plan(s), kernels=HostKernels("portable"))["hidden"]
+    got = execute.run(s, {"input": x}, plan=plan(s), kernels=HostKernels(variant))["hidden"]
     np.testing.assert_array_equal(got, want)
 
 
@@ -105,3 +107,25 @@ def test_tiled_vit_equals_layerwise():
         s = tiled_with(g, tiles)
         np.testing.assert_array_equal(execute.run(s, {"input": x}, plan=plan(s))["logits"], want)
         assert lower_bound(s) < lower_bound(layerwise(g))
+
+
+@settings(max_examples=15, deadline=None)
+@given(d_heads=st.sampled_from([(32, 1), (32, 2), (64, 4)]), layers=st.integers(1, 2),
+       ffn=st.sampled_from([32, 96]), L_=st.integers(2, 14), rows=st.integers(1, 16), kt=st.integers(1, 16),
+       pad=st.integers(0, 3), seed=st.integers(0, 1000))
+def test_random_graphs_and_tiles(d_heads, layers, ffn, L_, rows, kt, pad, seed):
+    """Random BERT shapes and tile sizes: the plan never overlaps and tiled == layerwise exactly."""
+    d, h = d_heads
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=50, hidden_size=d, num_hidden_layers=layers, num_attention_heads=h,
+                     intermediate_size=ffn, max_position_embeddings=16)
+    ids = np.random.default_rng(seed).integers(1, 50, (3, L_))
+    ids[:, L_ - min(pad, L_ - 1):] = 0
+    g = lower_bert(BertModel(cfg), ids, L_)
+    x = ids[0].astype(np.int32)
+    s = tiled_with(g, Tiles(rows, kt))
+    p = plan(s, "greedy_by_size")
+    check(p, s)
+    assert p.arena_bytes >= lower_bound(s)
+    want = execute.run(layerwise(g), {"input": x})["hidden"]
+    np.testing.assert_array_equal(execute.run(s, {"input": x}, plan=p)["hidden"], want)

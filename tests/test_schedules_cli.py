@@ -1,10 +1,7 @@
 """`tinyshield plan`: profile tables, the timeline figure, and refusal of a plan over the board's budget."""
-import pytest
-
 from tools.cli import main
 
 
-@pytest.mark.slow
 def test_plan_prints_profile_and_plots(tmp_path, capsys):
     png = tmp_path / "mem.png"
     assert main(["plan", "bert-tiny", "--seq-len", "64", "--board", "stm32f405", "--tiles", "8,64",
@@ -14,7 +11,6 @@ def test_plan_prints_profile_and_plots(tmp_path, capsys):
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
 
 
-@pytest.mark.slow
 def test_plan_refuses_over_budget(capsys):
     assert main(["plan", "bert-tiny", "--seq-len", "256", "--board", "stm32f405", "--schedule", "layerwise",
                  "--tiles", "16,256"]) == 2
