@@ -180,6 +180,29 @@ def render(prof: Profile, console=None, budget: int | None = None, board: str = 
     console.print(m)
 
 
+def pareto(cands: list[dict]) -> list[dict]:
+    """Tile candidates ({rows, kt, peak, macs, calls}) on the front of peak vs (MACs, calls)."""
+    front, best = [], None
+    for c in sorted(cands, key=lambda c: (c["peak"], c["macs"], c["calls"])):
+        if best is None or (c["macs"], c["calls"]) < best:
+            front.append(c)
+            best = (c["macs"], c["calls"])
+    return front
+
+
+def search_table(cands: list[dict], base_macs: int, chosen: tuple[int, int] | None = None, title: str = "tile search"):
+    """The memory / recomputation / call-count trade of a tile search, as a rich table."""
+    from rich.table import Table
+    t = Table(title=f"{title}: live-set peak vs recomputation and calls (Pareto front)")
+    for col in ("rows", "kt", "peak bytes", "MACs", "recompute", "calls"):
+        t.add_column(col, justify="right")
+    for c in pareto(cands):
+        mark = " *" if chosen == (c["rows"], c["kt"]) else ""
+        t.add_row(f"{c['rows']}{mark}", str(c["kt"]), f"{c['peak']:,}", f"{c['macs']:,}",
+                  f"{100 * (c['macs'] / base_macs - 1):.1f}%", f"{c['calls']:,}")
+    return t
+
+
 def arena_map(prof: Profile) -> list[tuple[tuple[int, str, int, str], list[tuple[int, int]]]]:
     """Arena rows by offset: (offset, buffer name without its block suffix, bytes, kind) -> lifetimes."""
     groups: dict[tuple[int, str, int, str], list[tuple[int, int]]] = {}

@@ -152,24 +152,6 @@ def largest_fitting(board: str, lo: int, hi: int, step: int = 8) -> dict:
     return out
 
 
-def tradeoff_table(row: dict, lw_macs: int):
-    """The tile search's memory / recomputation trade at one L: the Pareto front of (peak, MACs, calls)."""
-    from rich.table import Table
-    cands = sorted(row["candidates"], key=lambda c: (c["peak"], c["macs"], c["calls"]))
-    front, best_macs, best_calls = [], None, None
-    for c in cands:
-        if best_macs is None or c["macs"] < best_macs or (c["macs"] == best_macs and c["calls"] < best_calls):
-            front.append(c)
-            best_macs, best_calls = c["macs"], c["calls"]
-    t = Table(title=f"tile search at L = {row['L']}: live-set peak vs recomputation (Pareto front)")
-    for col in ("rows", "kt", "peak KiB", "MACs", "recompute", "calls"):
-        t.add_column(col, justify="right")
-    for c in front:
-        t.add_row(str(c["rows"]), str(c["kt"]), f"{c['peak'] / 1024:,.1f}", f"{c['macs']:,}",
-                  f"{100 * (c['macs'] / lw_macs - 1):.1f}%", f"{c['calls']:,}")
-    return t
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lengths", default="64,128,256,512,1024")
@@ -182,6 +164,7 @@ def main(argv=None):
     from rich.table import Table
 
     from edge.progress import progress
+    from mcu.profile import search_table
 
     out = build_dir() / "bench"
     out.mkdir(parents=True, exist_ok=True)
@@ -216,7 +199,7 @@ def main(argv=None):
               "TFLite Micro has no GELU kernel), arena measured by its recording allocator.")
     for r in rows:
         if r["L"] == 512:
-            con.print(tradeoff_table(r, lw_macs=r["macs_layerwise"]))
+            con.print(search_table(r["candidates"], r["macs_layerwise"], title=f"tile search at L = {r['L']}"))
     con.print(f"largest L whose tiled arena fits {args.board} (BERT-tiny classifier, ids -> logits): "
               f"{fit.get('links')} (arena + I/O + {8}K stack <= RAM, "
               f"arena {fit.get('links_arena', 0):,} B); {fit.get('ram')} (arena <= all {kb(196608)} KiB RAM)")

@@ -34,7 +34,10 @@ def run(args):
 
     from edge.errors import TinyshieldError
     from mcu.profile import board_budget, check_budget, planning_graph, plot_timelines, profile, render
-    from mcu.schedules import layerwise, tiled
+    from dataclasses import asdict
+
+    from mcu.profile import search_table
+    from mcu.schedules import Tiles, layerwise, search_tiles, tiled_with
 
     if args.seq_len < 1:
         raise TinyshieldError(f"--seq-len must be >= 1, got {args.seq_len}")
@@ -45,10 +48,19 @@ def run(args):
         graph = planning_graph(args.model, args.seq_len)
     budget = board_budget(args.board, graph)
     with console.status("scheduling and planning"):
-        scheds = {"layerwise": layerwise(graph), "tiled": tiled(graph, budget=budget, tiles=tiles)}
+        search = None
+        if tiles is None:
+            search = search_tiles(graph, budget)
+            tiles = Tiles(search.chosen.rows, search.chosen.kt)
+        scheds = {"layerwise": layerwise(graph), "tiled": tiled_with(graph, tiles)}
         profs = {k: profile(s, args.strategy) for k, s in scheds.items()}
     prof = profs[args.schedule]
     render(prof, console, budget=budget, board=args.board, max_rows=args.rows)
+    if search is not None and args.schedule == "tiled":
+        console.print(search_table([asdict(c) for c in search.candidates], scheds["layerwise"].macs(),
+                                   (tiles.rows, tiles.kt),
+                                   f"tile search ({'fewest MACs, then calls, within' if search.fits else 'nothing fits'} "
+                                   f"the {budget:,} B budget)"))
     other = profs["tiled" if args.schedule == "layerwise" else "layerwise"]
     console.print(f"{other.schedule}: arena {other.arena_bytes:,} B (peak at {other.peak_op}); "
                   f"{prof.schedule} / {other.schedule} = {prof.arena_bytes / other.arena_bytes:.3f}")
