@@ -312,7 +312,7 @@ def _check_ids(calib_ids, seq_len: int, bert=None) -> np.ndarray:
                               f"{bert.config.max_position_embeddings}: use a shorter --seq-len")
     if seq_len < 1:
         raise TinyshieldError(f"seq_len must be >= 1, got {seq_len}")
-    ids = getattr(calib_ids, "ids", calib_ids)          # a tokenizer Batch, a tensor or an array
+    ids = getattr(calib_ids, "input_ids", calib_ids)    # a tokenizer Batch, a tensor or an array
     ids = np.asarray(ids.numpy() if isinstance(ids, torch.Tensor) else ids)
     if ids.ndim != 2 or ids.shape[0] == 0 or not np.issubdtype(ids.dtype, np.integer):
         raise TinyshieldError(f"calibration ids must be an integer array (N, L) with N > 0, got {ids.dtype} {ids.shape}")

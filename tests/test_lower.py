@@ -113,3 +113,18 @@ def test_clr_embedding_lowers_to_the_int8_table():
                      len(c["clusters"]) // 9)
     got = y.reshape(16, 32) * words.q.scale[0]
     assert np.abs(got - want[x]).max() <= 1.01 * words.q.scale[0]
+
+
+def test_calibration_accepts_a_tokenizer_batch():
+    from edge.models.minilm import load_tokenizer, tokenize
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=32)
+    m = BertClassifier(cfg).eval()
+    batch = tokenize(load_tokenizer(), ["a fine film", "dull and far too long", "yes"], pad_to=16)
+    g = lower_bert_classifier(m, batch, 16)
+    x = batch.input_ids[1].numpy().astype(np.int32)
+    with torch.no_grad():
+        f = m(batch.input_ids[1:2], batch.attention_mask[1:2]).numpy()
+    assert np.abs(dequant(g, "logits", reference(g, {"input": x})["logits"]) - f).max() < 0.1

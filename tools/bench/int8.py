@@ -86,14 +86,14 @@ def bench_bert(calib: int, limit: int | None, check: int, bar, train: bool, seq_
     texts, labels = dev.texts[:limit], dev.labels[:limit]
     b = tokenize(tok, texts, pad_to=seq_len)
     with torch.no_grad():
-        fp32 = float((model(b.ids, b.mask).argmax(-1).numpy() == labels).mean())
+        fp32 = float((model(b.input_ids, b.attention_mask).argmax(-1).numpy() == labels).mean())
     t0 = time.time()
     rng = np.random.default_rng(0)
     pick = rng.choice(len(train_set.texts), size=calib, replace=False)
     cal = tokenize(tok, [train_set.texts[i] for i in pick], pad_to=seq_len)
-    g = lower_bert_classifier(model, cal.ids.numpy(), seq_len)
+    g = lower_bert_classifier(model, cal, seq_len)
     s, p, hm = _int8_model(g, "bert")
-    ids = b.ids.numpy().astype(np.int32)
+    ids = b.input_ids.numpy().astype(np.int32)
     task = bar.add_task("int8 BERT-tiny / SST-2 dev", total=len(ids), info="")
     pred = []
     for i in range(len(ids)):
