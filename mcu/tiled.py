@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from edge.quant import multiply_by_quantized_multiplier as mbqm
-from mcu.kernels import (register, softmax_exp, softmax_probs, view2d)
+from mcu.kernels import matmul_qk_s8, register, softmax_exp, softmax_probs, view2d
 
 ATTENTION_PARAMS = (
     ("q", "const i8*"), ("k", "const i8*"), ("v", "const i8*"), ("mask", "const i8*"), ("lut", "const i32*"),
@@ -46,7 +46,6 @@ def attention_macs(Lq: int, Lk: int, dh: int, kt: int) -> int:
 def attention_s8(q, k, v, mask, lut, y, s_tile, acc, stats, Lq, Lk, dh, kt, q_stride, k_stride, v_stride,
                  y_stride, q_zp, k_zp, qk_mult, qk_shift, s_zp, v_zp, pv_mult, pv_shift, y_zp):
     """One head, one block of queries: y = softmax(q k^T) v, streamed over key tiles of kt."""
-    Q = view2d(q, Lq, dh, q_stride).astype(np.int64) - q_zp
     kt = max(1, min(kt, Lk))
     tiles = [(j0, min(kt, Lk - j0)) for j0 in range(0, Lk, kt)]
     valid_all = mask[:Lk] != 0
@@ -54,9 +53,9 @@ def attention_s8(q, k, v, mask, lut, y, s_tile, acc, stats, Lq, Lk, dh, kt, q_st
     m, tot = stats[:Lq], stats[Lq:2 * Lq]
     A = acc[:Lq * dh].reshape(Lq, dh)
 
-    def scores(j0, n):
-        Kt = view2d(k[j0 * k_stride:], n, dh, k_stride).astype(np.int64) - k_zp
-        S_tile[:, :n] = np.clip(mbqm(Q @ Kt.T, qk_mult, qk_shift) + s_zp, -128, 127)
+    def scores(j0, n):   # the untiled score kernel itself, on one tile of keys
+        matmul_qk_s8(q, k[j0 * k_stride:], s_tile, Lq, n, dh, q_stride, k_stride, kt, q_zp, k_zp, qk_mult,
+                     qk_shift, s_zp)
         return S_tile[:, :n], valid_all[j0:j0 + n][None, :]
 
     # pass 1: row maxima over valid keys (-128 when a row has none, as softmax_rowmax does)

@@ -5,27 +5,11 @@
  * exponentials, probabilities and P.V), the same integers as matmul_qk_s8 + softmax_s16 +
  * matmul_pv_s8 compute on whole rows, so the result does not depend on the tile size.
  * Accumulators fit int32: |sum_j p_j (v_j - v_zp)| <= (2^15 + Lk / 2) * 255 and S <= Lk * 2^15.
+ * The score tile is computed by tsh_matmul_qk_s8 itself (with its DSP path on Cortex-M).
  * Plain C99, no allocation: the score tile, the accumulators and the row statistics are arena
  * scratch passed in by the caller. */
 #include "tsh_fixedpoint.h"
 #include "tsh_kernels.h"
-
-/* Scores of queries x keys [j0, j0 + n) into s (row stride kt), exactly as matmul_qk_s8. */
-static void tiled_scores(const int8_t *q, const int8_t *k, int8_t *s, int32_t Lq, int32_t j0, int32_t n,
-                         int32_t dh, int32_t kt, int32_t q_stride, int32_t k_stride, int32_t q_zp,
-                         int32_t k_zp, int32_t mult, int32_t shift, int32_t s_zp)
-{
-    for (int32_t i = 0; i < Lq; i++) {
-        const int8_t *qi = q + (int32_t)i * q_stride;
-        for (int32_t j = 0; j < n; j++) {
-            const int8_t *kj = k + (j0 + j) * k_stride;
-            int32_t dot = 0;
-            for (int32_t t = 0; t < dh; t++)
-                dot += ((int32_t)qi[t] - q_zp) * ((int32_t)kj[t] - k_zp);
-            s[i * kt + j] = tsh_sat8(tsh_mbqm(dot, mult, shift) + s_zp);
-        }
-    }
-}
 
 void tsh_attention_s8(const int8_t *q, const int8_t *k, const int8_t *v, const int8_t *mask,
                       const int32_t *lut, int8_t *y, int8_t *s_tile, int32_t *acc, int32_t *stats,
@@ -43,7 +27,8 @@ void tsh_attention_s8(const int8_t *q, const int8_t *k, const int8_t *v, const i
     for (int32_t i = 0; i < Lq; i++) m[i] = -128;
     for (int32_t j0 = 0; j0 < Lk; j0 += kt) {
         int32_t n = Lk - j0 < kt ? Lk - j0 : kt;
-        tiled_scores(q, k, s_tile, Lq, j0, n, dh, kt, q_stride, k_stride, q_zp, k_zp, qk_mult, qk_shift, s_zp);
+        tsh_matmul_qk_s8(q, k + j0 * k_stride, s_tile, Lq, n, dh, q_stride, k_stride, kt, q_zp, k_zp, qk_mult,
+                         qk_shift, s_zp);
         for (int32_t i = 0; i < Lq; i++)
             for (int32_t j = 0; j < n; j++)
                 if (mask[j0 + j] != 0 && s_tile[i * kt + j] > m[i]) m[i] = s_tile[i * kt + j];
@@ -53,7 +38,8 @@ void tsh_attention_s8(const int8_t *q, const int8_t *k, const int8_t *v, const i
     for (int32_t j0 = 0; j0 < Lk; j0 += kt) {
         int32_t n = Lk - j0 < kt ? Lk - j0 : kt;
         if (!one_tile)
-            tiled_scores(q, k, s_tile, Lq, j0, n, dh, kt, q_stride, k_stride, q_zp, k_zp, qk_mult, qk_shift, s_zp);
+            tsh_matmul_qk_s8(q, k + j0 * k_stride, s_tile, Lq, n, dh, q_stride, k_stride, kt, q_zp, k_zp, qk_mult,
+                         qk_shift, s_zp);
         for (int32_t i = 0; i < Lq; i++)
             for (int32_t j = 0; j < n; j++)
                 if (mask[j0 + j] != 0) {
@@ -66,7 +52,8 @@ void tsh_attention_s8(const int8_t *q, const int8_t *k, const int8_t *v, const i
     for (int32_t j0 = 0; j0 < Lk; j0 += kt) {
         int32_t n = Lk - j0 < kt ? Lk - j0 : kt;
         if (!one_tile)
-            tiled_scores(q, k, s_tile, Lq, j0, n, dh, kt, q_stride, k_stride, q_zp, k_zp, qk_mult, qk_shift, s_zp);
+            tsh_matmul_qk_s8(q, k + j0 * k_stride, s_tile, Lq, n, dh, q_stride, k_stride, kt, q_zp, k_zp, qk_mult,
+                         qk_shift, s_zp);
         for (int32_t i = 0; i < Lq; i++) {
             if (tot[i] <= 0) continue;
             int32_t *a = acc + i * dh;
