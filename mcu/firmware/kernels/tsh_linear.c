@@ -273,21 +273,43 @@ void tsh_fc_s8(const int8_t *x, const int8_t *w, const int32_t *bias, const int3
     }
 }
 
+/* sum_t x[t] w[t] and sum_t w[t] in one pass (the key sums of matmul_qk come for free) */
+static int32_t dot_sum_s8(const int8_t *x, const int8_t *w, int32_t K, int32_t *wsum)
+{
+    int32_t acc = 0, ws = 0, k = 0;
+#if TSH_USE_DSP
+    const int32_t ones = 0x00010001;
+    for (; k + 4 <= K; k += 4) {
+        int32_t xv = tsh_read32(x + k), wv = tsh_read32(w + k);
+        int32_t wa = tsh_sxtb16(wv), wb = tsh_sxtb16_ror8(wv);
+        acc = tsh_smlad(tsh_sxtb16(xv), wa, acc);
+        acc = tsh_smlad(tsh_sxtb16_ror8(xv), wb, acc);
+        ws = tsh_smlad(wa, ones, tsh_smlad(wb, ones, ws));
+    }
+#endif
+    for (; k < K; k++) {
+        acc += x[k] * w[k];
+        ws += w[k];
+    }
+    *wsum = ws;
+    return acc;
+}
+
 void tsh_matmul_qk_s8(const int8_t *q, const int8_t *k, int8_t *s, int32_t Lq, int32_t Lk, int32_t dh,
                       int32_t q_stride, int32_t k_stride, int32_t s_stride, int32_t q_zp, int32_t k_zp,
                       int32_t mult, int32_t shift, int32_t s_zp)
 {
-    /* sum (q - zq)(k - zk) = sum q k - zk sum q - zq sum k + dh zq zk: the row sums are computed once */
+    /* sum (q - zq)(k - zk) = sum q k - zk sum q - zq sum k + dh zq zk */
+    tsh_rq_t rq = tsh_rq_make(mult, shift, s_zp, -128, 127);
     for (int32_t i = 0; i < Lq; i++) {
         const int8_t *qi = q + i * q_stride;
         int32_t qsum = 0;
         for (int32_t t = 0; t < dh; t++) qsum += qi[t];
+        int32_t base = dh * q_zp * k_zp - k_zp * qsum;
         for (int32_t j = 0; j < Lk; j++) {
-            const int8_t *kj = k + j * k_stride;
-            int32_t ksum = 0;
-            for (int32_t t = 0; t < dh; t++) ksum += kj[t];
-            int32_t acc = dot_s8(qi, kj, dh, 0) - k_zp * qsum - q_zp * ksum + dh * q_zp * k_zp;
-            s[i * s_stride + j] = tsh_add_clamp8(tsh_mbqm(acc, mult, shift), s_zp, -128, 127);
+            int32_t ksum;
+            int32_t dot = dot_sum_s8(qi, k + j * k_stride, dh, &ksum);
+            s[i * s_stride + j] = tsh_rq_apply(&rq, dot + base - q_zp * ksum);
         }
     }
 }
