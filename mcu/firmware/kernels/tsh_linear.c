@@ -318,14 +318,40 @@ void tsh_matmul_pv_s8(const int16_t *p, const int8_t *v, int8_t *y, int32_t Lq, 
                       int32_t p_stride, int32_t v_stride, int32_t y_stride, int32_t v_zp, int32_t mult,
                       int32_t shift, int32_t y_zp)
 {
+    /* sum_j p_j (v_j - zv) = sum_j p_j v_j - zv sum_j p_j */
+    tsh_rq_t rq = tsh_rq_make(mult, shift, y_zp, -128, 127);
     for (int32_t i = 0; i < Lq; i++) {
         const int16_t *pi = p + i * p_stride;
         int32_t psum = 0;
         for (int32_t j = 0; j < Lk; j++) psum += pi[j];
-        for (int32_t t = 0; t < dh; t++) {
+        int32_t t = 0;
+#if TSH_USE_DSP
+        /* two keys x two columns a step: the probabilities are already int16 pairs; the bytes
+         * v[j][t], v[j][t+1], v[j+1][t], v[j+1][t+1] in one word split by SXTB16 into the
+         * (v[j][t], v[j+1][t]) and (v[j][t+1], v[j+1][t+1]) pairs */
+        for (; t + 2 <= dh; t += 2) {
+            int32_t a0 = 0, a1 = 0, j = 0;
+            for (; j + 2 <= Lk; j += 2) {
+                int32_t pp;
+                memcpy(&pp, pi + j, sizeof pp);
+                const uint8_t *v0 = (const uint8_t *)(v + j * v_stride + t), *v1 = v0 + v_stride;
+                int32_t vv = (int32_t)((uint32_t)v0[0] | (uint32_t)v0[1] << 8 | (uint32_t)v1[0] << 16 |
+                                       (uint32_t)v1[1] << 24);
+                a0 = tsh_smlad(pp, tsh_sxtb16(vv), a0);
+                a1 = tsh_smlad(pp, tsh_sxtb16_ror8(vv), a1);
+            }
+            for (; j < Lk; j++) {
+                a0 += pi[j] * v[j * v_stride + t];
+                a1 += pi[j] * v[j * v_stride + t + 1];
+            }
+            y[i * y_stride + t] = tsh_rq_apply(&rq, a0 - v_zp * psum);
+            y[i * y_stride + t + 1] = tsh_rq_apply(&rq, a1 - v_zp * psum);
+        }
+#endif
+        for (; t < dh; t++) {
             int32_t acc = 0;
             for (int32_t j = 0; j < Lk; j++) acc += pi[j] * v[j * v_stride + t];
-            y[i * y_stride + t] = tsh_add_clamp8(tsh_mbqm(acc - v_zp * psum, mult, shift), y_zp, -128, 127);
+            y[i * y_stride + t] = tsh_rq_apply(&rq, acc - v_zp * psum);
         }
     }
 }
