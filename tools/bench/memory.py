@@ -117,6 +117,30 @@ def tflm_arena(model: bytes, L: int) -> tuple[int | None, str]:
     return int(r.stdout.split()[-1]), ""
 
 
+def planner_stats(n: int = 400, seed: int = 0) -> dict:
+    """greedy_by_size (TFLite Micro) vs best_fit on random buffer sets (8-40 buffers, sizes 16 B-8 KiB,
+    random lifetimes over 60 steps): arena over the live-set lower bound, and how often best_fit wins."""
+    from mcu.planner import align_up, live_bytes, plan_buffers
+    rng = np.random.default_rng(seed)
+    over = {"greedy_by_size": [], "best_fit": []}
+    wins = 0
+    for _ in range(n):
+        k = int(rng.integers(8, 41))
+        sizes = {f"b{i}": int(rng.integers(1, 513)) * 16 for i in range(k)}
+        life = {}
+        for name in sizes:
+            a = int(rng.integers(0, 60))
+            life[name] = (a, min(59, a + int(rng.geometric(0.15))))
+        bound = max(live_bytes({n_: align_up(v, 16) for n_, v in sizes.items()}, life, 60))
+        arenas = {st: plan_buffers(sizes, life, st).arena_bytes for st in over}
+        for st, a in arenas.items():
+            over[st].append(a / bound - 1)
+        wins += arenas["best_fit"] < arenas["greedy_by_size"]
+    return {"cases": n, "best_fit_smaller": wins,
+            **{f"{st}_mean_over_bound": float(np.mean(v)) for st, v in over.items()},
+            **{f"{st}_max_over_bound": float(np.max(v)) for st, v in over.items()}}
+
+
 def largest_fitting(board: str, lo: int, hi: int, step: int = 8) -> dict:
     """Binary search of the largest L (multiple of `step`) whose smallest tiled arena fits `board`,
     for the deployable classifier (ids -> logits): against its arena budget (RAM - stack - I/O,
@@ -179,6 +203,7 @@ def main(argv=None):
         bar.update(task, info=f"largest L on {args.board}")
         fit = largest_fitting(args.board, 256, 512)
         bar.advance(task)
+    planners = planner_stats()
 
     kb = lambda b: f"{b / 1024:,.1f}"   # noqa: E731
     t = Table(title="BERT-tiny int8 encoder: arena bytes (KiB) by schedule")
@@ -211,8 +236,13 @@ def main(argv=None):
         con.print(f"L = 512 targets: layerwise/tiled {p2['layerwise_over_tiled']:.2f} (>= 3.5); "
                   f"tiled/(floor+scratch) {p2['ratio_to_floor_plus_scratch']:.3f} (<= 1.2); "
                   f"tiled {t2:,} B (< 262,144); TFLM/tiled {p2.get('tflm_over_tiled', float('nan')):.2f} (>= 6)")
+    con.print(f"planners on {planners['cases']} random buffer sets: arena over the live-set bound, mean / max: "
+              f"greedy_by_size (TFLite Micro) {100 * planners['greedy_by_size_mean_over_bound']:.1f}% / "
+              f"{100 * planners['greedy_by_size_max_over_bound']:.1f}%, best_fit "
+              f"{100 * planners['best_fit_mean_over_bound']:.1f}% / {100 * planners['best_fit_max_over_bound']:.1f}%; "
+              f"best_fit smaller in {planners['best_fit_smaller']} cases")
     result = {"model": "bert-tiny encoder int8 (2x128, 2 heads, FFN 512), random weights", "rows": rows,
-              "largest_L": {args.board: fit}}
+              "largest_L": {args.board: fit}, "planners": planners}
     (out / "memory.json").write_text(json.dumps(result, indent=2))
     con.print(f"wrote {out / 'memory.json'} and {out / 'memory_timeline_L512.png'}")
 
