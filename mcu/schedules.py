@@ -190,6 +190,9 @@ class _Emitter:
         return Schedule(name, g, buffers, calls, params)
 
 
+ELEMENTWISE = ("add_layernorm", "lut")   # kernels that may write the row they read
+
+
 def _alias_plan(graph: Graph, seg: list[Unit], later_inputs: set[str]) -> tuple[dict[str, str], dict[str, str]]:
     """In-place decisions for one row segment: (whole output -> input it overwrites,
     chunk-local lut output -> its chunk-local input)."""
@@ -207,9 +210,11 @@ def _alias_plan(graph: Graph, seg: list[Unit], later_inputs: set[str]) -> tuple[
                 continue                                    # chunk-local, not a whole buffer
             for i in ins:
                 ti, to = graph.tensors[i], graph.tensors[o]
+                # The same call may read and overwrite a row only if it works element by element
+                # within the row (add_layernorm, lut); a matmul reads a whole row per output.
+                before = last_read.get(i, len(seg)) < j or (last_read.get(i) == j and u.kind in ELEMENTWISE)
                 if (i not in used and ti.kind == "activation" and i not in whole_read and i not in later_inputs
-                        and i in last_read and last_read[i] <= j and ti.nbytes == to.nbytes
-                        and ti.shape[0] == to.shape[0]):
+                        and before and ti.nbytes == to.nbytes and ti.shape[0] == to.shape[0]):
                     outs[o] = i
                     used.add(i)
                     break
