@@ -64,7 +64,8 @@ def minilm_rows(ratios=(5, 10, 20), bytes_ratio=10, dev_limit=None, quick=False)
                      "seconds": round(time.time() - t0, 1), **extra})
 
     bands = frequency_bands(w, 16)
-    cands = None if not quick else candidates(E.numpy(), w, bands=(16,), splits=(1,))
+    # The cluster assignments do not depend on the budget: build them (k-means included) once.
+    cands = candidates(E.numpy(), w) if not quick else candidates(E.numpy(), w, bands=(16,), splits=(1,))
     for ratio in ratios:
         budget = V * d // ratio
         t0 = time.time()
@@ -117,11 +118,10 @@ def bert_rows(ratios=(3, 5.7, 8), flash=1 << 20, finetune_steps=300, quick=False
     model = load_dir(trained.path).model
     total = size_parts(model)["total"]["params"]
     rows = []
-    cands = None
-    if quick:
-        from edge.compress.pipeline import sst2_weights
-        w = sst2_weights(model.config.vocab_size)
-        cands = candidates(model.bert.embeddings.word_embeddings.weight.detach().numpy(), w, bands=(16,), splits=(1,))
+    from edge.compress.pipeline import sst2_weights
+    w = sst2_weights(model.config.vocab_size)
+    table = model.bert.embeddings.word_embeddings.weight.detach().numpy()
+    cands = candidates(table, w, bands=(16,), splits=(1,)) if quick else candidates(table, w)
     jobs = [(f"{r}x params", int(total / r), "params") for r in ratios] + [("1 MB flash", flash, "bytes")]
     for size, budget, unit in jobs:
         rep, comp = compress_model(model, "bert-tiny-sst2", budget, unit, finetune_steps=finetune_steps,
@@ -166,7 +166,7 @@ def main(argv=None):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2, default=str))
 
-    con = Console()
+    con = Console(width=200)
     if out["bert_tiny"]:
         t = Table(title="BERT-tiny SST-2: total parameters vs dev accuracy (CLR word embeddings)")
         for c in ("size", "params", "ratio", "int8 flash", "fits 1 MB", "acc before FT", "acc fp32 CLR",

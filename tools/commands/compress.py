@@ -47,7 +47,7 @@ def run(args):
     with open(f"{report.path}/report.json", "w") as f:
         json.dump(report.to_dict(), f, indent=2, default=str)
 
-    con = Console()
+    con = Console(width=max(Console().width, 120))
     t = Table(title=f"{name}: {budget:,} {unit} budget ({'total' if total else 'word table'})")
     for col in ("part", "params before", "params after", "int8 bytes before", "int8 bytes after"):
         t.add_column(col, justify="right" if col != "part" else "left")
