@@ -17,8 +17,8 @@
      L x d hidden state is carried through all layers; a GELU table lookup overwrites its input.
   Peak = X + K + V (3 L d bytes) + one block's scratch: the floor of an exact schedule.
 - `search_tiles(graph, budget)`: the block/tile sizes with the fewest MACs (recomputed scores
-  count), then the fewest calls, whose live-set peak fits the budget; without a budget, or when
-  nothing fits, the same choice among the sizes within 10% of the smallest peak.
+  count), then the fewest calls, whose live-set peak fits the budget; without a budget, the same
+  choice among the sizes within 10% of the smallest peak; when nothing fits, the smallest peak.
 """
 from __future__ import annotations
 
@@ -366,8 +366,8 @@ SLACK = 1.10                   # without a fitting budget: within 10% of the sma
 
 def search_tiles(graph: Graph, budget: int | None = None, align: int = 16, slack: float = SLACK) -> Search:
     """Fewest MACs (then fewest calls, then least memory) among the tile sizes whose live-set peak
-    fits `budget`; without a budget, or when none fits, the fewest MACs/calls within `slack` of the
-    smallest peak. Recomputed attention scores count in the MACs."""
+    fits `budget`; without a budget, the fewest MACs/calls within `slack` of the smallest peak; when
+    nothing fits the budget, the smallest peak. Recomputed attention scores count in the MACs."""
     L = seq_rows(graph)
     cands = []
     for rows in _powers(1, L):
@@ -376,8 +376,10 @@ def search_tiles(graph: Graph, budget: int | None = None, align: int = 16, slack
             cands.append(Candidate(rows, kt, lower_bound(s, align), s.macs(), len(s.calls)))
     fitting = [c for c in cands if budget is not None and c.peak <= budget]
     if not fitting:
+        # Nothing fits: the smallest peak (what a refusal should quote); no budget: trade a little
+        # memory (slack) for fewer MACs and calls.
         least = min(c.peak for c in cands)
-        pool = [c for c in cands if c.peak <= least * slack]
+        pool = [c for c in cands if c.peak <= least * (slack if budget is None else 1.0)]
     else:
         pool = fitting
     best = min(pool, key=lambda c: (c.macs, c.calls, c.peak))
