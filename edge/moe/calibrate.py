@@ -31,9 +31,12 @@ class Calibration:
     curves_top2: list[list[int]]    # per layer: LRU hits with 0..E slots, gating off
     curves_gated: list[list[int]]   # the same with adaptive gating on
     tokens: int
+    thresholds: dict[str, float]    # T for other drop shares ("0.3" -> T), for sweeps
 
-    def gating(self) -> Gating:
-        return Gating(self.sensitivity, self.threshold)
+    def gating(self, drop_fraction: float | None = None) -> Gating:
+        if drop_fraction is None:
+            return Gating(self.sensitivity, self.threshold)
+        return Gating(self.sensitivity, self.thresholds[f"{drop_fraction:.1f}"])
 
     def slots(self, total: int, gated: bool) -> list[int]:
         """DP allocation of `total` expert slots over layers (each layer keeps at least one when possible)."""
@@ -79,27 +82,43 @@ def sensitivity(model: MoEModel, ids: torch.Tensor) -> tuple[list[float], list[n
     return s, w2
 
 
-def calibrate(store: ExpertStore, ids: torch.Tensor, drop_fraction: float = 0.5,
-              trace_tokens: int = 768) -> Calibration:
-    """Measures s_l, T and hit curves on `ids` (training text); cached in the store directory."""
+def calibrate(store: ExpertStore, ids: torch.Tensor, drop_fraction: float | None = None,
+              trace_tokens: int = 768, max_ppl_increase: float = 0.005,
+              candidates=(0.3, 0.4, 0.5, 0.6, 0.7)) -> Calibration:
+    """Measures s_l, T and hit curves on `ids` (training text); cached in the store directory.
+
+    With `drop_fraction=None` the threshold is the largest candidate whose perplexity on the
+    calibration text stays within `max_ppl_increase` of top-2 (the evaluation text is never used)."""
     if len(ids) < store.cfg.context + 1:
         raise ValueError(f"calibration needs at least {store.cfg.context + 1} tokens, got {len(ids)}")
-    key = config_hash({"ids": config_hash(ids.tolist()), "drop": drop_fraction, "trace": trace_tokens, "v": 1})
+    key = config_hash({"ids": config_hash(ids.tolist()), "drop": drop_fraction, "trace": trace_tokens, "v": 3,
+                       "auto": [max_ppl_increase, list(candidates)] if drop_fraction is None else None})
     path = store.root / f"calibration-{key}.json"
     if path.is_file():
         return Calibration(**json.loads(path.read_text()))
     model = full_model(store)
     s, w2 = sensitivity(model, ids)
     scores = np.concatenate([s_l * w ** 2 for s_l, w in zip(s, w2)])
-    threshold = float(np.quantile(scores, drop_fraction)) if drop_fraction > 0 else 0.0
-    gating = Gating(s, threshold)
-    curves = []
-    for g in (None, gating):
-        with MoERuntime(store, "ram", gating=g, model=None) as rt:
-            rt.score(ids[:trace_tokens + 1])
-            trace = rt.stats.trace
-        curves.append([lru_hit_curve(trace, l, store.cfg.experts) for l in range(store.cfg.layers)])
-    cal = Calibration(s, threshold, drop_fraction, curves[0], curves[1], trace_tokens)
+
+    def gating_for(frac):
+        return Gating(s, float(np.quantile(scores, frac)) if frac > 0 else 0.0)
+
+    probe = ids[:trace_tokens + 1]
+    with MoERuntime(store, "ram", model=None) as rt:
+        top2 = rt.score(probe)
+    if drop_fraction is None:
+        drop_fraction = 0.0
+        for frac in sorted(candidates):
+            with MoERuntime(store, "ram", gating=gating_for(frac)) as rt:
+                if rt.score(probe).perplexity > top2.perplexity * (1 + max_ppl_increase):
+                    break
+            drop_fraction = frac
+    gating = gating_for(drop_fraction)
+    with MoERuntime(store, "ram", gating=gating) as rt:
+        gated = rt.score(probe)
+    curves = [[lru_hit_curve(t.trace, l, store.cfg.experts) for l in range(store.cfg.layers)] for t in (top2, gated)]
+    sweep = {f"{f:.1f}": gating_for(f).threshold for f in np.arange(0.0, 1.0, 0.1)}
+    cal = Calibration(s, gating.threshold, drop_fraction, curves[0], curves[1], trace_tokens, sweep)
     path.write_text(json.dumps(asdict(cal)))
     return cal
 
