@@ -51,6 +51,16 @@ def kernel_zoo(seed=0):
     calls.append(Call("conv2d_s8", (Ref("input"), const("cw", i8(4 * 9 * 3)), const("cb", rng.integers(-999, 999, 4).astype(np.int32)),
                                     const("cm", np.full(4, 1 << 30, np.int32)), const("cs", np.full(4, -8, np.int32)),
                                     dest(4 * 4 * 4), 7, 7, 3, 4, 4, 4, 3, 2, 1, -128, 3, 3, 127), "conv"))
+    # the short requantisation at its edges: accumulators near and beyond 2^30, rails everywhere
+    calls.append(Call("matmul_qk_s8", (Ref("input", 2000), Ref("input", 2000), dest(4 * 4), 4, 4, 64, 64, 64, 4,
+                                       -128, -128, (1 << 31) - 1, -1, 127), "qk-rails"))
+    pbig = np.full(3 * 200, 32767, np.int16)
+    pbig[::7] = -32768
+    calls.append(Call("matmul_pv_s8", (const("pbig", pbig), Ref("input", 2000), dest(3 * 8), 3, 200, 8, 200, 8, 8,
+                                       -128, (1 << 31) - 1, -23, 0), "pv-big"))
+    calls.append(Call("conv2d_s8", (Ref("input"), const("cw2", i8(2 * 9 * 2)), const("cb2", np.array([2 ** 28, -5], np.int32)),
+                                    const("cm2", np.array([1 << 30, 3 << 29], np.int32)), const("cs2", np.array([-1, -23], np.int32)),
+                                    dest(5 * 5 * 2), 5, 5, 2, 2, 5, 5, 3, 1, 1, 100, -3, -128, 127), "conv-fast"))
     mask = const("mask", np.array([1, 1, 0, 1, 1, 1, 0, 1, 1, 1, 1], np.int8))
     sm = dest(2 * 4 * 11)
     calls.append(Call("softmax_s16", (Ref("input"), mask, const("lut", exp_lut(0.07)), sm, 4, 11, 11, 11), "softmax"))
@@ -65,10 +75,12 @@ def kernel_zoo(seed=0):
     calls.append(Call("embedding_s8", (ids, const("emb", i8(10 * 6)), dest(36), 6, 6, 10), "emb"))
     calls.append(Call("pad_mask", (ids, dest(6), 6), "mask"))
     tensors["input"] = Tensor("input", (X,), "int8", "input")
+    x = i8(X)
+    x[2000:2000 + 200 * 8] = 127
     tensors["output"] = Tensor("output", (out[0],), "int8", "output")
     g = Graph("kernel-zoo", tensors, [], ["input"], ["output"])
     bufs = {"input": Buffer("input", X, "input"), "output": Buffer("output", out[0], "output")}
-    return Schedule("zoo", g, bufs, calls), i8(X)
+    return Schedule("zoo", g, bufs, calls), x
 
 
 def test_every_kernel_on_the_emulated_cortex_m4_equals_numpy(tmp_path, arm_toolchain):

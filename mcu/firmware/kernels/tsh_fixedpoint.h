@@ -72,7 +72,7 @@ static inline int8_t tsh_add_clamp8(int32_t v, int32_t zp, int32_t lo, int32_t h
 /* Requantisation with everything that depends only on the channel hoisted out of the inner loops
  * (a channel's outputs for several rows share it). Same integers as tsh_mbqm + zero point + clamp. */
 typedef struct {
-    int32_t mult, left, right, mask, half, lo, hi, zp, amin, amax;
+    int32_t mult, left, right, mask, half, lo, hi, zp, amin, amax, rnd, fast;
 } tsh_rq_t;
 
 static inline tsh_rq_t tsh_rq_make(int32_t mult, int32_t shift, int32_t zp, int32_t lo, int32_t hi)
@@ -88,6 +88,9 @@ static inline tsh_rq_t tsh_rq_make(int32_t mult, int32_t shift, int32_t zp, int3
     q.hi = hi - zp;
     q.amin = lo;
     q.amax = hi;
+    q.rnd = q.right > 0 ? (int32_t)((uint32_t)1 << (q.right - 1)) : 0;
+    /* the short Cortex-M sequence of tsh_rq applies (for |x| < 2^30) */
+    q.fast = q.left == 0 && q.right >= 1 && q.right <= 23 && mult >= 0 && lo == -128 && hi == 127;
     return q;
 }
 
@@ -108,6 +111,31 @@ static inline int8_t tsh_rq_apply(const tsh_rq_t *q, int32_t x)
     if (r > q->hi) return (int8_t)(q->hi + q->zp);
     if (r < q->lo) return (int8_t)(q->lo + q->zp);
     return (int8_t)(r + q->zp);
+}
+
+/* tsh_rq_apply, with the short sequence on Cortex-M when its preconditions hold: for |x| < 2^30,
+ * SRDHM(x, m) = floor((x m + 2^30) / 2^31) = floor((2x m + 2^31) / 2^32) is SMMULR of 2x and m;
+ * RDBPOT is QADD of 2^(right-1), minus the sign bit, arithmetic shift (if that QADD saturates, the
+ * exact result is >= 2^(31-right) >= 256 and saturates below as well); QADD of the zero point and
+ * SSAT to int8 finish: the same integers as tsh_mbqm + zero point + clamp, in 7 instructions. */
+static inline int8_t tsh_rq(const tsh_rq_t *q, int32_t x)
+{
+#if defined(__ARM_FEATURE_DSP) && !defined(TSH_PORTABLE) && !defined(TSH_EMULATE_DSP)
+    if (q->fast && (uint32_t)x + (1u << 30) < (1u << 31)) {
+        int32_t h, r;
+        __asm__("add %[h], %[x], %[x]\n\t"
+                "smmulr %[h], %[h], %[m]\n\t"
+                "qadd %[r], %[h], %[rnd]\n\t"
+                "sub %[r], %[r], %[h], lsr #31\n\t"
+                "asr %[r], %[r], %[right]\n\t"
+                "qadd %[r], %[r], %[zp]\n\t"
+                "ssat %[r], #8, %[r]\n\t"
+                : [h] "=&r"(h), [r] "=&r"(r)
+                : [x] "r"(x), [m] "r"(q->mult), [rnd] "r"(q->rnd), [right] "r"(q->right), [zp] "r"(q->zp));
+        return (int8_t)r;
+    }
+#endif
+    return tsh_rq_apply(q, x);
 }
 
 /* a / b rounded half away from zero, b > 0 */

@@ -309,7 +309,7 @@ void tsh_matmul_qk_s8(const int8_t *q, const int8_t *k, int8_t *s, int32_t Lq, i
         for (int32_t j = 0; j < Lk; j++) {
             int32_t ksum;
             int32_t dot = dot_sum_s8(qi, k + j * k_stride, dh, &ksum);
-            s[i * s_stride + j] = tsh_rq_apply(&rq, dot + base - q_zp * ksum);
+            s[i * s_stride + j] = tsh_rq(&rq, dot + base - q_zp * ksum);
         }
     }
 }
@@ -344,14 +344,14 @@ void tsh_matmul_pv_s8(const int16_t *p, const int8_t *v, int8_t *y, int32_t Lq, 
                 a0 += pi[j] * v[j * v_stride + t];
                 a1 += pi[j] * v[j * v_stride + t + 1];
             }
-            y[i * y_stride + t] = tsh_rq_apply(&rq, a0 - v_zp * psum);
-            y[i * y_stride + t + 1] = tsh_rq_apply(&rq, a1 - v_zp * psum);
+            y[i * y_stride + t] = tsh_rq(&rq, a0 - v_zp * psum);
+            y[i * y_stride + t + 1] = tsh_rq(&rq, a1 - v_zp * psum);
         }
 #endif
         for (; t < dh; t++) {
             int32_t acc = 0;
             for (int32_t j = 0; j < Lk; j++) acc += pi[j] * v[j * v_stride + t];
-            y[i * y_stride + t] = tsh_rq_apply(&rq, acc - v_zp * psum);
+            y[i * y_stride + t] = tsh_rq(&rq, acc - v_zp * psum);
         }
     }
 }
@@ -379,6 +379,7 @@ void tsh_conv2d_s8(const int8_t *x, const int8_t *w, const int32_t *bias, const 
                         acc += dot_s8(xp, wp, Cin, 0) - x_zp * wsum;
                     }
                 }
-                y[(oh * Wout + ow) * Cout + co] = requant_clamp(acc, mult[co], shift[co], y_zp, act_min, act_max);
+                tsh_rq_t q = tsh_rq_make(mult[co], shift[co], y_zp, act_min, act_max);
+                y[(oh * Wout + ow) * Cout + co] = tsh_rq(&q, acc);
             }
 }
