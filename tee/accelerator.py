@@ -107,13 +107,13 @@ def main(enclave_conn, host_conn, bundle_dir: str, backend: str, threads: int, r
                 except TinyshieldError as e:
                     send(conn, Message("error", {"message": str(e)}))
                     continue
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 try:
                     y = run(msg.fields["layer"], x)
                 except TinyshieldError as e:
                     send(conn, Message("error", {"message": str(e)}))
                     continue
-                seconds = time.perf_counter() - t
+                seconds, cpu = time.perf_counter() - t, time.process_time() - c   # cpu: summed over threads
                 if attack and calls >= attack_after:
                     y = tamper(attack, y, last.get(msg.fields["layer"]), rng)
                 last[msg.fields["layer"]] = y
@@ -122,14 +122,14 @@ def main(enclave_conn, host_conn, bundle_dir: str, backend: str, threads: int, r
                 if record:
                     transcript.append((msg.fields["layer"], x.copy()))
                 if msg.kind == "matmul":
-                    send(conn, Message("result", {"seq": f["seq"], "seconds": seconds}, [y]))
+                    send(conn, Message("result", {"seq": f["seq"], "seconds": seconds, "cpu": cpu}, [y]))
                 else:
                     try:
                         dma.view(buffers[1], dma.code(y), *y.shape)[...] = y
                     except TinyshieldError as e:
                         send(conn, Message("error", {"message": str(e)}))
                         continue
-                    send(conn, Message("result_dma", {"seq": f["seq"], "seconds": seconds, "dtype": dma.code(y),
+                    send(conn, Message("result_dma", {"seq": f["seq"], "seconds": seconds, "cpu": cpu, "dtype": dma.code(y),
                                                       "rows": y.shape[0], "cols": y.shape[1]}))
             elif msg.kind == "transcript":
                 send(conn, Message("transcript_data", {"entries": json.dumps([n for n, _ in transcript])},

@@ -7,7 +7,7 @@ import multiprocessing as mp
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -48,7 +48,8 @@ class Timing:
     pad_s: float = 0.0        # unsealing the one-time pad (blinded; part of enclave_s)
     offline_s: float = 0.0    # pads made on the fly when none were precomputed
     calls: int = 0
-    extra: dict = field(default_factory=dict)
+    enclave_cpu_s: float = 0.0      # CPU seconds of the enclave's one thread
+    accelerator_cpu_s: float = 0.0  # CPU seconds of the accelerator, summed over its threads
 
 
 class ProtectedSession:
@@ -127,7 +128,8 @@ class ProtectedSession:
         tm = json.loads(reply.fields["timings"])
         return out.copy(), Timing(total_s=total, enclave_s=tm["enclave_s"], accelerator_s=tm["accelerator_s"],
                                   transfer_s=tm["transfer_s"], pad_s=tm["pad_s"], offline_s=tm["offline_s"],
-                                  calls=tm["calls"])
+                                  calls=tm["calls"], enclave_cpu_s=tm["enclave_cpu_s"],
+                                  accelerator_cpu_s=tm["accelerator_cpu_s"])
 
     # ---- the untrusted side's view -------------------------------------------------------------------
     def transcript(self) -> list[tuple[str, np.ndarray]]:

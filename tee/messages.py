@@ -25,10 +25,10 @@ DTYPES = {"f4": np.float32, "f8": np.float64, "i4": np.int32, "u4": np.uint32, "
 SCHEMA: dict[str, tuple[dict[str, type], int | None, tuple[str, ...]]] = {
     # enclave <-> accelerator
     "matmul": ({"layer": str, "seq": int}, 1, ("f4", "u4")),
-    "result": ({"seq": int, "seconds": float}, 1, ("f4", "u4")),
+    "result": ({"seq": int, "seconds": float, "cpu": float}, 1, ("f4", "u4")),
     # the same through shared buffers (tee.dma): the header names dtype and shape, the data is in the buffer
     "matmul_dma": ({"layer": str, "seq": int, "dtype": str, "rows": int, "cols": int}, 0, ()),
-    "result_dma": ({"seq": int, "seconds": float, "dtype": str, "rows": int, "cols": int}, 0, ()),
+    "result_dma": ({"seq": int, "seconds": float, "cpu": float, "dtype": str, "rows": int, "cols": int}, 0, ()),
     # host <-> accelerator (administration, never data from the enclave)
     "transcript": ({}, 0, ()),
     "transcript_data": ({"entries": str}, None, ("f4", "u4")),

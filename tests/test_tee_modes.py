@@ -59,6 +59,11 @@ def test_mode_output_and_transcript(tee_env, vit, mode):
     x1, x2 = images(2)
     plain = program.forward(vit, x1, program.plain_lin(program.linears(vit)))
     with ProtectedSession(b.path, record=True) as s:
+        if mode == "enclave-only":   # bad inputs are refused by the enclave, which keeps serving
+            with pytest.raises(TinyshieldError, match="NaN"):
+                s.infer({"image": np.full((1, 1, 28, 28), np.nan, np.float32)})
+            with pytest.raises(TinyshieldError, match="shape"):
+                s.infer({"image": np.zeros((1, 1, 14, 14), np.float32)})
         outs = [s.infer(x)[0] for x in (x1, x2, x1)]
         transcript = s.transcript()
         stats = s.accelerator_stats()
@@ -128,6 +133,8 @@ def test_minilm_blinded_is_exact_and_close_to_fp32(tee_env):
         y, timing = s.infer(x)
     assert timing.calls == 24 and timing.accelerator_s > 0
     assert np.array_equal(y, fixed_point_reference(b.path, x))
+    with pytest.raises(TinyshieldError, match="token ids"):
+        Enclave(b.path).check_inputs({**x, "input_ids": x["input_ids"] + 40000})
     ref = program.forward(model, x, program.plain_lin(program.linears(model)))
     assert float(y[0] @ ref[0]) > 0.999     # sentence-embedding cosine to the fp32 model
 
