@@ -43,7 +43,7 @@ def test_message_roundtrip_and_refusals():
 @settings(max_examples=200, deadline=None)
 @given(st.integers(0, 200), st.integers(0, 255))
 def test_corrupted_messages_never_crash(pos, byte):
-    buf = bytearray(messages.encode(messages.Message("result", {"seq": 1, "seconds": 0.5},
+    buf = bytearray(messages.encode(messages.Message("result", {"seq": 1, "seconds": 0.5, "cpu": 0.1},
                                                      [np.ones((2, 3), np.uint32)])))
     buf[pos % len(buf)] = byte
     try:
