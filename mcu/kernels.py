@@ -47,6 +47,7 @@ LN_IN_BITS = 12          # add_layernorm: |ca|, |cb| <= 2^12
 LN_INV_BITS = 40         # inv = 2^40 / sigma
 LN_OUT_BITS = 12         # normalised values in units of 2^-12
 POOL_BITS = 8            # mean_pool keeps 8 fractional bits of the average
+CONV_PATCH_MAX = 256     # longest conv2d patch row (k*k*Cin rounded up to 4) the C kernel takes
 
 
 @dataclass(frozen=True)
@@ -169,20 +170,31 @@ def matmul_pv_s8(p, v, y, Lq, Lk, dh, p_stride, v_stride, y_stride, v_zp, mult, 
     _out(view2d(y, Lq, dh, y_stride), mbqm(P @ V, mult, shift) + y_zp, -128, 127)
 
 
+def conv_patch_len(ksize: int, Cin: int) -> int:
+    """Length of one conv2d patch row: k*k*Cin rounded up to a multiple of 4 (the tail is zeros)."""
+    return (ksize * ksize * Cin + 3) // 4 * 4
+
+
 @kernel(x="const i8*", w="const i8*", bias="const i32*", mult="const i32*", shift="const i32*", y="i8*",
         H="int", W="int", Cin="int", Cout="int", Hout="int", Wout="int", ksize="int", stride="int",
         pad="int", x_zp="int", y_zp="int", act_min="int", act_max="int")
 def conv2d_s8(x, w, bias, mult, shift, y, H, W, Cin, Cout, Hout, Wout, ksize, stride, pad, x_zp, y_zp,
               act_min, act_max):
-    """2-D convolution, HWC activations, weights (Cout, k, k, Cin); padded taps contribute 0 (real)."""
-    X = np.full((H + 2 * pad + stride * ksize, W + 2 * pad + stride * ksize, Cin), 0, dtype=np.int64)
-    X[pad:pad + H, pad:pad + W] = x[:H * W * Cin].reshape(H, W, Cin).astype(np.int64) - x_zp
-    cols = np.empty((Hout, Wout, ksize, ksize, Cin), dtype=np.int64)
+    """2-D convolution of HWC activations as a fully connected layer over patches: each output
+    pixel's patch (kh, kw, ci order, padding = x_zp, i.e. real zero, zero tail up to
+    conv_patch_len) times W (Cout, patch) stored like fc_s8's weights; the input zero point is folded
+    into `bias` by the lowering (bias' = bias - x_zp * sum W[co]), so padded taps contribute nothing."""
+    P, Kp = ksize * ksize * Cin, conv_patch_len(ksize, Cin)
+    X = np.full((H + 2 * pad + stride * ksize, W + 2 * pad + stride * ksize, Cin), x_zp, dtype=np.int64)
+    X[pad:pad + H, pad:pad + W] = x[:H * W * Cin].reshape(H, W, Cin)
+    cols = np.zeros((Hout, Wout, Kp), dtype=np.int64)
+    patch = cols[:, :, :P].reshape(Hout, Wout, ksize, ksize, Cin)
     for kh in range(ksize):
         for kw in range(ksize):
-            cols[:, :, kh, kw] = X[kh:kh + stride * Hout:stride, kw:kw + stride * Wout:stride]
-    acc = cols.reshape(Hout * Wout, -1) @ w[:Cout * ksize * ksize * Cin].reshape(Cout, -1).astype(np.int64).T
-    acc += bias[:Cout]
+            patch[:, :, kh, kw] = X[kh:kh + stride * Hout:stride, kw:kw + stride * Wout:stride]
+    cols[:, :, :P] = patch.reshape(Hout, Wout, P)
+    Wm = unpack_fc_weights(w[:Cout * Kp], Cout, Kp).astype(np.int64)
+    acc = cols.reshape(Hout * Wout, Kp) @ Wm.T + bias[:Cout]
     _out(y[:Hout * Wout * Cout].reshape(Hout * Wout, Cout), mbqm(acc, mult[:Cout], shift[:Cout]) + y_zp,
          act_min, act_max)
 

@@ -8,7 +8,7 @@ Op kinds (inputs -> outputs; integer attributes in `Op.attrs`; consts are graph 
 
 | kind             | inputs                                    | outputs        | kernel(s)                       |
 |------------------|-------------------------------------------|----------------|---------------------------------|
-| `conv2d`         | x (H,W,Cin) i8, weight (Cout,k,k,Cin), bias i32, mult, shift | y (Hout,Wout,Cout) i8 | conv2d_s8        |
+| `conv2d`         | x (H,W,Cin) i8, weight (Cout, k*k*Cin padded to 4) packed like fc, bias i32 (x zero point folded in), mult, shift | y (Hout,Wout,Cout) i8 | conv2d_s8 |
 | `fully_connected`| x (M,K) i8, weight (N,K) i8 packed by kernels.pack_fc_weights, bias i32 (x zero point folded in), mult i32[N], shift i32[N] | y (M,N) i8 | fc_s8 |
 | `matmul_qk`      | q (L,d) i8, k (L,d) i8                    | scores (h,L,L) i8 | matmul_qk_s8, once per head  |
 | `softmax`        | scores (h,L,L) i8, mask (L) i8, lut i32[256] | probs (h,L,L) i16 | softmax_s16 (all rows at once) |
@@ -117,10 +117,16 @@ def _conv(b: Builder, name: str, conv: torch.nn.Conv2d, x: str, H: int, W: int, 
     Hout, Wout = (H + 2 * pad - k) // stride + 1, (W + 2 * pad - k) // stride + 1
     xq = _aq(b.tensors[x])
     wq, ws = Q.quantize_weights_per_channel(w, axis=0)
-    bq = Q.quantize_bias(conv.bias.detach().double().numpy(), xq.scale, ws)
+    P, Kp = k * k * Cin, K.conv_patch_len(k, Cin)
+    if Kp > K.CONV_PATCH_MAX:
+        raise TinyshieldError(f"{name}: a {k}x{k}x{Cin} patch is longer than the conv kernel's {K.CONV_PATCH_MAX}")
+    rows = np.zeros((Cout, Kp), dtype=np.int8)
+    rows[:, :P] = wq.transpose(0, 2, 3, 1).reshape(Cout, P)      # (kh, kw, ci) order, zero tail
+    bq = (Q.quantize_bias(conv.bias.detach().double().numpy(), xq.scale, ws).astype(np.int64)
+          - xq.zero_point * rows.astype(np.int64).sum(1))
     m, s = Q.quantize_multipliers(xq.scale * ws / out_q.scale)
     y = b.act(f"{name}.out", (Hout, Wout, Cout), out_q)
-    b.const(f"{name}.weight", np.ascontiguousarray(wq.transpose(0, 2, 3, 1)), QParams(tuple(ws.tolist()), 0, 0))
+    b.const(f"{name}.weight", K.pack_fc_weights(rows).reshape(Cout, Kp), QParams(tuple(ws.tolist()), 0, 0))
     b.const(f"{name}.bias", np.clip(bq, -BIAS_LIMIT, BIAS_LIMIT).astype(np.int32))
     b.const(f"{name}.mult", m)
     b.const(f"{name}.shift", s)

@@ -98,7 +98,7 @@ def test_conv2d(ck, data):
     if Hout < 1 or Wout < 1:
         return
     lo = d(st.integers(-128, 127))
-    args = [i8(d, H * W * Cin), i8(d, Cout * k * k * Cin), rand(d, Cout, -(1 << 28), 1 << 28, np.int32),
+    args = [i8(d, H * W * Cin), i8(d, Cout * K.conv_patch_len(k, Cin)), rand(d, Cout, -(1 << 28), 1 << 28, np.int32),
             np.array([d(mult) for _ in range(Cout)], np.int32), np.array([d(shift) for _ in range(Cout)], np.int32),
             np.zeros(Hout * Wout * Cout, np.int8), H, W, Cin, Cout, Hout, Wout, k, stride, pad, d(zp), d(zp), lo, 127]
     both(ck, "conv2d_s8", args, [5])

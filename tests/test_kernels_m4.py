@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mcu.graph import Buffer, Call, Const, Graph, Ref, Schedule, Tensor
-from mcu.kernels import exp_lut, pack_fc_weights
+from mcu.kernels import conv_patch_len, exp_lut, pack_fc_weights
 
 pytestmark = pytest.mark.slow
 
@@ -48,7 +48,7 @@ def kernel_zoo(seed=0):
     p = rng.integers(0, 2 ** 15, size=5 * 9).astype(np.int16)
     calls.append(Call("matmul_pv_s8", (const("p", p), Ref("input", 7), dest(5 * 12), 5, 9, 12, 9, 13, 12,
                                        -7, 1 << 30, -14, 3), "pv"))
-    calls.append(Call("conv2d_s8", (Ref("input"), const("cw", i8(4 * 9 * 3)), const("cb", rng.integers(-999, 999, 4).astype(np.int32)),
+    calls.append(Call("conv2d_s8", (Ref("input"), const("cw", i8(4 * conv_patch_len(3, 3))), const("cb", rng.integers(-999, 999, 4).astype(np.int32)),
                                     const("cm", np.full(4, 1 << 30, np.int32)), const("cs", np.full(4, -8, np.int32)),
                                     dest(4 * 4 * 4), 7, 7, 3, 4, 4, 4, 3, 2, 1, -128, 3, 3, 127), "conv"))
     # the short requantisation at its edges: accumulators near and beyond 2^30, rails everywhere
@@ -58,7 +58,7 @@ def kernel_zoo(seed=0):
     pbig[::7] = -32768
     calls.append(Call("matmul_pv_s8", (const("pbig", pbig), Ref("input", 2000), dest(3 * 8), 3, 200, 8, 200, 8, 8,
                                        -128, (1 << 31) - 1, -23, 0), "pv-big"))
-    calls.append(Call("conv2d_s8", (Ref("input"), const("cw2", i8(2 * 9 * 2)), const("cb2", np.array([2 ** 28, -5], np.int32)),
+    calls.append(Call("conv2d_s8", (Ref("input"), const("cw2", i8(2 * conv_patch_len(3, 2))), const("cb2", np.array([2 ** 28, -5], np.int32)),
                                     const("cm2", np.array([1 << 30, 3 << 29], np.int32)), const("cs2", np.array([-1, -23], np.int32)),
                                     dest(5 * 5 * 2), 5, 5, 2, 2, 5, 5, 3, 1, 1, 100, -3, -128, 127), "conv-fast"))
     mask = const("mask", np.array([1, 1, 0, 1, 1, 1, 0, 1, 1, 1, 1], np.int8))

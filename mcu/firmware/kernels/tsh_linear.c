@@ -356,30 +356,36 @@ void tsh_matmul_pv_s8(const int16_t *p, const int8_t *v, int8_t *y, int32_t Lq, 
     }
 }
 
+/* conv2d = fully connected over patches (mcu.kernels.conv2d_s8): three output pixels' patches at a
+ * time (padding = x_zp, zero tail up to a multiple of 4) go through tsh_fc_s8. */
+#define TSH_CONV_PATCH_MAX 256
+
 void tsh_conv2d_s8(const int8_t *x, const int8_t *w, const int32_t *bias, const int32_t *mult,
                    const int32_t *shift, int8_t *y, int32_t H, int32_t W, int32_t Cin, int32_t Cout,
                    int32_t Hout, int32_t Wout, int32_t ksize, int32_t stride, int32_t pad, int32_t x_zp,
                    int32_t y_zp, int32_t act_min, int32_t act_max)
 {
-    for (int32_t oh = 0; oh < Hout; oh++)
-        for (int32_t ow = 0; ow < Wout; ow++)
-            for (int32_t co = 0; co < Cout; co++) {
-                int32_t acc = bias[co];
-                const int8_t *wc = w + co * ksize * ksize * Cin;
-                for (int32_t kh = 0; kh < ksize; kh++) {
-                    int32_t ih = oh * stride - pad + kh;
-                    if (ih < 0 || ih >= H) continue;
-                    for (int32_t kw = 0; kw < ksize; kw++) {
-                        int32_t iw = ow * stride - pad + kw;
-                        if (iw < 0 || iw >= W) continue;
-                        const int8_t *xp = x + (ih * W + iw) * Cin;
-                        const int8_t *wp = wc + (kh * ksize + kw) * Cin;
-                        int32_t wsum = 0;   /* padded taps are skipped: they are real zeros */
-                        for (int32_t ci = 0; ci < Cin; ci++) wsum += wp[ci];
-                        acc += dot_s8(xp, wp, Cin, 0) - x_zp * wsum;
-                    }
+    int32_t P = ksize * ksize * Cin, Kp = (P + 3) / 4 * 4, npix = Hout * Wout;
+    int32_t patch_words[3 * TSH_CONV_PATCH_MAX / 4];   /* int32 storage: 4-byte aligned rows */
+    int8_t *patch = (int8_t *)(void *)patch_words;
+    if (Kp > TSH_CONV_PATCH_MAX) return;              /* refused by the lowering */
+    for (int32_t p0 = 0; p0 < npix; p0 += 3) {
+        int32_t rows = npix - p0 < 3 ? npix - p0 : 3;
+        for (int32_t r = 0; r < rows; r++) {
+            int32_t oh = (p0 + r) / Wout, ow = (p0 + r) % Wout;
+            int8_t *pr = patch + r * Kp;
+            for (int32_t kh = 0; kh < ksize; kh++) {
+                int32_t ih = oh * stride - pad + kh;
+                for (int32_t kw = 0; kw < ksize; kw++, pr += Cin) {
+                    int32_t iw = ow * stride - pad + kw;
+                    if (ih < 0 || ih >= H || iw < 0 || iw >= W)
+                        memset(pr, (int)(int8_t)x_zp, (size_t)Cin);
+                    else
+                        memcpy(pr, x + (ih * W + iw) * Cin, (size_t)Cin);
                 }
-                tsh_rq_t q = tsh_rq_make(mult[co], shift[co], y_zp, act_min, act_max);
-                y[(oh * Wout + ow) * Cout + co] = tsh_rq(&q, acc);
             }
+            memset(pr, 0, (size_t)(Kp - P));
+        }
+        tsh_fc_s8(patch, w, bias, mult, shift, y + p0 * Cout, rows, Kp, Cout, Kp, Cout, y_zp, act_min, act_max);
+    }
 }
