@@ -89,8 +89,9 @@ static inline tsh_rq_t tsh_rq_make(int32_t mult, int32_t shift, int32_t zp, int3
     q.amin = lo;
     q.amax = hi;
     q.rnd = q.right > 0 ? (int32_t)((uint32_t)1 << (q.right - 1)) : 0;
-    /* the short Cortex-M sequence of tsh_rq applies (for |x| < 2^30) */
-    q.fast = q.left == 0 && q.right >= 1 && q.right <= 23 && mult >= 0 && lo == -128 && hi == 127;
+    /* the short Cortex-M sequence of tsh_rq applies (for |x| < 2^30, any multiplier: the one
+     * saturating case of SRDHM needs x = INT32_MIN) */
+    q.fast = q.left == 0 && q.right >= 1 && q.right <= 23 && lo == -128 && hi == 127;
     return q;
 }
 
