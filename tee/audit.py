@@ -77,7 +77,8 @@ class ShadowAttack:
     channels: int
     fakes: int
     normalise_match_cos: float     # mean best |cos| of true rows among normalised obfuscated rows
-    fake_detection_accuracy: float # share of obfuscated rows correctly labelled real/fake by row statistics
+    fake_auc: float                # ROC AUC of the row statistic separating fake from real rows (0.5 = chance)
+    fake_balanced_accuracy: float  # (recall on fakes + recall on real rows) / 2 of a two-cluster split of it
     fake_recall: float
     public_match_share: float      # share of real channels placed at the right position by public-model matching
     public_fake_accuracy: float    # share of rows labelled right when "claimed by no public row" means fake
@@ -85,14 +86,15 @@ class ShadowAttack:
     public_only_cos: float         # the public model's own cosine to the protected weights (the baseline)
 
 
-def fake_scores(obf: np.ndarray) -> np.ndarray:
-    """Row statistic: how well a row's energy follows the layer's column-energy profile.
+def fake_scores(obf: np.ndarray, k: int | None = None) -> np.ndarray:
+    """Row statistic: the share of a row's energy in the layer's top-k principal directions.
 
-    Trained rows share it (some inputs matter to every channel); random fake rows are flat."""
-    e = obf.astype(np.float64) ** 2
-    e /= np.maximum(e.sum(1, keepdims=True), 1e-30)
-    profile = np.median(e, axis=0)
-    return _unit(e) @ _unit(profile[None])[0]
+    Trained rows share a low-dimensional structure; random fake rows spread their energy evenly."""
+    u = obf.astype(np.float64)
+    u /= np.maximum(np.linalg.norm(u, axis=1, keepdims=True), 1e-30)
+    k = k or max(1, min(20, len(u) // 10))
+    _, _, vt = np.linalg.svd(u, full_matrices=False)
+    return ((u @ vt[:k].T) ** 2).sum(1)
 
 
 def two_means(x: np.ndarray) -> np.ndarray:
@@ -108,8 +110,12 @@ def two_means(x: np.ndarray) -> np.ndarray:
 
 def shadow_attacks(name: str, obf: np.ndarray, fake: np.ndarray, perm: np.ndarray, w_true: np.ndarray,
                    w_public: np.ndarray) -> ShadowAttack:
+    from sklearn.metrics import roc_auc_score
     best, _ = best_abs_cos(obf, w_true)
-    guess_fake = two_means(fake_scores(obf))
+    scores = fake_scores(obf)
+    guess_fake = two_means(scores)
+    auc = float(roc_auc_score(fake, -scores))
+    balanced = float(((guess_fake & fake).sum() / max(fake.sum(), 1) + (~guess_fake & ~fake).sum() / max((~fake).sum(), 1)) / 2)
     # Matching against the public model: each public row claims its best obfuscated row; the scale is the
     # projection of the obfuscated row on the public row.
     pub_best, pub_idx = best_abs_cos(obf, w_public)
@@ -123,8 +129,8 @@ def shadow_attacks(name: str, obf: np.ndarray, fake: np.ndarray, perm: np.ndarra
         a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
         return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
 
-    return ShadowAttack(name, int(w_true.shape[0]), int(fake.sum()), float(best.mean()),
-                        float((guess_fake == fake).mean()), float((guess_fake & fake).sum() / max(fake.sum(), 1)),
+    return ShadowAttack(name, int(w_true.shape[0]), int(fake.sum()), float(best.mean()), auc, balanced,
+                        float((guess_fake & fake).sum() / max(fake.sum(), 1)),
                         float((pub_idx == perm).mean()), float((~np.isin(np.arange(len(obf)), pub_idx) == fake).mean()),
                         cos(rec, w_true), cos(w_public, w_true))
 

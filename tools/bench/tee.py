@@ -163,7 +163,7 @@ def main(argv=None) -> int:
     summary = {}
     for key, rs in attacks.items():
         summary[key] = {k: float(np.mean([r[k] for r in rs])) for k in
-                        ("normalise_match_cos", "fake_detection_accuracy", "fake_recall", "public_match_share",
+                        ("normalise_match_cos", "fake_auc", "fake_balanced_accuracy", "fake_recall", "public_match_share",
                          "public_fake_accuracy", "public_recovered_cos", "public_only_cos")}
     result["shadownet_attacks"] = {"mean_over_layers": summary, "per_layer": attacks["public=related model (weights + 50% noise)"]}
 
@@ -249,11 +249,11 @@ def report(con, r: dict) -> None:
                     f"{t['mask_reuse_pairs']}/{t['pairs_checked']}")
     con.print(tab)
     tab = Table(title="ShadowNet weight recovery (mean over the 24 MiniLM layers)")
-    for c in ("attacker's public model", "normalise+match cos", "fakes by statistics", "channels placed",
+    for c in ("attacker's public model", "normalise+match cos", "fake AUC / bal. acc (statistics)", "channels placed",
               "fakes by public match", "recovered cos", "public-only cos"):
         tab.add_column(c, justify="right")
     for k, d in r["shadownet_attacks"]["mean_over_layers"].items():
-        tab.add_row(k, f"{d['normalise_match_cos']:.4f}", f"{d['fake_detection_accuracy']:.2f}",
+        tab.add_row(k, f"{d['normalise_match_cos']:.4f}", f"{d['fake_auc']:.3f} / {d['fake_balanced_accuracy']:.2f}",
                     f"{d['public_match_share']:.2%}", f"{d['public_fake_accuracy']:.2f}",
                     f"{d['public_recovered_cos']:.4f}", f"{d['public_only_cos']:.4f}")
     con.print(tab)

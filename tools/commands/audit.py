@@ -56,12 +56,12 @@ def run(args):
               f"{w.mean_best_cos:.4f}, rows matched {w.share_rows_matched:.1%}")
     if r.shadow:
         tab = Table(title="ShadowNet weight recovery")
-        for c in ("layer", "channels", "fakes", "normalise+match cos", "fakes by statistics", "public match share",
+        for c in ("layer", "channels", "fakes", "normalise+match cos", "fake AUC (statistics)", "public match share",
                   "fakes by public match", "recovered cos", "public-only cos"):
             tab.add_column(c)
         for s in r.shadow:
             tab.add_row(s.layer, str(s.channels), str(s.fakes), f"{s.normalise_match_cos:.4f}",
-                        f"{s.fake_detection_accuracy:.2f}", f"{s.public_match_share:.2f}", f"{s.public_fake_accuracy:.2f}",
+                        f"{s.fake_auc:.2f}", f"{s.public_match_share:.2f}", f"{s.public_fake_accuracy:.2f}",
                         f"{s.public_recovered_cos:.4f}", f"{s.public_only_cos:.4f}")
         con.print(tab)
     if r.mode in ("plain", "shadownet"):
