@@ -66,7 +66,8 @@ def bench_vit(calib: int, limit: int | None, check: int, bar) -> dict:
             "arena_bytes": p.arena_bytes, "const_bytes": g.const_bytes()}
 
 
-def bench_bert(calib: int, limit: int | None, check: int, bar, train: bool, seq_len: int = 64) -> dict | None:
+def bench_bert(calib: int, limit: int | None, check: int, bar, train: bool, seq_len: int = 64,
+               max_steps: int | None = None) -> dict | None:
     from edge import data
     from edge.models.minilm import load_tokenizer, tokenize
     from edge.models.registry import load_dir
@@ -77,7 +78,8 @@ def bench_bert(calib: int, limit: int | None, check: int, bar, train: bool, seq_
     if "bert-tiny-sst2" not in table:
         return None
     from edge.recipes import bert_tiny_sst2
-    tr = bert_tiny_sst2.train(quiet=True) if train else None
+    overrides = {"max_steps": max_steps, "threads": 1} if max_steps else {}
+    tr = bert_tiny_sst2.train(quiet=True, **overrides) if train else None
     if tr is None:
         return None
     model = load_dir(tr.path).model.eval()
@@ -100,7 +102,8 @@ def bench_bert(calib: int, limit: int | None, check: int, bar, train: bool, seq_
         pred.append(int(hm.run(ids[i]).argmax()))
         bar.update(task, advance=1)
     int8 = float(np.mean(np.array(pred) == labels))
-    return {"model": "bert-tiny-sst2", "dataset": f"SST-2 dev ({len(ids)}), L={seq_len}", "fp32": fp32, "int8": int8,
+    name = "bert-tiny-sst2" + (f" ({max_steps} steps)" if max_steps else "")
+    return {"model": name, "dataset": f"SST-2 dev ({len(ids)}), L={seq_len}", "fp32": fp32, "int8": int8,
             "delta_points": 100 * (int8 - fp32), "calib": calib, "seconds": round(time.time() - t0, 1),
             "reference_agreement": _agreement(s, p, hm, list(ids[:check])),
             "arena_bytes": p.arena_bytes, "const_bytes": g.const_bytes()}
@@ -113,6 +116,8 @@ def main(argv=None):
     ap.add_argument("--check", type=int, default=100, help="inputs re-run through the numpy reference")
     ap.add_argument("--skip-bert", action="store_true")
     ap.add_argument("--no-train", action="store_true", help="skip BERT-tiny if it is not trained yet")
+    ap.add_argument("--bert-max-steps", type=int, default=None,
+                    help="a shorter BERT-tiny training (the recipe with max_steps) instead of the full one")
     a = ap.parse_args(argv)
     torch.set_num_threads(2)
     from edge.progress import progress
@@ -121,7 +126,7 @@ def main(argv=None):
     with progress() as bar:
         rows.append(bench_vit(a.calib, a.limit, a.check, bar))
         if not a.skip_bert:
-            r = bench_bert(a.calib, a.limit, a.check, bar, train=not a.no_train)
+            r = bench_bert(a.calib, a.limit, a.check, bar, train=not a.no_train, max_steps=a.bert_max_steps)
             rows.append(r or {"model": "bert-tiny-sst2", "error": "recipe not available"})
 
     from rich.console import Console
