@@ -92,3 +92,28 @@ def test_int8_bad_input_is_refused():
         calibration_set("imagenet", seq_len=8)
     with pytest.raises(TinyshieldError, match="needs a sequence length"):
         calibration_set("random")
+
+
+def test_tflm_long_int8_softmax_is_refused_not_a_crash():
+    """TFLite Micro's int8 softmax aborts the process on a row of >= 512 tied maxima (the exp sum
+    reaches 2^9 and a rounding shift of 32 fails gemmlowp's check). The runner refuses such graphs
+    unless told the inputs are safe; the abort itself is shown in a subprocess."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from edge.litert.writer import Builder, Quant
+    b = Builder("softmax512")
+    x = b.input("x", (1, 512), np.int8, Quant.per_tensor(0.1, 0))
+    model = b.finish([b.softmax(x, out_quant=Quant.per_tensor(1 / 256, -128))])
+    with pytest.raises(TinyshieldError, match="int8 SOFTMAX over 512 entries"):
+        MicroInterpreter(model)
+    varied = np.arange(-128, 384, dtype=np.int64).clip(-128, 127).astype(np.int8)[None]
+    assert MicroInterpreter(model, long_softmax=True).run(varied).shape == (1, 512)
+    code = textwrap.dedent(f"""
+        import numpy as np
+        from edge.litert import MicroInterpreter
+        MicroInterpreter(bytes.fromhex("{model.hex()}"), long_softmax=True).run(np.zeros((1, 512), np.int8))
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
+    assert r.returncode != 0   # the native abort the guard exists for

@@ -89,6 +89,15 @@ def requant_params(in_scale: float, w_scale: np.ndarray, out_scale: float) -> tu
     return Q.quantize_multipliers(eff)
 
 
+def single_rounding_mbqm(x, m, shift) -> np.ndarray:
+    """TFLite's MultiplyByQuantizedMultiplier under TFLITE_SINGLE_ROUNDING: one rounding of the
+    64-bit product, half up: (x * m + 2^(30 - shift)) >> (31 - shift). ai-edge-litert's reference
+    kernels use it; edge.quant (and TFLite Micro) round twice, so the two differ by 1 LSB at ties."""
+    x, m, shift = (np.asarray(v, dtype=np.int64) for v in (x, m, shift))
+    total = 31 - shift
+    return (x * m + (np.int64(1) << (total - 1))) >> total
+
+
 @dataclass
 class QuantizedStack:
     """An int8 linear stack: int8 in, int8 out, per-channel weights, int32 bias."""
@@ -105,14 +114,20 @@ class QuantizedStack:
     def dequantize_output(self, q) -> np.ndarray:
         return Q.dequantize(q, self.output.scale, self.output.zero_point).astype(np.float32)
 
-    def reference(self, xq) -> np.ndarray:
-        """Exact int8 result: int32 accumulation, fixed-point requantisation of edge.quant."""
+    def reference(self, xq, rounding: str = "double") -> np.ndarray:
+        """Exact int8 result: int32 accumulation, then requantisation by edge.quant's fixed point
+        ("double": SaturatingRoundingDoublingHighMul + RoundingDivideByPOT, the project's
+        convention and TFLite Micro's) or TFLite's single-rounding variant ("single", what
+        LiteRT's reference kernels compute)."""
+        if rounding not in ("double", "single"):
+            raise TinyshieldError(f"rounding must be 'double' or 'single', not {rounding!r}")
         x = np.asarray(xq, dtype=np.int64)
         s_in, zp_in = self.input.scale, self.input.zero_point
         for l in self.layers:
             acc = (x - zp_in) @ l.w.astype(np.int64).T + l.bias.astype(np.int64)
             m, sh = requant_params(s_in, l.w_scale, l.out.scale)
-            y = Q.multiply_by_quantized_multiplier(acc, m.astype(np.int64), sh.astype(np.int64)) + l.out.zero_point
+            mbqm = Q.multiply_by_quantized_multiplier if rounding == "double" else single_rounding_mbqm
+            y = mbqm(acc, m.astype(np.int64), sh.astype(np.int64)) + l.out.zero_point
             lo = l.out.zero_point if l.relu else Q.INT8_MIN
             x = np.clip(y, lo, Q.INT8_MAX)
             s_in, zp_in = l.out.scale, l.out.zero_point

@@ -45,11 +45,13 @@ class Interpreter:
 
     `Interpreter(model_bytes_or_path, threads=N).run(x)` -> output array (or a list when the
     model has several outputs). `x` may be one array or a list, in the model's input order;
-    arrays are cast to the input dtype. `xnnpack=False` uses TFLite's builtin kernels only,
-    whose integer arithmetic is the reference (gemmlowp fixed point) one.
+    arrays are cast to the input dtype. `xnnpack=False` uses LiteRT's builtin (optimised) kernels
+    only; `reference_kernels=True` its reference kernels, whose int8 requantisation is TFLite's
+    single-rounding one (see edge.litert.linear.single_rounding_mbqm).
     """
 
-    def __init__(self, model, threads: int | None = None, xnnpack: bool = True, preserve_all: bool = False):
+    def __init__(self, model, threads: int | None = None, xnnpack: bool = True, preserve_all: bool = False,
+                 reference_kernels: bool = False):
         data, where = read_model(model)
         self.model = validate(data, where)
         self.where = where
@@ -57,7 +59,9 @@ class Interpreter:
         if threads is not None and threads < 1:
             raise TinyshieldError(f"threads must be >= 1, got {threads}")
         kwargs = {"model_content": data, "num_threads": threads}
-        if not xnnpack:
+        if reference_kernels:
+            kwargs["experimental_op_resolver_type"] = lite.OpResolverType.BUILTIN_REF
+        elif not xnnpack:
             kwargs["experimental_op_resolver_type"] = lite.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
         if preserve_all:
             kwargs["experimental_preserve_all_tensors"] = True
@@ -126,7 +130,7 @@ class MicroInterpreter:
     `MicroInterpreter(model_bytes).run(x)` -> output array; `.arena_bytes` after the first run.
     """
 
-    def __init__(self, model, arena_size: int | None = None):
+    def __init__(self, model, arena_size: int | None = None, long_softmax: bool = False):
         try:
             from tflite_micro.python.tflite_micro import runtime as tflm
         except ImportError as e:
@@ -134,6 +138,8 @@ class MicroInterpreter:
         data, where = read_model(model)
         m = validate(data, where)
         self.where = where
+        if not long_softmax:
+            _refuse_long_int8_softmax(m, where)
         sg = m.subgraphs[0]
         self.n_inputs, self.n_outputs = len(sg.inputs), len(sg.outputs)
         # generous by default; the real need is measured and reported by print_allocations()
@@ -180,6 +186,27 @@ class MicroInterpreter:
         return MicroRun(outs, self.arena_bytes, log)
 
 
+# TFLite Micro's int8 SOFTMAX divides by 2^(bits of the exp sum + 23); once a row's exp sum reaches
+# 2^9 (>= 512 entries all at the row maximum, e.g. a fully padded attention row at L >= 512) that
+# exponent is 32 and gemmlowp's RoundingDivideByPOT check aborts the whole process.
+LONG_SOFTMAX = 512
+
+
+def _refuse_long_int8_softmax(m, where: str) -> None:
+    from edge.litert.schema import OP_NAMES, fb
+    codes = [max(oc.builtinCode, oc.deprecatedBuiltinCode) for oc in m.operatorCodes]
+    tensors = m.subgraphs[0].tensors
+    for op in m.subgraphs[0].operators:
+        if OP_NAMES[codes[op.opcodeIndex]] != "SOFTMAX":
+            continue
+        t = tensors[op.inputs[0]]
+        if t.type == fb.TensorType.INT8 and t.shape is not None and len(t.shape) and t.shape[-1] >= LONG_SOFTMAX:
+            raise TinyshieldError(
+                f"{where}: int8 SOFTMAX over {int(t.shape[-1])} entries: TFLite Micro aborts the process when "
+                f">= {LONG_SOFTMAX} of them tie for the maximum (e.g. a fully padded input). Use L < {LONG_SOFTMAX}, "
+                "a float softmax (int8 mode hybrid), or MicroInterpreter(..., long_softmax=True) for inputs you control")
+
+
 def _activation_bytes(m) -> int:
     """Sum of all non-constant tensor sizes: an upper bound on what the arena can need for them."""
     from edge.litert.schema import NUMPY_TYPES
@@ -192,10 +219,17 @@ def _activation_bytes(m) -> int:
 
 
 def tflm_arena_bytes(model) -> int:
-    """Bytes of TFLite Micro arena `model` needs (one inference on zeros, recording allocator)."""
-    mi = MicroInterpreter(model)
+    """Bytes of TFLite Micro arena `model` needs: one inference (recording allocator) on a varied
+    input — token ids 1..999, random values otherwise — so no softmax row is degenerate."""
+    mi = MicroInterpreter(model, long_softmax=True)
+    rng = np.random.default_rng(0)
     xs = []
     for i in range(mi.n_inputs):
         d = mi.interp.get_input_details(i)
-        xs.append(np.zeros(d["shape"], dtype=d["dtype"]))
+        dt = np.dtype(d["dtype"])
+        if dt.kind in "iu":
+            lo, hi = (1, 1000) if dt == np.int32 else (np.iinfo(dt).min, np.iinfo(dt).max)
+            xs.append(rng.integers(lo, hi, size=d["shape"], endpoint=True).astype(dt))
+        else:
+            xs.append(rng.random(d["shape"]).astype(dt))
     return mi.run_full(xs).arena_bytes

@@ -197,15 +197,18 @@ def bench_int8_agreement(a) -> list[dict]:
     B = 1000
     model = q.export((B,))
     xq = q.quantize_input(rng.normal(size=(B, 128)))
-    ref = q.reference(xq).astype(np.int32)
+    refs = {"double": q.reference(xq).astype(np.int32), "single": q.reference(xq, "single").astype(np.int32)}
     rows = []
-    for name, out in (("LiteRT builtin kernels", Interpreter(model, xnnpack=False).run(xq)),
-                      ("LiteRT + XNNPACK", Interpreter(model).run(xq)),
-                      ("TFLite Micro", MicroInterpreter(model).run(xq))):
-        d = np.abs(out.astype(np.int32) - ref)
-        rows.append({"what": f"int8 linear stack 128-512-512-10 (ReLU), {B} inputs", "runtime": name,
-                     "vs": "numpy reference (edge.quant)", "exact_fraction": float((d == 0).mean()),
-                     "max_lsb": int(d.max())})
+    outs = (("TFLite Micro", MicroInterpreter(model).run(xq)),
+            ("LiteRT reference kernels", Interpreter(model, reference_kernels=True).run(xq)),
+            ("LiteRT optimised kernels", Interpreter(model, xnnpack=False).run(xq)),
+            ("LiteRT + XNNPACK", Interpreter(model).run(xq)))
+    for name, out in outs:
+        for rounding, ref in refs.items():
+            d = np.abs(out.astype(np.int32) - ref)
+            rows.append({"what": f"int8 linear stack 128-512-512-10 (ReLU), {B} inputs", "runtime": name,
+                         "vs": f"numpy reference, {rounding} rounding", "exact_fraction": float((d == 0).mean()),
+                         "max_lsb": int(d.max())})
     L = 128
     enc = bert_tiny_int8_encoder(L)
     xs = calibration_set("random", n=8, seq_len=L, seed=1)
