@@ -81,7 +81,7 @@ def train(recipe: ViTRecipe | None = None, force: bool = False, quiet: bool = Fa
     losses = []
     t0 = time.time()
     step = 0
-    with progress(disable=quiet) as bar:
+    with progress(disable=quiet) as bar, torch.enable_grad():  # callers may have turned grad off globally
         task = bar.add_task("train vit-mnist", total=total, info="")
         while step < total:
             model.train()
