@@ -16,6 +16,31 @@ from dataclasses import asdict
 from edge.paths import build_dir
 
 
+def bert_tiny_clr() -> tuple[str, bool]:
+    """The compressed BERT-tiny (`tinyshield compress bert-tiny-sst2 --flash 1MB`) if it exists;
+    else a random-initialised BERT-tiny with a rank-8 CLR word table: the same shapes, hence the
+    same cost, but no meaningful accuracy. Returns (model directory, trained?)."""
+    trained = build_dir() / "compressed" / "bert-tiny-sst2-1MB"
+    if (trained / "config.json").is_file():
+        return str(trained), True
+    out = build_dir() / "bench" / "bert-tiny-random-clr"
+    if not (out / "config.json").is_file():
+        import numpy as np
+        import torch
+
+        from edge.compress.clr import QuantCLR, factorize, layout_from_clusters
+        from edge.compress.io import save_compressed
+        from edge.compress.model import set_word_embeddings
+        from edge.models.bert import BertClassifier, BertConfig
+        torch.manual_seed(0)
+        m = BertClassifier(BertConfig(max_position_embeddings=64), 2).eval()
+        table = m.bert.embeddings.word_embeddings.weight.detach()
+        clr = factorize(table, layout_from_clusters(np.zeros(len(table), np.int64), (8,), (False,), table.shape[1]))
+        set_word_embeddings(m, clr)
+        save_compressed(m, QuantCLR.from_float(clr), out)
+    return str(out), False
+
+
 def bench(models, boards, schedules, limit: int) -> list[dict]:
     from edge.progress import progress
     from mcu.build import build_model
@@ -25,21 +50,26 @@ def bench(models, boards, schedules, limit: int) -> list[dict]:
     rows = []
     with progress() as bar:
         for spec, dataset in models:
+            trained, name = True, spec
+            if spec == "bert-tiny-clr":
+                spec, trained = bert_tiny_clr()
+                name = "bert-tiny-clr" + ("" if trained else " (random)")
             for board in boards:
                 for schedule in schedules:
                     try:
-                        built = build_model(spec, board, schedule=schedule)
+                        built = build_model(spec, board, schedule=schedule,
+                                            seq_len=64 if dataset == "sst2" else None)
                     except Exception as e:  # a model that does not fit is a result, not a crash
-                        rows.append({"model": spec, "board": board, "schedule": schedule, "error": str(e)})
+                        rows.append({"model": name, "board": board, "schedule": schedule, "error": str(e)})
                         continue
                     xs, ys, _ = test_set(dataset, built, limit)
                     with open_board(built.firmware) as dev:
                         ev = evaluate(dev, built, xs, ys, bar)
                     fw = built.firmware
-                    rows.append({**asdict(ev), "model": spec, "device_model": ev.model, "board": board,
+                    rows.append({**asdict(ev), "model": name, "spec": spec, "device_model": ev.model, "board": board,
                                  "schedule": schedule, "flash_used": fw.flash_used, "flash_bytes": fw.flash_bytes,
                                  "ram_used": fw.ram_used, "ram_bytes": fw.ram_bytes,
-                                 "planner_arena": built.plan.arena_bytes})
+                                 "planner_arena": built.plan.arena_bytes, "trained": trained})
     return rows
 
 
@@ -48,7 +78,8 @@ def main(argv=None):
     p.add_argument("--limit", type=int, default=50, help="test inputs per configuration")
     p.add_argument("--boards", default="stm32f405,mps2-an386,mps3-an547")
     p.add_argument("--schedules", default="layerwise,tiled")
-    p.add_argument("--models", default="vit-mnist:mnist", help="comma list of MODEL:DATASET")
+    p.add_argument("--models", default="vit-mnist:mnist,bert-tiny-clr:sst2",
+                   help="comma list of MODEL:DATASET (bert-tiny-clr: the compressed BERT-tiny, L = 64)")
     a = p.parse_args(argv)
     models = [tuple(m.split(":")) for m in a.models.split(",")]
     rows = bench(models, a.boards.split(","), a.schedules.split(","), a.limit)
@@ -61,11 +92,12 @@ def main(argv=None):
         t.add_column(c, justify="left" if c in ("model", "board", "schedule") else "right")
     for r in rows:
         if "error" in r:
-            t.add_row(r["model"], r["board"], r["schedule"], f"[red]{r['error'][:80]}", *[""] * 8)
+            t.add_row(r["model"], r["board"], r["schedule"], f"[red]{r['error'][:100]}", *[""] * 8)
             continue
         t.add_row(r["model"], r["board"], r["schedule"], f"{r['flash_used']:,}", f"{r['mean_instructions']:,.0f}",
                   f"{r['instructions_per_mac']:.3f}", f"{r['macs']:,}", f"{r['arena_bytes']:,}",
-                  f"{r['stack_max']:,}", f"{r['peak_sram']:,}", f"{100 * r['accuracy']:.1f}%",
+                  f"{r['stack_max']:,}", f"{r['peak_sram']:,}",
+                  f"{100 * r['accuracy']:.1f}%" if r["trained"] else "n/a (random weights)",
                   f"{100 * r['agreement']:.1f}%")
     Console(width=200).print(t)
     out = build_dir() / "bench" / "device.json"
