@@ -295,17 +295,73 @@ static int32_t dot_sum_s8(const int8_t *x, const int8_t *w, int32_t K, int32_t *
     return acc;
 }
 
+#if TSH_USE_DSP
+/* Two queries x two keys: q.k for the four pairs and the two key sums, SXTB16 + SMLAD. */
+static void qk_block2x2(const int8_t *q0, const int8_t *q1, const int8_t *k0, const int8_t *k1, int32_t dh,
+                        int32_t *acc, int32_t *ks)
+{
+    const int32_t ones = 0x00010001;
+    int32_t a00 = 0, a01 = 0, a10 = 0, a11 = 0, s0 = 0, s1 = 0, t = 0;
+    for (; t + 4 <= dh; t += 4) {
+        int32_t x0 = tsh_read32(q0 + t), x1 = tsh_read32(q1 + t), y0 = tsh_read32(k0 + t), y1 = tsh_read32(k1 + t);
+        int32_t x0a = tsh_sxtb16(x0), x0b = tsh_sxtb16_ror8(x0), x1a = tsh_sxtb16(x1), x1b = tsh_sxtb16_ror8(x1);
+        int32_t y0a = tsh_sxtb16(y0), y0b = tsh_sxtb16_ror8(y0), y1a = tsh_sxtb16(y1), y1b = tsh_sxtb16_ror8(y1);
+        a00 = tsh_smlad(x0b, y0b, tsh_smlad(x0a, y0a, a00));
+        a01 = tsh_smlad(x0b, y1b, tsh_smlad(x0a, y1a, a01));
+        a10 = tsh_smlad(x1b, y0b, tsh_smlad(x1a, y0a, a10));
+        a11 = tsh_smlad(x1b, y1b, tsh_smlad(x1a, y1a, a11));
+        s0 = tsh_smlad(y0b, ones, tsh_smlad(y0a, ones, s0));
+        s1 = tsh_smlad(y1b, ones, tsh_smlad(y1a, ones, s1));
+    }
+    for (; t < dh; t++) {
+        a00 += q0[t] * k0[t]; a01 += q0[t] * k1[t];
+        a10 += q1[t] * k0[t]; a11 += q1[t] * k1[t];
+        s0 += k0[t]; s1 += k1[t];
+    }
+    acc[0] = a00; acc[1] = a01; acc[2] = a10; acc[3] = a11;
+    ks[0] = s0; ks[1] = s1;
+}
+#endif
+
+static int32_t row_sum_s8(const int8_t *x, int32_t n)
+{
+    int32_t s = 0;
+    for (int32_t t = 0; t < n; t++) s += x[t];
+    return s;
+}
+
 void tsh_matmul_qk_s8(const int8_t *q, const int8_t *k, int8_t *s, int32_t Lq, int32_t Lk, int32_t dh,
                       int32_t q_stride, int32_t k_stride, int32_t s_stride, int32_t q_zp, int32_t k_zp,
                       int32_t mult, int32_t shift, int32_t s_zp)
 {
     /* sum (q - zq)(k - zk) = sum q k - zk sum q - zq sum k + dh zq zk */
     tsh_rq_t rq = tsh_rq_make(mult, shift, s_zp, -128, 127);
-    for (int32_t i = 0; i < Lq; i++) {
+    int32_t i = 0;
+#if TSH_USE_DSP
+    for (; i + 2 <= Lq; i += 2) {
+        const int8_t *q0 = q + i * q_stride, *q1 = q0 + q_stride;
+        int32_t b0 = dh * q_zp * k_zp - k_zp * row_sum_s8(q0, dh), b1 = dh * q_zp * k_zp - k_zp * row_sum_s8(q1, dh);
+        int8_t *s0 = s + i * s_stride, *s1 = s0 + s_stride;
+        int32_t j = 0;
+        for (; j + 2 <= Lk; j += 2) {
+            int32_t acc[4], ks[2];
+            qk_block2x2(q0, q1, k + j * k_stride, k + (j + 1) * k_stride, dh, acc, ks);
+            int32_t c0 = q_zp * ks[0], c1 = q_zp * ks[1];
+            s0[j] = tsh_rq(&rq, acc[0] + b0 - c0);
+            s0[j + 1] = tsh_rq(&rq, acc[1] + b0 - c1);
+            s1[j] = tsh_rq(&rq, acc[2] + b1 - c0);
+            s1[j + 1] = tsh_rq(&rq, acc[3] + b1 - c1);
+        }
+        for (; j < Lk; j++) {
+            int32_t ksum, d0 = dot_sum_s8(q0, k + j * k_stride, dh, &ksum), d1 = dot_sum_s8(q1, k + j * k_stride, dh, &ksum);
+            s0[j] = tsh_rq(&rq, d0 + b0 - q_zp * ksum);
+            s1[j] = tsh_rq(&rq, d1 + b1 - q_zp * ksum);
+        }
+    }
+#endif
+    for (; i < Lq; i++) {
         const int8_t *qi = q + i * q_stride;
-        int32_t qsum = 0;
-        for (int32_t t = 0; t < dh; t++) qsum += qi[t];
-        int32_t base = dh * q_zp * k_zp - k_zp * qsum;
+        int32_t base = dh * q_zp * k_zp - k_zp * row_sum_s8(qi, dh);
         for (int32_t j = 0; j < Lk; j++) {
             int32_t ksum;
             int32_t dot = dot_sum_s8(qi, k + j * k_stride, dh, &ksum);
