@@ -182,6 +182,18 @@ static inline int32_t tsh_sxtb16_ror8(int32_t x)     /* bytes 1 and 3 */
     __asm__("sxtb16 %0, %1, ror #8" : "=r"(r) : "r"(x));
     return r;
 }
+static inline int32_t tsh_pkhbt(int32_t lo, int32_t hi)   /* (lo.bottom, hi.bottom) */
+{
+    int32_t r;
+    __asm__("pkhbt %0, %1, %2, lsl #16" : "=r"(r) : "r"(lo), "r"(hi));
+    return r;
+}
+static inline int32_t tsh_pkhtb(int32_t hi, int32_t lo)   /* (lo.top, hi.top) */
+{
+    int32_t r;
+    __asm__("pkhtb %0, %1, %2, asr #16" : "=r"(r) : "r"(hi), "r"(lo));
+    return r;
+}
 #else
 static inline int32_t tsh_lo16(int32_t x) { return (int32_t)(int16_t)(uint16_t)((uint32_t)x & 0xffffu); }
 static inline int32_t tsh_hi16(int32_t x) { return (int32_t)(int16_t)(uint16_t)((uint32_t)x >> 16); }
@@ -202,6 +214,14 @@ static inline int32_t tsh_sxtb16_ror8(int32_t x)
 {
     uint32_t u = (uint32_t)x;
     return tsh_pack16((int8_t)(uint8_t)((u >> 8) & 0xffu), (int8_t)(uint8_t)(u >> 24));
+}
+static inline int32_t tsh_pkhbt(int32_t lo, int32_t hi)
+{
+    return (int32_t)(((uint32_t)lo & 0xffffu) | ((uint32_t)hi << 16));
+}
+static inline int32_t tsh_pkhtb(int32_t hi, int32_t lo)
+{
+    return (int32_t)(((uint32_t)hi & 0xffff0000u) | ((uint32_t)lo >> 16));
 }
 #endif
 
