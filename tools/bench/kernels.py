@@ -8,6 +8,9 @@
   (SMLAD/SXTB16) and the portable C path are measured, and the device output is checked against
   the numpy reference bit for bit.
 - host (x86-64): instructions of the same C kernel under `valgrind --tool=callgrind`.
+- `--model vit-mnist`: the same subtraction per kernel over a whole model's layerwise schedule
+  (firmware that makes only that kernel's calls, on the model's real arena), so each kernel's
+  share of an inference is measured on the emulated board.
 Prints a table and writes build/bench/kernels.json.
 """
 from __future__ import annotations
@@ -114,6 +117,39 @@ def host(M: int, K: int, N: int, variant: str) -> dict | None:
                 "instructions": total, "macs": macs, "instr_per_mac": total / macs, "bit_exact": None}
 
 
+def per_kernel(spec: str, board: str) -> list[dict]:
+    """Instructions of each kernel's calls within one inference of `spec` (layerwise schedule)."""
+    from edge import data
+    from mcu.build import build_firmware, build_model
+    from mcu.codegen import generate
+    from mcu.device import open_board
+    from mcu.graph import Schedule
+
+    built = build_model(spec, board, schedule="layerwise")
+    s, p = built.schedule, built.plan
+    if built.kind == "vit":
+        x = built.quantise_input(data.mnist(allow_fallback=True).x_test[0])
+    else:
+        x = np.zeros(built.graph.tensors[built.graph.inputs[0]].shape, np.int32)
+        x[:8] = np.arange(101, 109)
+
+    def count(calls, tag):
+        d = build_dir() / "bench" / "kernels" / f"{spec}-{tag}"
+        generate(Schedule(tag, s.graph, s.buffers, calls), p, d)
+        with open_board(build_firmware(d, board)) as dev:
+            return dev.infer(x).instructions
+
+    base = count([], "none")
+    rows = []
+    for k in sorted({c.kernel for c in s.calls}):
+        calls = [c for c in s.calls if c.kernel == k]
+        n = count(calls, k) - base
+        macs = sum(c.macs for c in calls)
+        rows.append({"model": spec, "kernel": k, "calls": len(calls), "instructions": n, "macs": macs,
+                     "instr_per_mac": n / macs if macs else None})
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--board", default="stm32f405")
@@ -121,6 +157,7 @@ def main(argv=None):
     ap.add_argument("--K", type=int, default=128, help="input features")
     ap.add_argument("--N", type=int, default=512, help="output features")
     ap.add_argument("--no-emulator", action="store_true")
+    ap.add_argument("--model", default=None, help="also profile every kernel of this model (e.g. vit-mnist)")
     a = ap.parse_args(argv)
     g = fc_graph(a.M, a.K, a.N)
     rng = np.random.default_rng(0)
@@ -143,9 +180,21 @@ def main(argv=None):
         t.add_row(r["where"], r["path"], f"{r['instructions']:,}", f"{r['instr_per_mac']:.3f}",
                   "n/a" if r["bit_exact"] is None else str(r["bit_exact"]))
     Console().print(t)
+    profile = per_kernel(a.model, a.board) if a.model and not a.no_emulator else []
+    if profile:
+        t = Table(title=f"{a.model}: instructions per kernel in one inference ({a.board}, layerwise)")
+        for c in ["kernel", "calls", "instructions", "share", "MACs", "instr / MAC"]:
+            t.add_column(c, justify="left" if c == "kernel" else "right")
+        total = sum(r["instructions"] for r in profile)
+        for r in profile:
+            t.add_row(r["kernel"], str(r["calls"]), f"{r['instructions']:,}", f"{100 * r['instructions'] / total:.1f}%",
+                      f"{r['macs']:,}", "" if r["instr_per_mac"] is None else f"{r['instr_per_mac']:.2f}")
+        macs = sum(r["macs"] for r in profile)
+        t.add_row("all", str(sum(r["calls"] for r in profile)), f"{total:,}", "100%", f"{macs:,}", f"{total / macs:.2f}")
+        Console().print(t)
     out = build_dir() / "bench" / "kernels.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(a), "rows": rows}, indent=2))
+    out.write_text(json.dumps({"args": vars(a), "rows": rows, "profile": profile}, indent=2))
     print(f"wrote {out}")
 
 
