@@ -114,6 +114,7 @@ def input_spec(model, seq_len: int) -> dict:
     return {"input_ids": [1, seq_len], "attention_mask": [1, seq_len]}
 
 
+@torch.no_grad()
 def protect(model, out_dir: str | Path, mode: str, kind: str | None = None, seq_len: int = 128, pads: int = 4,
             fake_ratio: float = 0.25, mask_pool: int = 4, litert: bool = True, seed: int | None = None) -> Bundle:
     if mode not in MODES:
@@ -121,7 +122,6 @@ def protect(model, out_dir: str | Path, mode: str, kind: str | None = None, seq_
     if pads < 0 or mask_pool < 1 or not 0 < fake_ratio <= 4:
         raise TinyshieldError("pads must be >= 0, mask pool >= 1 and fake ratio in (0, 4]")
     t0 = time.perf_counter()
-    torch.set_grad_enabled(False)
     model = model.eval()
     kind = kind or program.kind_of(model)
     out = Path(out_dir)
