@@ -23,7 +23,7 @@ static inline int32_t wpair_at(const int8_t *wp, int32_t K, int32_t which, int32
 
 #if TSH_USE_DSP
 #define TSH_FC_KMAX 512       /* rows up to this length are sign-extended once onto the stack (3 KB) */
-#define TSH_FC_UNROLL 64      /* steps of 4 k per straight-line block (64 x 80 bytes of code) */
+#define TSH_FC_UNROLL 32      /* steps of 4 k per straight-line block (32 x 80 bytes of code) */
 #define TSH_STR2(x) #x
 #define TSH_STR(x) TSH_STR2(x)
 
@@ -131,12 +131,13 @@ static inline int32_t fc_rq_fast(int32_t x, int32_t m, int32_t rnd, int32_t righ
 /* Three rows (their extension `xe`) against all channel pairs, every channel on the short
  * requantisation path (see fc_rq_fast): the hot loop of the Cortex-M fully connected layer. */
 static void fc_rows3_fast(const int32_t *xe, const int8_t *w, const int32_t *bias, const int32_t *mult,
-                          const int32_t *shift, int8_t *y, int32_t y_stride, int32_t K4, int32_t N2, int32_t y_zp)
+                          const int32_t *shift, int8_t *y, int32_t y_stride, int32_t rows, int32_t K4, int32_t N2,
+                          int32_t y_zp)
 {
     for (int32_t n = 0; n < N2; n += 2) {
         int32_t a0 = bias[n], a1 = bias[n + 1], a2 = a0, a3 = a1, a4 = a0, a5 = a1;
         const int32_t *x = xe;
-        if (K4 <= TSH_FC_UNROLL) {
+        if (K4 <= TSH_FC_UNROLL) {   /* the common case without a loop: fewer live registers */
             FC_STEPS(a0, a1, a2, a3, a4, a5, x, w, K4);
         } else {
             for (int32_t g = 0; g < K4; g += TSH_FC_UNROLL) {
@@ -145,34 +146,21 @@ static void fc_rows3_fast(const int32_t *xe, const int8_t *w, const int32_t *bia
             }
         }
         int32_t r0 = -shift[n], m0 = mult[n], d0 = 1 << (r0 - 1);
+        int32_t r1 = -shift[n + 1], m1 = mult[n + 1], d1 = 1 << (r1 - 1);
         int8_t *yc = y + n;
         yc[0] = (int8_t)fc_rq_fast(a0, m0, d0, r0, y_zp);
-        yc[y_stride] = (int8_t)fc_rq_fast(a2, m0, d0, r0, y_zp);
-        yc[2 * y_stride] = (int8_t)fc_rq_fast(a4, m0, d0, r0, y_zp);
-        int32_t r1 = -shift[n + 1], m1 = mult[n + 1], d1 = 1 << (r1 - 1);
         yc[1] = (int8_t)fc_rq_fast(a1, m1, d1, r1, y_zp);
+        if (rows < 3) {   /* the last block of a layer: its missing rows were duplicates */
+            if (rows == 2) {
+                yc[y_stride] = (int8_t)fc_rq_fast(a2, m0, d0, r0, y_zp);
+                yc[y_stride + 1] = (int8_t)fc_rq_fast(a3, m1, d1, r1, y_zp);
+            }
+            continue;
+        }
+        yc[y_stride] = (int8_t)fc_rq_fast(a2, m0, d0, r0, y_zp);
         yc[y_stride + 1] = (int8_t)fc_rq_fast(a3, m1, d1, r1, y_zp);
+        yc[2 * y_stride] = (int8_t)fc_rq_fast(a4, m0, d0, r0, y_zp);
         yc[2 * y_stride + 1] = (int8_t)fc_rq_fast(a5, m1, d1, r1, y_zp);
-    }
-}
-
-/* Up to three rows against all channel pairs, any requantisation parameters. */
-static void fc_rows3(const int32_t *xe, const int8_t *w, const int32_t *bias, const int32_t *mult,
-                     const int32_t *shift, int8_t *y, int32_t y_stride, int32_t rows, int32_t K4, int32_t N2,
-                     int32_t y_zp, int32_t act_min, int32_t act_max)
-{
-    for (int32_t n = 0; n < N2; n += 2) {
-        int32_t a0 = bias[n], a1 = bias[n + 1], a2 = a0, a3 = a1, a4 = a0, a5 = a1;
-        const int32_t *x = xe;
-        for (int32_t g = 0; g < K4; g += TSH_FC_UNROLL) {
-            int32_t steps = K4 - g < TSH_FC_UNROLL ? K4 - g : TSH_FC_UNROLL;
-            FC_STEPS(a0, a1, a2, a3, a4, a5, x, w, steps);
-        }
-        int32_t acc[6] = {a0, a1, a2, a3, a4, a5};
-        for (int32_t c = 0; c < 2; c++) {
-            tsh_rq_t q = tsh_rq_make(mult[n + c], shift[n + c], y_zp, act_min, act_max);
-            for (int32_t r = 0; r < rows; r++) y[r * y_stride + n + c] = tsh_rq_apply(&q, acc[2 * r + c]);
-        }
     }
 }
 
@@ -237,6 +225,7 @@ void tsh_fc_s8(const int8_t *x, const int8_t *w, const int32_t *bias, const int3
 #if TSH_USE_DSP
     /* the register-blocked path needs 4-byte aligned 8-byte weight groups */
     if (K <= TSH_FC_KMAX && K % 4 == 0 && ((uintptr_t)w & 3u) == 0 && M >= 2) {
+        /* register-blocked path: blocks of three rows, channel pairs, short requantisation */
         int32_t xe[6 * (TSH_FC_KMAX / 4)];
         int32_t K4 = K / 4, fast = act_min == -128 && act_max == 127;
         /* the short requantisation needs |acc| < 2^30: |bias| + K * 2^14 with K <= 512 */
@@ -247,11 +236,9 @@ void tsh_fc_s8(const int8_t *x, const int8_t *w, const int32_t *bias, const int3
             const int8_t *x0 = x + m * x_stride;
             const int8_t *x1 = rows > 1 ? x0 + x_stride : x0, *x2 = rows > 2 ? x0 + 2 * x_stride : x0;
             int8_t *y0 = y + m * y_stride;
+            if (!fast) break;   /* unusual requantisation parameters: row by row below */
             fc_extend3(x0, x1, x2, K4, xe);
-            if (fast && rows == 3)
-                fc_rows3_fast(xe, w, bias, mult, shift, y0, y_stride, K4, N2, y_zp);
-            else
-                fc_rows3(xe, w, bias, mult, shift, y0, y_stride, rows, K4, N2, y_zp, act_min, act_max);
+            fc_rows3_fast(xe, w, bias, mult, shift, y0, y_stride, rows, K4, N2, y_zp);
             if (N2 < N)
                 for (int32_t r = 0; r < rows; r++)
                     y0[r * y_stride + N2] = requant_clamp(dot_s8(x0 + r * x_stride, w + N2 * K, K, bias[N2]),
