@@ -14,10 +14,24 @@ int8 linear stack (per-channel int8 weights, int32 bias, fixed point of edge.qua
     model = q.export((1,))                            # int8 in, int8 out
     y8 = MicroInterpreter(model).run(q.quantize_input(x))   # == q.reference(...) bit for bit
 
+Whole models (edge.litert.export / edge.litert.int8):
+
+    from edge.litert.export import export_model
+    from edge.litert.int8 import calibration_set, export_int8, bert_tiny_int8_encoder
+    fp32 = export_model(load_minilm(), seq_len=128)                # int32 ids (1, 128) -> (1, 384)
+    int8 = export_int8(vit, calibration_set("mnist"), batch=100)   # hybrid: int8 matmuls, float rest
+    enc = bert_tiny_int8_encoder(seq_len=128)                      # full int8, for TFLite Micro
+    tflm_arena_bytes(enc)                                          # -> 281,888
+
 Runners: `Interpreter(bytes_or_path, threads=None, xnnpack=True)` (ai-edge-litert, or
 tflite_runtime when only that is installed) and `MicroInterpreter(bytes_or_path)` (tflite-micro;
 `.run_full(x).arena_bytes` is the arena the recording allocator reports); `tflm_arena_bytes(model)`.
 Both validate the flatbuffer first: a truncated or corrupt file raises TinyshieldError.
+
+int8 rounding: TFLite Micro requantises like edge.quant (double rounding) and matches
+`QuantizedStack.reference(x)` bit for bit; LiteRT's reference kernels (`reference_kernels=True`)
+round once and match `reference(x, "single")` bit for bit; LiteRT's optimised kernels and XNNPACK
+are within 1 LSB of both.
 
 Writers: `edge.litert.writer.Builder` (a shape-tracking graph builder over the flatbuffer object
 API) and `edge.litert.validate.validate(bytes) -> ModelT`.

@@ -218,17 +218,28 @@ def _activation_bytes(m) -> int:
     return total + 64 * 1024
 
 
+def _smallest_gather_table(m) -> int:
+    """Rows of the smallest GATHER table (token ids must stay below it); large when there is none."""
+    from edge.litert.schema import OP_NAMES
+    codes = [max(oc.builtinCode, oc.deprecatedBuiltinCode) for oc in m.operatorCodes]
+    rows = [int(m.subgraphs[0].tensors[op.inputs[0]].shape[0]) for op in m.subgraphs[0].operators
+            if OP_NAMES[codes[op.opcodeIndex]] == "GATHER"]
+    return min(rows) if rows else 1 << 30
+
+
 def tflm_arena_bytes(model) -> int:
     """Bytes of TFLite Micro arena `model` needs: one inference (recording allocator) on a varied
     input — token ids 1..999, random values otherwise — so no softmax row is degenerate."""
-    mi = MicroInterpreter(model, long_softmax=True)
+    data, where = read_model(model)
+    mi = MicroInterpreter(data, long_softmax=True)
     rng = np.random.default_rng(0)
+    vocab = _smallest_gather_table(validate(data, where))
     xs = []
     for i in range(mi.n_inputs):
         d = mi.interp.get_input_details(i)
         dt = np.dtype(d["dtype"])
         if dt.kind in "iu":
-            lo, hi = (1, 1000) if dt == np.int32 else (np.iinfo(dt).min, np.iinfo(dt).max)
+            lo, hi = (1, min(1000, vocab - 1)) if dt == np.int32 else (np.iinfo(dt).min, np.iinfo(dt).max)
             xs.append(rng.integers(lo, hi, size=d["shape"], endpoint=True).astype(dt))
         else:
             xs.append(rng.random(d["shape"]).astype(dt))
