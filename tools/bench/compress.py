@@ -107,14 +107,15 @@ def minilm_rows(ratios=(5, 10, 20), bytes_ratio=10, dev_limit=None, quick=False)
     return rows
 
 
-def bert_rows(ratios=(3, 5.7, 8), flash=1 << 20, finetune_steps=300, quick=False) -> list[dict]:
+def bert_rows(ratios=(3, 5.7, 8), flash: int | None = 1 << 20, finetune_steps=300, quick=False,
+              trained=None) -> list[dict]:
     from edge.compress.model import other_params, size_parts
     from edge.compress.pipeline import compress_model
     from edge.compress.search import candidates
     from edge.models.registry import load_dir
     from edge.recipes import recipes
 
-    trained = recipes()["bert-tiny-sst2"]()
+    trained = trained or recipes()["bert-tiny-sst2"]()
     model = load_dir(trained.path).model
     total = size_parts(model)["total"]["params"]
     rows = []
@@ -122,7 +123,9 @@ def bert_rows(ratios=(3, 5.7, 8), flash=1 << 20, finetune_steps=300, quick=False
     w = sst2_weights(model.config.vocab_size)
     table = model.bert.embeddings.word_embeddings.weight.detach().numpy()
     cands = candidates(table, w, bands=(16,), splits=(1,)) if quick else candidates(table, w)
-    jobs = [(f"{r}x params", int(total / r), "params") for r in ratios] + [("1 MB flash", flash, "bytes")]
+    jobs = [(f"{r}x params", int(total / r), "params") for r in ratios]
+    if flash:
+        jobs.append(("1 MB flash", flash, "bytes"))
     for size, budget, unit in jobs:
         rep, comp = compress_model(model, "bert-tiny-sst2", budget, unit, finetune_steps=finetune_steps,
                                    int8=True, cands=cands)
@@ -152,13 +155,15 @@ def main(argv=None):
     p.add_argument("--skip-bert", action="store_true")
     p.add_argument("--skip-minilm", action="store_true")
     p.add_argument("--finetune-steps", type=int, default=300)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--skip-flash", action="store_true", help="no BERT-tiny run at the 1 MB flash budget")
+    p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.time()
     out = {"bert_tiny": [], "minilm": []}
     if not args.skip_bert:
-        out["bert_tiny"] = bert_rows(finetune_steps=args.finetune_steps, quick=args.quick)
+        out["bert_tiny"] = bert_rows(finetune_steps=args.finetune_steps, quick=args.quick,
+                                     flash=None if args.skip_flash else 1 << 20)
     if not args.skip_minilm:
         out["minilm"] = minilm_rows(quick=args.quick)
     out["seconds"] = round(time.time() - t0, 1)
