@@ -67,7 +67,7 @@ class RunStats:
     def prefetch_recall(self) -> float:
         """Of the accesses that were not already resident without prefetching, the share prefetch served."""
         need = self.prefetch_used + self.misses
-        return self.prefetch_used / need if need else float("nan")
+        return self.prefetch_used / need if need and self.prefetch_issued else float("nan")
 
     @property
     def perplexity(self) -> float:
