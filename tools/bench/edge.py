@@ -278,6 +278,7 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=20, help="latency repetitions (median)")
     ap.add_argument("--calib-n", type=int, default=32, help="calibration inputs for int8")
     ap.add_argument("--train-n", type=int, default=4000, help="SST-2 train sentences for the MiniLM head")
+    ap.add_argument("--out", default=None, help="JSON path (default build/bench/edge.json)")
     ap.add_argument("--skip", nargs="*", default=[], choices=["minilm", "bert-tiny", "vit", "agreement",
                                                               "latency", "arena"])
     a = ap.parse_args(argv)
@@ -287,7 +288,7 @@ def main(argv=None):
 
     res = {"args": vars(a), "machine": platform.processor() or platform.machine(),
            "runtime": _litert_module()[1], "torch": torch.__version__}
-    out = build_dir() / "bench" / "edge.json"
+    out = Path(a.out) if a.out else build_dir() / "bench" / "edge.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     sections = [("agreement", "int8_agreement", lambda bar: bench_int8_agreement(a)),
                 ("arena", "tflm_arena", lambda bar: bench_arena()),
