@@ -10,6 +10,9 @@ def register(sub):
     p.add_argument("--limit", type=int, default=1000, help="MNIST test images evaluated on the device (default 1000)")
     p.add_argument("--sst2-limit", type=int, default=872, help="SST-2 dev sentences for BERT-tiny (default all 872)")
     p.add_argument("--skip-bert", action="store_true", help="only the ViT part")
+    p.add_argument("--bert", default=None, metavar="DIR",
+                   help="a CLR-compressed BERT-tiny (from `tinyshield compress`); default: the bert-tiny-sst2 "
+                        "recipe compressed to 1 MB of flash")
     p.set_defaults(func=run)
 
 
@@ -56,7 +59,10 @@ def _bert(args):
         print("bert-tiny-sst2: needs its recipe and the SST-2 data (../shared/data); skipped")
         return
     out = build_dir() / "compressed" / "bert-tiny-sst2-1MB"      # what `tinyshield compress bert-tiny-sst2 --flash 1MB` writes
-    if not (out / "config.json").is_file():
+    if args.bert:
+        from pathlib import Path
+        out = Path(args.bert)
+    elif not (out / "config.json").is_file():
         from edge.compress.model import parse_size
         from edge.compress.pipeline import compress_model
         from edge.models.registry import load_dir
