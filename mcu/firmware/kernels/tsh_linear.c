@@ -39,7 +39,7 @@ static void fc_extend3(const int8_t *x0, const int8_t *x1, const int8_t *x2, int
     }
 }
 
-#if defined(__ARM_FEATURE_DSP) && !defined(TSH_PORTABLE) && !defined(TSH_EMULATE_DSP)
+#if defined(__ARM_FEATURE_DSP) && !defined(TSH_PORTABLE) && !defined(TSH_EMULATE_DSP) && defined(__ARM_ARCH_7EM__)
 /* `steps` (1..TSH_FC_UNROLL) steps of 4 k for 3 rows x 2 channels: per step one LDRD of the weight
  * pair, four SXTB16, three LDRD of the extended rows and twelve SMLAD = 20 instructions for 24 MACs.
  * The steps are straight-line code entered part way (no loop counter: all 14 registers hold
@@ -103,7 +103,9 @@ static inline int32_t fc_rq_fast(int32_t x, int32_t m, int32_t rnd, int32_t righ
     return r;
 }
 #else
-/* The same integers in C (host tests of the DSP path run this with emulated instructions). */
+/* The same integers in C: host tests of the DSP path run this with emulated instructions; other
+ * DSP cores (Armv8-M mainline, where the register-hungry block above does not allocate) with the
+ * real SMLAD/SXTB16. */
 #define FC_STEPS(a0, a1, a2, a3, a4, a5, x, w, steps)                                              \
     do {                                                                                           \
         for (int32_t g_ = 0; g_ < (steps); g_++) {                                                 \
