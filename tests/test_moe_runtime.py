@@ -114,7 +114,7 @@ def test_bad_inputs(stores):
     store = stores[0]["f32"]
     with pytest.raises(TinyshieldError, match="unknown policy 'mru'"):
         open_runtime(store, "mru", 1000)
-    with pytest.raises(TinyshieldError, match="replays a recorded trace"):
+    with pytest.raises(TinyshieldError, match="belady is offline-only"):
         MoERuntime(store, "belady", 1000)
     with pytest.raises(TinyshieldError, match="prompt is empty"):
         MoERuntime(store, "ram").generate(encode(""), 3)

@@ -17,7 +17,7 @@ import torch
 from torch.nn import functional as F
 
 from edge.moe.model import VOCAB, MoEModel
-from edge.moe.policies import allocate_slots, even_slots, lru_hit_curve
+from edge.moe.policies import allocate_slots, lru_hit_curve
 from edge.moe.runtime import Gating, MoERuntime
 from edge.moe.store import ExpertStore
 from edge.paths import config_hash
@@ -122,7 +122,3 @@ def calibrate(store: ExpertStore, ids: torch.Tensor, drop_fraction: float | None
     path.write_text(json.dumps(asdict(cal)))
     return cal
 
-
-def default_slots(store: ExpertStore, budget_bytes: int) -> list[int]:
-    cfg = store.cfg
-    return even_slots(cfg.layers, cfg.experts, budget_bytes // store.expert_bytes)

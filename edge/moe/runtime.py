@@ -19,7 +19,7 @@ from torch.nn import functional as F
 from edge.errors import TinyshieldError
 from edge.moe.cache import ExpertCache
 from edge.moe.model import MoEModel, expert_ffn, route
-from edge.moe.policies import Belady, Key, LayerLRU, LFU, NoCache, Policy, allocate_slots, even_slots
+from edge.moe.policies import LFU, Belady, Key, LayerLRU, NoCache, Policy, even_slots
 from edge.moe.prefetch import Prefetcher
 from edge.moe.store import Expert, ExpertStore
 
@@ -114,7 +114,8 @@ def make_policy(name: str, store: ExpertStore, budget_bytes: int, slots: list[in
         return LayerLRU(slots if slots is not None else even_slots(cfg.layers, cfg.experts, total))
     if name == "belady":
         if trace is None:
-            raise TinyshieldError("the belady policy replays a recorded trace: record one first (moe trace)")
+            raise TinyshieldError("belady is offline-only: it needs the future accesses. Use `tinyshield moe trace` "
+                                  "(replays a recorded trace) or `tinyshield moe bench`")
         return Belady(trace)
     raise TinyshieldError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")
 

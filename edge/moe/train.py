@@ -63,8 +63,8 @@ def batch(streams: list[np.ndarray], n: int, T: int, g: np.random.Generator) -> 
     """n random windows of T+1 bytes, corpora sampled in proportion to their size."""
     sizes = np.array([len(s) - T - 1 for s in streams], dtype=np.float64)
     which = g.choice(len(streams), size=n, p=sizes / sizes.sum())
-    rows = [streams[c][o:o + T + 1] for c in which for o in [g.integers(0, sizes[c])]]
-    return torch.from_numpy(np.stack(rows).astype(np.int64))
+    starts = [g.integers(0, sizes[c]) for c in which]
+    return torch.from_numpy(np.stack([streams[c][o:o + T + 1] for c, o in zip(which, starts)]).astype(np.int64))
 
 
 @torch.no_grad()

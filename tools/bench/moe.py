@@ -63,7 +63,6 @@ def main(argv=None) -> int:
 
     from edge.moe.adapmoe import calibration_ids, open_runtime
     from edge.moe.calibrate import calibrate
-    from edge.moe.policies import even_slots
     from edge.moe.replay import replay_all
     from edge.moe.runtime import MoERuntime
     from edge.moe.store import store_for
@@ -152,8 +151,9 @@ def main(argv=None) -> int:
               "gating_sweep": sweep, "runs": rows, "hit_rate_vs_budget": curve, "headline": headline}
     out = build_dir() / "bench"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "moe.json").write_text(json.dumps(result, indent=1, default=float))
-    plot(curve, rows, out / "moe_hit_rate.png")
+    stem = "moe_int8" if args.int8 else "moe"  # the int8 store gets its own files
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1, default=float))
+    plot(curve, rows, out / f"{stem}_hit_rate.png")
 
     t = Table(title=f"MoE expert caching — {ref.tokens} held-out tokens, experts {total / 1e6:.1f} MB "
                     f"({cfg.layers}x{cfg.experts} x {store.expert_bytes / 1e3:.0f} kB), all-in-RAM ppl {ref_ppl:.3f}, "
@@ -181,7 +181,7 @@ def main(argv=None) -> int:
     con.print(g)
     if headline:
         con.print({k: round(v, 4) for k, v in headline.items()})
-    con.print(f"wrote {out / 'moe.json'} and {out / 'moe_hit_rate.png'}")
+    con.print(f"wrote {out / (stem + '.json')} and {out / (stem + '_hit_rate.png')}")
     return 0
 
 

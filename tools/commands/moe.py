@@ -22,7 +22,8 @@ def register(sub):
 
     r = jobs.add_parser("run", help="generate text with experts served from the cache")
     common(r)
-    r.add_argument("--policy", default="adapmoe", help="ram, on-demand, lru, lfu, adapmoe (default)")
+    r.add_argument("--policy", default="adapmoe", help="ram, on-demand, lru, lfu, adapmoe (default); "
+                                                       "belady is offline-only (see trace)")
     r.add_argument("--prompt", required=True, help="text to continue")
     r.add_argument("--tokens", type=int, default=200, help="bytes to generate (default 200)")
     r.add_argument("--temperature", type=float, default=0.8)
