@@ -230,11 +230,14 @@ class BuiltModel:
         return run(self.schedule, {self.graph.inputs[0]: q}, self.plan)[self.graph.outputs[0]]
 
 
-def _schedule(graph, kind: str):
+def _schedule(graph, kind: str, board: Board):
+    from mcu.schedules import layerwise, tiled
+
     if kind == "tiled":
-        from mcu.schedules import tiled
-        return tiled(graph)
-    from mcu.execute import layerwise
+        # With the board's budget the tile search picks the fewest calls (code size, instructions)
+        # that still fit, instead of the smallest peak.
+        from mcu.profile import board_budget
+        return tiled(graph, budget=board_budget(board.id, graph))
     return layerwise(graph)
 
 
@@ -307,7 +310,7 @@ def deploy_graph(graph, board: str | Board | None, out_dir: Path, schedule: str 
     from mcu.planner import check, plan as make_plan
 
     b = board if isinstance(board, Board) else get_board(board)
-    sched = _schedule(graph, schedule)
+    sched = _schedule(graph, schedule, b)
     plan = make_plan(sched)
     check(plan, sched)
     check_budget(graph, plan, b)
@@ -320,7 +323,7 @@ def deploy_graph(graph, board: str | Board | None, out_dir: Path, schedule: str 
 
 
 PIPELINE = ["mcu/lower.py", "mcu/kernels.py", "mcu/tiled.py", "mcu/schedules.py", "mcu/planner.py",
-            "mcu/codegen.py", "mcu/graph.py", "edge/quant.py", "edge/compress/clr.py"]
+            "mcu/codegen.py", "mcu/graph.py", "mcu/build.py", "edge/quant.py", "edge/compress/clr.py"]
 
 
 def _pipeline_hash() -> str:
