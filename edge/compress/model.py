@@ -161,8 +161,8 @@ def quantize(c: Compressed) -> Compressed:
 
 
 def finetune_classifier(model: BertClassifier, seqs: list[np.ndarray], labels: np.ndarray, *,
-                        teacher: BertClassifier | None = None, steps: int = 400, batch_size: int = 64,
-                        lr: float = 1e-3, kd_weight: float = 1.0, temperature: float = 2.0, seed: int = 0,
+                        teacher: BertClassifier | None = None, steps: int = 800, batch_size: int = 64,
+                        lr: float = 5e-4, kd_weight: float = 1.0, temperature: float = 2.0, seed: int = 0,
                         quiet: bool = True) -> dict:
     """Brief recovery training of a compressed classifier: labels + KL to the uncompressed model."""
     from edge.progress import progress

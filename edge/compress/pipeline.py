@@ -57,7 +57,7 @@ def lookup_summary(layout, weights: np.ndarray) -> dict:
 
 
 def compress_model(model: nn.Module, name: str, budget: int, unit: str = "params", *, total: bool = True,
-                   finetune_steps: int = 300, int8: bool = True, out: str | Path | None = None,
+                   finetune_steps: int = 800, int8: bool = True, out: str | Path | None = None,
                    train_limit: int | None = None, dev_limit: int | None = None, quiet: bool = True,
                    cands=None) -> tuple[Report, cm.Compressed]:
     """Compress `model`'s word table within `budget` and report sizes, errors and quality.

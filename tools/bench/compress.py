@@ -107,7 +107,7 @@ def minilm_rows(ratios=(5, 10, 20), bytes_ratio=10, dev_limit=None, quick=False)
     return rows
 
 
-def bert_rows(ratios=(3, 5.7, 8), flash: int | None = 1 << 20, finetune_steps=300, quick=False,
+def bert_rows(ratios=(3, 5.7, 8), flash: int | None = 1 << 20, finetune_steps=800, quick=False,
               trained=None) -> list[dict]:
     from edge.compress.model import other_params, size_parts
     from edge.compress.pipeline import compress_model
@@ -154,7 +154,7 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="one cluster assignment instead of the full search")
     p.add_argument("--skip-bert", action="store_true")
     p.add_argument("--skip-minilm", action="store_true")
-    p.add_argument("--finetune-steps", type=int, default=300)
+    p.add_argument("--finetune-steps", type=int, default=800)
     p.add_argument("--skip-flash", action="store_true", help="no BERT-tiny run at the 1 MB flash budget")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)

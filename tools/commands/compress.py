@@ -13,8 +13,8 @@ def register(sub):
     g.add_argument("--flash", help="total int8 flash bytes of the compressed model, e.g. 1MB or 900KB")
     g.add_argument("--embedding-budget", help="parameters of the word table alone, e.g. 1.17M")
     p.add_argument("--out", help="output directory (default: build/compressed/<model>-<budget>/)")
-    p.add_argument("--finetune-steps", type=int, default=300,
-                   help="recovery training steps for classifiers (default 300; 0 = none)")
+    p.add_argument("--finetune-steps", type=int, default=800,
+                   help="recovery training steps for classifiers (default 800; 0 = none)")
     p.add_argument("--float", action="store_true", help="keep float32 factors (default: int8 factors)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
