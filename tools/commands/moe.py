@@ -44,6 +44,8 @@ def register(sub):
     b = jobs.add_parser("bench", help="the caching benchmark (same as python -m tools.bench.moe)")
     b.add_argument("--tokens", type=int, default=None, help="evaluation bytes (default: the benchmark's)")
     b.add_argument("--quick", action="store_true", help="a short run for a smoke check")
+    b.add_argument("--repeats", type=int, default=1, help="runs per cell, fastest kept (tokens/s is noisy)")
+    b.add_argument("--int8", action="store_true", help="benchmark the int8 expert store")
     b.add_argument("--model", help="trained MoE model directory (default: the `moe train` model)")
     b.set_defaults(func=run_bench)
 
@@ -161,4 +163,7 @@ def run_bench(args):
         argv += ["--quick"]
     if args.model:
         argv += ["--model", args.model]
+    if args.int8:
+        argv += ["--int8"]
+    argv += ["--repeats", str(args.repeats)]
     return main(argv)
