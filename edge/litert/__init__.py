@@ -30,8 +30,8 @@ Both validate the flatbuffer first: a truncated or corrupt file raises Tinyshiel
 
 int8 rounding: TFLite Micro requantises like edge.quant (double rounding) and matches
 `QuantizedStack.reference(x)` bit for bit; LiteRT's reference kernels (`reference_kernels=True`)
-round once and match `reference(x, "single")` bit for bit; LiteRT's optimised kernels and XNNPACK
-are within 1 LSB of both.
+and XNNPACK round once and matched `reference(x, "single")` bit for bit on the benchmark's stack;
+LiteRT's optimised (ruy) kernels sit in between, within 1 LSB of both.
 
 Writers: `edge.litert.writer.Builder` (a shape-tracking graph builder over the flatbuffer object
 API) and `edge.litert.validate.validate(bytes) -> ModelT`.
