@@ -51,10 +51,7 @@ BOARDS: dict[str, Board] = {b.id: b for b in [
     Board("mps3-an547", machine="mps3-an547", cpu="cortex-m55", fpu="auto",
           flash_origin=0x0000_0000, flash_bytes=512 * 1024, ram_origin=0x2000_0000, ram_bytes=512 * 1024,
           uart="cmsdk", uart_base=0x4930_3000, uart_irq=33, cpu_hz=32_000_000,
-          description="Cortex-M55 (Helium), QEMU mps3-an547, ITCM/DTCM, CMSDK UART0",
-          # The kernels' hand-scheduled Cortex-M4 assembly (fc_s8) does not assemble for Armv8.1-M
-          # ("impossible constraints"): the M55 runs the portable C kernels until it does.
-          extra_defines=(("TSH_PORTABLE", "1"),)),
+          description="Cortex-M55 (Helium), QEMU mps3-an547, ITCM/DTCM, CMSDK UART0"),
 ]}
 
 DEFAULT_BOARD = "stm32f405"
