@@ -38,3 +38,26 @@ def test_user_error_is_one_line(capsys):
     assert main(["train", "no-such-recipe"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: unknown recipe 'no-such-recipe'") and "\n" not in err
+
+
+def test_inputs_may_follow_options(monkeypatch):
+    import tools.cli as cli
+
+    seen = {}
+    real = cli.parser
+
+    def recording_parser():
+        p = real()
+        sub = next(a for a in p._actions if a.dest == "command")
+        sub.choices["run"].set_defaults(func=lambda a: seen.update(inputs=a.inputs, int8=a.int8))
+        return p
+
+    monkeypatch.setattr(cli, "parser", recording_parser)
+    assert cli.main(["run", "minilm", "a fine film", "--int8", "a dull film"]) == 0
+    assert seen == {"inputs": ["a fine film", "a dull film"], "int8": True}
+
+
+def test_unknown_option_is_refused():
+    with pytest.raises(SystemExit) as e:
+        main(["run", "minilm", "x", "--no-such-flag"])
+    assert e.value.code == 2

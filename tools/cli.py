@@ -23,7 +23,14 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args, extra = p.parse_known_args(argv)
+    # argparse stops filling a trailing INPUT... list at the first option: collect inputs that
+    # come after options too (`run MODEL "text" --int8 "more text"`).
+    if extra:
+        if not hasattr(args, "inputs") or any(e.startswith("-") for e in extra):
+            p.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.inputs = list(args.inputs) + extra
     try:
         return int(args.func(args) or 0)
     except TinyshieldError as e:
