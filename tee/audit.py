@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from edge.errors import TinyshieldError
-from tee import blinded, program
+from tee import blinded
 from tee.accelerator import ATTACKS, tamper
 from tee.fieldmath import HALF, P
 

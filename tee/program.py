@@ -102,7 +102,6 @@ def _blocks(layers, x: torch.Tensor, mask_bias, lin: Lin, act) -> torch.Tensor:
 
 def _unfold_rows(x: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) -> im2col rows (B * H' * W', C * 9) for a 3x3 stride-2 padding-1 conv."""
-    B = x.shape[0]
     cols = F.unfold(x, 3, padding=1, stride=2)  # (B, C*9, H'*W')
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 

@@ -57,27 +57,8 @@ def load_input(spec: str, built):
     """INPUT for a board: mnist:INDEX (a test image and its label), an .npy/.png image, or text."""
     import numpy as np
     if built.kind == "vit":
-        if spec.startswith("mnist:"):
-            from edge.data import data_dir, mnist
-            ds = mnist(allow_fallback=data_dir(required=False) is None)
-            i = int(spec.split(":", 1)[1])
-            if not 0 <= i < len(ds.x_test):
-                raise TinyshieldError(f"mnist index {i} out of range 0..{len(ds.x_test) - 1}")
-            return ds.x_test[i], int(ds.y_test[i])
-        p = Path(spec)
-        if not p.is_file():
-            raise TinyshieldError(f"input {spec!r} is neither mnist:INDEX nor an image file")
-        if p.suffix == ".npy":
-            img = np.load(p)
-        else:
-            import matplotlib.image as mpimg
-            img = mpimg.imread(p)
-            img = img[..., :3].mean(-1) if img.ndim == 3 else img
-            img = (img * 255).round() if img.dtype != np.uint8 else img
-        img = np.asarray(img)
-        if img.shape != (28, 28):
-            raise TinyshieldError(f"image {p} is {img.shape}, the model takes 28x28 grey")
-        return img.astype(np.uint8), None
+        from tools.inputs import load_image
+        return load_image(spec)
     from edge.models.minilm import load_tokenizer, tokenize
     L = built.graph.tensors[built.graph.inputs[0]].shape[0]
     return tokenize(load_tokenizer(), [spec], pad_to=L).input_ids.numpy()[0].astype(np.int32), None

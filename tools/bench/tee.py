@@ -49,7 +49,6 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from rich.console import Console
-    from rich.table import Table
 
     from edge.models.minilm import load_minilm, load_tokenizer, tokenize
     from tee import audit, blinded, bundle, program

@@ -24,7 +24,7 @@ def bundle_inputs(header: dict, specs: list[str]) -> list[dict]:
     spec = header["enclave_config"]["input"]
     if "image" in spec:
         from edge.recipes.vit_mnist import to_tensor
-        from tools.run_backend import load_image
+        from tools.inputs import load_image
         shape = spec["image"]
         if shape[-2:] != [28, 28]:
             raise TinyshieldError(f"this bundle takes {shape[-2:]} images; only 28x28 inputs are supported here")
