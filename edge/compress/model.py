@@ -162,9 +162,13 @@ def quantize(c: Compressed) -> Compressed:
 
 def finetune_classifier(model: BertClassifier, seqs: list[np.ndarray], labels: np.ndarray, *,
                         teacher: BertClassifier | None = None, steps: int = 800, batch_size: int = 64,
-                        lr: float = 5e-4, kd_weight: float = 1.0, temperature: float = 2.0, seed: int = 0,
+                        lr: float = 5e-4, kd_weight: float = 10.0, temperature: float = 2.0, seed: int = 0,
                         quiet: bool = True) -> dict:
-    """Brief recovery training of a compressed classifier: labels + KL to the uncompressed model."""
+    """Brief recovery training of a compressed classifier: labels + KL to the uncompressed model.
+
+    The KL term dominates (weight 10): matching the original model recovers more than the labels
+    do (SST-2 dev at 5.7x: 80.5% with weight 1, 81.0% with 4, 81.2% with 10).
+    """
     from edge.progress import progress
     from edge.recipes.bert_tiny_sst2 import batches, pad
 
