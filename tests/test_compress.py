@@ -215,3 +215,16 @@ def test_minilm_clr_beats_plain_svd(shared_data):
         set_word_embeddings(m, factorize(E, res.layout, None if wt is None else torch.as_tensor(wt)))
         fid[name] = sentence_fidelity(m, ref, tok, texts)
     assert fid["clr"] > fid["svd"] + 0.2
+
+
+def test_registry_loads_a_compressed_model_directory(tmp_path, weights):
+    """MODEL arguments accept what `tinyshield compress` writes (kind "...-clr")."""
+    from edge.models.registry import resolve
+
+    c = compress(small_classifier(), weights, other_params(small_classifier()) + 3000)
+    save_compressed(c.model, None, tmp_path / "m")
+    loaded = resolve(str(tmp_path / "m"))
+    assert loaded.kind == "bert-classifier-clr"
+    ids = torch.randint(1, V, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(ids), c.model.eval()(ids), atol=0, rtol=0)

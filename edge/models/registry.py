@@ -37,6 +37,9 @@ def load_dir(path: str | Path) -> Loaded:
     cfg = read_json(d / "config.json")
     if "kind" not in cfg or "model" not in cfg:
         raise TinyshieldError(f"{d / 'config.json'}: not a tinyshield model config (needs 'kind' and 'model')")
+    if cfg["kind"].endswith("-clr"):  # written by `tinyshield compress`: its own format and loader
+        from edge.compress.io import load_compressed
+        return Loaded(load_compressed(d).model.eval(), cfg["kind"], cfg, d)
     model = build(cfg["kind"], cfg["model"], cfg.get("num_labels"))
     load_into(model, read_safetensors(d / "model.safetensors"), d / "model.safetensors")
     return Loaded(model.eval(), cfg["kind"], cfg, d)
