@@ -119,22 +119,29 @@ static inline int8_t tsh_rq_apply(const tsh_rq_t *q, int32_t x)
  * RDBPOT is QADD of 2^(right-1), minus the sign bit, arithmetic shift (if that QADD saturates, the
  * exact result is >= 2^(31-right) >= 256 and saturates below as well); QADD of the zero point and
  * SSAT to int8 finish: the same integers as tsh_mbqm + zero point + clamp, in 7 instructions. */
+#if defined(__ARM_FEATURE_DSP) && !defined(TSH_PORTABLE) && !defined(TSH_EMULATE_DSP)
+/* The short sequence itself (preconditions above; rnd = 2^(right-1)). */
+static inline int32_t tsh_rq_short(int32_t x, int32_t m, int32_t rnd, int32_t right, int32_t zp)
+{
+    int32_t h, r;
+    __asm__("add %[h], %[x], %[x]\n\t"
+            "smmulr %[h], %[h], %[m]\n\t"
+            "qadd %[r], %[h], %[rnd]\n\t"
+            "sub %[r], %[r], %[h], lsr #31\n\t"
+            "asr %[r], %[r], %[right]\n\t"
+            "qadd %[r], %[r], %[zp]\n\t"
+            "ssat %[r], #8, %[r]\n\t"
+            : [h] "=&r"(h), [r] "=&r"(r)
+            : [x] "r"(x), [m] "r"(m), [rnd] "r"(rnd), [right] "r"(right), [zp] "r"(zp));
+    return r;
+}
+#endif
+
 static inline int8_t tsh_rq(const tsh_rq_t *q, int32_t x)
 {
 #if defined(__ARM_FEATURE_DSP) && !defined(TSH_PORTABLE) && !defined(TSH_EMULATE_DSP)
-    if (q->fast && (uint32_t)x + (1u << 30) < (1u << 31)) {
-        int32_t h, r;
-        __asm__("add %[h], %[x], %[x]\n\t"
-                "smmulr %[h], %[h], %[m]\n\t"
-                "qadd %[r], %[h], %[rnd]\n\t"
-                "sub %[r], %[r], %[h], lsr #31\n\t"
-                "asr %[r], %[r], %[right]\n\t"
-                "qadd %[r], %[r], %[zp]\n\t"
-                "ssat %[r], #8, %[r]\n\t"
-                : [h] "=&r"(h), [r] "=&r"(r)
-                : [x] "r"(x), [m] "r"(q->mult), [rnd] "r"(q->rnd), [right] "r"(q->right), [zp] "r"(q->zp));
-        return (int8_t)r;
-    }
+    if (q->fast && (uint32_t)x + (1u << 30) < (1u << 31))
+        return (int8_t)tsh_rq_short(x, q->mult, q->rnd, q->right, q->zp);
 #endif
     return tsh_rq_apply(q, x);
 }

@@ -83,24 +83,11 @@ static void fc_extend3(const int8_t *x0, const int8_t *x1, const int8_t *x2, int
             : "memory", "cc");                                                                     \
     } while (0)
 
-/* Requantise one accumulator on the short path: no left shift, 1 <= right <= 23, multiplier >= 0,
- * |x| < 2^30, full int8 range. SRDHM(x, m) = floor((x m + 2^30) / 2^31) = floor((2x m + 2^31) / 2^32)
- * is SMMULR of 2x (which fits) and m; RDBPOT is QADD of 2^(right-1), minus the sign bit, arithmetic
- * shift (when that QADD saturates the exact result is >= 2^(31-right) >= 256 and saturates below
- * too); then QADD of the zero point and SSAT to int8: the same integers as tsh_mbqm + clamp. */
+/* Requantise one accumulator with tsh_rq_short (tsh_fixedpoint.h): every channel on this path meets
+ * its preconditions (no left shift, 1 <= right <= 23, multiplier >= 0, |x| < 2^30). */
 static inline int32_t fc_rq_fast(int32_t x, int32_t m, int32_t rnd, int32_t right, int32_t zp)
 {
-    int32_t h, r;
-    __asm__("add %[h], %[x], %[x]\n\t"
-            "smmulr %[h], %[h], %[m]\n\t"
-            "qadd %[r], %[h], %[rnd]\n\t"
-            "sub %[r], %[r], %[h], lsr #31\n\t"
-            "asr %[r], %[r], %[right]\n\t"
-            "qadd %[r], %[r], %[zp]\n\t"
-            "ssat %[r], #8, %[r]\n\t"
-            : [h] "=&r"(h), [r] "=&r"(r)
-            : [x] "r"(x), [m] "r"(m), [rnd] "r"(rnd), [right] "r"(right), [zp] "r"(zp));
-    return r;
+    return tsh_rq_short(x, m, rnd, right, zp);
 }
 #else
 /* The same integers in C: host tests of the DSP path run this with emulated instructions; other
