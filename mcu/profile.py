@@ -11,23 +11,12 @@ from edge.errors import TinyshieldError
 from mcu.graph import Schedule
 from mcu.planner import ArenaPlan, align_up, check, live_bytes, lower_bound, plan
 
-# Board RAM and minimum stack, bytes: the fallback when mcu.boards is absent (it is the source of truth).
-BOARD_RAM = {"stm32f405": 192 * 1024, "mps2-an386": 320 * 1024, "mps3-an547": 512 * 1024}
-MIN_STACK = 8 * 1024
-
-
 def board_ram(board: str) -> tuple[int, int]:
     """(RAM bytes, minimum stack bytes) of `board`, from mcu.boards' linker budgets."""
-    try:
-        from mcu.boards import board as board_info
-    except ImportError:
-        board_info = None
-    if board_info is not None:
-        b = board_info(board)
-        return int(b.ram_bytes), int(getattr(b, "min_stack", MIN_STACK))
-    if board not in BOARD_RAM:
-        raise TinyshieldError(f"unknown board {board!r}: use one of {', '.join(BOARD_RAM)}")
-    return BOARD_RAM[board], MIN_STACK
+    from mcu.boards import board as board_info
+
+    b = board_info(board)
+    return int(b.ram_bytes), int(b.min_stack)
 
 
 def board_budget(board: str, graph=None) -> int:
