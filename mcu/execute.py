@@ -68,13 +68,8 @@ def run(schedule: Schedule, inputs: dict[str, np.ndarray], plan=None, kernels=No
     return out
 
 
-def layerwise(graph: Graph) -> Schedule:
-    """The baseline schedule (mcu.schedules.layerwise): one buffer per tensor, ops in graph order."""
-    from mcu.schedules import layerwise as lw
-
-    return lw(graph)
-
-
 def reference(graph: Graph, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The int8 reference result of a graph (layerwise schedule, separate buffers)."""
+    from mcu.schedules import layerwise  # schedules builds on this module's kernels: import late
+
     return run(layerwise(graph), inputs)

@@ -10,7 +10,8 @@ from edge.errors import TinyshieldError
 from edge.models.bert import BertClassifier, BertConfig
 from edge.models.vit import ViT, ViTConfig
 from mcu.codegen import generate
-from mcu.execute import layerwise, run
+from mcu.execute import run
+from mcu.schedules import layerwise
 from mcu.graph import Call, Const, Ref, Schedule, Tensor
 from mcu.hostlib import KERNEL_DIR, HostModel, kernel_sources
 from mcu.lower import lower_bert_classifier, lower_vit

@@ -6,7 +6,8 @@ import torch
 from edge.errors import TinyshieldError
 from edge.models.bert import BertClassifier, BertConfig
 from edge.models.vit import ViT, ViTConfig
-from mcu.execute import layerwise, reference, run
+from mcu.execute import reference, run
+from mcu.schedules import layerwise
 from mcu.lower import OP_KINDS, lower_bert, lower_bert_classifier, lower_vit
 
 TINY_BERT = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,

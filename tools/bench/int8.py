@@ -22,7 +22,7 @@ from edge.paths import build_dir
 
 def _int8_model(graph, tag):
     from mcu.codegen import generate
-    from mcu.execute import layerwise
+    from mcu.schedules import layerwise
     from mcu.hostlib import HostModel
     from mcu.planner import plan
 
