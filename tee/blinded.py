@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from edge.errors import TinyshieldError
-from tee.fieldmath import HALF, P, center, check_exact_bound, int8_matmul_mod, matmul_mod, reduce, split_matvec_mod, uniform
+from tee.fieldmath import HALF, P, center, center_, check_exact_bound, float64_matmul_mod, int8_matmul_mod, matmul_mod, reduce_, split_matvec_mod, uniform
 
 W_BITS = 8
 MAX_W = 2 ** (W_BITS - 1) - 1
@@ -91,17 +91,21 @@ def blind(x: torch.Tensor, layer: BlindLayer, r: np.ndarray) -> np.ndarray:
     if max(-float(lo), float(hi)) >= HALF:
         raise TinyshieldError("blinded mode: an activation left the fixed-point range (overflow); "
                               "protect the model again with calibration inputs closer to real ones")
-    t = torch.round(scaled).to(torch.int32) + torch.from_numpy(r.view(np.int32))
-    return reduce(t).numpy().view(np.uint32)
+    t = scaled.round_().to(torch.int32).add_(torch.from_numpy(r.view(np.int32)))   # in (-p/2, 3p/2)
+    return reduce_(t).numpy().view(np.uint32)
 
 
-def accelerate(x_tilde: np.ndarray, wt8: torch.Tensor) -> np.ndarray:
-    """The accelerator's work: y~ = x~ w_q^T mod p, exactly (int8 digit GEMM; wt8 = w_q^T as int8)."""
-    return int8_matmul_mod(x_tilde, wt8)
+def accelerate(x_tilde: np.ndarray, wt: torch.Tensor) -> np.ndarray:
+    """The accelerator's work: y~ = x~ w_q^T mod p, exactly. wt = w_q^T as int8 (three int8 digit GEMMs)
+    or as float64 (one exact float64 GEMM)."""
+    if wt.dtype == torch.float64:
+        return float64_matmul_mod(x_tilde, wt)
+    return int8_matmul_mod(x_tilde, wt)
 
 
 def _as64(a: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(a.view(np.int32)).to(torch.float64)   # [0, p): no centring needed for exactness
+    # [0, p): no centring needed for exactness; numpy's int32 -> float64 cast is several times faster than torch's
+    return torch.from_numpy(a.view(np.int32).astype(np.float64))
 
 
 def freivalds(x_tilde: np.ndarray, y_tilde: np.ndarray, s: np.ndarray, v: np.ndarray) -> bool:
@@ -116,8 +120,7 @@ def freivalds(x_tilde: np.ndarray, y_tilde: np.ndarray, s: np.ndarray, v: np.nda
 
 def unblind(y_tilde: np.ndarray, u: np.ndarray, layer: BlindLayer) -> torch.Tensor:
     d = torch.from_numpy(y_tilde.view(np.int32)) - torch.from_numpy(u.view(np.int32))   # in (-p, p)
-    d = torch.where(d > HALF, d - P, torch.where(d < -HALF, d + P, d))                  # centred y_int
-    return dequantize(d, layer)
+    return dequantize(center_(d), layer)
 
 
 def dequantize(y_int, layer: BlindLayer) -> torch.Tensor:

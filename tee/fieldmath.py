@@ -1,8 +1,11 @@
 """Arithmetic in the prime field of the blinded mode, p = 2^23 + 2^21 + 7 (Slalom's choice: every
 field element fits a float32 mantissa exactly), and a cryptographic source of uniform field elements.
 
-The accelerator's exact kernel: a field element is three signed base-256 digits, each an int8; int8 x int8 products accumulate exactly in int32 (|sum| <= k * 128 * 127 < 2^31 for
-k < 132,000), so x~ w^T mod p is one int8 GEMM over the stacked digits plus a cheap recombination.
+The accelerator's exact kernels for x~ w^T mod p (|w| <= 127):
+- float64: one float64 GEMM, exact because every partial sum is an integer below k * p * 127 < 2^53;
+- int8 digits (the accelerator's default): a field element is three signed base-256 digits, each an int8; int8 x int8
+  products accumulate exactly in int32 (|sum| <= k * 128 * 127 < 2^31 for k < 132,000), so it is one int8 GEMM over
+  the stacked digits plus a cheap recombination -- three times the multiply-adds of the float64 kernel.
 """
 from __future__ import annotations
 
@@ -34,10 +37,20 @@ def center(a):
     return np.where(a > HALF, a - P, a)
 
 
-def reduce(t: torch.Tensor) -> torch.Tensor:
-    """Integers in (-p, 2p) -> [0, p) with two selects (cheaper than a division)."""
-    t = torch.where(t >= P, t - P, t)
-    return torch.where(t < 0, t + P, t)
+def reduce_(t: torch.Tensor) -> torch.Tensor:
+    """int32 in (-p, 2p) -> [0, p), in place: (t >> 31) is all ones exactly for negative t, so `& P` adds p
+    only there -- branch-free integer passes, much cheaper than selects."""
+    t += (t >> 31) & P
+    t -= P
+    t += (t >> 31) & P
+    return t
+
+
+def center_(d: torch.Tensor) -> torch.Tensor:
+    """int32 in (-p, p) -> the centred representative in (-p/2, p/2], in place (same trick as reduce_)."""
+    d += (d >> 31) & P                 # [0, p)
+    d -= ((HALF - d) >> 31) & P        # subtract p exactly where d > p/2
+    return d
 
 
 OFFSET = 128 * (1 + 256 + 65536)   # centre(x) + OFFSET lies in [0, 2^24): three bytes
@@ -64,6 +77,25 @@ def int8_matmul_mod(x_tilde: np.ndarray, wt: torch.Tensor) -> np.ndarray:
     y = torch._int_mm(torch.from_numpy(digits(x_tilde)), wt).numpy().astype(np.int64)
     y = y[:rows] + (y[rows:2 * rows] << 8) + (y[2 * rows:] << 16)
     return (y % P).astype(np.uint32)
+
+
+MAX_K_FLOAT64 = (FLOAT64_EXACT - 1) // (P * 127)
+
+
+def float64_matmul_mod(x_tilde: np.ndarray, wt: torch.Tensor) -> np.ndarray:
+    """(x~ @ wt) mod p, exactly, with one float64 GEMM: x~ uint32 in [0, p) (rows, k), wt float64 (k, m) holding
+    integers |w| <= 127. Every partial sum is an integer below k * p * 127 < 2^53 (k <= MAX_K_FLOAT64, about
+    6.7 million), so the GEMM is exact whatever its summation order; the quotient floor(y / p) from a float
+    product is off by at most one, so y - p floor(y / p) lies in (-p, 2p) and reduce_ finishes the job."""
+    if wt.shape[0] > MAX_K_FLOAT64:
+        raise ValueError(f"float64 matmul would not be exact for {wt.shape[0]} inputs (max {MAX_K_FLOAT64})")
+    # numpy's dtype casts and elementwise passes are several times faster than torch's here
+    y = (torch.from_numpy(x_tilde.view(np.int32).astype(np.float64)) @ wt).numpy()
+    q = y * (1.0 / P)
+    np.floor(q, out=q)
+    q *= P                                               # exact: integers below 2^53
+    y -= q                                               # in (-p, 2p)
+    return reduce_(torch.from_numpy(y.astype(np.int32))).numpy().view(np.uint32)
 
 
 def matmul_mod(x: np.ndarray, wt: np.ndarray) -> np.ndarray:

@@ -1,9 +1,9 @@
 """The accelerator's LiteRT backend: one fp32 FULLY_CONNECTED .tflite per outsourced layer
 (exported with edge.litert), run by the LiteRT interpreter with all cores.
 
-Only the float32 modes (plain, shadownet) run here. The blinded mode needs exact field products
-(int8 digits x int8 weights -> int32); LiteRT's int8 FULLY_CONNECTED requantises its int32 accumulator
-to int8, so that mode runs its int8 GEMM on the torch backend (torch._int_mm).
+Only the float32 modes (plain, shadownet) run here. The blinded mode needs exact field products: LiteRT
+has no float64 kernels and its int8 FULLY_CONNECTED requantises its int32 accumulator to int8, so that
+mode runs its exact field GEMM on the torch backend (tee.fieldmath).
 """
 from __future__ import annotations
 

@@ -122,6 +122,8 @@ def test_int8_digit_matmul_is_exact_mod_p(rows, k, m, seed):
     xc = np.where(x.astype(np.int64) > HALF, x.astype(np.int64) - P, x.astype(np.int64)).astype(object)
     want = np.mod(xc @ w.astype(object), P).astype(np.int64)
     assert np.array_equal(got.astype(np.int64), want)
+    got64 = fieldmath.float64_matmul_mod(x, torch.from_numpy(w.astype(np.float64)))
+    assert got64.dtype == np.uint32 and np.array_equal(got64.astype(np.int64), want)
     d = fieldmath.digits(x).astype(np.int64).reshape(3, rows, k)
     assert np.array_equal(d[0] + 256 * d[1] + 65536 * d[2], xc.astype(np.int64))
 
@@ -145,14 +147,35 @@ def _layer(rows=49, k=64, m=48, seed=0):
     return w, b, x, blinded.make_layer(w, b, x)
 
 
-def test_blinded_linear_equals_fixed_point_reference_with_fresh_masks():
+def test_in_place_reduction_and_centring_match_their_definitions():
+    edges = [-P + 1, -HALF - 1, -HALF, -HALF + 1, -1, 0, 1, HALF - 1, HALF, HALF + 1, P - 1, P, P + 1, 2 * P - 1]
+    t = np.array(edges + list(np.random.default_rng(0).integers(-P + 1, 2 * P, 10_000)), np.int64)
+    assert np.array_equal(fieldmath.reduce_(torch.from_numpy(t.astype(np.int32))).numpy(), np.mod(t, P))
+    d = t[(t > -P) & (t < P)]
+    want = np.where(d > HALF, d - P, np.where(d < -HALF, d + P, d))
+    assert np.array_equal(fieldmath.center_(torch.from_numpy(d.astype(np.int32))).numpy(), want)
+
+
+def test_float64_kernel_is_exact_at_the_largest_sums():
+    """Worst case for the float64 GEMM: every x~ = p - 1 and every weight +-127 over MiniLM's widest input."""
+    k = 1536
+    x = np.full((3, k), P - 1, np.uint32)
+    w = np.stack([np.full(k, 127), np.full(k, -127), np.where(np.arange(k) % 2, 127, -127)], 1).astype(np.float64)
+    want = np.mod(x.astype(object) @ w.astype(np.int64).astype(object), P).astype(np.int64)
+    assert np.array_equal(fieldmath.float64_matmul_mod(x, torch.from_numpy(w)).astype(np.int64), want)
+    with pytest.raises(ValueError, match="not be exact"):
+        fieldmath.float64_matmul_mod(x[:, :1], torch.empty((fieldmath.MAX_K_FLOAT64 + 1, 1), dtype=torch.float64))
+
+
+@pytest.mark.parametrize("kernel", [torch.int8, torch.float64])
+def test_blinded_linear_equals_fixed_point_reference_with_fresh_masks(kernel):
     w, b, x, layer = _layer()
-    wt8 = torch.from_numpy(layer.w_q.T.astype(np.int8).copy())
+    wt = torch.from_numpy(layer.w_q.T.astype(np.int8).copy()).to(kernel)
     pads = [blinded.make_pad({"l": layer}, {"l": x.shape[0]}) for _ in range(2)]
     sent = []
     for pad in pads:
         xt = blinded.blind(torch.from_numpy(x), layer, pad["l.r"])
-        yt = blinded.accelerate(xt, wt8)
+        yt = blinded.accelerate(xt, wt)
         assert blinded.freivalds(xt, yt, pad["l.s"], pad["l.v"])
         y = blinded.unblind(yt, pad["l.u"], layer)
         assert torch.equal(y, blinded.reference_lin({"l": layer})("l", torch.from_numpy(x)))
