@@ -182,14 +182,19 @@ def test_cli_compress_writes_model_and_report(shared_data, tmp_path, build_tmp):
     total = sum(p.numel() for p in model.parameters())
     out = tmp_path / "out"
     assert main(["compress", str(src), "--budget", str(total // 6), "--finetune-steps", "3", "--out", str(out),
-                 "--quiet"]) == 0
+                 "--quiet", "--max-len", "32"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["sizes_after"]["total"]["params"] <= total // 6
+    assert report["positions"] == {"rows_before": 64, "rows_after": 32}
     assert set(report["quality"]) >= {"original_accuracy", "finetuned_accuracy", "int8_clr_accuracy"}
     loaded = load_compressed(out)
     assert loaded.quant is not None and loaded.config["report"]["budget"] == total // 6
+    assert loaded.model.bert.embeddings.position_embeddings.num_embeddings == 32
     # too small: the error names the smallest feasible budget, the CLI exits 2
     assert main(["compress", str(src), "--budget", "1000", "--out", str(tmp_path / "x")]) == 2
+    # more position rows than the model has: refused
+    assert main(["compress", str(src), "--budget", str(total // 6), "--max-len", "65", "--out", str(tmp_path / "y"),
+                 "--quiet"]) == 2
 
 
 @pytest.mark.slow
@@ -228,3 +233,57 @@ def test_registry_loads_a_compressed_model_directory(tmp_path, weights):
     ids = torch.randint(1, V, (2, 9), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(ids), c.model.eval()(ids), atol=0, rtol=0)
+
+
+def test_position_table_cut_to_max_len(tmp_path, weights):
+    """Rows past the deployed length are dropped, counted as freed, and longer inputs are refused clearly."""
+    import copy
+
+    from edge.compress.model import set_word_embeddings, size_parts, truncate_positions
+    from edge.models.registry import resolve
+    from mcu.lower import lower_bert_classifier
+
+    model = small_classifier()
+    budget = other_params(model) + 3000
+    cut = compress(model, weights, budget, max_len=16)
+    full = compress(model, weights, budget)
+    bert = cut.model.bert
+    assert bert.embeddings.position_embeddings.weight.shape == (16, D) and bert.config.max_position_embeddings == 16
+    assert model.bert.embeddings.position_embeddings.num_embeddings == 64  # the original is untouched
+    # the 48 freed rows go to the word table, the total stays within the budget
+    assert size_parts(cut.model)["total"]["params"] <= budget
+    assert cut.search.cost > full.search.cost and cut.search.cost <= full.search.cost + 48 * D
+    # up to 16 tokens it computes exactly what the uncut model with the same CLR table computes
+    wide = copy.deepcopy(model)
+    set_word_embeddings(wide, cut.model.bert.embeddings.word_embeddings)
+    ids = torch.randint(1, V, (3, 16), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(cut.model(ids), wide(ids), atol=0, rtol=0)
+        with pytest.raises(TinyshieldError, match="longer than this model's 16 positions"):
+            cut.model(torch.ones(1, 17, dtype=torch.long))
+    assert truncate_positions(wide, 64) == 64 and wide.bert.config.max_position_embeddings == 64  # no-op
+    with pytest.raises(TinyshieldError, match="longer than the model's position table"):
+        truncate_positions(small_classifier(), 65)
+    with pytest.raises(TinyshieldError, match="max_len must be >= 1"):
+        truncate_positions(small_classifier(), 0)
+
+    # the saved model keeps the short table: registry and MCU lowering read it, L > 16 is refused
+    quantize(cut)
+    d = save_compressed(cut.model, cut.quant, tmp_path / "m")
+    loaded = resolve(str(d))
+    assert loaded.config["model"]["max_position_embeddings"] == 16
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(ids), cut.model(ids), atol=0, rtol=0)
+    q = load_compressed(d)
+    g = lower_bert_classifier(q.model, ids.numpy(), 16, clr=q.quant)
+    assert g.tensors["embeddings.position_embeddings.weight"].shape[0] == 16
+    with pytest.raises(TinyshieldError, match="exceeds the model's max_position_embeddings 16"):
+        lower_bert_classifier(q.model, ids.numpy(), 32, clr=q.quant)
+
+
+def test_recipe_max_len_default():
+    from edge.compress.pipeline import recipe_max_len
+
+    assert recipe_max_len({"recipe": {"max_len": 64}}) == 64
+    assert recipe_max_len({"kind": "bert-classifier"}) is None
+    assert recipe_max_len({"recipe": "?"}) is None

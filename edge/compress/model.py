@@ -136,17 +136,44 @@ class Compressed:
     metrics: dict = field(default_factory=dict)
 
 
+def truncate_positions(model: nn.Module, max_len: int) -> int:
+    """Keep only the first `max_len` rows of the position table (in place); returns the rows before.
+
+    A model deployed at sequence length L never reads position rows >= L, so they are dead weight
+    (BERT-tiny: 448 of 512 rows at L = 64, 57,344 parameters). The config follows, so the saved
+    model says how long a sequence it accepts and longer inputs are refused with a clear error.
+    """
+    bert = bert_of(model)
+    old = bert.embeddings.position_embeddings
+    rows, d = old.weight.shape
+    if max_len < 1:
+        raise TinyshieldError(f"max_len must be >= 1, got {max_len}")
+    if max_len > rows:
+        raise TinyshieldError(f"max_len {max_len} is longer than the model's position table ({rows} rows): "
+                              f"give at most {rows}, or leave it out to keep every row")
+    if max_len < rows:
+        new = nn.Embedding(max_len, d)
+        with torch.no_grad():
+            new.weight.copy_(old.weight[:max_len])
+        bert.embeddings.position_embeddings = new
+        bert.config.max_position_embeddings = max_len
+    return rows
+
+
 def compress(model: nn.Module, weights: np.ndarray, budget: int, unit: str = "params",
-             total: bool = True, cands=None) -> Compressed:
+             total: bool = True, cands=None, max_len: int | None = None) -> Compressed:
     """Search a CLR layout within `budget` (of the whole model if `total`, else of the table alone)
-    and install its factors in a copy of `model`."""
+    and install its factors in a copy of `model`. With `max_len` the copy's position table is cut
+    to that many rows first, so the rows freed go to the word table."""
     import copy
 
-    table = word_table(model)
-    emb_budget = embedding_budget(model, budget, unit) if total else budget
+    out = copy.deepcopy(model)
+    if max_len is not None:
+        truncate_positions(out, max_len)
+    table = word_table(out)
+    emb_budget = embedding_budget(out, budget, unit) if total else budget
     res = search(table, weights, emb_budget, unit, cands)
     clr = factorize(table, res.layout, torch.as_tensor(weights), res.bases)
-    out = copy.deepcopy(model)
     set_word_embeddings(out, clr)
     return Compressed(out, res)
 
@@ -163,8 +190,11 @@ def quantize(c: Compressed) -> Compressed:
 def finetune_classifier(model: BertClassifier, seqs: list[np.ndarray], labels: np.ndarray, *,
                         teacher: BertClassifier | None = None, steps: int = 800, batch_size: int = 64,
                         lr: float = 5e-4, kd_weight: float = 10.0, temperature: float = 2.0, seed: int = 0,
+                        soft_logits: np.ndarray | None = None, soft_weight: float = 0.0,
                         quiet: bool = True) -> dict:
-    """Brief recovery training of a compressed classifier: labels + KL to the uncompressed model.
+    """Brief recovery training of a compressed classifier: labels + KL to the uncompressed model
+    (+ optionally KL to fixed soft labels `soft_logits`, one row per sequence, e.g. the recipe's
+    MiniLM teacher, weighted by `soft_weight`).
 
     The KL term dominates (weight 10): matching the original model recovers more than the labels
     do (SST-2 dev at 5.7x: 80.5% with weight 1, 81.0% with 4, 81.2% with 10).
@@ -199,6 +229,11 @@ def finetune_classifier(model: BertClassifier, seqs: list[np.ndarray], labels: n
                     kl = F.kl_div(F.log_softmax(z / temperature, -1), F.log_softmax(zt / temperature, -1),
                                   log_target=True, reduction="batchmean")
                     loss = loss + kd_weight * temperature ** 2 * kl
+                if soft_logits is not None and soft_weight:
+                    zs = torch.from_numpy(soft_logits[idx])
+                    kl = F.kl_div(F.log_softmax(z / temperature, -1), F.log_softmax(zs / temperature, -1),
+                                  log_target=True, reduction="batchmean")
+                    loss = loss + soft_weight * temperature ** 2 * kl
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

@@ -32,11 +32,19 @@ class Report:
     quality: dict                # accuracy (classifier) or sentence-embedding fidelity (MiniLM)
     lookup_cost: dict            # per token: worst case and token-frequency average
     seconds: float
+    positions: dict = field(default_factory=dict)  # position-table rows before/after (`max_len`)
     path: str | None = None
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def recipe_max_len(config: dict) -> int | None:
+    """The sequence length a model was trained for, when its config.json records it (recipes do)."""
+    recipe = config.get("recipe")
+    n = recipe.get("max_len") if isinstance(recipe, dict) else None
+    return int(n) if n else None
 
 
 def sst2_weights(vocab_size: int, train_limit: int | None = None) -> np.ndarray:
@@ -59,8 +67,11 @@ def lookup_summary(layout, weights: np.ndarray) -> dict:
 def compress_model(model: nn.Module, name: str, budget: int, unit: str = "params", *, total: bool = True,
                    finetune_steps: int = 800, int8: bool = True, out: str | Path | None = None,
                    train_limit: int | None = None, dev_limit: int | None = None, quiet: bool = True,
-                   cands=None) -> tuple[Report, cm.Compressed]:
+                   cands=None, max_len: int | None = None) -> tuple[Report, cm.Compressed]:
     """Compress `model`'s word table within `budget` and report sizes, errors and quality.
+
+    `max_len` cuts the position table to the sequence length the model is deployed at (rows past it
+    are never read); None keeps every row. The freed parameters count towards the word table.
 
     Classifier: SST-2 dev accuracy of the original, the compressed model before and after
     `finetune_steps` of recovery training (labels + KL to the original), and with int8 factors.
@@ -73,7 +84,11 @@ def compress_model(model: nn.Module, name: str, budget: int, unit: str = "params
     table = cm.word_table(model)
     weights = sst2_weights(table.shape[0], train_limit)
     sizes_before = cm.size_parts(model)
-    comp = cm.compress(model, weights, budget, unit, total=total, cands=cands)
+    comp = cm.compress(model, weights, budget, unit, total=total, cands=cands, max_len=max_len)
+    rows_after = cm.bert_of(comp.model).config.max_position_embeddings
+    positions = {"rows_before": cm.bert_of(model).embeddings.position_embeddings.num_embeddings,
+                 "rows_after": rows_after}
+    seq_len = min(64, rows_after)  # SST-2 sentences fit 64 tokens (the longest dev sentence has 57)
     clr = cm.bert_of(comp.model).embeddings.word_embeddings
     recon = {"weighted_rel_error": cm.relative_error(table, clr.table(), weights),
              "rel_error": cm.relative_error(table, clr.table())}
@@ -85,12 +100,12 @@ def compress_model(model: nn.Module, name: str, budget: int, unit: str = "params
     if isinstance(model, BertClassifier):
         from edge.recipes.bert_tiny_sst2 import accuracy, encode
 
-        dev_seqs = encode(dev_texts, 64)
+        dev_seqs = encode(dev_texts, seq_len)
         quality["original_accuracy"] = accuracy(model, dev_seqs, dev_labels)
         quality["compressed_accuracy"] = accuracy(comp.model, dev_seqs, dev_labels)
         if finetune_steps:
             tr = data.sst2("train")
-            seqs = encode(tr.texts[:train_limit], 64)
+            seqs = encode(tr.texts[:train_limit], seq_len)
             quality["finetune"] = cm.finetune_classifier(comp.model, seqs, tr.labels[:train_limit],
                                                          teacher=model, steps=finetune_steps, quiet=quiet)
             quality["finetuned_accuracy"] = accuracy(comp.model, dev_seqs, dev_labels)
@@ -123,7 +138,7 @@ def compress_model(model: nn.Module, name: str, budget: int, unit: str = "params
               "clusters": [{"rows": n, "rank": r, "dense": dn} for n, r, dn in zip(lay.sizes, lay.ranks, lay.dense)],
               "params": lay.params(), "int8_bytes": layout_bytes(lay), "cost": comp.search.cost}
     report = Report(name, budget, unit, layout, sizes_before, cm.size_parts(comp.model), recon, quality,
-                    lookup_summary(lay, weights), round(time.time() - t0, 1), notes=notes)
+                    lookup_summary(lay, weights), round(time.time() - t0, 1), positions, notes=notes)
     if out is not None:
         report.path = str(save_compressed(comp.model, comp.quant, out, {"report": report.to_dict()}))
     return report, comp

@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from edge.errors import TinyshieldError
+
 
 @dataclass
 class BertConfig:
@@ -60,6 +62,11 @@ class BertEmbeddings(nn.Module):
 
     def forward(self, input_ids, token_type_ids=None, word_embeds=None):
         L = input_ids.shape[1]
+        if L > self.position_embeddings.num_embeddings:
+            # e.g. a compressed model whose position table was cut to its deployed length
+            raise TinyshieldError(f"sequence of {L} tokens is longer than this model's "
+                                  f"{self.position_embeddings.num_embeddings} positions: use a sequence length "
+                                  f"(--seq-len) of at most {self.position_embeddings.num_embeddings}")
         pos = torch.arange(L, device=input_ids.device)
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)

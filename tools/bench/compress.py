@@ -108,15 +108,19 @@ def minilm_rows(ratios=(5, 10, 20), bytes_ratio=10, dev_limit=None, quick=False)
 
 
 def bert_rows(ratios=(3, 5.7, 8), flash: int | None = 1 << 20, finetune_steps=800, quick=False,
-              trained=None) -> list[dict]:
+              trained=None, max_len: int | None = -1) -> list[dict]:
+    """`max_len` -1: the recipe's max_len (position rows past it are cut); None: keep every row."""
     from edge.compress.model import other_params, size_parts
-    from edge.compress.pipeline import compress_model
+    from edge.compress.pipeline import compress_model, recipe_max_len
     from edge.compress.search import candidates
     from edge.models.registry import load_dir
     from edge.recipes import recipes
 
     trained = trained or recipes()["bert-tiny-sst2"]()
-    model = load_dir(trained.path).model
+    loaded = load_dir(trained.path)
+    model = loaded.model
+    if max_len == -1:
+        max_len = recipe_max_len(loaded.config)
     total = size_parts(model)["total"]["params"]
     rows = []
     from edge.compress.pipeline import sst2_weights
@@ -128,7 +132,7 @@ def bert_rows(ratios=(3, 5.7, 8), flash: int | None = 1 << 20, finetune_steps=80
         jobs.append(("1 MB flash", flash, "bytes"))
     for size, budget, unit in jobs:
         rep, comp = compress_model(model, "bert-tiny-sst2", budget, unit, finetune_steps=finetune_steps,
-                                   int8=True, cands=cands)
+                                   int8=True, cands=cands, max_len=max_len)
         after = rep.sizes_after["total"]
         q = rep.quality
         rows.append({"model": "bert-tiny-sst2", "size": size, "budget": budget, "unit": unit,
@@ -138,12 +142,13 @@ def bert_rows(ratios=(3, 5.7, 8), flash: int | None = 1 << 20, finetune_steps=80
                      "finetuned_accuracy": q.get("finetuned_accuracy"), "int8_clr_accuracy": q["int8_clr_accuracy"],
                      "drop_points": q["drop_points"], "embedding_params": rep.sizes_after[
                          "word_embeddings (CLR)"]["params"], "other_params": other_params(model),
-                     "candidate": rep.layout["candidate"],
+                     "candidate": rep.layout["candidate"], "position_rows": rep.positions["rows_after"],
                      "ranks": [("dense" if c["dense"] else c["rank"]) for c in rep.layout["clusters"]],
                      "lookup_max_macs": rep.lookup_cost["max_macs"], "seconds": rep.seconds})
     base = size_parts(model)["total"]
     rows.insert(0, {"model": "bert-tiny-sst2", "size": "uncompressed", "params": base["params"], "params_ratio": 1.0,
                     "int8_flash_bytes": base["int8_bytes"], "fits_1MB": base["int8_bytes"] <= 1 << 20,
+                    "position_rows": model.config.max_position_embeddings,
                     "original_accuracy": trained.metrics.get("dev_accuracy"),
                     "int8_clr_accuracy": None, "finetuned_accuracy": trained.metrics.get("dev_accuracy")})
     return rows
@@ -157,13 +162,15 @@ def main(argv=None):
     p.add_argument("--finetune-steps", type=int, default=800)
     p.add_argument("--skip-flash", action="store_true", help="no BERT-tiny run at the 1 MB flash budget")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--max-len", type=int, default=-1,
+                   help="BERT-tiny position rows to keep (default: the recipe's max_len, 64; 0 = all 512)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.time()
     out = {"bert_tiny": [], "minilm": []}
     if not args.skip_bert:
         out["bert_tiny"] = bert_rows(finetune_steps=args.finetune_steps, quick=args.quick,
-                                     flash=None if args.skip_flash else 1 << 20)
+                                     flash=None if args.skip_flash else 1 << 20, max_len=args.max_len or None)
     if not args.skip_minilm:
         out["minilm"] = minilm_rows(quick=args.quick)
     out["seconds"] = round(time.time() - t0, 1)
@@ -179,12 +186,13 @@ def main(argv=None):
     con = Console(width=200)
     if out["bert_tiny"]:
         t = Table(title="BERT-tiny SST-2: total parameters vs dev accuracy (CLR word embeddings)")
-        for c in ("size", "params", "ratio", "int8 flash", "fits 1 MB", "acc before FT", "acc fp32 CLR",
+        for c in ("size", "params", "ratio", "pos. rows", "int8 flash", "fits 1 MB", "acc before FT", "acc fp32 CLR",
                   "acc int8 CLR", "drop (pts)", "ranks"):
             t.add_column(c, justify="left" if c in ("size", "ranks") else "right")
         pct = lambda v: "-" if v is None else f"{100 * v:.2f}"
         for r in out["bert_tiny"]:
-            t.add_row(r["size"], f"{r['params']:,}", f"{r['params_ratio']:.2f}x", f"{r['int8_flash_bytes']:,}",
+            t.add_row(r["size"], f"{r['params']:,}", f"{r['params_ratio']:.2f}x", str(r.get("position_rows", "-")),
+                      f"{r['int8_flash_bytes']:,}",
                       "yes" if r["fits_1MB"] else "no", pct(r.get("compressed_accuracy")),
                       pct(r.get("finetuned_accuracy")), pct(r.get("int8_clr_accuracy")),
                       "-" if r.get("drop_points") is None else f"{r['drop_points']:.2f}",

@@ -15,6 +15,9 @@ def register(sub):
     p.add_argument("--out", help="output directory (default: build/compressed/<model>-<budget>/)")
     p.add_argument("--finetune-steps", type=int, default=800,
                    help="recovery training steps for classifiers (default 800; 0 = none)")
+    p.add_argument("--max-len", type=int, default=None,
+                   help="keep this many position rows (the longest sequence the model will read); default: the "
+                        "recipe's max_len when the model directory records one, else all rows; 0 = all rows")
     p.add_argument("--float", action="store_true", help="keep float32 factors (default: int8 factors)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -27,7 +30,8 @@ def run(args):
     from rich.table import Table
 
     from edge.compress.model import parse_size
-    from edge.compress.pipeline import compress_model
+    from edge.compress.pipeline import compress_model, recipe_max_len
+    from edge.errors import TinyshieldError
     from edge.models.registry import resolve
     from edge.paths import build_dir
 
@@ -38,11 +42,14 @@ def run(args):
     else:
         budget, unit, total = parse_size(args.embedding_budget, "params"), "params", False
     loaded = resolve(args.model)
+    max_len = recipe_max_len(loaded.config) if args.max_len is None else (args.max_len or None)
+    if max_len is not None and max_len < 0:
+        raise TinyshieldError(f"--max-len must be >= 0 (0 keeps every position row), got {max_len}")
     name = args.model.rstrip("/").split("/")[-1]
     tag = (args.budget or args.flash or "emb" + args.embedding_budget).replace(".", "_")
     out = args.out or build_dir() / "compressed" / f"{name}-{tag}"
     report, _ = compress_model(loaded.model, name, budget, unit, total=total, finetune_steps=args.finetune_steps,
-                               int8=not args.float, out=out, quiet=args.quiet)
+                               int8=not args.float, out=out, quiet=args.quiet, max_len=max_len)
     (build_dir() / "compressed").mkdir(parents=True, exist_ok=True)
     with open(f"{report.path}/report.json", "w") as f:
         json.dump(report.to_dict(), f, indent=2, default=str)
@@ -56,6 +63,10 @@ def run(args):
         t.add_row(ka, f"{vb['params']:,}", f"{va['params']:,}", f"{vb['int8_bytes']:,}", f"{va['int8_bytes']:,}")
     con.print(t)
     lay = report.layout
+    pos = report.positions
+    con.print(f"position rows {pos['rows_before']} -> {pos['rows_after']}"
+              + (" (the longest sequence the compressed model accepts)" if pos["rows_after"] < pos["rows_before"]
+                 else ""))
     con.print(f"layout: {lay['candidate']}, {len(lay['clusters'])} clusters, ranks "
               + ", ".join(("dense" if c["dense"] else str(c["rank"])) + f"x{c['rows']}" for c in lay["clusters"]))
     con.print("reconstruction: " + ", ".join(f"{k} {v:.4f}" for k, v in report.reconstruction.items()))
