@@ -9,16 +9,12 @@ instructions emulated in C: the same blocking, the same integer results).
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
 
+from edge import cbuild
 from edge.errors import TinyshieldError
-from edge.paths import build_dir
 from mcu.kernels import KERNELS
 
 KERNEL_DIR = Path(__file__).resolve().parent / "firmware" / "kernels"
@@ -30,32 +26,9 @@ def kernel_sources() -> list[Path]:
     return sorted(KERNEL_DIR.glob("*.c"))
 
 
-def _cc() -> str:
-    cc = os.environ.get("CC", "gcc")
-    if shutil.which(cc) is None:
-        raise TinyshieldError(f"C compiler {cc!r} not found: install gcc (apt-get install gcc) or set $CC")
-    return cc
-
-
 def build_shared(sources: list[Path], flags: list[str], name: str, include: list[Path] = ()) -> Path:
-    """Compile `sources` into a cached shared library; the key covers every source, header and flag."""
-    headers = sorted(KERNEL_DIR.glob("*.h")) + [h for d in include for h in sorted(Path(d).glob("*.h"))]
-    h = hashlib.sha256()
-    for p in list(sources) + headers:
-        h.update(str(p.name).encode())
-        h.update(Path(p).read_bytes())
-    h.update(" ".join(CFLAGS + flags).encode())
-    out = build_dir() / "hostlib" / h.hexdigest()[:16] / f"{name}.so"
-    if out.is_file():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(f".{os.getpid()}.tmp")
-    cmd = [_cc(), *CFLAGS, *flags, f"-I{KERNEL_DIR}", *(f"-I{d}" for d in include), *map(str, sources), "-o", str(tmp)]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        raise TinyshieldError(f"host build of {name} failed:\n{' '.join(cmd)}\n{r.stderr.strip()}")
-    os.replace(tmp, out)   # atomic: parallel test processes never load a half-written library
-    return out
+    """The kernels' headers are always on the include path (and in the cache key)."""
+    return cbuild.build_shared(sources, CFLAGS + flags, name, [KERNEL_DIR, *include])
 
 
 _CTYPES = {"int": ctypes.c_int32}

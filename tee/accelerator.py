@@ -58,12 +58,16 @@ class Backend:
             return
         self.kind = "torch"
         w = load_file(str(accel_dir / "weights.safetensors"))
-        # blinded: w_q^T as int8 for the exact int8-digit GEMM (the float64 kernel, blinded.accelerate with float64
-        # weights, measured no faster in this process on 2 cores); otherwise float32
+        # blinded: w_q^T as int8 for the exact int8-digit GEMM; otherwise float32
         dtype = torch.int8 if mode == "blinded" else torch.float32
         self.w = {k: torch.from_numpy(v).to(dtype) for k, v in w.items()}
 
-    def __call__(self, layer: str, x: np.ndarray) -> np.ndarray:
+    @property
+    def out_dtype(self):
+        return np.uint32 if self.mode == "blinded" else np.float32
+
+    def __call__(self, layer: str, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """The layer's answer; blinded writes it straight into `out` (the shared buffer) when given."""
         if layer not in self.layers:
             raise TinyshieldError(f"unknown layer {layer!r}")
         rows, k, m = self.layers[layer]
@@ -72,7 +76,7 @@ class Backend:
         if self.mode == "blinded":
             if x.dtype != np.uint32:
                 raise TinyshieldError("blinded mode takes field elements (uint32)")
-            return blinded.accelerate(x, self.w[layer])
+            return blinded.accelerate(x, self.w[layer], out)
         if x.dtype != np.float32:
             raise TinyshieldError("this mode takes float32 activations")
         if self.kind == "litert":
@@ -105,33 +109,37 @@ def main(enclave_conn, host_conn, bundle_dir: str, backend: str, threads: int, r
                         dma.view(buffers[0], f["dtype"], f["rows"], f["cols"]) if buffers else None
                     if x is None:
                         raise TinyshieldError("no shared buffers were set up")
+                    if run is None:
+                        raise TinyshieldError("this bundle outsources no layers")
                 except TinyshieldError as e:
                     send(conn, Message("error", {"message": str(e)}))
                     continue
-                t, c = time.perf_counter(), time.process_time()
+                layer = f["layer"]
                 try:
-                    y = run(msg.fields["layer"], x)
+                    target = dma.view(buffers[1], dma.code(run.out_dtype), x.shape[0], layers[layer][2]) \
+                        if msg.kind == "matmul_dma" and layer in layers else None
+                    t, c = time.perf_counter(), time.process_time()
+                    y = run(layer, x, target)
+                    seconds, cpu = time.perf_counter() - t, time.process_time() - c   # cpu: summed over threads
+                    if attack and calls >= attack_after:
+                        y = tamper(attack, y, last.get(layer), rng)
+                    if target is not None and y is not target:
+                        target[...] = y
                 except TinyshieldError as e:
                     send(conn, Message("error", {"message": str(e)}))
                     continue
-                seconds, cpu = time.perf_counter() - t, time.process_time() - c   # cpu: summed over threads
-                if attack and calls >= attack_after:
-                    y = tamper(attack, y, last.get(msg.fields["layer"]), rng)
-                last[msg.fields["layer"]] = y
+                if attack:
+                    last[layer] = y.copy()
                 calls += 1
                 busy += seconds
                 if record:
-                    transcript.append((msg.fields["layer"], x.copy()))
+                    transcript.append((layer, x.copy()))
                 if msg.kind == "matmul":
                     send(conn, Message("result", {"seq": f["seq"], "seconds": seconds, "cpu": cpu}, [y]))
                 else:
-                    try:
-                        dma.view(buffers[1], dma.code(y), *y.shape)[...] = y
-                    except TinyshieldError as e:
-                        send(conn, Message("error", {"message": str(e)}))
-                        continue
-                    send(conn, Message("result_dma", {"seq": f["seq"], "seconds": seconds, "cpu": cpu, "dtype": dma.code(y),
-                                                      "rows": y.shape[0], "cols": y.shape[1]}))
+                    send(conn, Message("result_dma", {"seq": f["seq"], "seconds": seconds, "cpu": cpu,
+                                                      "dtype": dma.code(y.dtype), "rows": y.shape[0],
+                                                      "cols": y.shape[1]}))
             elif msg.kind == "transcript":
                 send(conn, Message("transcript_data", {"entries": json.dumps([n for n, _ in transcript])},
                                    [a for _, a in transcript]))

@@ -161,13 +161,13 @@ def detection_trials(w: np.ndarray, b: np.ndarray, rows: int, trials: int = 1000
         for _ in range(trials):
             pad = blinded.make_pad({"l": layer}, {"l": rows})
             x = torch.from_numpy((rng.standard_normal((rows, w.shape[1])) * 0.5).astype(np.float32))
-            xt = blinded.blind(x, layer, pad["l.r"])
+            xt, rhs = blinded.blind(x, layer, pad["l.r"], pad["l.v"])
             honest = blinded.accelerate(xt, wt8)
             lie = tamper(attack, honest, previous, rng)
             previous = honest
             if np.array_equal(lie, honest):   # a replay with nothing stale yet is no attack
                 continue
-            detected += not blinded.freivalds(xt, lie, pad["l.s"], pad["l.v"])
+            detected += blinded.unblind(lie, pad["l.u"], pad["l.s"], rhs, layer) is None
         n = trials - (1 if attack == "replay" else 0)
         out.append(Detection(attack, n, detected, detected / max(n, 1), 1.0 / P))
     return out

@@ -11,13 +11,15 @@ then y = centre(y~ - u) * fx scale * w_scale + b. The result equals the fixed-po
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from edge.errors import TinyshieldError
-from tee.fieldmath import HALF, P, center, center_, check_exact_bound, float64_matmul_mod, int8_matmul_mod, matmul_mod, reduce_, split_matvec_mod, uniform
+from tee import fieldkernels
+from tee.fieldmath import HALF, P, center, check_exact_bound, matmul_mod, uniform
 
 W_BITS = 8
 MAX_W = 2 ** (W_BITS - 1) - 1
@@ -31,7 +33,7 @@ class BlindLayer:
     fx: int               # input fractional bits: x_q = round(x * 2^fx)
     bias: np.ndarray      # float32 (out,)
 
-    @property
+    @functools.cached_property
     def out_scale(self) -> np.ndarray:
         return (self.w_scale / np.float32(2.0 ** self.fx)).astype(np.float32)
 
@@ -78,54 +80,48 @@ def make_pad(layers: dict[str, BlindLayer], rows: dict[str, int]) -> dict[str, n
         r = uniform((rows[name], layer.w_q.shape[1]))
         s = uniform((layer.w_q.shape[0],))
         pad[f"{name}.r"] = r.astype(np.uint32)
-        pad[f"{name}.u"] = int8_matmul_mod(pad[f"{name}.r"], torch.from_numpy(layer.w_q.T.astype(np.int8)))
+        pad[f"{name}.u"] = accelerate(pad[f"{name}.r"], torch.from_numpy(layer.w_q.T.astype(np.int8)))
         pad[f"{name}.s"] = s.astype(np.uint32)
         pad[f"{name}.v"] = matmul_mod(center(s)[None], layer.w_q)[0].astype(np.uint32)
     return pad
 
 
-def blind(x: torch.Tensor, layer: BlindLayer, r: np.ndarray) -> np.ndarray:
-    """x~ = round(x 2^fx) + r mod p, as uint32 field elements."""
-    scaled = x * float(2 ** layer.fx)
-    lo, hi = torch.aminmax(scaled)
-    if max(-float(lo), float(hi)) >= HALF:
+def blind(x: torch.Tensor, layer: BlindLayer, r: np.ndarray, v: np.ndarray,
+          out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """x~ = round(x 2^fx) + r mod p as uint32 field elements (into `out`, e.g. the accelerator's buffer), and the
+    Freivalds right-hand side x~ v mod p per row -- one pass of the C kernel."""
+    x = x.detach().to(torch.float32).contiguous().numpy()
+    out = np.empty(r.shape, np.uint32) if out is None else out
+    in_range, rhs = fieldkernels.blind(x, layer.fx, r, v, out)
+    if not in_range:
         raise TinyshieldError("blinded mode: an activation left the fixed-point range (overflow); "
                               "protect the model again with calibration inputs closer to real ones")
-    t = scaled.round_().to(torch.int32).add_(torch.from_numpy(r.view(np.int32)))   # in (-p/2, 3p/2)
-    return reduce_(t).numpy().view(np.uint32)
+    return out, rhs
 
 
-def accelerate(x_tilde: np.ndarray, wt: torch.Tensor) -> np.ndarray:
-    """The accelerator's work: y~ = x~ w_q^T mod p, exactly. wt = w_q^T as int8 (three int8 digit GEMMs)
-    or as float64 (one exact float64 GEMM)."""
-    if wt.dtype == torch.float64:
-        return float64_matmul_mod(x_tilde, wt)
-    return int8_matmul_mod(x_tilde, wt)
+def accelerate(x_tilde: np.ndarray, wt: torch.Tensor, out: np.ndarray | None = None) -> np.ndarray:
+    """The accelerator's work: y~ = x~ w_q^T mod p exactly, wt = w_q^T as int8 (k, m): the masked input as three
+    int8 digit planes, one int8 GEMM with int32 sums, the planes recombined mod p (fieldmath.int8_matmul_mod is
+    the reference)."""
+    y = torch._int_mm(torch.from_numpy(fieldkernels.digits(x_tilde)), wt)
+    return fieldkernels.recombine(y.numpy(), out)
 
 
-def _as64(a: np.ndarray) -> torch.Tensor:
-    # [0, p): no centring needed for exactness; numpy's int32 -> float64 cast is several times faster than torch's
-    return torch.from_numpy(a.view(np.int32).astype(np.float64))
-
-
-def freivalds(x_tilde: np.ndarray, y_tilde: np.ndarray, s: np.ndarray, v: np.ndarray) -> bool:
-    """y~ s == x~ v (mod p) with the pad's secret one-time s and v = w_q^T s: a wrong y~ passes with
-    probability <= 1/p. Cost O(rows * (in + out)): two thin float64 GEMMs, exact by splitting s and v."""
-    if y_tilde.shape != (x_tilde.shape[0], len(s)) or y_tilde.dtype != np.uint32 or int(y_tilde.max()) >= P:
-        return False
-    lhs = split_matvec_mod(_as64(y_tilde), s)
-    rhs = split_matvec_mod(_as64(x_tilde), v)
-    return bool(np.array_equal(lhs, rhs))
-
-
-def unblind(y_tilde: np.ndarray, u: np.ndarray, layer: BlindLayer) -> torch.Tensor:
-    d = torch.from_numpy(y_tilde.view(np.int32)) - torch.from_numpy(u.view(np.int32))   # in (-p, p)
-    return dequantize(center_(d), layer)
+def unblind(y_tilde: np.ndarray, u: np.ndarray, s: np.ndarray, rhs: np.ndarray, layer: BlindLayer) -> torch.Tensor | None:
+    """y = centre(y~ - u) * scale + bias after Freivalds' check y~ s == x~ v (mod p) -- one pass of the C kernel,
+    reading each entry of y~ once (it may sit in memory the accelerator can still write). None when the answer
+    is wrong: an entry that is no field element, or a failed check (a wrong y~ passes with probability <= 1/p)."""
+    if y_tilde.shape != u.shape or y_tilde.dtype != np.uint32:
+        return None
+    out = np.empty(u.shape, np.float32)
+    valid, lhs = fieldkernels.unblind(y_tilde, u, s, layer.out_scale, layer.bias, out)
+    return torch.from_numpy(out) if valid and np.array_equal(lhs, rhs) else None
 
 
 def dequantize(y_int, layer: BlindLayer) -> torch.Tensor:
-    y = torch.as_tensor(y_int).to(torch.float32)   # |y_int| < p/2 < 2^24: exact in float32
-    return torch.addcmul(torch.from_numpy(layer.bias), y, torch.from_numpy(layer.out_scale))
+    """The reference's dequantisation: float32 multiply, then add (two roundings, as the C kernel)."""
+    y = np.asarray(y_int).astype(np.float32)   # |y_int| < p/2 < 2^24: exact in float32
+    return torch.from_numpy(y * layer.out_scale + layer.bias)
 
 
 def reference_lin(layers: dict[str, BlindLayer]):

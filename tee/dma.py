@@ -33,8 +33,8 @@ def view(shm: shared_memory.SharedMemory, dtype_code: str, rows: int, cols: int)
     return np.ndarray((rows, cols), dtype=DTYPES[dtype_code], buffer=shm.buf[:n])
 
 
-def code(a: np.ndarray) -> str:
+def code(dtype) -> str:
     for c, t in DTYPES.items():
-        if np.dtype(t) == a.dtype:
+        if np.dtype(t) == np.dtype(dtype):
             return c
-    raise TinyshieldError(f"dtype {a.dtype} cannot be sent")
+    raise TinyshieldError(f"dtype {dtype} cannot be sent")

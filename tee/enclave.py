@@ -28,13 +28,23 @@ class AcceleratorLink:
     def __init__(self, conn, out_dims: dict[str, int], buffers=None):
         self.conn, self.out_dims, self.seq = conn, out_dims, 0
         self.buffers = buffers     # (outbound, inbound) shared buffers, or None to send data over the pipe
+        self.staged = None         # the outbound view handed out by `outbound`, already holding the request
         self.reset()
 
     def reset(self):
         self.wait = self.accel = self.accel_cpu = 0.0
         self.calls = 0
 
-    def matmul(self, layer: str, x: np.ndarray) -> np.ndarray:
+    def outbound(self, dtype, shape: tuple[int, int]) -> np.ndarray:
+        """Where to build the next request: a view of the outbound shared buffer (no copy later), or a new array."""
+        if self.buffers is None:
+            return np.empty(shape, dtype)
+        self.staged = dma.view(self.buffers[0], dma.code(np.dtype(dtype)), *shape)
+        return self.staged
+
+    def matmul(self, layer: str, x: np.ndarray, copy: bool = True) -> np.ndarray:
+        """The accelerator's answer for `x`. With copy=False the answer may be a view of untrusted shared memory:
+        the caller must read each entry once (blinded.unblind does) or copy it before checking it."""
         if self.conn is None:
             raise TinyshieldError("this enclave has no accelerator connection")
         self.seq += 1
@@ -44,12 +54,15 @@ class AcceleratorLink:
             reply = recv(self.conn, "result")
             y = reply.arrays[0]
         else:
-            dma.view(self.buffers[0], dma.code(x), *x.shape)[...] = x
-            send(self.conn, Message("matmul_dma", {"layer": layer, "seq": self.seq, "dtype": dma.code(x),
+            if x is not self.staged:
+                dma.view(self.buffers[0], dma.code(x.dtype), *x.shape)[...] = x
+            self.staged = None
+            send(self.conn, Message("matmul_dma", {"layer": layer, "seq": self.seq, "dtype": dma.code(x.dtype),
                                                    "rows": x.shape[0], "cols": x.shape[1]}))
             reply = recv(self.conn, "result_dma")
             f = reply.fields
-            y = dma.view(self.buffers[1], f["dtype"], f["rows"], f["cols"]).copy()   # copy out, then check
+            y = dma.view(self.buffers[1], f["dtype"], f["rows"], f["cols"])
+            y = y.copy() if copy else y
         self.wait += time.perf_counter() - t
         self.calls += 1
         if reply.fields["seq"] != self.seq:
@@ -118,15 +131,16 @@ class Enclave:
 
         def lin(name, x):
             layer = self.blind[name]
-            r, u = pad[f"{name}.r"], pad[f"{name}.u"]
+            r = pad[f"{name}.r"]
             if r.shape[0] != x.shape[0]:
                 raise TinyshieldError(f"{name}: input has {x.shape[0]} rows, pads were made for {r.shape[0]}")
-            x_tilde = blinded.blind(x, layer, r)
-            y_tilde = self.link.matmul(name, x_tilde)
-            if not blinded.freivalds(x_tilde, y_tilde, pad[f"{name}.s"], pad[f"{name}.v"]):
+            x_tilde, rhs = blinded.blind(x, layer, r, pad[f"{name}.v"], out=self.link.outbound(np.uint32, r.shape))
+            y = blinded.unblind(self.link.matmul(name, x_tilde, copy=False), pad[f"{name}.u"], pad[f"{name}.s"],
+                                rhs, layer)
+            if y is None:
                 raise TinyshieldError(f"integrity check failed on {name}: the accelerator returned a wrong result "
                                       "(Freivalds); inference aborted")
-            return blinded.unblind(y_tilde, u, layer)
+            return y
         return lin
 
     def prefetch(self) -> None:

@@ -1,11 +1,9 @@
 """Arithmetic in the prime field of the blinded mode, p = 2^23 + 2^21 + 7 (Slalom's choice: every
-field element fits a float32 mantissa exactly), and a cryptographic source of uniform field elements.
-
-The accelerator's exact kernels for x~ w^T mod p (|w| <= 127):
-- float64: one float64 GEMM, exact because every partial sum is an integer below k * p * 127 < 2^53;
-- int8 digits (the accelerator's default): a field element is three signed base-256 digits, each an int8; int8 x int8
-  products accumulate exactly in int32 (|sum| <= k * 128 * 127 < 2^31 for k < 132,000), so it is one int8 GEMM over
-  the stacked digits plus a cheap recombination -- three times the multiply-adds of the float64 kernel.
+field element fits a float32 mantissa exactly), a cryptographic source of uniform field elements, and the
+numpy reference of the accelerator's exact kernel for x~ w^T mod p (|w| <= 127): a field element is three
+signed base-256 digits, each an int8; int8 x int8 products accumulate exactly in int32 (|sum| <= k * 128 * 127
+< 2^31 for k < 132,000), so it is one int8 GEMM over the stacked digits plus a recombination mod p. The fast
+one-pass versions are C (tee/fieldkernels.py); tests hold them to this reference.
 """
 from __future__ import annotations
 
@@ -17,7 +15,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 P = 2 ** 23 + 2 ** 21 + 7
 HALF = P // 2
-FLOAT64_EXACT = 2 ** 53
+FLOAT64_EXACT = 2 ** 53   # matmul_mod (offline) is exact below this
 MAX_K_INT8 = (2 ** 31 - 1) // (128 * 127)
 
 
@@ -31,26 +29,8 @@ def uniform(shape, key: bytes | None = None) -> np.ndarray:
 
 
 def center(a):
-    """Field elements in [0, p) -> signed representatives in (-p/2, p/2] (numpy or torch)."""
-    if isinstance(a, torch.Tensor):
-        return torch.where(a > HALF, a - P, a)
+    """Field elements in [0, p) -> signed representatives in (-p/2, p/2]."""
     return np.where(a > HALF, a - P, a)
-
-
-def reduce_(t: torch.Tensor) -> torch.Tensor:
-    """int32 in (-p, 2p) -> [0, p), in place: (t >> 31) is all ones exactly for negative t, so `& P` adds p
-    only there -- branch-free integer passes, much cheaper than selects."""
-    t += (t >> 31) & P
-    t -= P
-    t += (t >> 31) & P
-    return t
-
-
-def center_(d: torch.Tensor) -> torch.Tensor:
-    """int32 in (-p, p) -> the centred representative in (-p/2, p/2], in place (same trick as reduce_)."""
-    d += (d >> 31) & P                 # [0, p)
-    d -= ((HALF - d) >> 31) & P        # subtract p exactly where d > p/2
-    return d
 
 
 OFFSET = 128 * (1 + 256 + 65536)   # centre(x) + OFFSET lies in [0, 2^24): three bytes
@@ -79,25 +59,6 @@ def int8_matmul_mod(x_tilde: np.ndarray, wt: torch.Tensor) -> np.ndarray:
     return (y % P).astype(np.uint32)
 
 
-MAX_K_FLOAT64 = (FLOAT64_EXACT - 1) // (P * 127)
-
-
-def float64_matmul_mod(x_tilde: np.ndarray, wt: torch.Tensor) -> np.ndarray:
-    """(x~ @ wt) mod p, exactly, with one float64 GEMM: x~ uint32 in [0, p) (rows, k), wt float64 (k, m) holding
-    integers |w| <= 127. Every partial sum is an integer below k * p * 127 < 2^53 (k <= MAX_K_FLOAT64, about
-    6.7 million), so the GEMM is exact whatever its summation order; the quotient floor(y / p) from a float
-    product is off by at most one, so y - p floor(y / p) lies in (-p, 2p) and reduce_ finishes the job."""
-    if wt.shape[0] > MAX_K_FLOAT64:
-        raise ValueError(f"float64 matmul would not be exact for {wt.shape[0]} inputs (max {MAX_K_FLOAT64})")
-    # numpy's dtype casts and elementwise passes are several times faster than torch's here
-    y = (torch.from_numpy(x_tilde.view(np.int32).astype(np.float64)) @ wt).numpy()
-    q = y * (1.0 / P)
-    np.floor(q, out=q)
-    q *= P                                               # exact: integers below 2^53
-    y -= q                                               # in (-p, 2p)
-    return reduce_(torch.from_numpy(y.astype(np.int32))).numpy().view(np.uint32)
-
-
 def matmul_mod(x: np.ndarray, wt: np.ndarray) -> np.ndarray:
     """(x @ wt) mod p in float64 for centred x and small integer wt (offline: pads); exact, see check_exact_bound."""
     y = np.asarray(x, dtype=np.float64) @ np.asarray(wt, dtype=np.float64)
@@ -109,15 +70,3 @@ def check_exact_bound(k: int, max_abs_w: int) -> None:
         raise ValueError(f"float64 matmul would not be exact: {k} x {HALF} x {max_abs_w} >= 2^53")
     if k > MAX_K_INT8:
         raise ValueError(f"int8 digit matmul would overflow int32 for {k} inputs (max {MAX_K_INT8})")
-
-
-def split_matvec_mod(a: torch.Tensor, v: np.ndarray) -> np.ndarray:
-    """(a @ v) mod p exactly in float64, for a (rows, n) float64 with entries in (-p, p) and v in [0, p)^n.
-
-    v is centred and split into v = 4096 v_hi + v_lo, so every partial sum stays below
-    n * 2^23.33 * 2^12 < 2^53 for n < 2^17; one (n x 2) GEMM gives both halves."""
-    vc = center(v.astype(np.int64))
-    lo = vc & 4095
-    hi = (vc - lo) >> 12
-    r = (a @ torch.from_numpy(np.stack([lo, hi], 1).astype(np.float64))).to(torch.int64)
-    return torch.remainder(r[:, 0] + (r[:, 1] << 12), P).numpy()

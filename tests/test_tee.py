@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edge.errors import TinyshieldError
-from tee import attestation, audit, blinded, fieldmath, messages, sealing, shadownet
+from tee import attestation, audit, blinded, fieldkernels, fieldmath, messages, sealing, shadownet
 from tee.fieldmath import HALF, P
 
 
@@ -73,6 +73,7 @@ def test_sealing_refuses_tampering_other_measurement_and_changed_code(root_key, 
     code = tmp_path / "code"
     code.mkdir()
     for name in sealing.ENCLAVE_CODE:
+        (code / name).parent.mkdir(parents=True, exist_ok=True)
         (code / name).write_bytes((sealing.TEE_DIR / name).read_bytes())
     assert sealing.code_digest(root=code) == sealing.code_digest()
     (code / "enclave.py").write_bytes((code / "enclave.py").read_bytes() + b"\n# patched\n")
@@ -114,26 +115,33 @@ EDGES = [0, 1, HALF - 1, HALF, HALF + 1, P - 1]
 @settings(max_examples=25, deadline=None)
 @given(st.integers(1, 40), st.integers(1, 300), st.integers(1, 24), st.integers(0, 2 ** 32 - 1))
 def test_int8_digit_matmul_is_exact_mod_p(rows, k, m, seed):
+    """The numpy reference and the accelerator's C digit split + recombination both equal exact integer math."""
     rng = np.random.default_rng(seed)
     x = rng.integers(0, P, (rows, k)).astype(np.uint32)
     x.flat[: min(len(EDGES), x.size)] = EDGES[: min(len(EDGES), x.size)]
     w = rng.integers(-127, 128, (k, m)).astype(np.int8)
-    got = fieldmath.int8_matmul_mod(x, torch.from_numpy(w))
     xc = np.where(x.astype(np.int64) > HALF, x.astype(np.int64) - P, x.astype(np.int64)).astype(object)
     want = np.mod(xc @ w.astype(object), P).astype(np.int64)
-    assert np.array_equal(got.astype(np.int64), want)
-    got64 = fieldmath.float64_matmul_mod(x, torch.from_numpy(w.astype(np.float64)))
-    assert got64.dtype == np.uint32 and np.array_equal(got64.astype(np.int64), want)
+    assert np.array_equal(fieldmath.int8_matmul_mod(x, torch.from_numpy(w)).astype(np.int64), want)
+    got = blinded.accelerate(x, torch.from_numpy(w))
+    assert got.dtype == np.uint32 and np.array_equal(got.astype(np.int64), want)
+    assert np.array_equal(fieldkernels.digits(x), fieldmath.digits(x))
     d = fieldmath.digits(x).astype(np.int64).reshape(3, rows, k)
     assert np.array_equal(d[0] + 256 * d[1] + 65536 * d[2], xc.astype(np.int64))
 
 
-def test_split_matvec_is_exact_and_uniform_masks_cover_the_field():
-    rng = np.random.default_rng(0)
-    a = rng.integers(0, P, (17, 1536))
-    v = rng.integers(0, P, 1536)
-    got = fieldmath.split_matvec_mod(torch.from_numpy(a.astype(np.float64)), v)
-    assert np.array_equal(got, np.mod(a.astype(object) @ v.astype(object), P).astype(np.int64))
+def test_recombination_is_exact_at_the_extremes():
+    """Digit products at the int32 extremes of MiniLM's widest layer (k = 1536) and around multiples of p."""
+    lim = 1536 * 128 * 127
+    vals = np.array([-lim, -lim + 1, -P, -P + 1, -1, 0, 1, P - 1, P, P + 1, lim - 1, lim], np.int64)
+    y = np.array(np.meshgrid(vals, vals, vals)).reshape(3, -1)
+    y = np.concatenate([y, np.random.default_rng(0).integers(-lim, lim + 1, (3, 20_000))], 1).astype(np.int32)
+    got = fieldkernels.recombine(y.reshape(-1, 1))[:, 0]    # planes stacked by rows: (3 n, 1)
+    want = np.mod(y[0].astype(np.int64) + 256 * y[1].astype(np.int64) + 65536 * y[2].astype(np.int64), P)
+    assert np.array_equal(got.astype(np.int64), want)
+
+
+def test_uniform_masks_cover_the_field():
     u = fieldmath.uniform((200_000,))
     assert u.min() >= 0 and u.max() < P and abs(u.mean() / (P / 2) - 1) < 0.01
 
@@ -147,38 +155,52 @@ def _layer(rows=49, k=64, m=48, seed=0):
     return w, b, x, blinded.make_layer(w, b, x)
 
 
-def test_in_place_reduction_and_centring_match_their_definitions():
-    edges = [-P + 1, -HALF - 1, -HALF, -HALF + 1, -1, 0, 1, HALF - 1, HALF, HALF + 1, P - 1, P, P + 1, 2 * P - 1]
-    t = np.array(edges + list(np.random.default_rng(0).integers(-P + 1, 2 * P, 10_000)), np.int64)
-    assert np.array_equal(fieldmath.reduce_(torch.from_numpy(t.astype(np.int32))).numpy(), np.mod(t, P))
-    d = t[(t > -P) & (t < P)]
-    want = np.where(d > HALF, d - P, np.where(d < -HALF, d + P, d))
-    assert np.array_equal(fieldmath.center_(torch.from_numpy(d.astype(np.int32))).numpy(), want)
+def test_blind_kernel_matches_its_definition_at_the_edges():
+    """round half to even, the mask added mod p, and the Freivalds sum x~ v mod p -- exact for any k."""
+    rng = np.random.default_rng(0)
+    for rows, k in ((3, 70_000), (17, 384)):       # k > 2^16: the uint64 sums are reduced on the way
+        x = (rng.standard_normal((rows, k)) * 1000).astype(np.float32)
+        x[0, :6] = [0.5, 1.5, -0.5, -2.5, (HALF - 1) / 2 ** 4, -(HALF - 1) / 2 ** 4]   # ties; the range's ends
+        r = rng.integers(0, P, (rows, k)).astype(np.uint32)
+        r[0, :4] = [0, P - 1, HALF, P - 1]
+        v = rng.integers(0, P, k).astype(np.uint32)
+        v[:2] = P - 1
+        xt, rhs = blinded.blind(torch.from_numpy(x), blinded.BlindLayer(np.zeros((1, k), np.int32),
+                                np.ones(1, np.float32), 4, np.zeros(1, np.float32)), r, v)
+        want = np.mod(np.round(x.astype(np.float64) * 16).astype(np.int64) + r, P)
+        assert np.array_equal(xt.astype(np.int64), want)
+        assert np.array_equal(rhs.astype(np.int64), np.mod(want.astype(object) @ v.astype(object), P).astype(np.int64))
 
 
-def test_float64_kernel_is_exact_at_the_largest_sums():
-    """Worst case for the float64 GEMM: every x~ = p - 1 and every weight +-127 over MiniLM's widest input."""
-    k = 1536
-    x = np.full((3, k), P - 1, np.uint32)
-    w = np.stack([np.full(k, 127), np.full(k, -127), np.where(np.arange(k) % 2, 127, -127)], 1).astype(np.float64)
-    want = np.mod(x.astype(object) @ w.astype(np.int64).astype(object), P).astype(np.int64)
-    assert np.array_equal(fieldmath.float64_matmul_mod(x, torch.from_numpy(w)).astype(np.int64), want)
-    with pytest.raises(ValueError, match="not be exact"):
-        fieldmath.float64_matmul_mod(x[:, :1], torch.empty((fieldmath.MAX_K_FLOAT64 + 1, 1), dtype=torch.float64))
+def test_unblind_kernel_matches_its_definition_and_refuses_non_field_entries():
+    rng = np.random.default_rng(1)
+    rows, m = 9, 70_000
+    y = rng.integers(0, P, (rows, m)).astype(np.uint32)
+    u = rng.integers(0, P, (rows, m)).astype(np.uint32)
+    y[0, :4], u[0, :4] = [0, P - 1, HALF, HALF + 1], [P - 1, 0, 0, 0]
+    s = rng.integers(0, P, m).astype(np.uint32)
+    layer = blinded.BlindLayer(np.zeros((m, 1), np.int32), rng.random(m).astype(np.float32), 3,
+                               rng.standard_normal(m).astype(np.float32))
+    lhs = np.mod(y.astype(object) @ s.astype(object), P).astype(np.uint64)
+    got = blinded.unblind(y, u, s, lhs, layer)
+    centred = fieldmath.center(np.mod(y.astype(np.int64) - u, P))
+    assert got is not None and torch.equal(got, blinded.dequantize(centred, layer))   # bit for bit
+    assert blinded.unblind(y, u, s, lhs + np.uint64(1), layer) is None                # a failed check
+    bad = y.copy()
+    bad[2, 5] += np.uint32(P)         # the same residue, but no field element: refused, not wrapped
+    assert blinded.unblind(bad, u, s, lhs, layer) is None
 
 
-@pytest.mark.parametrize("kernel", [torch.int8, torch.float64])
-def test_blinded_linear_equals_fixed_point_reference_with_fresh_masks(kernel):
+def test_blinded_linear_equals_fixed_point_reference_with_fresh_masks():
     w, b, x, layer = _layer()
-    wt = torch.from_numpy(layer.w_q.T.astype(np.int8).copy()).to(kernel)
+    wt = torch.from_numpy(layer.w_q.T.astype(np.int8).copy())
     pads = [blinded.make_pad({"l": layer}, {"l": x.shape[0]}) for _ in range(2)]
     sent = []
     for pad in pads:
-        xt = blinded.blind(torch.from_numpy(x), layer, pad["l.r"])
+        xt, rhs = blinded.blind(torch.from_numpy(x), layer, pad["l.r"], pad["l.v"])
         yt = blinded.accelerate(xt, wt)
-        assert blinded.freivalds(xt, yt, pad["l.s"], pad["l.v"])
-        y = blinded.unblind(yt, pad["l.u"], layer)
-        assert torch.equal(y, blinded.reference_lin({"l": layer})("l", torch.from_numpy(x)))
+        y = blinded.unblind(yt, pad["l.u"], pad["l.s"], rhs, layer)
+        assert y is not None and torch.equal(y, blinded.reference_lin({"l": layer})("l", torch.from_numpy(x)))
         sent.append(xt)
     assert not np.array_equal(sent[0], sent[1]) and not np.array_equal(pads[0]["l.r"], pads[1]["l.r"])
     # the masked input is unrelated to the plaintext: best |cos| stays at chance level
@@ -192,7 +214,7 @@ def test_blinded_overflow_is_refused_not_wrapped():
     _, _, x, layer = _layer()
     pad = blinded.make_pad({"l": layer}, {"l": x.shape[0]})
     with pytest.raises(TinyshieldError, match="fixed-point range"):
-        blinded.blind(torch.from_numpy(x * 1e6), layer, pad["l.r"])
+        blinded.blind(torch.from_numpy(x * 1e6), layer, pad["l.r"], pad["l.v"])
 
 
 def test_lying_accelerator_is_detected_in_every_trial():

@@ -1,0 +1,112 @@
+/* The blinded mode's field kernels, p = 2^23 + 2^21 + 7: one pass over the data per call.
+ *
+ * Enclave side (one thread): blind = quantise + mask + Freivalds' right-hand side in one pass over the input;
+ * unblind = Freivalds' left-hand side + unmask + dequantise in one pass over the accelerator's answer, which
+ * lives in untrusted shared memory: every element is read exactly once, so the check covers exactly the
+ * values that are used (nothing can change between check and use).
+ * Accelerator side: digits (field element -> three signed int8 digits) and recombine (three int32 digit
+ * products -> field element), around an int8 GEMM.
+ *
+ * The numpy reference of each kernel is in tee/fieldmath.py and tee/blinded.py; tests check equality.
+ */
+#include <math.h>
+#include <stdint.h>
+
+#define P 10485767u          /* 2^23 + 2^21 + 7 */
+#define HALF (P / 2)
+#define OFFSET (128u * (1u + 256u + 65536u))
+#define CHUNK 65536          /* products < p^2 < 2^46.7: 2^16 of them fit a uint64 before a reduction */
+
+/* int32 in (-p, 2p) -> [0, p), branch-free: (t >> 31) is all ones exactly for negative t */
+static inline int32_t reduce(int32_t t) {
+    t += (t >> 31) & (int32_t)P;
+    t -= (int32_t)P;
+    t += (t >> 31) & (int32_t)P;
+    return t;
+}
+
+/* x~ = round(x * scale) + r mod p for a (rows, k) float32 x; rhs[i] = (x~_i . v) mod p.
+ * Returns 0, or 1 when some |round(x * scale)| >= p/2 or x is not finite (the output is then garbage). */
+int tsh_blind(const float *x, int rows, int k, float scale, const uint32_t *r, const uint32_t *v,
+              uint32_t *out, uint64_t *rhs) {
+    int bad = 0;
+    for (int i = 0; i < rows; i++) {
+        const float *xi = x + (int64_t)i * k;
+        const uint32_t *ri = r + (int64_t)i * k;
+        uint32_t *oi = out + (int64_t)i * k;
+        uint64_t acc = 0;
+        for (int j0 = 0; j0 < k; j0 += CHUNK) {
+            int j1 = k - j0 < CHUNK ? k : j0 + CHUNK;
+            uint64_t part = 0;
+            for (int j = j0; j < j1; j++) {
+                float q = nearbyintf(xi[j] * scale);   /* round half to even, as the reference */
+                int ok = fabsf(q) < (float)HALF;       /* false for NaN too */
+                bad |= !ok;
+                q = ok ? q : 0.0f;                     /* keep the int conversion defined */
+                int32_t t = reduce((int32_t)q + (int32_t)ri[j]);
+                oi[j] = (uint32_t)t;
+                part += (uint64_t)(uint32_t)t * v[j];
+            }
+            acc = (acc + part % P) % P;
+        }
+        rhs[i] = acc;
+    }
+    return bad;
+}
+
+/* From the accelerator's y~ (rows, m): lhs[i] = (y~_i . s) mod p, and
+ * out = bias + centre(y~ - u) * scale in float32 (no fused multiply-add: the reference rounds twice).
+ * Returns the number of entries of y~ that are not field elements (>= p): such an answer is refused. */
+int tsh_unblind(const uint32_t *y, const uint32_t *u, const uint32_t *s, const float *scale, const float *bias,
+                int rows, int m, float *out, uint64_t *lhs) {
+    int bad = 0;
+    for (int i = 0; i < rows; i++) {
+        const uint32_t *yi = y + (int64_t)i * m;
+        const uint32_t *ui = u + (int64_t)i * m;
+        float *oi = out + (int64_t)i * m;
+        uint64_t acc = 0;
+        for (int j0 = 0; j0 < m; j0 += CHUNK) {
+            int j1 = m - j0 < CHUNK ? m : j0 + CHUNK;
+            uint64_t part = 0;
+            for (int j = j0; j < j1; j++) {
+                uint32_t yj = yi[j];                   /* the one read of untrusted memory */
+                bad += yj >= P;
+                part += (uint64_t)yj * s[j];
+                int32_t d = (int32_t)yj - (int32_t)ui[j];
+                d += (d >> 31) & (int32_t)P;                    /* [0, p) */
+                d -= (((int32_t)HALF - d) >> 31) & (int32_t)P;  /* (-p/2, p/2] */
+                float prod = (float)d * scale[j];
+                oi[j] = bias[j] + prod;
+            }
+            acc = (acc + part % P) % P;
+        }
+        lhs[i] = acc;
+    }
+    return bad;
+}
+
+/* Field elements x (n of them, each < p) -> three planes of signed digits d0, d1, d2 (int8, n each) with
+ * centre(x) = d0 + 256 d1 + 65536 d2: the bytes of centre(x) + OFFSET, each shifted by 128. */
+void tsh_digits(const uint32_t *x, int64_t n, int8_t *out) {
+    int8_t *d0 = out, *d1 = out + n, *d2 = out + 2 * n;
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t z = x[i] > HALF ? x[i] - (P - OFFSET) : x[i] + OFFSET;
+        d0[i] = (int8_t)((z & 0xff) ^ 0x80);
+        d1[i] = (int8_t)(((z >> 8) & 0xff) ^ 0x80);
+        d2[i] = (int8_t)(((z >> 16) & 0xff) ^ 0x80);
+    }
+}
+
+/* Three planes of int32 digit products (n each) -> (y0 + 256 y1 + 65536 y2) mod p. The sum t is an integer
+ * below 2^42 in magnitude; the truncated float quotient is within one of t / p, so t - q p lies in (-2p, 2p). */
+void tsh_recombine(const int32_t *y, int64_t n, uint32_t *out) {
+    const int32_t *y0 = y, *y1 = y + n, *y2 = y + 2 * n;
+    const double inv = 1.0 / P;
+    for (int64_t i = 0; i < n; i++) {
+        int64_t t = (int64_t)y0[i] + ((int64_t)y1[i] << 8) + ((int64_t)y2[i] << 16);
+        int64_t q = (int64_t)((double)t * inv);
+        int32_t r = (int32_t)(t - q * (int64_t)P);
+        r += (r >> 31) & (int32_t)P;                   /* (-p, 2p) */
+        out[i] = (uint32_t)reduce(r);
+    }
+}

@@ -1,0 +1,101 @@
+"""The blinded mode's C field kernels (tee/csrc/field.c), built for this host on first use and called with ctypes.
+
+Each kernel does in one pass what its numpy reference (tee/fieldmath.py, tee/blinded.py) does in several;
+tests check that both give identical bits. Arguments are checked here, so a wrong shape or dtype is an
+error, never a read out of bounds.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+from edge import cbuild
+from edge.errors import TinyshieldError
+from tee.fieldmath import P
+
+SOURCE = Path(__file__).resolve().parent / "csrc" / "field.c"
+# -march=native: the library is built on the machine that runs it; no fused multiply-add, so the float
+# dequantisation rounds exactly like numpy's separate multiply and add.
+FLAGS = ["-std=c99", "-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared",
+         "-Wall", "-Wextra", "-Werror"]
+
+_p, _i32, _i64, _f32 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_float
+
+
+def _cpu() -> str:
+    """The host CPU's feature flags, part of the cache key because of -march=native."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return ""
+
+
+@functools.cache
+def lib() -> ctypes.CDLL:
+    path = cbuild.build_shared([SOURCE], FLAGS + [f"-DTSH_CPU_KEY={hashlib.sha256(_cpu().encode()).hexdigest()[:12]}"], "libtsh_field")
+    dll = ctypes.CDLL(str(path))
+    for name, args, res in (("tsh_blind", [_p, _i32, _i32, _f32, _p, _p, _p, _p], _i32),
+                            ("tsh_unblind", [_p, _p, _p, _p, _p, _i32, _i32, _p, _p], _i32),
+                            ("tsh_digits", [_p, _i64, _p], None),
+                            ("tsh_recombine", [_p, _i64, _p], None)):
+        fn = getattr(dll, name)
+        fn.argtypes, fn.restype = args, res
+    return dll
+
+
+def _arr(a: np.ndarray, dtype, shape: tuple, what: str) -> int:
+    if a.dtype != dtype or a.shape != shape or not a.flags.c_contiguous:
+        raise TinyshieldError(f"{what}: expected a contiguous {np.dtype(dtype).name} array of shape {shape}, "
+                              f"got {a.dtype} {a.shape}")
+    return a.ctypes.data
+
+
+def blind(x: np.ndarray, fx: int, r: np.ndarray, v: np.ndarray, out: np.ndarray) -> tuple[bool, np.ndarray]:
+    """out = round(x 2^fx) + r mod p (uint32), and the Freivalds right-hand side x~ v mod p per row.
+    Returns (in range, rhs); out of range means an activation left the fixed-point field."""
+    rows, k = x.shape
+    rhs = np.empty(rows, np.uint64)
+    bad = lib().tsh_blind(_arr(x, np.float32, (rows, k), "x"), rows, k, float(2.0 ** fx),
+                          _arr(r, np.uint32, (rows, k), "mask"), _arr(v, np.uint32, (k,), "v"),
+                          _arr(out, np.uint32, (rows, k), "out"), rhs.ctypes.data)
+    return bad == 0, rhs
+
+
+def unblind(y: np.ndarray, u: np.ndarray, s: np.ndarray, scale: np.ndarray, bias: np.ndarray,
+            out: np.ndarray) -> tuple[bool, np.ndarray]:
+    """out = bias + centre(y~ - u) * scale, and the Freivalds left-hand side y~ s mod p per row; each entry of y~
+    (untrusted memory) is read once. Returns (every entry a field element, lhs)."""
+    rows, m = u.shape
+    lhs = np.empty(rows, np.uint64)
+    bad = lib().tsh_unblind(_arr(y, np.uint32, (rows, m), "answer"), _arr(u, np.uint32, (rows, m), "u"),
+                            _arr(s, np.uint32, (m,), "s"), _arr(scale, np.float32, (m,), "scale"),
+                            _arr(bias, np.float32, (m,), "bias"), rows, m,
+                            _arr(out, np.float32, (rows, m), "out"), lhs.ctypes.data)
+    return bad == 0, lhs
+
+
+def digits(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Field elements (rows, k) -> int8 (3 rows, k): the digit planes d0, d1, d2 stacked by rows."""
+    rows, k = x.shape
+    out = np.empty((3 * rows, k), np.int8) if out is None else out
+    lib().tsh_digits(_arr(x, np.uint32, (rows, k), "x"), rows * k, _arr(out, np.int8, (3 * rows, k), "out"))
+    return out
+
+
+def recombine(y: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """int32 (3 rows, m) digit products -> (y0 + 256 y1 + 65536 y2) mod p, uint32 (rows, m)."""
+    rows, m = y.shape[0] // 3, y.shape[1]
+    out = np.empty((rows, m), np.uint32) if out is None else out
+    lib().tsh_recombine(_arr(y, np.int32, (3 * rows, m), "digit products"), rows * m,
+                        _arr(out, np.uint32, (rows, m), "out"))
+    return out
+
+
+assert P == 10485767   # the constant compiled into field.c
