@@ -18,6 +18,7 @@ from safetensors.numpy import load_file
 from edge.errors import TinyshieldError
 from tee import blinded, dma
 from tee.fieldmath import P
+from tee.link import SPIN_S, spinner
 from tee.messages import Message, recv, send
 
 ATTACKS = ("flip", "perturb", "swap", "replay")
@@ -59,8 +60,10 @@ class Backend:
         self.kind = "torch"
         w = load_file(str(accel_dir / "weights.safetensors"))
         # blinded: w_q^T as int8 for the exact int8-digit GEMM; otherwise float32
-        dtype = torch.int8 if mode == "blinded" else torch.float32
-        self.w = {k: torch.from_numpy(v).to(dtype) for k, v in w.items()}
+        if mode == "blinded":
+            self.w = {k: blinded.FieldGemm(torch.from_numpy(v)) for k, v in w.items()}
+        else:
+            self.w = {k: torch.from_numpy(v).to(torch.float32) for k, v in w.items()}
 
     @property
     def out_dtype(self):
@@ -76,7 +79,7 @@ class Backend:
         if self.mode == "blinded":
             if x.dtype != np.uint32:
                 raise TinyshieldError("blinded mode takes field elements (uint32)")
-            return blinded.accelerate(x, self.w[layer], out)
+            return self.w[layer](x, out)
         if x.dtype != np.float32:
             raise TinyshieldError("this mode takes float32 activations")
         if self.kind == "litert":
@@ -88,6 +91,7 @@ def main(enclave_conn, host_conn, bundle_dir: str, backend: str, threads: int, r
          attack: str | None, attack_after: int, seed: int | None, buffer_names: tuple[str, str] | None = None) -> None:
     torch.set_num_threads(threads)
     buffers = tuple(dma.attach(n) for n in buffer_names) if buffer_names else None
+    slot = dma.slot_bytes(buffers[0]) if buffers else 0
     header = json.loads((Path(bundle_dir) / "bundle.json").read_text())
     layers = header["accelerator"]["layers"]
     run = Backend(Path(bundle_dir) / "accelerator", header["mode"], backend, layers) if layers else None
@@ -96,28 +100,31 @@ def main(enclave_conn, host_conn, bundle_dir: str, backend: str, threads: int, r
     last: dict[str, np.ndarray] = {}
     calls, busy = 0, 0.0
     conns = [enclave_conn, host_conn]
+    spin = spinner(enclave_conn)
     while True:
+        spin(time.perf_counter() + SPIN_S)   # the enclave's next request is usually moments away
         for conn in wait(conns):
             try:
                 msg = recv(conn)
             except TinyshieldError:
                 return
             if msg.kind in ("matmul", "matmul_dma"):
+                t_recv = time.perf_counter()
                 f = msg.fields
-                try:
-                    x = msg.arrays[0] if msg.kind == "matmul" else \
-                        dma.view(buffers[0], f["dtype"], f["rows"], f["cols"]) if buffers else None
-                    if x is None:
-                        raise TinyshieldError("no shared buffers were set up")
-                    if run is None:
-                        raise TinyshieldError("this bundle outsources no layers")
-                except TinyshieldError as e:
-                    send(conn, Message("error", {"message": str(e)}))
-                    continue
                 layer = f["layer"]
                 try:
-                    target = dma.view(buffers[1], dma.code(run.out_dtype), x.shape[0], layers[layer][2]) \
-                        if msg.kind == "matmul_dma" and layer in layers else None
+                    if run is None:
+                        raise TinyshieldError("this bundle outsources no layers")
+                    if msg.kind == "matmul":
+                        x, target = msg.arrays[0], None
+                    else:
+                        if not buffers:
+                            raise TinyshieldError("no shared buffers were set up")
+                        if not 0 <= f["slot"] < dma.SLOTS or layer not in layers:
+                            raise TinyshieldError(f"bad request: slot {f['slot']}, layer {layer!r}")
+                        at = {"offset": f["slot"] * slot, "limit": slot}
+                        x = dma.view(buffers[0], f["dtype"], f["rows"], f["cols"], **at)
+                        target = dma.view(buffers[1], dma.code(run.out_dtype), f["rows"], layers[layer][2], **at)
                     t, c = time.perf_counter(), time.process_time()
                     y = run(layer, x, target)
                     seconds, cpu = time.perf_counter() - t, time.process_time() - c   # cpu: summed over threads
@@ -134,12 +141,12 @@ def main(enclave_conn, host_conn, bundle_dir: str, backend: str, threads: int, r
                 busy += seconds
                 if record:
                     transcript.append((layer, x.copy()))
+                timing = {"seq": f["seq"], "seconds": seconds, "cpu": cpu, "t_recv": t_recv}
                 if msg.kind == "matmul":
-                    send(conn, Message("result", {"seq": f["seq"], "seconds": seconds, "cpu": cpu}, [y]))
+                    send(conn, Message("result", timing | {"t_send": time.perf_counter()}, [y]))
                 else:
-                    send(conn, Message("result_dma", {"seq": f["seq"], "seconds": seconds, "cpu": cpu,
-                                                      "dtype": dma.code(y.dtype), "rows": y.shape[0],
-                                                      "cols": y.shape[1]}))
+                    send(conn, Message("result_dma", timing | {"t_send": time.perf_counter(), "dtype": dma.code(y.dtype),
+                                                               "rows": y.shape[0], "cols": y.shape[1]}))
             elif msg.kind == "transcript":
                 send(conn, Message("transcript_data", {"entries": json.dumps([n for n, _ in transcript])},
                                    [a for _, a in transcript]))

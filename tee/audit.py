@@ -154,7 +154,6 @@ def detection_trials(w: np.ndarray, b: np.ndarray, rows: int, trials: int = 1000
     rng = np.random.default_rng(seed)
     x_calib = rng.standard_normal((rows, w.shape[1])).astype(np.float32)
     layer = blinded.make_layer(w, b, x_calib)
-    wt8 = torch.from_numpy(layer.w_q.T.astype(np.int8).copy())
     out = []
     for attack in attacks:
         detected, previous = 0, None
@@ -162,7 +161,7 @@ def detection_trials(w: np.ndarray, b: np.ndarray, rows: int, trials: int = 1000
             pad = blinded.make_pad({"l": layer}, {"l": rows})
             x = torch.from_numpy((rng.standard_normal((rows, w.shape[1])) * 0.5).astype(np.float32))
             xt, rhs = blinded.blind(x, layer, pad["l.r"], pad["l.v"])
-            honest = blinded.accelerate(xt, wt8)
+            honest = layer.gemm(xt)
             lie = tamper(attack, honest, previous, rng)
             previous = honest
             if np.array_equal(lie, honest):   # a replay with nothing stale yet is no attack
@@ -189,13 +188,28 @@ class TranscriptReport:
     pairs_checked: int
 
 
-def transcript_report(mode: str, transcript: list[tuple[str, np.ndarray]], plain: list[dict[str, np.ndarray]],
-                      calls_per_inference: int) -> TranscriptReport:
-    """`transcript` covers len(plain) inferences in order; the last input repeats the first."""
+def whole_calls(transcript: list[tuple[str, np.ndarray]], rows: dict[str, int]) -> list[tuple[str, np.ndarray]]:
+    """The transcript with each layer's row parts (sent one after the other by the pipelined enclave) joined
+    into one call of `rows[name]` rows."""
+    out: list[tuple[str, list[np.ndarray]]] = []
+    for name, x in transcript:
+        if out and out[-1][0] == name and sum(len(a) for a in out[-1][1]) < rows[name]:
+            out[-1][1].append(x)
+        else:
+            out.append((name, [x]))
+    return [(name, np.concatenate(parts)) for name, parts in out]
+
+
+def transcript_report(mode: str, transcript: list[tuple[str, np.ndarray]],
+                      plain: list[dict[str, np.ndarray]]) -> TranscriptReport:
+    """`transcript` covers len(plain) inferences in order; the last input repeats the first. `plain` holds each
+    inference's plaintext inputs of every linear layer (name -> rows x in)."""
     n_inf = len(plain)
-    if calls_per_inference == 0 or not transcript:
+    if not transcript:
         return TranscriptReport(mode, 0, 0.0, 0.0, 0, 0, 0, 0)
-    by_inf = [transcript[i * calls_per_inference:(i + 1) * calls_per_inference] for i in range(n_inf)]
+    calls = whole_calls(transcript, {name: len(a) for name, a in plain[0].items()})
+    per_inf = len(calls) // n_inf
+    by_inf = [calls[i * per_inf:(i + 1) * per_inf] for i in range(n_inf)]
     max_cos = chance = 0.0
     matched = 0
     rng = np.random.default_rng(0)
@@ -304,8 +318,7 @@ def run_audit(bundle_dir: str | Path, inputs: list[dict[str, np.ndarray]], trial
             s.infer(inp)
         transcript = s.transcript()
     plain = [record_inputs(owner.model, owner.params, [inp]) for inp in seq]
-    per_inf = len(transcript) // len(seq) if transcript else 0
-    report.transcript = transcript_report(bundle.mode, transcript, plain, per_inf)
+    report.transcript = transcript_report(bundle.mode, transcript, plain)
 
     wfile = bundle.path / "accelerator" / "weights.safetensors"
     accel = load_file(str(wfile)) if wfile.is_file() else {}

@@ -44,7 +44,8 @@ class Timing:
     total_s: float            # client wall time: request to decrypted answer
     enclave_s: float          # enclave compute (non-linears, masking, checks, restoration)
     accelerator_s: float      # accelerator compute
-    transfer_s: float         # enclave <-> accelerator messaging (encode, pipe, decode)
+    transfer_s: float         # enclave <-> accelerator messages on their way (tee.link)
+    overlap_s: float = 0.0    # enclave and accelerator working at the same time: enclave + accelerator + transfer - total
     pad_s: float = 0.0        # unsealing the one-time pad (blinded; part of enclave_s)
     offline_s: float = 0.0    # pads made on the fly when none were precomputed
     calls: int = 0
@@ -55,7 +56,7 @@ class Timing:
 class ProtectedSession:
     def __init__(self, bundle_dir, backend: str | None = None, record: bool = False, attack: str | None = None,
                  attack_after: int = 0, seed: int | None = None, accel_threads: int | None = None, attest: bool = True,
-                 transport: str = "dma"):
+                 transport: str = "dma", pipeline: bool = True):
         self.bundle: Bundle = load_header(bundle_dir)
         self.backend = backend or self.bundle.header["accelerator"]["backend"]
         if self.backend not in ("torch", "litert"):
@@ -65,7 +66,7 @@ class ProtectedSession:
         layers = self.bundle.header["accelerator"]["layers"]
         self.buffers = []
         if transport == "dma" and layers:
-            # one buffer each way, as large as the largest layer's input or output (4-byte elements)
+            # one buffer each way; each of its slots as large as the largest layer's input or output (4-byte elements)
             size = max(rows * max(k, m) * 4 for rows, k, m in layers.values())
             self.buffers = [dma.create(size), dma.create(size)]
         names = tuple(b.name for b in self.buffers) or None
@@ -81,7 +82,8 @@ class ProtectedSession:
             self.accel.start()
         with _threads_env(1):
             self.enclave = ctx.Process(target=enclave.main, name="tinyshield-enclave", daemon=True,
-                                       args=(enc_client, enc_accel, str(self.bundle.path), names))
+                                       args=(enc_client, enc_accel, str(self.bundle.path), names,
+                                             dma.SLOTS if pipeline else 1))
             self.enclave.start()
         for c in (accel_host, enc_accel, accel_enc, enc_client):
             c.close()
@@ -127,9 +129,16 @@ class ProtectedSession:
         total = time.perf_counter() - t
         tm = json.loads(reply.fields["timings"])
         return out.copy(), Timing(total_s=total, enclave_s=tm["enclave_s"], accelerator_s=tm["accelerator_s"],
-                                  transfer_s=tm["transfer_s"], pad_s=tm["pad_s"], offline_s=tm["offline_s"],
+                                  transfer_s=tm["transfer_s"], overlap_s=tm["overlap_s"], pad_s=tm["pad_s"],
+                                  offline_s=tm["offline_s"],
                                   calls=tm["calls"], enclave_cpu_s=tm["enclave_cpu_s"],
                                   accelerator_cpu_s=tm["accelerator_cpu_s"])
+
+    def ready(self) -> None:
+        """Wait until the enclave has finished its work between requests (unsealing the next blinded pad), so
+        that work never overlaps a timed request of another session."""
+        send(self.client_end, Message("ping"))
+        recv(self.client_end, "ok")
 
     # ---- the untrusted side's view -------------------------------------------------------------------
     def transcript(self) -> list[tuple[str, np.ndarray]]:

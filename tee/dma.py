@@ -1,7 +1,8 @@
 """Shared-memory buffers between the enclave and the accelerator, standing in for an accelerator's DMA
 windows: the enclave writes (already masked) data into the outbound buffer and reads results from the
-inbound one; only a small typed header travels over the pipe. The buffers are untrusted memory, so the
-enclave copies a result out before checking it (the accelerator cannot change it after the check).
+inbound one; only a small typed header travels over the pipe. Each buffer has SLOTS equal slots, one per
+request in flight. The buffers are untrusted memory, so the enclave copies a result out before checking
+it, or reads each entry exactly once (the accelerator cannot change what was checked).
 """
 from __future__ import annotations
 
@@ -13,8 +14,18 @@ from edge.errors import TinyshieldError
 from tee.messages import DTYPES
 
 
-def create(size: int) -> shared_memory.SharedMemory:
-    return shared_memory.SharedMemory(create=True, size=max(size, 1))
+SLOTS = 2        # requests in flight at once: the encoder's row parts (tee.program.pipelined)
+PAGE = 4096
+
+
+def create(request_bytes: int) -> shared_memory.SharedMemory:
+    """A buffer of SLOTS slots, each holding `request_bytes` (rounded up to whole pages)."""
+    slot = max(PAGE, -(-request_bytes // PAGE) * PAGE)
+    return shared_memory.SharedMemory(create=True, size=SLOTS * slot)
+
+
+def slot_bytes(shm: shared_memory.SharedMemory) -> int:
+    return shm.size // SLOTS // PAGE * PAGE
 
 
 def attach(name: str) -> shared_memory.SharedMemory:
@@ -23,14 +34,17 @@ def attach(name: str) -> shared_memory.SharedMemory:
     return shared_memory.SharedMemory(name=name)
 
 
-def view(shm: shared_memory.SharedMemory, dtype_code: str, rows: int, cols: int) -> np.ndarray:
-    """A (rows, cols) array over the buffer; the header's claims are checked against the buffer size."""
-    if dtype_code not in DTYPES or rows < 0 or cols < 0:
-        raise TinyshieldError(f"bad buffer header: dtype {dtype_code!r}, shape ({rows}, {cols})")
+def view(shm: shared_memory.SharedMemory, dtype_code: str, rows: int, cols: int, offset: int = 0,
+         limit: int | None = None) -> np.ndarray:
+    """A (rows, cols) array at `offset` of the buffer; the header's claims are checked against the `limit`
+    bytes available there (default: the rest of the buffer)."""
+    if dtype_code not in DTYPES or rows < 0 or cols < 0 or not 0 <= offset <= shm.size:
+        raise TinyshieldError(f"bad buffer header: dtype {dtype_code!r}, shape ({rows}, {cols}), offset {offset}")
+    room = shm.size - offset if limit is None else min(limit, shm.size - offset)
     n = rows * cols * np.dtype(DTYPES[dtype_code]).itemsize
-    if n > shm.size:
-        raise TinyshieldError(f"buffer header claims {n} bytes, the shared buffer holds {shm.size}")
-    return np.ndarray((rows, cols), dtype=DTYPES[dtype_code], buffer=shm.buf[:n])
+    if n > room:
+        raise TinyshieldError(f"buffer header claims {n} bytes, the shared buffer holds {room} there")
+    return np.ndarray((rows, cols), dtype=DTYPES[dtype_code], buffer=shm.buf[offset:offset + n])
 
 
 def code(dtype) -> str:

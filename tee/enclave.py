@@ -8,6 +8,7 @@ accelerator), and returns the encrypted output with a timing breakdown.
 from __future__ import annotations
 
 import json
+import os
 import secrets as pysecrets
 import time
 from pathlib import Path
@@ -18,65 +19,17 @@ import torch
 from edge.errors import TinyshieldError
 from tee import blinded, dma, program, shadownet
 from tee.attestation import Channel, make_quote, new_keypair
+from tee.link import AcceleratorLink
 from tee.messages import Message, recv, send
 from tee.sealing import device_root_key, measurement, seal_key
 
 
-class AcceleratorLink:
-    """The enclave's side of the accelerator connection; checks every answer's sequence number, shape and dtype."""
-
-    def __init__(self, conn, out_dims: dict[str, int], buffers=None):
-        self.conn, self.out_dims, self.seq = conn, out_dims, 0
-        self.buffers = buffers     # (outbound, inbound) shared buffers, or None to send data over the pipe
-        self.staged = None         # the outbound view handed out by `outbound`, already holding the request
-        self.reset()
-
-    def reset(self):
-        self.wait = self.accel = self.accel_cpu = 0.0
-        self.calls = 0
-
-    def outbound(self, dtype, shape: tuple[int, int]) -> np.ndarray:
-        """Where to build the next request: a view of the outbound shared buffer (no copy later), or a new array."""
-        if self.buffers is None:
-            return np.empty(shape, dtype)
-        self.staged = dma.view(self.buffers[0], dma.code(np.dtype(dtype)), *shape)
-        return self.staged
-
-    def matmul(self, layer: str, x: np.ndarray, copy: bool = True) -> np.ndarray:
-        """The accelerator's answer for `x`. With copy=False the answer may be a view of untrusted shared memory:
-        the caller must read each entry once (blinded.unblind does) or copy it before checking it."""
-        if self.conn is None:
-            raise TinyshieldError("this enclave has no accelerator connection")
-        self.seq += 1
-        t = time.perf_counter()
-        if self.buffers is None:
-            send(self.conn, Message("matmul", {"layer": layer, "seq": self.seq}, [x]))
-            reply = recv(self.conn, "result")
-            y = reply.arrays[0]
-        else:
-            if x is not self.staged:
-                dma.view(self.buffers[0], dma.code(x.dtype), *x.shape)[...] = x
-            self.staged = None
-            send(self.conn, Message("matmul_dma", {"layer": layer, "seq": self.seq, "dtype": dma.code(x.dtype),
-                                                   "rows": x.shape[0], "cols": x.shape[1]}))
-            reply = recv(self.conn, "result_dma")
-            f = reply.fields
-            y = dma.view(self.buffers[1], f["dtype"], f["rows"], f["cols"])
-            y = y.copy() if copy else y
-        self.wait += time.perf_counter() - t
-        self.calls += 1
-        if reply.fields["seq"] != self.seq:
-            raise TinyshieldError(f"accelerator answered request {reply.fields['seq']}, expected {self.seq}")
-        if y.shape != (x.shape[0], self.out_dims[layer]) or y.dtype != x.dtype:
-            raise TinyshieldError(f"accelerator returned a malformed result for {layer}: {y.dtype} {y.shape}")
-        self.accel += max(0.0, reply.fields["seconds"])
-        self.accel_cpu += max(0.0, reply.fields["cpu"])
-        return y
-
-
 class Enclave:
-    def __init__(self, bundle_dir: str | Path, accel_conn=None, buffers=None):
+    def __init__(self, bundle_dir: str | Path, accel_conn=None, buffers=None, chunks: int = dma.SLOTS):
         self.dir = Path(bundle_dir)
+        if not 1 <= chunks <= dma.SLOTS:
+            raise TinyshieldError(f"the encoder's rows can be cut into 1 to {dma.SLOTS} parts, not {chunks}")
+        self.chunks = chunks      # row parts in flight at once (1: enclave and accelerator take turns)
         header = json.loads((self.dir / "bundle.json").read_text())
         self.config = header["enclave_config"]
         self.mode = self.config["mode"]
@@ -114,34 +67,44 @@ class Enclave:
         return {n: w.shape[0] for n, (w, _) in program.linears(self.model).items()}
 
     # ---- the modes: what a linear layer does --------------------------------------------------------
-    def lin(self):
-        p = {k: (torch.from_numpy(w), torch.from_numpy(b)) for k, (w, b) in self.params.items()}
+    def submitter(self) -> program.Submit:
+        """This mode's linear layer as `submit(name, x, rows) -> wait` (tee.program.pipelined): the request
+        leaves at once, the enclave's restoration runs when the result is waited for."""
         if self.mode == "enclave-only":
-            return program.plain_lin(self.params)
+            return program.eager(program.plain_lin(self.params))
+        bias = {k: torch.from_numpy(b) for k, (_, b) in self.params.items()}
         if self.mode == "plain":
-            return lambda name, x: torch.from_numpy(self.link.matmul(name, x.contiguous().numpy()).copy()) + p[name][1]
+            def submit(name, x, rows):
+                seq = self.link.submit(name, x.contiguous().numpy())
+                return lambda: torch.from_numpy(self.link.collect(seq)) + bias[name]
+            return submit
         if self.mode == "shadownet":
-            def lin(name, x):
+            def submit(name, x, rows):
                 layer, masks, mask_out = self.shadow[name]
                 j = pysecrets.randbelow(len(masks))
-                y = self.link.matmul(name, (x.numpy() + masks[j]).astype(np.float32))
-                return torch.from_numpy(shadownet.restore(y, mask_out[j], layer, self.params[name][1]))
-            return lin
+                seq = self.link.submit(name, (x.numpy() + masks[j][rows]).astype(np.float32))
+                return lambda: torch.from_numpy(shadownet.restore(self.link.collect(seq), mask_out[j][rows], layer,
+                                                                  self.params[name][1]))
+            return submit
         pad = self.next_pad()
 
-        def lin(name, x):
+        def submit(name, x, rows):
             layer = self.blind[name]
-            r = pad[f"{name}.r"]
+            r = pad[f"{name}.r"][rows]
             if r.shape[0] != x.shape[0]:
                 raise TinyshieldError(f"{name}: input has {x.shape[0]} rows, pads were made for {r.shape[0]}")
             x_tilde, rhs = blinded.blind(x, layer, r, pad[f"{name}.v"], out=self.link.outbound(np.uint32, r.shape))
-            y = blinded.unblind(self.link.matmul(name, x_tilde, copy=False), pad[f"{name}.u"], pad[f"{name}.s"],
-                                rhs, layer)
-            if y is None:
-                raise TinyshieldError(f"integrity check failed on {name}: the accelerator returned a wrong result "
-                                      "(Freivalds); inference aborted")
-            return y
-        return lin
+            seq = self.link.submit(name, x_tilde)
+
+            def wait():
+                y = blinded.unblind(self.link.collect(seq, copy=False), pad[f"{name}.u"][rows], pad[f"{name}.s"],
+                                    rhs, layer)
+                if y is None:
+                    raise TinyshieldError(f"integrity check failed on {name}: the accelerator returned a wrong "
+                                          "result (Freivalds); inference aborted")
+                return y
+            return wait
+        return submit
 
     def prefetch(self) -> None:
         """Between requests: unseal the next pad now, so the next inference does not wait for it."""
@@ -155,12 +118,17 @@ class Enclave:
     def _take_pad(self, allow_make: bool) -> dict[str, np.ndarray] | None:
         """Take (and delete) the next one-time pad; with none left, make one here (slow, counted as offline)."""
         from tee.bundle import pad_aad, read_sealed
-        files = sorted((self.dir / "pads").glob("*.sealed"))
-        if files:
-            f = files[0]
-            pad = read_sealed(f, self.key, pad_aad(int(f.stem), self.meas))
-            f.unlink()   # one use only
-            return pad
+        for f in sorted((self.dir / "pads").glob("*.sealed")):
+            # claim the file by renaming it (atomic): two enclaves on one bundle never take the same pad
+            claimed = f.with_name(f"{f.stem}.taken-{os.getpid()}")
+            try:
+                os.rename(f, claimed)
+            except FileNotFoundError:
+                continue
+            try:
+                return read_sealed(claimed, self.key, pad_aad(int(f.stem), self.meas))
+            finally:
+                claimed.unlink()   # one use only, readable or not
         if not allow_make:
             return None
         t = time.perf_counter()
@@ -190,15 +158,19 @@ class Enclave:
         self.link.reset()
         self.offline = 0.0
         t0, c0 = time.perf_counter(), time.thread_time()
-        lin = self.lin()
+        submit = self.submitter()
         t_pad = time.perf_counter() - t0
-        y = program.forward(self.model, inputs, lin)
+        chunks = 1 if self.mode == "enclave-only" else self.chunks
+        y = program.pipelined(self.model, inputs, submit, chunks)
         total = time.perf_counter() - t0
+        link = self.link
+        enclave = total - link.blocked - self.offline
         # CPU seconds are far less sensitive than wall time to other work on a shared machine
-        timings = {"enclave_cpu_s": time.thread_time() - c0 - self.offline, "accelerator_cpu_s": self.link.accel_cpu,
-                   "enclave_s": total - self.link.wait - self.offline, "accelerator_s": self.link.accel,
-                   "transfer_s": self.link.wait - self.link.accel, "pad_s": t_pad - self.offline,
-                   "offline_s": self.offline, "calls": self.link.calls, "total_s": total}
+        timings = {"enclave_cpu_s": time.thread_time() - c0 - self.offline, "accelerator_cpu_s": link.accel_cpu,
+                   "enclave_s": enclave, "accelerator_s": link.accel, "transfer_s": link.transfer,
+                   # the work the two processes did at the same time (pipelining)
+                   "overlap_s": enclave + link.accel + link.transfer - (total - self.offline),
+                   "pad_s": t_pad - self.offline, "offline_s": self.offline, "calls": link.calls, "total_s": total}
         return y.astype(np.float32), timings
 
     def handle(self, msg: Message) -> Message:
@@ -224,13 +196,14 @@ class Enclave:
         raise TinyshieldError(f"the enclave does not serve {msg.kind!r} requests")
 
 
-def main(client_conn, accel_conn, bundle_dir: str, buffer_names: tuple[str, str] | None = None) -> None:
+def main(client_conn, accel_conn, bundle_dir: str, buffer_names: tuple[str, str] | None = None,
+         chunks: int = dma.SLOTS) -> None:
     """Process entry point (spawned with one thread)."""
     torch.set_num_threads(1)
     torch.set_grad_enabled(False)
     buffers = tuple(dma.attach(n) for n in buffer_names) if buffer_names else None
     try:
-        enclave, failure = Enclave(bundle_dir, accel_conn, buffers), None
+        enclave, failure = Enclave(bundle_dir, accel_conn, buffers, chunks), None
     except TinyshieldError as e:
         enclave, failure = None, str(e)
     while True:
@@ -241,6 +214,9 @@ def main(client_conn, accel_conn, bundle_dir: str, buffer_names: tuple[str, str]
         if msg.kind == "stop":
             send(client_conn, Message("ok"))
             return
+        if msg.kind == "ping":
+            send(client_conn, Message("ok"))
+            continue
         try:
             if enclave is None:
                 raise TinyshieldError(failure)

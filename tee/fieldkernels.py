@@ -43,8 +43,9 @@ def lib() -> ctypes.CDLL:
     dll = ctypes.CDLL(str(path))
     for name, args, res in (("tsh_blind", [_p, _i32, _i32, _f32, _p, _p, _p, _p], _i32),
                             ("tsh_unblind", [_p, _p, _p, _p, _p, _i32, _i32, _p, _p], _i32),
-                            ("tsh_digits", [_p, _i64, _p], None),
-                            ("tsh_recombine", [_p, _i64, _p], None)):
+                            ("tsh_digits", [_p, _i64, _p, _i32], None),
+                            ("tsh_recombine", [_p, _i64, _p], None),
+                            ("tsh_recombine_f32", [_p, _i64, _p, _i32], None)):
         fn = getattr(dll, name)
         fn.argtypes, fn.restype = args, res
     return dll
@@ -81,20 +82,29 @@ def unblind(y: np.ndarray, u: np.ndarray, s: np.ndarray, scale: np.ndarray, bias
     return bad == 0, lhs
 
 
-def digits(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """Field elements (rows, k) -> int8 (3 rows, k): the digit planes d0, d1, d2 stacked by rows."""
+def digits(x: np.ndarray, out: np.ndarray | None = None, unsigned: bool = False) -> np.ndarray:
+    """Field elements (rows, k) -> (3 rows, k): the digit planes d0, d1, d2 stacked by rows, as int8 (centre(x) =
+    d0 + 256 d1 + 65536 d2), or `unsigned` as uint8 bytes b_i = d_i + 128 (zero point 128)."""
     rows, k = x.shape
-    out = np.empty((3 * rows, k), np.int8) if out is None else out
-    lib().tsh_digits(_arr(x, np.uint32, (rows, k), "x"), rows * k, _arr(out, np.int8, (3 * rows, k), "out"))
+    dtype = np.uint8 if unsigned else np.int8
+    out = np.empty((3 * rows, k), dtype) if out is None else out
+    lib().tsh_digits(_arr(x, np.uint32, (rows, k), "x"), rows * k, _arr(out, dtype, (3 * rows, k), "out"),
+                     0 if unsigned else 0x80)
     return out
 
 
-def recombine(y: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """int32 (3 rows, m) digit products -> (y0 + 256 y1 + 65536 y2) mod p, uint32 (rows, m)."""
+def recombine(y: np.ndarray, out: np.ndarray | None = None, accumulate: bool = False) -> np.ndarray:
+    """(3 rows, m) digit products, int32 or float32 holding exact integers -> (y0 + 256 y1 + 65536 y2) mod p as
+    uint32 (rows, m); `accumulate` (float32 only) adds to `out` mod p."""
     rows, m = y.shape[0] // 3, y.shape[1]
     out = np.empty((rows, m), np.uint32) if out is None else out
-    lib().tsh_recombine(_arr(y, np.int32, (3 * rows, m), "digit products"), rows * m,
-                        _arr(out, np.uint32, (rows, m), "out"))
+    o = _arr(out, np.uint32, (rows, m), "out")
+    if y.dtype == np.float32:
+        lib().tsh_recombine_f32(_arr(y, np.float32, (3 * rows, m), "digit products"), rows * m, o, int(accumulate))
+    elif accumulate:
+        raise TinyshieldError("recombine: accumulate needs float32 digit products")
+    else:
+        lib().tsh_recombine(_arr(y, np.int32, (3 * rows, m), "digit products"), rows * m, o)
     return out
 
 

@@ -28,12 +28,24 @@ def export_layers(weights_t: dict[str, np.ndarray], shapes: dict[str, list[int]]
 
 
 class LayerRunner:
+    """One interpreter per layer and row count: the layer's full rows and the row parts the enclave's
+    pipelined forward sends (tee.program.parts)."""
+
     def __init__(self, accel_dir: Path, shapes: dict[str, list[int]], threads: int):
+        from tee.dma import SLOTS
+        from tee.program import parts
+
         missing = [n for n in shapes if not layer_file(accel_dir, n).is_file()]
         if missing:
             raise TinyshieldError(f"{accel_dir}: no .tflite for {missing[0]} — protect the model again "
                                   "or run the accelerator with --backend torch")
-        self.interp = {n: Interpreter(layer_file(accel_dir, n), threads=threads) for n in shapes}
+        self.interp = {}
+        for n, (rows, k, _) in shapes.items():
+            for size in {rows} | {p.stop - p.start for p in parts(rows, SLOTS)}:
+                self.interp[n, size] = Interpreter(layer_file(accel_dir, n), threads=threads, input_shapes=[(size, k)])
 
     def __call__(self, layer: str, x: np.ndarray) -> np.ndarray:
-        return self.interp[layer].run(x)
+        run = self.interp.get((layer, x.shape[0]))
+        if run is None:
+            raise TinyshieldError(f"{layer}: no interpreter for {x.shape[0]} rows")
+        return run.run(x)

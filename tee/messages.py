@@ -25,10 +25,12 @@ DTYPES = {"f4": np.float32, "f8": np.float64, "i4": np.int32, "u4": np.uint32, "
 SCHEMA: dict[str, tuple[dict[str, type], int | None, tuple[str, ...]]] = {
     # enclave <-> accelerator
     "matmul": ({"layer": str, "seq": int}, 1, ("f4", "u4")),
-    "result": ({"seq": int, "seconds": float, "cpu": float}, 1, ("f4", "u4")),
+    "result": ({"seq": int, "seconds": float, "cpu": float, "t_recv": float, "t_send": float}, 1, ("f4", "u4")),
     # the same through shared buffers (tee.dma): the header names dtype and shape, the data is in the buffer
-    "matmul_dma": ({"layer": str, "seq": int, "dtype": str, "rows": int, "cols": int}, 0, ()),
-    "result_dma": ({"seq": int, "seconds": float, "cpu": float, "dtype": str, "rows": int, "cols": int}, 0, ()),
+    # (slot: which of the dma.SLOTS parts of each buffer the request and its answer use)
+    "matmul_dma": ({"layer": str, "seq": int, "dtype": str, "rows": int, "cols": int, "slot": int}, 0, ()),
+    "result_dma": ({"seq": int, "seconds": float, "cpu": float, "t_recv": float, "t_send": float, "dtype": str,
+                    "rows": int, "cols": int}, 0, ()),
     # host <-> accelerator (administration, never data from the enclave)
     "transcript": ({}, 0, ()),
     "transcript_data": ({"entries": str}, None, ("f4", "u4")),
@@ -40,6 +42,7 @@ SCHEMA: dict[str, tuple[dict[str, type], int | None, tuple[str, ...]]] = {
     "stop": ({}, 0, ()),
     # client <-> enclave
     "attest": ({"nonce": str, "client_key": str}, 0, ()),
+    "ping": ({}, 0, ()),                           # answered once the enclave's work between requests is done
     "quote": ({"measurement": str, "nonce": str, "enclave_key": str, "signature": str}, 0, ()),
     "infer": ({"counter": int}, 1, ("u1",)),       # AES-GCM ciphertext of the encoded inputs
     "output": ({"counter": int, "timings": str}, 1, ("u1",)),

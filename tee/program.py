@@ -4,6 +4,12 @@
 ViT's convolutions as im2col matmuls -- and `forward(model, inputs, lin)` runs the non-linear parts
 (embeddings, attention softmax, GELU, LayerNorm, residuals, pooling) in place, calling `lin(name, x)`
 for each linear layer. The modes differ only in what `lin` does, so every mode runs the same code.
+
+`pipelined(model, inputs, submit, chunks)` is the same forward pass with the rows (tokens) of the
+encoder cut into `chunks` parts: `submit(name, x, rows)` starts a linear layer on one part and returns a
+function that waits for its result. Everything between two attention blocks is row-wise, so while the
+accelerator works on part c the enclave finishes part c - 1 and sends the next layer's part -- the two
+processes overlap instead of taking turns. Only attention needs every row (all keys), once per layer.
 """
 from __future__ import annotations
 
@@ -19,6 +25,19 @@ from edge.models.bert import BertClassifier, BertModel, activation
 from edge.models.vit import ViT
 
 Lin = Callable[[str, torch.Tensor], torch.Tensor]  # (name, rows x in) -> rows x out, bias included
+Pending = Callable[[], torch.Tensor]               # waits for a submitted layer's result
+Submit = Callable[[str, torch.Tensor, slice], Pending]   # (name, part of the input, which rows of it) -> pending
+
+
+def eager(lin: Lin) -> Submit:
+    """A synchronous `lin` as a `submit` (it computes at once)."""
+    return lambda name, x, rows: (lambda y=lin(name, x): y)
+
+
+def parts(n: int, chunks: int) -> list[slice]:
+    """`n` rows cut into at most `chunks` nearly equal consecutive parts."""
+    size = -(-n // max(1, chunks))
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
 def kind_of(model) -> str:
@@ -85,19 +104,32 @@ def rows_per_call(model, inputs: dict[str, np.ndarray]) -> dict[str, int]:
     return rows
 
 
-def _blocks(layers, x: torch.Tensor, mask_bias, lin: Lin, act) -> torch.Tensor:
+def _blocks(layers, x: torch.Tensor, mask_bias, submit: Submit, act, chunks: int) -> torch.Tensor:
+    B, L, D = x.shape
+    rows = parts(B * L, chunks)
+    xs = [x.reshape(B * L, D)[r] for r in rows]
+    pending = [submit("layer0.qkv", xc, r) for xc, r in zip(xs, rows)]
     for i, layer in enumerate(layers):
-        B, L, D = x.shape
         s = layer.attention.self
         h, dh = s.h, s.dh
-        qkv = lin(f"layer{i}.qkv", x.reshape(B * L, D)).reshape(B, L, 3, h, dh).permute(2, 0, 3, 1, 4)
+        qkv = torch.cat([wait() for wait in pending]).reshape(B, L, 3, h, dh).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
         scores = q @ k.transpose(-1, -2) / math.sqrt(dh) + mask_bias
         ctx = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B * L, D)
-        a = layer.attention.output.LayerNorm(lin(f"layer{i}.attn_out", ctx).reshape(B, L, D) + x)
-        mid = act(lin(f"layer{i}.ffn_in", a.reshape(B * L, D)))
-        x = layer.output.LayerNorm(lin(f"layer{i}.ffn_out", mid).reshape(B, L, D) + a)
-    return x
+        pending = [submit(f"layer{i}.attn_out", ctx[r], r) for r in rows]
+        # from here to the next attention every step is row-wise: part c is sent on as soon as it is ready
+        a, nxt = [], []
+        for wait, xc, r in zip(pending, xs, rows):
+            a.append(layer.attention.output.LayerNorm(wait() + xc))
+            nxt.append(submit(f"layer{i}.ffn_in", a[-1], r))
+        pending = [submit(f"layer{i}.ffn_out", act(wait()), r) for wait, r in zip(nxt, rows)]
+        xs, nxt = [], []
+        for wait, ac, r in zip(pending, a, rows):
+            xs.append(layer.output.LayerNorm(wait() + ac))
+            if i + 1 < len(layers):
+                nxt.append(submit(f"layer{i + 1}.qkv", xs[-1], r))
+        pending = nxt
+    return torch.cat(xs).reshape(B, L, D)
 
 
 def _unfold_rows(x: torch.Tensor) -> torch.Tensor:
@@ -106,9 +138,17 @@ def _unfold_rows(x: torch.Tensor) -> torch.Tensor:
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
-@torch.no_grad()
 def forward(model, inputs: dict[str, np.ndarray], lin: Lin) -> np.ndarray:
     """The model's output for `inputs` with every linear layer computed by `lin`."""
+    return pipelined(model, inputs, eager(lin), chunks=1)
+
+
+@torch.no_grad()
+def pipelined(model, inputs: dict[str, np.ndarray], submit: Submit, chunks: int = 2) -> np.ndarray:
+    """`forward` with the encoder's rows in `chunks` parts, each linear layer started by `submit`."""
+    def lin(name, x):                     # the layers outside the encoder: one call, waited for at once
+        return submit(name, x, slice(0, x.shape[0]))()
+
     if isinstance(model, ViT):
         c = model.config
         img = torch.from_numpy(np.asarray(inputs["image"], dtype=np.float32))
@@ -122,13 +162,13 @@ def forward(model, inputs: dict[str, np.ndarray], lin: Lin) -> np.ndarray:
             patches = img.unfold(2, p, p).unfold(3, p, p).permute(0, 2, 3, 1, 4, 5).reshape(B * c.num_tokens, -1)
             t = lin("stem.proj", patches).reshape(B, c.num_tokens, c.hidden_size)
         x = model.LayerNorm(t + model.pos_embedding)
-        x = _blocks(model.encoder.layer, x, 0.0, lin, activation("gelu"))
+        x = _blocks(model.encoder.layer, x, 0.0, submit, activation("gelu"), chunks)
         return lin("classifier", x.mean(1)).numpy()
     bert = _bert(model)
     ids = torch.from_numpy(np.asarray(inputs["input_ids"])).long()
     mask = torch.from_numpy(np.asarray(inputs["attention_mask"])).long()
     mask_bias = (1.0 - mask[:, None, None, :].float()) * -1e9
-    x = _blocks(bert.encoder.layer, bert.embeddings(ids), mask_bias, lin, activation(bert.config.hidden_act))
+    x = _blocks(bert.encoder.layer, bert.embeddings(ids), mask_bias, submit, activation(bert.config.hidden_act), chunks)
     m = mask[..., None].float()
     pooled = (x * m).sum(1) / m.sum(1).clamp(min=1e-9)
     if isinstance(model, BertClassifier):

@@ -43,7 +43,7 @@ def test_message_roundtrip_and_refusals():
 @settings(max_examples=200, deadline=None)
 @given(st.integers(0, 200), st.integers(0, 255))
 def test_corrupted_messages_never_crash(pos, byte):
-    buf = bytearray(messages.encode(messages.Message("result", {"seq": 1, "seconds": 0.5, "cpu": 0.1},
+    buf = bytearray(messages.encode(messages.Message("result", {"seq": 1, "seconds": 0.5, "cpu": 0.1, "t_recv": 1.0, "t_send": 2.0},
                                                      [np.ones((2, 3), np.uint32)])))
     buf[pos % len(buf)] = byte
     try:
@@ -123,11 +123,25 @@ def test_int8_digit_matmul_is_exact_mod_p(rows, k, m, seed):
     xc = np.where(x.astype(np.int64) > HALF, x.astype(np.int64) - P, x.astype(np.int64)).astype(object)
     want = np.mod(xc @ w.astype(object), P).astype(np.int64)
     assert np.array_equal(fieldmath.int8_matmul_mod(x, torch.from_numpy(w)).astype(np.int64), want)
-    got = blinded.accelerate(x, torch.from_numpy(w))
+    got = blinded.FieldGemm(torch.from_numpy(w))(x)
     assert got.dtype == np.uint32 and np.array_equal(got.astype(np.int64), want)
     assert np.array_equal(fieldkernels.digits(x), fieldmath.digits(x))
     d = fieldmath.digits(x).astype(np.int64).reshape(3, rows, k)
     assert np.array_equal(d[0] + 256 * d[1] + 65536 * d[2], xc.astype(np.int64))
+
+
+def test_field_gemm_is_exact_at_the_largest_sums():
+    """Digits at -128 with weights at +-127 over MiniLM's widest input (k = 1536): the sums pass 2^24, so the
+    float32 GEMM must be split along k -- and the result must still be exact."""
+    k = 1536
+    worst = (-128 - 128 * 256 - 79 * 65536) % P             # digits (-128, -128, -79)
+    x = np.full((4, k), worst, np.uint32)
+    x[1], x[2, ::2] = P - 1, HALF
+    w = np.stack([np.full(k, 127), np.full(k, -127), np.where(np.arange(k) % 2, 127, -127)], 1).astype(np.int8)
+    xc = np.where(x.astype(np.int64) > HALF, x.astype(np.int64) - P, x.astype(np.int64)).astype(object)
+    want = np.mod(xc @ w.astype(object), P).astype(np.int64)
+    assert np.array_equal(blinded.FieldGemm(torch.from_numpy(w))(x).astype(np.int64), want)
+    assert np.array_equal(fieldkernels.digits(x, unsigned=True).view(np.int8) ^ np.int8(-128), fieldkernels.digits(x))
 
 
 def test_recombination_is_exact_at_the_extremes():
@@ -198,7 +212,7 @@ def test_blinded_linear_equals_fixed_point_reference_with_fresh_masks():
     sent = []
     for pad in pads:
         xt, rhs = blinded.blind(torch.from_numpy(x), layer, pad["l.r"], pad["l.v"])
-        yt = blinded.accelerate(xt, wt)
+        yt = blinded.FieldGemm(wt)(xt)
         y = blinded.unblind(yt, pad["l.u"], pad["l.s"], rhs, layer)
         assert y is not None and torch.equal(y, blinded.reference_lin({"l": layer})("l", torch.from_numpy(x)))
         sent.append(xt)

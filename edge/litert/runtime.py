@@ -51,7 +51,7 @@ class Interpreter:
     """
 
     def __init__(self, model, threads: int | None = None, xnnpack: bool = True, preserve_all: bool = False,
-                 reference_kernels: bool = False):
+                 reference_kernels: bool = False, input_shapes: list[tuple[int, ...]] | None = None):
         data, where = read_model(model)
         self.model = validate(data, where)
         self.where = where
@@ -67,6 +67,8 @@ class Interpreter:
             kwargs["experimental_preserve_all_tensors"] = True
         try:
             self.interp = lite.Interpreter(**kwargs)
+            for d, shape in zip(self.interp.get_input_details(), input_shapes or []):
+                self.interp.resize_tensor_input(d["index"], list(shape))   # e.g. another batch size
             self.interp.allocate_tensors()
         except (ValueError, RuntimeError) as e:
             raise TinyshieldError(f"{where}: LiteRT cannot load the model: {e}") from e

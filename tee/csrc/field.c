@@ -85,28 +85,44 @@ int tsh_unblind(const uint32_t *y, const uint32_t *u, const uint32_t *s, const f
     return bad;
 }
 
-/* Field elements x (n of them, each < p) -> three planes of signed digits d0, d1, d2 (int8, n each) with
- * centre(x) = d0 + 256 d1 + 65536 d2: the bytes of centre(x) + OFFSET, each shifted by 128. */
-void tsh_digits(const uint32_t *x, int64_t n, int8_t *out) {
-    int8_t *d0 = out, *d1 = out + n, *d2 = out + 2 * n;
+/* Field elements x (n of them, each < p) -> three planes of digits (n each) with
+ * centre(x) = d0 + 256 d1 + 65536 d2 - OFFSET: the bytes b_i of centre(x) + OFFSET. `flip` = 0x80 gives the
+ * signed digits b_i - 128 read as int8; flip = 0 the unsigned bytes b_i (uint8 with zero point 128). */
+void tsh_digits(const uint32_t *x, int64_t n, uint8_t *out, int flip) {
+    uint8_t *d0 = out, *d1 = out + n, *d2 = out + 2 * n;
+    const uint8_t f = (uint8_t)flip;
     for (int64_t i = 0; i < n; i++) {
         uint32_t z = x[i] > HALF ? x[i] - (P - OFFSET) : x[i] + OFFSET;
-        d0[i] = (int8_t)((z & 0xff) ^ 0x80);
-        d1[i] = (int8_t)(((z >> 8) & 0xff) ^ 0x80);
-        d2[i] = (int8_t)(((z >> 16) & 0xff) ^ 0x80);
+        d0[i] = (uint8_t)(z & 0xff) ^ f;
+        d1[i] = (uint8_t)((z >> 8) & 0xff) ^ f;
+        d2[i] = (uint8_t)((z >> 16) & 0xff) ^ f;
     }
 }
 
-/* Three planes of int32 digit products (n each) -> (y0 + 256 y1 + 65536 y2) mod p. The sum t is an integer
- * below 2^42 in magnitude; the truncated float quotient is within one of t / p, so t - q p lies in (-2p, 2p). */
+/* (t mod p) for an integer t below 2^42 in magnitude: the truncated float quotient is within one of t / p,
+ * so t - q p lies in (-2p, 2p). */
+static inline uint32_t mod_p(int64_t t) {
+    int64_t q = (int64_t)((double)t * (1.0 / P));
+    int32_t r = (int32_t)(t - q * (int64_t)P);
+    r += (r >> 31) & (int32_t)P;                   /* (-p, 2p) */
+    return (uint32_t)reduce(r);
+}
+
+/* Three planes of int32 digit products (n each) -> (y0 + 256 y1 + 65536 y2) mod p. */
 void tsh_recombine(const int32_t *y, int64_t n, uint32_t *out) {
     const int32_t *y0 = y, *y1 = y + n, *y2 = y + 2 * n;
-    const double inv = 1.0 / P;
+    for (int64_t i = 0; i < n; i++)
+        out[i] = mod_p((int64_t)y0[i] + ((int64_t)y1[i] << 8) + ((int64_t)y2[i] << 16));
+}
+
+/* The same from float32 planes holding exact integers (|y| < 2^24); with `accumulate` the result is added
+ * to `out` mod p (a GEMM split along k into parts whose sums each stay exact in float32). */
+void tsh_recombine_f32(const float *y, int64_t n, uint32_t *out, int accumulate) {
+    const float *y0 = y, *y1 = y + n, *y2 = y + 2 * n;
     for (int64_t i = 0; i < n; i++) {
         int64_t t = (int64_t)y0[i] + ((int64_t)y1[i] << 8) + ((int64_t)y2[i] << 16);
-        int64_t q = (int64_t)((double)t * inv);
-        int32_t r = (int32_t)(t - q * (int64_t)P);
-        r += (r >> 31) & (int32_t)P;                   /* (-p, 2p) */
-        out[i] = (uint32_t)reduce(r);
+        if (accumulate)
+            t += out[i];
+        out[i] = mod_p(t);
     }
 }

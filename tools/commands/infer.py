@@ -64,7 +64,7 @@ def run(args):
                 what = f"embedding dim {y.shape[-1]}, first {np.array2string(y[0][:4], precision=4)}"
             print(f"{text[:40]!r}: {what}")
             print(f"  {t.total_s * 1e3:.1f} ms: enclave {t.enclave_s * 1e3:.1f}, accelerator {t.accelerator_s * 1e3:.1f}, "
-                  f"transfer {t.transfer_s * 1e3:.1f} ms over {t.calls} calls"
+                  f"transfer {t.transfer_s * 1e3:.1f}, overlapping {t.overlap_s * 1e3:.1f} ms; {t.calls} calls"
                   + (f", pad made on the spot {t.offline_s * 1e3:.0f} ms" if t.offline_s else ""))
     if len(outs) > 1 and bundle.header["kind"] not in ("vit",) and outs[0].shape[-1] > 16:
         e = np.stack(outs)
