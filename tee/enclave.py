@@ -165,7 +165,7 @@ class Enclave:
         total = time.perf_counter() - t0
         link = self.link
         enclave = total - link.blocked - self.offline
-        # CPU seconds are far less sensitive than wall time to other work on a shared machine
+        # CPU seconds of the enclave include its polling for answers (tee.link.spinner)
         timings = {"enclave_cpu_s": time.thread_time() - c0 - self.offline, "accelerator_cpu_s": link.accel_cpu,
                    "enclave_s": enclave, "accelerator_s": link.accel, "transfer_s": link.transfer,
                    # the work the two processes did at the same time (pipelining)

@@ -116,6 +116,15 @@ def test_sealing_and_attestation_refusals(tee_env, vit):
     assert "replayed" in checks["replayed attestation"].message
 
 
+def test_pipe_transport_and_no_pipelining_give_the_same_exact_answer(tee_env, vit):
+    b = bundle.protect(vit, tee_env / "pipe", "blinded", pads=2)
+    x = images(1)[0]
+    for kw in ({"transport": "pipe"}, {"pipeline": False}):
+        with ProtectedSession(b.path, **kw) as s:
+            y, t = s.infer(x)
+        assert np.array_equal(y, fixed_point_reference(b.path, x)) and t.calls > 0, kw
+
+
 def test_two_enclaves_on_one_bundle_never_share_a_pad(tee_env, vit):
     b = bundle.protect(vit, tee_env / "pads", "blinded", pads=3)
     first, second = Enclave(b.path), Enclave(b.path)
