@@ -287,3 +287,46 @@ def test_recipe_max_len_default():
     assert recipe_max_len({"recipe": {"max_len": 64}}) == 64
     assert recipe_max_len({"kind": "bert-classifier"}) is None
     assert recipe_max_len({"recipe": "?"}) is None
+
+
+def test_substituted_contexts_keep_the_ends_and_change_one_token():
+    from edge.compress.model import substitute_tokens
+
+    g = np.random.default_rng(0)
+    contexts = [np.array([101, 7, 8, 9, 102]), np.array([101, 5, 6, 102])]
+    rare = np.array([500, 501])
+    out = substitute_tokens(contexts, rare, 50, g)
+    assert len(out) == 50
+    for s in out:
+        src = next(c for c in contexts if len(c) == len(s))
+        assert s[0] == 101 and s[-1] == 102
+        changed = np.flatnonzero(s != src)
+        assert len(changed) <= 1 and np.isin(s[1:-1], np.concatenate([src[1:-1], rare])).all()
+        assert np.isin(rare, s).any()
+    assert contexts[0].tolist() == [101, 7, 8, 9, 102]  # the originals are not modified
+
+
+def test_finetune_with_substituted_rare_tokens_moves_towards_the_teacher():
+    """The augmentation term makes the compressed model agree more with the original on rare tokens
+    than the same fine-tuning without it."""
+    from edge.compress.model import _kl, finetune_classifier, substitute_tokens
+    from edge.recipes.bert_tiny_sst2 import pad
+
+    weights = np.where(np.arange(V) < 400, 10.0, 0.1)  # ids >= 400 are rare: poorly reconstructed
+    rare = np.arange(400, V)  # and the training sequences never contain them
+    g = np.random.default_rng(1)
+    seqs = [np.concatenate([[1], g.integers(2, 50, g.integers(4, 12)), [2]]) for _ in range(256)]
+    labels = g.integers(0, 2, 256)
+    ids, mask = pad(substitute_tokens(seqs, rare, 128, np.random.default_rng(2)))
+    kl = {}
+    for weight in (0.0, 1.0):
+        teacher = small_classifier()
+        with torch.no_grad():
+            teacher.classifier.weight.mul_(30)  # confident logits, so there is something to match
+        c = compress(teacher, weights, other_params(teacher) + 1500)
+        info = finetune_classifier(c.model, seqs, labels, teacher=teacher, steps=80, batch_size=32, lr=2e-3,
+                                   rare_tokens=rare, augment_weight=weight)
+        assert info["augmented"] == bool(weight) and info["steps"] == 80
+        with torch.no_grad():
+            kl[weight] = float(_kl(c.model(ids, mask), teacher(ids, mask), 2.0))
+    assert kl[1.0] < 0.9 * kl[0.0]

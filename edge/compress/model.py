@@ -187,17 +187,41 @@ def quantize(c: Compressed) -> Compressed:
     return c
 
 
+def substitute_tokens(contexts: list[np.ndarray], tokens: np.ndarray, n: int,
+                      g: np.random.Generator) -> list[np.ndarray]:
+    """`n` copies of random `contexts` (token-id sequences of at least 3 ids) with one inner position
+    ([CLS] and [SEP] kept) replaced by a random id from `tokens`: new contexts for rare tokens."""
+    out = []
+    for j in g.integers(0, len(contexts), n):
+        s = contexts[j].copy()
+        s[g.integers(1, len(s) - 1)] = tokens[g.integers(0, len(tokens))]
+        out.append(s)
+    return out
+
+
+def _kl(z: torch.Tensor, zt: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher || student) of softened distributions, scaled by T^2 (Hinton et al.)."""
+    return temperature ** 2 * F.kl_div(F.log_softmax(z / temperature, -1), F.log_softmax(zt / temperature, -1),
+                                       log_target=True, reduction="batchmean")
+
+
 def finetune_classifier(model: BertClassifier, seqs: list[np.ndarray], labels: np.ndarray, *,
                         teacher: BertClassifier | None = None, steps: int = 800, batch_size: int = 64,
                         lr: float = 5e-4, kd_weight: float = 10.0, temperature: float = 2.0, seed: int = 0,
-                        soft_logits: np.ndarray | None = None, soft_weight: float = 0.0,
+                        rare_tokens: np.ndarray | None = None, augment_weight: float = 1.0,
                         quiet: bool = True) -> dict:
-    """Brief recovery training of a compressed classifier: labels + KL to the uncompressed model
-    (+ optionally KL to fixed soft labels `soft_logits`, one row per sequence, e.g. the recipe's
-    MiniLM teacher, weighted by `soft_weight`).
+    """Brief recovery training of a compressed classifier: labels + KL to the uncompressed model,
+    and with `rare_tokens` + KL to it on token-substituted copies of the training sequences.
 
     The KL term dominates (weight 10): matching the original model recovers more than the labels
     do (SST-2 dev at 5.7x: 80.5% with weight 1, 81.0% with 4, 81.2% with 10).
+
+    Why the substituted copies: most of what compression loses sits in the rarely seen tokens
+    (BERT-tiny at 5.7x: restoring the exact rows of the 5,937 tokens seen 1-13 times in SST-2 train
+    lifts dev accuracy before fine-tuning from 79.8% to 81.7%), and those tokens appear in too few
+    training sequences to be fine-tuned. Each step therefore also matches the uncompressed model on
+    a batch of training sequences with one token swapped for a random rare one (data augmentation
+    for distillation as in TinyBERT), weighted `augment_weight` times the KL term.
     """
     from edge.progress import progress
     from edge.recipes.bert_tiny_sst2 import batches, pad
@@ -210,6 +234,9 @@ def finetune_classifier(model: BertClassifier, seqs: list[np.ndarray], labels: n
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
     lengths = np.array([len(s) for s in seqs])
     y = torch.from_numpy(labels)
+    contexts = [s for s in seqs if len(s) >= 5]  # [CLS] + at least 3 word pieces + [SEP]
+    augment = bool(teacher is not None and kd_weight and augment_weight and rare_tokens is not None
+                   and len(rare_tokens) and contexts)
     losses, step, t0 = [], 0, time.time()
     if teacher is not None:
         teacher.eval()
@@ -226,14 +253,12 @@ def finetune_classifier(model: BertClassifier, seqs: list[np.ndarray], labels: n
                 if teacher is not None and kd_weight:
                     with torch.no_grad():
                         zt = teacher(ids, mask)
-                    kl = F.kl_div(F.log_softmax(z / temperature, -1), F.log_softmax(zt / temperature, -1),
-                                  log_target=True, reduction="batchmean")
-                    loss = loss + kd_weight * temperature ** 2 * kl
-                if soft_logits is not None and soft_weight:
-                    zs = torch.from_numpy(soft_logits[idx])
-                    kl = F.kl_div(F.log_softmax(z / temperature, -1), F.log_softmax(zs / temperature, -1),
-                                  log_target=True, reduction="batchmean")
-                    loss = loss + soft_weight * temperature ** 2 * kl
+                    loss = loss + kd_weight * _kl(z, zt, temperature)
+                if augment:
+                    a_ids, a_mask = pad(substitute_tokens(contexts, rare_tokens, batch_size, g))
+                    with torch.no_grad():
+                        zt = teacher(a_ids, a_mask)
+                    loss = loss + augment_weight * kd_weight * _kl(model(a_ids, a_mask), zt, temperature)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -242,7 +267,7 @@ def finetune_classifier(model: BertClassifier, seqs: list[np.ndarray], labels: n
                 step += 1
                 bar.update(task, advance=1, info=f"loss {np.mean(losses[-20:]):.3f}")
     model.eval()
-    return {"steps": step, "seconds": round(time.time() - t0, 1),
+    return {"steps": step, "seconds": round(time.time() - t0, 1), "augmented": augment,
             "first_loss": losses[0] if losses else None, "last_loss": float(np.mean(losses[-20:])) if losses else None}
 
 

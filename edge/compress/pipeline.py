@@ -47,12 +47,24 @@ def recipe_max_len(config: dict) -> int | None:
     return int(n) if n else None
 
 
-def sst2_weights(vocab_size: int, train_limit: int | None = None) -> np.ndarray:
-    """Token weights from SST-2 train only (its counts, square-rooted; see `search.token_weights`)."""
+def sst2_counts(vocab_size: int, train_limit: int | None = None) -> np.ndarray:
+    """How often each token occurs in SST-2 train (the only statistics the compression uses)."""
     from edge import data
 
-    texts = data.sst2("train").texts[:train_limit]
-    return token_weights(token_counts(texts, vocab_size))
+    return token_counts(data.sst2("train").texts[:train_limit], vocab_size)
+
+
+def sst2_weights(vocab_size: int, train_limit: int | None = None) -> np.ndarray:
+    """Token weights from SST-2 train only (its counts, square-rooted; see `search.token_weights`)."""
+    return token_weights(sst2_counts(vocab_size, train_limit))
+
+
+RARE_MAX_COUNT = 60  # tokens seen 1..60 times in SST-2 train get extra fine-tuning contexts
+
+
+def rare_tokens(counts: np.ndarray, max_count: int = RARE_MAX_COUNT) -> np.ndarray:
+    """Ids of tokens seen at least once but at most `max_count` times (see `finetune_classifier`)."""
+    return np.flatnonzero((counts >= 1) & (counts <= max_count))
 
 
 def lookup_summary(layout, weights: np.ndarray) -> dict:
@@ -67,11 +79,13 @@ def lookup_summary(layout, weights: np.ndarray) -> dict:
 def compress_model(model: nn.Module, name: str, budget: int, unit: str = "params", *, total: bool = True,
                    finetune_steps: int = 800, int8: bool = True, out: str | Path | None = None,
                    train_limit: int | None = None, dev_limit: int | None = None, quiet: bool = True,
-                   cands=None, max_len: int | None = None) -> tuple[Report, cm.Compressed]:
+                   cands=None, max_len: int | None = None,
+                   augment: float = 1.0) -> tuple[Report, cm.Compressed]:
     """Compress `model`'s word table within `budget` and report sizes, errors and quality.
 
     `max_len` cuts the position table to the sequence length the model is deployed at (rows past it
     are never read); None keeps every row. The freed parameters count towards the word table.
+    `augment` weighs the fine-tuning term on sequences with rare tokens substituted in (0 = off).
 
     Classifier: SST-2 dev accuracy of the original, the compressed model before and after
     `finetune_steps` of recovery training (labels + KL to the original), and with int8 factors.
@@ -82,7 +96,8 @@ def compress_model(model: nn.Module, name: str, budget: int, unit: str = "params
     t0 = time.time()
     model = model.eval()
     table = cm.word_table(model)
-    weights = sst2_weights(table.shape[0], train_limit)
+    counts = sst2_counts(table.shape[0], train_limit)
+    weights = token_weights(counts)
     sizes_before = cm.size_parts(model)
     comp = cm.compress(model, weights, budget, unit, total=total, cands=cands, max_len=max_len)
     rows_after = cm.bert_of(comp.model).config.max_position_embeddings
@@ -107,7 +122,8 @@ def compress_model(model: nn.Module, name: str, budget: int, unit: str = "params
             tr = data.sst2("train")
             seqs = encode(tr.texts[:train_limit], seq_len)
             quality["finetune"] = cm.finetune_classifier(comp.model, seqs, tr.labels[:train_limit],
-                                                         teacher=model, steps=finetune_steps, quiet=quiet)
+                                                         teacher=model, steps=finetune_steps, quiet=quiet,
+                                                         rare_tokens=rare_tokens(counts), augment_weight=augment)
             quality["finetuned_accuracy"] = accuracy(comp.model, dev_seqs, dev_labels)
         best = quality.get("finetuned_accuracy", quality["compressed_accuracy"])
         if int8:

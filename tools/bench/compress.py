@@ -108,7 +108,7 @@ def minilm_rows(ratios=(5, 10, 20), bytes_ratio=10, dev_limit=None, quick=False)
 
 
 def bert_rows(ratios=(3, 5.7, 8), flash: int | None = 1 << 20, finetune_steps=800, quick=False,
-              trained=None, max_len: int | None = -1) -> list[dict]:
+              trained=None, max_len: int | None = -1, augment: float = 1.0) -> list[dict]:
     """`max_len` -1: the recipe's max_len (position rows past it are cut); None: keep every row."""
     from edge.compress.model import other_params, size_parts
     from edge.compress.pipeline import compress_model, recipe_max_len
@@ -132,7 +132,7 @@ def bert_rows(ratios=(3, 5.7, 8), flash: int | None = 1 << 20, finetune_steps=80
         jobs.append(("1 MB flash", flash, "bytes"))
     for size, budget, unit in jobs:
         rep, comp = compress_model(model, "bert-tiny-sst2", budget, unit, finetune_steps=finetune_steps,
-                                   int8=True, cands=cands, max_len=max_len)
+                                   int8=True, cands=cands, max_len=max_len, augment=augment)
         after = rep.sizes_after["total"]
         q = rep.quality
         rows.append({"model": "bert-tiny-sst2", "size": size, "budget": budget, "unit": unit,
@@ -162,6 +162,8 @@ def main(argv=None):
     p.add_argument("--finetune-steps", type=int, default=800)
     p.add_argument("--skip-flash", action="store_true", help="no BERT-tiny run at the 1 MB flash budget")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--augment", type=float, default=1.0,
+                   help="fine-tuning weight on rare-token substituted sentences (default 1; 0 = off)")
     p.add_argument("--max-len", type=int, default=-1,
                    help="BERT-tiny position rows to keep (default: the recipe's max_len, 64; 0 = all 512)")
     args = p.parse_args(argv)
@@ -170,7 +172,8 @@ def main(argv=None):
     out = {"bert_tiny": [], "minilm": []}
     if not args.skip_bert:
         out["bert_tiny"] = bert_rows(finetune_steps=args.finetune_steps, quick=args.quick,
-                                     flash=None if args.skip_flash else 1 << 20, max_len=args.max_len or None)
+                                     flash=None if args.skip_flash else 1 << 20, max_len=args.max_len or None,
+                                     augment=args.augment)
     if not args.skip_minilm:
         out["minilm"] = minilm_rows(quick=args.quick)
     out["seconds"] = round(time.time() - t0, 1)

@@ -15,6 +15,9 @@ def register(sub):
     p.add_argument("--out", help="output directory (default: build/compressed/<model>-<budget>/)")
     p.add_argument("--finetune-steps", type=int, default=800,
                    help="recovery training steps for classifiers (default 800; 0 = none)")
+    p.add_argument("--augment", type=float, default=1.0,
+                   help="weight of the fine-tuning term on training sentences with a rare token substituted in "
+                        "(matches the uncompressed model there; default 1; 0 = off)")
     p.add_argument("--max-len", type=int, default=None,
                    help="keep this many position rows (the longest sequence the model will read); default: the "
                         "recipe's max_len when the model directory records one, else all rows; 0 = all rows")
@@ -43,13 +46,16 @@ def run(args):
         budget, unit, total = parse_size(args.embedding_budget, "params"), "params", False
     loaded = resolve(args.model)
     max_len = recipe_max_len(loaded.config) if args.max_len is None else (args.max_len or None)
+    if args.augment < 0:
+        raise TinyshieldError(f"--augment must be >= 0 (0 turns it off), got {args.augment}")
     if max_len is not None and max_len < 0:
         raise TinyshieldError(f"--max-len must be >= 0 (0 keeps every position row), got {max_len}")
     name = args.model.rstrip("/").split("/")[-1]
     tag = (args.budget or args.flash or "emb" + args.embedding_budget).replace(".", "_")
     out = args.out or build_dir() / "compressed" / f"{name}-{tag}"
     report, _ = compress_model(loaded.model, name, budget, unit, total=total, finetune_steps=args.finetune_steps,
-                               int8=not args.float, out=out, quiet=args.quiet, max_len=max_len)
+                               int8=not args.float, out=out, quiet=args.quiet, max_len=max_len,
+                               augment=args.augment)
     (build_dir() / "compressed").mkdir(parents=True, exist_ok=True)
     with open(f"{report.path}/report.json", "w") as f:
         json.dump(report.to_dict(), f, indent=2, default=str)

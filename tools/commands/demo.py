@@ -64,11 +64,13 @@ def _bert(args):
         out = Path(args.bert)
     elif not (out / "config.json").is_file():
         from edge.compress.model import parse_size
-        from edge.compress.pipeline import compress_model
+        from edge.compress.pipeline import compress_model, recipe_max_len
         from edge.models.registry import load_dir
         r = recipes()["bert-tiny-sst2"]()
         print(f"bert-tiny-sst2: {r.metrics.get('dev_accuracy', r.metrics)} ({r.path}); compressing to 1 MB")
-        compress_model(load_dir(r.path).model, "bert-tiny-sst2", parse_size("1MB", "bytes"), "bytes", out=out)
+        src = load_dir(r.path)
+        compress_model(src.model, "bert-tiny-sst2", parse_size("1MB", "bytes"), "bytes", out=out,
+                       max_len=recipe_max_len(src.config))  # as `tinyshield compress` does: 64 position rows
     built = build_model(str(out), args.board, seq_len=64, name="bert-tiny-sst2-clr")
     print(f"bert-tiny-sst2 (CLR): {built.macs:,} MACs, weights {built.graph.const_bytes():,} B, "
           f"arena {built.plan.arena_bytes:,} B; firmware {built.firmware.summary()}")
