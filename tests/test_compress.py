@@ -330,3 +330,29 @@ def test_finetune_with_substituted_rare_tokens_moves_towards_the_teacher():
         with torch.no_grad():
             kl[weight] = float(_kl(c.model(ids, mask), teacher(ids, mask), 2.0))
     assert kl[1.0] < 0.9 * kl[0.0]
+
+
+def test_sensitivity_metric_and_whitened_compression(weights):
+    """The metric is a PSD Fisher matrix blind to the direction LayerNorm removes; a table rebuilt in
+    it is mapped back exactly (full rank reproduces the table) and keeps the budget."""
+    from edge.compress.model import size_parts
+    from edge.compress.sensitivity import embedding_metric, whitening
+
+    model = small_classifier()
+    g = np.random.default_rng(0)
+    seqs = [np.concatenate([[1], g.integers(2, V, g.integers(3, 10)), [2]]) for _ in range(40)]
+    m = embedding_metric(model, seqs)
+    assert m.shape == (D, D) and np.allclose(m, m.T, atol=1e-12)
+    vals = np.linalg.eigvalsh(m)
+    assert vals.min() > -1e-9 * vals.max() and vals.max() > 0
+    ones = np.ones(D) / np.sqrt(D)
+    assert ones @ m @ ones < 1e-6 * vals.max()  # adding c*1 to a word vector is undone by LayerNorm
+    s, s_inv = whitening(m)
+    torch.testing.assert_close(s @ s_inv, torch.eye(D, dtype=torch.float64), atol=1e-9, rtol=0)
+
+    table = model.bert.embeddings.word_embeddings.weight.detach()
+    full = compress(model, weights, V * D, total=False, whiten=(s, s_inv))
+    torch.testing.assert_close(full.model.bert.embeddings.word_embeddings.table(), table, atol=1e-4, rtol=0)
+    budget = other_params(model) + 3000
+    c = compress(model, weights, budget, whiten=(s, s_inv))
+    assert size_parts(c.model)["total"]["params"] <= budget

@@ -136,6 +136,14 @@ class Compressed:
     metrics: dict = field(default_factory=dict)
 
 
+def check_max_len(max_len: int, rows: int) -> None:
+    if max_len < 1:
+        raise TinyshieldError(f"max_len must be >= 1, got {max_len}")
+    if max_len > rows:
+        raise TinyshieldError(f"max_len {max_len} is longer than the model's position table ({rows} rows): "
+                              f"give at most {rows}, or leave it out to keep every row")
+
+
 def truncate_positions(model: nn.Module, max_len: int) -> int:
     """Keep only the first `max_len` rows of the position table (in place); returns the rows before.
 
@@ -146,11 +154,7 @@ def truncate_positions(model: nn.Module, max_len: int) -> int:
     bert = bert_of(model)
     old = bert.embeddings.position_embeddings
     rows, d = old.weight.shape
-    if max_len < 1:
-        raise TinyshieldError(f"max_len must be >= 1, got {max_len}")
-    if max_len > rows:
-        raise TinyshieldError(f"max_len {max_len} is longer than the model's position table ({rows} rows): "
-                              f"give at most {rows}, or leave it out to keep every row")
+    check_max_len(max_len, rows)
     if max_len < rows:
         new = nn.Embedding(max_len, d)
         with torch.no_grad():
@@ -161,19 +165,32 @@ def truncate_positions(model: nn.Module, max_len: int) -> int:
 
 
 def compress(model: nn.Module, weights: np.ndarray, budget: int, unit: str = "params",
-             total: bool = True, cands=None, max_len: int | None = None) -> Compressed:
+             total: bool = True, cands=None, max_len: int | None = None,
+             whiten: tuple[torch.Tensor, torch.Tensor] | None = None) -> Compressed:
     """Search a CLR layout within `budget` (of the whole model if `total`, else of the table alone)
     and install its factors in a copy of `model`. With `max_len` the copy's position table is cut
-    to that many rows first, so the rows freed go to the word table."""
+    to that many rows first, so the rows freed go to the word table.
+
+    With `whiten` = (S, S^-1) (see `sensitivity.whitening`) the layout and factors are those of
+    E S, the table in the model's sensitivity metric, mapped back by S^-1 on the output side
+    (V_c, or the rows of a dense cluster), so the lookup and its cost are unchanged. `cands`
+    must then have been built from E S too.
+    """
     import copy
 
     out = copy.deepcopy(model)
     if max_len is not None:
         truncate_positions(out, max_len)
     table = word_table(out)
+    target = table if whiten is None else (table.double() @ whiten[0]).float()
     emb_budget = embedding_budget(out, budget, unit) if total else budget
-    res = search(table, weights, emb_budget, unit, cands)
-    clr = factorize(table, res.layout, torch.as_tensor(weights), res.bases)
+    res = search(target, weights, emb_budget, unit, cands)
+    clr = factorize(target, res.layout, torch.as_tensor(weights), res.bases)
+    if whiten is not None:
+        with torch.no_grad():
+            for c, dense in enumerate(res.layout.dense):
+                out_side = clr.u[c] if dense else clr.v[c]
+                out_side.copy_((out_side.double() @ whiten[1]).float())
     set_word_embeddings(out, clr)
     return Compressed(out, res)
 

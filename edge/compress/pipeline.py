@@ -76,16 +76,27 @@ def lookup_summary(layout, weights: np.ndarray) -> dict:
             "mean_bytes_read": float(sum(p * c["bytes_read"] for p, c in zip(w_c, costs)))}
 
 
+def classifier_whitening(model: BertClassifier, seq_len: int = 64, train_limit: int | None = None):
+    """(S, S^-1) of the classifier's sensitivity metric on SST-2 train (see `edge.compress.sensitivity`)."""
+    from edge import data
+    from edge.compress.sensitivity import embedding_metric, whitening
+    from edge.recipes.bert_tiny_sst2 import encode
+
+    return whitening(embedding_metric(model, encode(data.sst2("train").texts[:train_limit], seq_len)))
+
+
 def compress_model(model: nn.Module, name: str, budget: int, unit: str = "params", *, total: bool = True,
                    finetune_steps: int = 800, int8: bool = True, out: str | Path | None = None,
                    train_limit: int | None = None, dev_limit: int | None = None, quiet: bool = True,
-                   cands=None, max_len: int | None = None,
-                   augment: float = 1.0) -> tuple[Report, cm.Compressed]:
+                   cands=None, max_len: int | None = None, augment: float = 1.0,
+                   sensitivity: bool = True, whiten=None) -> tuple[Report, cm.Compressed]:
     """Compress `model`'s word table within `budget` and report sizes, errors and quality.
 
     `max_len` cuts the position table to the sequence length the model is deployed at (rows past it
     are never read); None keeps every row. The freed parameters count towards the word table.
     `augment` weighs the fine-tuning term on sequences with rare tokens substituted in (0 = off).
+    `sensitivity`: a classifier's table is rebuilt in its output-sensitivity metric (computed here
+    unless `whiten` gives it; `cands`, if given, must come from the whitened table).
 
     Classifier: SST-2 dev accuracy of the original, the compressed model before and after
     `finetune_steps` of recovery training (labels + KL to the original), and with int8 factors.
@@ -99,14 +110,22 @@ def compress_model(model: nn.Module, name: str, budget: int, unit: str = "params
     counts = sst2_counts(table.shape[0], train_limit)
     weights = token_weights(counts)
     sizes_before = cm.size_parts(model)
-    comp = cm.compress(model, weights, budget, unit, total=total, cands=cands, max_len=max_len)
-    rows_after = cm.bert_of(comp.model).config.max_position_embeddings
-    positions = {"rows_before": cm.bert_of(model).embeddings.position_embeddings.num_embeddings,
-                 "rows_after": rows_after}
-    seq_len = min(64, rows_after)  # SST-2 sentences fit 64 tokens (the longest dev sentence has 57)
+    rows_before = cm.bert_of(model).embeddings.position_embeddings.num_embeddings
+    cut = copy.deepcopy(model)
+    if max_len is not None:
+        cm.truncate_positions(cut, max_len)
+    if total:
+        cm.embedding_budget(cut, budget, unit)  # an infeasible budget fails before the expensive steps
+    seq_len = min(64, max_len or rows_before)  # SST-2 sentences fit 64 tokens (longest dev sentence: 57)
+    if sensitivity and whiten is None and isinstance(model, BertClassifier):
+        whiten = classifier_whitening(model, seq_len, train_limit)
+    comp = cm.compress(cut, weights, budget, unit, total=total, cands=cands, whiten=whiten)
+    positions = {"rows_before": rows_before, "rows_after": cm.bert_of(comp.model).config.max_position_embeddings}
     clr = cm.bert_of(comp.model).embeddings.word_embeddings
     recon = {"weighted_rel_error": cm.relative_error(table, clr.table(), weights),
              "rel_error": cm.relative_error(table, clr.table())}
+    if whiten is not None:  # what the search minimised: the error in the model's sensitivity metric
+        recon["sensitivity_weighted_rel_error"] = comp.search.rel_error
     dev = data.sst2("dev")
     dev_texts, dev_labels = dev.texts[:dev_limit], dev.labels[:dev_limit]
     quality: dict = {}
@@ -151,6 +170,7 @@ def compress_model(model: nn.Module, name: str, budget: int, unit: str = "params
     clr = cm.bert_of(comp.model).embeddings.word_embeddings
     lay = clr.layout
     layout = {"candidate": comp.search.candidate, "tried": comp.search.tried,
+              "metric": "sensitivity" if whiten is not None else "euclidean",
               "clusters": [{"rows": n, "rank": r, "dense": dn} for n, r, dn in zip(lay.sizes, lay.ranks, lay.dense)],
               "params": lay.params(), "int8_bytes": layout_bytes(lay), "cost": comp.search.cost}
     report = Report(name, budget, unit, layout, sizes_before, cm.size_parts(comp.model), recon, quality,

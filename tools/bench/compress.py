@@ -3,7 +3,9 @@
     python -m tools.bench.compress [--quick] [--skip-bert] [--skip-minilm] [--finetune-steps N]
 
 BERT-tiny (recipe bert-tiny-sst2): total parameters at 3x, 5.7x, 8x fewer and at a 1 MB int8 flash
-budget; SST-2 dev accuracy after brief recovery training, with float and int8 CLR factors.
+budget; SST-2 dev accuracy after brief recovery training, with float and int8 CLR factors. By default
+as `tinyshield compress` does it: position table cut to the recipe's max_len (64 rows), table rebuilt
+in the classifier's sensitivity metric, fine-tuning with rare-token substituted sentences.
 MiniLM (all-MiniLM-L6-v2, real weights): mean cosine between compressed and original sentence
 embeddings over the SST-2 dev sentences (token statistics from SST-2 train only) at 5x/10x/20x fewer
 word-table parameters and at 10x fewer bytes than the fp32 table; baselines: plain truncated SVD at
@@ -108,10 +110,10 @@ def minilm_rows(ratios=(5, 10, 20), bytes_ratio=10, dev_limit=None, quick=False)
 
 
 def bert_rows(ratios=(3, 5.7, 8), flash: int | None = 1 << 20, finetune_steps=800, quick=False,
-              trained=None, max_len: int | None = -1, augment: float = 1.0) -> list[dict]:
+              trained=None, max_len: int | None = -1, augment: float = 1.0, sensitivity: bool = True) -> list[dict]:
     """`max_len` -1: the recipe's max_len (position rows past it are cut); None: keep every row."""
     from edge.compress.model import other_params, size_parts
-    from edge.compress.pipeline import compress_model, recipe_max_len
+    from edge.compress.pipeline import classifier_whitening, compress_model, recipe_max_len, sst2_weights
     from edge.compress.search import candidates
     from edge.models.registry import load_dir
     from edge.recipes import recipes
@@ -123,16 +125,19 @@ def bert_rows(ratios=(3, 5.7, 8), flash: int | None = 1 << 20, finetune_steps=80
         max_len = recipe_max_len(loaded.config)
     total = size_parts(model)["total"]["params"]
     rows = []
-    from edge.compress.pipeline import sst2_weights
     w = sst2_weights(model.config.vocab_size)
-    table = model.bert.embeddings.word_embeddings.weight.detach().numpy()
+    table = model.bert.embeddings.word_embeddings.weight.detach()
+    # shared by every budget: the sensitivity metric and the cluster assignments built in it
+    whiten = classifier_whitening(model, min(64, max_len or 512)) if sensitivity else None
+    table = (table.double() @ whiten[0]).float().numpy() if whiten is not None else table.numpy()
     cands = candidates(table, w, bands=(16,), splits=(1,)) if quick else candidates(table, w)
     jobs = [(f"{r}x params", int(total / r), "params") for r in ratios]
     if flash:
         jobs.append(("1 MB flash", flash, "bytes"))
     for size, budget, unit in jobs:
         rep, comp = compress_model(model, "bert-tiny-sst2", budget, unit, finetune_steps=finetune_steps,
-                                   int8=True, cands=cands, max_len=max_len, augment=augment)
+                                   int8=True, cands=cands, max_len=max_len, augment=augment,
+                                   sensitivity=sensitivity, whiten=whiten)
         after = rep.sizes_after["total"]
         q = rep.quality
         rows.append({"model": "bert-tiny-sst2", "size": size, "budget": budget, "unit": unit,
@@ -143,6 +148,7 @@ def bert_rows(ratios=(3, 5.7, 8), flash: int | None = 1 << 20, finetune_steps=80
                      "drop_points": q["drop_points"], "embedding_params": rep.sizes_after[
                          "word_embeddings (CLR)"]["params"], "other_params": other_params(model),
                      "candidate": rep.layout["candidate"], "position_rows": rep.positions["rows_after"],
+                     "metric": rep.layout["metric"], "augment": augment,
                      "ranks": [("dense" if c["dense"] else c["rank"]) for c in rep.layout["clusters"]],
                      "lookup_max_macs": rep.lookup_cost["max_macs"], "seconds": rep.seconds})
     base = size_parts(model)["total"]
@@ -164,6 +170,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--augment", type=float, default=1.0,
                    help="fine-tuning weight on rare-token substituted sentences (default 1; 0 = off)")
+    p.add_argument("--euclidean", action="store_true",
+                   help="rebuild BERT-tiny's table in plain (frequency-weighted) error, not in its sensitivity metric")
     p.add_argument("--max-len", type=int, default=-1,
                    help="BERT-tiny position rows to keep (default: the recipe's max_len, 64; 0 = all 512)")
     args = p.parse_args(argv)
@@ -173,7 +181,7 @@ def main(argv=None):
     if not args.skip_bert:
         out["bert_tiny"] = bert_rows(finetune_steps=args.finetune_steps, quick=args.quick,
                                      flash=None if args.skip_flash else 1 << 20, max_len=args.max_len or None,
-                                     augment=args.augment)
+                                     augment=args.augment, sensitivity=not args.euclidean)
     if not args.skip_minilm:
         out["minilm"] = minilm_rows(quick=args.quick)
     out["seconds"] = round(time.time() - t0, 1)

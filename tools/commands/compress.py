@@ -18,6 +18,9 @@ def register(sub):
     p.add_argument("--augment", type=float, default=1.0,
                    help="weight of the fine-tuning term on training sentences with a rare token substituted in "
                         "(matches the uncompressed model there; default 1; 0 = off)")
+    p.add_argument("--euclidean", action="store_true",
+                   help="classifiers: rebuild the table in plain (frequency-weighted) error instead of in the "
+                        "metric of the model's output sensitivity")
     p.add_argument("--max-len", type=int, default=None,
                    help="keep this many position rows (the longest sequence the model will read); default: the "
                         "recipe's max_len when the model directory records one, else all rows; 0 = all rows")
@@ -55,7 +58,7 @@ def run(args):
     out = args.out or build_dir() / "compressed" / f"{name}-{tag}"
     report, _ = compress_model(loaded.model, name, budget, unit, total=total, finetune_steps=args.finetune_steps,
                                int8=not args.float, out=out, quiet=args.quiet, max_len=max_len,
-                               augment=args.augment)
+                               augment=args.augment, sensitivity=not args.euclidean)
     (build_dir() / "compressed").mkdir(parents=True, exist_ok=True)
     with open(f"{report.path}/report.json", "w") as f:
         json.dump(report.to_dict(), f, indent=2, default=str)
@@ -73,7 +76,7 @@ def run(args):
     con.print(f"position rows {pos['rows_before']} -> {pos['rows_after']}"
               + (" (the longest sequence the compressed model accepts)" if pos["rows_after"] < pos["rows_before"]
                  else ""))
-    con.print(f"layout: {lay['candidate']}, {len(lay['clusters'])} clusters, ranks "
+    con.print(f"layout ({lay['metric']} error): {lay['candidate']}, {len(lay['clusters'])} clusters, ranks "
               + ", ".join(("dense" if c["dense"] else str(c["rank"])) + f"x{c['rows']}" for c in lay["clusters"]))
     con.print("reconstruction: " + ", ".join(f"{k} {v:.4f}" for k, v in report.reconstruction.items()))
     con.print("quality: " + ", ".join(f"{k} {v:.4f}" for k, v in report.quality.items() if isinstance(v, float)))
