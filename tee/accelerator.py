@@ -18,7 +18,7 @@ from safetensors.numpy import load_file
 from edge.errors import TinyshieldError
 from tee import blinded, dma
 from tee.fieldmath import P
-from tee.link import SPIN_S, spinner
+from tee.link import spinner
 from tee.messages import Message, recv, send
 
 ATTACKS = ("flip", "perturb", "swap", "replay")
@@ -88,7 +88,8 @@ class Backend:
 
 
 def main(enclave_conn, host_conn, bundle_dir: str, backend: str, threads: int, record: bool,
-         attack: str | None, attack_after: int, seed: int | None, buffer_names: tuple[str, str] | None = None) -> None:
+         attack: str | None, attack_after: int, seed: int | None, buffer_names: tuple[str, str] | None = None,
+         poll_s: float = 0.0) -> None:
     torch.set_num_threads(threads)
     buffers = tuple(dma.attach(n) for n in buffer_names) if buffer_names else None
     slot = dma.slot_bytes(buffers[0]) if buffers else 0
@@ -102,7 +103,8 @@ def main(enclave_conn, host_conn, bundle_dir: str, backend: str, threads: int, r
     conns = [enclave_conn, host_conn]
     spin = spinner(enclave_conn)
     while True:
-        spin(time.perf_counter() + SPIN_S)   # the enclave's next request is usually moments away
+        if poll_s:
+            spin(time.perf_counter() + poll_s)   # the enclave's next request is usually moments away
         for conn in wait(conns):
             try:
                 msg = recv(conn)

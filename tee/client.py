@@ -15,6 +15,7 @@ from edge.errors import TinyshieldError
 from tee import accelerator, dma, enclave
 from tee.attestation import Channel, Quote, fresh_nonce, new_keypair, verify_quote
 from tee.bundle import Bundle, load_header
+from tee.link import POLL_S
 from tee.messages import Message, decode, encode, recv, send
 from tee.sealing import measurement
 
@@ -56,7 +57,9 @@ class Timing:
 class ProtectedSession:
     def __init__(self, bundle_dir, backend: str | None = None, record: bool = False, attack: str | None = None,
                  attack_after: int = 0, seed: int | None = None, accel_threads: int | None = None, attest: bool = True,
-                 transport: str = "dma", pipeline: bool = True):
+                 transport: str = "dma", overlap: bool = False):
+        """overlap: pipeline the encoder's row parts and poll for messages instead of sleeping (tee.link) --
+        faster where the enclave and the accelerator have cores of their own, slower where they share one."""
         self.bundle: Bundle = load_header(bundle_dir)
         self.backend = backend or self.bundle.header["accelerator"]["backend"]
         if self.backend not in ("torch", "litert"):
@@ -78,12 +81,12 @@ class ProtectedSession:
         with _threads_env(threads):
             self.accel = ctx.Process(target=accelerator.main, name="tinyshield-accelerator", daemon=True,
                                      args=(accel_enc, accel_host, str(self.bundle.path), self.backend, threads,
-                                           record, attack, attack_after, seed, names))
+                                           record, attack, attack_after, seed, names, POLL_S if overlap else 0.0))
             self.accel.start()
         with _threads_env(1):
             self.enclave = ctx.Process(target=enclave.main, name="tinyshield-enclave", daemon=True,
                                        args=(enc_client, enc_accel, str(self.bundle.path), names,
-                                             dma.SLOTS if pipeline else 1))
+                                             overlap))
             self.enclave.start()
         for c in (accel_host, enc_accel, accel_enc, enc_client):
             c.close()

@@ -19,17 +19,17 @@ import torch
 from edge.errors import TinyshieldError
 from tee import blinded, dma, program, shadownet
 from tee.attestation import Channel, make_quote, new_keypair
-from tee.link import AcceleratorLink
+from tee.link import POLL_S, AcceleratorLink
 from tee.messages import Message, recv, send
 from tee.sealing import device_root_key, measurement, seal_key
 
 
 class Enclave:
-    def __init__(self, bundle_dir: str | Path, accel_conn=None, buffers=None, chunks: int = dma.SLOTS):
+    def __init__(self, bundle_dir: str | Path, accel_conn=None, buffers=None, overlap: bool = False):
         self.dir = Path(bundle_dir)
-        if not 1 <= chunks <= dma.SLOTS:
-            raise TinyshieldError(f"the encoder's rows can be cut into 1 to {dma.SLOTS} parts, not {chunks}")
-        self.chunks = chunks      # row parts in flight at once (1: enclave and accelerator take turns)
+        # overlap: the encoder's rows go out in dma.SLOTS parts, so the enclave works on one while the accelerator
+        # computes another, and each side polls for the other's messages; without it the two take turns
+        self.chunks = dma.SLOTS if overlap else 1
         header = json.loads((self.dir / "bundle.json").read_text())
         self.config = header["enclave_config"]
         self.mode = self.config["mode"]
@@ -40,7 +40,7 @@ class Enclave:
         sealed = read_sealed(self.dir / "enclave.sealed", self.key, b"bundle\0" + self.meas)
         self.model = self._build_model(sealed)
         self.params = program.linears(self.model)
-        self.link = AcceleratorLink(accel_conn, self._out_dims(sealed), buffers)
+        self.link = AcceleratorLink(accel_conn, self._out_dims(sealed), buffers, POLL_S if overlap else 0.0)
         self.channel: Channel | None = None
         self.offline = 0.0
         self.prefetched: dict[str, np.ndarray] | None = None
@@ -165,7 +165,7 @@ class Enclave:
         total = time.perf_counter() - t0
         link = self.link
         enclave = total - link.blocked - self.offline
-        # CPU seconds of the enclave include its polling for answers (tee.link.spinner)
+        # with overlap, CPU seconds include polling for answers (tee.link.spinner)
         timings = {"enclave_cpu_s": time.thread_time() - c0 - self.offline, "accelerator_cpu_s": link.accel_cpu,
                    "enclave_s": enclave, "accelerator_s": link.accel, "transfer_s": link.transfer,
                    # the work the two processes did at the same time (pipelining)
@@ -197,13 +197,13 @@ class Enclave:
 
 
 def main(client_conn, accel_conn, bundle_dir: str, buffer_names: tuple[str, str] | None = None,
-         chunks: int = dma.SLOTS) -> None:
+         overlap: bool = False) -> None:
     """Process entry point (spawned with one thread)."""
     torch.set_num_threads(1)
     torch.set_grad_enabled(False)
     buffers = tuple(dma.attach(n) for n in buffer_names) if buffer_names else None
     try:
-        enclave, failure = Enclave(bundle_dir, accel_conn, buffers, chunks), None
+        enclave, failure = Enclave(bundle_dir, accel_conn, buffers, overlap), None
     except TinyshieldError as e:
         enclave, failure = None, str(e)
     while True:

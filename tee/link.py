@@ -26,14 +26,14 @@ from tee import dma
 from tee.messages import Message, recv, send
 
 
-SPIN_S = 0.002   # how long a side polls for the other's next message before it sleeps
+POLL_S = 0.002   # with overlap: how long a side polls for the other's next message before it sleeps
 
 
 def spinner(conn):
     """`spin(deadline)`: poll `conn` without sleeping until data is there or `deadline` passes. Inside an
-    inference the other side's next message is usually microseconds to a millisecond away; sleeping and being
-    woken costs 50-200 microseconds per message here (measured: the pipelined blinded MiniLM went from 50 to
-    38 ms), polling costs a busy core for at most SPIN_S after the last message."""
+    inference the other side's next message is usually microseconds to a millisecond away, and sleeping and
+    being woken is slow on a virtual machine -- but polling keeps a core busy, which pays only where the two
+    sides really run on separate cores (tools/bench/tee.py measures both ways)."""
     p = select.poll()
     p.register(conn.fileno(), select.POLLIN)
 
@@ -54,11 +54,12 @@ class Request:
 
 
 class AcceleratorLink:
-    def __init__(self, conn, out_dims: dict[str, int], buffers=None):
+    def __init__(self, conn, out_dims: dict[str, int], buffers=None, poll_s: float = 0.0):
         self.conn, self.out_dims, self.seq = conn, out_dims, 0
         self.buffers = buffers     # (outbound, inbound) shared buffers, or None to send data over the pipe
         self.slot_bytes = dma.slot_bytes(buffers[0]) if buffers else 0
-        self.spin = spinner(conn) if conn is not None else None
+        self.poll_s = poll_s
+        self.spin = spinner(conn) if conn is not None and poll_s else None
         self.pending: deque[Request] = deque()
         self.staged: tuple[int, np.ndarray] | None = None   # (slot, view) handed out by `outbound`
         self.reset()
@@ -120,7 +121,8 @@ class AcceleratorLink:
             raise TinyshieldError(f"request {seq} is not the oldest in flight: collect answers in request order")
         req = self.pending.popleft()
         t = time.perf_counter()
-        self.spin(t + SPIN_S)
+        if self.spin:
+            self.spin(t + self.poll_s)
         reply = recv(self.conn, "result" if self.buffers is None else "result_dma")
         got = time.perf_counter()
         f = reply.fields

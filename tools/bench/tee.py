@@ -26,7 +26,7 @@ import torch
 
 from edge.paths import build_dir
 
-SEQUENTIAL = "blinded (sequential)"
+OVERLAP = "blinded (overlap)"
 SENTENCES = [
     "A gripping, beautifully shot film that stays with you long after the credits.",
     "The quarterly report shows revenue growth slowing across every region.",
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     protect_s = {}
     for mode in bundle.MODES:
         con.print(f"protect minilm ({mode})")
-        pads = 2 * (n_runs + len(inputs) + 3) if mode == "blinded" else 0   # two sessions: pipelined, sequential
+        pads = 2 * (n_runs + len(inputs) + 3) if mode == "blinded" else 0   # two sessions: with and without overlap
         b = bundle.protect(model, build_dir() / "bench" / "tee" / f"minilm-{mode}", mode, seq_len=args.seq_len, pads=pads)
         bundles[mode], protect_s[mode] = b, round(b.seconds, 1)
 
@@ -86,8 +86,8 @@ def main(argv=None) -> int:
     sessions = {m: ProtectedSession(bundles[m].path, accel_threads=threads, record=False,
                                     backend=args.backend if m in ("plain", "shadownet") else None)
                 for m in bundle.MODES}
-    # the same blinded bundle without pipelining: enclave and accelerator take turns, so the breakdown adds up
-    sessions[SEQUENTIAL] = ProtectedSession(bundles["blinded"].path, accel_threads=threads, pipeline=False)
+    # the same blinded bundle with overlap: pipelined row parts, polling for messages
+    sessions[OVERLAP] = ProtectedSession(bundles["blinded"].path, accel_threads=threads, overlap=True)
     try:
         # ---- correctness ---------------------------------------------------------------------------
         owner = Enclave(bundles["blinded"].path)
@@ -123,9 +123,12 @@ def main(argv=None) -> int:
         result["backends"] = {m: s.backend if m in ("plain", "shadownet") else ("none" if m == "enclave-only" else "torch")
                               for m, s in sessions.items()}
         result["load_avg_end"] = os.getloadavg()
-        bl, pl, eo = (latency[m]["total_ms"] for m in ("blinded", "plain", "enclave-only"))
-        result["targets"] = {"blinded_over_plain": round(bl / pl, 2), "blinded_le_2x_plain": bl <= 2 * pl,
-                             "blinded_over_enclave_only": round(bl / eo, 2), "blinded_faster_than_enclave_only": bl < eo}
+        bl, pl, eo = (min(latency["blinded"]["total_ms"], latency[OVERLAP]["total_ms"]) if m == "blinded"
+                      else latency[m]["total_ms"] for m in ("blinded", "plain", "enclave-only"))
+        result["targets"] = {"blinded_best_ms": bl, "blinded_over_plain": round(bl / pl, 2),
+                             "blinded_le_2x_plain": bl <= 2 * pl, "blinded_over_enclave_only": round(bl / eo, 2),
+                             "blinded_faster_than_enclave_only": bl < eo}
+        result["core_scaling"] = core_scaling()
 
         # ---- transcript ----------------------------------------------------------------------------
         transcripts = {}
@@ -215,6 +218,45 @@ def bench_vit(n: int, threads: int, backend: str | None) -> dict:
     return out
 
 
+def _matmul_loop(seconds: float, start, queue) -> None:
+    import numpy as np
+    a = np.random.default_rng(0).random((256, 256), dtype=np.float32)
+    start.wait()
+    t, n = time.perf_counter(), 0
+    while time.perf_counter() - t < seconds:
+        a @ a
+        n += 1
+    queue.put(n)
+
+
+def core_scaling(seconds: float = 2.0) -> dict:
+    """How much more work all cores do than one: 1 process, then os.cpu_count() processes, each multiplying
+    256x256 matrices with one BLAS thread. On a machine whose cores are really separate the ratio is near
+    the core count; it bounds what overlapping the enclave with the accelerator can gain."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    k = os.cpu_count() or 1
+    counts = {}
+    old = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        for n in (1, k):
+            queue, start = ctx.Queue(), ctx.Event()
+            procs = [ctx.Process(target=_matmul_loop, args=(seconds, start, queue)) for _ in range(n)]
+            for p in procs:
+                p.start()
+            time.sleep(1.0)          # let every process import numpy before the clock starts
+            start.set()
+            counts[n] = sum(queue.get() for _ in procs)
+            for p in procs:
+                p.join()
+    finally:
+        os.environ.pop("OMP_NUM_THREADS") if old is None else os.environ.__setitem__("OMP_NUM_THREADS", old)
+    return {"processes": k, "seconds": seconds, "ops_one": counts[1], "ops_all": counts[k],
+            "speedup": round(counts[k] / max(counts[1], 1), 2)}
+
+
 def report(con, r: dict) -> None:
     from rich.table import Table
     tab = Table(title=f"MiniLM L={r['seq_len']}: latency (median of {r['iters']}, ms; enclave 1 thread, accelerator "
@@ -231,7 +273,11 @@ def report(con, r: dict) -> None:
                     f"{d['accelerator_cpu_ms']:.1f}")
     con.print(tab)
     con.print("overlap = enclave + accelerator + transfer - total: work the two processes did at the same time "
-              "(pipelined row parts). CPU times include polling for the other side's messages.")
+              "(pipelined row parts; with overlap, CPU times include polling for the other side's messages).")
+    cs = r["core_scaling"]
+    con.print(f"this machine's cores: {cs['processes']} processes multiplying matrices together do {cs['speedup']:.2f}x "
+              f"the work of one ({cs['ops_one']} vs {cs['ops_all']} products in {cs['seconds']} s) -- the most any "
+              "overlap of enclave and accelerator can gain here")
     con.print(f"targets: {r['targets']}; load average {r['load_avg_start'][0]:.1f} -> {r['load_avg_end'][0]:.1f} "
               f"on {r['cpu_count']} cores")
     tab = Table(title="correctness vs the fp32 model")
