@@ -114,9 +114,20 @@ def _blocks(layers, x: torch.Tensor, mask_bias, submit: Submit, act, chunks: int
         h, dh = s.h, s.dh
         qkv = torch.cat([wait() for wait in pending]).reshape(B, L, 3, h, dh).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
-        scores = q @ k.transpose(-1, -2) / math.sqrt(dh) + mask_bias
-        ctx = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B * L, D)
-        pending = [submit(f"layer{i}.attn_out", ctx[r], r) for r in rows]
+        # every query needs all keys, but queries are independent: a part whose rows lie in one sequence is
+        # attended and sent on its own, so the accelerator starts on it while the next part is attended
+        one_seq = all(r.start // L == (r.stop - 1) // L for r in rows)
+        ctx = None if one_seq else _attend(q, k, v, mask_bias, dh).transpose(1, 2).reshape(B * L, D)
+        pending = []
+        for r in rows:
+            if one_seq:
+                b, lo = divmod(r.start, L)
+                bias = mask_bias[b:b + 1] if torch.is_tensor(mask_bias) else mask_bias
+                part = _attend(q[b:b + 1, :, lo:lo + r.stop - r.start], k[b:b + 1], v[b:b + 1], bias, dh)
+                part = part.transpose(1, 2).reshape(r.stop - r.start, D)
+            else:
+                part = ctx[r]
+            pending.append(submit(f"layer{i}.attn_out", part, r))
         # from here to the next attention every step is row-wise: part c is sent on as soon as it is ready
         a, nxt = [], []
         for wait, xc, r in zip(pending, xs, rows):
@@ -130,6 +141,11 @@ def _blocks(layers, x: torch.Tensor, mask_bias, submit: Submit, act, chunks: int
                 nxt.append(submit(f"layer{i + 1}.qkv", xs[-1], r))
         pending = nxt
     return torch.cat(xs).reshape(B, L, D)
+
+
+def _attend(q, k, v, mask_bias, dh: int) -> torch.Tensor:
+    """softmax(q k^T / sqrt(dh) + mask) v for (B, heads, rows, dh) queries against all keys."""
+    return (q @ k.transpose(-1, -2) / math.sqrt(dh) + mask_bias).softmax(-1) @ v
 
 
 def _unfold_rows(x: torch.Tensor) -> torch.Tensor:
