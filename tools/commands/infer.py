@@ -12,6 +12,9 @@ def register(sub):
     p.add_argument("--backend", choices=["litert", "torch"], default=None,
                    help="accelerator backend (default: the bundle's, litert when exported)")
     p.add_argument("--accel-threads", type=int, default=None, help="accelerator threads (default: all cores)")
+    p.add_argument("--overlap", action="store_true",
+                   help="pipeline the encoder's rows so enclave and accelerator work at the same time, polling for "
+                        "messages (faster where they have cores of their own; see tools/bench/tee.py)")
     p.set_defaults(func=run)
 
 
@@ -52,7 +55,8 @@ def run(args):
     if args.accel_threads is not None and args.accel_threads < 1:
         raise TinyshieldError("--accel-threads must be >= 1")
     outs = []
-    with ProtectedSession(bundle.path, backend=args.backend, accel_threads=args.accel_threads) as s:
+    with ProtectedSession(bundle.path, backend=args.backend, accel_threads=args.accel_threads,
+                          overlap=args.overlap) as s:
         print(f"enclave attested: measurement {s.quote.measurement.hex()[:16]}…, mode {bundle.mode}, "
               f"accelerator {s.backend}")
         for text, inp in zip(args.inputs, inputs):
