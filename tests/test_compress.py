@@ -277,6 +277,8 @@ def test_position_table_cut_to_max_len(tmp_path, weights):
     q = load_compressed(d)
     g = lower_bert_classifier(q.model, ids.numpy(), 16, clr=q.quant)
     assert g.tensors["embeddings.position_embeddings.weight"].shape[0] == 16
+    # the flash the compressor budgets is exactly what the board stores
+    assert size_parts(q.model)["total"]["int8_bytes"] == g.const_bytes()
     with pytest.raises(TinyshieldError, match="exceeds the model's max_position_embeddings 16"):
         lower_bert_classifier(q.model, ids.numpy(), 32, clr=q.quant)
 

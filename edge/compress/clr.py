@@ -225,13 +225,17 @@ class QuantCLR:
         return layout_bytes(self.layout)
 
 
+CLUSTER_RECORD = 36  # bytes per cluster in the board's table (9 int32 fields)
+
+
 def layout_bytes(layout: Layout) -> dict:
     """Flash bytes of the int8 form: factors, float32 scales, and the uint16 slot index."""
     factors = scales = 0
     for n, r, dn in zip(layout.sizes, layout.ranks, layout.dense):
         factors += cluster_params(n, r, dn, layout.dim)
         scales += 4 * n + (0 if dn else 4 * layout.dim)
-    index = (2 if layout.vocab_size <= 65536 else 4) * layout.vocab_size + 8 * len(layout.sizes)
+    # slot per token + one record of 9 int32 per cluster (start, rows, rank, dense, offsets, shifts)
+    index = (2 if layout.vocab_size <= 65536 else 4) * layout.vocab_size + CLUSTER_RECORD * len(layout.sizes)
     return {"factors": factors, "scales": scales, "index": index, "total": factors + scales + index}
 
 

@@ -50,18 +50,29 @@ def other_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if id(p) not in skip)
 
 
-def int8_bytes(t: torch.Tensor) -> int:
-    """Flash bytes of one tensor in the int8 deployment: matrices int8 + one float32 scale per row;
-    vectors (biases, LayerNorm) 4 bytes per value (int32 bias / fixed-point LayerNorm parameters)."""
-    if t.dim() >= 2:
-        return t.numel() + 4 * t.shape[0]
-    return 4 * t.numel()
+def int8_bytes(module: nn.Module) -> int:
+    """Flash bytes of `module` (word table excluded) as the board stores it (mcu/lower.py):
+    Linear: int8 weights + int32 bias, multiplier and shift per output; LayerNorm: int32 multiplier,
+    shift and bias per channel; self-attention: a 256-entry int32 exp table; the FFN activation: a
+    256-byte table; position + token-type 0 embeddings: one int8 (rows, d) table."""
+    from edge.models.bert import BertEmbeddings, BertIntermediate, BertSelfAttention
+
+    if isinstance(module, nn.Linear):
+        return module.weight.numel() + 12 * module.out_features
+    if isinstance(module, nn.LayerNorm):
+        return 12 * module.normalized_shape[0]
+    if isinstance(module, BertEmbeddings):
+        return module.position_embeddings.weight.numel() + int8_bytes(module.LayerNorm)
+    own = {BertSelfAttention: 256 * 4, BertIntermediate: 256}.get(type(module), 0)
+    return own + sum(int8_bytes(m) for m in module.children())
 
 
 def other_bytes(model: nn.Module) -> int:
-    word = bert_of(model).embeddings.word_embeddings
-    skip = {id(p) for p in word.parameters()}
-    return sum(int8_bytes(p) for p in model.parameters() if id(p) not in skip)
+    """int8 flash bytes of everything but the word table."""
+    bert = bert_of(model)
+    head = int8_bytes(model.classifier) if isinstance(model, BertClassifier) else 0
+    pooler = int8_bytes(bert.pooler) if hasattr(bert, "pooler") else 0
+    return int8_bytes(bert.embeddings) + int8_bytes(bert.encoder) + pooler + head
 
 
 def size_parts(model: nn.Module) -> dict[str, dict]:
@@ -76,14 +87,13 @@ def size_parts(model: nn.Module) -> dict[str, dict]:
     if isinstance(word, CLREmbedding):
         add("word_embeddings (CLR)", word.params(), layout_bytes(word.layout)["total"])
     else:
-        add("word_embeddings", word.weight.numel(), int8_bytes(word.weight))
+        add("word_embeddings", word.weight.numel(), word.weight.numel() + 4 * word.weight.shape[0])
     rest = [p for n, p in bert.embeddings.named_parameters() if not n.startswith("word_embeddings")]
-    add("position/type embeddings + LayerNorm", sum(p.numel() for p in rest), sum(int8_bytes(p) for p in rest))
-    enc = list(bert.encoder.parameters()) + (list(bert.pooler.parameters()) if hasattr(bert, "pooler") else [])
-    add("encoder", sum(p.numel() for p in enc), sum(int8_bytes(p) for p in enc))
+    add("position/type embeddings + LayerNorm", sum(p.numel() for p in rest), int8_bytes(bert.embeddings))
+    enc = [bert.encoder] + ([bert.pooler] if hasattr(bert, "pooler") else [])
+    add("encoder", sum(p.numel() for m in enc for p in m.parameters()), sum(int8_bytes(m) for m in enc))
     if isinstance(model, BertClassifier):
-        head = list(model.classifier.parameters())
-        add("classifier", sum(p.numel() for p in head), sum(int8_bytes(p) for p in head))
+        add("classifier", sum(p.numel() for p in model.classifier.parameters()), int8_bytes(model.classifier))
     add("total", sum(v["params"] for v in parts.values()), sum(v["int8_bytes"] for v in parts.values()))
     return parts
 

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from edge.compress.clr import Layout, cluster_params, layout_bytes, layout_from_clusters, weighted_basis
+from edge.compress.clr import (CLUSTER_RECORD, Layout, cluster_params, layout_bytes, layout_from_clusters,
+                               weighted_basis)
 from edge.errors import TinyshieldError
 
 
@@ -48,7 +49,7 @@ class Cost:
         if self.unit == "params":
             return 0
         return layout_bytes(Layout(np.zeros(vocab, np.int64), (vocab,), (1,), (False,), 1))["index"] + \
-            8 * (n_clusters - 1)
+            CLUSTER_RECORD * (n_clusters - 1)
 
     def layout(self, layout: Layout) -> int:
         return self.fixed(layout.vocab_size, len(layout.sizes)) + sum(
