@@ -10,7 +10,8 @@ def register(sub):
     p.add_argument("model", help="bert-tiny-sst2 (recipe), minilm, or a model directory")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--budget", help="total parameters of the compressed model, e.g. 0.77M or 770000")
-    g.add_argument("--flash", help="total int8 flash bytes of the compressed model, e.g. 1MB or 900KB")
+    g.add_argument("--flash", help="flash bytes of the int8 weights exactly as the board stores them (its runtime "
+                                           "and kernels need ~25 KB more), e.g. 1MB or 992KB")
     g.add_argument("--embedding-budget", help="parameters of the word table alone, e.g. 1.17M")
     p.add_argument("--out", help="output directory (default: build/compressed/<model>-<budget>/)")
     p.add_argument("--finetune-steps", type=int, default=800,
