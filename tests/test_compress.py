@@ -308,6 +308,7 @@ def test_substituted_contexts_keep_the_ends_and_change_one_token():
     assert contexts[0].tolist() == [101, 7, 8, 9, 102]  # the originals are not modified
 
 
+@pytest.mark.slow
 def test_finetune_with_substituted_rare_tokens_moves_towards_the_teacher():
     """The augmentation term makes the compressed model agree more with the original on rare tokens
     than the same fine-tuning without it."""
