@@ -171,7 +171,7 @@ def test_parse_size():
 
 
 @pytest.mark.slow
-def test_cli_compress_writes_model_and_report(shared_data, tmp_path, build_tmp):
+def test_cli_compress_writes_model_and_report(shared_data, tmp_path, build_tmp, capsys):
     """`tinyshield compress DIR --budget ...` on a small classifier with MiniLM's vocabulary."""
     from edge.models.io import save_model
     from tools.cli import main
@@ -190,6 +190,10 @@ def test_cli_compress_writes_model_and_report(shared_data, tmp_path, build_tmp):
     loaded = load_compressed(out)
     assert loaded.quant is not None and loaded.config["report"]["budget"] == total // 6
     assert loaded.model.bert.embeddings.position_embeddings.num_embeddings == 32
+    # the compressed directory runs like any MODEL, at most as long as its position table by default
+    for backend in ("torch", "litert"):
+        assert main(["run", str(out), "a fine film", "--backend", backend]) == 0
+        assert "'a fine film': class" in capsys.readouterr().out
     # too small: the error names the smallest feasible budget, the CLI exits 2
     assert main(["compress", str(src), "--budget", "1000", "--out", str(tmp_path / "x")]) == 2
     # more position rows than the model has: refused

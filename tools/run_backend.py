@@ -80,7 +80,7 @@ def _report(meta: dict, names: list[str], outs: list[np.ndarray], labels, times:
 def _run_torch(args) -> int:
     import torch
 
-    from edge.litert.artefacts import DEFAULT_SEQ_LEN, TEXT_KINDS
+    from edge.litert.artefacts import TEXT_KINDS, base_kind, default_seq_len
     from edge.models.bert import mean_pool
     from edge.models.registry import resolve
 
@@ -89,8 +89,9 @@ def _run_torch(args) -> int:
     if args.model.endswith(".tflite"):
         raise TinyshieldError("a .tflite file runs on --backend litert or tflm, not torch")
     loaded = resolve(args.model)
-    text = loaded.kind in TEXT_KINDS
-    xs, labels, names = _prepare("ids" if text else "image", args.inputs, (args.seq_len or DEFAULT_SEQ_LEN))
+    kind = base_kind(loaded.kind)
+    text = kind in TEXT_KINDS
+    xs, labels, names = _prepare("ids" if text else "image", args.inputs, (args.seq_len or default_seq_len(loaded.model)))
     if args.threads:
         torch.set_num_threads(args.threads)
     outs, times = [], []
@@ -102,13 +103,13 @@ def _run_torch(args) -> int:
                 ids = torch.from_numpy(x).long()
                 mask = (ids > 0).long()
                 y = loaded.model(ids, mask)
-                if loaded.kind in ("minilm", "bert"):
+                if kind in ("minilm", "bert"):
                     y = torch.nn.functional.normalize(mean_pool(y, mask), dim=-1)
             else:
                 y = loaded.model(torch.from_numpy(x))
             times.append(time.perf_counter() - t0)
             outs.append(y.numpy())
-    meta = {"head": "sentence" if loaded.kind in ("minilm", "bert") else "logits",
+    meta = {"head": "sentence" if kind in ("minilm", "bert") else "logits",
             "labels": loaded.config.get("labels")}
     _report(meta, names, outs, labels, times, f"torch fp32 ({torch.get_num_threads()} threads) {args.model}")
     return 0

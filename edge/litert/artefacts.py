@@ -28,8 +28,20 @@ class ExportOptions:
     head: str = "sentence"          # BertModel / MiniLM output: sentence | mean | hidden
 
 
+def base_kind(kind: str) -> str:
+    """The model family of a kind: a CLR-compressed "bert-classifier-clr" is a "bert-classifier"."""
+    return kind.removesuffix("-clr")
+
+
+def default_seq_len(model) -> int:
+    """DEFAULT_SEQ_LEN, or fewer when the model's position table is shorter (a compressed model keeps
+    only the rows it is deployed with)."""
+    cfg = getattr(model, "config", None) or getattr(getattr(model, "bert", None), "config", None)
+    return min(DEFAULT_SEQ_LEN, getattr(cfg, "max_position_embeddings", DEFAULT_SEQ_LEN))
+
+
 def _kind_is_text(kind: str) -> bool:
-    return kind in TEXT_KINDS
+    return base_kind(kind) in TEXT_KINDS
 
 
 def export_loaded(loaded, opts: ExportOptions) -> bytes:
@@ -38,7 +50,7 @@ def export_loaded(loaded, opts: ExportOptions) -> bytes:
     from edge.litert.int8 import calibration_set, export_int8
 
     text = _kind_is_text(loaded.kind)
-    seq_len = (opts.seq_len or DEFAULT_SEQ_LEN) if text else None
+    seq_len = (opts.seq_len or default_seq_len(loaded.model)) if text else None
     if opts.batch < 1:
         raise TinyshieldError(f"batch must be >= 1, got {opts.batch}")
     calib = None
@@ -52,7 +64,7 @@ def export_loaded(loaded, opts: ExportOptions) -> bytes:
         calib = calibration_set(calib_name, n=opts.calib_n, seq_len=seq_len, vocab_size=vocab)
     meta = {"kind": loaded.kind, "input": "ids" if text else "image", "seq_len": seq_len, "batch": opts.batch,
             "int8": opts.mode if opts.int8 else None, "calib": calib_name, "gelu": opts.gelu,
-            "head": opts.head if loaded.kind in ("minilm", "bert") else "logits",
+            "head": opts.head if base_kind(loaded.kind) in ("minilm", "bert") else "logits",
             "labels": loaded.config.get("labels")}
     desc = json.dumps({"tinyshield": meta})
     if opts.int8:

@@ -149,7 +149,11 @@ class Lowering:
             raise TinyshieldError(f"sequence length {L} exceeds the model's {cfg.max_position_embeddings} positions")
         e = m.embeddings
         self.at(f"{path}.embeddings")
-        words = b.gather(b.const(f"{path}.embeddings.word_embeddings", _np(e.word_embeddings.weight)), ids,
+        # a CLR-compressed table (edge.compress) is exported as the dense table it reconstructs: its lookup
+        # equals a lookup in that table, and LiteRT has no clustered low-rank gather
+        w = e.word_embeddings
+        table = w.weight if isinstance(w, nn.Embedding) else w.table()
+        words = b.gather(b.const(f"{path}.embeddings.word_embeddings", _np(table)), ids,
                          name=f"{path}.embeddings/words")
         # position + token-type 0 embeddings are the same for every input: one constant
         fixed = _np(e.position_embeddings.weight[:L]) + _np(e.token_type_embeddings.weight[0])
