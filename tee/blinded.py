@@ -73,7 +73,7 @@ def calibrate_fx(x_calib: np.ndarray, w_q: np.ndarray, max_fx: int = 24) -> int:
 
 def make_layer(w: np.ndarray, b: np.ndarray, x_calib: np.ndarray) -> BlindLayer:
     w_q, w_scale = quantize_weights(w)
-    check_exact_bound(w.shape[1], MAX_W)
+    check_exact_bound(w.shape[1], MAX_W, w.shape[0])
     return BlindLayer(w_q=w_q, w_scale=w_scale, fx=calibrate_fx(x_calib, w_q), bias=b.astype(np.float32))
 
 
@@ -163,7 +163,7 @@ def reference_lin(layers: dict[str, BlindLayer]):
     """The fixed-point reference: the same quantisation and dequantisation with x_q w_q^T computed in the clear."""
     def lin(name: str, x: torch.Tensor) -> torch.Tensor:
         layer = layers[name]
-        xq = torch.round(x * float(2 ** layer.fx)).to(torch.float64).numpy()
+        xq = quantize_input(x, layer.fx).astype(np.float64)
         y = xq @ layer.w_q.T.astype(np.float64)   # exact: |partial sums| < 2^53
         return dequantize(torch.from_numpy(y.astype(np.int64)), layer)
     return lin

@@ -25,7 +25,7 @@ PASSIVE = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 @contextmanager
-def _threads_env(n: int):
+def threads_env(n: int):
     """Spawned children read these at import time, before any torch.set_num_threads call."""
     old = {k: os.environ.get(k) for k in THREAD_VARS + tuple(PASSIVE)}
     os.environ.update({k: str(n) for k in THREAD_VARS})
@@ -78,12 +78,12 @@ class ProtectedSession:
         enc_accel, accel_enc = ctx.Pipe()
         self.client_end, enc_client = ctx.Pipe()
         threads = accel_threads or os.cpu_count() or 1
-        with _threads_env(threads):
+        with threads_env(threads):
             self.accel = ctx.Process(target=accelerator.main, name="tinyshield-accelerator", daemon=True,
                                      args=(accel_enc, accel_host, str(self.bundle.path), self.backend, threads,
                                            record, attack, attack_after, seed, names, POLL_S if overlap else 0.0))
             self.accel.start()
-        with _threads_env(1):
+        with threads_env(1):
             self.enclave = ctx.Process(target=enclave.main, name="tinyshield-enclave", daemon=True,
                                        args=(enc_client, enc_accel, str(self.bundle.path), names,
                                              overlap))

@@ -63,8 +63,8 @@ class Enclave:
 
     def _out_dims(self, sealed) -> dict[str, int]:
         if self.mode == "shadownet":
-            return {n: len(sealed[f"sn.{n}.fake"]) for n in program.linears(self.model)}
-        return {n: w.shape[0] for n, (w, _) in program.linears(self.model).items()}
+            return {n: len(sealed[f"sn.{n}.fake"]) for n in self.params}
+        return {n: w.shape[0] for n, (w, _) in self.params.items()}
 
     # ---- the modes: what a linear layer does --------------------------------------------------------
     def submitter(self) -> program.Submit:

@@ -15,7 +15,7 @@ import numpy as np
 
 from edge import cbuild
 from edge.errors import TinyshieldError
-from tee.fieldmath import P
+from tee.fieldmath import MAX_DOT, P
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "field.c"
 # -march=native: the library is built on the machine that runs it; no fused multiply-add, so the float
@@ -39,7 +39,8 @@ def _cpu() -> str:
 
 @functools.cache
 def lib() -> ctypes.CDLL:
-    path = cbuild.build_shared([SOURCE], FLAGS + [f"-DTSH_CPU_KEY={hashlib.sha256(_cpu().encode()).hexdigest()[:12]}"], "libtsh_field")
+    key = hashlib.sha256(_cpu().encode()).hexdigest()[:12]
+    path = cbuild.build_shared([SOURCE], FLAGS + [f"-DTSH_P={P}", f"-DTSH_CPU_KEY={key}"], "libtsh_field")
     dll = ctypes.CDLL(str(path))
     for name, args, res in (("tsh_blind", [_p, _i32, _i32, _f32, _p, _p, _p, _p], _i32),
                             ("tsh_unblind", [_p, _p, _p, _p, _p, _i32, _i32, _p, _p], _i32),
@@ -49,6 +50,12 @@ def lib() -> ctypes.CDLL:
         fn = getattr(dll, name)
         fn.argtypes, fn.restype = args, res
     return dll
+
+
+def _terms(n: int) -> int:
+    if n > MAX_DOT:
+        raise TinyshieldError(f"a blinded layer has at most {MAX_DOT} inputs and outputs, this one {n}")
+    return n
 
 
 def _arr(a: np.ndarray, dtype, shape: tuple, what: str) -> int:
@@ -63,7 +70,7 @@ def blind(x: np.ndarray, fx: int, r: np.ndarray, v: np.ndarray, out: np.ndarray)
     Returns (in range, rhs); out of range means an activation left the fixed-point field."""
     rows, k = x.shape
     rhs = np.empty(rows, np.uint64)
-    bad = lib().tsh_blind(_arr(x, np.float32, (rows, k), "x"), rows, k, float(2.0 ** fx),
+    bad = lib().tsh_blind(_arr(x, np.float32, (rows, k), "x"), rows, _terms(k), float(2.0 ** fx),
                           _arr(r, np.uint32, (rows, k), "mask"), _arr(v, np.uint32, (k,), "v"),
                           _arr(out, np.uint32, (rows, k), "out"), rhs.ctypes.data)
     return bad == 0, rhs
@@ -77,7 +84,7 @@ def unblind(y: np.ndarray, u: np.ndarray, s: np.ndarray, scale: np.ndarray, bias
     lhs = np.empty(rows, np.uint64)
     bad = lib().tsh_unblind(_arr(y, np.uint32, (rows, m), "answer"), _arr(u, np.uint32, (rows, m), "u"),
                             _arr(s, np.uint32, (m,), "s"), _arr(scale, np.float32, (m,), "scale"),
-                            _arr(bias, np.float32, (m,), "bias"), rows, m,
+                            _arr(bias, np.float32, (m,), "bias"), rows, _terms(m),
                             _arr(out, np.float32, (rows, m), "out"), lhs.ctypes.data)
     return bad == 0, lhs
 
@@ -107,5 +114,3 @@ def recombine(y: np.ndarray, out: np.ndarray | None = None, accumulate: bool = F
         lib().tsh_recombine(_arr(y, np.int32, (3 * rows, m), "digit products"), rows * m, o)
     return out
 
-
-assert P == 10485767   # the constant compiled into field.c

@@ -17,6 +17,7 @@ P = 2 ** 23 + 2 ** 21 + 7
 HALF = P // 2
 FLOAT64_EXACT = 2 ** 53   # matmul_mod (offline) is exact below this
 MAX_K_INT8 = (2 ** 31 - 1) // (128 * 127)
+MAX_DOT = 2 ** 17   # Freivalds' row sums: this many products of field elements (< p^2 each) fit a uint64
 
 
 def uniform(shape, key: bytes | None = None) -> np.ndarray:
@@ -65,8 +66,11 @@ def matmul_mod(x: np.ndarray, wt: np.ndarray) -> np.ndarray:
     return np.remainder(y.astype(np.int64), P)
 
 
-def check_exact_bound(k: int, max_abs_w: int) -> None:
+def check_exact_bound(k: int, max_abs_w: int, m: int = 0) -> None:
+    """The blinded kernels are exact for a layer with k inputs, m outputs and weights up to max_abs_w."""
     if k * HALF * max_abs_w >= FLOAT64_EXACT:
         raise ValueError(f"float64 matmul would not be exact: {k} x {HALF} x {max_abs_w} >= 2^53")
     if k > MAX_K_INT8:
         raise ValueError(f"int8 digit matmul would overflow int32 for {k} inputs (max {MAX_K_INT8})")
+    if max(k, m) > MAX_DOT:
+        raise ValueError(f"Freivalds sums would overflow 64 bits for {max(k, m)} terms (max {MAX_DOT})")

@@ -142,7 +142,3 @@ class AcceleratorLink:
         self.transfer += max(0.0, f["t_recv"] - max(req.sent, self.accel_free)) + max(0.0, got - max(f["t_send"], t))
         self.accel_free = f["t_send"]
         return y
-
-    def matmul(self, layer: str, x: np.ndarray, copy: bool = True) -> np.ndarray:
-        """One request, waited for at once."""
-        return self.collect(self.submit(layer, x), copy)

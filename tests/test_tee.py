@@ -172,7 +172,7 @@ def _layer(rows=49, k=64, m=48, seed=0):
 def test_blind_kernel_matches_its_definition_at_the_edges():
     """round half to even, the mask added mod p, and the Freivalds sum x~ v mod p -- exact for any k."""
     rng = np.random.default_rng(0)
-    for rows, k in ((3, 70_000), (17, 384)):       # k > 2^16: the uint64 sums are reduced on the way
+    for rows, k in ((3, 70_000), (17, 384)):       # long rows: the uint64 sums stay exact
         x = (rng.standard_normal((rows, k)) * 1000).astype(np.float32)
         x[0, :6] = [0.5, 1.5, -0.5, -2.5, (HALF - 1) / 2 ** 4, -(HALF - 1) / 2 ** 4]   # ties; the range's ends
         r = rng.integers(0, P, (rows, k)).astype(np.uint32)

@@ -12,10 +12,11 @@
 #include <math.h>
 #include <stdint.h>
 
-#define P 10485767u          /* 2^23 + 2^21 + 7 */
+#define P ((uint32_t)TSH_P)  /* 2^23 + 2^21 + 7, given by tee/fieldkernels.py from tee.fieldmath.P */
 #define HALF (P / 2)
 #define OFFSET (128u * (1u + 256u + 65536u))
-#define CHUNK 65536          /* products < p^2 < 2^46.7: 2^16 of them fit a uint64 before a reduction */
+/* A row sum of products of field elements (< p^2 < 2^46.7 each) fits a uint64 for up to 2^17 terms; the
+ * Python side refuses longer rows (tee.fieldmath.MAX_DOT). */
 
 /* int32 in (-p, 2p) -> [0, p), branch-free: (t >> 31) is all ones exactly for negative t */
 static inline int32_t reduce(int32_t t) {
@@ -35,21 +36,16 @@ int tsh_blind(const float *x, int rows, int k, float scale, const uint32_t *r, c
         const uint32_t *ri = r + (int64_t)i * k;
         uint32_t *oi = out + (int64_t)i * k;
         uint64_t acc = 0;
-        for (int j0 = 0; j0 < k; j0 += CHUNK) {
-            int j1 = k - j0 < CHUNK ? k : j0 + CHUNK;
-            uint64_t part = 0;
-            for (int j = j0; j < j1; j++) {
-                float q = nearbyintf(xi[j] * scale);   /* round half to even, as the reference */
-                int ok = fabsf(q) < (float)HALF;       /* false for NaN too */
-                bad |= !ok;
-                q = ok ? q : 0.0f;                     /* keep the int conversion defined */
-                int32_t t = reduce((int32_t)q + (int32_t)ri[j]);
-                oi[j] = (uint32_t)t;
-                part += (uint64_t)(uint32_t)t * v[j];
-            }
-            acc = (acc + part % P) % P;
+        for (int j = 0; j < k; j++) {
+            float q = nearbyintf(xi[j] * scale);   /* round half to even, as the reference */
+            int ok = fabsf(q) < (float)HALF;       /* false for NaN too */
+            bad |= !ok;
+            q = ok ? q : 0.0f;                     /* keep the int conversion defined */
+            int32_t t = reduce((int32_t)q + (int32_t)ri[j]);
+            oi[j] = (uint32_t)t;
+            acc += (uint64_t)(uint32_t)t * v[j];
         }
-        rhs[i] = acc;
+        rhs[i] = acc % P;
     }
     return bad;
 }
@@ -64,23 +60,18 @@ int tsh_unblind(const uint32_t *y, const uint32_t *u, const uint32_t *s, const f
         const uint32_t *yi = y + (int64_t)i * m;
         const uint32_t *ui = u + (int64_t)i * m;
         float *oi = out + (int64_t)i * m;
-        uint64_t acc = 0;
-        for (int j0 = 0; j0 < m; j0 += CHUNK) {
-            int j1 = m - j0 < CHUNK ? m : j0 + CHUNK;
-            uint64_t part = 0;
-            for (int j = j0; j < j1; j++) {
-                uint32_t yj = yi[j];                   /* the one read of untrusted memory */
-                bad += yj >= P;
-                part += (uint64_t)yj * s[j];
-                int32_t d = (int32_t)yj - (int32_t)ui[j];
-                d += (d >> 31) & (int32_t)P;                    /* [0, p) */
-                d -= (((int32_t)HALF - d) >> 31) & (int32_t)P;  /* (-p/2, p/2] */
-                float prod = (float)d * scale[j];
-                oi[j] = bias[j] + prod;
-            }
-            acc = (acc + part % P) % P;
+        uint64_t acc = 0;                              /* may wrap only for an answer refused below */
+        for (int j = 0; j < m; j++) {
+            uint32_t yj = yi[j];                       /* the one read of untrusted memory */
+            bad += yj >= P;
+            acc += (uint64_t)yj * s[j];
+            int32_t d = (int32_t)yj - (int32_t)ui[j];
+            d += (d >> 31) & (int32_t)P;                    /* [0, p) */
+            d -= (((int32_t)HALF - d) >> 31) & (int32_t)P;  /* (-p/2, p/2] */
+            float prod = (float)d * scale[j];
+            oi[j] = bias[j] + prod;
         }
-        lhs[i] = acc;
+        lhs[i] = acc % P;
     }
     return bad;
 }

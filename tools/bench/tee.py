@@ -235,12 +235,12 @@ def core_scaling(seconds: float = 2.0) -> dict:
     the core count; it bounds what overlapping the enclave with the accelerator can gain."""
     import multiprocessing as mp
 
+    from tee.client import threads_env
+
     ctx = mp.get_context("spawn")
     k = os.cpu_count() or 1
     counts = {}
-    old = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "1"
-    try:
+    with threads_env(1):
         for n in (1, k):
             queue, start = ctx.Queue(), ctx.Event()
             procs = [ctx.Process(target=_matmul_loop, args=(seconds, start, queue)) for _ in range(n)]
@@ -251,8 +251,6 @@ def core_scaling(seconds: float = 2.0) -> dict:
             counts[n] = sum(queue.get() for _ in procs)
             for p in procs:
                 p.join()
-    finally:
-        os.environ.pop("OMP_NUM_THREADS") if old is None else os.environ.__setitem__("OMP_NUM_THREADS", old)
     return {"processes": k, "seconds": seconds, "ops_one": counts[1], "ops_all": counts[k],
             "speedup": round(counts[k] / max(counts[1], 1), 2)}
 
