@@ -103,9 +103,9 @@ def main(enclave_conn, host_conn, bundle_dir: str, backend: str, threads: int, r
     conns = [enclave_conn, host_conn]
     spin = spinner(enclave_conn)
     while True:
-        if poll_s:
-            spin(time.perf_counter() + poll_s)   # the enclave's next request is usually moments away
-        for conn in wait(conns):
+        # the enclave's next request is usually moments away; when it comes, read it without a select over both pipes
+        ready = [enclave_conn] if poll_s and spin(time.perf_counter() + poll_s) else wait(conns)
+        for conn in ready:
             try:
                 msg = recv(conn)
             except TinyshieldError:

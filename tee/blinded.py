@@ -104,8 +104,24 @@ def blind(x: torch.Tensor, layer: BlindLayer, r: np.ndarray, v: np.ndarray,
     return out, rhs
 
 
-EXACT_K_F32 = 2 ** 24 // (128 * 127)   # 1032: up to this many inputs a digit GEMM's sums are exact in float32
+F32_EXACT = 2 ** 24   # float32 holds every integer up to this
+MAX_DIGIT = 128       # |digit - zero point| for the uint8 digits with zero point 128
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
+
+
+def exact_parts(w: np.ndarray) -> list[slice]:
+    """Consecutive input ranges of w (out, in) over which a digit GEMM's float32 sums are exact whatever the
+    digits: MAX_DIGIT * sum_j |w[o, j]| <= 2^24 for every output o. A real layer's weights are far from all
+    +-127 (MiniLM's widest rows reach 37% of the bound over 1536 inputs), so this is one range for every
+    MiniLM and ViT layer; the worst case (all +-127) allows 1032 inputs per range."""
+    acc = np.zeros(w.shape[0], np.int64)
+    parts, start = [], 0
+    for j, col in enumerate(np.abs(w.astype(np.int64)).T):
+        if MAX_DIGIT * int((acc + col).max(initial=0)) > F32_EXACT:
+            parts.append(slice(start, j))
+            start, acc = j, np.zeros_like(acc)
+        acc += col
+    return parts + [slice(start, w.shape[1])]
 
 
 class FieldGemm:
@@ -114,17 +130,16 @@ class FieldGemm:
     The masked input becomes three digit planes (tee/csrc/field.c), one int8 GEMM runs over the stacked
     planes, and the planes are recombined mod p (fieldmath.int8_matmul_mod is the reference). The GEMM is
     oneDNN's quantised linear with the weights packed once (AMX or VNNI where the CPU has them): inputs as
-    uint8 bytes with zero point 128, output float32 -- exact while every sum stays below 2^24, so layers with
-    more than EXACT_K_F32 inputs are split along k and the parts added mod p. Without oneDNN, torch._int_mm
-    (int32 sums; it repacks the weights on every call, measured 1.5x slower here)."""
+    uint8 bytes with zero point 128, output float32 -- exact while every sum stays below 2^24, so a layer
+    whose weights could pass that is split along k (`exact_parts`) and the parts added mod p. Without
+    oneDNN, torch._int_mm (int32 sums; it repacks the weights on every call, measured 1.5x slower here)."""
 
     def __init__(self, wt: torch.Tensor):
         self.k, self.m = wt.shape
         w = wt.to(torch.int8).T.contiguous()                    # (m, k), as oneDNN wants it
         if _ONEDNN:
-            self.parts = [(slice(i, min(i + EXACT_K_F32, self.k)),
-                           torch.ops.onednn.qlinear_prepack(w[:, i:i + EXACT_K_F32].contiguous(), None))
-                          for i in range(0, self.k, EXACT_K_F32)]
+            self.parts = [(cols, torch.ops.onednn.qlinear_prepack(w[:, cols].contiguous(), None))
+                          for cols in exact_parts(w.numpy())]
             self.one, self.zero = torch.ones(self.m), torch.zeros(self.m, dtype=torch.int64)
         else:
             self.wt = w.T.contiguous()

@@ -20,7 +20,7 @@ from tee.fieldmath import MAX_DOT, P
 SOURCE = Path(__file__).resolve().parent / "csrc" / "field.c"
 # -march=native: the library is built on the machine that runs it; no fused multiply-add, so the float
 # dequantisation rounds exactly like numpy's separate multiply and add.
-FLAGS = ["-std=c99", "-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared",
+FLAGS = ["-std=c99", "-O3", "-march=native", "-mprefer-vector-width=512", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared",
          "-Wall", "-Wextra", "-Werror"]
 
 _p, _i32, _i64, _f32 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_float

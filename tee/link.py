@@ -30,16 +30,19 @@ POLL_S = 0.002   # with overlap: how long a side polls for the other's next mess
 
 
 def spinner(conn):
-    """`spin(deadline)`: poll `conn` without sleeping until data is there or `deadline` passes. Inside an
+    """`spin(deadline)`: poll `conn` without sleeping until data is there (True) or `deadline` passes. Inside an
     inference the other side's next message is usually microseconds to a millisecond away, and sleeping and
     being woken is slow on a virtual machine -- but polling keeps a core busy, which pays only where the two
     sides really run on separate cores (tools/bench/tee.py measures both ways)."""
     p = select.poll()
     p.register(conn.fileno(), select.POLLIN)
 
-    def spin(deadline: float) -> None:
-        while not p.poll(0) and time.perf_counter() < deadline:
-            pass
+    def spin(deadline: float) -> bool:
+        """True when data is there."""
+        while not p.poll(0):
+            if time.perf_counter() >= deadline:
+                return False
+        return True
     return spin
 
 

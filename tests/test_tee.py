@@ -140,8 +140,22 @@ def test_field_gemm_is_exact_at_the_largest_sums():
     w = np.stack([np.full(k, 127), np.full(k, -127), np.where(np.arange(k) % 2, 127, -127)], 1).astype(np.int8)
     xc = np.where(x.astype(np.int64) > HALF, x.astype(np.int64) - P, x.astype(np.int64)).astype(object)
     want = np.mod(xc @ w.astype(object), P).astype(np.int64)
-    assert np.array_equal(blinded.FieldGemm(torch.from_numpy(w))(x).astype(np.int64), want)
+    gemm = blinded.FieldGemm(torch.from_numpy(w))
+    assert [c.stop - c.start for c, _ in gemm.parts] == [1032, 504]
+    assert np.array_equal(gemm(x).astype(np.int64), want)
     assert np.array_equal(fieldkernels.digits(x, unsigned=True).view(np.int8) ^ np.int8(-128), fieldkernels.digits(x))
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 3000), st.integers(1, 40), st.integers(1, 127), st.integers(0, 2 ** 32 - 1))
+def test_exact_parts_keep_every_float32_sum_exact(k, m, amp, seed):
+    """Consecutive ranges covering every input, each within the float32 bound, none ended early."""
+    w = np.random.default_rng(seed).integers(-amp, amp + 1, (m, k)).astype(np.int8)
+    parts = blinded.exact_parts(w)
+    assert parts[0].start == 0 and parts[-1].stop == k and all(a.stop == b.start for a, b in zip(parts, parts[1:]))
+    l1 = lambda c: int(np.abs(w[:, c].astype(np.int64)).sum(1).max())
+    assert all(blinded.MAX_DIGIT * l1(c) <= blinded.F32_EXACT for c in parts)
+    assert all(blinded.MAX_DIGIT * l1(slice(c.start, c.stop + 1)) > blinded.F32_EXACT for c in parts[:-1])
 
 
 def test_recombination_is_exact_at_the_extremes():
@@ -153,6 +167,21 @@ def test_recombination_is_exact_at_the_extremes():
     got = fieldkernels.recombine(y.reshape(-1, 1))[:, 0]    # planes stacked by rows: (3 n, 1)
     want = np.mod(y[0].astype(np.int64) + 256 * y[1].astype(np.int64) + 65536 * y[2].astype(np.int64), P)
     assert np.array_equal(got.astype(np.int64), want)
+
+
+def test_float32_recombination_is_exact_at_the_extremes():
+    """The float32 planes a digit GEMM returns (|y| <= 2^24), alone and added to a previous part near p."""
+    lim = 2 ** 24
+    vals = np.array([-lim, -lim + 1, -P, -P + 1, -1, 0, 1, P - 1, P, P + 1, lim - 1, lim], np.int64)
+    y = np.array(np.meshgrid(vals, vals, vals)).reshape(3, -1)
+    y = np.concatenate([y, np.random.default_rng(1).integers(-lim, lim + 1, (3, 20_000))], 1)
+    exact = y[0] + 256 * y[1] + 65536 * y[2]
+    planes = y.astype(np.float32).reshape(-1, 1)
+    assert np.array_equal(fieldkernels.recombine(planes)[:, 0].astype(np.int64), np.mod(exact, P))
+    prev = np.random.default_rng(2).integers(0, P, (y.shape[1], 1)).astype(np.uint32)
+    prev[:3] = [[0], [1], [P - 1]]
+    got = fieldkernels.recombine(planes, prev.copy(), accumulate=True)[:, 0]
+    assert np.array_equal(got.astype(np.int64), np.mod(exact + prev[:, 0], P))
 
 
 def test_uniform_masks_cover_the_field():

@@ -106,14 +106,24 @@ void tsh_recombine(const int32_t *y, int64_t n, uint32_t *out) {
         out[i] = mod_p((int64_t)y0[i] + ((int64_t)y1[i] << 8) + ((int64_t)y2[i] << 16));
 }
 
-/* The same from float32 planes holding exact integers (|y| < 2^24); with `accumulate` the result is added
- * to `out` mod p (a GEMM split along k into parts whose sums each stay exact in float32). */
-void tsh_recombine_f32(const float *y, int64_t n, uint32_t *out, int accumulate) {
+/* (t mod p) for an integer-valued double |t| < 2^42, in floating point so that loops over it vectorise:
+ * the truncated quotient is within one of t / p, so t - q p lies in (-2p, 2p) and is exact. */
+static inline uint32_t mod_p_f64(double t) {
+    double q = (double)(int64_t)(t * (1.0 / P));
+    int32_t r = (int32_t)(t - q * (double)P);
+    r += (r >> 31) & (int32_t)P;                   /* (-p, 2p) */
+    return (uint32_t)reduce(r);
+}
+
+/* The same from float32 planes holding exact integers (|y| < 2^24, so the sum is below 2^41); with
+ * `accumulate` the result is added to `out` mod p (a GEMM split along k into parts whose sums each stay exact
+ * in float32). */
+void tsh_recombine_f32(const float *restrict y, int64_t n, uint32_t *restrict out, int accumulate) {
     const float *y0 = y, *y1 = y + n, *y2 = y + 2 * n;
-    for (int64_t i = 0; i < n; i++) {
-        int64_t t = (int64_t)y0[i] + ((int64_t)y1[i] << 8) + ((int64_t)y2[i] << 16);
-        if (accumulate)
-            t += out[i];
-        out[i] = mod_p(t);
-    }
+    if (accumulate)
+        for (int64_t i = 0; i < n; i++)
+            out[i] = mod_p_f64((double)y0[i] + 256.0 * (double)y1[i] + 65536.0 * (double)y2[i] + (double)out[i]);
+    else
+        for (int64_t i = 0; i < n; i++)
+            out[i] = mod_p_f64((double)y0[i] + 256.0 * (double)y1[i] + 65536.0 * (double)y2[i]);
 }
