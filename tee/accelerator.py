@@ -92,7 +92,7 @@ def main(enclave_conn, host_conn, bundle_dir: str, backend: str, threads: int, r
          poll_s: float = 0.0) -> None:
     torch.set_num_threads(threads)
     buffers = tuple(dma.attach(n) for n in buffer_names) if buffer_names else None
-    slot = dma.slot_bytes(buffers[0]) if buffers else 0
+    slots = [dma.Slots(b) for b in buffers] if buffers else None
     header = json.loads((Path(bundle_dir) / "bundle.json").read_text())
     layers = header["accelerator"]["layers"]
     run = Backend(Path(bundle_dir) / "accelerator", header["mode"], backend, layers) if layers else None
@@ -102,16 +102,21 @@ def main(enclave_conn, host_conn, bundle_dir: str, backend: str, threads: int, r
     calls, busy = 0, 0.0
     conns = [enclave_conn, host_conn]
     spin = spinner(enclave_conn)
+    polling = False   # between an inference's requests only: the enclave says "idle" after its last one
     while True:
         # the enclave's next request is usually moments away; when it comes, read it without a select over both pipes
-        ready = [enclave_conn] if poll_s and spin(time.perf_counter() + poll_s) else wait(conns)
+        ready = [enclave_conn] if polling and spin(time.perf_counter() + poll_s) else wait(conns)
         for conn in ready:
             try:
                 msg = recv(conn)
             except TinyshieldError:
                 return
+            if msg.kind == "idle":
+                polling = False
+                continue
             if msg.kind in ("matmul", "matmul_dma"):
                 t_recv = time.perf_counter()
+                polling = poll_s > 0
                 f = msg.fields
                 layer = f["layer"]
                 try:
@@ -120,13 +125,12 @@ def main(enclave_conn, host_conn, bundle_dir: str, backend: str, threads: int, r
                     if msg.kind == "matmul":
                         x, target = msg.arrays[0], None
                     else:
-                        if not buffers:
+                        if not slots:
                             raise TinyshieldError("no shared buffers were set up")
-                        if not 0 <= f["slot"] < dma.SLOTS or layer not in layers:
-                            raise TinyshieldError(f"bad request: slot {f['slot']}, layer {layer!r}")
-                        at = {"offset": f["slot"] * slot, "limit": slot}
-                        x = dma.view(buffers[0], f["dtype"], f["rows"], f["cols"], **at)
-                        target = dma.view(buffers[1], dma.code(run.out_dtype), f["rows"], layers[layer][2], **at)
+                        if layer not in layers:
+                            raise TinyshieldError(f"bad request: layer {layer!r}")
+                        x = slots[0](f["slot"], f["dtype"], f["rows"], f["cols"])
+                        target = slots[1](f["slot"], dma.code(run.out_dtype), f["rows"], layers[layer][2])
                     t, c = time.perf_counter(), time.process_time()
                     y = run(layer, x, target)
                     seconds, cpu = time.perf_counter() - t, time.process_time() - c   # cpu: summed over threads

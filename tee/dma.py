@@ -47,6 +47,22 @@ def view(shm: shared_memory.SharedMemory, dtype_code: str, rows: int, cols: int,
     return np.ndarray((rows, cols), dtype=DTYPES[dtype_code], buffer=shm.buf[offset:offset + n])
 
 
+class Slots:
+    """(rows, cols) views of one buffer's slots, each checked once and then reused: an inference asks for the same
+    few shapes over and over, and making a view costs more than the smaller layers' arithmetic."""
+
+    def __init__(self, shm: shared_memory.SharedMemory):
+        self.shm, self.size, self.cache = shm, slot_bytes(shm), {}
+
+    def __call__(self, slot: int, dtype_code: str, rows: int, cols: int) -> np.ndarray:
+        key = (slot, dtype_code, rows, cols)
+        if key not in self.cache:
+            if not 0 <= slot < SLOTS:
+                raise TinyshieldError(f"bad buffer slot {slot} (0..{SLOTS - 1})")
+            self.cache[key] = view(self.shm, dtype_code, rows, cols, offset=slot * self.size, limit=self.size)
+        return self.cache[key]
+
+
 def code(dtype) -> str:
     for c, t in DTYPES.items():
         if np.dtype(t) == np.dtype(dtype):

@@ -161,7 +161,10 @@ class Enclave:
         submit = self.submitter()
         t_pad = time.perf_counter() - t0
         chunks = 1 if self.mode == "enclave-only" else self.chunks
-        y = program.pipelined(self.model, inputs, submit, chunks)
+        try:
+            y = program.pipelined(self.model, inputs, submit, chunks)
+        finally:
+            self.link.idle()
         total = time.perf_counter() - t0
         link = self.link
         enclave = total - link.blocked - self.offline

@@ -60,7 +60,7 @@ class AcceleratorLink:
     def __init__(self, conn, out_dims: dict[str, int], buffers=None, poll_s: float = 0.0):
         self.conn, self.out_dims, self.seq = conn, out_dims, 0
         self.buffers = buffers     # (outbound, inbound) shared buffers, or None to send data over the pipe
-        self.slot_bytes = dma.slot_bytes(buffers[0]) if buffers else 0
+        self.slots = [dma.Slots(b) for b in buffers] if buffers else None
         self.poll_s = poll_s
         self.spin = spinner(conn) if conn is not None and poll_s else None
         self.pending: deque[Request] = deque()
@@ -85,7 +85,7 @@ class AcceleratorLink:
         raise TinyshieldError(f"more than {dma.SLOTS} accelerator requests in flight")
 
     def _view(self, buf: int, slot: int, code: str, rows: int, cols: int) -> np.ndarray:
-        return dma.view(self.buffers[buf], code, rows, cols, offset=slot * self.slot_bytes, limit=self.slot_bytes)
+        return self.slots[buf](slot, code, rows, cols)
 
     def outbound(self, dtype, shape: tuple[int, int]) -> np.ndarray:
         """Where to build the next request: a slot of the outbound shared buffer (no copy later), or a new array."""
@@ -115,6 +115,11 @@ class AcceleratorLink:
                                                              "cols": x.shape[1], "slot": slot}))
         self.pending.append(Request(self.seq, layer, x.shape[0], x.dtype, slot, time.perf_counter()))
         return self.seq
+
+    def idle(self) -> None:
+        """The inference is over: a polling accelerator goes back to sleep and frees its core at once."""
+        if self.conn is not None and self.poll_s:
+            send(self.conn, Message("idle"))
 
     def collect(self, seq: int, copy: bool = True) -> np.ndarray:
         """The answer to request `seq` (requests are collected in the order they were submitted). With copy=False

@@ -31,6 +31,7 @@ SCHEMA: dict[str, tuple[dict[str, type], int | None, tuple[str, ...]]] = {
     "matmul_dma": ({"layer": str, "seq": int, "dtype": str, "rows": int, "cols": int, "slot": int}, 0, ()),
     "result_dma": ({"seq": int, "seconds": float, "cpu": float, "t_recv": float, "t_send": float, "dtype": str,
                     "rows": int, "cols": int}, 0, ()),
+    "idle": ({}, 0, ()),                          # no more requests for now: the accelerator may stop polling
     # host <-> accelerator (administration, never data from the enclave)
     "transcript": ({}, 0, ()),
     "transcript_data": ({"entries": str}, None, ("f4", "u4")),

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edge.errors import TinyshieldError
-from tee import attestation, audit, blinded, fieldkernels, fieldmath, messages, sealing, shadownet
+from tee import attestation, audit, blinded, dma, fieldkernels, fieldmath, messages, sealing, shadownet
 from tee.fieldmath import HALF, P
 
 
@@ -50,6 +50,23 @@ def test_corrupted_messages_never_crash(pos, byte):
         messages.decode(buf)
     except TinyshieldError:
         pass   # refused with a clear error; anything else (KeyError, ValueError...) fails the test
+
+
+def test_shared_buffer_headers_are_checked_before_use():
+    """A request or answer header naming a slot or shape the buffer cannot hold is refused; good views are reused."""
+    shm = dma.create(4096)
+    try:
+        slots = dma.Slots(shm)
+        a = slots(1, "u4", 32, 32)
+        assert a.shape == (32, 32) and slots(1, "u4", 32, 32) is a
+        for bad in ((dma.SLOTS, "u4", 1, 1), (-1, "u4", 1, 1), (0, "u4", 33, 32), (0, "zz", 1, 1), (0, "u4", -1, 2)):
+            with pytest.raises(TinyshieldError):
+                slots(*bad)
+        del a
+    finally:
+        slots.cache.clear()
+        shm.close()
+        shm.unlink()
 
 
 # ---- sealing and attestation -------------------------------------------------------------------------
