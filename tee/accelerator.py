@@ -69,6 +69,10 @@ class Backend:
     def out_dtype(self):
         return np.uint32 if self.mode == "blinded" else np.float32
 
+    def out_rows(self, rows: int) -> int:
+        """Rows of the answer to an input of `rows` rows (blinded inputs are three digit planes)."""
+        return rows // 3 if self.mode == "blinded" else rows
+
     def __call__(self, layer: str, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """The layer's answer; blinded writes it straight into `out` (the shared buffer) when given."""
         if layer not in self.layers:
@@ -77,9 +81,9 @@ class Backend:
         if x.ndim != 2 or x.shape[1] != k:
             raise TinyshieldError(f"{layer}: input shape {x.shape}, expected (rows, {k})")
         if self.mode == "blinded":
-            if x.dtype != np.uint32:
-                raise TinyshieldError("blinded mode takes field elements (uint32)")
-            return self.w[layer](x, out)
+            if x.dtype != np.uint8 or x.shape[0] % 3:
+                raise TinyshieldError("blinded mode takes three digit planes (uint8, 3 x rows)")
+            return self.w[layer].planes(x, out)
         if x.dtype != np.float32:
             raise TinyshieldError("this mode takes float32 activations")
         if self.kind == "litert":
@@ -130,7 +134,7 @@ def main(enclave_conn, host_conn, bundle_dir: str, backend: str, threads: int, r
                         if layer not in layers:
                             raise TinyshieldError(f"bad request: layer {layer!r}")
                         x = slots[0](f["slot"], f["dtype"], f["rows"], f["cols"])
-                        target = slots[1](f["slot"], dma.code(run.out_dtype), f["rows"], layers[layer][2])
+                        target = slots[1](f["slot"], dma.code(run.out_dtype), run.out_rows(f["rows"]), layers[layer][2])
                     t, c = time.perf_counter(), time.process_time()
                     y = run(layer, x, target)
                     seconds, cpu = time.perf_counter() - t, time.process_time() - c   # cpu: summed over threads

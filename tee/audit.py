@@ -23,7 +23,7 @@ import torch
 from edge.errors import TinyshieldError
 from tee import blinded
 from tee.accelerator import ATTACKS, tamper
-from tee.fieldmath import HALF, P
+from tee.fieldmath import HALF, P, from_digits
 
 
 # ---- row matching ---------------------------------------------------------------------------------
@@ -44,7 +44,9 @@ def best_abs_cos(found: np.ndarray, truth: np.ndarray, chunk: int = 2048) -> tup
 
 
 def as_float(sent: np.ndarray) -> np.ndarray:
-    """What an attacker would analyse: floats as they are, field elements centred."""
+    """What an attacker would analyse: floats as they are, field elements (or their digit planes) centred."""
+    if sent.dtype == np.uint8:
+        sent = from_digits(sent)
     if sent.dtype == np.uint32:
         a = sent.astype(np.int64)
         return np.where(a > HALF, a - P, a).astype(np.float64)
@@ -161,7 +163,7 @@ def detection_trials(w: np.ndarray, b: np.ndarray, rows: int, trials: int = 1000
             pad = blinded.make_pad({"l": layer}, {"l": rows})
             x = torch.from_numpy((rng.standard_normal((rows, w.shape[1])) * 0.5).astype(np.float32))
             xt, rhs = blinded.blind(x, layer, pad["l.r"], pad["l.v"])
-            honest = layer.gemm(xt)
+            honest = layer.gemm.planes(xt)
             lie = tamper(attack, honest, previous, rng)
             previous = honest
             if np.array_equal(lie, honest):   # a replay with nothing stale yet is no attack

@@ -4,7 +4,8 @@ Offline: weights become int8 per output channel (w_q, w_scale) and each layer ge
 bits fx for its input, calibrated so that |x_q @ w_q^T| stays below p/8 (the result must not wrap).
 A pad holds, per layer, a uniform mask r (rows x in) and its unblinding factor u = r w_q^T mod p; pads are
 precomputed and sealed, and each is used for exactly one inference.
-Online: the enclave sends x~ = x_q + r mod p; the accelerator returns y~ = x~ w_q^T mod p; the enclave checks
+Online: the enclave sends x~ = x_q + r mod p (as three uint8 digit planes, what the accelerator's int8 GEMM
+takes); the accelerator returns y~ = x~ w_q^T mod p; the enclave checks
 y~ s == x~ v mod p for the pad's one-time secret s and v = w_q^T s (Freivalds; a wrong y~ passes with
 probability <= 1/p),
 then y = centre(y~ - u) * fx scale * w_scale + b. The result equals the fixed-point reference exactly.
@@ -93,10 +94,11 @@ def make_pad(layers: dict[str, BlindLayer], rows: dict[str, int]) -> dict[str, n
 
 def blind(x: torch.Tensor, layer: BlindLayer, r: np.ndarray, v: np.ndarray,
           out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """x~ = round(x 2^fx) + r mod p as uint32 field elements (into `out`, e.g. the accelerator's buffer), and the
-    Freivalds right-hand side x~ v mod p per row -- one pass of the C kernel."""
+    """x~ = round(x 2^fx) + r mod p as the accelerator takes it -- its three digit planes, uint8 (3 rows, k)
+    (fieldmath.from_digits gives the field elements) -- into `out`, e.g. the accelerator's buffer; and the
+    Freivalds right-hand side x~ v mod p per row. One pass of the C kernel."""
     x = x.detach().to(torch.float32).contiguous().numpy()
-    out = np.empty(r.shape, np.uint32) if out is None else out
+    out = np.empty((3 * r.shape[0], r.shape[1]), np.uint8) if out is None else out
     in_range, rhs = fieldkernels.blind(x, layer.fx, r, v, out)
     if not in_range:
         raise TinyshieldError("blinded mode: an activation left the fixed-point range (overflow); "
@@ -127,8 +129,9 @@ def exact_parts(w: np.ndarray) -> list[slice]:
 class FieldGemm:
     """The accelerator's exact y~ = x~ w_q^T mod p for one layer, wt = w_q^T (k, m) with |w_q| <= 127.
 
-    The masked input becomes three digit planes (tee/csrc/field.c), one int8 GEMM runs over the stacked
-    planes, and the planes are recombined mod p (fieldmath.int8_matmul_mod is the reference). The GEMM is
+    The masked input comes as three digit planes (the enclave's blinding writes them; `__call__` makes them
+    from field elements), one int8 GEMM runs over the stacked planes, and the planes' products are
+    recombined mod p (fieldmath.int8_matmul_mod is the reference). The GEMM is
     oneDNN's quantised linear with the weights packed once (AMX or VNNI where the CPU has them): inputs as
     uint8 bytes with zero point 128, output float32 -- exact while every sum stays below 2^24, so a layer
     whose weights could pass that is split along k (`exact_parts`) and the parts added mod p. Without
@@ -145,10 +148,14 @@ class FieldGemm:
             self.wt = w.T.contiguous()
 
     def __call__(self, x_tilde: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """From field elements (uint32 (rows, k))."""
+        return self.planes(fieldkernels.digits(x_tilde, unsigned=True), out)
+
+    def planes(self, d: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """From digit planes (uint8 (3 rows, k), zero point 128) -> uint32 (rows, m)."""
         if not _ONEDNN:
-            y = torch._int_mm(torch.from_numpy(fieldkernels.digits(x_tilde)), self.wt)
+            y = torch._int_mm(torch.from_numpy((d ^ np.uint8(0x80)).view(np.int8)), self.wt)
             return fieldkernels.recombine(y.numpy(), out)
-        d = fieldkernels.digits(x_tilde, unsigned=True)
         for i, (cols, packed) in enumerate(self.parts):
             part = d if len(self.parts) == 1 else np.ascontiguousarray(d[:, cols])
             y = torch.ops.onednn.qlinear_pointwise(torch.from_numpy(part), 1.0, 128, packed, self.one, self.zero, None,

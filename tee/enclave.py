@@ -93,8 +93,9 @@ class Enclave:
             r = pad[f"{name}.r"][rows]
             if r.shape[0] != x.shape[0]:
                 raise TinyshieldError(f"{name}: input has {x.shape[0]} rows, pads were made for {r.shape[0]}")
-            x_tilde, rhs = blinded.blind(x, layer, r, pad[f"{name}.v"], out=self.link.outbound(np.uint32, r.shape))
-            seq = self.link.submit(name, x_tilde)
+            planes = self.link.outbound(np.uint8, (3 * r.shape[0], r.shape[1]))
+            planes, rhs = blinded.blind(x, layer, r, pad[f"{name}.v"], out=planes)
+            seq = self.link.submit(name, planes, answer=(r.shape[0], np.uint32))
 
             def wait():
                 y = blinded.unblind(self.link.collect(seq, copy=False), pad[f"{name}.u"][rows], pad[f"{name}.s"],

@@ -66,13 +66,14 @@ def _arr(a: np.ndarray, dtype, shape: tuple, what: str) -> int:
 
 
 def blind(x: np.ndarray, fx: int, r: np.ndarray, v: np.ndarray, out: np.ndarray) -> tuple[bool, np.ndarray]:
-    """out = round(x 2^fx) + r mod p (uint32), and the Freivalds right-hand side x~ v mod p per row.
+    """x~ = round(x 2^fx) + r mod p written to `out` as its digit planes (uint8 (3 rows, k), as `digits(x~,
+    unsigned=True)`), and the Freivalds right-hand side x~ v mod p per row.
     Returns (in range, rhs); out of range means an activation left the fixed-point field."""
     rows, k = x.shape
     rhs = np.empty(rows, np.uint64)
     bad = lib().tsh_blind(_arr(x, np.float32, (rows, k), "x"), rows, _terms(k), float(2.0 ** fx),
                           _arr(r, np.uint32, (rows, k), "mask"), _arr(v, np.uint32, (k,), "v"),
-                          _arr(out, np.uint32, (rows, k), "out"), rhs.ctypes.data)
+                          _arr(out, np.uint8, (3 * rows, k), "out"), rhs.ctypes.data)
     return bad == 0, rhs
 
 

@@ -1,7 +1,7 @@
 """Arithmetic in the prime field of the blinded mode, p = 2^23 + 2^21 + 7 (Slalom's choice: every
 field element fits a float32 mantissa exactly), a cryptographic source of uniform field elements, and the
 numpy reference of the accelerator's exact kernel for x~ w^T mod p (|w| <= 127): a field element is three
-signed base-256 digits, each an int8; int8 x int8 products accumulate exactly in int32 (|sum| <= k * 128 * 127
+signed base-256 digits, each an int8 (sent to the accelerator as uint8 bytes with zero point 128); int8 x int8 products accumulate exactly in int32 (|sum| <= k * 128 * 127
 < 2^31 for k < 132,000), so it is one int8 GEMM over the stacked digits plus a recombination mod p. The fast
 one-pass versions are C (tee/fieldkernels.py); tests hold them to this reference.
 """
@@ -50,6 +50,13 @@ def digits(x: np.ndarray) -> np.ndarray:
         out[i] = z[:, :, i]
     out ^= np.uint8(0x80)
     return out.view(np.int8).reshape(3 * rows, k)
+
+
+def from_digits(planes: np.ndarray) -> np.ndarray:
+    """Digit planes as the accelerator receives them (uint8 bytes b_i = d_i + 128, (3 rows, k)) -> the field
+    elements (uint32 (rows, k)): the inverse of `digits`."""
+    d = planes.reshape(3, -1, planes.shape[1]).astype(np.int64) - 128
+    return np.mod(d[0] + 256 * d[1] + 65536 * d[2], P).astype(np.uint32)
 
 
 def int8_matmul_mod(x_tilde: np.ndarray, wt: torch.Tensor) -> np.ndarray:

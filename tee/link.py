@@ -50,8 +50,8 @@ def spinner(conn):
 class Request:
     seq: int
     layer: str
-    rows: int
-    dtype: np.dtype
+    rows: int          # of the answer
+    dtype: np.dtype    # of the answer
     slot: int
     sent: float
 
@@ -96,7 +96,9 @@ class AcceleratorLink:
         self.staged = (slot, view)
         return view
 
-    def submit(self, layer: str, x: np.ndarray) -> int:
+    def submit(self, layer: str, x: np.ndarray, answer: tuple[int, np.dtype] | None = None) -> int:
+        """Send x for `layer`; the answer has `answer` = (rows, dtype), by default x's (blinded inputs are
+        three uint8 digit planes per row, answers one uint32 field element per output)."""
         if self.conn is None:
             raise TinyshieldError("this enclave has no accelerator connection")
         self.seq += 1
@@ -113,7 +115,8 @@ class AcceleratorLink:
             self.staged = None
             send(self.conn, Message("matmul_dma", fields | {"dtype": dma.code(x.dtype), "rows": x.shape[0],
                                                              "cols": x.shape[1], "slot": slot}))
-        self.pending.append(Request(self.seq, layer, x.shape[0], x.dtype, slot, time.perf_counter()))
+        rows, dtype = answer or (x.shape[0], x.dtype)
+        self.pending.append(Request(self.seq, layer, rows, np.dtype(dtype), slot, time.perf_counter()))
         return self.seq
 
     def idle(self) -> None:

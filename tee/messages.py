@@ -24,7 +24,7 @@ DTYPES = {"f4": np.float32, "f8": np.float64, "i4": np.int32, "u4": np.uint32, "
 # kind -> (scalar fields with their types, number of arrays or None for "any", allowed dtypes)
 SCHEMA: dict[str, tuple[dict[str, type], int | None, tuple[str, ...]]] = {
     # enclave <-> accelerator
-    "matmul": ({"layer": str, "seq": int}, 1, ("f4", "u4")),
+    "matmul": ({"layer": str, "seq": int}, 1, ("f4", "u1")),   # float32, or blinded digit planes
     "result": ({"seq": int, "seconds": float, "cpu": float, "t_recv": float, "t_send": float}, 1, ("f4", "u4")),
     # the same through shared buffers (tee.dma): the header names dtype and shape, the data is in the buffer
     # (slot: which of the dma.SLOTS parts of each buffer the request and its answer use)
@@ -34,7 +34,7 @@ SCHEMA: dict[str, tuple[dict[str, type], int | None, tuple[str, ...]]] = {
     "idle": ({}, 0, ()),                          # no more requests for now: the accelerator may stop polling
     # host <-> accelerator (administration, never data from the enclave)
     "transcript": ({}, 0, ()),
-    "transcript_data": ({"entries": str}, None, ("f4", "u4")),
+    "transcript_data": ({"entries": str}, None, ("f4", "u1")),
     "stats": ({}, 0, ()),
     "stats_data": ({"calls": int, "seconds": float, "backend": str}, 0, ()),
     "reset_stats": ({}, 0, ()),

@@ -139,6 +139,7 @@ def test_int8_digit_matmul_is_exact_mod_p(rows, k, m, seed):
     w = rng.integers(-127, 128, (k, m)).astype(np.int8)
     xc = np.where(x.astype(np.int64) > HALF, x.astype(np.int64) - P, x.astype(np.int64)).astype(object)
     want = np.mod(xc @ w.astype(object), P).astype(np.int64)
+    assert np.array_equal(fieldmath.from_digits(fieldkernels.digits(x, unsigned=True)), x)
     assert np.array_equal(fieldmath.int8_matmul_mod(x, torch.from_numpy(w)).astype(np.int64), want)
     got = blinded.FieldGemm(torch.from_numpy(w))(x)
     assert got.dtype == np.uint32 and np.array_equal(got.astype(np.int64), want)
@@ -228,7 +229,8 @@ def test_blind_kernel_matches_its_definition_at_the_edges():
         xt, rhs = blinded.blind(torch.from_numpy(x), blinded.BlindLayer(np.zeros((1, k), np.int32),
                                 np.ones(1, np.float32), 4, np.zeros(1, np.float32)), r, v)
         want = np.mod(np.round(x.astype(np.float64) * 16).astype(np.int64) + r, P)
-        assert np.array_equal(xt.astype(np.int64), want)
+        assert np.array_equal(fieldmath.from_digits(xt).astype(np.int64), want)
+        assert np.array_equal(xt, fieldkernels.digits(want.astype(np.uint32), unsigned=True))   # the wire format
         assert np.array_equal(rhs.astype(np.int64), np.mod(want.astype(object) @ v.astype(object), P).astype(np.int64))
 
 
@@ -258,7 +260,7 @@ def test_blinded_linear_equals_fixed_point_reference_with_fresh_masks():
     sent = []
     for pad in pads:
         xt, rhs = blinded.blind(torch.from_numpy(x), layer, pad["l.r"], pad["l.v"])
-        yt = blinded.FieldGemm(wt)(xt)
+        yt = blinded.FieldGemm(wt).planes(xt)
         y = blinded.unblind(yt, pad["l.u"], pad["l.s"], rhs, layer)
         assert y is not None and torch.equal(y, blinded.reference_lin({"l": layer})("l", torch.from_numpy(x)))
         sent.append(xt)

@@ -1,11 +1,12 @@
 /* The blinded mode's field kernels, p = 2^23 + 2^21 + 7: one pass over the data per call.
  *
- * Enclave side (one thread): blind = quantise + mask + Freivalds' right-hand side in one pass over the input;
+ * Enclave side (one thread): blind = quantise + mask + Freivalds' right-hand side + the digit planes the
+ * accelerator multiplies, in one pass over the input;
  * unblind = Freivalds' left-hand side + unmask + dequantise in one pass over the accelerator's answer, which
  * lives in untrusted shared memory: every element is read exactly once, so the check covers exactly the
  * values that are used (nothing can change between check and use).
- * Accelerator side: digits (field element -> three signed int8 digits) and recombine (three int32 digit
- * products -> field element), around an int8 GEMM.
+ * Accelerator side: recombine (three digit products -> field element) after its int8 GEMM; digits (field
+ * element -> three int8 digits) for inputs given as field elements (pads, tests).
  *
  * The numpy reference of each kernel is in tee/fieldmath.py and tee/blinded.py; tests check equality.
  */
@@ -26,24 +27,35 @@ static inline int32_t reduce(int32_t t) {
     return t;
 }
 
-/* x~ = round(x * scale) + r mod p for a (rows, k) float32 x; rhs[i] = (x~_i . v) mod p.
+/* The bytes b_i of centre(x) + OFFSET for a field element x: centre(x) = (b0 - 128) + 256 (b1 - 128)
+ * + 65536 (b2 - 128), each b_i a uint8 digit with zero point 128. */
+static inline uint32_t offset_centre(uint32_t x) {
+    return x > HALF ? x - (P - OFFSET) : x + OFFSET;
+}
+
+/* x~ = round(x * scale) + r mod p for a (rows, k) float32 x, written as the accelerator's GEMM input: three
+ * digit planes of offset_centre(x~) stacked by rows, (3 rows, k) uint8; and rhs[i] = (x~_i . v) mod p.
  * Returns 0, or 1 when some |round(x * scale)| >= p/2 or x is not finite (the output is then garbage). */
-int tsh_blind(const float *x, int rows, int k, float scale, const uint32_t *r, const uint32_t *v,
-              uint32_t *out, uint64_t *rhs) {
+int tsh_blind(const float *restrict x, int rows, int k, float scale, const uint32_t *restrict r,
+              const uint32_t *restrict v, uint8_t *restrict out, uint64_t *restrict rhs) {
     int bad = 0;
+    const int64_t n = (int64_t)rows * k;
     for (int i = 0; i < rows; i++) {
         const float *xi = x + (int64_t)i * k;
         const uint32_t *ri = r + (int64_t)i * k;
-        uint32_t *oi = out + (int64_t)i * k;
+        uint8_t *restrict d0 = out + (int64_t)i * k, *restrict d1 = d0 + n, *restrict d2 = d0 + 2 * n;
         uint64_t acc = 0;
         for (int j = 0; j < k; j++) {
             float q = nearbyintf(xi[j] * scale);   /* round half to even, as the reference */
             int ok = fabsf(q) < (float)HALF;       /* false for NaN too */
             bad |= !ok;
             q = ok ? q : 0.0f;                     /* keep the int conversion defined */
-            int32_t t = reduce((int32_t)q + (int32_t)ri[j]);
-            oi[j] = (uint32_t)t;
-            acc += (uint64_t)(uint32_t)t * v[j];
+            uint32_t t = (uint32_t)reduce((int32_t)q + (int32_t)ri[j]);
+            acc += (uint64_t)t * v[j];
+            uint32_t z = offset_centre(t);
+            d0[j] = (uint8_t)z;
+            d1[j] = (uint8_t)(z >> 8);
+            d2[j] = (uint8_t)(z >> 16);
         }
         rhs[i] = acc % P;
     }
@@ -83,7 +95,7 @@ void tsh_digits(const uint32_t *x, int64_t n, uint8_t *out, int flip) {
     uint8_t *d0 = out, *d1 = out + n, *d2 = out + 2 * n;
     const uint8_t f = (uint8_t)flip;
     for (int64_t i = 0; i < n; i++) {
-        uint32_t z = x[i] > HALF ? x[i] - (P - OFFSET) : x[i] + OFFSET;
+        uint32_t z = offset_centre(x[i]);
         d0[i] = (uint8_t)(z & 0xff) ^ f;
         d1[i] = (uint8_t)((z >> 8) & 0xff) ^ f;
         d2[i] = (uint8_t)((z >> 16) & 0xff) ^ f;
