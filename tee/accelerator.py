@@ -19,7 +19,7 @@ from edge.errors import TinyshieldError
 from tee import blinded, dma
 from tee.fieldmath import P
 from tee.link import spinner
-from tee.messages import Message, recv, send
+from tee.messages import Message, code, recv, send
 
 ATTACKS = ("flip", "perturb", "swap", "replay")
 
@@ -134,7 +134,7 @@ def main(enclave_conn, host_conn, bundle_dir: str, backend: str, threads: int, r
                         if layer not in layers:
                             raise TinyshieldError(f"bad request: layer {layer!r}")
                         x = slots[0](f["slot"], f["dtype"], f["rows"], f["cols"])
-                        target = slots[1](f["slot"], dma.code(run.out_dtype), run.out_rows(f["rows"]), layers[layer][2])
+                        target = slots[1](f["slot"], code(run.out_dtype), run.out_rows(f["rows"]), layers[layer][2])
                     t, c = time.perf_counter(), time.process_time()
                     y = run(layer, x, target)
                     seconds, cpu = time.perf_counter() - t, time.process_time() - c   # cpu: summed over threads
@@ -155,7 +155,7 @@ def main(enclave_conn, host_conn, bundle_dir: str, backend: str, threads: int, r
                 if msg.kind == "matmul":
                     send(conn, Message("result", timing | {"t_send": time.perf_counter()}, [y]))
                 else:
-                    send(conn, Message("result_dma", timing | {"t_send": time.perf_counter(), "dtype": dma.code(y.dtype),
+                    send(conn, Message("result_dma", timing | {"t_send": time.perf_counter(), "dtype": code(y.dtype),
                                                                "rows": y.shape[0], "cols": y.shape[1]}))
             elif msg.kind == "transcript":
                 send(conn, Message("transcript_data", {"entries": json.dumps([n for n, _ in transcript])},

@@ -63,8 +63,3 @@ class Slots:
         return self.cache[key]
 
 
-def code(dtype) -> str:
-    for c, t in DTYPES.items():
-        if np.dtype(t) == np.dtype(dtype):
-            return c
-    raise TinyshieldError(f"dtype {dtype} cannot be sent")

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from edge.errors import TinyshieldError
-from tee import blinded, dma, program, shadownet
+from tee import blinded, dma, fieldkernels, program, shadownet
 from tee.attestation import Channel, make_quote, new_keypair
 from tee.link import POLL_S, AcceleratorLink
 from tee.messages import Message, recv, send
@@ -87,6 +87,8 @@ class Enclave:
                                                                   self.params[name][1]))
             return submit
         pad = self.next_pad()
+        order = list(self.params)                     # call order
+        following = dict(zip(order, order[1:]))
 
         def submit(name, x, rows):
             layer = self.blind[name]
@@ -98,6 +100,11 @@ class Enclave:
             seq = self.link.submit(name, planes, answer=(r.shape[0], np.uint32))
 
             def wait():
+                # while the accelerator works, the pad entries needed next are brought into the cache (a wrong
+                # guess, e.g. rows past a smaller next layer's end, costs nothing)
+                fieldkernels.prefetch(pad[f"{name}.u"][rows])
+                if name in following:
+                    fieldkernels.prefetch(pad[f"{following[name]}.r"][rows])
                 y = blinded.unblind(self.link.collect(seq, copy=False), pad[f"{name}.u"][rows], pad[f"{name}.s"],
                                     rhs, layer)
                 if y is None:

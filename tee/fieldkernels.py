@@ -46,7 +46,8 @@ def lib() -> ctypes.CDLL:
                             ("tsh_unblind", [_p, _p, _p, _p, _p, _i32, _i32, _p, _p], _i32),
                             ("tsh_digits", [_p, _i64, _p, _i32], None),
                             ("tsh_recombine", [_p, _i64, _p], None),
-                            ("tsh_recombine_f32", [_p, _i64, _p, _i32], None)):
+                            ("tsh_recombine_f32", [_p, _i64, _p, _i32], None),
+                            ("tsh_prefetch", [_p, _i64], None)):
         fn = getattr(dll, name)
         fn.argtypes, fn.restype = args, res
     return dll
@@ -115,3 +116,10 @@ def recombine(y: np.ndarray, out: np.ndarray | None = None, accumulate: bool = F
         lib().tsh_recombine(_arr(y, np.int32, (3 * rows, m), "digit products"), rows * m, o)
     return out
 
+
+
+def prefetch(a: np.ndarray) -> None:
+    """Start bringing a contiguous array into the cache and return at once."""
+    if not a.flags.c_contiguous:
+        raise TinyshieldError("prefetch: the array must be contiguous")
+    lib().tsh_prefetch(a.ctypes.data, a.nbytes)

@@ -23,7 +23,7 @@ import numpy as np
 
 from edge.errors import TinyshieldError
 from tee import dma
-from tee.messages import Message, recv, send
+from tee.messages import Message, code, recv, send
 
 
 POLL_S = 0.002   # with overlap: how long a side polls for the other's next message before it sleeps
@@ -92,7 +92,7 @@ class AcceleratorLink:
         if self.buffers is None:
             return np.empty(shape, dtype)
         slot = self._free_slot()
-        view = self._view(0, slot, dma.code(dtype), *shape)
+        view = self._view(0, slot, code(dtype), *shape)
         self.staged = (slot, view)
         return view
 
@@ -111,9 +111,9 @@ class AcceleratorLink:
                 slot = self.staged[0]
             else:
                 slot = self._free_slot()
-                self._view(0, slot, dma.code(x.dtype), *x.shape)[...] = x
+                self._view(0, slot, code(x.dtype), *x.shape)[...] = x
             self.staged = None
-            send(self.conn, Message("matmul_dma", fields | {"dtype": dma.code(x.dtype), "rows": x.shape[0],
+            send(self.conn, Message("matmul_dma", fields | {"dtype": code(x.dtype), "rows": x.shape[0],
                                                              "cols": x.shape[1], "slot": slot}))
         rows, dtype = answer or (x.shape[0], x.dtype)
         self.pending.append(Request(self.seq, layer, rows, np.dtype(dtype), slot, time.perf_counter()))

@@ -61,18 +61,22 @@ class Message:
     arrays: list = field(default_factory=list)
 
 
-def _code(dtype: np.dtype) -> str:
-    for code, t in DTYPES.items():
-        if np.dtype(t) == dtype:
-            return code
-    raise TinyshieldError(f"dtype {dtype} cannot be sent (allowed: {', '.join(DTYPES)})")
+_CODES = {np.dtype(t): c for c, t in DTYPES.items()}
+
+
+def code(dtype) -> str:
+    """The wire code of a dtype ("u4" for uint32 ...)."""
+    c = _CODES.get(np.dtype(dtype))
+    if c is None:
+        raise TinyshieldError(f"dtype {dtype} cannot be sent (allowed: {', '.join(DTYPES)})")
+    return c
 
 
 def encode(msg: Message) -> bytes:
-    check_fields(msg.kind, msg.fields, len(msg.arrays), [_code(a.dtype) for a in msg.arrays])
+    check_fields(msg.kind, msg.fields, len(msg.arrays), [code(a.dtype) for a in msg.arrays])
     arrays = [np.ascontiguousarray(a) for a in msg.arrays]
     header = json.dumps({"kind": msg.kind, "fields": msg.fields,
-                         "arrays": [[_code(a.dtype), list(a.shape)] for a in arrays]}).encode()
+                         "arrays": [[code(a.dtype), list(a.shape)] for a in arrays]}).encode()
     return b"".join([MAGIC, struct.pack("<I", len(header)), header] + [a.tobytes() for a in arrays])
 
 

@@ -139,3 +139,10 @@ void tsh_recombine_f32(const float *restrict y, int64_t n, uint32_t *restrict ou
         for (int64_t i = 0; i < n; i++)
             out[i] = mod_p_f64((double)y0[i] + 256.0 * (double)y1[i] + 65536.0 * (double)y2[i]);
 }
+
+/* Ask for `bytes` at p to be brought into the cache (no wait): the enclave names the pad entries it will
+ * need next while it waits for the accelerator, so that its next pass reads them from cache. */
+void tsh_prefetch(const char *p, int64_t bytes) {
+    for (int64_t i = 0; i < bytes; i += 64)
+        __builtin_prefetch(p + i, 0, 2);
+}
