@@ -192,9 +192,10 @@ class TranscriptReport:
 
 def whole_calls(transcript: list[tuple[str, np.ndarray]], rows: dict[str, int]) -> list[tuple[str, np.ndarray]]:
     """The transcript with each layer's row parts (sent one after the other by the pipelined enclave) joined
-    into one call of `rows[name]` rows."""
+    into one call of `rows[name]` rows; blinded digit planes become the field elements they carry."""
     out: list[tuple[str, list[np.ndarray]]] = []
     for name, x in transcript:
+        x = from_digits(x) if x.dtype == np.uint8 else x
         if out and out[-1][0] == name and sum(len(a) for a in out[-1][1]) < rows[name]:
             out[-1][1].append(x)
         else:

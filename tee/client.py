@@ -57,9 +57,11 @@ class Timing:
 class ProtectedSession:
     def __init__(self, bundle_dir, backend: str | None = None, record: bool = False, attack: str | None = None,
                  attack_after: int = 0, seed: int | None = None, accel_threads: int | None = None, attest: bool = True,
-                 transport: str = "dma", overlap: bool = False):
+                 transport: str = "dma", overlap: bool | None = None):
         """overlap: pipeline the encoder's row parts and poll for messages instead of sleeping (tee.link) --
-        faster where the enclave and the accelerator have cores of their own, slower where they share one."""
+        faster where the enclave and the accelerator have cores of their own, slower where they share one;
+        None: on with two or more cores."""
+        overlap = (os.cpu_count() or 1) >= 2 if overlap is None else overlap
         self.bundle: Bundle = load_header(bundle_dir)
         self.backend = backend or self.bundle.header["accelerator"]["backend"]
         if self.backend not in ("torch", "litert"):

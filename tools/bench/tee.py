@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     threads = args.accel_threads or os.cpu_count()
     result = {"seq_len": args.seq_len, "iters": args.iters, "accel_threads": threads, "enclave_threads": 1,
               "cpu_count": os.cpu_count(), "load_avg_start": os.getloadavg(), "protect_s": protect_s}
-    sessions = {m: ProtectedSession(bundles[m].path, accel_threads=threads, record=False,
+    sessions = {m: ProtectedSession(bundles[m].path, accel_threads=threads, record=False, overlap=False,
                                     backend=args.backend if m in ("plain", "shadownet") else None)
                 for m in bundle.MODES}
     # the same blinded bundle with overlap: pipelined row parts, polling for messages

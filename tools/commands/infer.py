@@ -1,6 +1,8 @@
 """`tinyshield infer --protected BUNDLE INPUT...`: attest the enclave, then run protected inference."""
 from __future__ import annotations
 
+import argparse
+
 
 def register(sub):
     p = sub.add_parser("infer", help="protected inference with a bundle from `tinyshield protect`",
@@ -12,9 +14,9 @@ def register(sub):
     p.add_argument("--backend", choices=["litert", "torch"], default=None,
                    help="accelerator backend (default: the bundle's, litert when exported)")
     p.add_argument("--accel-threads", type=int, default=None, help="accelerator threads (default: all cores)")
-    p.add_argument("--overlap", action="store_true",
+    p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
                    help="pipeline the encoder's rows so enclave and accelerator work at the same time, polling for "
-                        "messages (faster where they have cores of their own; see tools/bench/tee.py)")
+                        "messages (default: on with two or more cores, where it is faster; see tools/bench/tee.py)")
     p.set_defaults(func=run)
 
 
