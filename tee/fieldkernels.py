@@ -20,8 +20,8 @@ from tee.fieldmath import MAX_DOT, P
 SOURCE = Path(__file__).resolve().parent / "csrc" / "field.c"
 # -march=native: the library is built on the machine that runs it; no fused multiply-add, so the float
 # dequantisation rounds exactly like numpy's separate multiply and add.
-FLAGS = ["-std=c99", "-O3", "-march=native", "-mprefer-vector-width=512", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared",
-         "-Wall", "-Wextra", "-Werror"]
+FLAGS = ["-std=c99", "-O3", "-march=native", "-mprefer-vector-width=512", "-ffp-contract=off", "-fno-math-errno",
+         "-fPIC", "-shared", "-Wall", "-Wextra", "-Werror"]
 
 _p, _i32, _i64, _f32 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_float
 
@@ -115,7 +115,6 @@ def recombine(y: np.ndarray, out: np.ndarray | None = None, accumulate: bool = F
     else:
         lib().tsh_recombine(_arr(y, np.int32, (3 * rows, m), "digit products"), rows * m, o)
     return out
-
 
 
 def prefetch(a: np.ndarray) -> None:

@@ -1,9 +1,10 @@
 """Arithmetic in the prime field of the blinded mode, p = 2^23 + 2^21 + 7 (Slalom's choice: every
 field element fits a float32 mantissa exactly), a cryptographic source of uniform field elements, and the
 numpy reference of the accelerator's exact kernel for x~ w^T mod p (|w| <= 127): a field element is three
-signed base-256 digits, each an int8 (sent to the accelerator as uint8 bytes with zero point 128); int8 x int8 products accumulate exactly in int32 (|sum| <= k * 128 * 127
-< 2^31 for k < 132,000), so it is one int8 GEMM over the stacked digits plus a recombination mod p. The fast
-one-pass versions are C (tee/fieldkernels.py); tests hold them to this reference.
+signed base-256 digits, each an int8 (sent to the accelerator as uint8 bytes with zero point 128); int8 x int8
+products accumulate exactly in int32 (|sum| <= k * 128 * 127 < 2^31 for k < 132,000), so it is one int8 GEMM
+over the stacked digits plus a recombination mod p. The fast one-pass versions are C (tee/fieldkernels.py);
+tests hold them to this reference.
 """
 from __future__ import annotations
 

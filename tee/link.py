@@ -84,8 +84,8 @@ class AcceleratorLink:
                 return s
         raise TinyshieldError(f"more than {dma.SLOTS} accelerator requests in flight")
 
-    def _view(self, buf: int, slot: int, code: str, rows: int, cols: int) -> np.ndarray:
-        return self.slots[buf](slot, code, rows, cols)
+    def _view(self, buf: int, slot: int, dtype_code: str, rows: int, cols: int) -> np.ndarray:
+        return self.slots[buf](slot, dtype_code, rows, cols)
 
     def outbound(self, dtype, shape: tuple[int, int]) -> np.ndarray:
         """Where to build the next request: a slot of the outbound shared buffer (no copy later), or a new array."""
