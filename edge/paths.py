@@ -22,6 +22,14 @@ def config_hash(obj) -> str:
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
+def files_hash(paths) -> str:
+    """Short hash of files' names and contents: the part of a cache key that changes with the code making it."""
+    h = hashlib.sha256()
+    for p in sorted(map(Path, paths)):
+        h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()[:12]
+
+
 def artefact_dir(kind: str, cfg) -> Path:
     """`build/<kind>/<hash of cfg>/`, created on demand."""
     d = build_dir() / kind / config_hash(cfg)

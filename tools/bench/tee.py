@@ -5,9 +5,9 @@
 - correctness: shadownet vs the fp32 model (max relative error), blinded vs the fixed-point reference
   (bit-exact) and vs fp32 (sentence-embedding cosine), on real sentences;
 - latency at L = seq-len, the four modes side by side in one run (sessions open together, requests
-  interleaved so machine load hits all modes alike), plus blinded without pipelining: client total, enclave
-  compute (1 thread), accelerator compute (all cores), enclave<->accelerator transfer, and their overlap;
-  medians over --iters;
+  interleaved so machine load hits all modes alike), each taking turns, plus blinded with its row parts
+  pipelined (a session's default with two or more cores): client total, enclave compute (1 thread),
+  accelerator compute (all cores), enclave<->accelerator transfer, and their overlap; medians over --iters;
 - lying accelerator: --trials per attack against the blinded check on one MiniLM layer;
 - weights: which modes expose them (normalise-and-match) and the ShadowNet recovery attacks on all 24 layers;
 - transcript: plaintext rows and mask reuse in what the accelerator received.
@@ -270,8 +270,10 @@ def report(con, r: dict) -> None:
                     f"{d['total_ms'] / L['enclave-only']['total_ms']:.2f}x", f"{d['enclave_cpu_ms']:.1f}",
                     f"{d['accelerator_cpu_ms']:.1f}")
     con.print(tab)
+    con.print("The four modes take turns (enclave, then accelerator); \"blinded (overlap)\" pipelines two row parts "
+              "and polls for messages -- the default of a protected session with two or more cores.")
     con.print("overlap = enclave + accelerator + transfer - total: work the two processes did at the same time "
-              "(pipelined row parts; with overlap, CPU times include polling for the other side's messages).")
+              "(with overlap, CPU times include polling for the other side's messages).")
     cs = r["core_scaling"]
     con.print(f"this machine's cores: {cs['processes']} processes multiplying matrices together do {cs['speedup']:.2f}x "
               f"the work of one ({cs['ops_one']} vs {cs['ops_all']} products in {cs['seconds']} s) -- the most any "

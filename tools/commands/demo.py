@@ -45,10 +45,31 @@ def run(args):
     return 0
 
 
+def _compressed_bert():
+    """The bert-tiny-sst2 recipe compressed as `tinyshield compress bert-tiny-sst2 --flash 1MB` does, cached under
+    a key of the trained model, the budget and the compression code (a change to either compresses again)."""
+    from edge.compress.model import parse_size
+    from edge.compress.pipeline import compress_model, recipe_max_len
+    from edge.models.registry import load_dir
+    from edge.paths import PROJECT_ROOT, build_dir, config_hash, files_hash
+    from edge.recipes import recipes
+
+    r = recipes()["bert-tiny-sst2"]()
+    src = load_dir(r.path)
+    budget = parse_size("1MB", "bytes") - (32 << 10)   # weights within 1 MB less 32 KB for the firmware's code (~25 KB)
+    max_len = recipe_max_len(src.config)               # 64 position rows, as `tinyshield compress` cuts them
+    key = config_hash({"model": str(r.path), "budget": budget, "max_len": max_len,
+                       "code": files_hash((PROJECT_ROOT / "edge" / "compress").glob("*.py"))})
+    out = build_dir() / "compressed" / f"bert-tiny-sst2-1MB-{key}"
+    if not (out / "config.json").is_file():
+        print(f"bert-tiny-sst2: {r.metrics.get('dev_accuracy', r.metrics)} ({r.path}); compressing to 1 MB of flash")
+        compress_model(src.model, "bert-tiny-sst2", budget, "bytes", out=out, max_len=max_len)
+    return out
+
+
 def _bert(args):
     """BERT-tiny on SST-2 dev (L = 64) with its word table clustered low-rank to fit 1 MB of flash."""
     from edge.data import data_dir
-    from edge.paths import build_dir
     from edge.progress import progress
     from edge.recipes import recipes
     from mcu.build import build_model
@@ -58,20 +79,11 @@ def _bert(args):
     if "bert-tiny-sst2" not in recipes() or data_dir(required=False) is None:
         print("bert-tiny-sst2: needs its recipe and the SST-2 data (../shared/data); skipped")
         return
-    out = build_dir() / "compressed" / "bert-tiny-sst2-1MB"      # what `tinyshield compress bert-tiny-sst2 --flash 1MB` writes
     if args.bert:
         from pathlib import Path
         out = Path(args.bert)
-    elif not (out / "config.json").is_file():
-        from edge.compress.model import parse_size
-        from edge.compress.pipeline import compress_model, recipe_max_len
-        from edge.models.registry import load_dir
-        r = recipes()["bert-tiny-sst2"]()
-        print(f"bert-tiny-sst2: {r.metrics.get('dev_accuracy', r.metrics)} ({r.path}); compressing to 1 MB of flash")
-        src = load_dir(r.path)
-        # weights within 1 MB less 32 KB for the firmware's code (runtime + kernels, ~25 KB)
-        compress_model(src.model, "bert-tiny-sst2", parse_size("1MB", "bytes") - (32 << 10), "bytes", out=out,
-                       max_len=recipe_max_len(src.config))  # as `tinyshield compress` does: 64 position rows
+    else:
+        out = _compressed_bert()
     built = build_model(str(out), args.board, seq_len=64, name="bert-tiny-sst2-clr")
     print(f"bert-tiny-sst2 (CLR): {built.macs:,} MACs, weights {built.graph.const_bytes():,} B, "
           f"arena {built.plan.arena_bytes:,} B; firmware {built.firmware.summary()}")
