@@ -47,7 +47,7 @@ def run(args):
 
 def _compressed_bert():
     """The bert-tiny-sst2 recipe compressed as `tinyshield compress bert-tiny-sst2 --flash 1MB` does, cached under
-    a key of the trained model, the budget and the compression code (a change to either compresses again)."""
+    a key of the trained model, the budget and the compression code (a change to any of them compresses again)."""
     from edge.compress.model import parse_size
     from edge.compress.pipeline import compress_model, recipe_max_len
     from edge.models.registry import load_dir
