@@ -49,6 +49,8 @@ class Enclave:
                                                      fake=sealed[f"sn.{n}.fake"].astype(bool)),
                                sealed[f"sn.{n}.masks"], sealed[f"sn.{n}.mask_out"]) for n in self.params}
         if self.mode == "blinded":
+            order = list(self.params)                     # call order: which layer's pad entries come next
+            self.following = dict(zip(order, order[1:]))
             self.blind = {n: blinded.BlindLayer(w_q=sealed[f"bl.{n}.w_q"], w_scale=sealed[f"bl.{n}.w_scale"],
                                                 fx=int(sealed[f"bl.{n}.fx"][0]), bias=self.params[n][1])
                           for n in self.params}
@@ -72,8 +74,9 @@ class Enclave:
         leaves at once, the enclave's restoration runs when the result is waited for."""
         if self.mode == "enclave-only":
             return program.eager(program.plain_lin(self.params))
-        bias = {k: torch.from_numpy(b) for k, (_, b) in self.params.items()}
         if self.mode == "plain":
+            bias = {k: torch.from_numpy(b) for k, (_, b) in self.params.items()}
+
             def submit(name, x, rows):
                 seq = self.link.submit(name, x.contiguous().numpy())
                 return lambda: torch.from_numpy(self.link.collect(seq)) + bias[name]
@@ -87,8 +90,6 @@ class Enclave:
                                                                   self.params[name][1]))
             return submit
         pad = self.next_pad()
-        order = list(self.params)                     # call order
-        following = dict(zip(order, order[1:]))
 
         def submit(name, x, rows):
             layer = self.blind[name]
@@ -102,11 +103,11 @@ class Enclave:
             def wait():
                 # while the accelerator works, the pad entries needed next are brought into the cache (a wrong
                 # guess, e.g. rows past a smaller next layer's end, costs nothing)
-                fieldkernels.prefetch(pad[f"{name}.u"][rows])
-                if name in following:
-                    fieldkernels.prefetch(pad[f"{following[name]}.r"][rows])
-                y = blinded.unblind(self.link.collect(seq, copy=False), pad[f"{name}.u"][rows], pad[f"{name}.s"],
-                                    rhs, layer)
+                u = pad[f"{name}.u"][rows]
+                fieldkernels.prefetch(u)
+                if name in self.following:
+                    fieldkernels.prefetch(pad[f"{self.following[name]}.r"][rows])
+                y = blinded.unblind(self.link.collect(seq, copy=False), u, pad[f"{name}.s"], rhs, layer)
                 if y is None:
                     raise TinyshieldError(f"integrity check failed on {name}: the accelerator returned a wrong "
                                           "result (Freivalds); inference aborted")

@@ -59,7 +59,7 @@ class Request:
 class AcceleratorLink:
     def __init__(self, conn, out_dims: dict[str, int], buffers=None, poll_s: float = 0.0):
         self.conn, self.out_dims, self.seq = conn, out_dims, 0
-        self.buffers = buffers     # (outbound, inbound) shared buffers, or None to send data over the pipe
+        # views of the (outbound, inbound) shared buffers, or None to send data over the pipe
         self.slots = [dma.Slots(b) for b in buffers] if buffers else None
         self.poll_s = poll_s
         self.spin = spinner(conn) if conn is not None and poll_s else None
@@ -84,15 +84,12 @@ class AcceleratorLink:
                 return s
         raise TinyshieldError(f"more than {dma.SLOTS} accelerator requests in flight")
 
-    def _view(self, buf: int, slot: int, dtype_code: str, rows: int, cols: int) -> np.ndarray:
-        return self.slots[buf](slot, dtype_code, rows, cols)
-
     def outbound(self, dtype, shape: tuple[int, int]) -> np.ndarray:
         """Where to build the next request: a slot of the outbound shared buffer (no copy later), or a new array."""
-        if self.buffers is None:
+        if self.slots is None:
             return np.empty(shape, dtype)
         slot = self._free_slot()
-        view = self._view(0, slot, code(dtype), *shape)
+        view = self.slots[0](slot, code(dtype), *shape)
         self.staged = (slot, view)
         return view
 
@@ -103,7 +100,7 @@ class AcceleratorLink:
             raise TinyshieldError("this enclave has no accelerator connection")
         self.seq += 1
         fields = {"layer": layer, "seq": self.seq}
-        if self.buffers is None:
+        if self.slots is None:
             slot = -1
             send(self.conn, Message("matmul", fields, [x]))
         else:
@@ -111,7 +108,7 @@ class AcceleratorLink:
                 slot = self.staged[0]
             else:
                 slot = self._free_slot()
-                self._view(0, slot, code(x.dtype), *x.shape)[...] = x
+                self.slots[0](slot, code(x.dtype), *x.shape)[...] = x
             self.staged = None
             send(self.conn, Message("matmul_dma", fields | {"dtype": code(x.dtype), "rows": x.shape[0],
                                                              "cols": x.shape[1], "slot": slot}))
@@ -134,15 +131,15 @@ class AcceleratorLink:
         t = time.perf_counter()
         if self.spin:
             self.spin(t + self.poll_s)
-        reply = recv(self.conn, "result" if self.buffers is None else "result_dma")
+        reply = recv(self.conn, "result" if self.slots is None else "result_dma")
         got = time.perf_counter()
         f = reply.fields
         if f["seq"] != seq:
             raise TinyshieldError(f"accelerator answered request {f['seq']}, expected {seq}")
-        if self.buffers is None:
+        if self.slots is None:
             y = reply.arrays[0]
         else:
-            y = self._view(1, req.slot, f["dtype"], f["rows"], f["cols"])
+            y = self.slots[1](req.slot, f["dtype"], f["rows"], f["cols"])
             y = y.copy() if copy else y
         if y.shape != (req.rows, self.out_dims[req.layer]) or y.dtype != req.dtype:
             raise TinyshieldError(f"accelerator returned a malformed result for {req.layer}: {y.dtype} {y.shape}")

@@ -102,29 +102,20 @@ void tsh_digits(const uint32_t *x, int64_t n, uint8_t *out, int flip) {
     }
 }
 
-/* (t mod p) for an integer t below 2^42 in magnitude: the truncated float quotient is within one of t / p,
- * so t - q p lies in (-2p, 2p). */
-static inline uint32_t mod_p(int64_t t) {
-    int64_t q = (int64_t)((double)t * (1.0 / P));
-    int32_t r = (int32_t)(t - q * (int64_t)P);
-    r += (r >> 31) & (int32_t)P;                   /* (-p, 2p) */
-    return (uint32_t)reduce(r);
-}
-
-/* Three planes of int32 digit products (n each) -> (y0 + 256 y1 + 65536 y2) mod p. */
-void tsh_recombine(const int32_t *y, int64_t n, uint32_t *out) {
-    const int32_t *y0 = y, *y1 = y + n, *y2 = y + 2 * n;
-    for (int64_t i = 0; i < n; i++)
-        out[i] = mod_p((int64_t)y0[i] + ((int64_t)y1[i] << 8) + ((int64_t)y2[i] << 16));
-}
-
-/* (t mod p) for an integer-valued double |t| < 2^42, in floating point so that loops over it vectorise:
- * the truncated quotient is within one of t / p, so t - q p lies in (-2p, 2p) and is exact. */
+/* (t mod p) for an integer-valued double |t| < 2^52, in floating point so that loops over it vectorise:
+ * the truncated quotient is within one of t / p, so t - q p (q p < 2^53, exact) lies in (-2p, 2p). */
 static inline uint32_t mod_p_f64(double t) {
     double q = (double)(int64_t)(t * (1.0 / P));
     int32_t r = (int32_t)(t - q * (double)P);
     r += (r >> 31) & (int32_t)P;                   /* (-p, 2p) */
     return (uint32_t)reduce(r);
+}
+
+/* Three planes of int32 digit products (n each) -> (y0 + 256 y1 + 65536 y2) mod p (|sum| < 2^48: exact). */
+void tsh_recombine(const int32_t *restrict y, int64_t n, uint32_t *restrict out) {
+    const int32_t *y0 = y, *y1 = y + n, *y2 = y + 2 * n;
+    for (int64_t i = 0; i < n; i++)
+        out[i] = mod_p_f64((double)y0[i] + 256.0 * (double)y1[i] + 65536.0 * (double)y2[i]);
 }
 
 /* The same from float32 planes holding exact integers (|y| < 2^24, so the sum is below 2^41); with
