@@ -25,7 +25,14 @@ Numerics (see also edge.quant):
   (the normalised value in units of 2^-12); y = sat(MBQM(n, gm[c], gs[c]) + beta[c] + zy), where
   gm may be negative (gamma < 0);
 - GELU and other pointwise functions: a 256-entry int8 table indexed by x + 128;
-- mean pooling: avg = round((sum_i (x_i - zx)) * 2^8 / n) over the n unmasked rows, then MBQM.
+- mean pooling: avg = round((sum_i (x_i - zx)) * 2^8 / n) over the n unmasked rows, then MBQM;
+- elementwise add (TFLite's int8 ADD, left shift 20): sa = MBQM((a - za) << 20, ma, sha), sb likewise,
+  y = clamp(MBQM(sa + sb, my, shy) + zy), with sa + sb saturated to int32 (never reached with the
+  multipliers of add_params, which are what TFLite computes); b may be a row broadcast over a;
+- elementwise mul (TFLite's int8 MUL): y = clamp(MBQM((a - za)(b - zb), my, shy) + zy);
+- requantising copy (concatenation, slices, rescaling): y = sat8(MBQM(x - zx, m, sh) + zy), an exact
+  copy for m = 2^30, sh = 1, zx = zy;
+- permutation: a pure gather (no arithmetic) over up to 6 dimensions with arbitrary input strides.
 """
 from __future__ import annotations
 
@@ -37,7 +44,9 @@ from typing import Callable
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from edge.quant import multiply_by_quantized_multiplier as mbqm, rounding_divide_by_pot, saturate
+from edge.errors import TinyshieldError
+from edge.quant import (INT32_MAX, INT32_MIN, multiply_by_quantized_multiplier as mbqm, quantize_multiplier,
+                        rounding_divide_by_pot, saturate)
 
 PTYPES = {"i8*": np.int8, "i16*": np.int16, "i32*": np.int32,
           "const i8*": np.int8, "const i16*": np.int16, "const u16*": np.uint16, "const i32*": np.int32}
@@ -48,6 +57,8 @@ LN_INV_BITS = 40         # inv = 2^40 / sigma
 LN_OUT_BITS = 12         # normalised values in units of 2^-12
 POOL_BITS = 8            # mean_pool keeps 8 fractional bits of the average
 CONV_PATCH_MAX = 256     # longest conv2d patch row (k*k*Cin rounded up to 4) the C kernel takes
+ADD_LEFT_SHIFT = 20      # add_s8: TFLite's int8 ADD headroom; |a - za| << 20 < 2^28 fits int32
+PERMUTE_DIMS = 6         # permute_s8: most dimensions of one gather
 
 
 @dataclass(frozen=True)
@@ -272,6 +283,68 @@ def mean_pool_s8(x, mask, y, L, d, x_zp, mult, shift, y_zp):
     y[:d] = saturate(mbqm(avg, mult, shift) + y_zp, np.int8)
 
 
+# ---------------------------------------------------------------- elementwise, copies, layout
+
+def _broadcast(b, n, b_n):
+    """b[i % b_n] for i < n: b is one row repeated over a (b_n == n: no broadcast)."""
+    if b_n < 1:
+        raise ValueError(f"broadcast length b_n = {b_n} must be >= 1")
+    return b[np.arange(n) % b_n].astype(np.int64)
+
+
+@kernel(a="const i8*", b="const i8*", y="i8*", n="int", b_n="int", a_zp="int", b_zp="int", a_mult="int",
+        a_shift="int", b_mult="int", b_shift="int", y_mult="int", y_shift="int", y_zp="int", act_min="int",
+        act_max="int")
+def add_s8(a, b, y, n, b_n, a_zp, b_zp, a_mult, a_shift, b_mult, b_shift, y_mult, y_shift, y_zp, act_min, act_max):
+    """TFLite's int8 ADD (reference_integer_ops::Add): with bb = b[i % b_n],
+    sa = MBQM((a[i] - a_zp) << 20, a_mult, a_shift), sb = MBQM((bb - b_zp) << 20, b_mult, b_shift),
+    y[i] = clamp(MBQM(sa + sb, y_mult, y_shift) + y_zp, act_min, act_max).
+
+    Both inputs are first brought to one scale (2 max(a_scale, b_scale) / 2^20, see add_params) so the
+    sum is exact; sa + sb saturates to int32 where TFLite would overflow (multipliers from
+    add_params never get there). There is no SUB kernel yet: TFLite's differs only in sa - sb."""
+    sa = mbqm((a[:n].astype(np.int64) - a_zp) << ADD_LEFT_SHIFT, a_mult, a_shift)
+    sb = mbqm((_broadcast(b, n, b_n) - b_zp) << ADD_LEFT_SHIFT, b_mult, b_shift)
+    raw = np.clip(sa + sb, INT32_MIN, INT32_MAX)
+    _out(y[:n], mbqm(raw, y_mult, y_shift) + y_zp, act_min, act_max)
+
+
+@kernel(a="const i8*", b="const i8*", y="i8*", n="int", b_n="int", a_zp="int", b_zp="int", y_mult="int",
+        y_shift="int", y_zp="int", act_min="int", act_max="int")
+def mul_s8(a, b, y, n, b_n, a_zp, b_zp, y_mult, y_shift, y_zp, act_min, act_max):
+    """TFLite's int8 MUL: y[i] = clamp(MBQM((a[i] - a_zp)(b[i % b_n] - b_zp), y_mult, y_shift) + y_zp,
+    act_min, act_max); the product (|.| <= 255^2) needs no headroom, the multiplier is
+    a_scale b_scale / y_scale (mul_params)."""
+    prod = (a[:n].astype(np.int64) - a_zp) * (_broadcast(b, n, b_n) - b_zp)
+    _out(y[:n], mbqm(prod, y_mult, y_shift) + y_zp, act_min, act_max)
+
+
+@kernel(x="const i8*", y="i8*", rows="int", cols="int", x_stride="int", y_stride="int", x_zp="int", mult="int",
+        shift="int", y_zp="int")
+def requant_s8(x, y, rows, cols, x_stride, y_stride, x_zp, mult, shift, y_zp):
+    """A strided 2-D copy with requantisation: y[r*y_stride + c] = sat8(MBQM(x[r*x_stride + c] - x_zp,
+    mult, shift) + y_zp). Concatenation (y_stride = the joined width), slicing and selection
+    (x_stride = the source width), rescaling; mult = 2^30, shift = 1 (real 1.0) with x_zp == y_zp
+    is an exact copy."""
+    X = view2d(x, rows, cols, x_stride).astype(np.int64) - x_zp
+    view2d(y, rows, cols, y_stride)[...] = saturate(mbqm(X, mult, shift) + y_zp, np.int8)
+
+
+@kernel(x="const i8*", y="i8*", dims="const i32*", nd="int")
+def permute_s8(x, y, dims, nd):
+    """A strided gather of int8 over 6 dimensions: dims = out sizes s[0..5], then input element
+    strides t[0..5] (build it with permute_dims). y is written contiguously in row-major order of s,
+    y[flat(i0..i5)] = x[sum_k i_k t[k]]. Only the last nd dimensions are used; the others count as
+    size 1. Transposes (NCHW <-> NHWC), head splits, patch extraction, strided slices."""
+    used = np.arange(PERMUTE_DIMS) >= PERMUTE_DIMS - nd
+    s = np.where(used, dims[:PERMUTE_DIMS], 1).astype(np.int64)
+    t = np.where(used, dims[PERMUTE_DIMS:2 * PERMUTE_DIMS], 0).astype(np.int64)
+    idx = sum(np.ix_(*[np.arange(sk) * tk for sk, tk in zip(s, t)])).ravel()
+    if idx.size and idx.min() < 0:
+        raise ValueError("permute_s8 reads before the start of x (negative strides)")
+    y[:idx.size] = x[idx]
+
+
 # ---------------------------------------------------------------- token inputs
 
 @kernel(ids="const i32*", table="const i8*", y="i8*", L="int", d="int", vocab="int")
@@ -330,3 +403,47 @@ def gelu_table(x_scale: float, x_zp: int, y_scale: float, y_zp: int) -> np.ndarr
     return saturate(np.sign(g / y_scale) * np.floor(np.abs(g / y_scale) + 0.5) + y_zp, np.int8)
 
 
+
+
+def add_params(a_scale: float, b_scale: float, y_scale: float) -> dict:
+    """add_s8's multipliers as TFLite's int8 ADD prepares them (PrepareGeneralSubLike): both inputs
+    to the scale 2 max(a_scale, b_scale) / 2^20, the sum to y_scale. Pass TFLite's float32 scales
+    to get its exact integers. Keys are add_s8's parameter names."""
+    twice_max = 2.0 * max(a_scale, b_scale)
+    a_mult, a_shift = quantize_multiplier(a_scale / twice_max)
+    b_mult, b_shift = quantize_multiplier(b_scale / twice_max)
+    y_mult, y_shift = quantize_multiplier(twice_max / ((1 << ADD_LEFT_SHIFT) * y_scale))
+    return dict(a_mult=a_mult, a_shift=a_shift, b_mult=b_mult, b_shift=b_shift, y_mult=y_mult, y_shift=y_shift)
+
+
+def mul_params(a_scale: float, b_scale: float, y_scale: float) -> dict:
+    """mul_s8's multiplier (TFLite: a_scale b_scale / y_scale)."""
+    y_mult, y_shift = quantize_multiplier(a_scale * b_scale / y_scale)
+    return dict(y_mult=y_mult, y_shift=y_shift)
+
+
+def permute_dims(shape, strides) -> np.ndarray:
+    """permute_s8's `dims` for an output of `shape` gathered with input element `strides` (one per
+    output dimension; e.g. a transpose of a contiguous tensor: the permuted contiguous strides).
+
+    Size-1 dimensions are dropped and neighbours that are contiguous in x merged (fewer, longer
+    rows: plain copies in C); the rest is right-aligned behind size-1 dimensions, so nd =
+    len(shape) (or 6) is always a valid count to pass with it."""
+    shape, strides = [int(v) for v in shape], [int(v) for v in strides]
+    if len(shape) != len(strides):
+        raise TinyshieldError(f"permute: {len(shape)} sizes but {len(strides)} strides")
+    if len(shape) > PERMUTE_DIMS:
+        raise TinyshieldError(f"permute of {len(shape)} dimensions: the kernel takes at most {PERMUTE_DIMS}")
+    if min(shape + strides, default=0) < 0:
+        raise TinyshieldError(f"permute: negative size or stride in {shape} / {strides}")
+    s, t = [], []
+    for sk, tk in zip(shape, strides):
+        if sk == 1:
+            continue
+        if s and t[-1] == sk * tk:        # the previous dimension steps over exactly this one
+            s[-1], t[-1] = s[-1] * sk, tk
+        else:
+            s.append(sk)
+            t.append(tk)
+    pad = PERMUTE_DIMS - len(s)
+    return np.array([1] * pad + s + [0] * pad + t, dtype=np.int32)

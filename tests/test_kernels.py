@@ -224,3 +224,106 @@ def test_embedding_clr(ck, data):
     args = [ids, slot, np.array(rows, np.int32), cat(u, np.int8), cat(v, np.int8),
             np.array([d(mult) for _ in range(V)], np.int32), cat(vm, np.int32), np.zeros(L * dd, np.int8), L, dd, V, k]
     both(ck, "embedding_clr_s8", args, [7])
+
+
+# ---------------------------------------------------------------- elementwise, copies, layout
+
+def act_range(d):
+    lo = d(st.integers(-128, 127))
+    return d(st.sampled_from([(-128, 127), (lo, d(st.integers(lo, 127)))]))
+
+
+@SETTINGS
+@given(st.data())
+def test_add_mul(ck, data):
+    d = data.draw
+    b_n = d(st.integers(1, 9))
+    n = b_n * d(st.integers(1, 6))
+    b_n = d(st.sampled_from([b_n, n]))          # a row broadcast over rows, or the plain case
+    lo, hi = act_range(d)
+    if d(st.booleans()):                        # realistic: TFLite's multipliers for random scales
+        p = K.add_params(*(d(st.floats(1e-4, 1.0)) for _ in range(3)))
+        add_m = [p[k] for k in ("a_mult", "a_shift", "b_mult", "b_shift", "y_mult", "y_shift")]
+    else:                                       # anything, including sums that saturate int32
+        add_m = [d(smult), d(shift), d(smult), d(shift), d(smult), d(shift)]
+    a, b = i8(d, n), i8(d, b_n)
+    both(ck, "add_s8", [a, b, np.zeros(n, np.int8), n, b_n, d(zp), d(zp), *add_m, d(zp), lo, hi], [2])
+    both(ck, "mul_s8", [a, b, np.zeros(n, np.int8), n, b_n, d(zp), d(zp), d(smult), d(shift), d(zp), lo, hi], [2])
+
+
+@SETTINGS
+@given(st.data())
+def test_requant(ck, data):
+    d = data.draw
+    rows, cols = d(st.integers(0, 5)), d(st.integers(0, 12))
+    xs, ys = cols + d(st.integers(0, 5)), cols + d(st.integers(0, 5))
+    z = d(zp)
+    q = d(st.sampled_from([(1 << 30, 1, z, z), (1 << 30, 1, d(zp), d(zp)), (d(smult), d(shift), d(zp), d(zp))]))
+    m, s, x_zp, y_zp = q
+    args = [i8(d, max(rows * xs, 1)), rand(d, max(rows * ys, 1), -128, 127, np.int8), rows, cols, xs, ys,
+            x_zp, m, s, y_zp]
+    both(ck, "requant_s8", args, [1])        # rows of y outside the copy stay as they were, in both
+
+
+@SETTINGS
+@given(st.data())
+def test_permute(ck, data):
+    d = data.draw
+    nd = d(st.one_of(st.just(6), st.integers(0, 5)))      # all six often: every odometer wheel turns
+    shape = [d(st.integers(1, 3)) for _ in range(nd)]
+    src = shape[:]
+    if d(st.booleans()):                        # a transpose of a contiguous tensor
+        perm = d(st.permutations(range(nd)))
+        cstr = [int(np.prod(src[k + 1:])) for k in range(nd)]
+        shape, strides = [src[p] for p in perm], [cstr[p] for p in perm]
+    else:                                       # any strides: slices, overlapping windows, broadcasts
+        strides = [d(st.integers(0, 20)) for _ in range(nd)]
+    size = sum((n - 1) * t for n, t in zip(shape, strides)) + 1
+    out = int(np.prod(shape))
+    raw = np.array([1] * (6 - nd) + shape + [0] * (6 - nd) + strides, np.int32)   # as given, unmerged
+    dims = d(st.sampled_from([raw, K.permute_dims(shape, strides)]))
+    x = i8(d, size)
+    a = both(ck, "permute_s8", [x, np.full(out + 3, 55, np.int8), dims, d(st.sampled_from([nd, 6]))], [1])
+    ref = np.lib.stride_tricks.as_strided(x, shape, [t * x.strides[0] for t in strides])
+    assert np.array_equal(a[1][:out], ref.ravel()) and (a[1][out:] == 55).all()
+
+
+def test_add_approximates_float_add():
+    from edge import quant as Q
+    rng = np.random.default_rng(2)
+    a, b = rng.normal(size=(8, 16)) * 2, rng.normal(size=16) * 0.3     # b broadcast over the rows of a
+    qa, qb = Q.choose_activation_qparams(a.min(), a.max()), Q.choose_activation_qparams(b.min(), b.max())
+    s = a + b
+    qy = Q.choose_activation_qparams(s.min(), s.max())
+    xa, xb = Q.quantize(a, qa.scale, qa.zero_point), Q.quantize(b, qb.scale, qb.zero_point)
+    y = np.zeros(a.size, np.int8)
+    K.add_s8(xa.ravel(), xb, y, a.size, b.size, qa.zero_point, qb.zero_point,
+             **K.add_params(qa.scale, qb.scale, qy.scale), y_zp=qy.zero_point, act_min=-128, act_max=127)
+    exact = Q.dequantize(xa, qa.scale, qa.zero_point) + Q.dequantize(xb, qb.scale, qb.zero_point)
+    ref = Q.quantize(exact, qy.scale, qy.zero_point).astype(np.int64)
+    assert np.abs(y.reshape(8, 16).astype(np.int64) - ref).max() <= 1
+
+
+def test_requant_identity_is_a_copy_and_concatenates(ck):
+    from edge.quant import quantize_multiplier
+    rng = np.random.default_rng(3)
+    m, s = quantize_multiplier(1.0)
+    assert (m, s) == (1 << 30, 1)
+    x = rng.integers(-128, 128, size=3 * 5).astype(np.int8)
+    y = rng.integers(-128, 128, size=3 * 5).astype(np.int8)
+    for run in (K.KERNELS["requant_s8"], ck["requant_s8"]):
+        out = np.zeros(3 * 10, np.int8)
+        run(x, out, 3, 5, 5, 10, 9, m, s, 9)            # left half of a concatenation along columns
+        run(y, out[5:], 3, 5, 5, 10, -4, m, s, -4)      # right half (the slice is a view: same memory)
+        assert np.array_equal(out.reshape(3, 10), np.concatenate([x.reshape(3, 5), y.reshape(3, 5)], axis=1))
+
+
+def test_permute_dims_merges_and_refuses():
+    # a (2, 3, 4) contiguous tensor read as is: one row of 24
+    assert K.permute_dims([2, 3, 4], [12, 4, 1]).tolist() == [1] * 5 + [24] + [0] * 5 + [1]
+    # NCHW -> NHWC of (1, 2, 3, 4): the size-1 batch goes, H and W merge
+    assert K.permute_dims([1, 3, 4, 2], [24, 4, 1, 12]).tolist() == [1] * 4 + [12, 2] + [0] * 4 + [1, 12]
+    with pytest.raises(TinyshieldError, match="at most 6"):
+        K.permute_dims([1] * 7, [0] * 7)
+    with pytest.raises(TinyshieldError, match="negative"):
+        K.permute_dims([2, 2], [2, -1])

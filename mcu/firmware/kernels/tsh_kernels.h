@@ -55,6 +55,20 @@ void tsh_embedding_clr_s8(const int32_t *ids, const uint16_t *slot, const int32_
 
 void tsh_pad_mask(const int32_t *ids, int8_t *mask, int32_t L);
 
+/* tsh_elementwise.c: TFLite's int8 ADD and MUL (b[i % b_n] broadcast), requantising strided copies,
+ * a strided gather over up to 6 dims (dims: 6 output sizes, then 6 input strides; the last nd used) */
+void tsh_add_s8(const int8_t *a, const int8_t *b, int8_t *y, int32_t n, int32_t b_n, int32_t a_zp, int32_t b_zp,
+                int32_t a_mult, int32_t a_shift, int32_t b_mult, int32_t b_shift, int32_t y_mult, int32_t y_shift,
+                int32_t y_zp, int32_t act_min, int32_t act_max);
+
+void tsh_mul_s8(const int8_t *a, const int8_t *b, int8_t *y, int32_t n, int32_t b_n, int32_t a_zp, int32_t b_zp,
+                int32_t y_mult, int32_t y_shift, int32_t y_zp, int32_t act_min, int32_t act_max);
+
+void tsh_requant_s8(const int8_t *x, int8_t *y, int32_t rows, int32_t cols, int32_t x_stride, int32_t y_stride,
+                    int32_t x_zp, int32_t mult, int32_t shift, int32_t y_zp);
+
+void tsh_permute_s8(const int8_t *x, int8_t *y, const int32_t *dims, int32_t nd);
+
 /* tiled.c (the tiled schedule's attention, see mcu/tiled.py) */
 void tsh_attention_s8(const int8_t *q, const int8_t *k, const int8_t *v, const int8_t *mask,
                       const int32_t *lut, int8_t *y, int8_t *s_tile, int32_t *acc, int32_t *stats,
