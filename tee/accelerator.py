@@ -16,7 +16,7 @@ import torch
 from safetensors.numpy import load_file
 
 from edge.errors import TinyshieldError
-from tee import blinded, dma
+from tee import dma, fieldgemm
 from tee.fieldmath import P
 from tee.link import spinner
 from tee.messages import Message, code, recv, send
@@ -53,15 +53,17 @@ class Backend:
     def __init__(self, accel_dir: Path, mode: str, kind: str, layers: dict):
         self.mode, self.kind = mode, kind
         self.layers = layers
+        self.choice: fieldgemm.Choice | None = None
         if kind == "litert" and mode != "blinded":
             from tee.litert_backend import LayerRunner
             self.runner = LayerRunner(accel_dir, layers, torch.get_num_threads())
             return
         self.kind = "torch"
         w = load_file(str(accel_dir / "weights.safetensors"))
-        # blinded: w_q^T as int8 for the exact int8-digit GEMM; otherwise float32
+        # blinded: w_q^T as int8 for the exact digit GEMM, on the kernel this CPU passed the self-test with
         if mode == "blinded":
-            self.w = {k: blinded.FieldGemm(torch.from_numpy(v)) for k, v in w.items()}
+            self.choice = fieldgemm.chosen()
+            self.w = {k: fieldgemm.FieldGemm(torch.from_numpy(v), self.choice.kernel) for k, v in w.items()}
         else:
             self.w = {k: torch.from_numpy(v).to(torch.float32) for k, v in w.items()}
 
@@ -99,7 +101,11 @@ def main(enclave_conn, host_conn, bundle_dir: str, backend: str, threads: int, r
     slots = [dma.Slots(b) for b in buffers] if buffers else None
     header = json.loads((Path(bundle_dir) / "bundle.json").read_text())
     layers = header["accelerator"]["layers"]
-    run = Backend(Path(bundle_dir) / "accelerator", header["mode"], backend, layers) if layers else None
+    run, broken = None, None
+    try:
+        run = Backend(Path(bundle_dir) / "accelerator", header["mode"], backend, layers) if layers else None
+    except TinyshieldError as e:     # e.g. a forced GEMM kernel that is not exact here: say so to every request
+        broken = f"the accelerator cannot serve this bundle: {e}"
     rng = np.random.default_rng(seed)
     transcript: list[tuple[str, np.ndarray]] = []
     last: dict[str, np.ndarray] = {}
@@ -125,7 +131,7 @@ def main(enclave_conn, host_conn, bundle_dir: str, backend: str, threads: int, r
                 layer = f["layer"]
                 try:
                     if run is None:
-                        raise TinyshieldError("this bundle outsources no layers")
+                        raise TinyshieldError(broken or "this bundle outsources no layers")
                     if msg.kind == "matmul":
                         x, target = msg.arrays[0], None
                     else:
@@ -161,8 +167,11 @@ def main(enclave_conn, host_conn, bundle_dir: str, backend: str, threads: int, r
                 send(conn, Message("transcript_data", {"entries": json.dumps([n for n, _ in transcript])},
                                    [a for _, a in transcript]))
             elif msg.kind == "stats":
+                choice = run.choice if run else None
                 send(conn, Message("stats_data", {"calls": calls, "seconds": busy,
-                                                  "backend": run.kind if run else "none"}))
+                                                  "backend": run.kind if run else "none",
+                                                  "kernel": choice.name if choice else "none",
+                                                  "kernel_note": choice.note() if choice else broken or ""}))
             elif msg.kind == "reset_stats":
                 calls, busy = 0, 0.0
                 transcript.clear()

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from edge.errors import TinyshieldError
-from tee import blinded
+from tee import blinded, fieldgemm
 from tee.accelerator import ATTACKS, tamper
 from tee.fieldmath import HALF, P, from_digits
 
@@ -295,6 +295,9 @@ class AuditReport:
     shadow: list[ShadowAttack] = field(default_factory=list)
     detection: list[Detection] = field(default_factory=list)
     sealing: list[SealingCheck] = field(default_factory=list)
+    kernel: str = "none"          # blinded: the accelerator's exact field GEMM kernel (tee.fieldgemm) ...
+    kernel_note: str = ""         # ... and why faster ones were not used
+    detection_kernel: str = "none"   # the kernel of the lying-accelerator trials (this process's choice)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -320,6 +323,8 @@ def run_audit(bundle_dir: str | Path, inputs: list[dict[str, np.ndarray]], trial
         for inp in seq:
             s.infer(inp)
         transcript = s.transcript()
+        stats = s.accelerator_stats()
+    report.kernel, report.kernel_note = stats["kernel"], stats["kernel_note"]
     plain = [record_inputs(owner.model, owner.params, [inp]) for inp in seq]
     report.transcript = transcript_report(bundle.mode, transcript, plain)
 
@@ -343,6 +348,7 @@ def run_audit(bundle_dir: str | Path, inputs: list[dict[str, np.ndarray]], trial
         w, b = owner.params[name]
         if bundle.mode == "blinded":
             report.detection = detection_trials(w, b, owner.config["rows"][name], trials, seed)
+            report.detection_kernel = fieldgemm.chosen().name
         else:   # no integrity check in these modes: every lie is accepted
             report.detection = [Detection(a, 0, 0, 0.0, 1.0) for a in ATTACKS] if bundle.mode != "enclave-only" else []
     if sealing:

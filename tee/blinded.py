@@ -20,6 +20,7 @@ import torch
 
 from edge.errors import TinyshieldError
 from tee import fieldkernels
+from tee.fieldgemm import FieldGemm
 from tee.fieldmath import P, center, check_exact_bound, matmul_mod, uniform
 
 W_BITS = 8
@@ -36,7 +37,7 @@ class BlindLayer:
 
     @functools.cached_property
     def gemm(self) -> FieldGemm:
-        """The accelerator's exact kernel for this layer (the owner uses it to make pads)."""
+        """The accelerator's exact GEMM for this layer (the owner and the enclave make pads with it)."""
         return FieldGemm(torch.from_numpy(self.w_q.T.astype(np.int8)))
 
     @functools.cached_property
@@ -104,64 +105,6 @@ def blind(x: torch.Tensor, layer: BlindLayer, r: np.ndarray, v: np.ndarray,
         raise TinyshieldError("blinded mode: an activation left the fixed-point range (overflow); "
                               "protect the model again with calibration inputs closer to real ones")
     return out, rhs
-
-
-F32_EXACT = 2 ** 24   # float32 holds every integer up to this
-MAX_DIGIT = 128       # |digit - zero point| for the uint8 digits with zero point 128
-_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
-
-
-def exact_parts(w: np.ndarray) -> list[slice]:
-    """Consecutive input ranges of w (out, in) over which a digit GEMM's float32 sums are exact whatever the
-    digits: MAX_DIGIT * sum_j |w[o, j]| <= 2^24 for every output o. A real layer's weights are far from all
-    +-127 (MiniLM's widest rows reach 37% of the bound over 1536 inputs), so this is one range for every
-    MiniLM and ViT layer; the worst case (all +-127) allows 1032 inputs per range."""
-    acc = np.zeros(w.shape[0], np.int64)
-    parts, start = [], 0
-    for j, col in enumerate(np.abs(w.astype(np.int64)).T):
-        if MAX_DIGIT * int((acc + col).max(initial=0)) > F32_EXACT:
-            parts.append(slice(start, j))
-            start, acc = j, np.zeros_like(acc)
-        acc += col
-    return parts + [slice(start, w.shape[1])]
-
-
-class FieldGemm:
-    """The accelerator's exact y~ = x~ w_q^T mod p for one layer, wt = w_q^T (k, m) with |w_q| <= 127.
-
-    The masked input comes as three digit planes (the enclave's blinding writes them; `__call__` makes them
-    from field elements), one int8 GEMM runs over the stacked planes, and the planes' products are
-    recombined mod p (fieldmath.int8_matmul_mod is the reference). The GEMM is
-    oneDNN's quantised linear with the weights packed once (AMX or VNNI where the CPU has them): inputs as
-    uint8 bytes with zero point 128, output float32 -- exact while every sum stays below 2^24, so a layer
-    whose weights could pass that is split along k (`exact_parts`) and the parts added mod p. Without
-    oneDNN, torch._int_mm (int32 sums; it repacks the weights on every call, measured 1.5x slower here)."""
-
-    def __init__(self, wt: torch.Tensor):
-        self.k, self.m = wt.shape
-        w = wt.to(torch.int8).T.contiguous()                    # (m, k), as oneDNN wants it
-        if _ONEDNN:
-            self.parts = [(cols, torch.ops.onednn.qlinear_prepack(w[:, cols].contiguous(), None))
-                          for cols in exact_parts(w.numpy())]
-            self.one, self.zero = torch.ones(self.m), torch.zeros(self.m, dtype=torch.int64)
-        else:
-            self.wt = w.T.contiguous()
-
-    def __call__(self, x_tilde: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """From field elements (uint32 (rows, k))."""
-        return self.planes(fieldkernels.digits(x_tilde, unsigned=True), out)
-
-    def planes(self, d: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """From digit planes (uint8 (3 rows, k), zero point 128) -> uint32 (rows, m)."""
-        if not _ONEDNN:
-            y = torch._int_mm(torch.from_numpy((d ^ np.uint8(0x80)).view(np.int8)), self.wt)
-            return fieldkernels.recombine(y.numpy(), out)
-        for i, (cols, packed) in enumerate(self.parts):
-            part = d if len(self.parts) == 1 else np.ascontiguousarray(d[:, cols])
-            y = torch.ops.onednn.qlinear_pointwise(torch.from_numpy(part), 1.0, 128, packed, self.one, self.zero, None,
-                                                   1.0, 0, torch.float32, "none", [], "")
-            out = fieldkernels.recombine(y.numpy(), out, accumulate=i > 0)
-        return out
 
 
 def unblind(y_tilde: np.ndarray, u: np.ndarray, s: np.ndarray, rhs: np.ndarray, layer: BlindLayer) -> torch.Tensor | None:

@@ -3,7 +3,7 @@ field element fits a float32 mantissa exactly), a cryptographic source of unifor
 numpy reference of the accelerator's exact kernel for x~ w^T mod p (|w| <= 127): a field element is three
 signed base-256 digits, each an int8 (sent to the accelerator as uint8 bytes with zero point 128); int8 x int8
 products accumulate exactly in int32 (|sum| <= k * 128 * 127 < 2^31 for k < 132,000), so it is one int8 GEMM
-over the stacked digits plus a recombination mod p. The fast one-pass versions are C (tee/fieldkernels.py);
+over the stacked digits plus a recombination mod p (tee/fieldgemm.py: which GEMM kernel is exact on this CPU). The fast one-pass versions are C (tee/fieldkernels.py);
 tests hold them to this reference.
 """
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 
 import numpy as np
-import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 P = 2 ** 23 + 2 ** 21 + 7
@@ -60,12 +59,18 @@ def from_digits(planes: np.ndarray) -> np.ndarray:
     return np.mod(d[0] + 256 * d[1] + 65536 * d[2], P).astype(np.uint32)
 
 
-def int8_matmul_mod(x_tilde: np.ndarray, wt: torch.Tensor) -> np.ndarray:
+def planes_matmul_mod(planes: np.ndarray, wt) -> np.ndarray:
+    """(centred digits @ wt) recombined mod p, in int64 (no float, no int8 GEMM: the reference the accelerator's
+    kernels are held to): planes uint8 (3 rows, k) with zero point 128, any bytes; wt integers (k, m), |wt| <= 128.
+    Returns int64 in [0, p) (rows, m)."""
+    rows = planes.shape[0] // 3
+    y = (planes.astype(np.int64) - 128) @ np.asarray(wt, dtype=np.int64)
+    return np.mod(y[:rows] + (y[rows:2 * rows] << 8) + (y[2 * rows:] << 16), P)
+
+
+def int8_matmul_mod(x_tilde: np.ndarray, wt) -> np.ndarray:
     """(x~ @ wt) mod p, exactly: x~ uint32 in [0, p) (rows, k), wt int8 (k, m). Returns uint32 in [0, p)."""
-    rows = x_tilde.shape[0]
-    y = torch._int_mm(torch.from_numpy(digits(x_tilde)), wt).numpy().astype(np.int64)
-    y = y[:rows] + (y[rows:2 * rows] << 8) + (y[2 * rows:] << 16)
-    return (y % P).astype(np.uint32)
+    return planes_matmul_mod(digits(x_tilde).view(np.uint8) ^ np.uint8(0x80), wt).astype(np.uint32)
 
 
 def matmul_mod(x: np.ndarray, wt: np.ndarray) -> np.ndarray:

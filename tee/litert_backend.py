@@ -3,7 +3,7 @@
 
 Only the float32 modes (plain, shadownet) run here. The blinded mode needs exact field products: LiteRT
 has no float64 kernels and its int8 FULLY_CONNECTED requantises its int32 accumulator to int8, so that
-mode runs its exact field GEMM on the torch backend (tee.blinded.FieldGemm).
+mode runs its exact field GEMM on the torch backend (tee.fieldgemm.FieldGemm).
 """
 from __future__ import annotations
 

@@ -36,7 +36,8 @@ SCHEMA: dict[str, tuple[dict[str, type], int | None, tuple[str, ...]]] = {
     "transcript": ({}, 0, ()),
     "transcript_data": ({"entries": str}, None, ("f4", "u1")),
     "stats": ({}, 0, ()),
-    "stats_data": ({"calls": int, "seconds": float, "backend": str}, 0, ()),
+    # kernel: the blinded mode's exact field GEMM kernel (tee.fieldgemm), kernel_note why faster ones were not used
+    "stats_data": ({"calls": int, "seconds": float, "backend": str, "kernel": str, "kernel_note": str}, 0, ()),
     "reset_stats": ({}, 0, ()),
     "record": ({"on": int}, 0, ()),
     "ok": ({}, 0, ()),

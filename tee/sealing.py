@@ -23,8 +23,8 @@ from edge.paths import build_dir
 SEAL_MAGIC = b"TSHSEAL1"
 TEE_DIR = Path(__file__).resolve().parent
 # The code that runs inside the enclave process; any change to it changes the measurement.
-ENCLAVE_CODE = ("enclave.py", "program.py", "shadownet.py", "blinded.py", "fieldmath.py", "fieldkernels.py",
-                "csrc/field.c", "link.py", "messages.py", "sealing.py", "attestation.py", "dma.py")
+ENCLAVE_CODE = ("enclave.py", "program.py", "shadownet.py", "blinded.py", "fieldgemm.py", "fieldmath.py",
+                "fieldkernels.py", "csrc/field.c", "link.py", "messages.py", "sealing.py", "attestation.py", "dma.py")
 
 
 def root_key_path() -> Path:

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edge.errors import TinyshieldError
-from tee import attestation, audit, blinded, dma, fieldkernels, fieldmath, messages, sealing, shadownet
+from tee import attestation, audit, blinded, dma, fieldgemm, fieldkernels, fieldmath, messages, sealing, shadownet
 from tee.fieldmath import HALF, P
 
 
@@ -140,8 +140,8 @@ def test_int8_digit_matmul_is_exact_mod_p(rows, k, m, seed):
     xc = np.where(x.astype(np.int64) > HALF, x.astype(np.int64) - P, x.astype(np.int64)).astype(object)
     want = np.mod(xc @ w.astype(object), P).astype(np.int64)
     assert np.array_equal(fieldmath.from_digits(fieldkernels.digits(x, unsigned=True)), x)
-    assert np.array_equal(fieldmath.int8_matmul_mod(x, torch.from_numpy(w)).astype(np.int64), want)
-    got = blinded.FieldGemm(torch.from_numpy(w))(x)
+    assert np.array_equal(fieldmath.int8_matmul_mod(x, w).astype(np.int64), want)
+    got = fieldgemm.FieldGemm(torch.from_numpy(w))(x)
     assert got.dtype == np.uint32 and np.array_equal(got.astype(np.int64), want)
     assert np.array_equal(fieldkernels.digits(x), fieldmath.digits(x))
     d = fieldmath.digits(x).astype(np.int64).reshape(3, rows, k)
@@ -149,8 +149,8 @@ def test_int8_digit_matmul_is_exact_mod_p(rows, k, m, seed):
 
 
 def test_field_gemm_is_exact_at_the_largest_sums():
-    """Digits at -128 with weights at +-127 over MiniLM's widest input (k = 1536): the sums pass 2^24, so the
-    float32 GEMM must be split along k -- and the result must still be exact."""
+    """Digits at -128 with weights at +-127 over MiniLM's widest input (k = 1536): the sums pass 2^24, so a
+    float32-sum kernel is split along k -- and the result of this process's kernel must still be exact."""
     k = 1536
     worst = (-128 - 128 * 256 - 79 * 65536) % P             # digits (-128, -128, -79)
     x = np.full((4, k), worst, np.uint32)
@@ -158,8 +158,9 @@ def test_field_gemm_is_exact_at_the_largest_sums():
     w = np.stack([np.full(k, 127), np.full(k, -127), np.where(np.arange(k) % 2, 127, -127)], 1).astype(np.int8)
     xc = np.where(x.astype(np.int64) > HALF, x.astype(np.int64) - P, x.astype(np.int64)).astype(object)
     want = np.mod(xc @ w.astype(object), P).astype(np.int64)
-    gemm = blinded.FieldGemm(torch.from_numpy(w))
-    assert [c.stop - c.start for c, _ in gemm.parts] == [1032, 504]
+    gemm = fieldgemm.FieldGemm(torch.from_numpy(w))
+    assert [c.stop - c.start for c in fieldgemm.exact_parts(w.T)] == [1032, 504]
+    assert [c.stop - c.start for c, _ in gemm.parts] == ([1032, 504] if gemm.kernel.f32_sums else [k])
     assert np.array_equal(gemm(x).astype(np.int64), want)
     assert np.array_equal(fieldkernels.digits(x, unsigned=True).view(np.int8) ^ np.int8(-128), fieldkernels.digits(x))
 
@@ -169,11 +170,11 @@ def test_field_gemm_is_exact_at_the_largest_sums():
 def test_exact_parts_keep_every_float32_sum_exact(k, m, amp, seed):
     """Consecutive ranges covering every input, each within the float32 bound, none ended early."""
     w = np.random.default_rng(seed).integers(-amp, amp + 1, (m, k)).astype(np.int8)
-    parts = blinded.exact_parts(w)
+    parts = fieldgemm.exact_parts(w)
     assert parts[0].start == 0 and parts[-1].stop == k and all(a.stop == b.start for a, b in zip(parts, parts[1:]))
     l1 = lambda c: int(np.abs(w[:, c].astype(np.int64)).sum(1).max())
-    assert all(blinded.MAX_DIGIT * l1(c) <= blinded.F32_EXACT for c in parts)
-    assert all(blinded.MAX_DIGIT * l1(slice(c.start, c.stop + 1)) > blinded.F32_EXACT for c in parts[:-1])
+    assert all(fieldgemm.MAX_DIGIT * l1(c) <= fieldgemm.F32_EXACT for c in parts)
+    assert all(fieldgemm.MAX_DIGIT * l1(slice(c.start, c.stop + 1)) > fieldgemm.F32_EXACT for c in parts[:-1])
 
 
 def test_recombination_is_exact_at_the_extremes():
@@ -260,7 +261,7 @@ def test_blinded_linear_equals_fixed_point_reference_with_fresh_masks():
     sent = []
     for pad in pads:
         xt, rhs = blinded.blind(torch.from_numpy(x), layer, pad["l.r"], pad["l.v"])
-        yt = blinded.FieldGemm(wt).planes(xt)
+        yt = fieldgemm.FieldGemm(wt).planes(xt)
         y = blinded.unblind(yt, pad["l.u"], pad["l.s"], rhs, layer)
         assert y is not None and torch.equal(y, blinded.reference_lin({"l": layer})("l", torch.from_numpy(x)))
         sent.append(xt)

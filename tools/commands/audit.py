@@ -44,6 +44,9 @@ def run(args):
         public = {k: w for k, (w, _) in program.linears(resolve(args.public or "minilm").model).items()}
     r = audit.run_audit(bundle.path, inputs, trials=args.trials, public=public, sealing=not args.no_sealing)
     con = Console()
+    if r.mode == "blinded":
+        con.print(f"accelerator's exact field GEMM: {r.kernel}" + (f" ({r.kernel_note})" if r.kernel_note else "")
+                  + f"; lying-accelerator trials here: {r.detection_kernel}")
     t = r.transcript
     tab = Table(title=f"what the accelerator saw ({r.mode})")
     for c in ("calls", "max |cos| to plaintext", "chance level", "rows matched", "identical on repeat", "mask-reuse pairs"):

@@ -61,6 +61,9 @@ def run(args):
                           overlap=args.overlap) as s:
         print(f"enclave attested: measurement {s.quote.measurement.hex()[:16]}…, mode {bundle.mode}, "
               f"accelerator {s.backend}")
+        if bundle.mode == "blinded":
+            st = s.accelerator_stats()
+            print(f"accelerator's exact field GEMM: {st['kernel']}" + (f" ({st['kernel_note']})" if st["kernel_note"] else ""))
         for text, inp in zip(args.inputs, inputs):
             y, t = s.infer(inp)
             outs.append(y[0])
