@@ -181,10 +181,10 @@ class Choice:
         return self.kernel.name
 
     def note(self) -> str:
-        """Why the faster kernels were passed over, e.g. 'onednn-u8 failed the self-test (k=4, 1 rows: ...)'."""
+        """Why the faster kernels were passed over, e.g. 'onednn-u8 failed the self-test (k=4, rows=1: ...)'."""
         if self.forced:
             return f"forced by {ENV}, passed the self-test"
-        return "; ".join(f"{n} failed the self-test ({why})" for n, why in self.rejected.items())
+        return "; ".join(f"{n} {why}" for n, why in self.rejected.items())
 
 
 @functools.cache
@@ -205,9 +205,12 @@ def chosen() -> Choice:
         return Choice(KERNELS[forced], {}, time.perf_counter() - t, forced=True)
     rejected = {}
     for name, kernel in KERNELS.items():
-        why = self_test(kernel) if kernel.available else "not in this torch build"
+        if not kernel.available:
+            rejected[name] = "is not in this torch build"
+            continue
+        why = self_test(kernel)
         if why is None:
             return Choice(kernel, rejected, time.perf_counter() - t)
-        rejected[name] = why
+        rejected[name] = f"failed the self-test ({why})"
     # float32 is exact by construction; failing means a broken float GEMM, and nothing here can be trusted
-    raise TinyshieldError(f"no exact field GEMM on this machine ({'; '.join(f'{n}: {w}' for n, w in rejected.items())})")
+    raise TinyshieldError("no exact field GEMM on this machine: " + Choice(Float32, rejected).note())

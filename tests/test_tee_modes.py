@@ -9,7 +9,7 @@ import torch
 
 from edge.errors import TinyshieldError
 from edge.models.vit import ViT, ViTConfig
-from tee import audit, blinded, bundle, dma, fieldkernels, program
+from tee import audit, blinded, bundle, dma, fieldgemm, fieldkernels, program
 from tee.fieldmath import from_digits
 from tee.client import ProtectedSession
 from tee.enclave import Enclave
@@ -69,6 +69,8 @@ def test_mode_output_and_transcript(tee_env, vit, mode):
         transcript = s.transcript()
         stats = s.accelerator_stats()
     y = outs[0]
+    # the accelerator says which exact GEMM it uses: the one this CPU passes the self-test with, as here
+    assert stats["kernel"] == (fieldgemm.chosen().name if mode == "blinded" else "none")
     if mode == "blinded":
         assert np.array_equal(y, fixed_point_reference(b.path, x1))           # exact, bit for bit
         assert np.array_equal(outs[2], y)                                       # fresh masks, same answer
@@ -108,6 +110,25 @@ def test_lying_accelerator_aborts_blinded_inference(tee_env, vit, attack):
         for seed in (5, 6):      # the aborted inference's answers still in flight are drained, not misread
             with pytest.raises(TinyshieldError, match="integrity check failed"):
                 s.infer(images(1, seed=seed)[0])
+
+
+def test_blinded_is_exact_on_an_avx2_accelerator(tee_env, vit, monkeypatch):
+    """The accelerator process with oneDNN limited to AVX2 (no VNNI: its u8 x s8 GEMM saturates) picks an exact
+    kernel and gives the fixed-point reference's bits; forced onto the inexact kernel it refuses to serve, and the
+    client hears why. The test process itself keeps its own oneDNN (the environment is read when torch loads)."""
+    b = bundle.protect(vit, tee_env / "avx2", "blinded", pads=2)
+    x = images(1)[0]
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    with ProtectedSession(b.path) as s:
+        y, _ = s.infer(x)
+        stats = s.accelerator_stats()
+    assert np.array_equal(y, fixed_point_reference(b.path, x))
+    assert stats["kernel"] in ("onednn-u8-halves", "float32")
+    assert "onednn-u8 failed the self-test" in stats["kernel_note"]
+    monkeypatch.setenv(fieldgemm.ENV, "onednn-u8")
+    with ProtectedSession(b.path) as s:
+        with pytest.raises(TinyshieldError, match="FIELD_GEMM=onednn-u8: the kernel is not exact on this CPU"):
+            s.infer(x)
 
 
 def test_sealing_and_attestation_refusals(tee_env, vit):
@@ -176,8 +197,11 @@ def test_cli_protect_infer_audit(tee_env, vit, capsys):
     assert main(["infer", "--protected", str(out), str(npy), str(npy)]) == 0
     text = capsys.readouterr().out
     assert "enclave attested" in text and text.count("class ") == 2
+    assert f"accelerator's exact field GEMM: {fieldgemm.chosen().name}" in text
     assert main(["audit", str(out), str(npy), str(npy), "--trials", "100", "--no-sealing"]) == 0
+    assert f"accelerator's exact field GEMM: {fieldgemm.chosen().name}" in capsys.readouterr().out
     report = json.loads((out / "audit.json").read_text())
+    assert report["kernel"] == report["detection_kernel"] == fieldgemm.chosen().name
     assert all(d["rate"] == 1.0 and d["trials"] >= 99 for d in report["detection"])
     assert report["weights"]["exposed"] is True      # blinded (Slalom) protects inputs and integrity, not weights
     assert main(["infer", "--protected", str(tee_env / "nothing"), "x"]) == 2

@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     from rich.console import Console
 
     from edge.models.minilm import load_minilm, load_tokenizer, tokenize
-    from tee import audit, blinded, bundle, program
+    from tee import audit, blinded, bundle, fieldgemm, program
     from tee.client import ProtectedSession
     from tee.enclave import Enclave
 
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
 
     threads = args.accel_threads or os.cpu_count()
     result = {"seq_len": args.seq_len, "iters": args.iters, "accel_threads": threads, "enclave_threads": 1,
-              "cpu_count": os.cpu_count(), "load_avg_start": os.getloadavg(), "protect_s": protect_s}
+              "cpu_count": os.cpu_count(), "cpu": cpu_info(), "load_avg_start": os.getloadavg(), "protect_s": protect_s}
     sessions = {m: ProtectedSession(bundles[m].path, accel_threads=threads, record=False, overlap=False,
                                     backend=args.backend if m in ("plain", "shadownet") else None)
                 for m in bundle.MODES}
@@ -122,6 +122,10 @@ def main(argv=None) -> int:
         result["latency_ms"] = latency
         result["backends"] = {m: s.backend if m in ("plain", "shadownet") else ("none" if m == "enclave-only" else "torch")
                               for m, s in sessions.items()}
+        # the exact field GEMM each blinded accelerator chose (tee.fieldgemm), and why faster ones were passed over
+        stats = {m: s.accelerator_stats() for m, s in sessions.items()}
+        result["kernels"] = {m: st["kernel"] for m, st in stats.items()}
+        result["kernel_notes"] = {m: st["kernel_note"] for m, st in stats.items() if st["kernel_note"]}
         result["load_avg_end"] = os.getloadavg()
         bl, pl, eo = (min(latency["blinded"]["total_ms"], latency[OVERLAP]["total_ms"]) if m == "blinded"
                       else latency[m]["total_ms"] for m in ("blinded", "plain", "enclave-only"))
@@ -175,6 +179,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     det = audit.detection_trials(w, b_, args.seq_len, args.trials)
     result["detection"] = {"layer": args.detect_layer, "seconds": round(time.perf_counter() - t0, 1),
+                           "kernel": fieldgemm.chosen().name,
                            "results": [asdict(d) for d in det],
                            "other_modes": "plain and shadownet have no integrity check: every altered result is accepted"}
 
@@ -218,6 +223,24 @@ def bench_vit(n: int, threads: int, backend: str | None) -> dict:
     return out
 
 
+def cpu_info() -> dict:
+    """The CPU the numbers were measured on, and the instruction-set limit oneDNN was given."""
+    from pathlib import Path
+    info = {"model": "unknown", "int8_dot_product": [],
+            "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "")}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                info["model"] = value.strip()
+            elif key.strip() == "flags":
+                info["int8_dot_product"] = sorted(set(value.split()) & {"avx512_vnni", "avx_vnni", "amx_int8"})
+                break
+    except OSError:
+        pass
+    return info
+
+
 def _matmul_loop(seconds: float, start, queue) -> None:
     import numpy as np
     a = np.random.default_rng(0).random((256, 256), dtype=np.float32)
@@ -257,19 +280,26 @@ def core_scaling(seconds: float = 2.0) -> dict:
 
 def report(con, r: dict) -> None:
     from rich.table import Table
+    cpu = r["cpu"]
+    isa = f", ONEDNN_MAX_CPU_ISA={cpu['onednn_max_cpu_isa']}" if cpu["onednn_max_cpu_isa"] else ""
     tab = Table(title=f"MiniLM L={r['seq_len']}: latency (median of {r['iters']}, ms; enclave 1 thread, accelerator "
-                      f"{r['accel_threads']} threads)")
-    for c in ("mode", "backend", "total", "min total", "enclave", "accelerator", "transfer", "overlap", "vs plain",
+                      f"{r['accel_threads']} threads) on {cpu['model']} "
+                      f"({', '.join(cpu['int8_dot_product']) or 'no VNNI/AMX'}{isa})")
+    for c in ("mode", "backend (kernel)", "total", "min total", "enclave", "accelerator", "transfer", "overlap", "vs plain",
               "vs enclave-only", "enclave CPU", "accel CPU"):
         tab.add_column(c, justify="right")
     L = r["latency_ms"]
     for m, d in L.items():
-        tab.add_row(m, r["backends"][m], f"{d['total_ms']:.1f}", f"{d['min_total_ms']:.1f}", f"{d['enclave_ms']:.1f}",
+        kernel = r["kernels"][m]
+        tab.add_row(m, r["backends"][m] + (f" ({kernel})" if kernel != "none" else ""), f"{d['total_ms']:.1f}",
+                    f"{d['min_total_ms']:.1f}", f"{d['enclave_ms']:.1f}",
                     f"{d['accelerator_ms']:.1f}", f"{d['transfer_ms']:.1f}", f"{d['overlap_ms']:.1f}",
                     f"{d['total_ms'] / L['plain']['total_ms']:.2f}x",
                     f"{d['total_ms'] / L['enclave-only']['total_ms']:.2f}x", f"{d['enclave_cpu_ms']:.1f}",
                     f"{d['accelerator_cpu_ms']:.1f}")
     con.print(tab)
+    for m, note in r["kernel_notes"].items():
+        con.print(f"{m}: {note}")
     con.print("The four modes take turns (enclave, then accelerator); \"blinded (overlap)\" pipelines two row parts "
               "and polls for messages -- the default of a protected session with two or more cores.")
     con.print("overlap = enclave + accelerator + transfer - total: work the two processes did at the same time "
@@ -306,7 +336,8 @@ def report(con, r: dict) -> None:
                     f"{d['public_match_share']:.2%}", f"{d['public_fake_accuracy']:.2f}",
                     f"{d['public_recovered_cos']:.4f}", f"{d['public_only_cos']:.4f}")
     con.print(tab)
-    tab = Table(title=f"lying accelerator vs blinded mode ({r['detection']['layer']})")
+    tab = Table(title=f"lying accelerator vs blinded mode ({r['detection']['layer']}, "
+                      f"kernel {r['detection']['kernel']})")
     for c in ("attack", "trials", "detected", "rate", "theoretical miss / check"):
         tab.add_column(c, justify="right")
     for d in r["detection"]["results"]:

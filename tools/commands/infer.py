@@ -63,7 +63,8 @@ def run(args):
               f"accelerator {s.backend}")
         if bundle.mode == "blinded":
             st = s.accelerator_stats()
-            print(f"accelerator's exact field GEMM: {st['kernel']}" + (f" ({st['kernel_note']})" if st["kernel_note"] else ""))
+            print(f"accelerator's exact field GEMM: {st['kernel']}"
+                  + (f" ({st['kernel_note']})" if st["kernel_note"] else ""))
         for text, inp in zip(args.inputs, inputs):
             y, t = s.infer(inp)
             outs.append(y[0])

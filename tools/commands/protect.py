@@ -39,6 +39,9 @@ def run(args):
     print(f"{args.mode} bundle for {name} at {b.path} ({b.seconds:.1f} s)")
     print(f"  measurement {b.header['measurement']}")
     print(f"  accelerator backend {b.header['accelerator']['backend']}, {len(b.header['accelerator']['layers'])} layers")
+    if args.mode == "blinded" and args.pads:
+        from tee.fieldgemm import chosen
+        print(f"  pads made with the exact field GEMM {chosen().name} (this CPU's fastest that passes the self-test)")
     for k, v in b.sizes.items():
         print(f"  {k}: {v / 1e6:.1f} MB")
     return 0
