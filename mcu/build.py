@@ -198,7 +198,7 @@ class BuiltModel:
     """Everything about one model deployed to one board: the int8 graph, its schedule and arena
     plan (the host reference runs exactly these), the generated C and the firmware image."""
     name: str
-    kind: str                     # "vit", "bert-classifier"
+    kind: str                     # "vit", "bert-classifier", "pt2"
     board: str
     graph: object                 # mcu.graph.Graph
     schedule: object              # mcu.graph.Schedule
@@ -211,18 +211,11 @@ class BuiltModel:
         return self.schedule.macs()
 
     def quantise_input(self, x) -> "np.ndarray":
-        """Raw model input -> what the device takes. Images: uint8 (28, 28) -> int8 HWC, exactly as
-        the reference quantises (p/255 with scale 1/255 and zero point -128 is p - 128)."""
+        """Raw model input -> what the device takes, exactly as the reference quantises: token ids as
+        int32; float inputs (uint8 images count as p/255) rounded to the input's int8 scale and laid
+        out as the board stores them (NCHW images as HWC)."""
         import numpy as np
-        t = self.graph.tensors[self.graph.inputs[0]]
-        x = np.asarray(x)
-        if self.kind == "vit":
-            if x.dtype != np.uint8 or x.size != int(np.prod(t.shape)):
-                raise TinyshieldError(f"image input must be uint8 with {int(np.prod(t.shape))} pixels, got {x.dtype} {x.shape}")
-            scale, zp = t.q.scale[0], t.q.zero_point
-            q = np.round(x.astype(np.float64) / 255.0 / scale) + zp
-            return np.clip(q, -128, 127).astype(np.int8).reshape(t.shape)
-        return x.astype(np.int32).reshape(t.shape)
+        return quantise_input(self.graph, x)
 
     def reference(self, q) -> "np.ndarray":
         """The host int8 reference output for a device input (same schedule, same arena plan)."""
@@ -241,18 +234,44 @@ def _schedule(graph, kind: str, board: Board):
     return layerwise(graph)
 
 
+def quantise_input(graph, x) -> "np.ndarray":
+    """A raw input (one example, with or without its batch dimension of 1) -> the graph's int8/int32 input."""
+    import numpy as np
+    t = graph.tensors[graph.inputs[0]]
+    m = graph.meta
+    x = np.asarray(x)
+    if m.get("input_kind") == "ids":
+        if x.size != int(np.prod(t.shape)) or not np.issubdtype(x.dtype, np.integer):
+            raise TinyshieldError(f"token ids must be {int(np.prod(t.shape))} integers, got {x.dtype} {x.shape}")
+        return x.astype(np.int32).reshape(t.shape)
+    shape = tuple(m["input_shape"])
+    if x.size != int(np.prod(shape)):
+        raise TinyshieldError(f"input must have shape {shape[1:]} (or {shape}), got {x.shape}")
+    xf = x.astype(np.float64) / 255.0 if x.dtype == np.uint8 else x.astype(np.float64)
+    xf = xf.reshape(shape)
+    if m.get("input_layout") == "nchw->hwc":
+        xf = xf[0].transpose(1, 2, 0)
+    scale, zp = m["input_q"]
+    q = np.round(xf / scale) + zp
+    return np.clip(q, -128, 127).astype(np.int8).reshape(t.shape)
+
+
 @dataclass
 class _Source:
-    model: object                 # the float torch model
-    kind: str                     # "vit", "bert-classifier"
+    model: object                 # the float torch model (None for a .pt2)
+    kind: str                     # "vit", "bert-classifier", "pt2"
     path: Path | None
     clr: object = None            # edge.compress.clr.QuantCLR: the int8 CLR word table, if compressed
+    captured: object = None       # edge.capture.Captured of a .pt2
 
 
 def _load(spec: str) -> _Source:
-    """A recipe name / model directory (edge.models.registry), or a CLR-compressed directory
-    written by `tinyshield compress` (kind "bert-classifier-clr", edge.compress.io)."""
+    """A recipe name / model directory (edge.models.registry), a CLR-compressed directory written by
+    `tinyshield compress` (kind "bert-classifier-clr", edge.compress.io), or a `.pt2` ExportedProgram."""
     p = Path(spec)
+    if p.suffix == ".pt2":
+        from edge.capture import load
+        return _Source(None, "pt2", p, captured=load(p))
     if p.is_dir() and (p / "config.json").is_file():
         kind = json.loads((p / "config.json").read_text()).get("kind", "")
         if kind.endswith("-clr"):
@@ -264,19 +283,93 @@ def _load(spec: str) -> _Source:
     return _Source(loaded.model, loaded.kind, loaded.path)
 
 
-def _lower(src: _Source, calib: int, seq_len: int | None):
-    from mcu import lower
+def calibration_inputs(src: _Source, calib: int, seq_len: int | None, calib_file: str | Path | None = None):
+    """Batch-first calibration inputs: from `calib_file` (.npy, or .npz with `x`), else the recipe's
+    training data (MNIST images as floats in [0, 1], SST-2 sentences as padded token ids)."""
+    import numpy as np
+    if calib_file is not None:
+        return load_array(calib_file, "x")[:calib]
     if src.kind == "vit":
         from edge.data import data_dir, mnist
         ds = mnist(allow_fallback=data_dir(required=False) is None)
-        return lower.lower_vit(src.model, ds.x_train[:calib])
+        return ds.x_train[:calib].astype(np.float32)[:, None] / np.float32(255.0)
     if src.kind == "bert-classifier":
         from edge.data import sst2
         from edge.models.minilm import load_tokenizer, tokenize
         L = seq_len or 64
-        ids = tokenize(load_tokenizer(), sst2("train").texts[:calib], pad_to=L).input_ids.numpy()
-        return lower.lower_bert_classifier(src.model, ids, L, clr=src.clr)
-    raise TinyshieldError(f"model kind {src.kind!r} cannot be deployed to a board yet (vit, bert-classifier)")
+        cfg = src.model.config
+        if L > cfg.max_position_embeddings:
+            raise TinyshieldError(f"seq_len {L} exceeds the model's max_position_embeddings "
+                                  f"{cfg.max_position_embeddings}: use a shorter --seq-len")
+        return tokenize(load_tokenizer(), sst2("train").texts[:calib], pad_to=L).input_ids.numpy()
+    raise TinyshieldError(f"{src.path or src.kind}: no calibration data: pass --calib FILE.npy (batch-first inputs)")
+
+
+def load_array(path: str | Path, key: str):
+    """An array from a .npy file, or the `key` array of a .npz file, with errors that name the file."""
+    import numpy as np
+    p = Path(path)
+    if not p.is_file():
+        raise TinyshieldError(f"{p}: no such file")
+    try:
+        data = np.load(p, allow_pickle=False)
+    except Exception as e:
+        raise TinyshieldError(f"{p}: not a readable .npy/.npz file ({e})") from None
+    if isinstance(data, np.lib.npyio.NpzFile):
+        if key not in data.files:
+            raise TinyshieldError(f"{p}: has arrays {data.files}, expected {key!r}")
+        data = data[key]
+    if data.ndim < 1 or len(data) == 0:
+        raise TinyshieldError(f"{p}: expected a batch-first array with at least one input, got shape {data.shape}")
+    return data
+
+
+def _lower(src: _Source, calib: int, seq_len: int | None, calib_file=None):
+    """Capture the model once (torch.export), calibrate on the captured graph, lower it to int8."""
+    import torch
+
+    from edge.capture import calibrate, capture
+    from mcu.from_aten import lower_captured
+
+    xs = calibration_inputs(src, calib, seq_len, calib_file)
+    special = {}
+    if src.captured is not None:
+        cap = src.captured
+    else:
+        model = src.model
+        if src.kind == "bert-classifier" and hasattr(model.bert.embeddings.word_embeddings, "layout"):
+            model, special = _clr_for_capture(model, src.clr, xs.shape[1])
+        cap = capture(model, (torch.as_tensor(xs[:1]),))
+    ranges = calibrate(cap, [x[None] for x in xs])
+    return lower_captured(cap, ranges, name=f"{src.kind}-int8", special=special)
+
+
+def _clr_for_capture(model, clr, L: int):
+    """A CLR word table's lookup has data-dependent loops torch.export cannot trace: capture the model
+    with the dense table it reconstructs (the same float function), and lower that lookup as the
+    CLR table (`embedding_clr`) itself."""
+    import copy
+
+    import torch
+
+    from edge import quant as Q
+    from mcu import lower
+    from mcu.from_aten import Act, _contig_strides
+
+    path = "bert.embeddings.word_embeddings"
+    emb = model.bert.embeddings.word_embeddings
+    dense = copy.copy(model)
+    dense.bert = copy.copy(model.bert)
+    dense.bert.embeddings = copy.copy(model.bert.embeddings)
+    with torch.no_grad():
+        dense.bert.embeddings.word_embeddings = torch.nn.Embedding.from_pretrained(emb.table().float())
+
+    def lower_clr(lw, ids, node):
+        y = lower._clr_embedding(lw.b, emb, ids.tensor, ids.shape[-1], clr)
+        t = lw.b.tensors[y]
+        shape = (1, *t.shape)
+        return Act(y, shape, _contig_strides(shape), 0, t.q.scale[0], t.q.zero_point, node.name)
+    return dense, {path: lower_clr}
 
 
 RUNTIME_FLASH = 8 * 1024       # the runtime and kernels take less flash than this; used for early refusals
@@ -322,7 +415,7 @@ def deploy_graph(graph, board: str | Board | None, out_dir: Path, schedule: str 
     return sched, plan, fw
 
 
-PIPELINE = ["mcu/lower.py", "mcu/kernels.py", "mcu/tiled.py", "mcu/schedules.py", "mcu/planner.py",
+PIPELINE = ["edge/capture.py", "mcu/from_aten.py", "mcu/lower.py", "mcu/kernels.py", "mcu/tiled.py", "mcu/schedules.py", "mcu/planner.py",
             "mcu/codegen.py", "mcu/graph.py", "mcu/build.py", "edge/quant.py", "edge/compress/clr.py"]
 
 
@@ -338,25 +431,28 @@ def _pipeline_hash() -> str:
 
 
 def build_model(spec: str, board: str | None = None, schedule: str = "layerwise", calib: int = 500,
-                seq_len: int | None = None, force: bool = False, name: str | None = None) -> BuiltModel:
-    """MODEL spec -> int8 graph (PTQ on `calib` training inputs) -> `deploy_graph`. The graph
-    and the generated C are cached under build/deploy/<hash>/ by weights, board and options."""
+                seq_len: int | None = None, force: bool = False, name: str | None = None,
+                calib_file: str | Path | None = None) -> BuiltModel:
+    """MODEL spec (recipe, model directory or .pt2) -> captured graph -> int8 graph (PTQ on `calib`
+    inputs: the recipe's training data or `calib_file`) -> `deploy_graph`. The graph and the generated C
+    are cached under build/deploy/<hash>/ by weights, calibration data, board and options."""
     import pickle
 
     from edge.paths import artefact_dir
 
     b = get_board(board)
     src = _load(spec)
-    weights = (src.path / "model.safetensors") if src.path else None
-    key = {"spec": spec, "weights": hashlib.sha256(weights.read_bytes()).hexdigest() if weights else None,
+    weights = src.path if src.kind == "pt2" else (src.path / "model.safetensors") if src.path else None
+    digest = lambda f: hashlib.sha256(Path(f).read_bytes()).hexdigest() if f else None   # noqa: E731
+    key = {"spec": spec, "weights": digest(weights), "calib_file": digest(calib_file),
            "board": b.id, "schedule": schedule, "calib": calib, "seq_len": seq_len, "code": _pipeline_hash(),
-           "version": 2}
+           "version": 3}
     d = artefact_dir("deploy", key)
     cached = d / "graph.pkl"
     if cached.is_file() and not force:
         graph = pickle.loads(cached.read_bytes())
     else:
-        graph = _lower(src, calib, seq_len)
+        graph = _lower(src, calib, seq_len, calib_file)
         cached.write_bytes(pickle.dumps(graph))
     sched, plan, fw = deploy_graph(graph, b, d, schedule, force=force)
     return BuiltModel(name or (spec if not Path(spec).is_dir() else Path(spec).name), src.kind, b.id,

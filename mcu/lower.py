@@ -87,15 +87,15 @@ def _aq(t: Tensor) -> Q.ActQ:
     return Q.ActQ(t.q.scale[0], t.q.zero_point)
 
 
-def _fc(b: Builder, name: str, lin: torch.nn.Linear, x: str, out_q: Q.ActQ, M: int, relu=False,
-        out_name: str | None = None) -> str:
-    w = lin.weight.detach().double().numpy()
+def fc(b: Builder, name: str, w: np.ndarray, bias: np.ndarray | None, x: str, out_q: Q.ActQ, M: int,
+       relu=False, out_name: str | None = None, xq: Q.ActQ | None = None) -> str:
+    """y = x w^T + bias (w (N, K) float) as a `fully_connected` op; ReLU fused as act_min = zero point."""
     N, Kd = w.shape
     if Kd > MAX_K:
         raise TinyshieldError(f"{name}: {Kd} inputs would overflow the int32 accumulator (at most {MAX_K})")
-    xq = _aq(b.tensors[x])
+    xq = xq or _aq(b.tensors[x])
     wq, ws = Q.quantize_weights_per_channel(w, axis=0)
-    bias = lin.bias.detach().double().numpy() if lin.bias is not None else np.zeros(N)
+    bias = np.zeros(N) if bias is None else bias
     bq = Q.quantize_bias(bias, xq.scale, ws).astype(np.int64) - xq.zero_point * wq.astype(np.int64).sum(1)
     m, s = Q.quantize_multipliers(xq.scale * ws / out_q.scale)
     y = b.act(out_name or f"{name}.out", (M, N), out_q)
@@ -106,23 +106,24 @@ def _fc(b: Builder, name: str, lin: torch.nn.Linear, x: str, out_q: Q.ActQ, M: i
     b.const(f"{name}.shift", s)
     lo = out_q.zero_point if relu else -128
     b.op("fully_connected", name, [x, f"{name}.weight", f"{name}.bias", f"{name}.mult", f"{name}.shift"], [y],
-         M=M, K=Kd, N=N, y_zp=out_q.zero_point, act_min=lo, act_max=127)
+         M=M, K=Kd, N=N, x_zp=xq.zero_point, y_zp=out_q.zero_point, act_min=lo, act_max=127)
     return y
 
 
-def _conv(b: Builder, name: str, conv: torch.nn.Conv2d, x: str, H: int, W: int, out_q: Q.ActQ, relu: bool) -> str:
-    w = conv.weight.detach().double().numpy()          # (Cout, Cin, k, k)
+def conv(b: Builder, name: str, w: np.ndarray, bias: np.ndarray | None, stride: int, pad: int, x: str, H: int,
+         W: int, out_q: Q.ActQ, relu: bool, xq: Q.ActQ | None = None) -> str:
+    """A square 2-d convolution (w (Cout, Cin, k, k) float) on an HWC input as a `conv2d` op."""
     Cout, Cin, k, _ = w.shape
-    stride, pad = conv.stride[0], conv.padding[0]
     Hout, Wout = (H + 2 * pad - k) // stride + 1, (W + 2 * pad - k) // stride + 1
-    xq = _aq(b.tensors[x])
+    xq = xq or _aq(b.tensors[x])
     wq, ws = Q.quantize_weights_per_channel(w, axis=0)
     P, Kp = k * k * Cin, K.conv_patch_len(k, Cin)
     if Kp > K.CONV_PATCH_MAX:
         raise TinyshieldError(f"{name}: a {k}x{k}x{Cin} patch is longer than the conv kernel's {K.CONV_PATCH_MAX}")
     rows = np.zeros((Cout, Kp), dtype=np.int8)
     rows[:, :P] = wq.transpose(0, 2, 3, 1).reshape(Cout, P)      # (kh, kw, ci) order, zero tail
-    bq = (Q.quantize_bias(conv.bias.detach().double().numpy(), xq.scale, ws).astype(np.int64)
+    bias = np.zeros(Cout) if bias is None else bias
+    bq = (Q.quantize_bias(bias, xq.scale, ws).astype(np.int64)
           - xq.zero_point * rows.astype(np.int64).sum(1))
     m, s = Q.quantize_multipliers(xq.scale * ws / out_q.scale)
     y = b.act(f"{name}.out", (Hout, Wout, Cout), out_q)
@@ -136,27 +137,47 @@ def _conv(b: Builder, name: str, conv: torch.nn.Conv2d, x: str, H: int, W: int, 
     return y
 
 
-def _add_layernorm(b: Builder, name: str, ln: torch.nn.LayerNorm, a: str, res: str, out_q: Q.ActQ,
-                   M: int, out_name: str | None = None) -> str:
-    qa, qb = _aq(b.tensors[a]), _aq(b.tensors[res])
+def add_layernorm(b: Builder, name: str, gamma: np.ndarray, beta: np.ndarray, eps: float, a: str, res: str | None,
+                  out_q: Q.ActQ, M: int, qa: Q.ActQ | None = None, qb: Q.ActQ | None = None,
+                  out_name: str | None = None) -> str:
+    """LayerNorm(a + res) as one `add_layernorm` op; without `res`, LayerNorm(a) (b = a with weight 0)."""
+    qa = qa or _aq(b.tensors[a])
     one = 1 << K.LN_IN_BITS
-    r = qb.scale / qa.scale
-    ca, cb = (one, int(round(r * one))) if r <= 1 else (int(round(one / r)), one)
-    unit = qa.scale / ca if ca else qb.scale / cb
-    d = ln.normalized_shape[0]
-    eps = int(min(Q.INT32_MAX, round(ln.eps / unit ** 2)))
-    gamma = ln.weight.detach().double().numpy()
-    beta = ln.bias.detach().double().numpy()
-    reals = gamma / (out_q.scale * (1 << K.LN_OUT_BITS))
+    if res is None:
+        res, qb, ca, cb = a, qa, one, 0
+        unit = qa.scale / ca
+    else:
+        qb = qb or _aq(b.tensors[res])
+        r = qb.scale / qa.scale
+        ca, cb = (one, int(round(r * one))) if r <= 1 else (int(round(one / r)), one)
+        unit = qa.scale / ca if ca else qb.scale / cb
+    d = len(gamma)
+    eps = int(min(Q.INT32_MAX, round(eps / unit ** 2)))
+    reals = np.asarray(gamma, dtype=np.float64) / (out_q.scale * (1 << K.LN_OUT_BITS))
     m, s = Q.quantize_multipliers(np.abs(reals))
     m = np.where(reals < 0, -m.astype(np.int64), m).astype(np.int32)
     y = b.act(out_name or f"{name}.out", (M, d), out_q)
     b.const(f"{name}.mult", m)
     b.const(f"{name}.shift", s)
-    b.const(f"{name}.bias", Q.saturate(Q.round_half_away(beta / out_q.scale), np.int32))
+    b.const(f"{name}.bias", Q.saturate(Q.round_half_away(np.asarray(beta, dtype=np.float64) / out_q.scale), np.int32))
     b.op("add_layernorm", name, [a, res, f"{name}.mult", f"{name}.shift", f"{name}.bias"], [y],
          M=M, d=d, a_zp=qa.zero_point, b_zp=qb.zero_point, ca=ca, cb=cb, eps=eps, y_zp=out_q.zero_point)
     return y
+
+
+def _fc(b, name, lin, x, out_q, M, relu=False, out_name=None):
+    return fc(b, name, lin.weight.detach().double().numpy(),
+              None if lin.bias is None else lin.bias.detach().double().numpy(), x, out_q, M, relu, out_name)
+
+
+def _conv(b, name, cv, x, H, W, out_q, relu):
+    return conv(b, name, cv.weight.detach().double().numpy(), cv.bias.detach().double().numpy(), cv.stride[0],
+                cv.padding[0], x, H, W, out_q, relu)
+
+
+def _add_layernorm(b, name, ln, a, res, out_q, M, out_name=None):
+    return add_layernorm(b, name, ln.weight.detach().double().numpy(), ln.bias.detach().double().numpy(), ln.eps,
+                         a, res, out_q, M, out_name=out_name)
 
 
 # ---------------------------------------------------------------- float forward with observers
@@ -515,8 +536,21 @@ def calls_for(graph: Graph, op: Op, loc) -> list[Call]:
                      op.name, 0)]
     if k == "pad_mask":
         return [Call("pad_mask", (loc(i[0]), loc(o[0]), a["L"]), op.name, 0)]
+    if k == "add":
+        return [Call("add_s8", (loc(i[0]), loc(i[1]), loc(o[0]), a["n"], a["b_n"], a["a_zp"], a["b_zp"], a["a_mult"],
+                                a["a_shift"], a["b_mult"], a["b_shift"], a["y_mult"], a["y_shift"], a["y_zp"], -128, 127),
+                     op.name, 0)]
+    if k == "mul":
+        return [Call("mul_s8", (loc(i[0]), loc(i[1]), loc(o[0]), a["n"], a["b_n"], a["a_zp"], a["b_zp"], a["y_mult"],
+                                a["y_shift"], a["y_zp"], -128, 127), op.name, 0)]
+    if k == "permute":
+        return [Call("permute_s8", (loc(i[0], a["offset"]), loc(o[0]), loc(i[1]), K.PERMUTE_DIMS), op.name, 0)]
+    if k == "concat":
+        return [Call("requant_s8", (loc(i[p]), loc(o[0], a[f"o{p}"]), a["rows"], a[f"w{p}"], a[f"w{p}"], a["width"],
+                                    a[f"zp{p}"], a[f"m{p}"], a[f"s{p}"], a["y_zp"]), op.name, 0)
+                for p in range(a["parts"])]
     raise TinyshieldError(f"op kind {k!r} (op {op.name}) has no kernel: supported are {', '.join(OP_KINDS)}")
 
 
 OP_KINDS = ("conv2d", "fully_connected", "matmul_qk", "softmax", "matmul_pv", "add_layernorm", "lut",
-            "mean_pool", "embedding", "embedding_clr", "pad_mask")
+            "mean_pool", "embedding", "embedding_clr", "pad_mask", "add", "mul", "permute", "concat")

@@ -15,6 +15,9 @@ from torch.nn import functional as F
 from edge.errors import TinyshieldError
 
 
+PAD_ID = 0   # [PAD] in every vocabulary the project uses: padded positions are masked out
+
+
 @dataclass
 class BertConfig:
     vocab_size: int = 30522
@@ -167,7 +170,7 @@ class BertModel(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, word_embeds=None):
         if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+            attention_mask = (input_ids != PAD_ID).long()     # the mask a deployed model builds itself
         # Padded keys get a large negative bias; finfo.min as HF does would overflow when added twice.
         mask_bias = (1.0 - attention_mask[:, None, None, :].float()) * -1e9
         x = self.embeddings(input_ids, token_type_ids, word_embeds)
@@ -192,6 +195,6 @@ class BertClassifier(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None):
         if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+            attention_mask = (input_ids != PAD_ID).long()     # the mask a deployed model builds itself
         h = self.bert(input_ids, attention_mask, token_type_ids)
         return self.classifier(mean_pool(h, attention_mask))
