@@ -85,22 +85,21 @@ def probe() -> dict:
 
 @pytest.fixture(scope="module")
 def probes(tmp_path_factory):
-    build = tmp_path_factory.mktemp("kernels")
-    env = {k: v for k, v in os.environ.items() if k != fieldgemm.ENV} | {"TINYSHIELD_BUILD": str(build),
-                                                                       "OMP_NUM_THREADS": "2"}
-    procs = {isa: subprocess.Popen([sys.executable, __file__], env=env | {"ONEDNN_MAX_CPU_ISA": isa},
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for isa in ISAS[:1]}   # the first builds the C library; the others reuse it
-    procs[ISAS[0]].wait()
-    procs |= {isa: subprocess.Popen([sys.executable, __file__], env=env | {"ONEDNN_MAX_CPU_ISA": isa},
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-              for isa in ISAS[1:]}
-    res = {}
-    for isa, p in procs.items():
+    env = {k: v for k, v in os.environ.items() if k != fieldgemm.ENV}
+    env |= {"TINYSHIELD_BUILD": str(tmp_path_factory.mktemp("kernels")), "OMP_NUM_THREADS": "2"}
+
+    def start(isa):
+        return subprocess.Popen([sys.executable, __file__], env=env | {"ONEDNN_MAX_CPU_ISA": isa}, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def result(isa, p):
         stdout, stderr = p.communicate(timeout=300)
         assert p.returncode == 0, f"{isa}: {stderr[-3000:]}"
-        res[isa] = json.loads(stdout.strip().splitlines()[-1])
-    return res
+        return json.loads(stdout.strip().splitlines()[-1])
+
+    res = {ISAS[0]: result(ISAS[0], start(ISAS[0]))}       # builds the C library the others then reuse
+    procs = {isa: start(isa) for isa in ISAS[1:]}
+    return res | {isa: result(isa, p) for isa, p in procs.items()}
 
 
 @pytest.mark.parametrize("isa", ISAS)

@@ -133,6 +133,7 @@ def main(argv=None) -> int:
                              "blinded_le_2x_plain": bl <= 2 * pl, "blinded_over_enclave_only": round(bl / eo, 2),
                              "blinded_faster_than_enclave_only": bl < eo}
         result["core_scaling"] = core_scaling()
+        result["field_gemm"] = field_gemm_kernels(params, args.seq_len, threads)
 
         # ---- transcript ----------------------------------------------------------------------------
         transcripts = {}
@@ -223,6 +224,38 @@ def bench_vit(n: int, threads: int, backend: str | None) -> dict:
     return out
 
 
+def field_gemm_kernels(params: dict, seq_len: int, threads: int, iters: int = 20) -> dict:
+    """Every field GEMM kernel (tee.fieldgemm) on this CPU: its self-test verdict, and the median time of one
+    MiniLM encoder layer's four GEMMs (real quantised weights, seq_len rows of three digit planes) on the
+    accelerator's threads -- the numbers behind the order in which tee.fieldgemm.KERNELS tries them."""
+    from tee import blinded, fieldgemm
+    rng = np.random.default_rng(0)
+    layer = [blinded.quantize_weights(w)[0] for n, (w, _) in params.items() if n.startswith("layer0.")]
+    data = [(rng.integers(0, 256, (3 * seq_len, w.shape[1]), dtype=np.uint8), torch.from_numpy(w.T.astype(np.int8)))
+            for w in layer]
+    own = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    out = {}
+    try:
+        for name, kernel in fieldgemm.KERNELS.items():
+            if not kernel.available:
+                out[name] = {"self_test": "not in this torch build"}
+                continue
+            why = fieldgemm.self_test(kernel)
+            gemms = [fieldgemm.FieldGemm(wt, kernel) for _, wt in data]
+            times = []
+            for _ in range(iters + 2):
+                t = time.perf_counter()
+                for g, (d, _) in zip(gemms, data):
+                    g.planes(d)
+                times.append(time.perf_counter() - t)
+            out[name] = {"self_test": why or "passed", "layer_ms": round(float(np.median(times[2:])) * 1e3, 2),
+                         "min_layer_ms": round(min(times) * 1e3, 2)}
+    finally:
+        torch.set_num_threads(own)
+    return out
+
+
 def cpu_info() -> dict:
     """The CPU the numbers were measured on, and the instruction-set limit oneDNN was given."""
     from pathlib import Path
@@ -308,6 +341,14 @@ def report(con, r: dict) -> None:
     con.print(f"this machine's cores: {cs['processes']} processes multiplying matrices together do {cs['speedup']:.2f}x "
               f"the work of one ({cs['ops_one']} vs {cs['ops_all']} products in {cs['seconds']} s) -- the most any "
               "overlap of enclave and accelerator can gain here")
+    tab = Table(title=f"field GEMM kernels: one MiniLM layer's four GEMMs, L={r['seq_len']} "
+                      f"(median of 20, ms, {r['accel_threads']} threads), in the order they are tried")
+    for c in ("kernel", "self-test", "layer", "min layer"):
+        tab.add_column(c, justify="right")
+    for k, d in r["field_gemm"].items():
+        ms = [f"{d[c]:.1f}" if c in d else "-" for c in ("layer_ms", "min_layer_ms")]
+        tab.add_row(k, d["self_test"][:60], *ms)
+    con.print(tab)
     con.print(f"targets: {r['targets']}; load average {r['load_avg_start'][0]:.1f} -> {r['load_avg_end'][0]:.1f} "
               f"on {r['cpu_count']} cores")
     tab = Table(title="correctness vs the fp32 model")
