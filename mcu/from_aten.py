@@ -116,6 +116,13 @@ class Count:
     mask: Mask
 
 
+@dataclass(frozen=True)
+class ShapeOnly:
+    """A part of the token ids (e.g. `ids[:, :1]`) that the model uses only for its shape, as in
+    `zeros_like(ids[:, :1], dtype=bool)` (the always-valid CLS slot of a key mask)."""
+    shape: tuple
+
+
 class RowsAllMasked:
     """`softmax(...).where(all keys masked, 0)`: the softmax kernel already gives 0 there."""
 
@@ -149,6 +156,7 @@ class Lowering:
         self.names: dict[str, int] = {}
         self.special = special or {}      # module path -> its own lookup lowering (e.g. a CLR word table)
         self.ones_mask: dict[int, str] = {}
+        self.cat_consts: dict[str, list] = {}   # concat output -> its constant parts (see _fold_cat_consts)
         self.meta: dict = {}
 
     # -------------------------------------------------- helpers
@@ -336,7 +344,7 @@ def _all_const(args, kwargs) -> bool:
     for v in vals:
         flat.extend(v if isinstance(v, (list, tuple)) else [v])
     return not any(isinstance(v, (Act, Ids, Mask, Sum, PlusConst, Scores, Probs, Masked, MaskedSum, Count,
-                                  RowsAllMasked)) for v in flat)
+                                  RowsAllMasked, ShapeOnly)) for v in flat)
 
 
 def _packet(n) -> str:
@@ -353,6 +361,15 @@ def _scalar(v) -> float | None:
     if isinstance(v, torch.Tensor) and v.numel() == 1 and v.is_floating_point():
         return float(v)
     return None
+
+
+def _uniform(v) -> float | None:
+    """A scalar, or a constant float tensor holding one value everywhere (`full_like(mask, 0.0)`)."""
+    s = _scalar(v)
+    if s is None and isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel() > 0 \
+            and bool((v == v.reshape(-1)[0]).all()):
+        return float(v.reshape(-1)[0])
+    return s
 
 
 def eliminate_dead(g: Graph) -> Graph:
@@ -403,7 +420,7 @@ def _view(lw: Lowering, n, x, *args, **kw):
     if isinstance(x, Ids):
         shape = tuple(n.meta["val"].shape)
         if int(np.prod(shape)) != int(np.prod(x.shape)):
-            raise lw.fail(n, "only reshapes of the token ids are supported")
+            return ShapeOnly(shape)     # a slice of the ids: only its shape may be used (zeros_like ...)
         return Ids(x.tensor, shape)
     if isinstance(x, Mask):
         return replace(x, shape=tuple(n.meta["val"].shape))
@@ -413,6 +430,8 @@ def _view(lw: Lowering, n, x, *args, **kw):
         return _view(lw, n, lw.act(x, n), *args, **kw)
     if isinstance(x, (RowsAllMasked, Count)) or x is ZERO:
         return x
+    if isinstance(x, ShapeOnly):
+        return ShapeOnly(tuple(n.meta["val"].shape))
     raise lw.fail(n, f"cannot view a {type(x).__name__}")
 
 
@@ -482,7 +501,9 @@ def _where(lw, n, cond, a, b):
     if isinstance(cond, RowsAllMasked) and a is ZERO and isinstance(b, Probs):
         return b
     if isinstance(cond, Mask) and cond.kind == "bool":
-        sa, sb = _scalar(a), _scalar(b)
+        # MultiheadAttention and TransformerEncoderLayer spell the bias as
+        # where(mask, scalar_tensor(-inf), full_like(mask, 0.0)): the zero is a whole constant tensor
+        sa, sb = _uniform(a), _uniform(b)
         if sa is not None and sb is not None:
             big, zero = (sa, sb) if sb == 0 else (sb, sa)
             if zero == 0 and big <= -1e4:
@@ -535,6 +556,8 @@ def _add(lw, n, x, y, alpha=1):
                          "supported: only key padding masks built from the token ids")
     if isinstance(x, Mask) and isinstance(y, Mask):
         raise lw.fail(n, "adding two masks is not supported")
+    if isinstance(x, Act) and isinstance(y, torch.Tensor) and x.tensor in lw.cat_consts:
+        y = _fold_cat_consts(lw, n, x, y)
     if isinstance(x, (Act, Sum, PlusConst)) and isinstance(y, torch.Tensor):
         if isinstance(x, PlusConst):
             return PlusConst(x.a, x.c + y, n.name)
@@ -920,6 +943,7 @@ def _cat(lw, n, parts, dim=0):
             data = Q.quantize(p.detach().double().numpy(), q.scale, q.zero_point).reshape(outer, w)
             t = lw.b.const(f"{name}.part{i}", np.ascontiguousarray(data))
             pq = q
+            lw.cat_consts.setdefault(y.tensor, []).append((t, p.detach().double(), i))
         else:
             a = lw.whole(lw.act(p, n), n)
             t, pq = a.tensor, a.q
@@ -929,6 +953,26 @@ def _cat(lw, n, parts, dim=0):
         off += w
     lw.b.op("concat", name, ins, [y.tensor], rows=outer, width=off, parts=len(parts), y_zp=q.zero_point, **attrs)
     return y
+
+
+def _fold_cat_consts(lw, n, x: Act, y: torch.Tensor) -> torch.Tensor:
+    """`cat([cls, tokens]) + pos`: move the constant parts of the concat (the CLS token) into the
+    added constant, and concatenate zeros in their place (exact in int8). The PlusConst table then
+    carries cls + pos[0] at its own fine scale, instead of the CLS token rounded to the scale of the
+    whole concat -- a small learned CLS vector (often ~0.02) would round to a few levels there, and a
+    following LayerNorm (pre-LN blocks) blows that rounding up to the size of the row."""
+    cat = lw.nodes[x.node]
+    if _packet(cat) != "cat" or len(cat.users) != 1 or not lw.is_whole(x) \
+            or tuple(x.shape) != tuple(cat.meta["val"].shape):
+        return y
+    dim = (cat.args[1] if len(cat.args) > 1 else 0) % len(x.shape)
+    full = torch.zeros(x.shape, dtype=torch.float64)
+    sizes = [int(a.meta["val"].shape[dim]) for a in cat.args[0]]
+    for t, value, i in lw.cat_consts.pop(x.tensor):
+        full.narrow(dim, sum(sizes[:i]), sizes[i]).copy_(torch.broadcast_to(value, full.narrow(dim, sum(sizes[:i]), sizes[i]).shape))
+        const = lw.b.tensors[t]
+        const.data = np.full_like(const.data, x.zp)
+    return y.detach().double() + full
 
 
 def _cat_masks(lw, n, parts, shape):
@@ -957,6 +1001,43 @@ def _cat_masks(lw, n, parts, shape):
 
 
 # ---------------------------------------------------------------- entry point
+
+def lower_module(model: torch.nn.Module, inputs, name: str = "model", clr: dict | None = None) -> Graph:
+    """Capture `model` on its first input, calibrate on all `inputs` (batch-first array or tensor), lower.
+
+    A clustered low-rank word table (edge.compress.clr.CLREmbedding) has its own kernel, and its lookup
+    loops over clusters in Python, which torch.export cannot trace: the model is captured with the dense
+    table it reconstructs (the same float function) and that lookup is lowered as the CLR table. `clr`
+    may give a table's int8 form (QuantCLR) by module path."""
+    import copy
+
+    from edge.capture import calibrate, capture
+
+    model = model.eval()
+    tables = {p: m for p, m in model.named_modules() if hasattr(m, "layout") and hasattr(m, "table")}
+    special = {}
+    if tables:
+        model = copy.deepcopy(model)
+        for path, emb in tables.items():
+            with torch.no_grad():
+                model.set_submodule(path, torch.nn.Embedding.from_pretrained(emb.table().float()))
+            special[path] = _clr_rule(emb, (clr or {}).get(path))
+    xs = torch.as_tensor(np.asarray(inputs))
+    if xs.ndim < 1 or len(xs) == 0:
+        raise TinyshieldError(f"calibration needs at least one input (a batch-first array), got shape {tuple(xs.shape)}")
+    cap = capture(model, (xs[:1],))
+    ranges = calibrate(cap, [x[None] for x in xs])
+    return lower_captured(cap, ranges, name, special)
+
+
+def _clr_rule(emb, quant):
+    def lower_clr(lw: Lowering, ids: Ids, node) -> Act:
+        y = L._clr_embedding(lw.b, emb, ids.tensor, ids.shape[-1], quant)
+        t = lw.b.tensors[y]
+        shape = (1, *t.shape)
+        return Act(y, shape, _contig_strides(shape), 0, t.q.scale[0], t.q.zero_point, node.name)
+    return lower_clr
+
 
 def lower_captured(cap: Captured, ranges: Ranges, name: str = "model", special: dict | None = None) -> Graph:
     """The captured graph with its calibration ranges -> the int8 graph (input `input`, output `output`)."""
