@@ -549,8 +549,7 @@ def _add(lw, n, x, y, alpha=1):
             if x.mask is not None:
                 raise lw.fail(n, "attention with two key masks is not supported")
             return replace(x, mask=y)
-        s = _scalar(y)
-        if s == 0:
+        if _uniform(y) == 0:        # an all-zero bias (e.g. an all-True boolean attn_mask) masks nothing
             return x
         raise lw.fail(n, "attention scores plus a constant (e.g. a causal or relative-position bias) is not "
                          "supported: only key padding masks built from the token ids")
@@ -627,7 +626,9 @@ def _div(lw, n, x, y, **kw):
 def _clamp(lw, n, x, *a, **kw):
     if isinstance(x, Count):
         return x
-    raise lw.fail(n, "clamp is supported only on the token count of a masked mean")
+    if isinstance(x, (Act, Sum, PlusConst)):     # e.g. hardswish's x * clamp(x + 3, 0, 6) / 6: a table
+        return _table(lw, n, x, lambda v: torch.clamp(v, *a, **kw))
+    raise lw.fail(n, "clamp is supported on activations and on the token count of a masked mean")
 
 
 @rule("sum")
