@@ -91,7 +91,7 @@ def _decompose(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram
     return ep.run_decompositions()
 
 
-def _finish(ep: torch.export.ExportedProgram, example: tuple) -> Captured:
+def _finish(ep: torch.export.ExportedProgram, example: tuple, batch_one: bool = True) -> Captured:
     ep = _decompose(ep)
     sig = ep.graph_signature
     state = {**ep.state_dict, **ep.constants}
@@ -105,14 +105,15 @@ def _finish(ep: torch.export.ExportedProgram, example: tuple) -> Captured:
     for x in example:
         if not isinstance(x, torch.Tensor):
             raise TinyshieldError(f"model inputs must be tensors, got {type(x).__name__}")
-        if x.ndim == 0 or x.shape[0] != 1:
+        if batch_one and (x.ndim == 0 or x.shape[0] != 1):
             raise TinyshieldError(f"model inputs must have batch size 1 (a board runs one input at a time), "
                                   f"got shape {tuple(x.shape)}: export with one example, e.g. x[:1]")
     return Captured(ep, tuple(example), consts, user)
 
 
-def capture(model: torch.nn.Module, example_inputs) -> Captured:
-    """torch.export the model on batch-size-1 example inputs (static shapes) and decompose to core ATen."""
+def capture(model: torch.nn.Module, example_inputs, batch_one: bool = True) -> Captured:
+    """torch.export the model on batch-size-1 example inputs (static shapes) and decompose to core ATen.
+    `batch_one=False` accepts any batch size (the .tflite exporter bakes a batch B into its graph)."""
     example = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     model = model.eval()
     try:
@@ -122,10 +123,10 @@ def capture(model: torch.nn.Module, example_inputs) -> Captured:
         raise TinyshieldError(f"torch.export could not capture {type(model).__name__}: {first} -- make the forward "
                               "pass traceable (no data-dependent Python control flow), or export it yourself and "
                               "pass the .pt2") from None
-    return _finish(ep, example)
+    return _finish(ep, example, batch_one)
 
 
-def load(path: str | Path) -> Captured:
+def load(path: str | Path, batch_one: bool = True) -> Captured:
     """A saved ExportedProgram (`torch.export.save`, .pt2); its example inputs come from the file."""
     p = Path(path)
     if not p.is_file():
@@ -142,7 +143,7 @@ def load(path: str | Path) -> Captured:
     if not example:
         raise TinyshieldError(f"{p}: the exported program carries no example inputs; export it with "
                               "torch.export.export(model, (x,)) and save that")
-    return _finish(ep, tuple(example))
+    return _finish(ep, tuple(example), batch_one)
 
 
 # ---------------------------------------------------------------- calibration
