@@ -131,3 +131,11 @@ def text_corpus(name: str) -> str:
     if name not in TEXT_CORPORA:
         raise TinyshieldError(f"unknown corpus {name!r}; choose one of {', '.join(TEXT_CORPORA)}")
     return _file(*TEXT_CORPORA[name]).read_text(encoding="utf-8")
+
+
+def image_batch(images) -> np.ndarray:
+    """uint8 images (N, H, W) -> the float model input (N, 1, H, W) in [0, 1]."""
+    imgs = np.asarray(images)
+    if imgs.ndim != 3 or imgs.dtype != np.uint8 or len(imgs) == 0:
+        raise TinyshieldError(f"images must be uint8 (N, H, W) with N > 0, got {imgs.dtype} {imgs.shape}")
+    return imgs.astype(np.float32)[:, None] / np.float32(255.0)

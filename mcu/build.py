@@ -305,6 +305,27 @@ def calibration_inputs(src: _Source, calib: int, seq_len: int | None, calib_file
     raise TinyshieldError(f"{src.path or src.kind}: no calibration data: pass --calib FILE.npy (batch-first inputs)")
 
 
+def float_outputs(spec: str, graph, xs) -> "np.ndarray":
+    """The float model's outputs (batch of one each) on raw inputs, as the int8 graph's input sees them:
+    the captured program of a .pt2, the recipe's module otherwise."""
+    import numpy as np
+    import torch
+
+    src = _load(spec)
+    fn = src.captured.program.module() if src.captured is not None else src.model.eval()
+    outs = []
+    with torch.no_grad():
+        for x in xs:
+            x = np.asarray(x)
+            if graph.meta.get("input_kind") == "ids":
+                t = torch.as_tensor(x.astype(np.int64)).reshape(1, -1)
+            else:
+                xf = x.astype(np.float32) / np.float32(255.0) if x.dtype == np.uint8 else x.astype(np.float32)
+                t = torch.as_tensor(xf).reshape(graph.meta["input_shape"])
+            outs.append(fn(t).reshape(-1).numpy())
+    return np.stack(outs)
+
+
 def load_array(path: str | Path, key: str):
     """An array from a .npy file, or the `key` array of a .npz file, with errors that name the file."""
     import numpy as np
@@ -326,50 +347,15 @@ def load_array(path: str | Path, key: str):
 
 def _lower(src: _Source, calib: int, seq_len: int | None, calib_file=None):
     """Capture the model once (torch.export), calibrate on the captured graph, lower it to int8."""
-    import torch
-
-    from edge.capture import calibrate, capture
-    from mcu.from_aten import lower_captured
+    from edge.capture import calibrate
+    from mcu.from_aten import lower_captured, lower_module
 
     xs = calibration_inputs(src, calib, seq_len, calib_file)
-    special = {}
-    if src.captured is not None:
-        cap = src.captured
-    else:
-        model = src.model
-        if src.kind == "bert-classifier" and hasattr(model.bert.embeddings.word_embeddings, "layout"):
-            model, special = _clr_for_capture(model, src.clr, xs.shape[1])
-        cap = capture(model, (torch.as_tensor(xs[:1]),))
-    ranges = calibrate(cap, [x[None] for x in xs])
-    return lower_captured(cap, ranges, name=f"{src.kind}-int8", special=special)
-
-
-def _clr_for_capture(model, clr, L: int):
-    """A CLR word table's lookup has data-dependent loops torch.export cannot trace: capture the model
-    with the dense table it reconstructs (the same float function), and lower that lookup as the
-    CLR table (`embedding_clr`) itself."""
-    import copy
-
-    import torch
-
-    from edge import quant as Q
-    from mcu import lower
-    from mcu.from_aten import Act, _contig_strides
-
-    path = "bert.embeddings.word_embeddings"
-    emb = model.bert.embeddings.word_embeddings
-    dense = copy.copy(model)
-    dense.bert = copy.copy(model.bert)
-    dense.bert.embeddings = copy.copy(model.bert.embeddings)
-    with torch.no_grad():
-        dense.bert.embeddings.word_embeddings = torch.nn.Embedding.from_pretrained(emb.table().float())
-
-    def lower_clr(lw, ids, node):
-        y = lower._clr_embedding(lw.b, emb, ids.tensor, ids.shape[-1], clr)
-        t = lw.b.tensors[y]
-        shape = (1, *t.shape)
-        return Act(y, shape, _contig_strides(shape), 0, t.q.scale[0], t.q.zero_point, node.name)
-    return dense, {path: lower_clr}
+    name = f"{src.path.stem if src.kind == 'pt2' else src.kind}-int8"
+    if src.captured is None:
+        clr = {"bert.embeddings.word_embeddings": src.clr} if src.clr is not None else None
+        return lower_module(src.model, xs, name, clr=clr)
+    return lower_captured(src.captured, calibrate(src.captured, [x[None] for x in xs]), name)
 
 
 RUNTIME_FLASH = 8 * 1024       # the runtime and kernels take less flash than this; used for early refusals

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -119,6 +119,7 @@ class Evaluation:
     peak_sram: int                # arena + stack high-water, measured on the device
     static_ram: int               # .data + .bss of the firmware (arena and I/O buffers included)
     seconds: float
+    predictions: list[int] = field(default_factory=list)   # argmax of the device output per input
 
     def rows(self) -> list[tuple[str, str]]:
         ipi = f"{self.mean_instructions:,.0f}" if self.mean_instructions is not None else "n/a (no emulator)"
@@ -139,14 +140,15 @@ def evaluate(dev: Device, built, inputs, labels, progress_bar=None, check_refere
     from concurrent.futures import ThreadPoolExecutor
 
     t0 = time.monotonic()
-    hits, mismatches, instr, stack_max = 0, [], [], 0
+    hits, mismatches, instr, stack_max, preds = 0, [], [], 0, []
     task = progress_bar.add_task(f"eval on {dev.info.board}", total=len(inputs), info="") if progress_bar else None
     pool = ThreadPoolExecutor(1)         # the host reference runs while the device computes
     for i, (x, y) in enumerate(zip(inputs, labels)):
         q = built.quantise_input(x)
         ref = pool.submit(built.reference, q) if check_reference else None
         r = dev.infer(q)
-        hits += int(np.argmax(r.output.reshape(-1)) == int(y))
+        preds.append(int(np.argmax(r.output.reshape(-1))))
+        hits += int(preds[-1] == int(y))
         if ref is not None and not np.array_equal(r.output.reshape(-1), ref.result().reshape(-1)):
             mismatches.append(i)
         if r.instructions is not None:
@@ -160,4 +162,4 @@ def evaluate(dev: Device, built, inputs, labels, progress_bar=None, check_refere
     macs = int(dev.info.macs)
     return Evaluation(dev.info.board, dev.info.name, n, hits / max(n, 1), 1 - len(mismatches) / max(n, 1) if check_reference else float("nan"),
                       mismatches, mean_i, mean_i / macs if mean_i and macs else None, macs, dev.info.arena_bytes,
-                      stack_max, dev.info.arena_bytes + stack_max, dev.info.static_ram, time.monotonic() - t0)
+                      stack_max, dev.info.arena_bytes + stack_max, dev.info.static_ram, time.monotonic() - t0, preds)

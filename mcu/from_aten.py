@@ -203,6 +203,15 @@ class Lowering:
                   n=int(np.prod(shape)))
         return out
 
+    def rows(self, a: Act, M: int) -> Act:
+        """A whole tensor read as M rows: its graph shape becomes (M, rest), so that schedules that work
+        block by block of rows (tiled) see the rows the kernel sees (e.g. an HWC conv output read as tokens)."""
+        t = self.b.tensors[a.tensor]
+        n = int(np.prod(t.shape))
+        if a.tensor != "input" and n % M == 0:      # the graph input keeps the layout the device is given
+            t.shape = (M, n // M)
+        return a
+
     def view(self, a: Act, fn) -> Act | None:
         """Apply a torch view op to `a`'s view; None when the result would not be a view (needs a copy)."""
         t = self.b.tensors[a.tensor]
@@ -303,9 +312,13 @@ class Lowering:
     # -------------------------------------------------- emitters
     def emit_add(self, a: Act, b: Act, node_name: str) -> Act:
         node = self.nodes[node_name]
+        if int(np.prod(a.shape)) < int(np.prod(b.shape)):
+            a, b = b, a                     # the broadcast operand is b (add is symmetric)
         a, b = self.whole(a, node), self.whole(b, node)
-        if a.shape != b.shape and int(np.prod(a.shape)) != int(np.prod(b.shape)):
-            raise self.fail(node, f"adding activations of shapes {a.shape} and {b.shape} (broadcast) is not supported")
+        sa, sb = _squeeze_lead(a.shape), _squeeze_lead(b.shape)
+        if sa != sb and tuple(sa[len(sa) - len(sb):]) != sb:
+            raise self.fail(node, f"adding activations of shapes {a.shape} and {b.shape} is not supported "
+                                  "(only equal shapes, or b repeated over a's leading dimensions)")
         return self.emit_add_tensors(a, b.tensor, b.q, node, b_n=int(np.prod(b.shape)))
 
     def emit_add_tensors(self, a: Act, b_tensor: str, bq: Q.ActQ, node, b_n: int) -> Act:
@@ -657,8 +670,9 @@ def _mean(lw, n, x, dims, keepdim=False, **kw):
 def _mean_pool(lw, n, x: Act, mask: str):
     x = lw.whole(x, n)
     Lx, d = _squeeze_lead(x.shape)[-2:]
+    x = lw.rows(x, Lx)
     q = lw.q_of(n.name)
-    name = lw.opname(n, ".pool") if where(n).module else "pool"
+    name = lw.opname(n, ".pool")
     y = lw.new_act(f"{name}.out", (1, d), q, n.name)
     m, s = Q.quantize_multiplier(x.scale / (q.scale * (1 << K.POOL_BITS)))
     lw.b.op("mean_pool", name, [x.tensor, mask], [y.tensor], L=Lx, d=d, x_zp=x.zp, mult=m, shift=s, y_zp=q.zero_point)
@@ -696,8 +710,7 @@ def _addmm(lw, n, *args, beta=1, alpha=1):
     q = lw.q_of((relu or n).name)
     M = int(np.prod(x.shape[:-1]))
     name = lw.opname(n)
-    y = L.fc(lw.b, name, W, B, x.tensor, q, M, relu=relu is not None, xq=x.q)
-    t = lw.b.tensors[y]
+    y = L.fc(lw.b, name, W, B, lw.rows(x, M).tensor, q, M, relu=relu is not None, xq=x.q)
     return Act(y, (M, W.shape[0]), _contig_strides((M, W.shape[0])), 0, q.scale, q.zero_point, n.name, relu is not None)
 
 
@@ -753,12 +766,14 @@ def _layer_norm(lw, n, x, shape, w, b, eps):
     name = lw.opname(n)
     if isinstance(x, Sum):
         a, r = lw.whole(x.a, n), lw.whole(x.b, n)
+        M = int(np.prod(a.shape[:-1]))
+        lw.rows(a, M), lw.rows(r, M)
         shape_ = a.shape
         y = L.add_layernorm(lw.b, name, gamma, beta, eps, a.tensor, r.tensor, q, int(np.prod(a.shape[:-1])),
                             qa=a.q, qb=r.q)
     elif isinstance(x, PlusConst):
-        a = lw.whole(x.a, n)
-        c = torch.broadcast_to(x.c, a.shape).double().numpy().reshape(_squeeze_lead(a.shape))
+        a = lw.rows(lw.whole(x.a, n), int(np.prod(x.a.shape[:-1])))
+        c = torch.broadcast_to(x.c, a.shape).double().numpy().reshape(int(np.prod(a.shape[:-1])), d)
         ct, cq = L._const_q(c)
         lw.b.const(f"{name}.table", ct, cq)
         shape_ = a.shape
@@ -766,6 +781,7 @@ def _layer_norm(lw, n, x, shape, w, b, eps):
                             qa=a.q, qb=Q.ActQ(cq.scale[0], 0))
     else:
         a = lw.whole(lw.act(x, n), n)
+        lw.rows(a, int(np.prod(a.shape[:-1])))
         shape_ = a.shape
         y = L.add_layernorm(lw.b, name, gamma, beta, eps, a.tensor, None, q, int(np.prod(a.shape[:-1])), qa=a.q)
     return (Act(y, shape_, _contig_strides(shape_), 0, q.scale, q.zero_point, out.name), None, None)

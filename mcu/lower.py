@@ -1,8 +1,6 @@
-"""Post-training quantisation: a float edge model -> an int8 `Graph`, calibrated on real data.
-
-Entry points: `lower_vit(model, calib_images)`, `lower_bert_classifier(model, calib_ids, seq_len)`,
-`lower_bert(model, calib_ids, seq_len)` (any BertModel-shaped encoder: output = last hidden states).
-`calls_for(graph, op, loc)` turns one op into its kernel calls (used by every schedule pass).
+"""The int8 graph's op kinds: how each is built (`Builder`, `fc`, `conv`, `add_layernorm`, the CLR
+table) and how each becomes kernel calls (`calls_for`, used by every schedule pass). Models reach
+this graph through the captured-graph lowering (mcu.from_aten), never by hand.
 
 Op kinds (inputs -> outputs; integer attributes in `Op.attrs`; consts are graph tensors):
 
@@ -19,16 +17,20 @@ Op kinds (inputs -> outputs; integer attributes in `Op.attrs`; consts are graph 
 | `embedding`      | ids (L) i32, table (V,d) i8               | y (L,d) i8     | embedding_s8                    |
 | `embedding_clr`  | ids, slot u16[V], clusters i32[k*9], u i8, v i8, u_mult i32[V], v_mult i32 | y (L,d) i8 | embedding_clr_s8 (CLR table) |
 | `pad_mask`       | ids (L) i32                               | mask (L) i8    | pad_mask                        |
+| `add`            | a i8, b i8 (b[i % b_n]: row broadcast)    | y i8           | add_s8 (TFLite ADD)             |
+| `mul`            | a i8, b i8 (b[i % b_n])                   | y i8           | mul_s8 (TFLite MUL)             |
+| `permute`        | x i8 (at `offset`), dims i32[12]          | y i8 contiguous | permute_s8 (views made real)   |
+| `concat`         | parts i8 (rows x w_p each)                | y (rows, sum w_p) i8 | requant_s8 per part       |
 
 Heads live side by side in the columns of q, k, v and context (head h = columns h*dh .. h*dh+dh-1),
-exactly as in the float model; scores/probs are (h, L, L) row-major. Tensor names follow the model's
-parameter names: `<module>.weight`, `<module>.bias`, `<module>.mult`, `<module>.shift`, and the
-activation `<module>.out`; the attention block adds `<...>.self.scores`, `.probs`, `.context`.
-Graph inputs: `input` (the int8 image (28,28,1) HWC for the ViT, int32 ids (L,) for text models,
-0 = [PAD]); output: `logits` (1, labels) int8, or `hidden` (L, d) int8 for a plain encoder.
+exactly as in the float model; scores/probs are (h, L, L) row-major. Op and tensor names follow the
+user's module paths: `<module>.weight`, `<module>.bias`, `<module>.mult`, `<module>.shift`, and the
+activation `<module>.out`; attention adds `<module>.scores`, `.probs`, `.context`.
+Graph input: `input` (an int8 image HWC, int8 features, or int32 ids (L,) with 0 = [PAD]); output
+`output` (int8, its float scale in `graph.meta["output_q"]`).
 
-Quantisation: activations per tensor, asymmetric, ranges = min/max over the calibration batches
-of the float model; weights symmetric per output channel; biases int32. See edge.quant and
+Quantisation: activations per tensor, asymmetric, ranges = min/max over the calibration inputs
+of the captured graph's nodes; weights symmetric per output channel; biases int32. See edge.quant and
 mcu.kernels for the integer arithmetic.
 """
 from __future__ import annotations
@@ -36,7 +38,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
 
 from edge import quant as Q
 from edge.errors import TinyshieldError
@@ -46,7 +47,6 @@ from mcu.graph import Call, Graph, Op, QParams, Tensor
 BIAS_LIMIT = 1 << 30      # accumulators stay inside int32: |bias| <= 2^30 and K*255*127 < 2^30
 MAX_K = (1 << 30) // (255 * 127)
 
-IMAGE_Q = Q.ActQ(1.0 / 255.0, -128)   # uint8 pixel p -> int8 p - 128, exactly
 
 
 # ---------------------------------------------------------------- building graphs
@@ -165,205 +165,13 @@ def add_layernorm(b: Builder, name: str, gamma: np.ndarray, beta: np.ndarray, ep
     return y
 
 
-def _fc(b, name, lin, x, out_q, M, relu=False, out_name=None):
-    return fc(b, name, lin.weight.detach().double().numpy(),
-              None if lin.bias is None else lin.bias.detach().double().numpy(), x, out_q, M, relu, out_name)
-
-
-def _conv(b, name, cv, x, H, W, out_q, relu):
-    return conv(b, name, cv.weight.detach().double().numpy(), cv.bias.detach().double().numpy(), cv.stride[0],
-                cv.padding[0], x, H, W, out_q, relu)
-
-
-def _add_layernorm(b, name, ln, a, res, out_q, M, out_name=None):
-    return add_layernorm(b, name, ln.weight.detach().double().numpy(), ln.bias.detach().double().numpy(), ln.eps,
-                         a, res, out_q, M, out_name=out_name)
-
-
-# ---------------------------------------------------------------- float forward with observers
-
-class Observers(dict):
-    def see(self, name, t, mask=None):
-        v = t.detach().double()
-        if mask is not None:
-            v = v[mask]
-        self.setdefault(name, Q.RangeObserver()).update(v.numpy())
-        return t
-
-    def q(self, name) -> Q.ActQ:
-        return self[name].qparams()
-
-
-def _encoder_float(enc, x, key_mask, obs: Observers, prefix="encoder"):
-    """The BERT blocks in float, recording every tensor the int8 graph materialises."""
-    B, L, D = x.shape
-    for i, layer in enumerate(enc.layer):
-        p = f"{prefix}.layer.{i}"
-        sa = layer.attention.self
-        h, dh = sa.h, sa.dh
-        q = obs.see(f"{p}.attention.self.query.out", sa.query(x))
-        k = obs.see(f"{p}.attention.self.key.out", sa.key(x))
-        v = obs.see(f"{p}.attention.self.value.out", sa.value(x))
-        split = lambda t: t.view(B, L, h, dh).transpose(1, 2)
-        scores = split(q) @ split(k).transpose(-1, -2) / math.sqrt(dh)
-        m4 = key_mask[:, None, None, :].expand(B, h, L, L)
-        obs.see(f"{p}.attention.self.scores", scores, m4)
-        probs = scores.masked_fill(~m4, float("-inf")).softmax(-1)
-        ctx = obs.see(f"{p}.attention.self.context", (probs @ split(v)).transpose(1, 2).reshape(B, L, D))
-        a = obs.see(f"{p}.attention.output.dense.out", layer.attention.output.dense(ctx))
-        x = obs.see(f"{p}.attention.output.LayerNorm.out", layer.attention.output.LayerNorm(a + x))
-        hmid = obs.see(f"{p}.intermediate.dense.out", layer.intermediate.dense(x))
-        g = obs.see(f"{p}.intermediate.act.out", layer.intermediate.act(hmid))
-        o = obs.see(f"{p}.output.dense.out", layer.output.dense(g))
-        x = obs.see(f"{p}.output.LayerNorm.out", layer.output.LayerNorm(o + x))
-    return x
-
-
-def _encoder_int8(b: Builder, enc, cfg, x: str, mask: str, L: int, obs: Observers, prefix="encoder") -> str:
-    d, h = cfg.hidden_size, cfg.num_attention_heads
-    dh = d // h
-    if getattr(cfg, "hidden_act", "gelu") not in ("gelu", "gelu_tanh", "relu"):
-        raise TinyshieldError(f"hidden_act {cfg.hidden_act!r} has no int8 kernel (gelu, gelu_tanh, relu)")
-    for i, layer in enumerate(enc.layer):
-        p = f"{prefix}.layer.{i}"
-        sa, s = layer.attention.self, f"{prefix}.layer.{i}.attention.self"
-        q = _fc(b, f"{s}.query", sa.query, x, obs.q(f"{s}.query.out"), L)
-        k = _fc(b, f"{s}.key", sa.key, x, obs.q(f"{s}.key.out"), L)
-        v = _fc(b, f"{s}.value", sa.value, x, obs.q(f"{s}.value.out"), L)
-        qq, qk, qv = (_aq(b.tensors[t]) for t in (q, k, v))
-        qs = obs.q(f"{s}.scores")
-        sc = b.act(f"{s}.scores", (h, L, L), qs)
-        m, sh = Q.quantize_multiplier(qq.scale * qk.scale / math.sqrt(dh) / qs.scale)
-        b.op("matmul_qk", f"{s}.scores", [q, k], [sc], heads=h, L=L, dh=dh, q_zp=qq.zero_point,
-             k_zp=qk.zero_point, mult=m, shift=sh, s_zp=qs.zero_point)
-        lut = b.const(f"{s}.exp_lut", K.exp_lut(qs.scale))
-        pr = b.act(f"{s}.probs", (h, L, L), Q.ActQ(1.0 / K.EXP_ONE, 0), dtype="int16")
-        b.op("softmax", f"{s}.softmax", [sc, mask, lut], [pr], heads=h, L=L)
-        qc = obs.q(f"{s}.context")
-        ctx = b.act(f"{s}.context", (L, d), qc)
-        m, sh = Q.quantize_multiplier(qv.scale / K.EXP_ONE / qc.scale)
-        b.op("matmul_pv", f"{s}.context", [pr, v], [ctx], heads=h, L=L, dh=dh, v_zp=qv.zero_point,
-             mult=m, shift=sh, y_zp=qc.zero_point)
-        a = _fc(b, f"{p}.attention.output.dense", layer.attention.output.dense, ctx,
-                obs.q(f"{p}.attention.output.dense.out"), L)
-        x = _add_layernorm(b, f"{p}.attention.output.LayerNorm", layer.attention.output.LayerNorm, a, x,
-                           obs.q(f"{p}.attention.output.LayerNorm.out"), L)
-        act = getattr(cfg, "hidden_act", "gelu")
-        hm = _fc(b, f"{p}.intermediate.dense", layer.intermediate.dense, x,
-                 obs.q(f"{p}.intermediate.dense.out"), L, relu=(act == "relu"))
-        qh, qg = _aq(b.tensors[hm]), obs.q(f"{p}.intermediate.act.out")
-        if act == "relu":
-            g = hm
-        else:
-            table = _act_table(act, qh, qg)
-            t = b.const(f"{p}.intermediate.act.table", table)
-            g = b.act(f"{p}.intermediate.act.out", (L, cfg.intermediate_size), qg)
-            b.op("lut", f"{p}.intermediate.act", [hm, t], [g], n=L * cfg.intermediate_size)
-        o = _fc(b, f"{p}.output.dense", layer.output.dense, g, obs.q(f"{p}.output.dense.out"), L)
-        x = _add_layernorm(b, f"{p}.output.LayerNorm", layer.output.LayerNorm, o, x,
-                           obs.q(f"{p}.output.LayerNorm.out"), L)
-    return x
-
-
-def _act_table(act: str, qx: Q.ActQ, qy: Q.ActQ) -> np.ndarray:
-    if act == "gelu":
-        return K.gelu_table(qx.scale, qx.zero_point, qy.scale, qy.zero_point)
-    xr = (np.arange(-128, 128) - qx.zero_point) * qx.scale
-    g = 0.5 * xr * (1 + np.tanh(math.sqrt(2 / math.pi) * (xr + 0.044715 * xr ** 3)))
-    return Q.quantize(g, qy.scale, qy.zero_point)
-
-
 def _const_q(data: np.ndarray) -> tuple[np.ndarray, QParams]:
     """A constant activation-like table (embeddings, positions): int8, symmetric, per tensor."""
     aq = Q.choose_activation_qparams(float(data.min()), float(data.max()), symmetric=True)
     return Q.quantize(data, aq.scale, 0), QParams((aq.scale,), 0)
 
 
-# ---------------------------------------------------------------- ViT
-
-@torch.no_grad()
-def lower_vit(model, calib_images: np.ndarray, batch: int = 250) -> Graph:
-    """The conv-stem ViT -> int8 graph. `calib_images`: uint8 (N, 28, 28) training images."""
-    c = model.config
-    if c.stem != "conv":
-        raise TinyshieldError(f"ViT stem {c.stem!r} is not supported by the int8 lowering (use stem='conv')")
-    imgs = np.asarray(calib_images)
-    if imgs.ndim != 3 or imgs.dtype != np.uint8 or len(imgs) == 0:
-        raise TinyshieldError(f"calibration images must be uint8 (N, H, W) with N > 0, got {imgs.dtype} {imgs.shape}")
-    model = model.eval()
-    obs = Observers()
-    for i in range(0, len(imgs), batch):
-        x = torch.from_numpy(imgs[i:i + batch]).double().div(255.0).unsqueeze(1)
-        m = model.double()
-        h1 = obs.see("stem.conv1.out", torch.relu(m.stem.conv1(x)))
-        t = obs.see("stem.conv2.out", m.stem.conv2(h1)).flatten(2).transpose(1, 2)
-        t = obs.see("LayerNorm.out", m.LayerNorm(t + m.pos_embedding))
-        key_mask = torch.ones(t.shape[:2], dtype=torch.bool)
-        hid = _encoder_float(m.encoder, t, key_mask, obs)
-        pooled = obs.see("pool.out", hid.mean(1))
-        obs.see("classifier.out", m.classifier(pooled))
-    model.float()
-
-    b = Builder("vit-int8")
-    S, C = c.image_size, c.in_chans
-    x = b.act("input", (S, S, C), IMAGE_Q)
-    h1 = _conv(b, "stem.conv1", model.stem.conv1, x, S, S, obs.q("stem.conv1.out"), relu=True)
-    g1 = b.tensors[h1].shape[0]
-    h2 = _conv(b, "stem.conv2", model.stem.conv2, h1, g1, g1, obs.q("stem.conv2.out"), relu=False)
-    N, D = c.num_tokens, c.hidden_size
-    b.tensors[h2].shape = (N, D)     # HWC of the 7x7 grid == tokens (row-major) x channels
-    pos, pq = _const_q(model.pos_embedding.detach().double().numpy()[0])
-    b.const("pos_embedding", pos, pq)
-    x = _add_layernorm(b, "LayerNorm", model.LayerNorm, h2, "pos_embedding", obs.q("LayerNorm.out"), N)
-    mask = b.const("token_mask", np.ones(N, dtype=np.int8))
-    x = _encoder_int8(b, model.encoder, c.encoder_config(), x, mask, N, obs)
-    pooled = _mean_pool(b, "pool", x, mask, N, D, obs.q("pool.out"))
-    _fc(b, "classifier", model.classifier, pooled, obs.q("classifier.out"), 1, out_name="logits")
-    return b.graph(["input"], ["logits"], {"kind": "vit", "input_q": (IMAGE_Q.scale, IMAGE_Q.zero_point),
-                                           "labels": c.num_labels, "calib": int(len(imgs))})
-
-
-def _mean_pool(b: Builder, name, x, mask, L, D, out_q: Q.ActQ) -> str:
-    qx = _aq(b.tensors[x])
-    m, s = Q.quantize_multiplier(qx.scale / (out_q.scale * (1 << K.POOL_BITS)))
-    y = b.act(f"{name}.out", (1, D), out_q)
-    b.op("mean_pool", name, [x, mask], [y], L=L, d=D, x_zp=qx.zero_point, mult=m, shift=s, y_zp=out_q.zero_point)
-    return y
-
-
-# ---------------------------------------------------------------- BERT
-
-def _check_ids(calib_ids, seq_len: int, bert=None) -> np.ndarray:
-    if bert is not None and seq_len > bert.config.max_position_embeddings:
-        raise TinyshieldError(f"seq_len {seq_len} exceeds the model's max_position_embeddings "
-                              f"{bert.config.max_position_embeddings}: use a shorter --seq-len")
-    if seq_len < 1:
-        raise TinyshieldError(f"seq_len must be >= 1, got {seq_len}")
-    ids = getattr(calib_ids, "input_ids", calib_ids)    # a tokenizer Batch, a tensor or an array
-    ids = np.asarray(ids.numpy() if isinstance(ids, torch.Tensor) else ids)
-    if ids.ndim != 2 or ids.shape[0] == 0 or not np.issubdtype(ids.dtype, np.integer):
-        raise TinyshieldError(f"calibration ids must be an integer array (N, L) with N > 0, got {ids.dtype} {ids.shape}")
-    if ids.shape[1] > seq_len:
-        ids = ids[:, :seq_len]
-    if ids.shape[1] < seq_len:
-        ids = np.pad(ids, ((0, 0), (0, seq_len - ids.shape[1])))
-    return ids.astype(np.int64)
-
-
-@torch.no_grad()
-def _bert_calibrate(bert, ids: np.ndarray, obs: Observers, batch: int):
-    outs = []
-    bert = bert.double()
-    for i in range(0, len(ids), batch):
-        t = torch.from_numpy(ids[i:i + batch])
-        mask = t != 0
-        e = bert.embeddings
-        x = obs.see("embeddings.LayerNorm.out",
-                    e.LayerNorm(e.word_embeddings(t) + e.position_embeddings.weight[:t.shape[1]][None]
-                                + e.token_type_embeddings.weight[0]), mask)
-        outs.append((_encoder_float(bert.encoder, x, mask, obs), mask))
-    return outs
-
+# ---------------------------------------------------------------- CLR word table (its own lookup kernel)
 
 def _shared_shift_multipliers(reals: np.ndarray) -> tuple[np.ndarray, int]:
     """Multipliers m_i with one shift: reals_i ~= m_i 2^(shift - 31), m_i < 2^31 (a row of scales)."""
@@ -427,67 +235,6 @@ def _clr_embedding(b: Builder, emb, ids: str, L: int, clr=None) -> str:
     b.op("embedding_clr", name, [ids] + [f"{name}.{k}" for k in ("slot", "clusters", "u", "v", "u_mult", "v_mult")],
          [words], L=L, d=d, vocab=V, nclusters=len(rows))
     return words
-
-
-def _bert_int8(b: Builder, bert, L: int, obs: Observers, clr=None) -> tuple[str, str]:
-    c = bert.config
-    if L > c.max_position_embeddings:
-        raise TinyshieldError(f"seq_len {L} exceeds the model's max_position_embeddings {c.max_position_embeddings}")
-    ids = b.act("input", (L,), None, dtype="int32")
-    mask = b.act("mask", (L,), None)
-    b.op("pad_mask", "embeddings.mask", [ids], [mask], L=L)
-    e = bert.embeddings
-    if hasattr(e.word_embeddings, "layout"):          # a CLR table (edge.compress.clr.CLREmbedding)
-        words = _clr_embedding(b, e.word_embeddings, ids, L, clr)
-    else:
-        wt, wq = _const_q(e.word_embeddings.weight.detach().double().numpy())
-        b.const("embeddings.word_embeddings.weight", wt, wq)
-        words = b.act("embeddings.word_embeddings.out", (L, c.hidden_size), Q.ActQ(wq.scale[0], 0))
-        b.op("embedding", "embeddings.word_embeddings", [ids, "embeddings.word_embeddings.weight"], [words],
-             L=L, d=c.hidden_size, vocab=c.vocab_size)
-    pos = (e.position_embeddings.weight[:L] + e.token_type_embeddings.weight[0]).detach().double().numpy()
-    pt, pq = _const_q(pos)
-    b.const("embeddings.position_embeddings.weight", pt, pq)
-    x = _add_layernorm(b, "embeddings.LayerNorm", e.LayerNorm, words, "embeddings.position_embeddings.weight",
-                       obs.q("embeddings.LayerNorm.out"), L)
-    return _encoder_int8(b, bert.encoder, c, x, mask, L, obs), mask
-
-
-def lower_bert(model, calib_ids, seq_len: int, batch: int = 64, clr=None) -> Graph:
-    """Any BertModel-shaped encoder -> int8 graph whose output `hidden` is the last hidden states (L, d).
-    A CLR word table (edge.compress) is lowered to `embedding_clr`; `clr` may give its int8 form
-    (QuantCLR), else it is quantised here."""
-    ids = _check_ids(calib_ids, seq_len, model)
-    obs = Observers()
-    _bert_calibrate(model.eval(), ids, obs, batch)
-    model.float()
-    b = Builder("bert-int8")
-    x, _ = _bert_int8(b, model, seq_len, obs, clr)
-    b.tensors["hidden"] = b.tensors.pop(x)
-    b.tensors["hidden"].name = "hidden"
-    for op in b.ops:
-        op.outputs = ["hidden" if o == x else o for o in op.outputs]
-    return b.graph(["input"], ["hidden"], {"kind": "bert", "seq_len": seq_len, "calib": int(len(ids))})
-
-
-def lower_bert_classifier(model, calib_ids, seq_len: int, batch: int = 64, clr=None) -> Graph:
-    """BertClassifier (encoder + mean pooling + linear head) -> int8 graph with output `logits`.
-    A CLR word table is handled as in `lower_bert`."""
-    ids = _check_ids(calib_ids, seq_len, model.bert)
-    obs = Observers()
-    model = model.eval()
-    with torch.no_grad():
-        for hid, mask in _bert_calibrate(model.bert, ids, obs, batch):
-            m = mask[..., None].double()
-            pooled = obs.see("pool.out", (hid * m).sum(1) / m.sum(1).clamp(min=1))
-            obs.see("classifier.out", model.classifier.double()(pooled))
-    model.float()
-    b = Builder("bert-classifier-int8")
-    x, mask = _bert_int8(b, model.bert, seq_len, obs, clr)
-    pooled = _mean_pool(b, "pool", x, mask, seq_len, model.config.hidden_size, obs.q("pool.out"))
-    _fc(b, "classifier", model.classifier, pooled, obs.q("classifier.out"), 1, out_name="logits")
-    return b.graph(["input"], ["logits"], {"kind": "bert-classifier", "seq_len": seq_len,
-                                           "labels": model.num_labels, "calib": int(len(ids))})
 
 
 # ---------------------------------------------------------------- op -> kernel calls

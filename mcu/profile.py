@@ -233,7 +233,7 @@ def plot_timelines(profiles: list[Profile], path, budget: int | None = None, tit
 
 # ---------------------------------------------------------------- graphs to plan
 
-def planning_graph(spec: str, seq_len: int, calib: int = 4, seed: int = 0):
+def planning_graph(spec: str, seq_len: int, calib: int = 4, seed: int = 0, calib_file=None):
     """The int8 graph of MODEL for memory planning: `bert-tiny` (BERT-tiny, 2x128, 2 heads, FFN 512,
     random weights — memory does not depend on them), `vit-mnist` (the trained recipe when cached,
     else the same architecture with random weights), `minilm`, or a model directory. Calibration
@@ -241,8 +241,15 @@ def planning_graph(spec: str, seq_len: int, calib: int = 4, seed: int = 0):
     import numpy as np
     import torch
 
-    from mcu import lower
+    from mcu.from_aten import lower_module
 
+    if str(spec).endswith(".pt2"):
+        from edge.capture import calibrate, load
+        from mcu.build import load_array
+        from mcu.from_aten import lower_captured
+        cap = load(spec)
+        xs = load_array(calib_file, "x") if calib_file else cap.example[0].numpy()
+        return lower_captured(cap, calibrate(cap, [x[None] for x in xs]), Path(spec).stem + "-int8")
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     kind, model = None, None
@@ -263,15 +270,14 @@ def planning_graph(spec: str, seq_len: int, calib: int = 4, seed: int = 0):
         kind, model = loaded.kind, loaded.model
     model = model.eval()
     if kind == "vit":
+        from edge.data import image_batch
         imgs = rng.integers(0, 256, (calib, model.config.image_size, model.config.image_size)).astype(np.uint8)
-        return lower.lower_vit(model, imgs)
+        return lower_module(model, image_batch(imgs), f"{spec}-int8")
     if kind in ("bert-classifier", "bert", "minilm"):
         bert = model.bert if kind == "bert-classifier" else model
         ids = rng.integers(1, bert.config.vocab_size, (calib, seq_len))
         if seq_len > bert.config.max_position_embeddings:
             raise TinyshieldError(f"--seq-len {seq_len} exceeds {spec}'s {bert.config.max_position_embeddings} "
                                   "positions: use a shorter --seq-len")
-        if kind == "bert-classifier":
-            return lower.lower_bert_classifier(model, ids, seq_len)
-        return lower.lower_bert(model, ids, seq_len)
+        return lower_module(model, ids, f"{spec}-int8")
     raise TinyshieldError(f"cannot plan a {kind!r} model: bert-tiny, vit-mnist, minilm or a model directory")

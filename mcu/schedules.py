@@ -3,7 +3,7 @@
 - `layerwise(graph)`: every op produces its whole output tensor into a buffer of its own, in graph
   order — what TFLite Micro does. The baseline.
 - `tiled(graph, budget=..., tiles=...)`: the same integers, computed block of rows by block of rows.
-  1. Ops that work row by row (fully connected, residual add + LayerNorm, GELU table, embedding
+  1. Ops that work row by row (fully connected, residual add (+ LayerNorm), pointwise tables, embedding
      lookup, and attention seen from its queries) are fused into *segments* run one block of
      `rows` tokens at a time, so their intermediates exist only for one block: the q projection,
      the per-head context, the FFN's L x 4d hidden layer, the embedding rows.
@@ -92,6 +92,15 @@ def _units(graph: Graph) -> list[Unit]:
             rows, row_in = T[op.inputs[0]].shape[0], [op.inputs[0]]
         elif op.kind == "embedding" and a["L"] > 1:
             rows, row_in = a["L"], [op.inputs[0]]
+        elif (op.kind == "add" and len(T[op.outputs[0]].shape) == 2 and T[op.outputs[0]].shape[0] > 1
+              and (a["b_n"] == a["n"] or T[op.outputs[0]].shape[1] % a["b_n"] == 0)):
+            # a residual add (pre-LN blocks): row by row; a broadcast b (one row repeated) is read whole
+            rows = T[op.outputs[0]].shape[0]
+            row_in = list(op.inputs) if a["b_n"] == a["n"] else [op.inputs[0]]
+            whole_in = [] if a["b_n"] == a["n"] else [op.inputs[1]]
+            out.append(Unit([op], op.kind, rows, row_in, whole_in, list(op.inputs), list(op.outputs), op.name))
+            i += 1
+            continue
         out.append(Unit([op], op.kind, rows, row_in, [], list(op.inputs), list(op.outputs), op.name))
         i += 1
     return out
@@ -190,7 +199,7 @@ class _Emitter:
         return Schedule(name, g, buffers, calls, params)
 
 
-ELEMENTWISE = ("add_layernorm", "lut")   # kernels that may write the row they read
+ELEMENTWISE = ("add_layernorm", "lut", "add")   # kernels that may write the row they read
 
 
 def _alias_plan(graph: Graph, seg: list[Unit], later_inputs: set[str]) -> tuple[dict[str, str], dict[str, str]]:
@@ -243,6 +252,13 @@ def _rows_calls(e: _Emitter, u: Unit, r0: int, n: int, loc, scratch, kt: int) ->
     if u.kind == "lut":
         cols = e.g.tensors[i[0]].shape[1]
         return [Call("lut_s8", (loc(i[0]), Const(i[1]), loc(o[0]), n * cols), op.name, 0)]
+    if u.kind == "add":
+        cols = e.g.tensors[o[0]].shape[1]
+        b_n = n * cols if a["b_n"] == a["n"] else a["b_n"]
+        b = loc(i[1]) if a["b_n"] == a["n"] else whole(e, i[1])
+        return [Call("add_s8", (loc(i[0]), b, loc(o[0]), n * cols, b_n, a["a_zp"], a["b_zp"], a["a_mult"],
+                                a["a_shift"], a["b_mult"], a["b_shift"], a["y_mult"], a["y_shift"], a["y_zp"], -128, 127),
+                     op.name, 0)]
     if u.kind == "embedding":
         return [Call("embedding_s8", (loc(i[0]), Const(i[1]), loc(o[0]), n, a["d"], a["vocab"]), op.name, 0)]
     if u.kind == "attention":

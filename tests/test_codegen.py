@@ -14,7 +14,8 @@ from mcu.execute import run
 from mcu.schedules import layerwise
 from mcu.graph import Call, Const, Ref, Schedule, Tensor
 from mcu.hostlib import KERNEL_DIR, HostModel, kernel_sources
-from mcu.lower import lower_bert_classifier, lower_vit
+from edge.data import image_batch
+from mcu.from_aten import lower_module
 from mcu.planner import check, plan
 
 WARN = ["-std=c99", "-O2", "-Wall", "-Wextra", "-Werror"]
@@ -36,7 +37,7 @@ def bert_tiny_graph(L=32, vocab=500, clr=False):
     ids = rng.integers(1, vocab, size=(24, L)).astype(np.int32)
     for r in ids:
         r[rng.integers(4, L):] = 0
-    return lower_bert_classifier(m, ids[:16], L, clr=quant), ids[16:]
+    return lower_module(m, ids[:16], clr={"bert.embeddings.word_embeddings": quant} if quant else None), ids[16:]
 
 
 def vit_graph():
@@ -45,7 +46,7 @@ def vit_graph():
     rng = np.random.default_rng(0)
     imgs = (rng.random((24, 28, 28)) ** 3 * 255).astype(np.uint8)
     inputs = [(im.astype(np.int16) - 128).astype(np.int8).reshape(28, 28, 1) for im in imgs[16:]]
-    return lower_vit(m, imgs[:16]), inputs
+    return lower_module(m, image_batch(imgs[:16])), inputs
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +92,7 @@ def test_model_info_describes_io(vit, bert):
     assert i.name == b"bert-classifier-int8" and i.input_dtype == 3 and i.output_dtype == 0
     assert list(i.input_shape) == [32, 0, 0, 0] and list(i.output_shape) == [1, 2, 0, 0]
     assert i.input_bytes == 128 and i.output_bytes == 2
-    t = s.graph.tensors["logits"].q
+    t = s.graph.tensors["output"].q
     assert i.output_zero_point == t.zero_point and abs(i.output_scale - t.scale[0]) < 1e-6 * t.scale[0]
     vi = HostModel(vit[2].dir).info
     assert vi.input_dtype == 0 and vi.input_zero_point == -128 and list(vi.input_shape) == [28, 28, 1, 0]

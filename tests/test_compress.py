@@ -245,7 +245,7 @@ def test_position_table_cut_to_max_len(tmp_path, weights):
 
     from edge.compress.model import set_word_embeddings, size_parts, truncate_positions
     from edge.models.registry import resolve
-    from mcu.lower import lower_bert_classifier
+    from mcu.from_aten import lower_module
 
     model = small_classifier()
     budget = other_params(model) + 3000
@@ -279,12 +279,13 @@ def test_position_table_cut_to_max_len(tmp_path, weights):
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(ids), cut.model(ids), atol=0, rtol=0)
     q = load_compressed(d)
-    g = lower_bert_classifier(q.model, ids.numpy(), 16, clr=q.quant)
-    assert g.tensors["embeddings.position_embeddings.weight"].shape[0] == 16
+    clr = {"bert.embeddings.word_embeddings": q.quant}
+    g = lower_module(q.model, ids.numpy(), clr=clr)
+    assert g.tensors["bert.embeddings.LayerNorm.table"].shape[0] == 16     # position + token type rows
     # the flash the compressor budgets is exactly what the board stores
     assert size_parts(q.model)["total"]["int8_bytes"] == g.const_bytes()
-    with pytest.raises(TinyshieldError, match="exceeds the model's max_position_embeddings 16"):
-        lower_bert_classifier(q.model, ids.numpy(), 32, clr=q.quant)
+    with pytest.raises(TinyshieldError, match="longer than this model's 16 positions"):
+        lower_module(q.model, np.ones((3, 32), np.int64), clr=clr)
 
 
 def test_recipe_max_len_default():

@@ -74,18 +74,18 @@ def test_uncompressed_bert_tiny_is_refused_naming_the_overflow(env, tmp_path):
     from edge.errors import TinyshieldError
     from edge.models.bert import BertClassifier, BertConfig
     from mcu.build import deploy_graph
-    from mcu.lower import lower_bert_classifier
+    from mcu.from_aten import lower_module
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     bert = BertClassifier(BertConfig(), 2).eval()
     ids = rng.integers(1, 30522, (4, 32))
-    g = lower_bert_classifier(bert, ids, 32)
+    g = lower_module(bert, ids)
     with pytest.raises(TinyshieldError, match=r"does not fit board stm32f405: FLASH overflowed by at least [\d,]+ bytes"):
         deploy_graph(g, "stm32f405", tmp_path / "flash")
 
     small = BertClassifier(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, intermediate_size=64), 2)
-    g = lower_bert_classifier(small.eval(), rng.integers(1, 100, (4, 512)), 512)
+    g = lower_module(small.eval(), rng.integers(1, 100, (4, 512)))
     with pytest.raises(TinyshieldError, match=r"stm32f405: RAM overflowed by at least [\d,]+ bytes .* tiled schedule"):
         deploy_graph(g, "stm32f405", tmp_path / "ram")
 

@@ -1,4 +1,5 @@
-"""PTQ lowering: int8 graphs of the ViT and BERT track their float models; bad calibration input is refused."""
+"""PTQ lowering of captured models: int8 graphs of the ViT and BERT track their float models; bad calibration
+input is refused."""
 import numpy as np
 import pytest
 import torch
@@ -8,7 +9,9 @@ from edge.models.bert import BertClassifier, BertConfig
 from edge.models.vit import ViT, ViTConfig
 from mcu.execute import reference, run
 from mcu.schedules import layerwise
-from mcu.lower import OP_KINDS, lower_bert, lower_bert_classifier, lower_vit
+from edge.data import image_batch
+from mcu.from_aten import lower_module
+from mcu.lower import OP_KINDS
 
 TINY_BERT = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                        intermediate_size=64, max_position_embeddings=32)
@@ -31,13 +34,13 @@ def test_bert_classifier_int8_tracks_float():
     torch.manual_seed(0)
     m = BertClassifier(TINY_BERT).eval()
     ids = random_ids(64, 16)
-    g = lower_bert_classifier(m, ids, 16)
+    g = lower_module(m, ids)
     assert {op.kind for op in g.ops} <= set(OP_KINDS)
     with torch.no_grad():
         t = torch.from_numpy(ids[:6]).long()
         f = m(t, (t != 0).long()).numpy()
-    q = np.stack([reference(g, {"input": ids[i]})["logits"][0] for i in range(6)])
-    err = np.abs(dequant(g, "logits", q) - f).max()
+    q = np.stack([reference(g, {"input": ids[i]})["output"][0] for i in range(6)])
+    err = np.abs(dequant(g, "output", q) - f).max()
     assert err < 0.05 * max(1.0, np.abs(f).max())
 
 
@@ -45,17 +48,17 @@ def test_bert_encoder_hidden_states_and_padding_invariance():
     torch.manual_seed(1)
     m = BertClassifier(TINY_BERT).eval().bert
     ids = random_ids(32, 16, seed=1)
-    g = lower_bert(m, ids, 16)
+    g = lower_module(m, ids)
     x = ids[0].copy()
     n = int((x != 0).sum())
-    h = reference(g, {"input": x})["hidden"]
+    h = reference(g, {"input": x})["output"]
     with torch.no_grad():
         hf = m(torch.from_numpy(x[None]).long(), torch.from_numpy(x[None] != 0).long())[0].numpy()
-    assert np.abs(dequant(g, "hidden", h)[:n] - hf[:n]).max() < 0.25
+    assert np.abs(dequant(g, "output", h)[:n] - hf[:n]).max() < 0.25
     # padded keys are masked out: changing nothing but what sits after the padding cannot change real rows
     y = x.copy()
     y[n:] = 0
-    assert np.array_equal(reference(g, {"input": y})["hidden"][:n], h[:n])
+    assert np.array_equal(reference(g, {"input": y})["output"][:n], h[:n])
 
 
 def test_vit_int8_agrees_with_float_on_random_digits():
@@ -64,23 +67,22 @@ def test_vit_int8_agrees_with_float_on_random_digits():
     m = ViT(cfg).eval()
     rng = np.random.default_rng(0)
     imgs = (rng.random((40, 28, 28)) ** 4 * 255).astype(np.uint8)
-    g = lower_vit(m, imgs[:32])
+    g = lower_module(m, image_batch(imgs[:32]))
     with torch.no_grad():
         f = m(torch.from_numpy(imgs[32:]).float().div(255).unsqueeze(1)).numpy()
     s = layerwise(g)
-    q = np.stack([run(s, {"input": (im.astype(np.int16) - 128).astype(np.int8)})["logits"][0] for im in imgs[32:]])
-    assert np.abs(dequant(g, "logits", q) - f).max() < 0.05 * max(1.0, np.abs(f).max())
+    q = np.stack([run(s, {"input": (im.astype(np.int16) - 128).astype(np.int8)})["output"][0] for im in imgs[32:]])
+    assert np.abs(dequant(g, "output", q) - f).max() < 0.05 * max(1.0, np.abs(f).max())
 
 
 def test_bad_calibration_input_is_refused():
     m = BertClassifier(TINY_BERT).eval()
-    with pytest.raises(TinyshieldError, match="calibration ids"):
-        lower_bert_classifier(m, np.zeros((0, 8), dtype=np.int32), 8)
-    with pytest.raises(TinyshieldError, match="max_position_embeddings"):
-        lower_bert_classifier(m, random_ids(4, 8), 64)
-    with pytest.raises(TinyshieldError, match="calibration images"):
-        lower_vit(ViT(ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)),
-                  np.zeros((4, 28, 28), dtype=np.float32))
+    with pytest.raises(TinyshieldError, match="at least one"):
+        lower_module(m, np.zeros((0, 8), dtype=np.int32))
+    with pytest.raises(TinyshieldError, match="longer than this model's 32 positions"):
+        lower_module(m, random_ids(4, 64))
+    with pytest.raises(TinyshieldError, match="images must be uint8"):
+        image_batch(np.zeros((4, 28, 28), dtype=np.float32))
 
 
 def test_clr_embedding_lowers_to_the_int8_table():
@@ -96,7 +98,7 @@ def test_clr_embedding_lowers_to_the_int8_table():
     quant = QuantCLR.from_float(factorize(table, lay))
     m.bert.embeddings.word_embeddings = quant.to_float()
     ids = random_ids(32, 16, seed=3)
-    g = lower_bert_classifier(m, ids, 16, clr=quant)
+    g = lower_module(m, ids, clr={"bert.embeddings.word_embeddings": quant})
     assert [op.kind for op in g.ops][:2] == ["pad_mask", "embedding_clr"]
     s = layerwise(g)
     hk = HostKernels("dsp")
@@ -104,7 +106,7 @@ def test_clr_embedding_lowers_to_the_int8_table():
     want = quant.table().numpy()
     for x in ids[:4]:
         a = run(s, {"input": x})
-        assert np.array_equal(a["logits"], run(s, {"input": x}, kernels=hk)["logits"])
+        assert np.array_equal(a["output"], run(s, {"input": x}, kernels=hk)["output"])
     # the lookup itself reproduces QuantCLR's dequantised rows to within one output step
     from mcu.kernels import embedding_clr_s8
     c = {n: g.tensors[f"embeddings.word_embeddings.{n}"].data for n in ("slot", "clusters", "u", "v", "u_mult", "v_mult")}
@@ -124,8 +126,8 @@ def test_calibration_accepts_a_tokenizer_batch():
                      intermediate_size=32, max_position_embeddings=32)
     m = BertClassifier(cfg).eval()
     batch = tokenize(load_tokenizer(), ["a fine film", "dull and far too long", "yes"], pad_to=16)
-    g = lower_bert_classifier(m, batch, 16)
+    g = lower_module(m, batch.input_ids)
     x = batch.input_ids[1].numpy().astype(np.int32)
     with torch.no_grad():
         f = m(batch.input_ids[1:2], batch.attention_mask[1:2]).numpy()
-    assert np.abs(dequant(g, "logits", reference(g, {"input": x})["logits"]) - f).max() < 0.1
+    assert np.abs(dequant(g, "output", reference(g, {"input": x})["output"]) - f).max() < 0.1

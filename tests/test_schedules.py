@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from edge.errors import TinyshieldError
 from edge.models.bert import BertConfig, BertModel
 from mcu import execute
-from mcu.lower import lower_bert
+from mcu.from_aten import lower_module
 from mcu.planner import check, lower_bound, plan
 from mcu.profile import check_budget, profile
 from mcu.schedules import SLACK, Tiles, layerwise, search_tiles, tiled, tiled_with
@@ -23,9 +23,9 @@ def bert():
     rng = np.random.default_rng(0)
     ids = rng.integers(1, 300, (6, L))
     ids[:, L - 5:] = 0                       # padding: the masked keys must stay masked when tiled
-    g = lower_bert(BertModel(cfg), ids, L)
+    g = lower_module(BertModel(cfg), ids)
     x = ids[0].astype(np.int32)
-    return g, x, execute.run(layerwise(g), {"input": x})["hidden"]
+    return g, x, execute.run(layerwise(g), {"input": x})["output"]
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -37,7 +37,7 @@ def test_tiled_equals_layerwise_bit_for_bit(bert, rows, kt):
     check(p, s)
     assert p.arena_bytes >= lower_bound(s)
     # executed inside ONE arena at the planned offsets: a bad plan or alias would corrupt it
-    got = execute.run(s, {"input": x}, plan=p)["hidden"]
+    got = execute.run(s, {"input": x}, plan=p)["output"]
     np.testing.assert_array_equal(got, want)
 
 
@@ -47,7 +47,7 @@ def test_tiled_in_c_equals_numpy(bert, variant):
     from mcu.hostlib import HostKernels
     g, x, want = bert
     s = tiled_with(g, Tiles(5, 8))
-    got = execute.run(s, {"input": x}, plan=plan(s), kernels=HostKernels(variant))["hidden"]
+    got = execute.run(s, {"input": x}, plan=plan(s), kernels=HostKernels(variant))["output"]
     np.testing.assert_array_equal(got, want)
 
 
@@ -99,15 +99,15 @@ def test_bad_tiles_refused(bert):
 def test_tiled_vit_equals_layerwise():
     """Any BERT-block graph tiles: the ViT (conv stem, constant token mask, 49 tokens, 4 heads)."""
     from edge.models.vit import ViT, ViTConfig
-    from mcu.lower import lower_vit
+    from edge.data import image_batch
     torch.manual_seed(1)
     imgs = np.random.default_rng(1).integers(0, 256, (8, 28, 28)).astype(np.uint8)
-    g = lower_vit(ViT(ViTConfig(num_hidden_layers=2)), imgs)
+    g = lower_module(ViT(ViTConfig(num_hidden_layers=2)), image_batch(imgs))
     x = (imgs[0].astype(np.int16) - 128).astype(np.int8).reshape(28, 28, 1)
-    want = execute.run(layerwise(g), {"input": x})["logits"]
+    want = execute.run(layerwise(g), {"input": x})["output"]
     for tiles in (Tiles(7, 16), Tiles(3, 5)):
         s = tiled_with(g, tiles)
-        np.testing.assert_array_equal(execute.run(s, {"input": x}, plan=plan(s))["logits"], want)
+        np.testing.assert_array_equal(execute.run(s, {"input": x}, plan=plan(s))["output"], want)
         assert lower_bound(s) < lower_bound(layerwise(g))
 
 
@@ -123,11 +123,11 @@ def test_random_graphs_and_tiles(d_heads, layers, ffn, L_, rows, kt, pad, seed):
                      intermediate_size=ffn, max_position_embeddings=16)
     ids = np.random.default_rng(seed).integers(1, 50, (3, L_))
     ids[:, L_ - min(pad, L_ - 1):] = 0
-    g = lower_bert(BertModel(cfg), ids, L_)
+    g = lower_module(BertModel(cfg), ids)
     x = ids[0].astype(np.int32)
     s = tiled_with(g, Tiles(rows, kt))
     p = plan(s, "greedy_by_size")
     check(p, s)
     assert p.arena_bytes >= lower_bound(s)
-    want = execute.run(layerwise(g), {"input": x})["hidden"]
-    np.testing.assert_array_equal(execute.run(s, {"input": x}, plan=p)["hidden"], want)
+    want = execute.run(layerwise(g), {"input": x})["output"]
+    np.testing.assert_array_equal(execute.run(s, {"input": x}, plan=p)["output"], want)

@@ -17,14 +17,27 @@ def add_board_args(p, model_optional: bool = False):
     p.add_argument("--board", default=None, choices=list(BOARDS), help=f"board (default {DEFAULT_BOARD})")
     p.add_argument("--schedule", default="layerwise", choices=["layerwise", "tiled"],
                    help="memory schedule of the generated code (default layerwise)")
-    p.add_argument("--calib", type=int, default=500, help="calibration inputs for int8 quantisation (default 500)")
+    p.add_argument("--calib", default="500", metavar="N|FILE",
+                   help="int8 calibration: the number of the recipe's training inputs (default 500), or a .npy/.npz "
+                        "file of batch-first inputs (needed for a .pt2 model)")
     p.add_argument("--seq-len", type=int, default=None, help="sequence length of text models (default 64)")
+
+
+def calib_args(value) -> tuple[int, str | None]:
+    """--calib N or --calib FILE -> (count, file)."""
+    value = str(value)
+    if value.isdigit():
+        return int(value), None
+    if not Path(value).is_file():
+        raise TinyshieldError(f"--calib {value}: give a number of inputs or an existing .npy/.npz file")
+    return 1 << 30, value
 
 
 def build(args):
     from mcu.build import build_model
+    n, f = calib_args(getattr(args, "calib", 500))
     return build_model(args.model, args.board, schedule=getattr(args, "schedule", "layerwise"),
-                       calib=getattr(args, "calib", 500), seq_len=getattr(args, "seq_len", None))
+                       calib=n, calib_file=f, seq_len=getattr(args, "seq_len", None))
 
 
 @contextmanager
@@ -54,8 +67,12 @@ def device_for(built, url: str | None = None):
 
 
 def load_input(spec: str, built):
-    """INPUT for a board: mnist:INDEX (a test image and its label), an .npy/.png image, or text."""
+    """INPUT for a board: mnist:INDEX (a test image and its label), an .npy/.png image, or text; for a
+    .pt2 model an .npy file holding one input (with or without its batch dimension of 1)."""
     import numpy as np
+    if built.kind == "pt2":
+        from mcu.build import load_array
+        return load_array(spec, "x"), None
     if built.kind == "vit":
         from tools.inputs import load_image
         return load_image(spec)

@@ -43,7 +43,7 @@ def bench_vit(calib: int, limit: int | None, check: int, bar) -> dict:
     from edge import data
     from edge.models.registry import load_dir
     from edge.recipes import vit_mnist
-    from mcu.lower import lower_vit
+    from mcu.from_aten import lower_module
 
     tr = vit_mnist.train(quiet=True)
     model = load_dir(tr.path).model
@@ -51,7 +51,7 @@ def bench_vit(calib: int, limit: int | None, check: int, bar) -> dict:
     x, y = ds.x_test[:limit], ds.y_test[:limit]
     fp32 = vit_mnist.accuracy(model, x, y)
     t0 = time.time()
-    g = lower_vit(model, ds.x_train[:calib])
+    g = lower_module(model, data.image_batch(ds.x_train[:calib]))
     s, p, hm = _int8_model(g, "vit")
     q = (x.astype(np.int16) - 128).astype(np.int8)
     task = bar.add_task("int8 ViT / MNIST test", total=len(x), info="")
@@ -72,7 +72,7 @@ def bench_bert(calib: int, limit: int | None, check: int, bar, train: bool, seq_
     from edge.models.minilm import load_tokenizer, tokenize
     from edge.models.registry import load_dir
     from edge.recipes import recipes
-    from mcu.lower import lower_bert_classifier
+    from mcu.from_aten import lower_module
 
     table = recipes()
     if "bert-tiny-sst2" not in table:
@@ -93,7 +93,7 @@ def bench_bert(calib: int, limit: int | None, check: int, bar, train: bool, seq_
     rng = np.random.default_rng(0)
     pick = rng.choice(len(train_set.texts), size=calib, replace=False)
     cal = tokenize(tok, [train_set.texts[i] for i in pick], pad_to=seq_len)
-    g = lower_bert_classifier(model, cal, seq_len)
+    g = lower_module(model, cal.input_ids)
     s, p, hm = _int8_model(g, "bert")
     ids = b.input_ids.numpy().astype(np.int32)
     task = bar.add_task("int8 BERT-tiny / SST-2 dev", total=len(ids), info="")

@@ -30,13 +30,14 @@ from edge.paths import build_dir
 
 
 def fc_graph(M: int, K: int, N: int):
-    from mcu.lower import Builder, _fc
+    from mcu.lower import Builder, fc
 
     torch.manual_seed(0)
     lin = torch.nn.Linear(K, N)
     b = Builder(f"fc-{K}x{N}x{M}")
     b.act("input", (M, K), Q.ActQ(4.0 / 255, 3))
-    _fc(b, "fc", lin, "input", Q.ActQ(2.0 / 255, -5), M, out_name="output")
+    fc(b, "fc", lin.weight.detach().double().numpy(), lin.bias.detach().double().numpy(), "input",
+       Q.ActQ(2.0 / 255, -5), M, out_name="output")
     return b.graph(["input"], ["output"], {"kind": "bench"})
 
 

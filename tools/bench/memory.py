@@ -32,16 +32,16 @@ def encoder_graph(L: int, seed: int = 0, classifier: bool = False):
     import torch
 
     from edge.models.bert import BertClassifier, BertConfig, BertModel
-    from mcu.lower import lower_bert, lower_bert_classifier
+    from mcu.from_aten import lower_module
 
     torch.manual_seed(seed)
     cfg = BertConfig(max_position_embeddings=max(512, L))
     ids = np.random.default_rng(seed).integers(1, 30522, (2, L))
     if classifier:
         model = BertClassifier(cfg, 2).eval()
-        return model, lower_bert_classifier(model, ids, L)
+        return model, lower_module(model, ids)
     model = BertModel(cfg).eval()
-    return model, lower_bert(model, ids, L)
+    return model, lower_module(model, ids)
 
 
 def block_scratch(rows: int, kt: int, L: int, d: int = D, heads: int = 2) -> int:

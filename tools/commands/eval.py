@@ -6,19 +6,30 @@ def register(sub):
     p = sub.add_parser("eval", help="evaluate a model on a board over the serial link",
                        description="Run a test set on the (emulated) board: accuracy, instructions per inference "
                                    "and per MAC, peak SRAM measured on the device, agreement with the host int8 reference.")
-    p.add_argument("model", nargs="?", default="vit-mnist", help="recipe name or model directory (default vit-mnist)")
+    p.add_argument("model", nargs="?", default="vit-mnist",
+                   help="recipe name, model directory or .pt2 file (default vit-mnist)")
     add_board_args(p)
     p.add_argument("--dataset", default="mnist", choices=["mnist", "sst2"], help="test set (default mnist)")
+    p.add_argument("--data", default=None, metavar="FILE.npz",
+                   help="test set as .npz with `x` (batch-first inputs) and `y` (labels), instead of --dataset")
     p.add_argument("--limit", type=int, default=1000, help="number of test inputs (default 1000)")
     p.add_argument("--url", default=None, help="serial URL of a running board instead of booting the emulator")
     p.add_argument("--json", default=None, help="also write the result as JSON to this file")
     p.set_defaults(func=run)
 
 
-def test_set(dataset: str, built, limit: int):
+def test_set(dataset: str, built, limit: int, data: str | None = None):
     import numpy as np
 
     from edge.errors import TinyshieldError
+    if data is not None:
+        from mcu.build import load_array
+        xs, ys = load_array(data, "x"), load_array(data, "y")
+        if len(xs) != len(ys):
+            raise TinyshieldError(f"{data}: {len(xs)} inputs but {len(ys)} labels")
+        return xs[:limit], ys[:limit], data
+    if built.kind == "pt2":
+        raise TinyshieldError("a .pt2 model is evaluated on your data: pass --data test.npz (arrays x and y)")
     if dataset == "mnist":
         if built.kind != "vit":
             raise TinyshieldError(f"dataset mnist needs an image model, {built.name} is {built.kind}")
@@ -35,13 +46,13 @@ def test_set(dataset: str, built, limit: int):
     return ids, ds.labels[:limit], ds.source
 
 
-def print_report(ev, title="on-device evaluation"):
+def print_report(ev, title="on-device evaluation", extra=()):
     from rich.console import Console
     from rich.table import Table
     t = Table(title=title, show_header=False)
     t.add_column("", style="bold")
     t.add_column("")
-    for k, v in ev.rows():
+    for k, v in [*ev.rows()[:4], *extra, *ev.rows()[4:]]:
         t.add_row(k, v)
     Console().print(t)
 
@@ -54,13 +65,22 @@ def run(args):
     from mcu.device import evaluate
     from tools.run_board import build, device_for
 
+    import numpy as np
+
+    from mcu.build import float_outputs
+
     built = build(args)
-    xs, ys, source = test_set(args.dataset, built, args.limit)
+    xs, ys, source = test_set(args.dataset, built, args.limit, args.data)
     print(f"data: {source}; firmware {built.firmware.elf}")
     with device_for(built, args.url) as dev, progress() as bar:
         ev = evaluate(dev, built, xs, ys, bar)
-    print_report(ev)
+    fp = float_outputs(args.model, built.graph, xs).argmax(-1)
+    dev_pred = np.array(ev.predictions)
+    extra = {"float_accuracy": float(np.mean(fp == np.asarray(ys))),
+             "int8_float_agreement": float(np.mean(fp == dev_pred))}
+    print_report(ev, extra=[("float model accuracy", f"{100 * extra['float_accuracy']:.2f}%"),
+                            ("device vs float (argmax)", f"{100 * extra['int8_float_agreement']:.2f}%")])
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(asdict(ev), f, indent=1)
+            json.dump({**asdict(ev), **extra}, f, indent=1)
     return 0

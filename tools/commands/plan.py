@@ -6,7 +6,10 @@ def register(sub):
                        description="Lower MODEL to int8, schedule it (tiled or layerwise), plan the arena and "
                                    "print the peak, the live set op by op and the arena map. Refuses a plan "
                                    "over the board's RAM budget.")
-    p.add_argument("model", help="bert-tiny, vit-mnist, minilm, or a model directory")
+    p.add_argument("model", help="bert-tiny, vit-mnist, minilm, a model directory or a .pt2 file")
+    p.add_argument("--calib", default=None, metavar="FILE",
+                   help="calibration inputs (.npy/.npz, batch-first) for a .pt2 model (default: its example input; "
+                        "scales change no buffer size)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens for text models (default 128)")
     p.add_argument("--board", default="stm32f405", help="board whose RAM budget applies (default stm32f405)")
     p.add_argument("--schedule", choices=["tiled", "layerwise"], default="tiled")
@@ -45,7 +48,7 @@ def run(args):
     board_budget(args.board)          # an unknown board fails before the (slower) lowering
     tiles = _tiles(args.tiles) if args.tiles else None
     with console.status(f"lowering {args.model} to int8 (L = {args.seq_len})"):
-        graph = planning_graph(args.model, args.seq_len)
+        graph = planning_graph(args.model, args.seq_len, calib_file=args.calib)
     budget = board_budget(args.board, graph)
     with console.status("scheduling and planning"):
         search = None
