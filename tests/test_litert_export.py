@@ -100,7 +100,8 @@ def test_sequential_export_and_unsupported_modules_are_named():
         export_model(nn.Sequential(nn.Linear(8, 8), nn.LSTM(8, 8)), input_shape=(1, 8))
     clf = BertClassifier(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                     intermediate_size=32, max_position_embeddings=8))
-    clf.bert.encoder.layer[0].intermediate.dense = nn.Conv1d(16, 32, 1)
+    # a Conv1d that runs (over the 8 tokens as channels, padded to 32 outputs): 1-d convolutions have no lowering
+    clf.bert.encoder.layer[0].intermediate.dense = nn.Conv1d(8, 8, 1, padding=8)
     with pytest.raises(TinyshieldError, match=r"bert\.encoder\.layer\.0\.intermediate\.dense: Conv1d"):
         export_model(clf, seq_len=8)
     with pytest.raises(TinyshieldError, match="Conv3d"):

@@ -1,300 +1,759 @@
-"""Lower tinyshield's torch models to a .tflite graph of builtin ops, for a fixed batch and L.
+"""Lower a captured graph (edge.capture: torch.export -> core ATen) to a .tflite graph of builtin ops.
 
     model_bytes = export_model(load_minilm(), seq_len=128)          # ids (1, 128) int32 -> (1, 384)
     model_bytes = export_model(vit, batch=1)                         # (1, 1, 28, 28) -> (1, 10) logits
+    model_bytes = export_captured(edge.capture.load("model.pt2", batch_one=False))
 
-What each model becomes:
-- BertModel (incl. MiniLM): int32 token ids (B, L), 0 = [PAD]; the attention mask is derived in
-  the graph (min(id, 1)). `head`: "sentence" (mean pool over real tokens + L2 normalise, the
-  sentence-transformers embedding; the default), "mean" (mean pool only) or "hidden" (B, L, d).
-- BertClassifier: ids (B, L) -> logits (B, labels) (mean pool + classifier).
-- ViT: images (B, C, H, W) float in [0, 1] -> logits; the conv stem becomes PAD + CONV_2D
-  (torch pads 1 on each side; TFLite SAME padding would pad only after, so PAD + VALID it is).
-- nn.Sequential of Linear / ReLU / GELU / Tanh / Sigmoid / LayerNorm / Identity / Dropout.
+Every model goes the same way: `build_model` captures it with a batch-B example (text models: int32
+token ids (B, L), 0 = [PAD]; a BertModel gets the `head` wrapper of edge.models.bert: "sentence",
+"mean" or "hidden"), and `build_captured` walks the ATen nodes in order, one small rule per op
+(`RULES`), emitting builtin ops through the flatbuffer writer. Values are symbolic:
+- `torch.Tensor`: a constant (parameters, and any op whose inputs are all constants: folded by
+  running the op itself in torch);
+- `Val`: a graph tensor with a *lazy layout*: its logical (torch) value is the stored tensor reshaped
+  (`perm` None) or permuted (`perm`). Views, permutes and NCHW <-> NHWC cost nothing until an op needs
+  the logical layout; then one RESHAPE or TRANSPOSE materialises it. So conv stems stay NHWC, a
+  transpose that feeds a matmul becomes BATCH_MATMUL's adj flag, and Linear layers run
+  FULLY_CONNECTED (keep_num_dims) on (B, L, d) without the (B*L, d) reshapes around ATen's addmm.
+- Masks (bool or 0/1 ints in torch) are float 0/1 tensors: `ids != 0` is MINIMUM(CAST(ids), 1), as
+  the int8 quantiser expects of a mask path; `where(mask, a, b)` is b + mask * (a - b) with infinite
+  constants as -/+1e9 (0 * inf would be NaN), so a row whose keys are all [PAD] attends uniformly
+  instead of giving torch's zeros.
 
-LayerNorm is MEAN, SQUARED_DIFFERENCE, ADD(eps), RSQRT, SUB, MUL, MUL(gamma), ADD(beta). GELU
-is the builtin GELU ("exact" erf form, "tanh" form) or x * LOGISTIC(1.702 x) ("sigmoid", for
-runtimes without a GELU kernel such as TFLite Micro). Attention is FULLY_CONNECTED q/k/v (the
-1/sqrt(dh) folded into q), RESHAPE + TRANSPOSE to heads, BATCH_MATMUL, ADD(mask), SOFTMAX,
-BATCH_MATMUL, TRANSPOSE + RESHAPE back. Anything else raises TinyshieldError naming the module.
+Op choices: addmm/mm/bmm with constant weights -> FULLY_CONNECTED (the transpose folded into the
+weight, a ReLU consumer fused), bmm of two activations -> BATCH_MATMUL, convolution -> PAD +
+CONV_2D (torch pads both sides; TFLite SAME pads after), native_layer_norm -> MEAN,
+SQUARED_DIFFERENCE, ADD(eps), RSQRT, SUB, MUL, MUL(gamma), ADD(beta), gelu -> GELU ("exact" erf or
+"tanh" form) or x * LOGISTIC(1.702 x) (`gelu="sigmoid"`, for runtimes without GELU such as TFLite
+Micro), x / norm(x) -> L2_NORMALIZATION. Anything else raises TinyshieldError naming the op, the
+module path and the user's source line.
 """
 from __future__ import annotations
 
+import copy
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
+from edge.capture import Captured, capture, where
 from edge.errors import TinyshieldError
 from edge.litert.writer import Builder
-from edge.models.bert import BertClassifier, BertConfig, BertLayer, BertModel
-from edge.models.vit import ConvStem, PatchStem, ViT
 
 GELU_MODES = ("exact", "tanh", "sigmoid")
-HEADS = ("sentence", "mean", "hidden")
+BIG = 1e9       # stands for an infinite constant in masks (see the module docstring)
 
 
-def _np(t: torch.Tensor) -> np.ndarray:
-    return t.detach().cpu().float().numpy()
+@dataclass(frozen=True)
+class Val:
+    t: int                        # builder tensor id
+    shape: tuple                  # the logical (torch) shape
+    perm: tuple | None = None     # logical = stored.permute(perm); None: logical = stored.reshape(shape)
 
 
-def unsupported(module: nn.Module, path: str, what: str = "") -> TinyshieldError:
-    kind = type(module).__name__
-    return TinyshieldError(
-        f"cannot export {path or 'the model'}: {kind}{' ' + what if what else ''} is not supported by the .tflite "
-        f"exporter (it lowers Linear, Conv2d stems, LayerNorm, GELU/ReLU/Tanh/Sigmoid, BERT attention, and "
-        f"the BertModel / BertClassifier / ViT / nn.Sequential models)")
+def _inverse(perm) -> list:
+    return [perm.index(i) for i in range(len(perm))]
 
 
-def _expect(module: nn.Module, cls, path: str) -> nn.Module:
-    if type(module) is not cls:
-        raise unsupported(module, path, f"(expected {cls.__name__})")
-    return module
-
-
-class Lowering:
-    """Emits ops for modules into a Builder. One instance per export."""
-
-    def __init__(self, b: Builder, gelu: str = "exact"):
+class Exporter:
+    def __init__(self, cap: Captured, gelu: str = "exact", name: str = "model"):
         if gelu not in GELU_MODES:
             raise TinyshieldError(f"unknown GELU form {gelu!r}: use one of {', '.join(GELU_MODES)}")
-        self.b, self.gelu_mode = b, gelu
+        self.cap, self.gelu = cap, gelu
+        self.b = Builder(name)
+        self.env: dict[str, object] = {}
+        self.fused: set[str] = set()          # nodes folded into their producer (a ReLU into FC/conv)
+        self.reshaped: dict[int, int] = {}    # RESHAPE output -> its input (chains collapse to one)
+        self.dense_of: dict[Val, int] = {}    # each value materialised once (a key mask used by every layer)
+        self.plus_const: dict[int, tuple] = {}  # ADD(value, constant) output -> (value, constant)
 
-    def at(self, path: str):
-        self.b.source = path
-        return self
+    # -------------------------------------------------- errors
+    def fail(self, n, what: str = "") -> TinyshieldError:
+        w = where(n)
+        stack = n.meta.get("nn_module_stack") or {}
+        kind = str(list(stack.values())[-1][1]).rsplit(".", 1)[-1].strip("'>") if stack else "the model"
+        op = str(n.target).removeprefix("aten.")
+        return TinyshieldError(
+            f"cannot export {w.module or '<top>'}: {kind} is not supported by the .tflite exporter "
+            f"(aten.{op}{': ' + what if what else ''}; node {n.name}{', at ' + w.source if w.source else ''})")
 
-    def linear(self, x: int, m: nn.Module, path: str, act: str | None = None, scale: float = 1.0) -> int:
-        _expect(m, nn.Linear, path)
-        self.at(path)
-        w, bias = _np(m.weight) * scale, None if m.bias is None else _np(m.bias) * scale
-        return self.b.fully_connected(x, self.b.const(f"{path}.weight", w),
-                                      None if bias is None else self.b.const(f"{path}.bias", bias), act, name=path)
+    # -------------------------------------------------- the walk
+    def run(self) -> Builder:
+        for n in self.cap.graph.nodes:
+            if n.op == "placeholder":
+                self.env[n.name] = self.cap.consts[n.name] if n.name in self.cap.consts else self.input(n)
+            elif n.op == "call_function":
+                self.b.source = where(n).module
+                self.env[n.name] = self.call(n)
+            elif n.op == "output":
+                self.b.source = ""
+                for o in _flat(n.args[0]):
+                    v = self.env[o.name]
+                    if not isinstance(v, Val):
+                        raise self.fail(n, "the model's output does not depend on its input")
+                    self.b.outputs.append(self.dense(v))
+        return self.b.pruned()
 
-    def layernorm(self, x: int, m: nn.Module, path: str) -> int:
-        _expect(m, nn.LayerNorm, path)
-        if len(m.normalized_shape) != 1 or not m.elementwise_affine:
-            raise unsupported(m, path, "over more than the last axis or without affine parameters")
-        b = self.at(path).b
-        mu = b.mean(x, [-1], name=f"{path}/mean")
-        var = b.mean(b.squared_difference(x, mu, name=f"{path}/sqdiff"), [-1], name=f"{path}/var")
-        r = b.rsqrt(b.add(var, b.const(f"{path}/eps", np.array([m.eps], np.float32)), name=f"{path}/var_eps"),
-                    name=f"{path}/rsqrt")
-        y = b.mul(b.sub(x, mu, name=f"{path}/centre"), r, name=f"{path}/norm")
-        y = b.mul(y, b.const(f"{path}.weight", _np(m.weight)), name=f"{path}/gamma")
-        return b.add(y, b.const(f"{path}.bias", _np(m.bias)), name=path)
-
-    def activation(self, x: int, name: str, path: str) -> int:
-        b = self.at(path).b
-        if name == "gelu":
-            if self.gelu_mode == "sigmoid":
-                s = b.logistic(b.mul(x, b.const(f"{path}/1.702", np.array([1.702], np.float32)),
-                                     name=f"{path}/scaled"), name=f"{path}/sigmoid")
-                return b.mul(x, s, name=path)
-            return b.gelu(x, approximate=self.gelu_mode == "tanh", name=path)
-        if name == "gelu_tanh":
-            return b.gelu(x, approximate=True, name=path)
-        if name == "relu":
-            return b.relu(x, name=path)
-        if name == "tanh":
-            return b.tanh(x, name=path)
-        if name == "sigmoid":
-            return b.logistic(x, name=path)
-        raise TinyshieldError(f"cannot export {path}: activation {name!r} is not supported (gelu, gelu_tanh, relu)")
-
-    # ---- BERT blocks -------------------------------------------------------------------------
-    def attention(self, x: int, att: nn.Module, cfg: BertConfig, mask_bias: int | None, path: str) -> int:
-        b = self.b
-        sa = att.self
-        B, L, D = b.shape(x)
-        h, dh = cfg.num_attention_heads, cfg.head_dim
-
-        def heads(t, name):  # (B, L, D) -> (B, h, L, dh)
-            return b.transpose(b.reshape(t, (B, L, h, dh), name=f"{name}/split"), (0, 2, 1, 3), name=f"{name}/heads")
-
-        q = heads(self.linear(x, sa.query, f"{path}.self.query", scale=1.0 / math.sqrt(dh)), f"{path}.self.query")
-        k = heads(self.linear(x, sa.key, f"{path}.self.key"), f"{path}.self.key")
-        v = heads(self.linear(x, sa.value, f"{path}.self.value"), f"{path}.self.value")
-        self.at(f"{path}.self")
-        s = b.batch_matmul(q, k, adj_y=True, name=f"{path}.self/scores")
-        if mask_bias is not None:
-            s = b.add(s, mask_bias, name=f"{path}.self/masked_scores")
-        p = b.softmax(s, name=f"{path}.self/probs")
-        ctx = b.batch_matmul(p, v, name=f"{path}.self/context")
-        ctx = b.reshape(b.transpose(ctx, (0, 2, 1, 3), name=f"{path}.self/merge"), (B, L, D), name=f"{path}.self/out")
-        o = self.linear(ctx, _expect(att.output.dense, nn.Linear, f"{path}.output.dense"), f"{path}.output.dense")
-        o = self.at(f"{path}.output").b.add(o, x, name=f"{path}.output/residual")
-        return self.layernorm(o, att.output.LayerNorm, f"{path}.output.LayerNorm")
-
-    def bert_layer(self, x: int, layer: nn.Module, cfg: BertConfig, mask_bias: int | None, path: str) -> int:
-        _expect(layer, BertLayer, path)
-        a = self.attention(x, layer.attention, cfg, mask_bias, f"{path}.attention")
-        hdn = self.linear(a, layer.intermediate.dense, f"{path}.intermediate.dense")
-        hdn = self.activation(hdn, cfg.hidden_act, f"{path}.intermediate.act")
-        o = self.linear(hdn, layer.output.dense, f"{path}.output.dense")
-        o = self.at(f"{path}.output").b.add(o, a, name=f"{path}.output/residual")
-        return self.layernorm(o, layer.output.LayerNorm, f"{path}.output.LayerNorm")
-
-    def encoder(self, x: int, enc: nn.Module, cfg: BertConfig, mask_bias: int | None, path: str) -> int:
-        for i, layer in enumerate(enc.layer):
-            x = self.bert_layer(x, layer, cfg, mask_bias, f"{path}.layer.{i}")
-        return x
-
-    def bert(self, m: BertModel, ids: int, path: str = "bert") -> tuple[int, int, int]:
-        """(hidden, mask (B, L) float, mask bias (B, 1, 1, L)) from int32 ids (B, L)."""
-        b, cfg = self.b, m.config
-        B, L = b.shape(ids)
-        if L > cfg.max_position_embeddings:
-            raise TinyshieldError(f"sequence length {L} exceeds the model's {cfg.max_position_embeddings} positions")
-        e = m.embeddings
-        self.at(f"{path}.embeddings")
-        # a CLR-compressed table (edge.compress) is exported as the dense table it reconstructs: its lookup
-        # equals a lookup in that table, and LiteRT has no clustered low-rank gather
-        w = e.word_embeddings
-        table = w.weight if isinstance(w, nn.Embedding) else w.table()
-        words = b.gather(b.const(f"{path}.embeddings.word_embeddings", _np(table)), ids,
-                         name=f"{path}.embeddings/words")
-        # position + token-type 0 embeddings are the same for every input: one constant
-        fixed = _np(e.position_embeddings.weight[:L]) + _np(e.token_type_embeddings.weight[0])
-        x = b.add(words, b.const(f"{path}.embeddings/position_type", fixed[None]), name=f"{path}.embeddings/sum")
-        x = self.layernorm(x, e.LayerNorm, f"{path}.embeddings.LayerNorm")
-        self.at(f"{path}/mask")
-        # mask = min(id, 1): ids are >= 0 and 0 is [PAD]
-        mask = b.minimum(b.cast(ids, np.float32, name="ids_float"), b.const("one", np.array([1.0], np.float32)),
-                         name="mask")
-        bias = b.mul(b.add(mask, b.const("minus_one", np.array([-1.0], np.float32)), name="mask_minus_one"),
-                     b.const("big", np.array([1e9], np.float32)), name="mask_bias")
-        bias = b.reshape(bias, (B, 1, 1, L), name="mask_bias4")
-        return self.encoder(x, m.encoder, cfg, bias, f"{path}.encoder"), mask, bias
-
-    def mean_pool(self, h: int, mask: int, path: str = "pool") -> int:
-        b = self.at(path).b
-        B, L, D = b.shape(h)
-        m3 = b.reshape(mask, (B, L, 1), name=f"{path}/mask3")
-        s = b.sum(b.mul(h, m3, name=f"{path}/masked"), [1], name=f"{path}/sum")        # (B, 1, D)
-        n = b.sum(m3, [1], name=f"{path}/count")                                       # (B, 1, 1)
-        return b.reshape(b.div(s, n, name=f"{path}/mean"), (B, D), name=path)
-
-
-def _done(b: Builder, y: int) -> Builder:
-    b.outputs = [y]
-    return b
-
-
-def build_bert(model: BertModel, seq_len: int, batch: int = 1, head: str = "sentence", gelu: str = "exact",
-               name: str = "bert") -> Builder:
-    if head not in HEADS:
-        raise TinyshieldError(f"unknown head {head!r}: use one of {', '.join(HEADS)}")
-    b = Builder(name)
-    lo = Lowering(b, gelu)
-    ids = b.input("input_ids", (batch, seq_len), np.int32)
-    h, mask, _ = lo.bert(model, ids, "bert")
-    if head == "hidden":
-        return _done(b, h)
-    y = lo.mean_pool(h, mask)
-    if head == "sentence":
-        y = lo.at("normalize").b.l2_normalize(y, name="sentence_embedding")
-    return _done(b, y)
-
-
-def build_bert_classifier(model: BertClassifier, seq_len: int, batch: int = 1, gelu: str = "exact",
-                          name: str = "bert-classifier") -> Builder:
-    b = Builder(name)
-    lo = Lowering(b, gelu)
-    ids = b.input("input_ids", (batch, seq_len), np.int32)
-    h, mask, _ = lo.bert(_expect(model.bert, BertModel, "bert"), ids, "bert")
-    return _done(b, lo.linear(lo.mean_pool(h, mask), model.classifier, "classifier"))
-
-
-def build_vit(model: ViT, batch: int = 1, gelu: str = "exact", name: str = "vit") -> Builder:
-    c = model.config
-    b = Builder(name)
-    lo = Lowering(b, gelu)
-    x = b.input("image", (batch, c.in_chans, c.image_size, c.image_size))
-    lo.at("stem")
-    x = (b.reshape(x, (batch, c.image_size, c.image_size, 1), name="nhwc") if c.in_chans == 1
-         else b.transpose(x, (0, 2, 3, 1), name="nhwc"))
-    stem = model.stem
-    if type(stem) is ConvStem:
-        for i, conv in enumerate((stem.conv1, stem.conv2)):
-            path = f"stem.conv{i + 1}"
-            _expect(conv, nn.Conv2d, path)
-            if conv.groups != 1 or conv.dilation != (1, 1) or conv.stride[0] != conv.stride[1] \
-                    or conv.padding[0] != conv.padding[1] or not isinstance(conv.padding[0], int):
-                raise unsupported(conv, path, "with groups/dilation/asymmetric stride or padding")
-            lo.at(path)
-            p = conv.padding[0]
-            if p:
-                x = b.pad(x, [(0, 0), (p, p), (p, p), (0, 0)], name=f"{path}/pad")
-            w = _np(conv.weight).transpose(0, 2, 3, 1)  # torch (O, I, kh, kw) -> TFLite (O, kh, kw, I)
-            bias = _np(conv.bias) if conv.bias is not None else np.zeros(w.shape[0], np.float32)
-            x = b.conv2d(x, b.const(f"{path}.weight", w), b.const(f"{path}.bias", bias), conv.stride[0],
-                         act="relu" if i == 0 else None, name=path)
-    elif type(stem) is PatchStem:
-        # linear patches == a p x p convolution with stride p; the Linear's input order is (C, p, p)
-        p = stem.p
-        w = _np(stem.proj.weight).reshape(-1, c.in_chans, p, p).transpose(0, 2, 3, 1)
-        lo.at("stem.proj")
-        x = b.conv2d(x, b.const("stem.proj.weight", w), b.const("stem.proj.bias", _np(stem.proj.bias)), p,
-                     name="stem.proj")
-    else:
-        raise unsupported(stem, "stem")
-    n, gh, gw, d = b.shape(x)
-    lo.at("tokens")
-    x = b.reshape(x, (batch, gh * gw, d), name="tokens")
-    x = b.add(x, b.const("pos_embedding", _np(model.pos_embedding)), name="tokens/pos")
-    x = lo.layernorm(x, model.LayerNorm, "LayerNorm")
-    x = lo.encoder(x, model.encoder, c.encoder_config(), None, "encoder")
-    lo.at("pool")
-    x = b.reshape(b.mean(x, [1], name="pool/mean"), (batch, d), name="pool")
-    return _done(b, lo.linear(x, model.classifier, "classifier"))
-
-
-def build_sequential(model: nn.Sequential, input_shape, gelu: str = "exact", name: str = "sequential") -> Builder:
-    """An nn.Sequential of per-token layers (Linear, LayerNorm, activations) over float input."""
-    b = Builder(name)
-    lo = Lowering(b, gelu)
-    x = b.input("input", tuple(input_shape))
-    acts = {nn.ReLU: "relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid"}
-    for i, m in enumerate(model):
-        path = str(i)
-        if type(m) is nn.Linear:
-            x = lo.linear(x, m, path)
-        elif type(m) is nn.LayerNorm:
-            x = lo.layernorm(x, m, path)
-        elif type(m) is nn.GELU:
-            x = Lowering(b, "tanh" if m.approximate == "tanh" else gelu).activation(x, "gelu", path)
-        elif type(m) in acts:
-            x = lo.activation(x, acts[type(m)], path)
-        elif type(m) in (nn.Identity, nn.Dropout):
-            continue
+    def input(self, n) -> Val:
+        val = n.meta["val"]
+        if val.dtype in (torch.int64, torch.int32):
+            dtype = np.int32             # token ids; .tflite gathers with int32 indices
+        elif val.is_floating_point():
+            dtype = np.float32
         else:
-            raise unsupported(m, path)
-    return _done(b, x)
+            raise self.fail(n, f"input dtype {val.dtype} (float or integer ids)")
+        shape = tuple(int(s) for s in val.shape)
+        return Val(self.b.input(n.name, shape, dtype), shape)
+
+    def call(self, n):
+        args = _map(n.args, lambda a: self.env[a.name])
+        kwargs = _map(n.kwargs, lambda a: self.env[a.name])
+        op = _packet(n)
+        if not any(isinstance(v, Val) for v in _flat([args, kwargs])) and op not in SHAPE_ONLY:
+            return n.target(*args, **kwargs)            # constants only: run the op itself
+        rule = RULES.get(op)
+        if rule is None:
+            raise self.fail(n, "no .tflite lowering for this op; rewrite that part of the model")
+        return rule(self, n, *args, **kwargs)
+
+    # -------------------------------------------------- layouts
+    def reshape(self, t: int, shape, name: str) -> int:
+        t = self.reshaped.get(t, t)
+        if tuple(self.b.shape(t)) == tuple(shape):
+            return t
+        y = self.b.reshape(t, shape, name=name)
+        self.reshaped[y] = t
+        return y
+
+    def transpose(self, t: int, perm, name: str) -> int:
+        """stored.permute(perm) as a tensor; a RESHAPE when only size-1 axes move."""
+        shape = self.b.shape(t)
+        perm = [int(p) for p in perm]
+        if perm == list(range(len(perm))):
+            return t
+        moved = [p for p in perm if shape[p] != 1]
+        if moved == sorted(moved):
+            return self.reshape(t, [shape[p] for p in perm], name=name)
+        return self.b.transpose(t, perm, name=name)
+
+    def dense(self, v: Val, name: str = "") -> int:
+        """The tensor holding v's logical value in its logical layout."""
+        if v not in self.dense_of:
+            name = name or self.b.tensors[v.t].name
+            self.dense_of[v] = (self.transpose(v.t, v.perm, f"{name}/transpose") if v.perm is not None
+                                else self.reshape(v.t, v.shape, f"{name}/reshape"))
+        return self.dense_of[v]
+
+    def view(self, v: Val, fn, name: str) -> Val | None:
+        """Apply torch view op `fn` to v's layout (torch itself works out the strides); None when the
+        result is no longer a reshape-then-permute of one contiguous tensor (it needs a copy)."""
+        shape = self.b.shape(v.t)
+        base = torch.empty(int(np.prod(shape, dtype=np.int64)), dtype=torch.int8).view(shape)
+        logical = base.reshape(v.shape) if v.perm is None else base.permute(v.perm)
+        try:
+            r = fn(logical)
+        except RuntimeError:
+            return None
+        if r.untyped_storage().data_ptr() != base.untyped_storage().data_ptr() or r.storage_offset():
+            return None
+        rs, st = tuple(int(s) for s in r.shape), tuple(int(s) for s in r.stride())
+        big = sorted((i for i, s in enumerate(rs) if s != 1), key=lambda i: -st[i])
+        sizes = [rs[i] for i in big]
+        if r.numel() != base.numel() or [st[i] for i in big] != [int(np.prod(sizes[k + 1:])) for k in range(len(big))]:
+            return None                     # a broadcast or a window: not one whole tensor's layout
+        if big == sorted(big):
+            return Val(v.t, rs)                               # logical order: a plain (lazy) reshape
+        order = big + [i for i, s in enumerate(rs) if s == 1]
+        stored = tuple(rs[i] for i in order)
+        t = self.reshape(v.t, stored, name)
+        return Val(t, rs, tuple(order.index(i) for i in range(len(rs))))
+
+    def view_or_copy(self, v: Val, fn, name: str) -> Val:
+        r = self.view(v, fn, name)
+        if r is None and v.perm is not None:
+            # Materialise with the last two axes still swapped when that keeps the innermost stored axis
+            # innermost: a transposed matmul operand then stays a view (BATCH_MATMUL's adj flag).
+            n = len(v.shape)
+            swap = tuple(range(n - 2)) + (n - 1, n - 2)
+            p2 = [v.perm[i] for i in swap]
+            if n >= 2 and v.perm[-1] != n - 1 and p2[-1] == n - 1:
+                r = self.view(Val(self.transpose(v.t, p2, f"{name}/transpose"), v.shape, swap), fn, name)
+        if r is None:
+            r = self.view(Val(self.dense(v, name), v.shape), fn, name)
+        return r
+
+    def rows(self, v: Val, name: str) -> tuple[int, callable]:
+        """A tensor whose last stored axis is v's last logical axis (for ops over the last axis), and
+        how to wrap an output of that op (same layout, last axis of a new size) as a Val."""
+        n = len(v.shape)
+        stored = self.b.shape(v.t)
+        if (v.perm is None and stored[-1:] == v.shape[-1:]) or (v.perm is not None and v.perm[-1] == n - 1):
+            return v.t, lambda t: Val(t, v.shape[:-1] + (self.b.shape(t)[-1],), v.perm)
+        t = self.dense(v, name)
+        return t, lambda y: Val(y, v.shape[:-1] + (self.b.shape(y)[-1],))
+
+    def like(self, v: Val, t: int) -> Val:
+        return Val(t, v.shape, v.perm)
+
+    def const(self, c, name: str) -> int:
+        c = torch.as_tensor(c).detach().cpu()
+        c = c.float() if c.is_floating_point() or c.dtype == torch.bool else c   # masks are float 0/1 here
+        return self.b.const(name, c.numpy())
+
+    # -------------------------------------------------- elementwise
+    def binary(self, fn, x, y, name: str, n=None) -> Val:
+        """x (op) y with torch broadcasting; either may be a constant (tensor or scalar)."""
+        assert isinstance(x, Val) or isinstance(y, Val), "constant operations are folded before the rules run"
+        if isinstance(x, Val) and isinstance(y, Val):
+            if x.perm is not None and x.perm == y.perm and x.shape == y.shape:
+                return self.like(x, fn(x.t, y.t, name=name))
+            if x.perm is None and y.perm is None and x.shape == y.shape and self.b.shape(x.t) == self.b.shape(y.t):
+                return self.like(x, fn(x.t, y.t, name=name))
+            xd, yd = self.dense(x), self.dense(y)
+            return Val(fn(xd, yd, name=name), tuple(np.broadcast_shapes(x.shape, y.shape)))
+        v, c, first = (x, y, True) if isinstance(x, Val) else (y, x, False)
+        c = torch.as_tensor(c, dtype=torch.float32)
+        if fn == self.b.add and v.t in self.plus_const and self.plus_const[v.t][0].shape == v.shape:
+            v, c0 = self.plus_const[v.t]          # (x + c0) + c: one ADD of x and c0 + c
+            c = c0 + c
+        out_shape = tuple(np.broadcast_shapes(v.shape, tuple(c.shape)))
+        if c.numel() == 1:                                  # a scalar fits any layout
+            vt, ct, wrap = v.t, self.const(c.reshape(1), f"{name}/c"), lambda t: Val(t, out_shape, v.perm)
+            if out_shape != v.shape:
+                vt, wrap = self.dense(v), lambda t: Val(t, out_shape)
+        elif v.perm is not None and out_shape == v.shape:  # the constant in the stored axis order
+            full = c.reshape((1,) * (len(v.shape) - c.ndim) + tuple(c.shape))
+            vt, ct, wrap = v.t, self.const(full.permute(_inverse(list(v.perm))), f"{name}/c"), lambda t: self.like(v, t)
+        else:
+            vt, ct, wrap = self.dense(v), self.const(c, f"{name}/c"), lambda t: Val(t, out_shape)
+        y = wrap(fn(vt, ct, name=name) if first else fn(ct, vt, name=name))
+        if fn == self.b.add:
+            self.plus_const[y.t] = (v, c)
+        return y
+
+    def unary(self, v: Val, fn, name: str) -> Val:
+        return self.like(v, fn(v.t, name=name))
+
+    def scale(self, v, s: float, name: str):
+        return self.binary(self.b.mul, v, torch.tensor(s), name)
+
+
+def _flat(x) -> list:
+    if isinstance(x, (list, tuple)):
+        return [v for e in x for v in _flat(e)]
+    if isinstance(x, dict):
+        return _flat(list(x.values()))
+    return [x]
+
+
+def _map(x, f):
+    if isinstance(x, torch.fx.Node):
+        return f(x)
+    if isinstance(x, (list, tuple)):
+        return type(x)(_map(v, f) for v in x)
+    if isinstance(x, dict):
+        return {k: _map(v, f) for k, v in x.items()}
+    return x
+
+
+def _packet(n) -> str:
+    name = str(n.target)
+    return name.split(".")[1] if name.startswith("aten.") else getattr(n.target, "__name__", name)
+
+
+def _scalar(v) -> float | None:
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return float(v)
+    if isinstance(v, torch.Tensor) and v.numel() == 1:
+        return float(v)
+    return None
+
+
+def _finite(c):
+    """A constant with +-inf as +-BIG (masks are finite biases here; see the module docstring)."""
+    c = torch.as_tensor(c, dtype=torch.float32)
+    return torch.nan_to_num(c, posinf=BIG, neginf=-BIG)
+
+
+# ---------------------------------------------------------------- rules
+
+RULES: dict = {}
+SHAPE_ONLY = {"full_like", "zeros_like", "ones_like", "empty_like"}   # of an input: constants of its shape
+
+
+def rule(*names):
+    def wrap(fn):
+        for n in names:
+            RULES[n] = fn
+        return fn
+    return wrap
+
+
+IDENTITY_OPS = ("clone", "contiguous", "alias", "detach", "lift_fresh_copy", "dropout")
+
+
+@rule(*IDENTITY_OPS)
+def _identity(ex, n, x, *a, **kw):
+    return x                # values are never written in place: a copy is the same value
+
+
+@rule("view", "_unsafe_view", "reshape", "permute", "transpose", "t", "unsqueeze", "squeeze", "flatten",
+      "unflatten", "unfold")
+def _view(ex, n, x, *args, **kw):
+    return ex.view_or_copy(x, lambda t: n.target(t, *args, **kw), n.name)
+
+
+@rule("expand")
+def _expand(ex, n, x, *args, **kw):
+    shape = tuple(int(s) for s in n.meta["val"].shape)
+    if shape == x.shape:
+        return x
+    r = ex.view(x, lambda t: n.target(t, *args, **kw), n.name)
+    return r if r is not None else Val(ex.b.broadcast_to(ex.dense(x), shape, name=n.name), shape)
+
+
+@rule("select", "slice")
+def _slice(ex, n, x, dim, start=None, end=None, step=1):
+    nd = len(x.shape)
+    dim %= nd
+    size = x.shape[dim]
+    if _packet(n) == "select":
+        start, end, step = start % size, start % size + 1, 1
+    else:
+        start = 0 if start is None else (start + size if start < 0 else start)
+        end = size if end is None else min(end + size if end < 0 else end, size)
+        if (start, end, step) == (0, size, 1):
+            return x
+    if x.perm is None:
+        x = Val(ex.dense(x), x.shape)
+    perm = x.perm or tuple(range(nd))
+    sd = perm[dim]                                      # the stored axis
+    stored = ex.b.shape(x.t)
+    begin, stop, strides = [0] * nd, list(stored), [1] * nd
+    begin[sd], stop[sd], strides[sd] = start, end, step
+    shrink = 1 << sd if _packet(n) == "select" else 0
+    t = ex.b.strided_slice(x.t, begin, stop, strides, shrink, name=n.name)
+    shape = tuple(int(s) for s in n.meta["val"].shape)
+    if not shrink:
+        return Val(t, shape, x.perm)
+    rest = [p - (p > sd) for p in perm if p != sd]
+    return Val(t, shape, None if rest == sorted(rest) else tuple(rest))
+
+
+@rule("_to_copy", "to")
+def _to_copy(ex, n, x, *a, dtype=None, **kw):
+    src = n.args[0].meta["val"].dtype
+    if dtype is None or dtype == src:
+        return x
+    if ex.b.dtype(x.t) == np.int32:
+        if dtype.is_floating_point:
+            return ex.like(x, ex.b.cast(x.t, np.float32, name=n.name))
+        return x                                        # int64 <-> int32 ids
+    if dtype == torch.bool and src.is_floating_point:
+        raise ex.fail(n, "a float tensor converted to bool (compare it instead)")
+    return x            # floats, and masks (float 0/1 here) as ints or floats
+
+
+@rule("eq", "ne")
+def _eq(ex, n, x, other):
+    s = _scalar(other)
+    if isinstance(x, Val) and ex.b.dtype(x.t) == np.int32 and s == 0:
+        # ids are >= 0 and 0 is [PAD]: min(id, 1) is the 0/1 mask of real tokens
+        f = ex.b.cast(x.t, np.float32, name=f"{n.name}/ids")
+        m = ex.b.minimum(f, ex.const(torch.ones(1), f"{n.name}/one"), name=f"{n.name}/valid")
+        m = ex.like(x, m)
+        return m if _packet(n) == "ne" else ex.binary(ex.b.sub, torch.ones(1), m, n.name)
+    if isinstance(x, Val) and s is not None and math.isinf(s):
+        # infinities never flow through the exported graph (masks are finite, see the docstring)
+        return torch.full(tuple(n.meta["val"].shape), _packet(n) == "ne")
+    raise ex.fail(n, "comparisons are supported as key masks: token ids == 0 or != 0 (0 = [PAD])")
+
+
+@rule("logical_not", "bitwise_not")
+def _not(ex, n, x):
+    return ex.binary(ex.b.sub, torch.ones(1), x, n.name)
+
+
+@rule("full_like", "zeros_like", "ones_like", "empty_like")
+def _full_like(ex, n, x, *a, **kw):
+    val = n.meta["val"]
+    fill = {"zeros_like": 0, "ones_like": 1, "empty_like": 0}.get(_packet(n), a[0] if a else kw.get("fill_value"))
+    return torch.full(tuple(val.shape), fill, dtype=val.dtype)
+
+
+@rule("where")
+def _where(ex, n, cond, a, b):
+    if isinstance(cond, torch.Tensor):
+        if bool(cond.all()):
+            return a
+        if not bool(cond.any()):
+            return b
+        cond = cond.float()
+    a = a if isinstance(a, Val) else _finite(a)
+    b = b if isinstance(b, Val) else _finite(b)
+    diff = a - b if not isinstance(a, Val) and not isinstance(b, Val) else ex.binary(ex.b.sub, a, b, f"{n.name}/diff")
+    picked = ex.binary(ex.b.mul, cond, diff, f"{n.name}/pick")        # b + cond * (a - b)
+    if not isinstance(b, Val) and not bool(b.any()):
+        return picked
+    return ex.binary(ex.b.add, picked, b, n.name)
+
+
+@rule("masked_fill")
+def _masked_fill(ex, n, x, mask, value):
+    return _where(ex, n, mask, torch.as_tensor(value), x)
+
+
+# ---- arithmetic
+
+@rule("add", "sub")
+def _add(ex, n, x, y, alpha=1):
+    if alpha != 1:
+        y = ex.scale(y, alpha, f"{n.name}/alpha") if isinstance(y, Val) else y * alpha
+    return ex.binary(ex.b.add if _packet(n) == "add" else ex.b.sub, x, y, n.name)
+
+
+@rule("rsub")
+def _rsub(ex, n, x, y, alpha=1):
+    return _add(ex, n, y, x) if alpha == 1 else _add(ex, n, y, ex.scale(x, alpha, f"{n.name}/alpha"))
+
+
+@rule("mul")
+def _mul(ex, n, x, y):
+    return ex.binary(ex.b.mul, x, y, n.name)
+
+
+@rule("div")
+def _div(ex, n, x, y, rounding_mode=None):
+    if rounding_mode is not None:
+        raise ex.fail(n, "integer division")
+    if _l2_normalize_of(n):
+        t, wrap = ex.rows(x, n.name)
+        return wrap(ex.b.l2_normalize(t, name=n.name))
+    s = _scalar(y)
+    if s is not None and not isinstance(y, Val):
+        return ex.scale(x, 1.0 / s, n.name)             # MUL: an int8 kernel exists for it, DIV has none
+    return ex.binary(ex.b.div, x, y, n.name)
+
+
+def _l2_normalize_of(n) -> bool:
+    """div(x, clamp(norm(x, 2, last axis))) (F.normalize) is one L2_NORMALIZATION."""
+    d = n.args[1]
+    while isinstance(d, torch.fx.Node) and _packet(d) in ("expand", "clamp", "clamp_min"):
+        if _packet(d) != "expand" and (len(d.args) > 2 or float(d.args[1]) > 1e-6):
+            return False
+        d = d.args[0]
+    if not isinstance(d, torch.fx.Node) or _packet(d) != "linalg_vector_norm" or d.args[0] is not n.args[0]:
+        return False
+    nd = len(n.meta["val"].shape)
+    ord_, dims = (list(d.args) + [2, None])[1:3]
+    return ord_ == 2 and dims is not None and [x % nd for x in dims] == [nd - 1]
+
+
+@rule("linalg_vector_norm")
+def _norm(ex, n, x, ord=2, dim=None, keepdim=False, **kw):
+    if ord != 2:
+        raise ex.fail(n, "only the 2-norm")
+    sq = ex.binary(ex.b.mul, x, x, f"{n.name}/square")
+    return ex.unary(_reduce(ex, n, ex.b.sum, sq, dim, keepdim, f"{n.name}/sum"), ex.b.sqrt, n.name)
+
+
+@rule("clamp", "clamp_min", "clamp_max", "hardtanh")
+def _clamp(ex, n, x, lo=None, hi=None, **kw):
+    if _packet(n) == "clamp_max":
+        lo, hi = None, lo
+    if lo is not None:
+        x = ex.binary(ex.b.maximum, x, torch.tensor(float(lo)), f"{n.name}/min" if hi is not None else n.name)
+    if hi is not None:
+        x = ex.binary(ex.b.minimum, x, torch.tensor(float(hi)), n.name)
+    return x
+
+
+@rule("pow")
+def _pow(ex, n, x, e):
+    if e == 2:
+        return ex.binary(ex.b.mul, x, x, n.name)
+    if e == 0.5:
+        return ex.unary(x, ex.b.sqrt, n.name)
+    raise ex.fail(n, f"power {e} (2 and 0.5 are supported)")
+
+
+@rule("neg")
+def _neg(ex, n, x):
+    return ex.scale(x, -1.0, n.name)
+
+
+@rule("sqrt", "rsqrt")
+def _sqrt(ex, n, x):
+    return ex.unary(x, ex.b.sqrt if _packet(n) == "sqrt" else ex.b.rsqrt, n.name)
+
+
+def _reduce(ex, n, fn, x, dims, keepdim, name):
+    nd = len(x.shape)
+    dims = list(range(nd)) if not dims else [d % nd for d in dims]
+    t = fn(ex.dense(x), dims, name=name)                  # keeps dims: (..., 1, ...)
+    shape = tuple(1 if i in dims else s for i, s in enumerate(x.shape))
+    return Val(t, shape if keepdim else tuple(s for i, s in enumerate(x.shape) if i not in dims))
+
+
+@rule("mean")
+def _mean(ex, n, x, dims=None, keepdim=False, **kw):
+    return _reduce(ex, n, ex.b.mean, x, dims, keepdim, n.name)
+
+
+@rule("sum")
+def _sum(ex, n, x, dims=None, keepdim=False, **kw):
+    return _reduce(ex, n, ex.b.sum, x, dims, keepdim, n.name)
+
+
+# ---- pointwise functions
+
+@rule("relu")
+def _relu(ex, n, x):
+    return x if n.name in ex.fused else ex.unary(x, ex.b.relu, n.name)
+
+
+@rule("sigmoid")
+def _sigmoid(ex, n, x):
+    return ex.unary(x, ex.b.logistic, n.name)
+
+
+@rule("tanh")
+def _tanh(ex, n, x):
+    return ex.unary(x, ex.b.tanh, n.name)
+
+
+@rule("silu")
+def _silu(ex, n, x):
+    return ex.binary(ex.b.mul, x, ex.unary(x, ex.b.logistic, f"{n.name}/sigmoid"), n.name)
+
+
+@rule("gelu")
+def _gelu(ex, n, x, approximate="none"):
+    if ex.gelu == "sigmoid":        # x * sigmoid(1.702 x): TFLite Micro has no GELU kernel
+        s = ex.unary(ex.scale(x, 1.702, f"{n.name}/scaled"), ex.b.logistic, f"{n.name}/sigmoid")
+        return ex.binary(ex.b.mul, x, s, n.name)
+    tanh = approximate == "tanh" or ex.gelu == "tanh"
+    return ex.unary(x, lambda t, name: ex.b.gelu(t, approximate=tanh, name=name), n.name)
+
+
+@rule("_softmax", "softmax")
+def _softmax(ex, n, x, dim, *a):
+    if dim % len(x.shape) != len(x.shape) - 1:
+        raise ex.fail(n, "softmax over an axis other than the last")
+    t, wrap = ex.rows(x, n.name)
+    return wrap(ex.b.softmax(t, name=n.name))
+
+
+@rule("native_layer_norm")
+def _layer_norm(ex, n, x, shape, w, b, eps):
+    if len(shape) != 1:
+        raise ex.fail(n, "LayerNorm over more than the last axis")
+    if isinstance(w, Val) or isinstance(b, Val):
+        raise ex.fail(n, "LayerNorm with computed (not constant) weights")
+    bb, name = ex.b, n.name
+    t, wrap = ex.rows(x, name)
+    mu = bb.mean(t, [-1], name=f"{name}/mean")
+    var = bb.mean(bb.squared_difference(t, mu, name=f"{name}/sqdiff"), [-1], name=f"{name}/var")
+    r = bb.rsqrt(bb.add(var, ex.const(torch.tensor([eps]), f"{name}/eps"), name=f"{name}/var_eps"),
+                 name=f"{name}/rsqrt")
+    y = bb.mul(bb.sub(t, mu, name=f"{name}/centre"), r, name=f"{name}/norm")
+    if w is not None:
+        y = bb.mul(y, ex.const(w, f"{name}.weight"), name=f"{name}/gamma")
+    if b is not None:
+        y = bb.add(y, ex.const(b, f"{name}.bias"), name=name)
+    return wrap(y), None, None
+
+
+@rule("getitem")
+def _getitem(ex, n, x, i):
+    return x[i]
+
+
+@rule("_assert_tensor_metadata", "_assert_scalar", "sym_constrain_range_for_size", "_assert_async")
+def _assert(ex, n, *a, **kw):
+    return None         # export-time checks of shapes and dtypes: nothing to run
+
+
+# ---- matrix ops
+
+def _relu_after(ex, n) -> str | None:
+    """The ReLU this node feeds through views only, if it is the single consumer (fused into the op)."""
+    cur = n
+    while len(cur.users) == 1:
+        u = next(iter(cur.users))
+        if _packet(u) == "relu":
+            ex.fused.add(u.name)
+            return "relu"
+        if _packet(u) not in ("view", "_unsafe_view", "clone", "alias", "reshape"):
+            return None
+        cur = u
+    return None
+
+
+def _fc(ex, n, x: Val, w: torch.Tensor, bias) -> Val:
+    """x @ w (+ bias) with constant w (K, N): FULLY_CONNECTED over x's last axis."""
+    w = w.detach().float()
+    N = w.shape[1]
+    if bias is not None and isinstance(bias, torch.Tensor) and bias.numel() == N:
+        bias = bias.reshape(N)
+    fc_bias = bias if bias is None or bias.ndim == 1 else None
+    t, wrap = ex.rows(x, n.name)
+    act = _relu_after(ex, n) if bias is None or fc_bias is not None else None
+    y = ex.b.fully_connected(t, ex.const(w.T.contiguous(), f"{n.name}.weight"),
+                             None if fc_bias is None else ex.const(fc_bias, f"{n.name}.bias"), act, name=n.name)
+    y = wrap(y)
+    shape = tuple(int(s) for s in n.meta["val"].shape)
+    y = y if y.shape == shape else Val(ex.dense(y), shape)
+    return y if fc_bias is not None or bias is None else ex.binary(ex.b.add, y, bias, f"{n.name}/bias")
+
+
+@rule("addmm", "mm")
+def _addmm(ex, n, *args, beta=1, alpha=1):
+    bias, x, w = args if _packet(n) == "addmm" else (None, *args)
+    if isinstance(bias, Val):
+        raise ex.fail(n, "a computed (not constant) bias")
+    if isinstance(w, torch.Tensor):
+        return _fc(ex, n, x, w * alpha, None if bias is None else bias * beta)
+    if beta != 1 or alpha != 1:
+        raise ex.fail(n, "addmm of activations with beta/alpha != 1")
+    if not isinstance(x, Val):
+        raise ex.fail(n, "a constant times an activation (put the weights on the right)")
+    y = _bmm(ex, n, x, w)
+    return y if bias is None else ex.binary(ex.b.add, y, bias, f"{n.name}/bias")
+
+
+def _operand(ex, v: Val, name: str) -> tuple[int, bool, int]:
+    """A matmul operand as (tensor, adj, the tensor before a reshape of its batch axes): a trailing
+    transpose becomes the adj flag."""
+    nd = len(v.shape)
+    if v.perm is not None and v.perm == tuple(range(nd - 2)) + (nd - 1, nd - 2):
+        t, adj = v.t, True
+    else:
+        t, adj = ex.dense(v, name), False
+    src = ex.reshaped.get(t, t)
+    return t, adj, src if ex.b.shape(src)[-2:] == ex.b.shape(t)[-2:] else t
+
+
+@rule("bmm")
+def _bmm(ex, n, a, b):
+    if isinstance(b, torch.Tensor):
+        if bool((b == b[:1]).all()):                    # the same weights for every batch: a Linear
+            return _fc(ex, n, a, b[0], None)
+        raise ex.fail(n, "a matmul with different constant matrices per batch")
+    if not isinstance(a, Val):
+        raise ex.fail(n, "a constant times an activation (put the weights on the right)")
+    (ta, adj_x, sa), (tb, adj_y, sb) = _operand(ex, a, f"{n.name}/a"), _operand(ex, b, f"{n.name}/b")
+    if ex.b.shape(sa)[:-2] == ex.b.shape(sb)[:-2]:
+        ta, tb = sa, sb         # the same batch axes (B, heads) on both sides: no reshape to ATen's 3-d bmm
+    return Val(ex.b.batch_matmul(ta, tb, adj_y=adj_y, adj_x=adj_x, name=n.name),
+               tuple(int(s) for s in n.meta["val"].shape))
+
+
+@rule("convolution")
+def _conv(ex, n, x, w, b, stride, padding, dilation, transposed, output_padding, groups):
+    if transposed or groups != 1 or len(stride) != 2:
+        raise ex.fail(n, "only 2-d convolutions with groups=1 (no transposed, grouped or 1-d ones)")
+    if isinstance(w, Val) or isinstance(b, Val):
+        raise ex.fail(n, "a convolution with computed (not constant) weights")
+    # NHWC: an (N, C, H, W) value laid out NHWC is perm (0, 3, 1, 2); anything else is transposed once
+    if x.perm == (0, 3, 1, 2):
+        t = x.t
+    else:
+        t = ex.transpose(x.t, [x.perm[i] for i in (0, 2, 3, 1)], f"{n.name}/nhwc") if x.perm else \
+            ex.transpose(ex.dense(x), (0, 2, 3, 1), f"{n.name}/nhwc")
+    ph, pw = (int(p) for p in padding)
+    if ph or pw:
+        t = ex.b.pad(t, [(0, 0), (ph, ph), (pw, pw), (0, 0)], name=f"{n.name}/pad")
+    wt = w.detach().float().permute(0, 2, 3, 1).contiguous()      # (O, I, kh, kw) -> (O, kh, kw, I)
+    bias = torch.zeros(w.shape[0]) if b is None else b
+    y = ex.b.conv2d(t, ex.const(wt, f"{n.name}.weight"), ex.const(bias, f"{n.name}.bias"),
+                    tuple(int(s) for s in stride), _relu_after(ex, n), name=n.name,
+                    dilation=tuple(int(d) for d in dilation))
+    return Val(y, tuple(int(s) for s in n.meta["val"].shape), (0, 3, 1, 2))
+
+
+@rule("embedding")
+def _embedding(ex, n, weight, ids, *a):
+    if isinstance(weight, Val) or not isinstance(ids, Val):
+        raise ex.fail(n, "embedding lookups need a constant table and token ids")
+    t = ex.b.gather(ex.const(weight, f"{where(n).module or n.name}.weight"), ex.dense(ids), name=n.name)
+    return Val(t, tuple(int(s) for s in n.meta["val"].shape))
+
+
+@rule("cat")
+def _cat(ex, n, parts, dim=0):
+    ts = [ex.dense(p) if isinstance(p, Val) else ex.const(p, f"{n.name}/part{i}") for i, p in enumerate(parts)]
+    return Val(ex.b.concatenation(ts, dim, name=n.name), tuple(int(s) for s in n.meta["val"].shape))
+
+
+# ---------------------------------------------------------------- entry points
+
+def build_captured(cap: Captured, gelu: str = "exact", name: str = "model") -> Builder:
+    """The fp32 .tflite graph (not yet serialised) of a captured model."""
+    with torch.no_grad():
+        return Exporter(cap, gelu, name).run()
+
+
+def export_captured(cap: Captured, gelu: str = "exact", description: str = "tinyshield") -> bytes:
+    """fp32 .tflite bytes of a captured model (e.g. `edge.capture.load("model.pt2", batch_one=False)`)."""
+    return build_captured(cap, gelu).finish(description=description)
+
+
+def _config(model: nn.Module):
+    return getattr(model, "config", None) or getattr(getattr(model, "bert", None), "config", None)
+
+
+def _dense_tables(model: nn.Module) -> nn.Module:
+    """A CLR-compressed word table (edge.compress) exported as the dense table it reconstructs: its lookup
+    equals a lookup in that table, LiteRT has no clustered low-rank gather, and the per-cluster Python
+    loop of its forward pass cannot be captured."""
+    tables = [p for p, m in model.named_modules() if hasattr(m, "layout") and hasattr(m, "table")]
+    if not tables:
+        return model
+    model = copy.deepcopy(model)
+    for path in tables:
+        with torch.no_grad():
+            model.set_submodule(path, nn.Embedding.from_pretrained(model.get_submodule(path).table().float()))
+    return model
+
+
+def example_input(model: nn.Module, seq_len: int | None, batch: int, input_shape=None) -> torch.Tensor:
+    """What the model is captured on: token ids (B, L) for text models (their config has a vocabulary),
+    images (B, C, H, W) for image models (an image size), else a float tensor of `input_shape`."""
+    if input_shape is not None:
+        return torch.randn(tuple(input_shape))
+    cfg = _config(model)
+    if hasattr(cfg, "vocab_size"):
+        if seq_len is None or seq_len < 1:
+            raise TinyshieldError("text models export for a fixed sequence length: give seq_len (--seq-len L)")
+        if seq_len > cfg.max_position_embeddings:
+            raise TinyshieldError(f"sequence length {seq_len} exceeds the model's {cfg.max_position_embeddings} "
+                                  "positions")
+        return torch.ones(batch, seq_len, dtype=torch.long)
+    if hasattr(cfg, "image_size"):
+        return torch.rand(batch, cfg.in_chans, cfg.image_size, cfg.image_size)
+    raise TinyshieldError(f"cannot export {type(model).__name__}: give input_shape (the shape of its input, "
+                          "batch first) or capture it yourself and use export_captured")
 
 
 def build_model(model: nn.Module, seq_len: int | None = None, batch: int = 1, gelu: str = "exact",
                 head: str = "sentence", input_shape=None) -> Builder:
-    """The fp32 graph of a tinyshield model, not yet serialised (int8 export quantises it)."""
+    """The fp32 graph of a model, not yet serialised (int8 export quantises it). A BertModel's output
+    is chosen by `head` (edge.models.bert.with_head)."""
+    from edge.models.bert import BertModel, with_head
+    if gelu not in GELU_MODES:
+        raise TinyshieldError(f"unknown GELU form {gelu!r}: use one of {', '.join(GELU_MODES)}")
     model = model.eval()
-    with torch.no_grad():
-        if type(model) is ViT:
-            return build_vit(model, batch, gelu)
-        if type(model) in (BertModel, BertClassifier):
-            if seq_len is None or seq_len < 1:
-                raise TinyshieldError("text models export for a fixed sequence length: give seq_len (--seq-len L)")
-            if type(model) is BertClassifier:
-                return build_bert_classifier(model, seq_len, batch, gelu)
-            return build_bert(model, seq_len, batch, head, gelu)
-        if type(model) is nn.Sequential:
-            if input_shape is None:
-                raise TinyshieldError("an nn.Sequential needs input_shape to export")
-            return build_sequential(model, input_shape, gelu)
-    raise unsupported(model, type(model).__name__)
+    x = example_input(model, seq_len, batch, input_shape)
+    if isinstance(model, BertModel):
+        model = with_head(model, head)
+    cap = capture(_dense_tables(model), (x,), batch_one=False)
+    return build_captured(cap, gelu, type(model).__name__)
 
 
 def export_model(model: nn.Module, seq_len: int | None = None, batch: int = 1, gelu: str = "exact",
                  head: str = "sentence", input_shape=None) -> bytes:
-    """fp32 .tflite bytes of a tinyshield model (see the module docstring for inputs and outputs)."""
+    """fp32 .tflite bytes of a model (see the module docstring for inputs and outputs)."""
     return build_model(model, seq_len, batch, gelu, head, input_shape).finish()

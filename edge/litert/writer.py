@@ -158,12 +158,12 @@ class Builder:
         return y
 
     def batch_matmul(self, a: int, b: int, adj_y: bool = False, name: str = "matmul",
-                     out_quant: Quant | None | str = "inherit") -> int:
+                     out_quant: Quant | None | str = "inherit", adj_x: bool = False) -> int:
         sa, sb = self.shape(a), self.shape(b)
-        n = sb[-2] if adj_y else sb[-1]
-        y = self._out(a, sa[:-1] + (n,), name, quant=out_quant)
+        m, n = (sa[-1] if adj_x else sa[-2]), (sb[-2] if adj_y else sb[-1])
+        y = self._out(a, tuple(np.broadcast_shapes(sa[:-2], sb[:-2])) + (m, n), name, quant=out_quant)
         opt = fb.BatchMatMulOptionsT()
-        opt.adjX, opt.adjY = False, adj_y
+        opt.adjX, opt.adjY = adj_x, adj_y
         self.op(OPS.BATCH_MATMUL, [a, b], [y], opt, fb.BuiltinOptions.BatchMatMulOptions)
         return y
 
@@ -192,6 +192,10 @@ class Builder:
         return self._binary(OPS.MINIMUM, fb.MaximumMinimumOptionsT, fb.BuiltinOptions.MaximumMinimumOptions,
                             a, b, name)
 
+    def maximum(self, a, b, name="max"):
+        return self._binary(OPS.MAXIMUM, fb.MaximumMinimumOptionsT, fb.BuiltinOptions.MaximumMinimumOptions,
+                            a, b, name)
+
     def squared_difference(self, a, b, name="sqdiff", out_quant="inherit"):
         return self._binary(OPS.SQUARED_DIFFERENCE, fb.SquaredDifferenceOptionsT,
                             fb.BuiltinOptions.SquaredDifferenceOptions, a, b, name, None, out_quant)
@@ -203,6 +207,9 @@ class Builder:
 
     def rsqrt(self, x, name="rsqrt", out_quant="inherit"):
         return self._unary(OPS.RSQRT, x, name, out_quant)
+
+    def sqrt(self, x, name="sqrt"):
+        return self._unary(OPS.SQRT, x, name)
 
     def logistic(self, x, name="sigmoid", out_quant="inherit"):
         return self._unary(OPS.LOGISTIC, x, name, out_quant)
@@ -253,6 +260,34 @@ class Builder:
         self.op(OPS.TRANSPOSE, [x, p], [y], fb.TransposeOptionsT(), fb.BuiltinOptions.TransposeOptions)
         return y
 
+    def strided_slice(self, x, begin, end, strides, shrink_axis_mask: int = 0, name="slice"):
+        """x[begin:end:strides] per axis; axes in `shrink_axis_mask` (bit i = axis i) are dropped."""
+        shape = [len(range(b, e, s)) for b, e, s in zip(begin, end, strides)]
+        shape = tuple(d for i, d in enumerate(shape) if not shrink_axis_mask >> i & 1)
+        ins = [x] + [self.const(f"{name}/{k}", np.array(v, np.int32))
+                     for k, v in (("begin", begin), ("end", end), ("strides", strides))]
+        y = self._out(x, shape, name)
+        opt = fb.StridedSliceOptionsT()
+        opt.shrinkAxisMask = shrink_axis_mask
+        self.op(OPS.STRIDED_SLICE, ins, [y], opt, fb.BuiltinOptions.StridedSliceOptions)
+        return y
+
+    def concatenation(self, xs, axis: int, name="concat"):
+        shapes = [self.shape(x) for x in xs]
+        axis %= len(shapes[0])
+        shape = shapes[0][:axis] + (sum(s[axis] for s in shapes),) + shapes[0][axis + 1:]
+        y = self._out(xs[0], shape, name)
+        opt = fb.ConcatenationOptionsT()
+        opt.axis = axis
+        self.op(OPS.CONCATENATION, list(xs), [y], opt, fb.BuiltinOptions.ConcatenationOptions)
+        return y
+
+    def broadcast_to(self, x, shape, name="broadcast"):
+        s = self.const(f"{name}/shape", np.array(shape, np.int32))
+        y = self._out(x, tuple(shape), name)
+        self.op(OPS.BROADCAST_TO, [x, s], [y])
+        return y
+
     def gather(self, table, indices, name="gather"):
         opt = fb.GatherOptionsT()
         opt.axis, opt.batchDims = 0, 0
@@ -284,22 +319,46 @@ class Builder:
         self.op(OPS.PAD, [x, p], [y], fb.PadOptionsT(), fb.BuiltinOptions.PadOptions)
         return y
 
-    def conv2d(self, x, w, b, stride: int, act: str | None = None, name="conv",
-               out_quant: Quant | None | str = "inherit") -> int:
-        """VALID convolution, NHWC input, weights (out, kh, kw, in)."""
+    def conv2d(self, x, w, b, stride, act: str | None = None, name="conv",
+               out_quant: Quant | None | str = "inherit", dilation=(1, 1)) -> int:
+        """VALID convolution, NHWC input, weights (out, kh, kw, in); stride an int or (sh, sw)."""
         n, h, wd, c = self.shape(x)
         o, kh, kw, ci = self.shape(w)
         if ci != c:
             raise TinyshieldError(f"{name}: input has {c} channels, weight expects {ci}")
-        shape = (n, (h - kh) // stride + 1, (wd - kw) // stride + 1, o)
+        sh, sw = (stride, stride) if isinstance(stride, int) else stride
+        dh, dw = dilation
+        shape = (n, (h - dh * (kh - 1) - 1) // sh + 1, (wd - dw * (kw - 1) - 1) // sw + 1, o)
         y = self._out(x, shape, name, quant=out_quant)
         opt = fb.Conv2DOptionsT()
         opt.padding = fb.Padding.VALID
-        opt.strideH = opt.strideW = stride
-        opt.dilationHFactor = opt.dilationWFactor = 1
+        opt.strideH, opt.strideW = sh, sw
+        opt.dilationHFactor, opt.dilationWFactor = dh, dw
         opt.fusedActivationFunction = ACT[act]
         self.op(OPS.CONV_2D, [x, w, b], [y], opt, fb.BuiltinOptions.Conv2DOptions)
         return y
+
+    def pruned(self) -> "Builder":
+        """A copy without the ops nothing reads and the tensors no op uses (an exporter may emit a value
+        and then fuse its consumer into a single op, e.g. a norm that becomes L2_NORMALIZATION)."""
+        live = set(self.outputs) | set(self.inputs)
+        keep = []
+        for k in reversed(range(len(self.operators))):
+            op = self.operators[k]
+            if any(t in live for t in op.outputs):
+                keep.append(k)
+                live.update(t for t in op.inputs if t >= 0)
+        ids = {t: i for i, t in enumerate(sorted(live))}
+        nb = Builder(self.name)
+        nb.tensors = [self.tensors[t] for t in sorted(live)]
+        nb._names = {t.name for t in nb.tensors}
+        nb.inputs, nb.outputs = [ids[t] for t in self.inputs], [ids[t] for t in self.outputs]
+        for k in reversed(keep):
+            op = self.operators[k]
+            nb.source = self.op_sources[k]
+            nb.op(self.op_codes[k], [ids[t] if t >= 0 else -1 for t in op.inputs], [ids[t] for t in op.outputs],
+                  op.builtinOptions, op.builtinOptionsType)
+        return nb
 
     # ---- serialisation -------------------------------------------------------------------
     def finish(self, outputs: list[int] | None = None, description: str = "tinyshield") -> bytes:

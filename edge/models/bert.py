@@ -198,3 +198,28 @@ class BertClassifier(nn.Module):
             attention_mask = (input_ids != PAD_ID).long()     # the mask a deployed model builds itself
         h = self.bert(input_ids, attention_mask, token_type_ids)
         return self.classifier(mean_pool(h, attention_mask))
+
+
+class MeanPooled(nn.Module):
+    """A BertModel's sentence embedding from token ids alone: mean over the real tokens ([PAD] = 0 masked),
+    L2-normalised when `normalize` (sentence-transformers' Pooling(mean) -> Normalize, as MiniLM's)."""
+
+    def __init__(self, bert: BertModel, normalize: bool = True):
+        super().__init__()
+        self.bert, self.normalize = bert, normalize
+
+    def forward(self, input_ids):
+        mask = (input_ids != PAD_ID).long()
+        e = mean_pool(self.bert(input_ids, mask), mask)
+        return F.normalize(e, dim=-1) if self.normalize else e
+
+
+HEADS = ("sentence", "mean", "hidden")
+
+
+def with_head(bert: BertModel, head: str) -> nn.Module:
+    """The encoder with the output `head`: "sentence" (mean pool + L2 normalise), "mean" (mean pool)
+    or "hidden" (the (B, L, d) hidden states: the BertModel itself)."""
+    if head not in HEADS:
+        raise TinyshieldError(f"unknown head {head!r}: use one of {', '.join(HEADS)}")
+    return bert if head == "hidden" else MeanPooled(bert, normalize=head == "sentence")
