@@ -113,3 +113,58 @@ def test_sequential_export_and_unsupported_modules_are_named():
         export_model(clf.bert, seq_len=9)
     with pytest.raises(TinyshieldError, match="unknown GELU form"):
         export_model(seq, input_shape=(1, 8), gelu="erf")
+
+
+class _TextEncoder(nn.Module):
+    """Stock torch modules only: a pre-LN nn.TransformerEncoderLayer (GELU) over token ids with a [PAD]
+    key mask, learned positions and a read-out of the first token."""
+
+    def __init__(self, vocab=60, d=32, L=12, labels=3):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.pos = nn.Parameter(torch.randn(1, L, d) * 0.1)
+        self.enc = nn.TransformerEncoderLayer(d, 4, 64, dropout=0.0, batch_first=True, norm_first=True,
+                                              activation="gelu")
+        self.head = nn.Linear(d, labels)
+
+    def forward(self, ids):
+        h = self.enc(self.emb(ids) + self.pos, src_key_padding_mask=ids == 0)
+        return self.head(h[:, 0])
+
+
+def test_stock_transformer_encoder_layer_and_its_pt2_match_torch(tmp_path, capsys):
+    from edge.capture import capture
+    from edge.litert.export import export_captured
+    from tools.cli import main
+    torch.manual_seed(0)
+    model = _TextEncoder().eval()
+    ids = _ids(2, 12, 60, pad_from=7)
+    with torch.no_grad():
+        ref = model(ids).numpy()
+    y = Interpreter(export_captured(capture(model, (ids,), batch_one=False))).run(ids.numpy())
+    np.testing.assert_allclose(y, ref, atol=1e-4)
+
+    pt2, out = tmp_path / "enc.pt2", tmp_path / "enc.tflite"
+    torch.export.save(torch.export.export(model, (ids,)), pt2)
+    assert main(["export", str(pt2), "--format", "tflite", "-o", str(out)]) == 0
+    assert "fp32" in capsys.readouterr().out
+    np.testing.assert_allclose(Interpreter(out.read_bytes()).run(ids.numpy()), ref, atol=1e-4)
+
+    # int8 from the same file, calibrated on a .npy of batch-first inputs
+    calib, out8 = tmp_path / "calib.npy", tmp_path / "enc8.tflite"
+    np.save(calib, np.concatenate([_ids(2, 12, 60, seed=s, pad_from=5 + s).numpy() for s in range(4)]))
+    assert main(["export", str(pt2), "--int8", "--calib", str(calib), "-o", str(out8)]) == 0
+    y8 = Interpreter(out8.read_bytes()).run(ids.numpy())
+    assert np.linalg.norm(y8 - ref) < 0.2 * np.linalg.norm(ref)
+
+
+class _Cumsum(nn.Module):
+    def forward(self, x):
+        return x.cumsum(1)          # no .tflite lowering
+
+
+def test_unsupported_op_names_op_module_and_source_line():
+    net = nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.ReLU(), _Cumsum()))
+    with pytest.raises(TinyshieldError, match=r"cannot export 1\.1: _Cumsum is not supported .*aten\.cumsum.*"
+                                              r"test_litert_export\.py:\d+ \(return x\.cumsum\(1\)"):
+        export_model(net, input_shape=(1, 3, 4))

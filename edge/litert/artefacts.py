@@ -73,6 +73,54 @@ def export_loaded(loaded, opts: ExportOptions) -> bytes:
     return build_model(loaded.model, seq_len, opts.batch, opts.gelu, opts.head).finish(description=desc)
 
 
+def export_pt2(path: str | Path, opts: ExportOptions) -> bytes:
+    """.tflite bytes of a saved ExportedProgram (.pt2) at its own example's shapes (the batch too). int8
+    calibrates on `opts.calib`: a .npy/.npz file of batch-first inputs (array `x` in a .npz)."""
+    import numpy as np
+
+    from edge.capture import load
+    from edge.litert.export import build_captured
+    from edge.litert.int8 import FFN_OUT
+    from edge.litert.quantize import calibrate, quantize_graph
+
+    cap = load(path, batch_one=False)
+    x0 = cap.example[0]
+    meta = {"kind": "pt2", "input": "ids" if not x0.is_floating_point() else "tensor",
+            "seq_len": int(x0.shape[1]) if not x0.is_floating_point() and x0.ndim == 2 else None,
+            "batch": int(x0.shape[0]), "int8": opts.mode if opts.int8 else None, "calib": opts.calib,
+            "gelu": opts.gelu, "head": "output", "labels": None}
+    b = build_captured(cap, opts.gelu, Path(path).stem)
+    if opts.int8:
+        if not opts.calib or not str(opts.calib).endswith((".npy", ".npz")):
+            raise TinyshieldError("a .pt2 model calibrates on your data: --calib calib.npy (batch-first inputs, "
+                                  "or array x of a .npz)")
+        xs = _load_inputs(opts.calib)
+        B = int(x0.shape[0])
+        if tuple(xs.shape[1:]) != tuple(x0.shape[1:]) or len(xs) < B:
+            raise TinyshieldError(f"{opts.calib}: inputs of shape {tuple(xs.shape)} do not fit the model's input "
+                                  f"{tuple(x0.shape)} (batch-first, at least {B})")
+        dtype = np.int32 if not x0.is_floating_point() else np.float32
+        calib = [xs[i:i + B].astype(dtype) for i in range(0, len(xs) - B + 1, B)][:opts.calib_n]
+        b = quantize_graph(b, calibrate(b, calib), opts.mode, wide_modules=FFN_OUT)
+    return b.finish(description=json.dumps({"tinyshield": meta}))
+
+
+def _load_inputs(path: str):
+    import numpy as np
+    p = Path(path)
+    if not p.is_file():
+        raise TinyshieldError(f"{p}: no such file")
+    try:
+        data = np.load(p, allow_pickle=False)
+    except Exception as e:
+        raise TinyshieldError(f"{p}: not a readable .npy/.npz file ({e})") from None
+    if isinstance(data, np.lib.npyio.NpzFile):
+        if "x" not in data.files:
+            raise TinyshieldError(f"{p}: has arrays {data.files}, expected 'x'")
+        data = data["x"]
+    return data
+
+
 def read_meta(model) -> dict:
     """The tinyshield metadata of a validated ModelT (empty for foreign .tflite files)."""
     d = model.description

@@ -22,6 +22,8 @@ from edge.litert.schema import IDENTIFIER, SCHEMA_VERSION, TENSOR_TYPES, fb
 OPS = fb.BuiltinOperator
 ACT = {None: fb.ActivationFunctionType.NONE, "relu": fb.ActivationFunctionType.RELU,
        "relu6": fb.ActivationFunctionType.RELU6}
+# ops whose first registered kernel version is above 1 (BROADCAST_TO's version 1 was never a builtin)
+VERSIONS = {OPS.BROADCAST_TO: 2}
 
 
 @dataclass(frozen=True)
@@ -392,7 +394,7 @@ class Builder:
             oc.builtinCode = code
             # codes above 127 live only in the new field; the old int8 field holds the placeholder
             oc.deprecatedBuiltinCode = min(code, OPS.PLACEHOLDER_FOR_GREATER_OP_CODES)
-            oc.version = 1
+            oc.version = VERSIONS.get(code, 1)
             m.operatorCodes.append(oc)
         size = sum(int(t.data.nbytes) for t in self.tensors if t.data is not None)
         b = flatbuffers.Builder(size + 64 * 1024 + 256 * len(self.tensors))
