@@ -156,7 +156,8 @@ class Lowering:
         self.names: dict[str, int] = {}
         self.special = special or {}      # module path -> its own lookup lowering (e.g. a CLR word table)
         self.ones_mask: dict[int, str] = {}
-        self.cat_consts: dict[str, list] = {}   # concat output -> its constant parts (see _fold_cat_consts)
+        self.cat_consts: dict[str, list] = {}
+        self.folded_bn: set[str] = set()        # BatchNorm nodes folded into the conv before them   # concat output -> its constant parts (see _fold_cat_consts)
         self.meta: dict = {}
 
     # -------------------------------------------------- helpers
@@ -165,11 +166,25 @@ class Lowering:
         return TinyshieldError(f"{what} (node {node.name}: {node.target}, {w})" + (f": {fix}" if fix else ""))
 
     def opname(self, node, suffix: str = "") -> str:
-        base = where(node).module or node.name
-        base = base + suffix
+        w = where(node)
+        base = (w.module or node.name) + suffix
         n = self.names.get(base, 0)
         self.names[base] = n + 1
-        return base if n == 0 else f"{base}#{n}"
+        name = base if n == 0 else f"{base}#{n}"
+        if w.source:    # so that tinyshield validate can point at the user's line
+            self.meta.setdefault("where", {})[name] = w.source
+        return name
+
+    def note_float(self, a: Act, node_name: str) -> None:
+        """Record that tensor a.tensor holds the float value of ATen node `node_name` (its layout, scale
+        and zero point as `a` sees it), for comparing device tensors with the float model. The first
+        node producing a tensor wins (later views of it, or a rescale, are the same bytes)."""
+        t = self.b.tensors.get(a.tensor)
+        seen = self.meta.setdefault("node_of", {})
+        if t is None or a.tensor in seen or a.offset != 0 or int(np.prod(a.shape)) != int(np.prod(t.shape)):
+            return
+        seen[a.tensor] = (node_name, tuple(int(v) for v in a.shape), tuple(int(v) for v in a.strides),
+                          float(a.scale), int(a.zp))
 
     def q_of(self, node_name: str, symmetric=False) -> Q.ActQ:
         lo, hi = self.ranges.range(node_name)
@@ -248,7 +263,10 @@ class Lowering:
                 else:
                     inputs.append(self.input(n))
             elif n.op == "call_function":
-                self.env[n.name] = self.call(n)
+                self.env[n.name] = v = self.call(n)
+                # A fused ReLU sits in the producer's tensor: that tensor is the ReLU node's value
+                if isinstance(v, Act) and (not v.relu or _packet(n) == "relu"):
+                    self.note_float(v, n.name)
             elif n.op == "output":
                 outs = n.args[0]
                 if len(outs) != 1:
@@ -267,6 +285,8 @@ class Lowering:
         t = self.b.tensors.pop(old)
         t.name = new
         self.b.tensors[new] = t
+        if old in self.meta.get("node_of", {}):
+            self.meta["node_of"][new] = self.meta["node_of"].pop(old)
         for op in self.b.ops:
             op.inputs = [new if x == old else x for x in op.inputs]
             op.outputs = [new if x == old else x for x in op.outputs]
@@ -329,6 +349,7 @@ class Lowering:
         n = int(np.prod(a.shape))
         self.b.op("add", name, [a.tensor, b_tensor], [y.tensor], n=n, b_n=b_n, a_zp=a.zp, b_zp=bq.zero_point,
                   y_zp=q.zero_point, **p)
+        self.note_float(y, node.name)
         return y
 
     def emit_add_const(self, v: PlusConst, node) -> Act:
@@ -539,7 +560,9 @@ def _sub(lw, n, x, y, alpha=1):
         return replace(y, true_at="pad" if y.true_at == "valid" else "valid")
     if isinstance(x, (Act, Sum, PlusConst)) and isinstance(y, torch.Tensor):
         return _add(lw, n, x, -y * alpha)
-    raise lw.fail(n, "subtracting activations is not supported", "use x + (-1 * y) inside a layer, or an add")
+    if isinstance(x, (Act, Sum, PlusConst)) and isinstance(y, (Act, Sum, PlusConst)) and alpha == 1:
+        return Sum(lw.act(x, n), _negate(lw, n, y), n.name)      # x - y = x + (-y): add_s8 or add+LayerNorm
+    raise lw.fail(n, f"subtracting a {type(y).__name__} from a {type(x).__name__} is not supported")
 
 
 @rule("masked_fill")
@@ -590,10 +613,10 @@ def _mul(lw, n, x, y):
     if isinstance(x, Scores) and s is not None and s > 0:
         return replace(x, factor=x.factor * s, node=n.name)
     if isinstance(x, (Act, Sum, PlusConst)) and s is not None:
-        if s <= 0:
-            raise lw.fail(n, "multiplying an activation by a scalar <= 0 is not supported")
-        a = lw.act(x, n)
-        return replace(a, scale=a.scale * s, node=n.name)
+        if s == 0:
+            raise lw.fail(n, "multiplying an activation by 0 is not supported")
+        a = lw.act(x, n) if s > 0 else _negate(lw, n, x)
+        return replace(a, scale=a.scale * abs(s), node=n.name)
     if isinstance(x, Mask):
         if x.kind == "01" and s is not None and s <= -1e4 and x.true_at == "pad":
             return replace(x, kind="bias", true_at="valid")
@@ -728,13 +751,40 @@ def _conv(lw, n, x, w, b, stride, padding, dilation, transposed, output_padding,
         # copy to HWC: the (1, H, W, C) permutation of the NCHW view
         x = lw.whole(lw.view(x, lambda t: t.permute(0, 2, 3, 1)), n)
         x = replace(x, shape=(1, C, H, W_), strides=hwc)
-    relu = _relu_after(n)
-    q = lw.q_of((relu or n).name)
+    out = n
+    bn = _bn_after(n)
+    if bn is not None:      # eval-mode BatchNorm right after the conv: folded into its weights and bias
+        w, b = _fold_bn(lw, bn, w, b)
+        out = next(u for u in bn.users if _packet(u) == "getitem" and u.args[1] == 0)
+        lw.folded_bn.add(bn.name)
+    relu = _relu_after(out)
+    q = lw.q_of((relu or out).name)
     name = lw.opname(n)
     y = L.conv(lw.b, name, w.detach().double().numpy(), None if b is None else b.detach().double().numpy(),
                int(stride[0]), int(padding[0]), x.tensor, H, W_, q, relu is not None, xq=x.q)
     Ho, Wo, Co = lw.b.tensors[y].shape
-    return Act(y, (1, Co, Ho, Wo), (Ho * Wo * Co, 1, Wo * Co, Co), 0, q.scale, q.zero_point, n.name, relu is not None)
+    return Act(y, (1, Co, Ho, Wo), (Ho * Wo * Co, 1, Wo * Co, Co), 0, q.scale, q.zero_point, out.name, relu is not None)
+
+
+def _bn_after(n) -> torch.fx.Node | None:
+    u = next(iter(n.users)) if len(n.users) == 1 else None
+    return u if u is not None and _packet(u) == "_native_batch_norm_legit_no_training" else None
+
+
+def _fold_bn(lw, bn, w, b):
+    """conv then BatchNorm (eval): w * g / sqrt(var + eps) per output channel, bias shifted to match."""
+    gamma, beta, mean, var = (lw.env[a.name] if isinstance(a, torch.fx.Node) else None for a in bn.args[1:5])
+    eps = bn.args[6]
+    k = (gamma if gamma is not None else 1.0) / torch.sqrt(var + eps)
+    b0 = b if b is not None else torch.zeros_like(mean)
+    return w * k.reshape(-1, 1, 1, 1), (b0 - mean) * k + (beta if beta is not None else 0.0)
+
+
+@rule("_native_batch_norm_legit_no_training")
+def _batch_norm(lw, n, x, *a):
+    if n.name in lw.folded_bn:
+        return (x, None, None)
+    raise lw.fail(n, "BatchNorm is supported only right after a conv2d (folded into it)")
 
 
 @rule("embedding")
@@ -799,9 +849,9 @@ def _getitem(lw, n, x, i):
 
 # ---- pointwise functions: one 256-entry table each
 
-def _table(lw, n, x, fn) -> Act:
+def _table(lw, n, x, fn, q: Q.ActQ | None = None) -> Act:
     x = lw.whole(lw.act(x, n), n)
-    q = lw.q_of(n.name)
+    q = q or lw.q_of(n.name)
     levels = torch.tensor((np.arange(-128, 128) - x.zp) * x.scale, dtype=torch.float64)
     table = Q.quantize(fn(levels).numpy(), q.scale, q.zero_point)
     name = lw.opname(n, "." + _packet(n))
@@ -809,6 +859,18 @@ def _table(lw, n, x, fn) -> Act:
     y = lw.new_act(f"{name}.out", x.shape, q, n.name)
     lw.b.op("lut", name, [x.tensor, t], [y.tensor], n=int(np.prod(x.shape)))
     return y
+
+
+def _negate(lw, n, x) -> Act:
+    """-x. int8 scales are positive, so a sign flip is a pass over the values: with the same scale and
+    zero point -zp-1 the table is q -> -1-q, exact."""
+    a = lw.whole(lw.act(x, n), n)
+    return replace(_table(lw, n, a, torch.neg, Q.ActQ(a.scale, -a.zp - 1)), node=a.node)
+
+
+@rule("neg")
+def _neg(lw, n, x):
+    return _negate(lw, n, x)
 
 
 @rule("relu")
@@ -1026,9 +1088,22 @@ def lower_module(model: torch.nn.Module, inputs, name: str = "model", clr: dict 
     loops over clusters in Python, which torch.export cannot trace: the model is captured with the dense
     table it reconstructs (the same float function) and that lookup is lowered as the CLR table. `clr`
     may give a table's int8 form (QuantCLR) by module path."""
-    import copy
-
     from edge.capture import calibrate, capture
+
+    model, special = capturable(model, clr)
+    xs = torch.as_tensor(np.asarray(inputs))
+    if xs.ndim < 1 or len(xs) == 0:
+        raise TinyshieldError(f"calibration needs at least one input (a batch-first array), got shape {tuple(xs.shape)}")
+    cap = capture(model, (xs[:1],))
+    ranges = calibrate(cap, [x[None] for x in xs])
+    return lower_captured(cap, ranges, name, special)
+
+
+def capturable(model: torch.nn.Module, clr: dict | None = None):
+    """(the module torch.export captures, special lowerings by module path): CLR word tables swapped
+    for the dense table they reconstruct (see lower_module). The float reference of validation
+    captures this same module."""
+    import copy
 
     model = model.eval()
     tables = {p: m for p, m in model.named_modules() if hasattr(m, "layout") and hasattr(m, "table")}
@@ -1039,12 +1114,7 @@ def lower_module(model: torch.nn.Module, inputs, name: str = "model", clr: dict 
             with torch.no_grad():
                 model.set_submodule(path, torch.nn.Embedding.from_pretrained(emb.table().float()))
             special[path] = _clr_rule(emb, (clr or {}).get(path))
-    xs = torch.as_tensor(np.asarray(inputs))
-    if xs.ndim < 1 or len(xs) == 0:
-        raise TinyshieldError(f"calibration needs at least one input (a batch-first array), got shape {tuple(xs.shape)}")
-    cap = capture(model, (xs[:1],))
-    ranges = calibrate(cap, [x[None] for x in xs])
-    return lower_captured(cap, ranges, name, special)
+    return model, special
 
 
 def _clr_rule(emb, quant):

@@ -107,6 +107,32 @@ class Arith(nn.Module):                # add / mul of activations (with row broa
         return self.out(h * gate)
 
 
+class Signs(nn.Module):              # subtracting activations, negation, a negative scale
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.out = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+        self.ln = nn.LayerNorm(8)
+
+    def forward(self, x):
+        h = self.a(x) - self.b(x)
+        h = self.ln(-h + self.a(x) * -0.5)
+        return self.out(h - torch.tanh(h))
+
+
+class ConvBN(nn.Module):               # conv2d -> BatchNorm2d (eval) -> ReLU: BatchNorm folded into the conv
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.fc = nn.Conv2d(1, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.Linear(8 * 4 * 4, 4)
+        with torch.no_grad():
+            self.bn.running_mean.normal_(0, 0.3)
+            self.bn.running_var.uniform_(0.5, 2.0)
+            self.bn.weight.normal_(1, 0.3)
+            self.bn.bias.normal_(0, 0.3)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.bn(self.conv(x))).flatten(1))
+
+
 class Norm(nn.Module):                 # LayerNorm alone, after a residual add, and after a constant add
     def __init__(self):
         super().__init__()
@@ -203,6 +229,16 @@ def test_pointwise_functions(fn):
 def test_add_mul_broadcast_and_constants():
     g = _check(Arith(), np.random.default_rng(3).normal(size=(16, 6, 8)).astype(np.float32), tol=0.1)
     assert {"add", "mul"} <= set(_kernels(g))
+
+
+def test_subtraction_and_negation():
+    g = _check(Signs(), np.random.default_rng(10).normal(size=(16, 6, 8)).astype(np.float32))
+    assert "lut" in _kernels(g) and "add_layernorm" in _kernels(g)
+
+
+def test_batchnorm_after_conv_is_folded():
+    g = _check(ConvBN(), np.random.default_rng(11).random((16, 1, 8, 8)).astype(np.float32))
+    assert [k for k in _kernels(g) if k != "permute"] == ["conv2d", "fully_connected"]     # no BatchNorm, no ReLU op
 
 
 def test_layernorm_alone_residual_and_constant():
