@@ -14,7 +14,7 @@ import json
 import re
 import shutil
 import subprocess
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from edge.errors import TinyshieldError
@@ -43,6 +43,9 @@ class Firmware:
     input_bytes: int
     output_bytes: int
     cached: bool = False
+    # where the plugin cuts an inference into per-call instruction counts (see _call_marks)
+    call_marks: list[int] = field(default_factory=list)
+    taps: int = 0                 # segments of a tap build (STEP/PEEK commands), 0 otherwise
 
     def summary(self) -> str:
         return (f"{self.elf}\n  board {self.board}: flash {self.flash_used:,} / {self.flash_bytes:,} B "
@@ -96,6 +99,31 @@ def _symbols(elf: Path) -> dict[str, int]:
     return syms
 
 
+def _call_marks(elf: Path) -> list[int]:
+    """Where the plugin cuts an inference into per-call counts: the first kernel call instruction (`bl
+    tsh_<kernel>`) of tsh_model_run, then the return address of every kernel call. The regions between
+    are: entry and input copy, call 0, ..., call n-1 (each with its argument set-up), output copy and
+    return. Read from the image itself, so the profiled firmware is the deployed one, unchanged."""
+    r = subprocess.run(["arm-none-eabi-objdump", "-d", "--no-show-raw-insn", "--disassemble=tsh_model_run", str(elf)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        return []
+    lines = [ln for ln in r.stdout.splitlines() if re.match(r"^\s+[0-9a-f]+:\t", ln)]
+    marks = []
+    for i, ln in enumerate(lines):
+        m = re.match(r"^\s+([0-9a-f]+):\tbl\s+[0-9a-f]+ <(tsh_\w+)>", ln)
+        if m and i + 1 < len(lines):
+            if not marks:
+                marks.append(int(m.group(1), 16))
+            marks.append(int(lines[i + 1].split(":")[0], 16))
+    return marks
+
+
+def _tap_segments(model_dir: Path) -> int:
+    m = re.search(r"#define\s+TSH_MODEL_SEGMENTS\s+(\d+)", (model_dir / "model.h").read_text())
+    return int(m.group(1)) if m else 0
+
+
 def _memory_usage(text: str) -> dict[str, int]:
     """Parse ld's --print-memory-usage table: '  FLASH:  12345 B  1 MB  1.18%'."""
     units = {"B": 1, "KB": 1024, "MB": 1024 ** 2, "GB": 1024 ** 3}
@@ -145,6 +173,8 @@ def build_firmware(model_dir: str | Path, board: str | Board | None = None, *, i
     if meta.is_file() and (out / "fw.elf").is_file() and not force:
         fw = Firmware.from_json(json.loads(meta.read_text()))
         fw.cached = True
+        if not fw.call_marks:      # cached before per-call profiling: read them from the image
+            fw.call_marks = _call_marks(fw.elf)
         return fw
 
     out.mkdir(parents=True, exist_ok=True)
@@ -165,7 +195,8 @@ def build_firmware(model_dir: str | Path, board: str | Board | None = None, *, i
     fw = Firmware(elf=elf, board=b.id, flash_used=used.get("FLASH", 0), flash_bytes=b.flash_bytes,
                   ram_used=used.get("RAM", 0), ram_bytes=b.ram_bytes,
                   mark_begin=syms["tsh_mark_begin"] & ~1, mark_end=syms["tsh_mark_end"] & ~1,
-                  input_bytes=in_b, output_bytes=out_b)
+                  input_bytes=in_b, output_bytes=out_b, call_marks=_call_marks(elf),
+                  taps=_tap_segments(model_dir))
     meta.write_text(json.dumps(fw.to_json(), indent=1))
     if not quiet:
         print(log.strip())
@@ -399,6 +430,21 @@ def deploy_graph(graph, board: str | Board | None, out_dir: Path, schedule: str 
     t_in, t_out = graph.tensors[graph.inputs[0]], graph.tensors[graph.outputs[0]]
     fw = build_firmware(src, b, input_bytes=t_in.nbytes, output_bytes=t_out.nbytes, force=force)
     return sched, plan, fw
+
+
+def firmware_variant(built: "BuiltModel", taps: bool = False, schedule=None, force: bool = False) -> Firmware:
+    """Another firmware of a deployed model, same schedule and arena plan: `taps=True` is the tap build
+    (the firmware can step the inference segment by segment and let the host read the arena: STEP/PEEK,
+    for tinyshield validate). `schedule` replaces the deployed schedule's calls (same buffers and plan),
+    e.g. to build a device image that deliberately differs from the host reference."""
+    from mcu.codegen import generate
+
+    sched = schedule if schedule is not None else built.schedule
+    src = Path(built.source_dir).parent / ("src" + ("-taps" if taps else "") + ("-custom" if schedule is not None else ""))
+    if force or schedule is not None or not (src / "model.c").is_file():
+        generate(sched, built.plan, src, taps=taps)
+    t_in, t_out = built.graph.tensors[built.graph.inputs[0]], built.graph.tensors[built.graph.outputs[0]]
+    return build_firmware(src, built.board, input_bytes=t_in.nbytes, output_bytes=t_out.nbytes, force=force)
 
 
 PIPELINE = ["edge/capture.py", "mcu/from_aten.py", "mcu/lower.py", "mcu/kernels.py", "mcu/tiled.py", "mcu/schedules.py", "mcu/planner.py",

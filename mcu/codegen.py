@@ -5,7 +5,10 @@
 - `tsh_model_run(input, output)` copies the input into its arena buffer, makes the schedule's
   calls in order (`tsh_<kernel>(...)` with arena pointers, const arrays and integer literals),
   then copies the output buffer out;
-- `tsh_model_info` describes input/output shapes, dtypes and quantisation, arena size and MACs.
+- `tsh_model_info` describes input/output shapes, dtypes and quantisation, arena size and MACs;
+- with `taps=True`, also `tsh_model_segment(k)`: the same calls cut into segments that each end with
+  an op's output complete in the arena, so the host can step the model and read every op's output
+  back (`tinyshield validate`; see `segments`).
 
 Anything the C runtime cannot do is refused here, naming the op: an unknown kernel, a tensor
 dtype the kernels do not take, a rank above 4, a call whose arguments do not fit the kernel.
@@ -58,6 +61,46 @@ void tsh_model_run(const void *input, void *output);   /* one inference, no dyna
 
 #endif /* TSH_MODEL_H */
 """
+
+
+TAPS_HEADER = """
+/* Tap build: the inference in segments, for layer-by-layer validation (mcu/validate.py). */
+#define TSH_MODEL_TAPS 1
+#define TSH_MODEL_SEGMENTS {n}u
+/* Run segment k (segment 0 copies `input` in, the last copies the output out); 0 if k is out of range. */
+uint32_t tsh_model_segment(uint32_t k, const void *input, void *output);
+"""
+
+
+@dataclass
+class Segment:
+    """Calls [start, stop) of a schedule, after which the output tensors `taps` (of op `op`) are complete
+    in the arena and still intact (the planner keeps a buffer until its last use, and a tapped tensor is
+    read back before the next segment runs)."""
+    start: int
+    stop: int
+    op: str
+    taps: list[str]
+
+
+def segments(schedule: Schedule) -> list[Segment]:
+    """Cut the call list after the last call of every op whose output tensor is an arena buffer (in a
+    layerwise schedule: one segment per op; a tiled schedule's tile buffers are not taps). Calls after the
+    last tap point join the last segment, so the segments always cover every call exactly once."""
+    g = schedule.graph
+    outputs = {op.name: [t for t in op.outputs if t in schedule.buffers] for op in g.ops}
+    last = {c.op: i for i, c in enumerate(schedule.calls)}
+    segs, start = [], 0
+    for i, c in enumerate(schedule.calls):
+        if last[c.op] == i and outputs.get(c.op):
+            segs.append(Segment(start, i + 1, c.op, outputs[c.op]))
+            start = i + 1
+    if start < len(schedule.calls):
+        if segs:
+            segs[-1].stop = len(schedule.calls)
+        else:
+            segs.append(Segment(0, len(schedule.calls), schedule.calls[-1].op, []))
+    return segs
 
 
 @dataclass
@@ -149,8 +192,10 @@ def check_supported(schedule: Schedule) -> None:
                 raise TinyshieldError(f"op {c.op}: {c.kernel} argument {pname} must be a buffer or constant, got {a!r}")
 
 
-def generate(schedule: Schedule, plan, out_dir, name: str | None = None) -> Generated:
-    """Write model.c and model.h for `schedule` with the arena layout `plan` into `out_dir`."""
+def generate(schedule: Schedule, plan, out_dir, name: str | None = None, taps: bool = False) -> Generated:
+    """Write model.c and model.h for `schedule` with the arena layout `plan` into `out_dir`; `taps` adds
+    the segment stepping the firmware's STEP command runs (model.h then defines TSH_MODEL_TAPS).
+    tsh_model_run is the same with or without taps."""
     check_supported(schedule)
     g = schedule.graph
     missing = [b for b in schedule.buffers if b not in plan.offsets]
@@ -213,16 +258,41 @@ void tsh_model_run(const void *input, void *output)
 {{
   memcpy(tsh_arena + {in_off}, input, {tin.nbytes});
 """)
-    for c in schedule.calls:
+    def call(c) -> str:
         k = KERNELS[c.kernel]
         args = ", ".join(arg(a, pt) for a, (_, pt) in zip(c.args, k.params))
-        parts.append(f"  tsh_{c.kernel}({args});  /* {c.op.replace('*/', '* /')} */\n")
+        return f"tsh_{c.kernel}({args});  /* {c.op.replace('*/', '* /')} */\n"
+
+    for c in schedule.calls:
+        parts.append(f"  {call(c)}")
     parts.append(f"  memcpy(output, tsh_arena + {out_off}, {tout.nbytes});\n}}\n")
+    segs = segments(schedule) if taps else []
+    if taps:
+        # Segment 0 starts with the input copy and the last ends with the output copy, so stepping
+        # through every segment is one whole inference, call for call.
+        parts.append(f"""
+uint32_t tsh_model_segment(uint32_t k, const void *input, void *output)
+{{
+  switch (k) {{
+""")
+        for k, sg in enumerate(segs):
+            parts.append(f"  case {k}:  /* {sg.op.replace('*/', '* /')} */\n")
+            if k == 0:
+                parts.append(f"    memcpy(tsh_arena + {in_off}, input, {tin.nbytes});\n")
+            for c in schedule.calls[sg.start:sg.stop]:
+                parts.append(f"    {call(c)}")
+            if k == len(segs) - 1:
+                parts.append(f"    memcpy(output, tsh_arena + {out_off}, {tout.nbytes});\n")
+            parts.append("    return 1;\n")
+        parts.append("  default:\n    return 0;\n  }\n}\n")
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model_h, model_c = out / "model.h", out / "model.c"
-    model_h.write_text(HEADER.format(name=_c_string(name).replace("*/", "__"), in_bytes=tin.nbytes, out_bytes=tout.nbytes,
-                                     arena=plan.arena_bytes, macs=macs))
+    header = HEADER.format(name=_c_string(name).replace("*/", "__"), in_bytes=tin.nbytes, out_bytes=tout.nbytes,
+                           arena=plan.arena_bytes, macs=macs)
+    if taps:
+        header = header.replace("\n#endif /* TSH_MODEL_H */", TAPS_HEADER.format(n=len(segs)) + "\n#endif /* TSH_MODEL_H */")
+    model_h.write_text(header)
     model_c.write_text("".join(parts))
     return Generated(out, model_c, model_h, plan.arena_bytes, const_bytes, len(schedule.calls))

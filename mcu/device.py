@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from edge.errors import TinyshieldError
-from mcu.emulator import Emulator, read_count_file
+from mcu.emulator import Emulator, read_calls_file, read_count_file
 from mcu.link import Link, ModelInfo
 
 NP_DTYPES = {"int8": np.int8, "uint8": np.uint8, "int16": np.int16, "int32": np.int32}
@@ -80,6 +80,20 @@ class Device:
         out = out.astype(NP_DTYPES[self.info.output_dtype]).reshape(self.info.output_shape)
         return Inference(out, n, r.cycles, r.stack_bytes, self.info.arena_bytes)
 
+    def call_instructions(self) -> list[int]:
+        """Per-region instruction counts of the last inference (a board opened with count_calls=True):
+        [entry + input copy, call 0, ..., call n-1, output copy + return]; they sum to its count."""
+        calls = getattr(self.emulator, "calls_file", None)
+        if calls is None:
+            raise TinyshieldError("per-call instruction counts need the emulated board opened with count_calls=True")
+        for _ in range(50):
+            c = read_calls_file(calls)
+            if c is not None and c[0] == self._intervals:
+                return c[1]
+            time.sleep(0.002)
+        raise TinyshieldError(f"the instruction counter did not write per-call counts ({calls}) for inference "
+                              f"{self._intervals}: is the plugin built from the current mcu/plugin/insn_count.c?")
+
     def dequantise(self, out: np.ndarray) -> np.ndarray:
         return (out.astype(np.float32) - self.info.output_zero_point) * self.info.output_scale
 
@@ -93,9 +107,10 @@ def connect(url: str, count_file: Path | None = None, timeout: float = 5.0) -> D
 
 
 @contextmanager
-def open_board(firmware, port: int | None = None, timeout: float = 5.0):
-    """Boot the emulated board with `firmware`, yield a connected Device; QEMU is stopped after."""
-    with Emulator(firmware, port=port) as emu:
+def open_board(firmware, port: int | None = None, timeout: float = 5.0, count_calls: bool = False):
+    """Boot the emulated board with `firmware`, yield a connected Device; QEMU is stopped after.
+    `count_calls`: the plugin also counts instructions per kernel call (Device.call_instructions)."""
+    with Emulator(firmware, port=port, count_calls=count_calls) as emu:
         link = Link(emu.url, timeout=timeout)
         try:
             yield Device(link, emu.count_file, emu)

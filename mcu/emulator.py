@@ -47,18 +47,27 @@ def _die_with_parent():
         pass
 
 
-def qemu_command(fw: Firmware, board: Board, port: int, plugin: Path | None, count_file: Path | None) -> list[str]:
+def qemu_command(fw: Firmware, board: Board, port: int, plugin: Path | None, count_file: Path | None,
+                 marks_file: Path | None = None, calls_file: Path | None = None) -> list[str]:
     cmd = [QEMU, "-M", board.machine, "-nographic", "-monitor", "none",
            "-serial", f"tcp:127.0.0.1:{port},server=on,wait=off,nodelay=on", "-kernel", str(fw.elf)]
     if plugin is not None:
-        cmd += ["-plugin", f"{plugin},begin={fw.mark_begin:#x},end={fw.mark_end:#x},out={count_file}"]
+        arg = f"{plugin},begin={fw.mark_begin:#x},end={fw.mark_end:#x},out={count_file}"
+        if marks_file is not None:
+            arg += f",marks={marks_file},calls={calls_file}"
+        cmd += ["-plugin", arg]
     return cmd
 
 
 class Emulator:
     def __init__(self, firmware: Firmware, port: int | None = None, count_instructions: bool = True,
-                 detach: bool = False, work_dir: Path | None = None):
+                 detach: bool = False, work_dir: Path | None = None, count_calls: bool = False):
+        """`count_calls`: also cut each inference at every kernel call (tinyshield profile)."""
         require_toolchain(QEMU)
+        if count_calls and not firmware.call_marks:
+            raise TinyshieldError(f"{firmware.elf}: no kernel calls found in tsh_model_run (arm-none-eabi-objdump "
+                                  "missing, or not a tinyshield model image) — install binutils-arm-none-eabi and "
+                                  "rebuild (tinyshield build MODEL --force)")
         self.fw = firmware
         self.board = get_board(firmware.board)
         self.want_port = port
@@ -69,6 +78,7 @@ class Emulator:
         self.proc: subprocess.Popen | None = None
         self.port: int | None = None
         self.count_file = self.work_dir / "instructions.txt"
+        self.calls_file = self.work_dir / "calls.txt" if count_calls else None
         self.log_file = self.work_dir / "qemu.log"
 
     @property
@@ -83,11 +93,16 @@ class Emulator:
         plugin = build_plugin() if self.count else None
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.count_file.unlink(missing_ok=True)
+        marks = None
+        if self.calls_file is not None:
+            self.calls_file.unlink(missing_ok=True)
+            marks = self.work_dir / "marks.txt"
+            marks.write_text("".join(f"{a:#x}\n" for a in self.fw.call_marks))
         for attempt in range(5):
             port = self.want_port or _free_port()
             log = open(self.log_file, "wb")
             self.proc = subprocess.Popen(
-                qemu_command(self.fw, self.board, port, plugin, self.count_file),
+                qemu_command(self.fw, self.board, port, plugin, self.count_file, marks, self.calls_file),
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=self.detach, preexec_fn=None if self.detach else _die_with_parent)
             log.close()
@@ -166,6 +181,15 @@ def read_count_file(path: Path) -> tuple[int, int] | None:
     except FileNotFoundError:
         return None
     return (int(text[0]), int(text[1])) if len(text) == 2 else None
+
+
+def read_calls_file(path: Path) -> tuple[int, list[int]] | None:
+    """The plugin's per-region counts: (intervals so far, [begin..call 0, call 0, ..., last call..end])."""
+    try:
+        vals = [int(v) for v in Path(path).read_text().split()]
+    except (FileNotFoundError, ValueError):
+        return None
+    return (vals[0], vals[1:]) if len(vals) >= 2 else None
 
 
 def pid_alive(pid: int) -> bool:

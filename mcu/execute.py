@@ -38,10 +38,12 @@ def _memory(schedule: Schedule, plan) -> dict[str, np.ndarray]:
     return {name: arena[plan.offsets[name]:plan.offsets[name] + b.nbytes] for name, b in schedule.buffers.items()}
 
 
-def run(schedule: Schedule, inputs: dict[str, np.ndarray], plan=None, kernels=None) -> dict[str, np.ndarray]:
+def run(schedule: Schedule, inputs: dict[str, np.ndarray], plan=None, kernels=None,
+        after_call=None) -> dict[str, np.ndarray]:
     """Execute; `inputs` maps graph input names to arrays; returns the graph outputs (typed, shaped).
     `kernels` maps kernel names to implementations (default: the numpy KERNELS; e.g. the C kernels
-    of `mcu.hostlib.HostKernels`), called with the same resolved arguments."""
+    of `mcu.hostlib.HostKernels`), called with the same resolved arguments. `after_call(i, mem)` sees
+    the buffers (name -> uint8 view, in the arena when a plan is given) after call i."""
     g = schedule.graph
     mem = _memory(schedule, plan)
     for name in g.inputs:
@@ -52,7 +54,7 @@ def run(schedule: Schedule, inputs: dict[str, np.ndarray], plan=None, kernels=No
         if x.size != int(np.prod(t.shape)):
             raise TinyshieldError(f"input {name!r} has {x.size} elements, the graph expects shape {t.shape}")
         mem[name][:t.nbytes] = np.ascontiguousarray(x.astype(DTYPES[t.dtype])).view(np.uint8).ravel()
-    for call in schedule.calls:
+    for i, call in enumerate(schedule.calls):
         k = KERNELS.get(call.kernel)
         if k is None:
             raise TinyshieldError(f"kernel {call.kernel!r} (op {call.op}) is not registered in mcu.kernels")
@@ -61,6 +63,8 @@ def run(schedule: Schedule, inputs: dict[str, np.ndarray], plan=None, kernels=No
                                   f"the kernel takes {len(k.params)}")
         impl = k if kernels is None else kernels[call.kernel]
         impl(*(_resolve(a, pt, mem, g) for a, (_, pt) in zip(call.args, k.params)))
+        if after_call is not None:
+            after_call(i, mem)
     out = {}
     for name in g.outputs:
         t = g.tensors[name]

@@ -25,7 +25,7 @@ MAX_PAYLOAD = 1040
 CHUNK = 1024
 REPLY = 0x80
 CMD = {"INFO": 0x01, "UPLOAD": 0x02, "RUN": 0x03, "DOWNLOAD": 0x04, "STATS": 0x05, "RESET": 0x06,
-       "ECHO": 0x07, "ERROR": 0x7F}
+       "ECHO": 0x07, "STEP": 0x08, "PEEK": 0x09, "ERROR": 0x7F}
 CMD_NAME = {v: k for k, v in CMD.items()}
 ERRORS = {1: "bad checksum", 2: "length over limit", 3: "unknown command", 4: "bad argument",
           5: "frame timed out"}
@@ -261,6 +261,34 @@ class Link:
             part = self.request("DOWNLOAD", struct.pack("<II", off, n))
             if len(part) != n:
                 raise TinyshieldError(f"download returned {len(part)} bytes, expected {n}")
+            out += part
+        return bytes(out)
+
+    # -- tap builds (mcu/codegen.py generate(taps=True)): step the inference, read the arena ---------
+    def _taps_only(self, name: str, payload: bytes, timeout: float | None = None) -> bytes:
+        try:
+            return self.request(name, payload, timeout=timeout)
+        except DeviceError as e:
+            if e.code == 3:
+                raise TinyshieldError(f"the firmware on {self.url} has no {name} command: it is not a tap build — "
+                                      "build it with taps (tinyshield validate does)") from None
+            raise
+
+    def step(self, k: int, timeout: float = 120.0) -> int:
+        """Run segment k of the inference (segment 0 takes the uploaded input); -> the stack high-water."""
+        kk, stack = struct.unpack("<2I", self._taps_only("STEP", struct.pack("<I", k), timeout))
+        if kk != k:
+            raise TinyshieldError(f"the board ran segment {kk}, the host asked for {k}")
+        return stack
+
+    def peek(self, offset: int, nbytes: int) -> bytes:
+        """`nbytes` of the device's arena from `offset`, in CHUNK-sized requests."""
+        out = bytearray()
+        for off in range(offset, offset + nbytes, CHUNK):
+            n = min(CHUNK, offset + nbytes - off)
+            part = self._taps_only("PEEK", struct.pack("<II", off, n))
+            if len(part) != n:
+                raise TinyshieldError(f"peek returned {len(part)} bytes, expected {n}")
             out += part
         return bytes(out)
 

@@ -172,6 +172,27 @@ static void handle(uint8_t cmd, uint8_t seq, const uint8_t *pl, uint32_t len) {
     memcpy(out, pl, len);
     send(cmd | TSH_REPLY, seq, len);
     return;
+#ifdef TSH_MODEL_TAPS
+  case TSH_CMD_STEP: {              /* one segment of the inference; the host reads its output next */
+    if (len != 4) break;
+    uint32_t k = get_u32(pl);
+    if (k >= TSH_MODEL_SEGMENTS) break;
+    tsh_stack_paint();
+    tsh_model_segment(k, tsh_input, tsh_output);
+    put_u32(out, k);
+    put_u32(out + 4, stack_high_water());
+    send(cmd | TSH_REPLY, seq, 8);
+    return;
+  }
+  case TSH_CMD_PEEK: {
+    if (len != 8) break;
+    uint32_t off = get_u32(pl), n = get_u32(pl + 4);
+    if (off > TSH_MODEL_ARENA_BYTES || n > TSH_MODEL_ARENA_BYTES - off || n > TSH_MAX_PAYLOAD) break;
+    memcpy(out, (const uint8_t *)tsh_arena + off, n);
+    send(cmd | TSH_REPLY, seq, n);
+    return;
+  }
+#endif
   default:
     stats.frames_malformed++;
     send_error(seq, TSH_ERR_COMMAND, cmd, 0);

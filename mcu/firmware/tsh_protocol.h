@@ -21,6 +21,9 @@ enum {
   TSH_CMD_STATS = 0x05,     /* -> counters, see main.c */
   TSH_CMD_RESET = 0x06,     /* -> empty reply, then a system reset */
   TSH_CMD_ECHO = 0x07,      /* -> the payload back */
+  /* Tap builds only (model.h defines TSH_MODEL_TAPS); other firmware answers TSH_ERR_COMMAND. */
+  TSH_CMD_STEP = 0x08,      /* u32 segment k -> u32 k, u32 stack high-water of the segment */
+  TSH_CMD_PEEK = 0x09,      /* u32 arena offset, u32 length -> arena bytes */
   TSH_CMD_ERROR = 0x7F,     /* device -> host: u8 code, u8 cmd, u16 detail */
 };
 

@@ -5,6 +5,12 @@
  * tsh_mark_end), and after each such interval rewrites the file `out=` with one line:
  * "<intervals so far> <instructions in the last interval>".
  *
+ * With `marks=FILE` (one address per line, in execution order: the tsh_call_<k> labels of the
+ * generated tsh_model_run) and `calls=FILE`, each interval is also cut at those addresses, and the
+ * file `calls=` is rewritten (before `out=`) with "<intervals>" and then one line per region:
+ * begin..mark 0, mark 0..mark 1, ..., last mark..end. The regions partition the interval, so they
+ * add up to its count exactly.
+ *
  * Counting is exact and cheap: every translated block adds its length to a counter with an
  * inline operation at block entry; the two marker instructions get a callback that subtracts the
  * part of their block not yet executed. Interrupts are masked by the firmware between the markers.
@@ -43,10 +49,19 @@ EXPORT int qemu_plugin_version = 1;
 static uint64_t executed;            /* instructions of every block entered so far */
 static uint64_t begin_addr, end_addr, at_begin, intervals;
 static int armed;
-static char out_path[4096];
+static char out_path[4096], calls_path[4096];
 
-/* userdata of a marker callback: block length, index of the marker in its block, which marker */
-#define MARK(n, i, is_end) ((void *)(uintptr_t)(((uint64_t)(n) << 32) | ((uint64_t)(i) << 1) | (is_end)))
+/* Region marks: sorted addresses for the lookup at translation, and the region each one opens. */
+#define MAX_MARKS 65000
+static uint64_t *mark_addr;
+static uint32_t *mark_region;
+static uint64_t *region_count;
+static size_t n_marks;
+static uint64_t region, region_start;
+
+/* userdata of a marker callback: block length, index in its block, which marker (0 begin, 1 end,
+ * 2 + k the k-th region mark) */
+#define MARK(n, i, id) ((void *)(uintptr_t)(((uint64_t)(n) << 32) | ((uint64_t)(i) << 16) | (uint64_t)(id)))
 
 static void write_count(uint64_t count) {
   char line[64];
@@ -58,19 +73,79 @@ static void write_count(uint64_t count) {
   close(fd);
 }
 
+static void write_regions(void) {
+  FILE *f = fopen(calls_path, "w");
+  if (!f) return;
+  fprintf(f, "%llu\n", (unsigned long long)intervals);
+  for (size_t r = 0; r <= n_marks; r++) fprintf(f, "%llu\n", (unsigned long long)region_count[r]);
+  fclose(f);
+}
+
 static void on_marker(unsigned int vcpu, void *udata) {
   (void)vcpu;
   uint64_t u = (uint64_t)(uintptr_t)udata;
-  uint64_t n = u >> 32, i = (u & 0xFFFFFFFFu) >> 1;
+  uint64_t n = u >> 32, i = (u >> 16) & 0xFFFFu, id = u & 0xFFFFu;
   uint64_t before = executed - n + i;  /* instructions completed before this one */
-  if (!(u & 1)) {
+  if (id == 0) {
     at_begin = before;
     armed = 1;
-  } else if (armed) {
+    if (n_marks) {
+      memset(region_count, 0, (n_marks + 1) * sizeof *region_count);
+      region = 0;
+      region_start = before;
+    }
+  } else if (id == 1) {
+    if (!armed) return;
     armed = 0;
     intervals++;
+    if (n_marks) {
+      region_count[region] += before - region_start;
+      write_regions();
+    }
     write_count(before - at_begin);
+  } else if (armed) {                  /* a region mark: close the open region, open the next */
+    region_count[region] += before - region_start;
+    region = id - 1;                   /* mark k opens region k + 1 */
+    region_start = before;
   }
+}
+
+static long find_mark(uint64_t a) {
+  size_t lo = 0, hi = n_marks;
+  while (lo < hi) {
+    size_t mid = (lo + hi) / 2;
+    if (mark_addr[mid] < a) lo = mid + 1; else hi = mid;
+  }
+  return lo < n_marks && mark_addr[lo] == a ? (long)lo : -1;
+}
+
+static int cmp_u64(const void *a, const void *b) {
+  uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+  return x < y ? -1 : x > y;
+}
+
+static int load_marks(const char *path) {
+  FILE *f = fopen(path, "r");
+  if (!f) return -1;
+  uint64_t *addr = calloc(MAX_MARKS, sizeof *addr);
+  size_t n = 0;
+  unsigned long long a;
+  while (n < MAX_MARKS && fscanf(f, "%llx", &a) == 1) addr[n++] = (uint64_t)a & ~1ull;
+  fclose(f);
+  /* Region of mark k is k + 1: keep (address << 16 | k) pairs sorted by address for the lookup. */
+  uint64_t *pairs = calloc(n ? n : 1, sizeof *pairs);
+  for (size_t k = 0; k < n; k++) pairs[k] = addr[k] << 16 | k;
+  qsort(pairs, n, sizeof *pairs, cmp_u64);
+  mark_addr = addr;
+  mark_region = calloc(n ? n : 1, sizeof *mark_region);
+  for (size_t k = 0; k < n; k++) {
+    mark_addr[k] = pairs[k] >> 16;
+    mark_region[k] = (uint32_t)(pairs[k] & 0xFFFFu) + 1;
+  }
+  free(pairs);
+  n_marks = n;
+  region_count = calloc(n + 1, sizeof *region_count);
+  return 0;
 }
 
 static void on_translate(qemu_plugin_id_t id, struct qemu_plugin_tb *tb) {
@@ -80,9 +155,15 @@ static void on_translate(qemu_plugin_id_t id, struct qemu_plugin_tb *tb) {
   for (size_t i = 0; i < n; i++) {
     struct qemu_plugin_insn *insn = qemu_plugin_tb_get_insn(tb, i);
     uint64_t a = qemu_plugin_insn_vaddr(insn);
-    if (a == begin_addr || a == end_addr)
+    if (a == begin_addr || a == end_addr) {
       qemu_plugin_register_vcpu_insn_exec_cb(insn, on_marker, QEMU_PLUGIN_CB_NO_REGS,
                                              MARK(n, i, a == end_addr));
+    } else if (n_marks) {
+      long k = find_mark(a);
+      if (k >= 0)
+        qemu_plugin_register_vcpu_insn_exec_cb(insn, on_marker, QEMU_PLUGIN_CB_NO_REGS,
+                                               MARK(n, i, 1 + mark_region[k]));
+    }
   }
 }
 
@@ -92,6 +173,15 @@ EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_t *info, int
     if (!strncmp(argv[k], "begin=", 6)) begin_addr = strtoull(argv[k] + 6, NULL, 0) & ~1ull;
     else if (!strncmp(argv[k], "end=", 4)) end_addr = strtoull(argv[k] + 4, NULL, 0) & ~1ull;
     else if (!strncmp(argv[k], "out=", 4)) snprintf(out_path, sizeof out_path, "%s", argv[k] + 4);
+    else if (!strncmp(argv[k], "calls=", 6)) snprintf(calls_path, sizeof calls_path, "%s", argv[k] + 6);
+    else if (!strncmp(argv[k], "marks=", 6) && load_marks(argv[k] + 6) != 0) {
+      qemu_plugin_outs("insn_count: cannot read the marks= file\n");
+      return -1;
+    }
+  }
+  if (n_marks && !calls_path[0]) {
+    qemu_plugin_outs("insn_count: marks= needs calls=FILE\n");
+    return -1;
   }
   if (!begin_addr || !end_addr || !out_path[0]) {
     qemu_plugin_outs("insn_count: needs begin=ADDR,end=ADDR,out=FILE\n");
