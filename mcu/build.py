@@ -245,7 +245,6 @@ class BuiltModel:
         """Raw model input -> what the device takes, exactly as the reference quantises: token ids as
         int32; float inputs (uint8 images count as p/255) rounded to the input's int8 scale and laid
         out as the board stores them (NCHW images as HWC)."""
-        import numpy as np
         return quantise_input(self.graph, x)
 
     def reference(self, q) -> "np.ndarray":

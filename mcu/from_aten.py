@@ -25,7 +25,7 @@ refused with the op, the module path and the user's source line, before any code
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -1014,7 +1014,7 @@ def _cat(lw, n, parts, dim=0):
     name = lw.opname(n, ".cat")
     y = lw.new_act(f"{name}.out", shape, q, n.name)
     outer = int(np.prod(shape[:dim]))
-    ins, offs, widths, attrs = [], [], [], {}
+    ins, attrs = [], {}
     off = 0
     for i, p in enumerate(parts):
         w = int(np.prod(p.shape[dim:])) if not isinstance(p, torch.Tensor) else int(np.prod(tuple(p.shape)[dim:]))

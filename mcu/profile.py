@@ -244,6 +244,8 @@ def planning_graph(spec: str, seq_len: int, calib: int = 4, seed: int = 0, calib
     from mcu.from_aten import lower_module
 
     if str(spec).endswith(".pt2"):
+        from pathlib import Path
+
         from edge.capture import calibrate, load
         from mcu.build import load_array
         from mcu.from_aten import lower_captured
