@@ -156,8 +156,8 @@ class Lowering:
         self.names: dict[str, int] = {}
         self.special = special or {}      # module path -> its own lookup lowering (e.g. a CLR word table)
         self.ones_mask: dict[int, str] = {}
-        self.cat_consts: dict[str, list] = {}
-        self.folded_bn: set[str] = set()        # BatchNorm nodes folded into the conv before them   # concat output -> its constant parts (see _fold_cat_consts)
+        self.cat_consts: dict[str, list] = {}   # concat output -> its constant parts (see _fold_cat_consts)
+        self.folded_bn: set[str] = set()        # BatchNorm nodes folded into the conv before them
         self.meta: dict = {}
 
     # -------------------------------------------------- helpers
@@ -302,7 +302,7 @@ class Lowering:
             return t
         if not val.is_floating_point():
             raise self.fail(n, f"input dtype {val.dtype} is not supported (float or int64 token ids)")
-        q = self.q_of_input(n)
+        q = self.q_of(n.name)
         shape = tuple(int(s) for s in val.shape)
         if len(shape) == 4:         # NCHW: stored HWC on the board, what the conv kernel reads
             _, C, H, W = shape
@@ -313,9 +313,6 @@ class Lowering:
             self.env[n.name] = replace(self.new_act("input", shape, q, n.name), node=n.name)
         self.meta.update(input_kind="float", input_q=(q.scale, q.zero_point), input_shape=shape)
         return "input"
-
-    def q_of_input(self, n) -> Q.ActQ:
-        return self.q_of(n.name)
 
     def call(self, n):
         args = _map(n.args, lambda a: self.env[a.name])
@@ -445,11 +442,10 @@ def _view(lw: Lowering, n, x, *args, **kw):
     if _packet(n) in IDENTITY_OPS:
         return x                            # values are never written in place: a copy is the same value
     if isinstance(x, Act):
-        r = lw.view(x, lambda t: n.target(t, *args, **kw))
-        if r is None:                       # not expressible as a view: copy, then view the copy
-            r = lw.view(lw.whole(x, n), lambda t: n.target(t, *args, **kw))
-            if r is None:
-                r = lw.view(lw.whole(_materialised_view(lw, x, n, args, kw), n), lambda t: t)
+        f = lambda t: n.target(t, *args, **kw)          # noqa: E731 -- torch computes the new view
+        r = lw.view(x, f) or lw.view(lw.whole(x, n), f)   # not a view of x: a view of a contiguous copy
+        if r is None:
+            raise lw.fail(n, "this view op cannot be computed as a view of its input or of a contiguous copy")
         return r
     if isinstance(x, Ids):
         shape = tuple(n.meta["val"].shape)
@@ -467,10 +463,6 @@ def _view(lw: Lowering, n, x, *args, **kw):
     if isinstance(x, ShapeOnly):
         return ShapeOnly(tuple(n.meta["val"].shape))
     raise lw.fail(n, f"cannot view a {type(x).__name__}")
-
-
-def _materialised_view(lw, x, n, args, kw):
-    raise lw.fail(n, "this reshape needs data movement the board does not do")
 
 
 @rule("_to_copy", "to")
