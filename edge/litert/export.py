@@ -133,9 +133,15 @@ class Exporter:
         perm = [int(p) for p in perm]
         if perm == list(range(len(perm))):
             return t
+        out = [shape[p] for p in perm]
         moved = [p for p in perm if shape[p] != 1]
         if moved == sorted(moved):
-            return self.reshape(t, [shape[p] for p in perm], name=name)
+            return self.reshape(t, out, name=name)
+        src = self.reshaped.get(t, t)
+        if len(moved) < len(perm) and self.b.shape(src) == tuple(shape[p] for p in sorted(moved)):
+            # the same transpose without the size-1 axes, on the tensor before they were added
+            small = [sorted(moved).index(p) for p in moved]
+            return self.reshape(self.b.transpose(src, small, name=name), out, f"{name}/reshape")
         return self.b.transpose(t, perm, name=name)
 
     def dense(self, v: Val, name: str = "") -> int:
@@ -165,7 +171,12 @@ class Exporter:
             return None                     # a broadcast or a window: not one whole tensor's layout
         if big == sorted(big):
             return Val(v.t, rs)                               # logical order: a plain (lazy) reshape
-        order = big + [i for i, s in enumerate(rs) if s == 1]
+        # size-1 axes sit right after their logical predecessor (or first), so stored shapes stay natural
+        key = {i: (-st[i], 0, i) for i in big}
+        for i in (i for i, s in enumerate(rs) if s == 1):
+            prev = [j for j in big if j < i]
+            key[i] = (key[prev[-1]][0], 1, i) if prev else (-math.inf, 0, i)
+        order = sorted(range(len(rs)), key=key.__getitem__)
         stored = tuple(rs[i] for i in order)
         t = self.reshape(v.t, stored, name)
         return Val(t, rs, tuple(order.index(i) for i in range(len(rs))))
@@ -191,6 +202,10 @@ class Exporter:
         stored = self.b.shape(v.t)
         if (v.perm is None and stored[-1:] == v.shape[-1:]) or (v.perm is not None and v.perm[-1] == n - 1):
             return v.t, lambda t: Val(t, v.shape[:-1] + (self.b.shape(t)[-1],), v.perm)
+        k = next((k for k in range(len(stored)) if v.perm is None and int(np.prod(stored[k:])) == v.shape[-1]), None)
+        if k is not None:               # merge the trailing stored axes into rows: (B, L, h, dh) -> (B, L, d)
+            t = self.reshape(v.t, stored[:k] + (v.shape[-1],), f"{name}/rows")
+            return t, lambda y: Val(y, v.shape[:-1] + (self.b.shape(y)[-1],))
         t = self.dense(v, name)
         return t, lambda y: Val(y, v.shape[:-1] + (self.b.shape(y)[-1],))
 
@@ -211,7 +226,7 @@ class Exporter:
                 return self.like(x, fn(x.t, y.t, name=name))
             if x.perm is None and y.perm is None and x.shape == y.shape and self.b.shape(x.t) == self.b.shape(y.t):
                 return self.like(x, fn(x.t, y.t, name=name))
-            xd, yd = self.dense(x), self.dense(y)
+            xd, yd = self.broadcastable(x), self.broadcastable(y)
             return Val(fn(xd, yd, name=name), tuple(np.broadcast_shapes(x.shape, y.shape)))
         v, c, first = (x, y, True) if isinstance(x, Val) else (y, x, False)
         c = torch.as_tensor(c, dtype=torch.float32)
@@ -232,6 +247,14 @@ class Exporter:
         if fn == self.b.add:
             self.plus_const[y.t] = (v, c)
         return y
+
+    def broadcastable(self, v: Val) -> int:
+        """A tensor that broadcasts like v: its stored tensor when that is v without leading size-1 axes
+        (numpy broadcasting aligns from the right), else v materialised."""
+        stored = self.b.shape(v.t)
+        if v.perm is None and len(stored) <= len(v.shape) and (1,) * (len(v.shape) - len(stored)) + stored == v.shape:
+            return v.t
+        return self.dense(v)
 
     def unary(self, v: Val, fn, name: str) -> Val:
         return self.like(v, fn(v.t, name=name))
