@@ -81,7 +81,7 @@ def _run_torch(args) -> int:
     import torch
 
     from edge.litert.artefacts import TEXT_KINDS, base_kind, default_seq_len
-    from edge.models.bert import mean_pool
+    from edge.models.bert import with_head
     from edge.models.registry import resolve
 
     if args.int8:
@@ -101,10 +101,8 @@ def _run_torch(args) -> int:
             t0 = time.perf_counter()
             if text:
                 ids = torch.from_numpy(x).long()
-                mask = (ids > 0).long()
-                y = loaded.model(ids, mask)
-                if kind in ("minilm", "bert"):
-                    y = torch.nn.functional.normalize(mean_pool(y, mask), dim=-1)
+                # encoders answer with their sentence embedding, the head the .tflite export uses too
+                y = (with_head(loaded.model, "sentence") if kind in ("minilm", "bert") else loaded.model)(ids)
             else:
                 y = loaded.model(torch.from_numpy(x))
             times.append(time.perf_counter() - t0)

@@ -14,11 +14,12 @@ int8 linear stack (per-channel int8 weights, int32 bias, fixed point of edge.qua
     model = q.export((1,))                            # int8 in, int8 out
     y8 = MicroInterpreter(model).run(q.quantize_input(x))   # == q.reference(...) bit for bit
 
-Whole models (edge.litert.export / edge.litert.int8):
+Whole models (edge.litert.export / edge.litert.int8), lowered from the graph torch.export captures:
 
-    from edge.litert.export import export_model
+    from edge.litert.export import export_captured, export_model
     from edge.litert.int8 import calibration_set, export_int8, bert_tiny_int8_encoder
     fp32 = export_model(load_minilm(), seq_len=128)                # int32 ids (1, 128) -> (1, 384)
+    fp32 = export_captured(edge.capture.load("model.pt2", batch_one=False))   # any captured model
     int8 = export_int8(vit, calibration_set("mnist"), batch=100)   # hybrid: int8 matmuls, float rest
     enc = bert_tiny_int8_encoder(seq_len=128)                      # full int8, for TFLite Micro
     tflm_arena_bytes(enc)                                          # -> 281,888

@@ -28,7 +28,7 @@ from edge.litert.schema import OP_NAMES
 from edge.litert.writer import OPS, Builder, Quant
 
 MATRIX_OPS = {OPS.FULLY_CONNECTED, OPS.BATCH_MATMUL, OPS.CONV_2D}
-FOLLOW_INPUT = {OPS.RESHAPE, OPS.TRANSPOSE, OPS.PAD}          # same quantisation in and out
+FOLLOW_INPUT = {OPS.RESHAPE, OPS.TRANSPOSE, OPS.PAD, OPS.STRIDED_SLICE}   # same quantisation in and out
 INT8_OPS = {
     "hybrid": MATRIX_OPS | {OPS.GATHER},
     "full": MATRIX_OPS | {OPS.GATHER, OPS.ADD, OPS.SUB, OPS.MUL, OPS.MEAN, OPS.SUM, OPS.SQUARED_DIFFERENCE,
