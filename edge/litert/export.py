@@ -67,16 +67,17 @@ class Exporter:
         self.fused: set[str] = set()          # nodes folded into their producer (a ReLU into FC/conv)
         self.reshaped: dict[int, int] = {}    # RESHAPE output -> its input (chains collapse to one)
         self.dense_of: dict[Val, int] = {}    # each value materialised once (a key mask used by every layer)
-        self.plus_const: dict[int, tuple] = {}  # ADD(value, constant) output -> (value, constant)
+        self.plus_const: dict[Val, tuple] = {}  # ADD(value, constant) result -> (value, constant)
 
     # -------------------------------------------------- errors
     def fail(self, n, what: str = "") -> TinyshieldError:
         w = where(n)
         stack = n.meta.get("nn_module_stack") or {}
-        kind = str(list(stack.values())[-1][1]).rsplit(".", 1)[-1].strip("'>") if stack else "the model"
+        kind = str(list(stack.values())[-1][1]).rsplit(".", 1)[-1].strip("'>") if stack else ""
         op = str(n.target).removeprefix("aten.")
+        subject = f"{w.module}: {kind} is" if w.module else "the model: its own forward pass is"
         return TinyshieldError(
-            f"cannot export {w.module or '<top>'}: {kind} is not supported by the .tflite exporter "
+            f"cannot export {subject} not supported by the .tflite exporter "
             f"(aten.{op}{': ' + what if what else ''}; node {n.name}{', at ' + w.source if w.source else ''})")
 
     # -------------------------------------------------- the walk
@@ -218,7 +219,7 @@ class Exporter:
         return self.b.const(name, c.numpy())
 
     # -------------------------------------------------- elementwise
-    def binary(self, fn, x, y, name: str, n=None) -> Val:
+    def binary(self, fn, x, y, name: str) -> Val:
         """x (op) y with torch broadcasting; either may be a constant (tensor or scalar)."""
         assert isinstance(x, Val) or isinstance(y, Val), "constant operations are folded before the rules run"
         if isinstance(x, Val) and isinstance(y, Val):
@@ -230,8 +231,8 @@ class Exporter:
             return Val(fn(xd, yd, name=name), tuple(np.broadcast_shapes(x.shape, y.shape)))
         v, c, first = (x, y, True) if isinstance(x, Val) else (y, x, False)
         c = torch.as_tensor(c, dtype=torch.float32)
-        if fn == self.b.add and v.t in self.plus_const and self.plus_const[v.t][0].shape == v.shape:
-            v, c0 = self.plus_const[v.t]          # (x + c0) + c: one ADD of x and c0 + c
+        if fn == self.b.add and v in self.plus_const:
+            v, c0 = self.plus_const[v]          # (x + c0) + c: one ADD of x and c0 + c
             c = c0 + c
         out_shape = tuple(np.broadcast_shapes(v.shape, tuple(c.shape)))
         if c.numel() == 1:                                  # a scalar fits any layout
@@ -244,8 +245,8 @@ class Exporter:
         else:
             vt, ct, wrap = self.dense(v), self.const(c, f"{name}/c"), lambda t: Val(t, out_shape)
         y = wrap(fn(vt, ct, name=name) if first else fn(ct, vt, name=name))
-        if fn == self.b.add:
-            self.plus_const[y.t] = (v, c)
+        if fn == self.b.add and y.shape == v.shape:
+            self.plus_const[y] = (v, c)
         return y
 
     def broadcastable(self, v: Val) -> int:
