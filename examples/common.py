@@ -2,7 +2,7 @@
 on the emulated board.
 
 Each example script defines its model from stock torch modules and calls `main(...)`:
-  train for a minute or two (1 torch thread) -> torch.export.export + torch.export.save -> model.pt2,
+  train for a minute or two (a fixed number of steps, 1 torch thread) -> torch.export.export + torch.export.save -> model.pt2,
   calib.npy (batch-first calibration inputs) and test.npz (`x` inputs, `y` labels) in the output folder
   (default build/examples/<name>) -> build for stm32f405 -> run the test inputs on the emulated board ->
   results.json (float accuracy, device accuracy, agreements, flash, arena, instructions per inference).
@@ -73,27 +73,28 @@ def mnist_data(n_test: int):
 
 # ---------------------------------------------------------------- training
 
-def train(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, seconds: float, lr: float = 2e-3,
+def train(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, steps: int, lr: float = 2e-3,
           batch: int = 64, log=print) -> torch.nn.Module:
-    """AdamW with a cosine schedule over a fixed time budget (so the run takes what it says)."""
+    """AdamW with a cosine schedule over a fixed number of steps (reproducible on a busy machine; the
+    step counts are set to take one to two minutes on one free core)."""
     torch.manual_seed(0)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     xt, yt = torch.as_tensor(x), torch.as_tensor(y)
     model.train()
-    t0, step, rng = time.monotonic(), 0, np.random.default_rng(0)
-    while (el := time.monotonic() - t0) < seconds:
+    t0, rng = time.monotonic(), np.random.default_rng(0)
+    for step in range(1, steps + 1):
+        el = time.monotonic() - t0
         for g in opt.param_groups:
-            g["lr"] = lr * 0.5 * (1 + np.cos(np.pi * min(el / seconds, 1.0)))
+            g["lr"] = lr * 0.5 * (1 + np.cos(np.pi * (step - 1) / steps))
         idx = torch.as_tensor(rng.integers(0, len(xt), batch))
         loss = torch.nn.functional.cross_entropy(model(xt[idx]), yt[idx])
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        step += 1
         if step % 100 == 0:
             log(f"  step {step}  {el:5.0f} s  loss {loss.item():.3f}")
-    log(f"  trained {step} steps in {time.monotonic() - t0:.0f} s")
+    log(f"  trained {steps} steps in {time.monotonic() - t0:.0f} s")
     return model.eval()
 
 
@@ -162,23 +163,23 @@ def cpu_model() -> str:
         return platform.processor()
 
 
-def main(name: str, make_model, data, seconds: float, lr: float = 2e-3, n_calib: int = 200, batch: int = 64):
-    """The command line of every example: [OUT] [--seconds S] [--no-board]."""
+def main(name: str, make_model, data, steps: int, lr: float = 2e-3, n_calib: int = 200, batch: int = 64):
+    """The command line of every example: [OUT] [--steps N] [--no-board]."""
     ap = argparse.ArgumentParser(description=f"train, export and deploy the {name} example")
     ap.add_argument("out", nargs="?", default=str(ROOT / "build" / "examples" / name))
-    ap.add_argument("--seconds", type=float, default=seconds, help="training time budget")
+    ap.add_argument("--steps", type=int, default=steps, help="training steps (batch 64)")
     ap.add_argument("--no-board", action="store_true", help="stop after writing model.pt2, calib.npy, test.npz")
     a = ap.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
     out = Path(a.out)
-    t0 = time.monotonic()
     print(f"[{name}] loading data")
     xtr, ytr, xte, yte = data()
     model = make_model()
-    print(f"[{name}] {sum(p.numel() for p in model.parameters()):,} parameters; training {a.seconds:.0f} s")
-    train(model, xtr, ytr, a.seconds, lr=lr, batch=batch)
-    train_s = time.monotonic() - t0
+    print(f"[{name}] {sum(p.numel() for p in model.parameters()):,} parameters; training {a.steps} steps")
+    t1 = time.monotonic()
+    train(model, xtr, ytr, a.steps, lr=lr, batch=batch)
+    train_s = time.monotonic() - t1
     facc, fpred = accuracy(model, xte, yte)
     print(f"[{name}] float accuracy {100 * facc:.2f}% on {len(xte)} test inputs")
     rng = np.random.default_rng(1)
@@ -186,8 +187,8 @@ def main(name: str, make_model, data, seconds: float, lr: float = 2e-3, n_calib:
     export(model, calib, xte, yte, out)
     print(f"[{name}] wrote {out}/model.pt2, calib.npy, test.npz")
     res = {"name": name, "float_accuracy": round(facc, 4), "test_inputs": int(len(xte)),
-           "train_seconds": round(train_s, 1), "torch_threads": 1, "cpu": cpu_model(),
-           "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
+           "train_steps": a.steps, "train_seconds": round(train_s, 1), "torch_threads": 1, "cpu": cpu_model(),
+           "command": " ".join(["python", f"examples/{Path(sys.argv[0]).name}", *sys.argv[1:]])}
     if not a.no_board:
         res.update(measure(out, fpred, facc))
         print(f"[{name}] device accuracy {100 * res['device_accuracy']:.2f}%, int8/float agreement "

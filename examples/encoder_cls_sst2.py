@@ -4,7 +4,7 @@ Tokens: the project's WordPiece tokenizer, remapped to the 2,000 most frequent t
 embedding table fits the board (0 = padding). The key padding mask is built from `ids == 0`, with the
 CLS position always valid. The sentence label is read off the CLS token after a final LayerNorm.
 
-    python examples/encoder_cls_sst2.py [OUT] [--seconds 120]
+    python examples/encoder_cls_sst2.py [OUT] [--steps 600]
 """
 from __future__ import annotations
 
@@ -35,4 +35,4 @@ class EncoderCLS(nn.Module):
 
 
 if __name__ == "__main__":
-    main("encoder_cls_sst2", EncoderCLS, lambda: text_data("sst2", 2000, 32, 500), seconds=120, lr=2e-3)
+    main("encoder_cls_sst2", EncoderCLS, lambda: text_data("sst2", 2000, 32, 500), steps=600, lr=2e-3)

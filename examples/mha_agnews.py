@@ -1,7 +1,7 @@
 """(c) A text classifier with `nn.MultiheadAttention` (batch_first, packed q/k/v projection) and a
 key-padding mask from `ids == 0`, a post-LN ReLU MLP and masked mean pooling, on AG News (4 topics).
 
-    python examples/mha_agnews.py [OUT] [--seconds 100]
+    python examples/mha_agnews.py [OUT] [--steps 500]
 """
 from __future__ import annotations
 
@@ -35,4 +35,4 @@ class MHAClassifier(nn.Module):
 
 
 if __name__ == "__main__":
-    main("mha_agnews", MHAClassifier, lambda: text_data("agnews", 4000, 48, 500), seconds=100, lr=2e-3)
+    main("mha_agnews", MHAClassifier, lambda: text_data("agnews", 4000, 48, 500), steps=500, lr=2e-3)
