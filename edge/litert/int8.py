@@ -5,8 +5,8 @@
     enc = bert_tiny_int8_encoder(seq_len=128)                    # full int8 BERT-tiny for TFLite Micro
     tflm_arena_bytes(enc)                                        # -> bytes of arena it needs
 
-Calibration runs the fp32 graph at the calibration inputs' own batch size; tensor names do not
-depend on the batch, so the ranges then quantise a graph of any batch size.
+Calibration runs the exported fp32 graph itself, on the calibration inputs regrouped into its batch
+size (cycled when there are fewer), so every tensor it quantises has its own range.
 """
 from __future__ import annotations
 
@@ -66,11 +66,15 @@ def export_int8(model: torch.nn.Module, calib: list, seq_len: int | None = None,
     calib = list(calib)
     if not calib:
         raise TinyshieldError("calibration set is empty: give at least one calibration input")
-    cal_batch = np.asarray(calib[0]).shape[0]
-    fp = build_model(model, seq_len, cal_batch, gelu, head, input_shape)
-    ranges = calibrate(fp, calib, percentile)
-    target = fp if batch == cal_batch else build_model(model, seq_len, batch, gelu, head, input_shape)
-    return quantize_graph(target, ranges, mode, int8_io, float_modules, wide_modules).finish(description=description)
+    fp = build_model(model, seq_len, batch, gelu, head, input_shape)
+    ranges = calibrate(fp, _batches(calib, batch), percentile)
+    return quantize_graph(fp, ranges, mode, int8_io, float_modules, wide_modules).finish(description=description)
+
+
+def _batches(calib: list, batch: int) -> list[np.ndarray]:
+    """The calibration inputs regrouped into batches of `batch`, the last one filled from the start."""
+    xs = np.concatenate([np.asarray(c) for c in calib])
+    return [xs[np.arange(i, i + batch) % len(xs)] for i in range(0, len(xs), batch)]
 
 
 def bert_tiny_int8_encoder(seq_len: int, model: torch.nn.Module | None = None, calib: list | None = None,
