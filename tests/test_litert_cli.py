@@ -93,3 +93,19 @@ def test_cli_errors_are_clear(text_model, image_model, tmp_path, build_tmp, caps
     for argv, msg in cases:
         assert main(argv) == 2, argv
         assert msg in capsys.readouterr().err, argv
+
+
+def test_export_and_run_a_pt2(tmp_path, build_tmp, capsys):
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)).eval()
+    x = torch.randn(1, 6)
+    pt2, out, inp = tmp_path / "seq.pt2", tmp_path / "seq.tflite", tmp_path / "x.npy"
+    torch.export.save(torch.export.export(m, (x,)), pt2)
+    np.save(inp, x[0].numpy())
+    assert main(["export", str(pt2), "--format", "tflite", "-o", str(out)]) == 0
+    assert read_meta(validate(out.read_bytes()))["kind"] == "pt2"
+    assert main(["run", str(out), str(inp), "--backend", "litert"]) == 0
+    first = m(x).detach().numpy().reshape(-1)[:3]
+    assert np.array2string(first, precision=4) in capsys.readouterr().out
+    assert main(["export", str(pt2), "--seq-len", "4"]) == 2
+    assert "keeps the shapes of its example input" in capsys.readouterr().err

@@ -15,10 +15,18 @@ from edge.errors import TinyshieldError
 from tools.inputs import load_image
 
 
-def _prepare(kind_input: str, inputs: list[str], seq_len: int | None):
+def _prepare(kind_input: str, inputs: list[str], seq_len: int | None, shape: tuple | None = None):
     """(model inputs, labels or None, display names)."""
     if not inputs:
         raise TinyshieldError("give at least one INPUT (a sentence, or mnist:INDEX / an image file)")
+    if kind_input == "tensor":          # a .tflite exported from a .pt2: each INPUT is a .npy of one input
+        xs = []
+        for s in inputs:
+            if not s.endswith(".npy") or not Path(s).is_file():
+                raise TinyshieldError(f"input {s!r}: give a .npy file holding one input of shape {shape[1:]}")
+            x = np.load(s, allow_pickle=False).astype(np.float32)
+            xs.append(x[None] if tuple(x.shape) == tuple(shape[1:]) else x)
+        return xs, None, inputs
     if kind_input == "ids":
         from edge.models.minilm import load_tokenizer, tokenize
         b = tokenize(load_tokenizer(), inputs, pad_to=seq_len)
@@ -51,6 +59,10 @@ def _dequantise_out(y: np.ndarray, detail: dict) -> np.ndarray:
 def _report(meta: dict, names: list[str], outs: list[np.ndarray], labels, times: list[float], header: str) -> None:
     print(header + f": {np.median(times) * 1e3:.1f} ms per inference (median of {len(times)})")
     head = meta.get("head", "logits")
+    if head == "output":                # a captured model's own output: shown, not interpreted
+        for n, o in zip(names, outs):
+            print(f"  {n[:60]!r}: output {tuple(o.shape)}, first {np.array2string(o.reshape(-1)[:6], precision=4)}")
+        return
     if head in ("sentence", "mean"):
         embs = np.concatenate([o.reshape(1, -1) for o in outs])
         for n, e in zip(names, embs):
@@ -150,7 +162,7 @@ def run_on_backend(args) -> int:
     if shape[0] != 1:
         raise TinyshieldError(f"{path}: exported for batch {shape[0]}; `run` feeds one input at a time "
                               "(export with --batch 1)")
-    xs, labels, names = _prepare(kind_input, args.inputs, shape[1] if kind_input == "ids" else None)
+    xs, labels, names = _prepare(kind_input, args.inputs, shape[1] if kind_input == "ids" else None, shape)
     outs, times = [], []
     runner.run(_quantise_in(xs[0], in_detail))  # warm-up (first call plans memory / packs weights)
     for x in xs:
