@@ -3,7 +3,7 @@ frames of 28 "mel bins". A linear frame projection, learned positions, one pre-L
 attention is written out by hand (q k^T * scale, softmax, times v), a SiLU MLP, and mean pooling over
 the frames.
 
-    python examples/kws_mnist_rows.py [OUT] [--steps 600]
+    python examples/kws_mnist_rows.py [OUT] [--steps 1500]
 """
 from __future__ import annotations
 
@@ -56,4 +56,4 @@ def data():
 
 
 if __name__ == "__main__":
-    main("kws_mnist_rows", KWS, data, steps=600, lr=2e-3)
+    main("kws_mnist_rows", KWS, data, steps=1500, lr=2e-3)

@@ -1,7 +1,7 @@
 """(b) A patch ViT on MNIST: 7x7 patches cut by reshape/permute, a CLS token, pre-LN blocks with
 `F.scaled_dot_product_attention` and a tanh-GELU MLP.
 
-    python examples/vit_sdpa_mnist.py [OUT] [--steps 600]
+    python examples/vit_sdpa_mnist.py [OUT] [--steps 1500]
 """
 from __future__ import annotations
 
@@ -53,4 +53,4 @@ class PatchViT(nn.Module):
 
 
 if __name__ == "__main__":
-    main("vit_sdpa_mnist", PatchViT, lambda: mnist_data(500), steps=600, lr=2e-3)
+    main("vit_sdpa_mnist", PatchViT, lambda: mnist_data(500), steps=1500, lr=2e-3)
