@@ -26,6 +26,7 @@ class Trained:
     cached: bool = False    # True when a previous run with the same config was reused
     shipped: bool = False   # True when the copy shipped inside the package was used
     key: dict | None = None  # the recipe's cache key (None: not computable here, e.g. without the data)
+    note: str = ""          # how a shipped copy differs from what was asked, when it does
 
 
 def recipes() -> dict:

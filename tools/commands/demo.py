@@ -54,10 +54,11 @@ def _vit(args, shared: bool, times: dict):
     from tools.commands.eval import print_report, test_set
 
     t = time.monotonic()
-    r = train(fallback_data=not shared, threads=args.threads)
-    print(f"data: {r.metrics['data']}")
-    print(f"vit-mnist: test accuracy {r.metrics['test_accuracy']:.4f} on {r.metrics['test_images']} images "
-          f"({_origin(r)}; {r.path})")
+    r = train(fallback_data=not shared, threads=args.threads, any_shipped=True)
+    print(f"vit-mnist ({_origin(r)}; {r.path}): trained on {r.metrics['data']}; "
+          f"test accuracy {r.metrics['test_accuracy']:.4f} on {r.metrics['test_images']} images")
+    if r.note:
+        print(f"  note: {r.note}")
     times["vit model"] = time.monotonic() - t
 
     t = time.monotonic()
@@ -68,7 +69,8 @@ def _vit(args, shared: bool, times: dict):
     times["vit quantise+plan+build"] = time.monotonic() - t
 
     t = time.monotonic()
-    xs, ys, _ = test_set("mnist", built, args.limit)
+    xs, ys, source = test_set("mnist", built, args.limit)
+    print(f"on-board test: {len(xs)} images of {source}")
     with open_board(built.firmware) as dev, progress() as bar:
         print(f"flashed: {dev.info.board} (QEMU {dev.emulator.board.machine}) on {dev.emulator.url}, "
               f"model {dev.info.name}")
@@ -112,7 +114,7 @@ def _bert(args, shared: bool, times: dict):
         out, origin = Path(args.bert), "given"
     else:
         try:
-            r = compressed_1mb(threads=args.threads)
+            r = compressed_1mb(threads=args.threads, any_shipped=True)
         except TinyshieldError as e:
             print(f"bert-tiny-sst2: skipped: {e}")
             return
@@ -120,6 +122,8 @@ def _bert(args, shared: bool, times: dict):
         acc = r.metrics.get("dev_accuracy")
         print(f"bert-tiny-sst2 (CLR, 1 MB): SST-2 dev accuracy {acc:.4f} on the host ({origin}; {out})"
               if acc is not None else f"bert-tiny-sst2 (CLR, 1 MB): {origin}; {out}")
+        if r.note:
+            print(f"  note: {r.note}")
     times["bert model"] = time.monotonic() - t
 
     t = time.monotonic()
