@@ -1073,7 +1073,7 @@ def _cat_masks(lw, n, parts, shape):
 
 # ---------------------------------------------------------------- entry point
 
-def lower_module(model: torch.nn.Module, inputs, name: str = "model", clr: dict | None = None) -> Graph:
+def lower_module(model: torch.nn.Module, inputs, name: str | None = None, clr: dict | None = None) -> Graph:
     """Capture `model` on its first input, calibrate on all `inputs` (batch-first array or tensor), lower.
 
     A clustered low-rank word table (edge.compress.clr.CLREmbedding) has its own kernel, and its lookup
@@ -1088,7 +1088,7 @@ def lower_module(model: torch.nn.Module, inputs, name: str = "model", clr: dict 
         raise TinyshieldError(f"calibration needs at least one input (a batch-first array), got shape {tuple(xs.shape)}")
     cap = capture(model, (xs[:1],))
     ranges = calibrate(cap, [x[None] for x in xs])
-    return lower_captured(cap, ranges, name, special)
+    return lower_captured(cap, ranges, name or f"{type(model).__name__}-int8", special)
 
 
 def capturable(model: torch.nn.Module, clr: dict | None = None):

@@ -89,7 +89,7 @@ def test_model_info_describes_io(vit, bert):
     s, p, gen, _ = bert
     hm = HostModel(gen.dir)
     i = hm.info
-    assert i.name == b"bert-classifier-int8" and i.input_dtype == 3 and i.output_dtype == 0
+    assert i.name == b"BertClassifier-int8" and i.input_dtype == 3 and i.output_dtype == 0
     assert list(i.input_shape) == [32, 0, 0, 0] and list(i.output_shape) == [1, 2, 0, 0]
     assert i.input_bytes == 128 and i.output_bytes == 2
     t = s.graph.tensors["output"].q
