@@ -12,6 +12,7 @@ def register(sub):
     t.add_argument("--steps", type=int, help="training steps (default: the recipe's)")
     t.add_argument("--tiny", action="store_true", help="a tiny config that trains in seconds (smoke runs)")
     t.add_argument("--force", action="store_true", help="retrain even when a cached model exists")
+    t.add_argument("--threads", type=int, help="torch threads (default: 1 on a machine of <= 2 usable cores, else 2)")
     t.set_defaults(func=run_train)
 
     def common(q):
@@ -76,6 +77,8 @@ def run_train(args):
     from edge.moe.train import MoERecipe, tiny_recipe, train
 
     over = {"steps": args.steps} if args.steps else {}
+    if args.threads:
+        over["threads"] = args.threads
     recipe = tiny_recipe(**over) if args.tiny else MoERecipe(**over)
     r = train(recipe, force=args.force)
     print(f"{r.name}: {'cached ' if r.cached else ''}model at {r.path}")
