@@ -155,10 +155,9 @@ def main(argv=None) -> int:
                 margins[c.margin_from] = calibrate_margin(base, calib_ids, c.policy, budget, lowp=c.lowp,
                                                           max_ppl_increase=args.max_ppl_increase)
                 m = margins[c.margin_from]
+                at = next((s["perplexity"] for s in m.sweep if s["margin"] == m.margin), m.top2_perplexity)
                 con.print(f"  {pct}%: margin for {c.margin_from} = {m.margin} "
-                          f"(calibration ppl {m.top2_perplexity:.3f} -> "
-                          f"{next((s['perplexity'] for s in m.sweep if s['margin'] == m.margin), m.top2_perplexity):.3f}"
-                          f", {time.time() - t1:.0f} s)")
+                          f"(calibration ppl {m.top2_perplexity:.3f} -> {at:.3f}, {time.time() - t1:.0f} s)")
         margins_by_budget[pct] = {k: {"margin": v.margin, "sweep": v.sweep} for k, v in margins.items()}
         for prof in profiles:
             store = ExpertStore(base.root, storage=prof)
@@ -248,7 +247,8 @@ def headlines(rows, budgets, profiles) -> dict:
         for label in ("cache-aware lru", "cache-aware least-stale", best_label):
             r = row(pct, profiles[0], label)
             if r:
-                h[f"{label} hit rate - Belady(top-2) at {pct}% (points)"] = 100 * (r["hit_rate"] - r["belady_top2_trace"])
+                gain = 100 * (r["hit_rate"] - r["belady_top2_trace"])
+                h[f"{label} hit rate - Belady(top-2) at {pct}% (points)"] = gain
                 h[f"{label} ppl change at {pct}% (%)"] = r["ppl_change_pct"]
     for prof in profiles:
         b = row(25, prof, best_label)
