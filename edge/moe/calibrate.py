@@ -136,7 +136,7 @@ class MarginCalibration:
 
 def calibrate_margin(store: ExpertStore, ids: torch.Tensor, policy: str, budget_bytes: int,
                      candidates=(0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0), max_ppl_increase: float = 0.01,
-                     tokens: int = 384, lowp: str | None = None, slots: list[int] | None = None) -> MarginCalibration:
+                     tokens: int = 256, lowp: str | None = None, slots: list[int] | None = None) -> MarginCalibration:
     """Sweeps the margin on `ids` (training text) with the cache the runtime will have (policy, budget).
 
     The perplexity cost of a margin depends on what is resident, so it is calibrated per policy and

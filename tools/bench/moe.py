@@ -4,8 +4,8 @@ For each expert budget (default 10%, 25%, 50% of all expert bytes) and storage p
 UFS, eMMC, SD card, MCU QSPI flash; see `edge.moe.storage`) it decodes the same held-out text token by
 token with: per-layer LRU (Mixtral-offloading), LFU, least-stale, the landed AdapMoE (DP-sized LRU,
 adaptive gating, prefetch), cache-aware routing over LRU and over least-stale (margin calibrated on
-training text for <= 1% perplexity), and the best combination (cache-aware + cheap int8 misses +
-prefetch). It measures demand hit rate, bytes read, stall and decode time per token, tokens/s and
+training text for <= 1% perplexity), and the best combination (cache-aware per-layer LRU + cheap int8
+misses + prefetch). It measures demand hit rate, bytes read, stall and decode time per token, tokens/s and
 perplexity, next to the all-in-RAM reference and Belady's MIN replaying the unmodified top-2 trace.
 Reads hit storage (posix_fadvise DONTNEED after every read, sha256 checked), then wait for the profile.
 
@@ -58,7 +58,7 @@ CONFIGS = (Config("lru", "lru"), Config("least-stale", "least-stale"),
            Config("adapmoe", "adapmoe", adapmoe=True),
            Config("cache-aware lru", "lru", margin_from="lru"),
            Config("cache-aware least-stale", "least-stale", margin_from="least-stale"),
-           Config("best: cache-aware + int8 misses + prefetch", "least-stale", margin_from="least-stale+int8",
+           Config("best: cache-aware + int8 misses + prefetch", "lru", margin_from="lru+int8",
                   lowp="int8", prefetch=True))
 
 
@@ -122,7 +122,7 @@ def main(argv=None) -> int:
     for p in profiles:
         profile(p)  # unknown names fail here, before any work
     wanted = set(args.policies.split(",")) if args.policies else None
-    configs = [c for c in CONFIGS if wanted is None or c.label in wanted or c.policy in wanted]
+    configs = [c for c in CONFIGS if wanted is None or c.label in wanted]
     model_dir = args.model or train().path
     base = store_for(model_dir, int8=args.int8)
     cfg = base.cfg
