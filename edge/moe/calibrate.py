@@ -10,6 +10,7 @@ requested fraction of second experts. All measured on training text, never on th
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -20,7 +21,7 @@ from edge.moe.model import VOCAB, MoEModel
 from edge.moe.policies import allocate_slots, lru_hit_curve
 from edge.moe.runtime import Gating, MoERuntime
 from edge.moe.store import ExpertStore
-from edge.paths import config_hash
+from edge.paths import config_hash, files_hash
 
 
 @dataclass
@@ -142,7 +143,8 @@ def calibrate_margin(store: ExpertStore, ids: torch.Tensor, policy: str, budget_
     The perplexity cost of a margin depends on what is resident, so it is calibrated per policy and
     budget; reads go to the unthrottled store (only hits and perplexity matter here). Cached in the store."""
     key = config_hash({"ids": config_hash(ids[:tokens + 1].tolist()), "policy": policy, "budget": budget_bytes,
-                       "cand": list(candidates), "max": max_ppl_increase, "lowp": lowp, "slots": slots, "v": 1})
+                       "cand": list(candidates), "max": max_ppl_increase, "lowp": lowp, "slots": slots,
+                       "code": files_hash([Path(__file__).parent / f for f in ("runtime.py", "policies.py", "routing.py")])})
     path = store.root / f"margin-{key}.json"
     if path.is_file():
         return MarginCalibration(**json.loads(path.read_text()))

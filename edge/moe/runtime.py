@@ -273,7 +273,11 @@ class MoERuntime:
             if self.gating is not None and len(idx) > 1 and not self.gating.keep_second(l, float(w[1])):
                 idx, w = idx[:1], torch.ones(1)
             y = torch.zeros_like(h)
-            for j, e in enumerate(idx):
+            # Resident experts first: a miss served first could evict (with one slot per layer, would evict)
+            # the expert that was about to hit. The sum is the same in any order (two terms commute exactly).
+            order = sorted(range(len(idx)), key=lambda j: self.cache is not None and (l, idx[j]) not in self.cache)
+            for j in order:
+                e = idx[j]
                 cheap = j > 0 and self.lowp is not None and float(w[j]) < self.lowp_max_weight
                 y += w[j] * self.expert((l, e), cheap).ffn(h)
             self.stats.experts_activated += len(idx)
