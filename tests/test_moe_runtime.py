@@ -34,6 +34,10 @@ def calib(stores):
     return calibrate(stores[0]["f32"], TEXT, drop_fraction=0.5, trace_tokens=96)
 
 
+def pairs(trace):
+    return [tuple(sorted(trace[i:i + CFG.top_k])) for i in range(0, len(trace), CFG.top_k)]
+
+
 def logits_of(rt, ids):
     rt.reset()
     return torch.stack([rt.step(int(t)) for t in ids])
@@ -64,7 +68,8 @@ def test_every_policy_equals_all_in_ram_without_gating(stores, calib, dtype):
         for budget in (0, store.expert_bytes, third):
             with open_runtime(store, policy, budget, **opts) as rt:
                 got = logits_of(rt, ids)
-                assert rt.stats.trace == trace
+                # the same experts per layer pass (resident ones are served first, so the order may differ)
+                assert pairs(rt.stats.trace) == pairs(trace)
                 assert rt.cache.used <= budget and rt.cache.stats.peak_bytes <= budget
             assert torch.equal(got, ref), (policy, budget)
     if dtype == "int8":  # the int8 store equals the full model rebuilt from the same int8 weights

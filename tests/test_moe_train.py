@@ -39,6 +39,12 @@ def test_cli_train_run_trace(shared_data, build_tmp, one_thread, capsys):
                  "--prompt", "ROMEO:", "--tokens", "20"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("ROMEO:") and "tokens/s" in out and "hit rate" in out and "bytes read/token" in out
+    assert main(["moe", "run", "--model", str(model_dir), "--budget", "50%", "--policy", "least-stale",
+                 "--storage", "emmc", "--margin", "0.5", "--lowp", "int4", "--prompt", "ROMEO:", "--tokens", "10"]) == 0
+    out = capsys.readouterr().out
+    assert "storage emmc" in out and "cache-aware margin 0.5" in out and "low-precision reads" in out
+    assert main(["moe", "run", "--model", str(model_dir), "--storage", "floppy", "--prompt", "x"]) == 2
+    assert "unknown storage profile 'floppy'" in capsys.readouterr().err
     trace_file = build_tmp / "t.json"
     assert main(["moe", "trace", "--model", str(model_dir), "--corpus", "tinyshakespeare", "--tokens", "40",
                  "--budget", "25%", "--out", str(trace_file)]) == 0

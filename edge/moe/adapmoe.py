@@ -43,11 +43,13 @@ def calibration_ids(corpora=None, per_corpus: int = 1024) -> torch.Tensor:
 
 def open_runtime(store: ExpertStore, policy: str, budget_bytes: int, *, gating: bool = True,
                  prefetch: bool = True, dp: bool = True, calibration: Calibration | None = None,
-                 trace=None, prefetch_at: str = "attn") -> MoERuntime:
+                 trace=None, prefetch_at: str = "attn", **options) -> MoERuntime:
+    """options (route_margin, lowp, lowp_max_weight) go to `MoERuntime` for the non-AdapMoE policies;
+    `prefetch` applies to them only when given explicitly there."""
     if policy not in POLICIES:
         raise TinyshieldError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
     if policy != "adapmoe":
-        return MoERuntime(store, policy, budget_bytes, trace=trace)
+        return MoERuntime(store, policy, budget_bytes, trace=trace, **options)
     if calibration is None and (gating or dp):
         calibration = calibrate(store, calibration_ids())
     total = budget_bytes // store.expert_bytes

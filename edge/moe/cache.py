@@ -71,6 +71,14 @@ class ExpertCache:
             assert self.used <= self.budget
             return True
 
+    def replace(self, key: Key, value, nbytes: int) -> bool:
+        """Swaps the cached value of `key` (a low-precision copy for the full expert); False if it no longer fits."""
+        with self.lock:
+            if key in self.items:
+                self._evict(key)
+                self.stats.evictions -= 1  # an upgrade, not an eviction
+            return self.put(key, value, nbytes)
+
     def _evict(self, key: Key) -> None:
         del self.items[key]
         self.used -= self.sizes.pop(key)

@@ -10,6 +10,7 @@ requested fraction of second experts. All measured on training text, never on th
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -20,7 +21,7 @@ from edge.moe.model import VOCAB, MoEModel
 from edge.moe.policies import allocate_slots, lru_hit_curve
 from edge.moe.runtime import Gating, MoERuntime
 from edge.moe.store import ExpertStore
-from edge.paths import config_hash
+from edge.paths import config_hash, files_hash
 
 
 @dataclass
@@ -122,3 +123,45 @@ def calibrate(store: ExpertStore, ids: torch.Tensor, drop_fraction: float | None
     path.write_text(json.dumps(asdict(cal)))
     return cal
 
+
+
+@dataclass
+class MarginCalibration:
+    """Cache-aware routing's margin for one cache set-up: the largest candidate whose perplexity on the
+    calibration text stays within `max_ppl_increase` of plain top-2 (measured, not guessed)."""
+    margin: float
+    max_ppl_increase: float
+    top2_perplexity: float
+    sweep: list[dict]   # per candidate: margin, perplexity, hit rate, reroute share
+
+
+def calibrate_margin(store: ExpertStore, ids: torch.Tensor, policy: str, budget_bytes: int,
+                     candidates=(0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0), max_ppl_increase: float = 0.01,
+                     tokens: int = 256, lowp: str | None = None, slots: list[int] | None = None) -> MarginCalibration:
+    """Sweeps the margin on `ids` (training text) with the cache the runtime will have (policy, budget).
+
+    The perplexity cost of a margin depends on what is resident, so it is calibrated per policy and
+    budget; reads go to the unthrottled store (only hits and perplexity matter here). Cached in the store."""
+    key = config_hash({"ids": config_hash(ids[:tokens + 1].tolist()), "policy": policy, "budget": budget_bytes,
+                       "cand": list(candidates), "max": max_ppl_increase, "lowp": lowp, "slots": slots,
+                       "code": files_hash([Path(__file__).parent / f for f in ("runtime.py", "policies.py", "routing.py")])})
+    path = store.root / f"margin-{key}.json"
+    if path.is_file():
+        return MarginCalibration(**json.loads(path.read_text()))
+    plain = ExpertStore(store.root)  # host speed: calibration measures hits and perplexity, not time
+    probe = ids[:tokens + 1]
+    with MoERuntime(plain, "ram") as rt:
+        top2 = rt.score(probe).perplexity
+    sweep, best = [], 0.0
+    for m in sorted(candidates):
+        with MoERuntime(plain, policy, budget_bytes, route_margin=m, lowp=lowp, slots=slots) as rt:
+            s = rt.score(probe)
+        ok = s.perplexity <= top2 * (1 + max_ppl_increase)
+        sweep.append({"margin": m, "perplexity": s.perplexity, "hit_rate": s.hit_rate,
+                      "reroute_share": s.reroutes / max(1, s.tokens * store.cfg.layers), "within_budget": ok})
+        if not ok:
+            break  # perplexity grows with the margin: larger ones only cost more
+        best = m
+    cal = MarginCalibration(best, max_ppl_increase, top2, sweep)
+    path.write_text(json.dumps(asdict(cal)))
+    return cal

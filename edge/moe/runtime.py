@@ -6,6 +6,12 @@ ideas live here: adaptive gating (`Gating`: drop the second expert when s_l * w2
 prefetching layer l+1's top expert, predicted by layer l+1's router on layer l's hidden state,
 through a background I/O thread (`Prefetcher`). With gating off, the numbers computed are the
 same whatever the policy: the cache changes where weights come from, never what they are.
+
+Past AdapMoE, two knobs change what is computed, each bounded and calibrated for a perplexity cost:
+cache-aware routing (`route_margin`: a close call goes to an expert already in RAM, see
+`edge.moe.routing`) and cheap misses (`lowp`: a miss of a less important expert -- not the top
+choice, gate weight below `lowp_max_weight` -- reads the int8 or int4 copy, HOBBIT-style; a later
+important use of a low-precision copy reads the full expert and replaces it in the cache).
 """
 from __future__ import annotations
 
@@ -18,12 +24,13 @@ from torch.nn import functional as F
 
 from edge.errors import TinyshieldError
 from edge.moe.cache import ExpertCache
-from edge.moe.model import MoEModel, expert_ffn, route
-from edge.moe.policies import LFU, Belady, Key, LayerLRU, NoCache, Policy, even_slots
+from edge.moe.model import MoEModel, route
+from edge.moe.policies import LFU, Belady, Key, LayerLRU, LeastStale, NoCache, Policy, even_slots
 from edge.moe.prefetch import Prefetcher
+from edge.moe.routing import cache_aware_route
 from edge.moe.store import Expert, ExpertStore
 
-POLICIES = ("ram", "on-demand", "lru", "lfu", "adapmoe", "belady")
+POLICIES = ("ram", "on-demand", "lru", "lfu", "least-stale", "adapmoe", "belady")
 
 
 @dataclass
@@ -53,6 +60,10 @@ class RunStats:
     wall_seconds: float = 0.0
     nll_sum: float = 0.0
     nll_count: int = 0
+    lowp_reads: int = 0        # misses served by a low-precision copy
+    upgrades: int = 0          # a low-precision copy was cached but the full expert was needed (counted as a miss)
+    reroutes: int = 0          # layer passes where cache-aware routing chose differently from plain top-k
+    device_seconds: float = 0.0  # modelled storage time of the profile (sum over reads)
     trace: list = field(default_factory=list, repr=False)  # demand keys in order
 
     @property
@@ -81,7 +92,7 @@ class RunStats:
                  prefetch_recall=self.prefetch_recall, perplexity=self.perplexity,
                  bytes_per_token=self.bytes_read / t, stall_ms_per_token=1e3 * self.stall_seconds / t,
                  tokens_per_s=self.tokens / self.wall_seconds if self.wall_seconds else float("nan"),
-                 experts_per_token=self.experts_activated / t)
+                 ms_per_token=1e3 * self.wall_seconds / t, experts_per_token=self.experts_activated / t)
         return d
 
 
@@ -110,6 +121,8 @@ def make_policy(name: str, store: ExpertStore, budget_bytes: int, slots: list[in
         return LayerLRU(even_slots(cfg.layers, cfg.experts, total))
     if name == "lfu":
         return LFU()
+    if name == "least-stale":
+        return LeastStale(cfg.layers)
     if name == "adapmoe":
         return LayerLRU(slots if slots is not None else even_slots(cfg.layers, cfg.experts, total))
     if name == "belady":
@@ -123,11 +136,23 @@ def make_policy(name: str, store: ExpertStore, budget_bytes: int, slots: list[in
 class MoERuntime:
     def __init__(self, store: ExpertStore, policy: str = "lru", budget_bytes: int = 0, *,
                  gating: Gating | None = None, prefetch: bool = False, slots: list[int] | None = None,
-                 trace: list[Key] | None = None, model: MoEModel | None = None, prefetch_at: str = "attn"):
+                 trace: list[Key] | None = None, model: MoEModel | None = None, prefetch_at: str = "attn",
+                 route_margin: float = 0.0, lowp: str | None = None, lowp_max_weight: float = 0.5):
         """prefetch_at: guess layer l+1's expert from layer l's hidden state after its attention ("attn",
-        more time to hide the read) or after its FFN ("ffn", a closer guess, less time)."""
+        more time to hide the read) or after its FFN ("ffn", a closer guess, less time).
+        route_margin: cache-aware routing's bonus on the gate logits of resident experts (0 = top-k).
+        lowp: "int8" or "int4": on a miss of a non-top expert with gate weight < lowp_max_weight, read that copy."""
         if prefetch_at not in ("attn", "ffn"):
             raise TinyshieldError(f"prefetch_at is 'attn' or 'ffn', not {prefetch_at!r}")
+        if route_margin < 0:
+            raise TinyshieldError(f"route_margin must be >= 0 (a bonus for resident experts), got {route_margin}")
+        if lowp is not None and lowp not in store.copies:
+            raise TinyshieldError(f"low-precision copy {lowp!r} is not in the store {store.root} "
+                                  f"(it has {store.copies or 'none'}); rebuild it with the copies")
+        self.route_margin = route_margin
+        self.lowp = lowp
+        self.lowp_max_weight = lowp_max_weight
+        self.full_precision = "int8" if store.int8 else "float32"
         self.prefetch_at = prefetch_at
         self.store = store
         self.cfg = store.cfg
@@ -154,8 +179,17 @@ class MoERuntime:
         with self._plock:
             self._prefetched.discard(key)
 
-    def expert(self, key: Key) -> Expert:
-        """The demand path: cached, in flight (wait), or a synchronous read (stall)."""
+    def _read(self, key: Key, precision: str = "full") -> Expert:
+        t0 = time.perf_counter()
+        try:
+            return self.store.read(key, precision)
+        finally:
+            self.stats.stall_seconds += time.perf_counter() - t0
+
+    def expert(self, key: Key, cheap: bool = False) -> Expert:
+        """The demand path: cached, in flight (wait), or a synchronous read (stall).
+
+        cheap: this expert matters little for the token; a low-precision copy will do (cached or read)."""
         s = self.stats
         s.accesses += 1
         s.trace.append(key)
@@ -175,14 +209,19 @@ class MoERuntime:
             s.prefetch_used += was_prefetched
             return v if v is not None else value
         v = self.cache.access(key)
-        if v is not None:
+        if v is not None and (cheap or v.precision == self.full_precision):
             s.hits += 1
             s.prefetch_used += was_prefetched
             return v
         s.misses += 1
-        t0 = time.perf_counter()
-        v = self.store.read(key)
-        s.stall_seconds += time.perf_counter() - t0
+        if v is not None:  # only a low-precision copy is here and this use needs the full expert
+            s.upgrades += 1
+            v = self._read(key)
+            self.cache.replace(key, v, v.nbytes)
+            return v
+        low = cheap and self.lowp is not None
+        v = self._read(key, self.lowp if low else "full")
+        s.lowp_reads += low
         self.cache.put(key, v, v.nbytes)
         return v
 
@@ -220,17 +259,27 @@ class MoERuntime:
             x = x + a
             next_guess = self._guess(l, x) if self.prefetch_at == "attn" else None
             h = blk.ln2(x).view(1, -1)
-            idx, w = route(blk.moe.router(h), self.cfg.top_k)
+            logits = blk.moe.router(h)
+            idx, w = route(logits, self.cfg.top_k)
             idx, w = idx[0].tolist(), w[0]
+            if self.route_margin > 0 and self.cache is not None:
+                resident = torch.tensor([(l, e) in self.cache for e in range(self.cfg.experts)])
+                plain = set(idx)
+                idx, w = cache_aware_route(logits[0], self.cfg.top_k, resident, self.route_margin)
+                self.stats.reroutes += set(idx) != plain
             if guess is not None:
                 self.stats.predictions += 1
                 self.stats.predictions_right += guess == (l, idx[0])
             if self.gating is not None and len(idx) > 1 and not self.gating.keep_second(l, float(w[1])):
                 idx, w = idx[:1], torch.ones(1)
             y = torch.zeros_like(h)
-            for j, e in enumerate(idx):
-                w1, w2 = self.expert((l, e)).weights()
-                y += w[j] * expert_ffn(h, w1, w2)
+            # Resident experts first: a miss served first could evict (with one slot per layer, would evict)
+            # the expert that was about to hit. The sum is the same in any order (two terms commute exactly).
+            order = sorted(range(len(idx)), key=lambda j: self.cache is not None and (l, idx[j]) not in self.cache)
+            for j in order:
+                e = idx[j]
+                cheap = j > 0 and self.lowp is not None and float(w[j]) < self.lowp_max_weight
+                y += w[j] * self.expert((l, e), cheap).ffn(h)
             self.stats.experts_activated += len(idx)
             x = x + y.view_as(x)
             guess = self._guess(l, x) if self.prefetch_at == "ffn" else next_guess
@@ -277,6 +326,7 @@ class MoERuntime:
     def _finish(self, t0: float) -> None:
         self.stats.wall_seconds += time.perf_counter() - t0
         self.stats.bytes_read = self.store.bytes_read
+        self.stats.device_seconds = self.store.device.modelled_seconds if self.store.device is not None else 0.0
 
     def close(self) -> None:
         if self.prefetcher is not None:

@@ -1,24 +1,34 @@
-"""MoE expert-caching benchmark: policies x budgets on real routing of held-out text.
+"""MoE expert-caching benchmark: policies x budgets x storage profiles on real routing of held-out text.
 
-For budgets of 25% and 50% of all expert bytes it decodes the same evaluation text token by token
-with each policy (on-demand, per-layer LRU, LFU, AdapMoE with and without gating/prefetch, Belady
-replaying the recorded top-2 trace) and measures demand hit rate, prefetch precision/recall, bytes
-read and stall per token, tokens/s and perplexity. Reads hit storage (posix_fadvise DONTNEED after
-every read). Writes a rich table, build/bench/moe.json and build/bench/moe_hit_rate.png.
+For each expert budget (default 10%, 25%, 50% of all expert bytes) and storage profile (host disk, phone
+UFS, eMMC, SD card, MCU QSPI flash; see `edge.moe.storage`) it decodes the same held-out text token by
+token with: per-layer LRU (Mixtral-offloading), LFU, least-stale, the landed AdapMoE (DP-sized LRU,
+adaptive gating, prefetch), cache-aware routing over LRU and over least-stale (margin calibrated on
+training text for <= 1% perplexity), and the best combination (cache-aware per-layer LRU + cheap int8
+misses + prefetch). It measures demand hit rate, bytes read, stall and decode time per token, tokens/s and
+perplexity, next to the all-in-RAM reference and Belady's MIN replaying the unmodified top-2 trace.
+Reads hit storage (posix_fadvise DONTNEED after every read, sha256 checked), then wait for the profile.
 
-    python -m tools.bench.moe [--tokens 1536] [--quick]
+Writes a table, build/bench/moe.json, build/bench/moe_hit_rate.png (offline replay vs budget) and
+build/bench/moe_profiles.png (hit rate and tokens/s vs budget per profile).
+
+    nice -n 10 python -m tools.bench.moe [--tokens 384] [--budgets 10,25,50] [--storage host,ufs,emmc,sd,qspi]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
+import platform
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 EVAL_CORPORA = ("tinyshakespeare", "warpeace", "wikitext2-valid")
+PROFILE_NAMES = ("host", "ufs", "emmc", "sd", "qspi")
 
 
 def eval_ids(tokens: int) -> torch.Tensor:
@@ -32,160 +42,227 @@ def eval_ids(tokens: int) -> torch.Tensor:
     return torch.from_numpy(np.concatenate([p[:per] for p in parts]).astype(np.int64))[:tokens + 1]
 
 
-def runs(quick: bool):
-    """(label, policy, options) in the order they run."""
-    r = [("on-demand", "on-demand", {}), ("lru", "lru", {}), ("lfu", "lfu", {}),
-         ("adapmoe dp only", "adapmoe", dict(gating=False, prefetch=False)),
-         ("adapmoe +prefetch", "adapmoe", dict(gating=False, prefetch=True)),
-         ("adapmoe +gating", "adapmoe", dict(gating=True, prefetch=False)),
-         ("adapmoe", "adapmoe", dict(gating=True, prefetch=True)),
-         ("belady (top-2 trace)", "belady", {})]
-    return r[1:2] + r[-2:] if quick else r
+@dataclass
+class Config:
+    """One runtime set-up of the benchmark: a label and how to open it."""
+    label: str
+    policy: str
+    margin_from: str | None = None   # cache-aware: the margin calibrated for this base policy
+    lowp: str | None = None
+    prefetch: bool = False
+    adapmoe: bool = False            # the landed AdapMoE (DP slots, gating, prefetch)
+
+
+# LFU is in the offline replay (hit_rate_vs_budget) only: it never led there, and every decoded run costs minutes.
+CONFIGS = (Config("lru", "lru"), Config("least-stale", "least-stale"),
+           Config("adapmoe", "adapmoe", adapmoe=True),
+           Config("cache-aware lru", "lru", margin_from="lru"),
+           Config("cache-aware least-stale", "least-stale", margin_from="least-stale"),
+           Config("best: cache-aware + int8 misses + prefetch", "lru", margin_from="lru+int8",
+                  lowp="int8", prefetch=True))
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def open_config(store, c: Config, budget: int, margins: dict, cal, lowp_max_weight: float):
+    from edge.moe.adapmoe import open_runtime
+    from edge.moe.runtime import MoERuntime
+
+    if c.adapmoe:
+        return open_runtime(store, "adapmoe", budget, calibration=cal)
+    margin = margins[c.margin_from].margin if c.margin_from else 0.0
+    return MoERuntime(store, c.policy, budget, route_margin=margin, lowp=c.lowp, lowp_max_weight=lowp_max_weight,
+                      prefetch=c.prefetch)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tools.bench.moe")
-    ap.add_argument("--tokens", type=int, default=1536)
-    ap.add_argument("--budgets", default="25,50", help="percent of all expert bytes, comma separated")
-    ap.add_argument("--drop", type=float, default=None,
-                    help="share of second experts the gating threshold drops on calibration text (default: the "
-                         "largest that keeps calibration perplexity within 0.5%% of top-2)")
-    ap.add_argument("--int8", action="store_true")
+    ap.add_argument("--tokens", type=int, default=384, help="held-out bytes decoded per run (default 384)")
+    ap.add_argument("--budgets", default="10,25,50", help="percent of all expert bytes, comma separated")
+    ap.add_argument("--storage", default=",".join(PROFILE_NAMES), help="storage profiles, comma separated")
+    ap.add_argument("--policies", default=None, help="only these configuration labels (comma separated)")
+    ap.add_argument("--lowp-max-weight", type=float, default=0.35,
+                    help="cheap misses: second experts with a gate weight below this read the int8 copy")
+    ap.add_argument("--max-ppl-increase", type=float, default=0.01, help="margin calibration: allowed ppl increase")
+    ap.add_argument("--int8", action="store_true", help="the int8 expert store (full copies int8)")
     ap.add_argument("--model", help="trained MoE model directory (default: the `moe train` model)")
-    ap.add_argument("--quick", action="store_true", help="fewer tokens and runs (smoke check)")
-    ap.add_argument("--repeats", type=int, default=1, help="runs per cell; the fastest is kept (the machine is shared, "
-                                                            "so tokens/s is noisy)")
+    ap.add_argument("--quick", action="store_true", help="fewer tokens, budgets and profiles (smoke check)")
+    ap.add_argument("--repeats", type=int, default=1, help="runs per cell; the fastest is kept (the machine is "
+                                                            "shared, so tokens/s is noisy)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: decoding one token gains "
+                                                            "nothing from more)")
+    ap.add_argument("--out", default=None, help="output stem under build/bench (default moe / moe_int8)")
     args = ap.parse_args(argv)
-    torch.set_num_threads(1)
+    torch.set_num_threads(max(1, args.threads))
 
     from rich.console import Console
     from rich.table import Table
 
-    from edge.moe.adapmoe import calibration_ids, open_runtime
-    from edge.moe.calibrate import calibrate
+    from edge.moe.adapmoe import calibration_ids
+    from edge.moe.calibrate import calibrate, calibrate_margin
     from edge.moe.replay import replay_all
     from edge.moe.runtime import MoERuntime
-    from edge.moe.store import store_for
+    from edge.moe.storage import profile
+    from edge.moe.store import ExpertStore, store_for
     from edge.moe.train import train
     from edge.paths import build_dir
 
-    tokens = 256 if args.quick else args.tokens
+    con = Console(width=220)
+    tokens = 128 if args.quick else args.tokens
+    budgets = [10, 25] if args.quick else [int(p) for p in args.budgets.split(",")]
+    profiles = ["host", "emmc"] if args.quick else [p.strip() for p in args.storage.split(",")]
+    for p in profiles:
+        profile(p)  # unknown names fail here, before any work
+    wanted = set(args.policies.split(",")) if args.policies else None
+    configs = [c for c in CONFIGS if wanted is None or c.label in wanted]
     model_dir = args.model or train().path
-    store = store_for(model_dir, int8=args.int8)
-    cfg = store.cfg
+    base = store_for(model_dir, int8=args.int8)
+    cfg = base.cfg
     ids = eval_ids(tokens)
+    calib_ids = calibration_ids()
     t0 = time.time()
-    cal = calibrate(store, calibration_ids(), drop_fraction=args.drop)
-    print(f"calibration: s_l = {[f'{s:.3g}' for s in cal.sensitivity]}, T = {cal.threshold:.4g} "
-          f"({time.time() - t0:.1f} s)")
+    cal = calibrate(base, calib_ids)
+    con.print(f"AdapMoE calibration: s_l = {[f'{s:.3g}' for s in cal.sensitivity]}, T = {cal.threshold:.4g} "
+              f"({time.time() - t0:.1f} s)")
 
-    # the reference: every expert in RAM, top-2
-    with MoERuntime(store, "ram") as rt:
-        ref = rt.score(ids)
-    top2_trace = list(ref.trace)
-    ref_ppl = ref.perplexity
-    # gating alone (no I/O): how many expert activations it saves at a few thresholds
-    sweep = []
-    for drop in ([cal.drop_fraction] if args.quick else sorted({0.3, 0.5, round(cal.drop_fraction, 1), 0.7})):
-        gate = cal.gating(drop)
-        with MoERuntime(store, "ram", gating=gate) as rt:
-            s = rt.score(ids)
-        sweep.append({"drop_fraction": drop, "threshold": gate.threshold, "perplexity": s.perplexity,
-                      "ppl_change_pct": 100 * (s.perplexity / ref_ppl - 1), "experts_per_token": s.experts_activated / s.tokens,
-                      "activation_reduction_pct": 100 * (1 - s.experts_activated / ref.experts_activated)})
+    # the reference: every expert in RAM, plain top-2 (fastest of a few runs: the machine is shared)
+    refs = []
+    for _ in range(max(2, args.repeats)):
+        with MoERuntime(base, "ram") as rt:
+            refs.append(rt.score(ids))
+    ref = min(refs, key=lambda s: s.wall_seconds)
+    top2_trace, ref_ppl = list(ref.trace), ref.perplexity
+    ref_ms = 1e3 * ref.wall_seconds / ref.tokens
 
-    rows = []
-    total = store.total_bytes
-    for pct in [int(p) for p in args.budgets.split(",")]:
+    rows, margins_by_budget = [], {}
+    total = base.total_bytes
+    for pct in budgets:
         budget = total * pct // 100
-        slots = budget // store.expert_bytes
-        for label, policy, opts in runs(args.quick):
-            if policy == "on-demand" and rows and any(r["policy"] == "on-demand" for r in rows):
-                prev = next(r for r in rows if r["policy"] == "on-demand")
-                rows.append({**prev, "budget_pct": pct, "budget_bytes": budget, "slots": slots,  # budget-independent
-                             "belady_same_trace": replay_all(top2_trace, cfg.layers, cfg.experts, slots)["belady"]})
-                continue
-            best = None
-            for _ in range(max(1, args.repeats)):
-                with open_runtime(store, policy, budget, calibration=cal, trace=top2_trace, **opts) as rt:
-                    s = rt.score(ids)
-                if best is None or s.wall_seconds < best[0].wall_seconds:
-                    best = (s, rt)
-            s, rt = best
-            summ = s.summary()
-            own = replay_all(s.trace, cfg.layers, cfg.experts, slots)["belady"]
-            slot_plan = rt.cache.policy.slots if hasattr(rt.cache.policy, "slots") else None
-            rows.append({"budget_pct": pct, "budget_bytes": budget, "slots": slots, "label": label, "policy": policy,
-                         **opts, "slot_plan": slot_plan, "belady_same_trace": own,
-                         **{k: v for k, v in summ.items() if k not in ("nll_sum", "nll_count")}})
-            print(f"  {pct}% {label}: {summ['tokens_per_s']:.1f} tok/s, hit {100 * summ['hit_rate']:.1f}%")
+        slots = budget // base.expert_bytes
+        belady = replay_all(top2_trace, cfg.layers, cfg.experts, slots)["belady"]
+        margins = {}
+        for c in configs:
+            if c.margin_from and c.margin_from not in margins:
+                t1 = time.time()
+                margins[c.margin_from] = calibrate_margin(base, calib_ids, c.policy, budget, lowp=c.lowp,
+                                                          max_ppl_increase=args.max_ppl_increase)
+                m = margins[c.margin_from]
+                at = next((s["perplexity"] for s in m.sweep if s["margin"] == m.margin), m.top2_perplexity)
+                con.print(f"  {pct}%: margin for {c.margin_from} = {m.margin} "
+                          f"(calibration ppl {m.top2_perplexity:.3f} -> {at:.3f}, {time.time() - t1:.0f} s)")
+        margins_by_budget[pct] = {k: {"margin": v.margin, "sweep": v.sweep} for k, v in margins.items()}
+        for prof in profiles:
+            store = ExpertStore(base.root, storage=prof)
+            for c in configs:
+                best = None
+                for _ in range(max(1, args.repeats)):
+                    with open_config(store, c, budget, margins, cal, args.lowp_max_weight) as rt:
+                        s = rt.score(ids)
+                    if best is None or s.wall_seconds < best.wall_seconds:
+                        best = s
+                summ = best.summary()
+                rows.append({"budget_pct": pct, "budget_bytes": budget, "slots": slots, "storage": prof,
+                             "label": c.label, "policy": c.policy, "lowp": c.lowp, "prefetch": c.prefetch,
+                             "margin": margins[c.margin_from].margin if c.margin_from else 0.0,
+                             "belady_top2_trace": belady,
+                             "slowdown_vs_ram": summ["ms_per_token"] / ref_ms,
+                             "ppl_change_pct": 100 * (summ["perplexity"] / ref_ppl - 1),
+                             **{k: v for k, v in summ.items() if k not in ("nll_sum", "nll_count")}})
+                con.print(f"  {pct}% {prof:5s} {c.label}: {summ['tokens_per_s']:.1f} tok/s, "
+                          f"hit {100 * summ['hit_rate']:.1f}% (Belady top-2 {100 * belady:.1f}%), "
+                          f"ppl {summ['perplexity']:.3f}")
 
-    # hit rate vs budget, offline replay of the recorded traces (no I/O)
-    with MoERuntime(store, "ram", gating=cal.gating()) as rt:
-        gated_trace = list(rt.score(ids).trace)
+    # hit rate vs budget, offline replay of the unmodified top-2 trace (no I/O)
     curve = []
+    from edge.moe.cache import replay
+    from edge.moe.policies import LeastStale
     for slots in range(1, cfg.layers * cfg.experts + 1):
-        top2 = replay_all(top2_trace, cfg.layers, cfg.experts, slots, dp_slots=cal.slots(slots, gated=False))
-        gated = replay_all(gated_trace, cfg.layers, cfg.experts, slots, dp_slots=cal.slots(slots, gated=True))
-        curve.append({"slots": slots, "budget_pct": 100 * slots / (cfg.layers * cfg.experts),
-                      **{f"top2_{k}": v for k, v in top2.items()}, **{f"gated_{k}": v for k, v in gated.items()}})
+        r = replay_all(top2_trace, cfg.layers, cfg.experts, slots, dp_slots=cal.slots(slots, gated=False))
+        r["least-stale"] = replay(top2_trace, slots, LeastStale(cfg.layers)).hits / max(1, len(top2_trace))
+        curve.append({"slots": slots, "budget_pct": 100 * slots / (cfg.layers * cfg.experts), **r})
 
-    def row(pct, label):
-        return next((r for r in rows if r["budget_pct"] == pct and r["label"] == label), None)
-
-    headline = {}
-    lru, ad = row(25, "lru"), row(25, "adapmoe")
-    if lru and ad:
-        headline = {"speedup_tokens_per_s_vs_lru_25": ad["tokens_per_s"] / lru["tokens_per_s"],
-                    "adapmoe_ppl_change_pct": 100 * (ad["perplexity"] / ref_ppl - 1),
-                    "adapmoe_hit_rate_25": ad["hit_rate"],
-                    "belady_hit_rate_25_top2": row(25, "belady (top-2 trace)")["hit_rate"],
-                    "belady_hit_rate_25_adapmoe_trace": ad["belady_same_trace"],
-                    "activation_reduction_pct": 100 * (1 - ad["experts_per_token"] / (ref.experts_activated / ref.tokens))}
-
-    result = {"model": str(model_dir), "store": str(store.root), "dtype": "int8" if args.int8 else "float32",
-              "expert_bytes": store.expert_bytes, "experts_total_bytes": total, "eval_tokens": ref.tokens,
-              "io": "posix_fadvise(POSIX_FADV_DONTNEED) after every expert read; sha256 checked on every read",
-              "torch_threads": 1, "reference_perplexity": ref_ppl, "reference_tokens_per_s": ref.summary()["tokens_per_s"],
-              "calibration": {"sensitivity": cal.sensitivity, "threshold": cal.threshold, "drop_fraction": cal.drop_fraction},
-              "gating_sweep": sweep, "runs": rows, "hit_rate_vs_budget": curve, "headline": headline}
+    headline = headlines(rows, budgets, profiles)
+    result = {"cpu": cpu_name(), "cores_usable": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(),
+              "model": str(model_dir), "store": str(base.root), "dtype": "int8" if args.int8 else "float32",
+              "expert_bytes": base.expert_bytes, "expert_file_bytes": base.entry((0, 0))["file_bytes"],
+              "experts_total_bytes": total, "eval_tokens": ref.tokens,
+              "profiles": {p: (profile(p).to_dict() if profile(p) else None) for p in profiles},
+              "io": "posix_fadvise(POSIX_FADV_DONTNEED) after every expert read; sha256 checked on every read; "
+                    "then the profile's device waits until latency + bytes/bandwidth (single queue)",
+              "reference": {"perplexity": ref_ppl, "ms_per_token": ref_ms, "tokens_per_s": 1e3 / ref_ms},
+              "lowp_max_weight": args.lowp_max_weight, "max_ppl_increase": args.max_ppl_increase,
+              "adapmoe_calibration": {"sensitivity": cal.sensitivity, "threshold": cal.threshold,
+                                      "drop_fraction": cal.drop_fraction},
+              "margins": margins_by_budget, "runs": rows, "hit_rate_vs_budget": curve, "headline": headline}
     out = build_dir() / "bench"
     out.mkdir(parents=True, exist_ok=True)
-    stem = "moe_int8" if args.int8 else "moe"  # the int8 store gets its own files
+    stem = args.out or ("moe_int8" if args.int8 else "moe")
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1, default=float))
-    plot(curve, rows, out / f"{stem}_hit_rate.png")
+    plot_replay(curve, rows, out / f"{stem}_hit_rate.png")
+    plot_profiles(rows, profiles, ref_ms, out / f"{stem}_profiles.png")
 
-    t = Table(title=f"MoE expert caching — {ref.tokens} held-out tokens, experts {total / 1e6:.1f} MB "
-                    f"({cfg.layers}x{cfg.experts} x {store.expert_bytes / 1e3:.0f} kB), all-in-RAM ppl {ref_ppl:.3f}, "
-                    f"{ref.summary()['tokens_per_s']:.0f} tok/s")
-    for c in ["budget", "policy", "hit rate", "Belady same trace", "pf prec", "pf recall", "kB read/tok",
-              "stall ms/tok", "tok/s", "ppl", "experts/tok (all layers)"]:
-        t.add_column(c, justify="right" if c not in ("policy",) else "left")
+    t = Table(title=f"MoE expert caching on {cpu_name()}, 1 thread — {ref.tokens} held-out tokens, experts "
+                    f"{total / 1e6:.1f} MB ({cfg.layers}x{cfg.experts} x {base.expert_bytes / 1e3:.0f} kB), "
+                    f"all in RAM: ppl {ref_ppl:.3f}, {ref_ms:.2f} ms/token")
+    for col in ["budget", "storage", "config", "margin", "hit rate", "Belady top-2", "kB read/tok", "stall ms/tok",
+                "ms/tok", "x RAM", "tok/s", "ppl", "ppl change"]:
+        t.add_column(col, justify="left" if col in ("config", "storage") else "right")
 
     def pct(x):
         return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
 
     for r in rows:
-        t.add_row(f"{r['budget_pct']}%", r["label"], pct(r["hit_rate"]), pct(r["belady_same_trace"]),
-                  pct(r["prefetch_precision"]), pct(r["prefetch_recall"]), f"{r['bytes_per_token'] / 1e3:.0f}",
-                  f"{r['stall_ms_per_token']:.2f}", f"{r['tokens_per_s']:.1f}", f"{r['perplexity']:.3f}",
-                  f"{r['experts_per_token']:.2f}")
-    con = Console(width=200)
+        t.add_row(f"{r['budget_pct']}%", r["storage"], r["label"], f"{r['margin']:.2f}", pct(r["hit_rate"]),
+                  pct(r["belady_top2_trace"]), f"{r['bytes_per_token'] / 1e3:.0f}", f"{r['stall_ms_per_token']:.2f}",
+                  f"{r['ms_per_token']:.2f}", f"{r['slowdown_vs_ram']:.2f}", f"{r['tokens_per_s']:.1f}",
+                  f"{r['perplexity']:.3f}", f"{r['ppl_change_pct']:+.2f}%")
     con.print(t)
-    g = Table(title="adaptive gating alone (all experts in RAM)")
-    for c in ["drop share (calib.)", "T", "ppl", "ppl change", "experts/tok", "activations saved"]:
-        g.add_column(c, justify="right")
-    for s in sweep:
-        g.add_row(f"{s['drop_fraction']:.2f}", f"{s['threshold']:.3g}", f"{s['perplexity']:.3f}",
-                  f"{s['ppl_change_pct']:+.2f}%", f"{s['experts_per_token']:.2f}", f"{s['activation_reduction_pct']:.1f}%")
-    con.print(g)
     if headline:
-        con.print({k: round(v, 4) for k, v in headline.items()})
-    con.print(f"wrote {out / (stem + '.json')} and {out / (stem + '_hit_rate.png')}")
+        h = Table(title="headline")
+        h.add_column("figure")
+        h.add_column("value", justify="right")
+        for k, v in headline.items():
+            h.add_row(k, f"{v:.3f}" if isinstance(v, float) else str(v))
+        con.print(h)
+    con.print(f"wrote {out / (stem + '.json')}, {out / (stem + '_hit_rate.png')}, {out / (stem + '_profiles.png')}")
     return 0
 
 
-def plot(curve, rows, path) -> None:
+def headlines(rows, budgets, profiles) -> dict:
+    """The issue's numbers: eMMC at 25%, cache-aware vs Belady at 10/25%, best vs LRU and AdapMoE per profile."""
+    def row(pct, prof, label):
+        return next((r for r in rows if r["budget_pct"] == pct and r["storage"] == prof and r["label"] == label), None)
+
+    best_label = "best: cache-aware + int8 misses + prefetch"
+    h = {}
+    for pct in (10, 25):
+        for label in ("cache-aware lru", "cache-aware least-stale", best_label):
+            r = row(pct, profiles[0], label)
+            if r:
+                gain = 100 * (r["hit_rate"] - r["belady_top2_trace"])
+                h[f"{label} hit rate - Belady(top-2) at {pct}% (points)"] = gain
+                h[f"{label} ppl change at {pct}% (%)"] = r["ppl_change_pct"]
+    for prof in profiles:
+        b = row(25, prof, best_label)
+        if not b:
+            continue
+        h[f"{prof} 25%: best ms/token / all-in-RAM"] = b["slowdown_vs_ram"]
+        for base in ("lru", "adapmoe"):
+            o = row(25, prof, base)
+            if o:
+                h[f"{prof} 25%: best tokens/s / {base}"] = b["tokens_per_s"] / o["tokens_per_s"]
+    return h
+
+
+def plot_replay(curve, rows, path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -193,22 +270,54 @@ def plot(curve, rows, path) -> None:
 
     x = [c["budget_pct"] for c in curve]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for key, label, style in [("top2_lru", "per-layer LRU", "-"), ("top2_lfu", "LFU", "-"),
-                              ("top2_dp-lru", "DP-sized LRU", "-"), ("top2_belady", "Belady (MIN)", "--"),
-                              ("gated_dp-lru", "DP-sized LRU, gated trace", ":"),
-                              ("gated_belady", "Belady, gated trace", ":")]:
+    for key, label, style in [("lru", "per-layer LRU", "-"), ("lfu", "LFU", "-"), ("least-stale", "least-stale", "-"),
+                              ("dp-lru", "DP-sized LRU", "-"), ("belady", "Belady (MIN)", "--")]:
         ax.plot(x, [100 * c[key] for c in curve], style, label=label)
-    for r in rows:
-        if r["label"] == "adapmoe":
-            ax.plot(r["budget_pct"], 100 * r["hit_rate"], "k*", markersize=12,
-                    label="AdapMoE measured (gating+prefetch)" if r["budget_pct"] == rows[0]["budget_pct"] else None)
+    host = [r for r in rows if r["storage"] == rows[0]["storage"]] if rows else []
+    for label, mark in [("cache-aware least-stale", "r*"), ("cache-aware lru", "m^"), ("adapmoe", "k*")]:
+        pts = [(r["budget_pct"], 100 * r["hit_rate"]) for r in host if r["label"] == label]
+        if pts:
+            ax.plot(*zip(*pts), mark, markersize=10, label=f"{label} (measured)")
     ax.set_xlabel("cache budget (% of all expert bytes)")
     ax.set_ylabel("demand hit rate (%)")
-    ax.set_title("Expert cache hit rate vs budget (held-out text, offline replay)")
+    ax.set_title("Expert cache hit rate vs budget (held-out text; lines: replay of the top-2 trace)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_profiles(rows, profiles, ref_ms, path) -> None:
+    """Per storage profile (columns): hit rate (top) and tokens/s (bottom) vs budget, one line per config."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(dict.fromkeys(r["label"] for r in rows))
+    fig, axes = plt.subplots(2, len(profiles), figsize=(3.6 * len(profiles), 6.5), squeeze=False, sharex=True)
+    for j, prof in enumerate(profiles):
+        for label in labels:
+            pts = sorted((r["budget_pct"], r) for r in rows if r["storage"] == prof and r["label"] == label)
+            if not pts:
+                continue
+            x = [p for p, _ in pts]
+            axes[0][j].plot(x, [100 * r["hit_rate"] for _, r in pts], "o-", label=label)
+            axes[1][j].plot(x, [r["tokens_per_s"] for _, r in pts], "o-", label=label)
+        axes[1][j].axhline(1e3 / ref_ms, color="k", ls="--", lw=1, label="all experts in RAM")
+        axes[0][j].set_title(prof)
+        axes[1][j].set_xlabel("budget (% of expert bytes)")
+        axes[1][j].set_yscale("log")
+        for a in (axes[0][j], axes[1][j]):
+            a.grid(alpha=0.3)
+    axes[0][0].set_ylabel("demand hit rate (%)")
+    axes[1][0].set_ylabel("tokens/s (log)")
+    handles, names = axes[1][0].get_legend_handles_labels()
+    fig.legend(handles, names, fontsize=8, loc="lower center", ncol=4)
+    fig.suptitle("MoE decoding per storage profile: hit rate and tokens/s vs expert budget")
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 

@@ -12,6 +12,7 @@ def register(sub):
     t.add_argument("--steps", type=int, help="training steps (default: the recipe's)")
     t.add_argument("--tiny", action="store_true", help="a tiny config that trains in seconds (smoke runs)")
     t.add_argument("--force", action="store_true", help="retrain even when a cached model exists")
+    t.add_argument("--threads", type=int, help="torch threads (default: 1 on a machine of <= 2 usable cores, else 2)")
     t.set_defaults(func=run_train)
 
     def common(q):
@@ -19,11 +20,19 @@ def register(sub):
         q.add_argument("--budget", default="25%", help="RAM for experts: bytes, 4MB, 512KiB or 25%% (default 25%%)")
         q.add_argument("--int8", action="store_true", help="store and cache experts as int8")
         q.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+        q.add_argument("--storage", default="host", help="storage profile the experts are read from: host (this "
+                                                          "disk, unthrottled), ufs, emmc, sd, qspi")
 
     r = jobs.add_parser("run", help="generate text with experts served from the cache")
     common(r)
-    r.add_argument("--policy", default="adapmoe", help="ram, on-demand, lru, lfu, adapmoe (default); "
+    r.add_argument("--policy", default="adapmoe", help="ram, on-demand, lru, lfu, least-stale, adapmoe (default); "
                                                        "belady is offline-only (see trace)")
+    r.add_argument("--margin", default="0", help="cache-aware routing: bonus on resident experts' gate logits, "
+                                                 "or 'auto' (calibrated on training text for <= 1%% perplexity); "
+                                                 "not with adapmoe")
+    r.add_argument("--lowp", choices=("int8", "int4"), help="cheap misses: read this copy of a less important expert")
+    r.add_argument("--lowp-max-weight", type=float, default=0.35, help="gate weight below which an expert (not the "
+                                                                       "top one) counts as less important")
     r.add_argument("--prompt", required=True, help="text to continue")
     r.add_argument("--tokens", type=int, default=200, help="bytes to generate (default 200)")
     r.add_argument("--temperature", type=float, default=0.8)
@@ -47,6 +56,8 @@ def register(sub):
     b.add_argument("--repeats", type=int, default=1, help="runs per cell, fastest kept (tokens/s is noisy)")
     b.add_argument("--int8", action="store_true", help="benchmark the int8 expert store")
     b.add_argument("--model", help="trained MoE model directory (default: the `moe train` model)")
+    b.add_argument("--budgets", help="percent of all expert bytes, comma separated (default 10,25,50)")
+    b.add_argument("--storage", help="storage profiles, comma separated (default host,ufs,emmc,sd,qspi)")
     b.set_defaults(func=run_bench)
 
 
@@ -69,13 +80,15 @@ def _store(args):
     else:
         r = train()
         model_dir = r.path
-    return store_for(model_dir, int8=args.int8)
+    return store_for(model_dir, int8=args.int8, storage=args.storage)
 
 
 def run_train(args):
     from edge.moe.train import MoERecipe, tiny_recipe, train
 
     over = {"steps": args.steps} if args.steps else {}
+    if args.threads:
+        over["threads"] = args.threads
     recipe = tiny_recipe(**over) if args.tiny else MoERecipe(**over)
     r = train(recipe, force=args.force)
     print(f"{r.name}: {'cached ' if r.cached else ''}model at {r.path}")
@@ -85,11 +98,16 @@ def run_train(args):
 
 def _report(rt, budget):
     s = rt.stats.summary()
-    print(f"policy {rt.policy_name}  budget {budget:,} B of {rt.store.total_bytes:,} B of experts "
-          f"({100 * budget / rt.store.total_bytes:.0f}%)")
+    print(f"policy {rt.policy_name}  storage {rt.store.storage}  budget {budget:,} B of {rt.store.total_bytes:,} B "
+          f"of experts ({100 * budget / rt.store.total_bytes:.0f}%)"
+          + (f"  cache-aware margin {rt.route_margin:g}" if rt.route_margin else "")
+          + (f"  cheap misses {rt.lowp} (gate weight < {rt.lowp_max_weight:g})" if rt.lowp else ""))
     print(f"  tokens/s {s['tokens_per_s']:.1f}   hit rate {100 * s['hit_rate']:.1f}%   "
           f"bytes read/token {s['bytes_per_token']:,.0f}   stall/token {s['stall_ms_per_token']:.2f} ms   "
           f"experts/token {s['experts_per_token']:.2f}")
+    if rt.route_margin or rt.lowp:
+        print(f"  rerouted layer passes {s['reroutes']}   low-precision reads {s['lowp_reads']}   "
+              f"upgrades {s['upgrades']}")
     if s["prefetch_issued"]:
         print(f"  prefetch: issued {s['prefetch_issued']}  precision {100 * s['prefetch_precision']:.1f}%  "
               f"recall {100 * s['prefetch_recall']:.1f}%")
@@ -102,11 +120,38 @@ def run_run(args):
     _threads(args.threads)
     store = _store(args)
     budget = parse_budget(args.budget, store.total_bytes)
-    with open_runtime(store, args.policy, budget, gating=not args.no_gating, prefetch=not args.no_prefetch) as rt:
+    options = {}
+    if args.policy != "adapmoe":
+        options = dict(route_margin=_margin(args, store, budget), lowp=args.lowp, lowp_max_weight=args.lowp_max_weight)
+    elif args.margin != "0" or args.lowp:
+        from edge.errors import TinyshieldError
+        raise TinyshieldError("--margin and --lowp are not part of adapmoe: use them with --policy lru or least-stale")
+    with open_runtime(store, args.policy, budget, gating=not args.no_gating, prefetch=not args.no_prefetch,
+                      **options) as rt:
         out = rt.generate(encode(args.prompt), args.tokens, temperature=args.temperature, seed=args.seed)
     print(decode(out))
     print()
     _report(rt, budget)
+
+
+def _margin(args, store, budget) -> float:
+    from edge.errors import TinyshieldError
+
+    if args.margin == "auto":
+        from edge.moe.adapmoe import calibration_ids
+        from edge.moe.calibrate import calibrate_margin
+
+        cal = calibrate_margin(store, calibration_ids(), args.policy, budget, lowp=args.lowp)
+        print(f"cache-aware margin {cal.margin:g} (calibration perplexity within "
+              f"{100 * cal.max_ppl_increase:.0f}% of top-2)")
+        return cal.margin
+    try:
+        m = float(args.margin)
+    except ValueError:
+        raise TinyshieldError(f"--margin {args.margin!r}: give a number (gate-logit units) or 'auto'") from None
+    if m < 0:
+        raise TinyshieldError(f"--margin {m}: must be >= 0")
+    return m
 
 
 def run_trace(args):
@@ -165,5 +210,9 @@ def run_bench(args):
         argv += ["--model", args.model]
     if args.int8:
         argv += ["--int8"]
+    if args.budgets:
+        argv += ["--budgets", args.budgets]
+    if args.storage:
+        argv += ["--storage", args.storage]
     argv += ["--repeats", str(args.repeats)]
     return main(argv)
