@@ -325,7 +325,7 @@ def run_audit(bundle_dir: str | Path, inputs: list[dict[str, np.ndarray]], trial
         transcript = s.transcript()
         stats = s.accelerator_stats()
     report.kernel, report.kernel_note = stats["kernel"], stats["kernel_note"]
-    plain = [record_inputs(owner.model, owner.params, [inp]) for inp in seq]
+    plain = [record_inputs(owner.prog, [inp]) for inp in seq]
     report.transcript = transcript_report(bundle.mode, transcript, plain)
 
     wfile = bundle.path / "accelerator" / "weights.safetensors"
@@ -344,7 +344,7 @@ def run_audit(bundle_dir: str | Path, inputs: list[dict[str, np.ndarray]], trial
             layer = owner.shadow[name][0]
             report.shadow.append(shadow_attacks(name, accel[name].T, layer.fake, layer.perm, w_true, w_pub))
     if trials > 0:
-        name = detection_layer or next(n for n in owner.params if n.startswith("layer0"))
+        name = detection_layer or next((n for n in owner.params if ".0." in n), next(iter(owner.params)))
         w, b = owner.params[name]
         if bundle.mode == "blinded":
             report.detection = detection_trials(w, b, owner.config["rows"][name], trials, seed)

@@ -63,16 +63,54 @@ def enclave_config(mode: str, kind: str, model_cfg: dict, input_spec: dict, rows
             "rows": rows, "params": params}
 
 
+class SentenceEmbedding(torch.nn.Module):
+    """A bare BERT encoder (MiniLM) as served: the mean-pooled, normalised sentence embedding."""
+
+    def __init__(self, bert):
+        super().__init__()
+        self.bert, self.config = bert, bert.config
+
+    def forward(self, input_ids, attention_mask):
+        from edge.models.bert import mean_pool
+        return torch.nn.functional.normalize(mean_pool(self.bert(input_ids, attention_mask), attention_mask), dim=-1)
+
+
+def kind_of(model) -> str:
+    """Which class the enclave builds from the sealed config and weights."""
+    from edge.models.bert import BertClassifier, BertModel
+    from edge.models.vit import ViT
+    if isinstance(model, ViT):
+        return "vit"
+    if isinstance(model, BertClassifier):
+        return "bert-classifier"
+    if isinstance(model, (BertModel, SentenceEmbedding)):
+        return "bert"
+    raise TinyshieldError(f"cannot protect a {type(model).__name__}: supported are ViT, BertClassifier, BertModel")
+
+
+def served(model) -> torch.nn.Module:
+    """The module whose forward the enclave runs (its captured graph): the model itself, or a bare encoder
+    with the sentence-embedding pooling on top."""
+    from edge.models.bert import BertModel
+    return SentenceEmbedding(model).eval() if isinstance(model, BertModel) else model
+
+
+def captured(model, spec: dict) -> program.Program:
+    """The served model captured for the bundle's input shapes."""
+    example = {k: np.zeros(s, dtype=np.float32 if k == "image" else np.int32) for k, s in spec.items()}
+    return program.of(model, example)
+
+
 def model_config(model) -> dict:
     cfg = model.config.to_dict()
-    if program.kind_of(model) == "bert-classifier":
+    if kind_of(model) == "bert-classifier":
         cfg["num_labels"] = model.num_labels
     return cfg
 
 
 def calibration_inputs(model, seq_len: int, n: int = 8) -> list[dict[str, np.ndarray]]:
     """Sample inputs for calibrating scales: real sentences for text models, real digits for the ViT."""
-    if program.kind_of(model) == "vit":
+    if kind_of(model) == "vit":
         c = model.config
         try:
             from edge import data
@@ -93,10 +131,10 @@ def calibration_inputs(model, seq_len: int, n: int = 8) -> list[dict[str, np.nda
     return out
 
 
-def record_inputs(model, params, calib) -> dict[str, np.ndarray]:
+def record_inputs(model, calib) -> dict[str, np.ndarray]:
     """The fp32 inputs every linear layer sees on the calibration set (rows stacked)."""
     seen: dict[str, list[np.ndarray]] = {}
-    base = program.plain_lin(params)
+    base = program.plain_lin(program.linears(program.of(model, calib[0])))
 
     def lin(name, x):
         seen.setdefault(name, []).append(x.numpy().copy())
@@ -108,7 +146,7 @@ def record_inputs(model, params, calib) -> dict[str, np.ndarray]:
 
 
 def input_spec(model, seq_len: int) -> dict:
-    if program.kind_of(model) == "vit":
+    if kind_of(model) == "vit":
         c = model.config
         return {"image": [1, c.in_chans, c.image_size, c.image_size]}
     return {"input_ids": [1, seq_len], "attention_mask": [1, seq_len]}
@@ -122,8 +160,8 @@ def protect(model, out_dir: str | Path, mode: str, kind: str | None = None, seq_
     if pads < 0 or mask_pool < 1 or not 0 < fake_ratio <= 4:
         raise TinyshieldError("pads must be >= 0, mask pool >= 1 and fake ratio in (0, 4]")
     t0 = time.perf_counter()
-    model = model.eval()
-    kind = kind or program.kind_of(model)
+    kind = kind or kind_of(model)
+    model = served(model.eval())
     out = Path(out_dir)
     if out.exists():
         if not (out / "bundle.json").is_file():
@@ -133,9 +171,9 @@ def protect(model, out_dir: str | Path, mode: str, kind: str | None = None, seq_
     (out / "pads").mkdir()
 
     spec = input_spec(model, seq_len)
-    example = {k: np.zeros(s, dtype=np.float32 if k == "image" else np.int32) for k, s in spec.items()}
-    rows = program.rows_per_call(model, example)
-    params = program.linears(model)
+    prog = captured(model, spec)
+    rows = program.rows_per_call(prog)
+    params = program.linears(prog)
     root = device_root_key()
     rng = np.random.default_rng(seed)
     secrets: dict[str, np.ndarray] = {f"model.{k}": v.detach().numpy().copy() for k, v in model.state_dict().items()}
@@ -144,7 +182,7 @@ def protect(model, out_dir: str | Path, mode: str, kind: str | None = None, seq_
     mode_params: dict = {}
     blind_layers = {}
     if mode in ("shadownet", "blinded"):
-        calib_x = record_inputs(model, params, calibration_inputs(model, seq_len))
+        calib_x = record_inputs(prog, calibration_inputs(model, seq_len))
     for name, (w, b) in params.items():
         if mode == "plain":
             accel[name] = np.ascontiguousarray(w.T)

@@ -39,7 +39,10 @@ class Enclave:
         from tee.bundle import read_sealed
         sealed = read_sealed(self.dir / "enclave.sealed", self.key, b"bundle\0" + self.meas)
         self.model = self._build_model(sealed)
-        self.params = program.linears(self.model)
+        # the forward pass is the model's own, captured here from the sealed config and weights
+        from tee.bundle import captured
+        self.prog = captured(self.model, self.config["input"])
+        self.params = program.linears(self.prog)
         self.link = AcceleratorLink(accel_conn, self._out_dims(sealed), buffers, POLL_S if overlap else 0.0)
         self.channel: Channel | None = None
         self.offline = 0.0
@@ -60,8 +63,10 @@ class Enclave:
         kind = "bert" if self.config["kind"] == "minilm" else self.config["kind"]
         model = build(kind, self.config["model"])
         state = {k[len("model."):]: torch.from_numpy(v) for k, v in sealed.items() if k.startswith("model.")}
+        from tee.bundle import served
+        model = served(model.eval())
         model.load_state_dict(state)
-        return model.eval()
+        return model
 
     def _out_dims(self, sealed) -> dict[str, int]:
         if self.mode == "shadownet":
@@ -171,7 +176,7 @@ class Enclave:
         t_pad = time.perf_counter() - t0
         chunks = 1 if self.mode == "enclave-only" else self.chunks
         try:
-            y = program.pipelined(self.model, inputs, submit, chunks)
+            y = program.pipelined(self.prog, inputs, submit, chunks)
         finally:
             self.link.idle()
         total = time.perf_counter() - t0

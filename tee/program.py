@@ -1,32 +1,40 @@
-"""A model as the enclave sees it: a list of linear layers (outsourced) and the forward pass around them.
+"""A model as the enclave sees it: its captured graph, with the linear layers (outsourced) picked out.
 
-`linears(model)` names every linear map as a (W: out x in, b) pair -- Q, K and V fused into one call, the
-ViT's convolutions as im2col matmuls -- and `forward(model, inputs, lin)` runs the non-linear parts
-(embeddings, attention softmax, GELU, LayerNorm, residuals, pooling) in place, calling `lin(name, x)`
-for each linear layer. The modes differ only in what `lin` does, so every mode runs the same code.
+`of(model, inputs)` captures the model (`edge.capture`, core ATen) and finds every node that multiplies an
+activation by constant weights -- `addmm`/`mm` with a constant right operand, a 2-D convolution as an
+im2col matmul -- each a named linear map (W: out x in, b), named by its module path. Linear nodes reading
+the same tensor (Q, K and V) are fused into one call. `forward(prog, inputs, lin)` runs every other node
+with torch, in place, and calls `lin(name, x)` for the linear ones. The modes differ only in what `lin`
+does, so every mode and every model runs the same code; no model family is written out here.
 
-`pipelined(model, inputs, submit, chunks)` is the same forward pass with the rows (tokens) of the
-encoder cut into `chunks` parts: `submit(name, x, rows)` starts a linear layer on one part and returns a
-function that waits for its result. Everything between two attention blocks is row-wise, so while the
-accelerator works on part c the enclave finishes part c - 1 and sends the next layer's part -- the two
-processes overlap instead of taking turns. Only attention needs every row (all keys), once per layer.
+`pipelined(prog, inputs, submit, chunks)` is the same pass with the rows (tokens) cut into `chunks` parts
+wherever the graph is provably row-wise (linear layers, pointwise ops, LayerNorm over the last dim, adds of
+row-aligned tensors, reshapes that keep the last dim): `submit(name, x, rows)` starts a linear layer on one
+part and returns a function that waits for its result. Parts are computed lazily, so while the accelerator
+works on part c the enclave finishes part c - 1 and sends the next layer's part -- the two processes
+overlap instead of taking turns. Any other node (attention's reshapes into heads, pooling) takes the whole
+tensor, which waits for every part.
 """
 from __future__ import annotations
 
+import functools
 import math
+import weakref
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 
+from edge.capture import Captured, capture, where
 from edge.errors import TinyshieldError
-from edge.models.bert import BertClassifier, BertModel, activation
-from edge.models.vit import ViT
 
 Lin = Callable[[str, torch.Tensor], torch.Tensor]  # (name, rows x in) -> rows x out, bias included
 Pending = Callable[[], torch.Tensor]               # waits for a submitted layer's result
 Submit = Callable[[str, torch.Tensor, slice], Pending]   # (name, part of the input, which rows of it) -> pending
+
+aten = torch.ops.aten
 
 
 def eager(lin: Lin) -> Submit:
@@ -40,118 +48,335 @@ def parts(n: int, chunks: int) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
-def kind_of(model) -> str:
-    if isinstance(model, ViT):
-        return "vit"
-    if isinstance(model, BertClassifier):
-        return "bert-classifier"
-    if isinstance(model, BertModel):
-        return "bert"
-    raise TinyshieldError(f"cannot protect a {type(model).__name__}: supported are ViT, BertClassifier, BertModel")
+# ---------------------------------------------------------------- finding the linear layers
+
+@dataclass
+class Linear:
+    name: str
+    nodes: list[torch.fx.Node]    # the matmul nodes this one call replaces (Q, K, V: three)
+    x: torch.fx.Node              # the input of the call (rows x in; a convolution's image)
+    w: np.ndarray                 # (out, in) float32
+    b: np.ndarray                 # (out,) float32
+    rows: int                     # rows per call for the captured input shapes
+    conv: dict | None = None      # stride/padding/dilation/kernel of a convolution run as im2col
 
 
-def _bert(model):
-    return model.bert if isinstance(model, BertClassifier) else model
+@dataclass
+class Program:
+    cap: Captured
+    layers: dict[str, Linear]                       # call order
+    member: dict[str, tuple[Linear, slice]] = field(default_factory=dict)   # node -> (call, its output columns)
+    plan: list = field(default_factory=list)        # the graph's nodes, ready to run (`_plan`)
+    inputs: list[str] = field(default_factory=list) # input names, in the order the model's forward takes them
 
 
-def linears(model) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+_VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
+_TRANSPOSES = (aten.permute.default, aten.t.default, aten.transpose.int)
+
+
+def _constants(cap: Captured) -> dict[str, torch.Tensor]:
+    """Every node computed from weights alone (e.g. W^T feeding addmm), folded to its value."""
+    env = {n: v for n, v in cap.consts.items()}
+    for n in cap.graph.nodes:
+        if n.op != "call_function" or n.target not in _TRANSPOSES + _VIEWS:
+            continue
+        if all(a.name in env for a in n.all_input_nodes):
+            args, kwargs = torch.fx.node.map_arg((n.args, n.kwargs), lambda a: env[a.name])
+            env[n.name] = n.target(*args, **kwargs)
+    return env
+
+
+def _root(n: torch.fx.Node) -> torch.fx.Node:
+    """The tensor a chain of reshapes starts from: Q, K and V each reshape the same hidden states."""
+    while n.op == "call_function" and n.target in _VIEWS:
+        n = n.args[0]
+    return n
+
+
+def _find(cap: Captured) -> Program:
+    const = _constants(cap)
+    is_const = lambda a: isinstance(a, torch.fx.Node) and a.name in const
+    found = []   # (node, x, W, b, conv)
+    for n in cap.graph.nodes:
+        if n.op != "call_function":
+            continue
+        if n.target in (aten.addmm.default, aten.mm.default):
+            b, x, wt = n.args[:3] if n.target == aten.addmm.default else (None, *n.args[:2])
+            if is_const(wt) and not is_const(x) and (b is None or is_const(b)) and not n.kwargs:
+                w = const[wt.name].T
+                bias = const[b.name] if b is not None else torch.zeros(w.shape[0])
+                if bias.shape == (w.shape[0],):
+                    found.append((n, x, w, bias, None))
+        elif n.target == aten.convolution.default:
+            x, w, b, stride, padding, dilation, transposed, _, groups = n.args
+            if is_const(w) and not is_const(x) and (b is None or is_const(b)) and not transposed and groups == 1 \
+                    and const[w.name].ndim == 4:
+                wt = const[w.name]
+                conv = {"kernel": tuple(wt.shape[2:]), "stride": stride, "padding": padding, "dilation": dilation}
+                bias = const[b.name] if b is not None else torch.zeros(wt.shape[0])
+                found.append((n, x, wt.flatten(1), bias, conv))
+    # matmuls of one tensor (after reshapes) become one call: Q, K and V share their input rows
+    groups: dict = {}
+    for item in found:
+        n, x, w, _, conv = item
+        key = (n.name,) if conv else (_root(x).name, tuple(x.meta["val"].shape))
+        groups.setdefault(key, []).append(item)
+    prog, names = Program(cap, {}), set()
+    for items in sorted(groups.values(), key=lambda g: _order(cap, g[0][0])):
+        nodes = [i[0] for i in items]
+        name = _name([where(n).module for n in nodes], names)
+        w = torch.cat([i[2] for i in items]).detach().float().contiguous()
+        b = torch.cat([i[3] for i in items]).detach().float()
+        x, conv = items[0][1], items[0][4]
+        out = nodes[0].meta["val"].shape
+        rows = out[0] * math.prod(out[2:]) if conv else x.meta["val"].numel() // w.shape[1]
+        layer = Linear(name, nodes, x, w.numpy().copy(), b.numpy().copy(), rows, conv)
+        prog.layers[name] = layer
+        col = 0
+        for n, (_, _, wi, _, _) in zip(nodes, items):
+            prog.member[n.name] = (layer, slice(col, col + wi.shape[0]))
+            col += wi.shape[0]
+    prog.plan = _plan(cap.graph, prog.member)
+    if not prog.layers:
+        raise TinyshieldError("the model has no linear layer to outsource (no matmul or convolution by constant "
+                              "weights): run it enclave-only on the device instead")
+    return prog
+
+
+def _order(cap: Captured, node) -> int:
+    return next(i for i, n in enumerate(cap.graph.nodes) if n is node)
+
+
+def _name(modules: list[str], taken: set) -> str:
+    """`encoder.layer.0.attention.self.query+key+value` for a fused call; unique (#2 for a module called again)."""
+    head = modules[0] or "<top>"
+    if len(modules) > 1:
+        parent = head.rsplit(".", 1)[0] + "." if "." in head else ""
+        tails = [m[len(parent):] if parent and m.startswith(parent) else m for m in modules]
+        head = parent + "+".join(tails)
+    name, i = head, 1
+    while name in taken:
+        i += 1
+        name = f"{head}#{i}"
+    taken.add(name)
+    return name
+
+
+_programs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def of(model: torch.nn.Module | Program, inputs: dict[str, np.ndarray]) -> Program:
+    """The model captured for inputs of these shapes (captured once per model and shapes).
+    The inputs are passed to the model's forward in the order of the dict."""
+    if isinstance(model, Program):
+        return model
+    key = tuple(sorted((k, tuple(np.shape(v))) for k, v in inputs.items()))
+    cache = _programs.setdefault(model, {})
+    if key not in cache:
+        example = tuple(torch.from_numpy(np.ascontiguousarray(v)) for v in inputs.values())
+        with torch.no_grad():
+            cache[key] = _find(capture(model.eval(), example, batch_one=False))
+            cache[key].inputs = list(inputs)
+    return cache[key]
+
+
+def linears(prog: Program) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Every outsourced linear map in call order: name -> (W (out, in) float32, b (out,) float32)."""
-    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    if isinstance(model, ViT):
-        if model.config.stem == "conv":
-            for n in ("conv1", "conv2"):
-                conv = getattr(model.stem, n)
-                out[f"stem.{n}"] = (conv.weight.flatten(1), conv.bias)
-        else:
-            out["stem.proj"] = (model.stem.proj.weight, model.stem.proj.bias)
-        layers = model.encoder.layer
-    else:
-        layers = _bert(model).encoder.layer
-    for i, layer in enumerate(layers):
-        s = layer.attention.self
-        out[f"layer{i}.qkv"] = (torch.cat([s.query.weight, s.key.weight, s.value.weight]),
-                                torch.cat([s.query.bias, s.key.bias, s.value.bias]))
-        out[f"layer{i}.attn_out"] = (layer.attention.output.dense.weight, layer.attention.output.dense.bias)
-        out[f"layer{i}.ffn_in"] = (layer.intermediate.dense.weight, layer.intermediate.dense.bias)
-        out[f"layer{i}.ffn_out"] = (layer.output.dense.weight, layer.output.dense.bias)
-    if isinstance(model, (ViT, BertClassifier)):
-        out["classifier"] = (model.classifier.weight, model.classifier.bias)
-    return {k: (w.detach().float().contiguous().numpy().copy(), b.detach().float().numpy().copy())
-            for k, (w, b) in out.items()}
+    return {k: (layer.w, layer.b) for k, layer in prog.layers.items()}
 
 
-def rows_per_call(model, inputs: dict[str, np.ndarray]) -> dict[str, int]:
-    """How many rows each linear call gets for these inputs (blinded pads are made for this shape)."""
-    rows = {}
-    if isinstance(model, ViT):
-        B = inputs["image"].shape[0]
-        c = model.config
-        if c.stem == "conv":
-            rows["stem.conv1"] = B * ((c.image_size + 1) // 2) ** 2
-            rows["stem.conv2"] = B * c.num_tokens
-        else:
-            rows["stem.proj"] = B * c.num_tokens
-        n = B * c.num_tokens
-        layers = len(model.encoder.layer)
-    else:
-        B, L = inputs["input_ids"].shape
-        n, layers = B * L, len(_bert(model).encoder.layer)
-    for i in range(layers):
-        for part in ("qkv", "attn_out", "ffn_in", "ffn_out"):
-            rows[f"layer{i}.{part}"] = n
-    if isinstance(model, (ViT, BertClassifier)):
-        rows["classifier"] = B
-    return rows
+def rows_per_call(prog: Program) -> dict[str, int]:
+    """How many rows each linear call gets for the captured input shapes (blinded pads are made for this)."""
+    return {k: layer.rows for k, layer in prog.layers.items()}
 
 
-def _blocks(layers, x: torch.Tensor, mask_bias, submit: Submit, act, chunks: int) -> torch.Tensor:
-    B, L, D = x.shape
-    rows = parts(B * L, chunks)
-    xs = [x.reshape(B * L, D)[r] for r in rows]
-    pending = [submit("layer0.qkv", xc, r) for xc, r in zip(xs, rows)]
-    for i, layer in enumerate(layers):
-        s = layer.attention.self
-        h, dh = s.h, s.dh
-        qkv = torch.cat([wait() for wait in pending]).reshape(B, L, 3, h, dh).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        # every query needs all keys, but queries are independent: a part whose rows lie in one sequence is
-        # attended and sent on its own, so the accelerator starts on it while the next part is attended
-        one_seq = all(r.start // L == (r.stop - 1) // L for r in rows)
-        ctx = None if one_seq else _attend(q, k, v, mask_bias, dh).transpose(1, 2).reshape(B * L, D)
-        pending = []
-        for r in rows:
-            if one_seq:
-                b, lo = divmod(r.start, L)
-                bias = mask_bias[b:b + 1] if torch.is_tensor(mask_bias) else mask_bias
-                part = _attend(q[b:b + 1, :, lo:lo + r.stop - r.start], k[b:b + 1], v[b:b + 1], bias, dh)
-                part = part.transpose(1, 2).reshape(r.stop - r.start, D)
+# ---------------------------------------------------------------- running it
+
+class Parts:
+    """A tensor of `shape` held as row parts (rows = every dim but the last), each computed when first asked for."""
+
+    def __init__(self, shape, slices: list[slice], make: list[Callable[[], torch.Tensor]]):
+        self.shape, self.slices, self.make = torch.Size(shape), slices, make
+        self.got: list = [None] * len(make)
+
+    def part(self, c: int) -> torch.Tensor:
+        if self.got[c] is None:
+            self.got[c] = self.make[c]()
+        return self.got[c]
+
+    def whole(self) -> torch.Tensor:
+        if len(self.slices) == 1:
+            return self.part(0).reshape(self.shape)
+        return torch.cat([self.part(c) for c in range(len(self.slices))]).reshape(self.shape)
+
+
+# ops that act on each row alone (given the row-alignment checks in `_rowwise`)
+_POINTWISE = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.gelu.default,
+              aten.relu.default, aten.tanh.default, aten.erf.default, aten.sigmoid.default, aten.neg.default,
+              aten.exp.default, aten.rsqrt.default, aten.sqrt.default, aten.pow.Tensor_Scalar, aten.clone.default,
+              aten.add.Scalar, aten.mul.Scalar, aten.native_layer_norm.default}
+
+
+def _getter(a):
+    """env -> the value of `a` (a node, a literal, or lists and tuples of them): args fetched without fx's
+    generic tree walk, which cost more than the small ops themselves."""
+    if isinstance(a, torch.fx.Node):
+        name = a.name
+        return lambda env: env[name]
+    if isinstance(a, (list, tuple)) and any(isinstance(x, (torch.fx.Node, list, tuple)) for x in a):
+        gs, kind = [_getter(x) for x in a], type(a)
+        return lambda env: kind(g(env) for g in gs)
+    if isinstance(a, dict) and a:
+        gs = {k: _getter(v) for k, v in a.items()}
+        return lambda env: {k: g(env) for k, g in gs.items()}
+    return lambda env: a
+
+
+@dataclass
+class _Step:
+    node: torch.fx.Node
+    args: Callable                 # env -> (args, kwargs)
+    inputs: list[str]              # names of the nodes it reads
+    free: list[str]                # values no later node reads
+    out: object = None             # its output's shape (a tuple of shapes for several outputs), None if no tensor
+
+
+def _shape(v):
+    if isinstance(v, torch.Tensor):
+        return torch.Size(v.shape)
+    if isinstance(v, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in v):
+        return tuple(torch.Size(t.shape) for t in v)
+    return None
+
+
+def _plan(graph: torch.fx.Graph, member: dict) -> list[_Step]:
+    """The nodes the output needs, in order: a linear node reads only its call's input (so W^T and the
+    reshapes feeding the fused K and V calls are never run), and each value is dropped after its last use."""
+    deps = lambda n: [member[n.name][0].x] if n.name in member else n.all_input_nodes
+    nodes = list(graph.nodes)
+    needed, stack = set(), [nodes[-1]]
+    while stack:
+        n = stack.pop()
+        if n not in needed:
+            needed.add(n)
+            stack.extend(deps(n))
+    nodes = [n for n in nodes if n in needed or n.op == "placeholder"]
+    last = {a.name: i for i, n in enumerate(nodes) for a in deps(n)}
+    free = [[] for _ in nodes]
+    for name, i in last.items():
+        free[i].append(name)
+    return [_Step(n, _getter((n.args, n.kwargs)), [a.name for a in n.all_input_nodes], free[i],
+                  _shape(n.meta.get("val"))) for i, n in enumerate(nodes)]
+
+
+class _Run:
+    def __init__(self, prog: Program, submit: Submit, chunks: int):
+        self.prog, self.submit, self.chunks = prog, submit, chunks
+        self.calls: dict[str, object] = {}     # fused call -> its result (Parts, or a tensor for a convolution)
+        self.env: dict[str, object] = {}
+
+    def run(self, values: dict[str, torch.Tensor]):
+        env = self.env
+        for step in self.prog.plan:
+            n = step.node
+            if n.op == "placeholder":
+                env[n.name] = values[n.name]
+            elif n.op == "output":
+                return torch.fx.node.map_aggregate(step.args(env)[0][0], _whole)
             else:
-                part = ctx[r]
-            pending.append(submit(f"layer{i}.attn_out", part, r))
-        # from here to the next attention every step is row-wise: part c is sent on as soon as it is ready
-        a, nxt = [], []
-        for wait, xc, r in zip(pending, xs, rows):
-            a.append(layer.attention.output.LayerNorm(wait() + xc))
-            nxt.append(submit(f"layer{i}.ffn_in", a[-1], r))
-        pending = [submit(f"layer{i}.ffn_out", act(wait()), r) for wait, r in zip(nxt, rows)]
-        xs, nxt = [], []
-        for wait, ac, r in zip(pending, a, rows):
-            xs.append(layer.output.LayerNorm(wait() + ac))
-            if i + 1 < len(layers):
-                nxt.append(submit(f"layer{i + 1}.qkv", xs[-1], r))
-        pending = nxt
-    return torch.cat(xs).reshape(B, L, D)
+                env[n.name] = self.run_node(n, step)
+            for name in step.free:
+                del env[name]
+
+    def run_node(self, n, step: _Step):
+        if n.name in self.prog.member:
+            return self._linear(step, *self.prog.member[n.name])
+        args, kwargs = step.args(self.env)
+        env = self.env
+        held = [env[a] for a in step.inputs if type(env[a]) is Parts]
+        if not held:
+            return n.target(*args, **kwargs)
+        p, out = held[0], step.out
+        if n.target in _VIEWS and isinstance(out, torch.Size) and out[-1] == p.shape[-1] \
+                and out.numel() == p.shape.numel() and args[0] is p:
+            return Parts(out, p.slices, [functools.partial(p.part, c) for c in range(len(p.slices))])
+        if n.target in _POINTWISE and self._rowwise(n, out, args, kwargs, p):
+            return self._per_part(n, out, args, kwargs, p)
+        args, kwargs = torch.fx.node.map_aggregate((args, kwargs), _whole)
+        return n.target(*args, **kwargs)
+
+    def _rowwise(self, n, outs, args, kwargs, p: Parts) -> bool:
+        """Each output row depends on the same row of the inputs only: tensors are parts cut the same way,
+        whole tensors of the same shape (a residual), or constants broadcast along the last dim."""
+        outs = outs if isinstance(outs, tuple) and not isinstance(outs, torch.Size) else (outs,)
+        rows = p.shape[:-1].numel()
+        if not all(isinstance(o, torch.Size) and len(o) and o[:-1].numel() == rows for o in outs):
+            return False
+        if n.target == aten.native_layer_norm.default and len(args[1]) != 1:
+            return False
+        for a in _flat((args, kwargs)):
+            if isinstance(a, Parts):
+                if a.slices != p.slices:
+                    return False
+            elif isinstance(a, torch.Tensor) and a.numel() > 1 and a.shape != p.shape \
+                    and a.numel() != a.shape[-1]:
+                return False
+        return True
+
+    def _per_part(self, n, out, args, kwargs, p: Parts):
+        rows = p.shape[:-1].numel()
+
+        def arg(a, c):
+            if type(a) is Parts:
+                return a.part(c)
+            if isinstance(a, torch.Tensor) and a.numel() > 1 and a.shape == p.shape:
+                return a.reshape(rows, -1)[p.slices[c]]    # a whole row-aligned tensor: its rows of part c
+            return a
+
+        def one(c):   # the args of these ops are flat (LayerNorm's shape is a list of ints)
+            return n.target(*[arg(a, c) for a in args], **{k: arg(v, c) for k, v in kwargs.items()})
+
+        if not isinstance(out, torch.Size):   # LayerNorm: (y, mean, rstd), each row-wise
+            whole = Parts(torch.Size([rows, 1]), p.slices, [functools.partial(one, c) for c in range(len(p.slices))])
+            return tuple(Parts(o, p.slices, [functools.partial(lambda c, i: whole.part(c)[i], c, i)
+                                                   for c in range(len(p.slices))]) for i, o in enumerate(out))
+        return Parts(out, p.slices, [functools.partial(one, c) for c in range(len(p.slices))])
+
+    def _linear(self, step: _Step, layer: Linear, cols: slice):
+        if layer.name not in self.calls:
+            x = self.env[layer.x.name]
+            if layer.conv:
+                self.calls[layer.name] = self._conv(layer, _whole(x))
+            else:
+                if not isinstance(x, Parts):
+                    flat = x.reshape(-1, layer.w.shape[1])
+                    rows = parts(flat.shape[0], self.chunks)
+                    x = Parts(flat.shape, rows, [functools.partial(lambda r: flat[r], r) for r in rows])
+                # part c is sent as soon as it is ready: this is where the enclave and the accelerator overlap
+                pending = [self.submit(layer.name, x.part(c), r) for c, r in enumerate(x.slices)]
+                self.calls[layer.name] = Parts((x.shape[:-1].numel(), len(layer.b)), x.slices, pending)
+        y = self.calls[layer.name]
+        out = step.out
+        if layer.conv:
+            return y[:, cols]
+        return Parts(out, y.slices, [functools.partial(lambda c: y.part(c)[:, cols], c) for c in range(len(y.slices))])
+
+    def _conv(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        c = layer.conv
+        cols = F.unfold(x, c["kernel"], dilation=c["dilation"], padding=c["padding"], stride=c["stride"])
+        y = self.submit(layer.name, cols.transpose(1, 2).reshape(-1, cols.shape[1]), slice(0, layer.rows))()
+        out = layer.nodes[0].meta["val"].shape     # (B, out, H', W')
+        return y.reshape(out[0], -1, out[1]).transpose(1, 2).reshape(out)
 
 
-def _attend(q, k, v, mask_bias, dh: int) -> torch.Tensor:
-    """softmax(q k^T / sqrt(dh) + mask) v for (B, heads, rows, dh) queries against all keys."""
-    return (q @ k.transpose(-1, -2) / math.sqrt(dh) + mask_bias).softmax(-1) @ v
+def _flat(tree) -> list:
+    out = []
+    torch.fx.node.map_aggregate(tree, lambda a: out.append(a))
+    return out
 
 
-def _unfold_rows(x: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) -> im2col rows (B * H' * W', C * 9) for a 3x3 stride-2 padding-1 conv."""
-    cols = F.unfold(x, 3, padding=1, stride=2)  # (B, C*9, H'*W')
-    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+def _whole(a):
+    return a.whole() if isinstance(a, Parts) else a
 
 
 def forward(model, inputs: dict[str, np.ndarray], lin: Lin) -> np.ndarray:
@@ -161,35 +386,15 @@ def forward(model, inputs: dict[str, np.ndarray], lin: Lin) -> np.ndarray:
 
 @torch.no_grad()
 def pipelined(model, inputs: dict[str, np.ndarray], submit: Submit, chunks: int = 2) -> np.ndarray:
-    """`forward` with the encoder's rows in `chunks` parts, each linear layer started by `submit`."""
-    def lin(name, x):                     # the layers outside the encoder: one call, waited for at once
-        return submit(name, x, slice(0, x.shape[0]))()
-
-    if isinstance(model, ViT):
-        c = model.config
-        img = torch.from_numpy(np.asarray(inputs["image"], dtype=np.float32))
-        B = img.shape[0]
-        if c.stem == "conv":
-            g1 = (c.image_size + 1) // 2
-            t = lin("stem.conv1", _unfold_rows(img)).reshape(B, g1, g1, -1).permute(0, 3, 1, 2)
-            t = lin("stem.conv2", _unfold_rows(F.relu(t))).reshape(B, c.num_tokens, c.hidden_size)
-        else:
-            p = c.patch_size
-            patches = img.unfold(2, p, p).unfold(3, p, p).permute(0, 2, 3, 1, 4, 5).reshape(B * c.num_tokens, -1)
-            t = lin("stem.proj", patches).reshape(B, c.num_tokens, c.hidden_size)
-        x = model.LayerNorm(t + model.pos_embedding)
-        x = _blocks(model.encoder.layer, x, 0.0, submit, activation("gelu"), chunks)
-        return lin("classifier", x.mean(1)).numpy()
-    bert = _bert(model)
-    ids = torch.from_numpy(np.asarray(inputs["input_ids"])).long()
-    mask = torch.from_numpy(np.asarray(inputs["attention_mask"])).long()
-    mask_bias = (1.0 - mask[:, None, None, :].float()) * -1e9
-    x = _blocks(bert.encoder.layer, bert.embeddings(ids), mask_bias, submit, activation(bert.config.hidden_act), chunks)
-    m = mask[..., None].float()
-    pooled = (x * m).sum(1) / m.sum(1).clamp(min=1e-9)
-    if isinstance(model, BertClassifier):
-        return lin("classifier", pooled).numpy()
-    return F.normalize(pooled, dim=-1).numpy()  # sentence embedding (MiniLM)
+    """`forward` with the rows in `chunks` parts wherever the graph is row-wise, each linear layer started by `submit`."""
+    prog = of(model, inputs)
+    cap = prog.cap
+    if set(inputs) != set(prog.inputs):
+        raise TinyshieldError(f"the model takes inputs {prog.inputs}, got {sorted(inputs)}")
+    xs = [torch.from_numpy(np.ascontiguousarray(inputs[k])).to(e.dtype) for k, e in zip(prog.inputs, cap.example)]
+    out = _Run(prog, submit, chunks).run({**cap.consts, **dict(zip(cap.user_inputs, xs))})
+    out = out[0] if isinstance(out, (tuple, list)) and len(out) == 1 else out
+    return out.numpy()
 
 
 def plain_lin(params: dict[str, tuple[np.ndarray, np.ndarray]]) -> Lin:

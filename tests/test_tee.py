@@ -292,9 +292,10 @@ def test_lying_accelerator_is_detected_in_every_trial():
 # ---- shadownet ---------------------------------------------------------------------------------------
 def test_shadownet_restores_exactly_but_exposes_weights():
     from edge.models.minilm import load_minilm
-    from tee import program
-    params = program.linears(load_minilm())
-    w, b = params["layer0.attn_out"]
+    from tee import bundle, program
+    spec = {"input_ids": [1, 8], "attention_mask": [1, 8]}
+    params = program.linears(bundle.captured(bundle.served(load_minilm()), spec))
+    w, b = params["bert.encoder.layer.0.attention.output.dense"]
     rng = np.random.default_rng(0)
     layer = shadownet.transform(w, rng, fake_ratio=0.25)
     assert layer.obf.shape == (480, 384) and layer.fake.sum() == 96

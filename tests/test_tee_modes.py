@@ -58,7 +58,7 @@ def test_mode_output_and_transcript(tee_env, vit, mode):
     b = bundle.protect(vit, tee_env / mode, mode, pads=2, mask_pool=1)
     assert b.header["accelerator"]["backend"] == ("litert" if mode in ("plain", "shadownet") else "torch")
     x1, x2 = images(2)
-    plain = program.forward(vit, x1, program.plain_lin(program.linears(vit)))
+    plain = program.forward(vit, x1, program.plain_lin(program.linears(program.of(vit, x1))))
     with ProtectedSession(b.path, record=True) as s:
         if mode == "enclave-only":   # bad inputs are refused by the enclave, which keeps serving
             with pytest.raises(TinyshieldError, match="NaN"):
@@ -78,11 +78,11 @@ def test_mode_output_and_transcript(tee_env, vit, mode):
         assert len(list((b.path / "pads").glob("*.sealed"))) == 0               # pads are one-time
     else:
         assert np.abs(y - plain).max() <= 1e-4 * np.abs(plain).max()
-    calls = len(program.linears(vit))
+    calls = len(program.linears(program.of(vit, x1)))
     if mode == "enclave-only":
         assert transcript == [] and stats["calls"] == 0
         return
-    acts = [bundle.record_inputs(vit, program.linears(vit), [x]) for x in (x1, x2, x1)]
+    acts = [bundle.record_inputs(vit, [x]) for x in (x1, x2, x1)]
     whole = audit.whole_calls(transcript, {name: len(a) for name, a in acts[0].items()})
     assert len(whole) == 3 * calls and stats["calls"] == len(transcript)
     r = audit.transcript_report(mode, transcript, acts)
@@ -102,9 +102,11 @@ def test_mode_output_and_transcript(tee_env, vit, mode):
 @pytest.mark.parametrize("attack", ["replay"])   # all four attacks: test_tee.py, with the same kernel and check
 def test_lying_accelerator_aborts_blinded_inference(tee_env, vit, attack):
     b = bundle.protect(vit, tee_env / f"lie-{attack}", "blinded", pads=0)
-    rows = program.rows_per_call(vit, images(1)[0])
-    # with overlap, encoder layers go out in row parts (tee.program.pipelined), the stem and the classifier whole
-    calls = sum(len(program.parts(n, dma.SLOTS)) if name.startswith("layer") else 1 for name, n in rows.items())
+    prog = program.of(vit, images(1)[0])
+    # with overlap, encoder layers go out in row parts (tee.program.pipelined), the stem's convolutions and the
+    # classifier (one row) whole
+    calls = sum(1 if prog.layers[name].conv else len(program.parts(n, dma.SLOTS))
+                for name, n in program.rows_per_call(prog).items())
     with ProtectedSession(b.path, attack=attack, attack_after=calls, seed=1, overlap=True) as s:
         assert s.infer(images(1)[0])[1].calls == calls   # the first inference is honest
         for seed in (5, 6):      # the aborted inference's answers still in flight are drained, not misread
@@ -154,7 +156,7 @@ def test_two_enclaves_on_one_bundle_never_share_a_pad(tee_env, vit):
     b = bundle.protect(vit, tee_env / "pads", "blinded", pads=3)
     first, second = Enclave(b.path), Enclave(b.path)
     taken = [e._take_pad(allow_make=False) for e in (first, second, first)]
-    masks = [p["layer0.qkv.r"] for p in taken]
+    masks = [p["encoder.layer.0.attention.self.query+key+value.r"] for p in taken]
     assert all(not np.array_equal(masks[i], masks[j]) for i in range(3) for j in range(i))
     assert second._take_pad(allow_make=False) is None and not list((b.path / "pads").iterdir())
 
@@ -182,7 +184,8 @@ def test_minilm_blinded_is_exact_and_close_to_fp32(tee_env):
     assert np.array_equal(y, fixed_point_reference(b.path, x))
     with pytest.raises(TinyshieldError, match="token ids"):
         Enclave(b.path).check_inputs({**x, "input_ids": x["input_ids"] + 40000})
-    ref = program.forward(model, x, program.plain_lin(program.linears(model)))
+    served = bundle.served(model)
+    ref = program.forward(served, x, program.plain_lin(program.linears(program.of(served, x))))
     assert float(y[0] @ ref[0]) > 0.999     # sentence-embedding cosine to the fp32 model
 
 

@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--trials", type=int, default=1000)
-    ap.add_argument("--detect-layer", default="layer0.attn_out")
+    ap.add_argument("--detect-layer", default="bert.encoder.layer.0.attention.output.dense")
     ap.add_argument("--accel-threads", type=int, default=None, help="default: all cores")
     ap.add_argument("--backend", choices=["litert", "torch"], default=None,
                     help="accelerator backend of the fp32 modes (default: litert, as exported); blinded always runs torch")
@@ -62,14 +62,15 @@ def main(argv=None) -> int:
     out_dir = build_dir() / "bench"
     out_dir.mkdir(parents=True, exist_ok=True)
     model = load_minilm()
-    params = program.linears(model)
+    prog = bundle.captured(bundle.served(model), {"input_ids": [1, args.seq_len], "attention_mask": [1, args.seq_len]})
+    params = program.linears(prog)
     tok = load_tokenizer()
     inputs = []
     for s in SENTENCES:
         t = tokenize(tok, [s], pad_to=args.seq_len)
         inputs.append({"input_ids": t.input_ids.numpy().astype(np.int32),
                        "attention_mask": t.attention_mask.numpy().astype(np.int32)})
-    fp32 = [program.forward(model, x, program.plain_lin(params)) for x in inputs]
+    fp32 = [program.forward(prog, x, program.plain_lin(params)) for x in inputs]
     n_runs = args.warmup + args.iters
 
     bundles = {}
@@ -99,7 +100,7 @@ def main(argv=None) -> int:
                 errs.append(float(np.abs(y - ref).max() / np.abs(ref).max()))
                 cos.append(float(y[0] @ ref[0]))
                 if mode.startswith("blinded"):
-                    exact.append(bool(np.array_equal(y, program.forward(owner.model, x, blinded.reference_lin(owner.blind)))))
+                    exact.append(bool(np.array_equal(y, program.forward(owner.prog, x, blinded.reference_lin(owner.blind)))))
             correctness[mode] = {"max_rel_err_vs_fp32": max(errs), "min_cos_vs_fp32": min(cos)}
             if exact:
                 correctness[mode]["equal_to_fixed_point_reference"] = all(exact)
@@ -138,7 +139,7 @@ def main(argv=None) -> int:
         # ---- transcript ----------------------------------------------------------------------------
         transcripts = {}
         seq = [inputs[0], inputs[1], inputs[0]]
-        acts = [__import__("tee.bundle", fromlist=["record_inputs"]).record_inputs(model, params, [x]) for x in seq]
+        acts = [bundle.record_inputs(prog, [x]) for x in seq]
         for mode in bundle.MODES:
             s = sessions[mode]
             s.record(True)
@@ -230,7 +231,7 @@ def field_gemm_kernels(params: dict, seq_len: int, threads: int, iters: int = 20
     accelerator's threads -- the numbers behind the order in which tee.fieldgemm.KERNELS tries them."""
     from tee import blinded, fieldgemm
     rng = np.random.default_rng(0)
-    layer = [blinded.quantize_weights(w)[0] for n, (w, _) in params.items() if n.startswith("layer0.")]
+    layer = [blinded.quantize_weights(w)[0] for n, (w, _) in params.items() if ".layer.0." in n]
     data = [(rng.integers(0, 256, (3 * seq_len, w.shape[1]), dtype=np.uint8), torch.from_numpy(w.T.astype(np.int8)))
             for w in layer]
     own = torch.get_num_threads()

@@ -41,7 +41,9 @@ def run(args):
     public = None
     if args.public or bundle.header["kind"] in ("minilm", "bert") and bundle.header["enclave_config"]["model"].get("hidden_size") == 384:
         from edge.models.registry import resolve
-        public = {k: w for k, (w, _) in program.linears(resolve(args.public or "minilm").model).items()}
+        from tee.bundle import captured, served
+        known = captured(served(resolve(args.public or "minilm").model), bundle.header["enclave_config"]["input"])
+        public = {k: w for k, (w, _) in program.linears(known).items()}
     r = audit.run_audit(bundle.path, inputs, trials=args.trials, public=public, sealing=not args.no_sealing)
     con = Console()
     if r.mode == "blinded":
