@@ -152,16 +152,42 @@ def input_spec(model, seq_len: int) -> dict:
     return {"input_ids": [1, seq_len], "attention_mask": [1, seq_len]}
 
 
+def load_pt2(raw: bytes) -> program.Program:
+    """A user's exported program (.pt2 bytes) as the enclave runs it; its inputs keep their placeholder names.
+    Read from memory: the enclave never writes the unsealed model to disk."""
+    import io
+
+    from edge.capture import _finish
+    ep = torch.export.load(io.BytesIO(raw))
+    if not ep.example_inputs or not ep.example_inputs[0]:
+        raise TinyshieldError("the .pt2 carries no example inputs; export it with torch.export.export(model, (x,))")
+    cap = _finish(ep, tuple(ep.example_inputs[0]), batch_one=False)
+    return program.from_captured(cap, cap.user_inputs)
+
+
 @torch.no_grad()
 def protect(model, out_dir: str | Path, mode: str, kind: str | None = None, seq_len: int = 128, pads: int = 4,
             fake_ratio: float = 0.25, mask_pool: int = 4, litert: bool = True, seed: int | None = None) -> Bundle:
+    """`model`: an nn.Module, or the path of a .pt2 (torch.export.save), whose bytes are sealed into the bundle."""
     if mode not in MODES:
         raise TinyshieldError(f"unknown protection mode {mode!r}: choose one of {', '.join(MODES)}")
     if pads < 0 or mask_pool < 1 or not 0 < fake_ratio <= 4:
         raise TinyshieldError("pads must be >= 0, mask pool >= 1 and fake ratio in (0, 4]")
     t0 = time.perf_counter()
-    kind = kind or kind_of(model)
-    model = served(model.eval())
+    if isinstance(model, (str, Path)):
+        raw = Path(model).read_bytes()
+        prog, kind, model_cfg = load_pt2(raw), "pt2", {}
+        spec = {n: list(x.shape) for n, x in zip(prog.inputs, prog.cap.example)}
+        secrets: dict[str, np.ndarray] = {"pt2": np.frombuffer(raw, np.uint8).copy()}
+        # the only inputs known are the file's example: blinded scales are calibrated on it alone
+        calib = [{n: x.numpy() for n, x in zip(prog.inputs, prog.cap.example)}]
+    else:
+        kind = kind or kind_of(model)
+        model = served(model.eval())
+        spec, model_cfg = input_spec(model, seq_len), model_config(model)
+        prog = captured(model, spec)
+        secrets = {f"model.{k}": v.detach().numpy().copy() for k, v in model.state_dict().items()}
+        calib = calibration_inputs(model, seq_len) if mode in ("shadownet", "blinded") else []
     out = Path(out_dir)
     if out.exists():
         if not (out / "bundle.json").is_file():
@@ -170,19 +196,16 @@ def protect(model, out_dir: str | Path, mode: str, kind: str | None = None, seq_
     (out / "accelerator").mkdir(parents=True)
     (out / "pads").mkdir()
 
-    spec = input_spec(model, seq_len)
-    prog = captured(model, spec)
     rows = program.rows_per_call(prog)
     params = program.linears(prog)
     root = device_root_key()
     rng = np.random.default_rng(seed)
-    secrets: dict[str, np.ndarray] = {f"model.{k}": v.detach().numpy().copy() for k, v in model.state_dict().items()}
     accel: dict[str, np.ndarray] = {}
     layer_shapes = {}
     mode_params: dict = {}
     blind_layers = {}
     if mode in ("shadownet", "blinded"):
-        calib_x = record_inputs(prog, calibration_inputs(model, seq_len))
+        calib_x = record_inputs(prog, calib)
     for name, (w, b) in params.items():
         if mode == "plain":
             accel[name] = np.ascontiguousarray(w.T)
@@ -205,7 +228,7 @@ def protect(model, out_dir: str | Path, mode: str, kind: str | None = None, seq_
         if name in accel:
             layer_shapes[name] = [rows[name], int(accel[name].shape[0]), int(accel[name].shape[1])]
 
-    cfg = enclave_config(mode, kind, model_config(model), spec, rows, mode_params)
+    cfg = enclave_config(mode, kind, model_cfg, spec, rows, mode_params)
     meas = measurement(cfg)
     key = seal_key(root, meas)
     blob = seal(key, st_save(secrets), b"bundle\0" + meas)

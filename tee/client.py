@@ -125,7 +125,10 @@ class ProtectedSession:
         if self.channel is None:
             raise TinyshieldError("the enclave is not attested: call attest() first")
         names = sorted(inputs)
-        arrays = [np.ascontiguousarray(inputs[n], dtype=np.float32 if n == "image" else np.int32) for n in names]
+        # the wire carries float32 and int32: real-valued inputs (images, a .pt2's features) stay real
+        arrays = [np.ascontiguousarray(inputs[n], dtype=np.float32 if np.issubdtype(np.asarray(inputs[n]).dtype,
+                                                                                   np.floating) else np.int32)
+                  for n in names]
         t = time.perf_counter()
         blob, n = self.channel.encrypt(encode(Message("inputs", {"names": ",".join(names)}, arrays)))
         send(self.client_end, Message("infer", {"counter": n}, [np.frombuffer(blob, dtype=np.uint8)]))

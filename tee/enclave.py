@@ -38,10 +38,13 @@ class Enclave:
         self.key = seal_key(self.root, self.meas)
         from tee.bundle import read_sealed
         sealed = read_sealed(self.dir / "enclave.sealed", self.key, b"bundle\0" + self.meas)
-        self.model = self._build_model(sealed)
-        # the forward pass is the model's own, captured here from the sealed config and weights
-        from tee.bundle import captured
-        self.prog = captured(self.model, self.config["input"])
+        # the forward pass is the model's own, captured here from the sealed config and weights (or the sealed .pt2)
+        from tee.bundle import captured, load_pt2
+        if self.config["kind"] == "pt2":
+            self.model, self.prog = None, load_pt2(sealed["pt2"].tobytes())
+        else:
+            self.model = self._build_model(sealed)
+            self.prog = captured(self.model, self.config["input"])
         self.params = program.linears(self.prog)
         self.link = AcceleratorLink(accel_conn, self._out_dims(sealed), buffers, POLL_S if overlap else 0.0)
         self.channel: Channel | None = None
@@ -158,7 +161,7 @@ class Enclave:
         for k, shape in spec.items():
             if list(inputs[k].shape) != shape:
                 raise TinyshieldError(f"input {k} has shape {list(inputs[k].shape)}, the bundle expects {shape}")
-        if "input_ids" in inputs:
+        if "input_ids" in inputs and "vocab_size" in self.config["model"]:
             ids, vocab = inputs["input_ids"], self.config["model"]["vocab_size"]
             if ids.min(initial=0) < 0 or ids.max(initial=0) >= vocab:
                 raise TinyshieldError(f"token ids must be in 0..{vocab - 1}")

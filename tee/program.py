@@ -175,9 +175,15 @@ def of(model: torch.nn.Module | Program, inputs: dict[str, np.ndarray]) -> Progr
     if key not in cache:
         example = tuple(torch.from_numpy(np.ascontiguousarray(v)) for v in inputs.values())
         with torch.no_grad():
-            cache[key] = _find(capture(model.eval(), example, batch_one=False))
-            cache[key].inputs = list(inputs)
+            cache[key] = from_captured(capture(model.eval(), example, batch_one=False), list(inputs))
     return cache[key]
+
+
+def from_captured(cap: Captured, inputs: list[str]) -> Program:
+    """A graph captured elsewhere (a user's .pt2), its inputs named `inputs` in order."""
+    prog = _find(cap)
+    prog.inputs = list(inputs)
+    return prog
 
 
 def linears(prog: Program) -> dict[str, tuple[np.ndarray, np.ndarray]]:

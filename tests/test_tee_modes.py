@@ -209,3 +209,31 @@ def test_cli_protect_infer_audit(tee_env, vit, capsys):
     assert report["weights"]["exposed"] is True      # blinded (Slalom) protects inputs and integrity, not weights
     assert main(["infer", "--protected", str(tee_env / "nothing"), "x"]) == 2
     assert "no bundle.json" in capsys.readouterr().err
+
+
+def test_protect_a_pt2(tee_env, vit, capsys):
+    """A user's exported program is protected as it is: the .pt2 bytes are sealed, the enclave loads them from
+    memory and finds the linear layers in that graph -- no model class involved."""
+    from tools.cli import main
+    x = images(1)[0]["image"]
+    path = tee_env / "vit.pt2"
+    torch.export.save(torch.export.export(vit, (torch.from_numpy(x),)), path)
+    prog = program.of(vit, {"image": x})
+    ref = program.forward(prog, {"image": x}, program.plain_lin(program.linears(prog)))
+    for mode in ("plain", "enclave-only", "blinded"):
+        b = bundle.protect(path, tee_env / f"pt2-{mode}", mode, pads=1)
+        assert b.header["enclave_config"]["input"] == {"x": [1, 1, 28, 28]}
+        with ProtectedSession(b.path, overlap=True) as s:
+            y, t = s.infer({"x": x})
+        if mode == "blinded":
+            owner = Enclave(b.path)
+            assert np.array_equal(y, program.forward(owner.prog, {"x": x}, blinded.reference_lin(owner.blind)))
+            assert np.abs(y - ref).max() < 0.05 * np.abs(ref).max()
+        else:
+            assert np.abs(y - ref).max() <= 1e-4 * np.abs(ref).max()
+    npy = tee_env / "digit-pt2.npy"
+    np.save(npy, x[0])
+    out = tee_env / "pt2-cli"
+    assert main(["protect", str(path), "--mode", "blinded", "--out", str(out), "--pads", "1"]) == 0
+    assert main(["infer", "--protected", str(out), str(npy)]) == 0
+    assert f"class {int(ref[0].argmax())}" in capsys.readouterr().out

@@ -27,6 +27,19 @@ def bundle_inputs(header: dict, specs: list[str]) -> list[dict]:
     from edge.errors import TinyshieldError
 
     spec = header["enclave_config"]["input"]
+    if header["kind"] == "pt2":      # a user's exported program: each INPUT is a .npy of its one input
+        if len(spec) != 1:
+            raise TinyshieldError(f"this model takes {len(spec)} inputs ({', '.join(spec)}); only one-input .pt2 "
+                                  "models are served from the command line")
+        (name, shape), = spec.items()
+        out = []
+        for s in specs:
+            x = np.load(s)
+            x = x[None] if list(x.shape) == shape[1:] else x
+            if list(x.shape) != shape:
+                raise TinyshieldError(f"{s}: shape {list(x.shape)}, the model takes {shape}")
+            out.append({name: x})
+        return out
     if "image" in spec:
         from edge.recipes.vit_mnist import to_tensor
         from tools.inputs import load_image

@@ -9,7 +9,8 @@ def register(sub):
                                    "for the untrusted accelerator. Modes: shadownet (ShadowNet weight transform + "
                                    "input masks), blinded (Slalom: one-time masks in Z_p + Freivalds checks), "
                                    "enclave-only, plain.")
-    p.add_argument("model", help="'minilm', a recipe name (e.g. vit-mnist) or a model directory")
+    p.add_argument("model", help="'minilm', a recipe name (e.g. vit-mnist), a model directory or a .pt2 file "
+                                 "(torch.export.save; sealed into the bundle, its example gives the input shapes)")
     p.add_argument("--mode", choices=MODES, default="blinded", help="protection mode (default: blinded)")
     p.add_argument("--out", default=None, help="bundle directory (default: build/protected/<model>-<mode>)")
     p.add_argument("--seq-len", type=int, default=128, help="fixed sequence length for text models (default 128)")
@@ -31,10 +32,11 @@ def run(args):
 
     if args.seq_len < 1 or args.seq_len > 512:
         raise TinyshieldError(f"--seq-len must be in 1..512, got {args.seq_len}")
-    loaded = resolve(args.model)
-    name = Path(args.model).name if Path(args.model).is_dir() else args.model
+    pt2 = args.model.endswith(".pt2")
+    model = Path(args.model) if pt2 else resolve(args.model).model
+    name = Path(args.model).stem if pt2 else Path(args.model).name if Path(args.model).is_dir() else args.model
     out = Path(args.out) if args.out else build_dir() / "protected" / f"{name}-{args.mode}"
-    b = protect(loaded.model, out, args.mode, seq_len=args.seq_len, pads=args.pads, fake_ratio=args.fake_ratio,
+    b = protect(model, out, args.mode, seq_len=args.seq_len, pads=args.pads, fake_ratio=args.fake_ratio,
                 mask_pool=args.mask_pool, litert=not args.no_litert)
     print(f"{args.mode} bundle for {name} at {b.path} ({b.seconds:.1f} s)")
     print(f"  measurement {b.header['measurement']}")
