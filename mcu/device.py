@@ -119,6 +119,16 @@ def open_board(firmware, port: int | None = None, timeout: float = 5.0, count_ca
 
 
 @dataclass
+class InputRecord:
+    """One input's result on a board: what a fleet ships back and what an Evaluation is made of."""
+    index: int                    # position in the evaluated data set
+    output: np.ndarray            # raw device output
+    instructions: int | None
+    stack_bytes: int
+    matches_reference: bool | None  # None: the host reference was not checked
+
+
+@dataclass
 class Evaluation:
     board: str
     model: str
@@ -134,7 +144,8 @@ class Evaluation:
     peak_sram: int                # arena + stack high-water, measured on the device
     static_ram: int               # .data + .bss of the firmware (arena and I/O buffers included)
     seconds: float
-    predictions: list[int] = field(default_factory=list)   # argmax of the device output per input
+    predictions: list[int] = field(default_factory=list)   # argmax of the device output, per input
+    instructions: list[int] = field(default_factory=list)  # per input (empty on a real board)
 
     def rows(self) -> list[tuple[str, str]]:
         ipi = f"{self.mean_instructions:,.0f}" if self.mean_instructions is not None else "n/a (no emulator)"
@@ -150,31 +161,49 @@ class Evaluation:
                 ("wall time", f"{self.seconds:.1f} s ({self.n / max(self.seconds, 1e-9):.1f} inferences/s)")]
 
 
-def evaluate(dev: Device, built, inputs, labels, progress_bar=None, check_reference: bool = True) -> Evaluation:
-    """Run every input on the device; compare with the labels and with the host int8 reference."""
+def run_inputs(dev: Device, built, inputs, start: int = 0, check_reference: bool = True):
+    """Yield an InputRecord per input (indices from `start`). The host reference runs in a thread
+    while the device computes, so checking it costs no wall time on a free core."""
     from concurrent.futures import ThreadPoolExecutor
 
-    t0 = time.monotonic()
-    hits, mismatches, instr, stack_max, preds = 0, [], [], 0, []
-    task = progress_bar.add_task(f"eval on {dev.info.board}", total=len(inputs), info="") if progress_bar else None
-    pool = ThreadPoolExecutor(1)         # the host reference runs while the device computes
-    for i, (x, y) in enumerate(zip(inputs, labels)):
-        q = built.quantise_input(x)
-        ref = pool.submit(built.reference, q) if check_reference else None
-        r = dev.infer(q)
-        preds.append(int(np.argmax(r.output.reshape(-1))))
-        hits += int(preds[-1] == int(y))
-        if ref is not None and not np.array_equal(r.output.reshape(-1), ref.result().reshape(-1)):
-            mismatches.append(i)
-        if r.instructions is not None:
-            instr.append(r.instructions)
-        stack_max = max(stack_max, r.stack_bytes)
-        if progress_bar:
-            progress_bar.update(task, advance=1, info=f"acc {hits / (i + 1):.3f} agree {1 - len(mismatches) / (i + 1):.3f}")
-    pool.shutdown()
-    n = len(inputs)
+    with ThreadPoolExecutor(1) as pool:
+        for i, x in enumerate(inputs, start):
+            q = built.quantise_input(x)
+            ref = pool.submit(built.reference, q) if check_reference else None
+            r = dev.infer(q)
+            same = None if ref is None else bool(np.array_equal(r.output.reshape(-1), ref.result().reshape(-1)))
+            yield InputRecord(i, r.output, r.instructions, r.stack_bytes, same)
+
+
+def summarise(info: ModelInfo, records: list[InputRecord], labels, seconds: float, board: str | None = None) -> Evaluation:
+    """The Evaluation of a set of records, in index order: the same numbers whichever board (or how
+    many boards) produced them."""
+    records = sorted(records, key=lambda r: r.index)
+    n = len(records)
+    preds = [int(np.argmax(r.output.reshape(-1))) for r in records]
+    hits = sum(int(p == int(labels[r.index])) for p, r in zip(preds, records))
+    checked = all(r.matches_reference is not None for r in records)
+    mismatches = [r.index for r in records if r.matches_reference is False]
+    instr = [r.instructions for r in records if r.instructions is not None]
+    stack_max = max((r.stack_bytes for r in records), default=0)
     mean_i = float(np.mean(instr)) if instr else None
-    macs = int(dev.info.macs)
-    return Evaluation(dev.info.board, dev.info.name, n, hits / max(n, 1), 1 - len(mismatches) / max(n, 1) if check_reference else float("nan"),
-                      mismatches, mean_i, mean_i / macs if mean_i and macs else None, macs, dev.info.arena_bytes,
-                      stack_max, dev.info.arena_bytes + stack_max, dev.info.static_ram, time.monotonic() - t0, preds)
+    macs = int(info.macs)
+    return Evaluation(board or info.board, info.name, n, hits / max(n, 1),
+                      1 - len(mismatches) / max(n, 1) if checked else float("nan"), mismatches, mean_i,
+                      mean_i / macs if mean_i and macs else None, macs, info.arena_bytes, stack_max,
+                      info.arena_bytes + stack_max, info.static_ram, seconds, preds, instr)
+
+
+def evaluate(dev: Device, built, inputs, labels, progress_bar=None, check_reference: bool = True) -> Evaluation:
+    """Run every input on the device; compare with the labels and with the host int8 reference."""
+    t0 = time.monotonic()
+    task = progress_bar.add_task(f"eval on {dev.info.board}", total=len(inputs), info="") if progress_bar else None
+    records, hits, bad = [], 0, 0
+    for rec in run_inputs(dev, built, inputs, check_reference=check_reference):
+        records.append(rec)
+        hits += int(np.argmax(rec.output.reshape(-1)) == int(labels[rec.index]))
+        bad += int(rec.matches_reference is False)
+        if progress_bar:
+            k = len(records)
+            progress_bar.update(task, advance=1, info=f"acc {hits / k:.3f} agree {1 - bad / k:.3f}")
+    return summarise(dev.info, records, labels, time.monotonic() - t0)

@@ -84,8 +84,9 @@ def flash_emulated(fw: Firmware, port: int | None = None) -> RunningBoard:
     return rb
 
 
-def flash_probe(elf: Path, board_id: str) -> None:
-    """Program a real board through a debug probe (ST-Link, CMSIS-DAP, J-Link) with pyocd."""
+def flash_probe(elf: Path, board_id: str, probe: str | None = None) -> None:
+    """Program a real board through a debug probe (ST-Link, CMSIS-DAP, J-Link) with pyocd; `probe`
+    picks one probe by its unique id when several are plugged in (a rack)."""
     b = get_board(board_id)
     try:
         from pyocd.core.helpers import ConnectHelper
@@ -96,9 +97,10 @@ def flash_probe(elf: Path, board_id: str) -> None:
     target = {"stm32f405": "stm32f405rg"}.get(b.id)
     if target is None:
         raise TinyshieldError(f"board {b.id} is emulated only; --probe supports: stm32f405")
-    session = ConnectHelper.session_with_chosen_probe(target_override=target, blocking=False)
+    session = ConnectHelper.session_with_chosen_probe(unique_id=probe, target_override=target, blocking=False)
     if session is None:
-        raise TinyshieldError("no debug probe found: connect the board over USB (ST-Link) and retry")
+        raise TinyshieldError(f"no debug probe{f' with unique id {probe}' if probe else ''} found: connect the "
+                              "board over USB (ST-Link) and retry, or fix its probe id in the board file")
     with session:
         FileProgrammer(session).program(str(elf), file_format="elf")
         session.board.target.reset()

@@ -116,6 +116,7 @@ class Link:
         self.url, self.timeout, self.retries = url, timeout, retries
         self.seq = 0
         self.buf = bytearray()
+        self.tx_bytes = self.rx_bytes = 0       # bytes on the wire, both ways (serial bandwidth figures)
         self.ser = self._open(url, connect_timeout)
 
     @staticmethod
@@ -147,6 +148,7 @@ class Link:
         try:
             self.ser.write(data)
             self.ser.flush()
+            self.tx_bytes += len(data)
         except (serial.SerialException, OSError) as e:
             raise TinyshieldError(f"connection to the board at {self.url} lost: {e}") from None
 
@@ -156,6 +158,7 @@ class Link:
         except (serial.SerialException, OSError) as e:
             raise TinyshieldError(f"connection to the board at {self.url} lost ({e}): "
                                   "the board was reset, killed or unplugged") from None
+        self.rx_bytes += len(chunk)
         self.buf += chunk
 
     def _scan(self) -> tuple[int, int, bytes] | None:

@@ -15,6 +15,15 @@ def register(sub):
     p.add_argument("--limit", type=int, default=1000, help="number of test inputs (default 1000)")
     p.add_argument("--url", default=None, help="serial URL of a running board instead of booting the emulator")
     p.add_argument("--json", default=None, help="also write the result as JSON to this file")
+    f = p.add_argument_group("fleet (the optional 'fleet' extra, Ray)")
+    g = f.add_mutually_exclusive_group()
+    g.add_argument("--boards", type=int, default=None, metavar="N",
+                   help="split the data set over N emulated boards, each a Ray actor")
+    g.add_argument("--fleet", default=None, metavar="TOML",
+                   help="split it over the boards named in a board file ([[board]] name, board, url, probe)")
+    f.add_argument("--address", default=None,
+                   help="join this Ray cluster (e.g. ray://head:10001 or auto) instead of starting a local one")
+    f.add_argument("--chunk", type=int, default=None, help="inputs per task sent to a board (default: ~4 per board)")
     p.set_defaults(func=run)
 
 
@@ -67,20 +76,39 @@ def run(args):
 
     import numpy as np
 
+    from edge.errors import TinyshieldError
     from mcu.build import float_outputs
 
+    fleet = args.boards is not None or args.fleet is not None or args.address is not None
+    if fleet and args.url:
+        raise TinyshieldError("--url names one board; a fleet is --boards N or --fleet boards.toml (not both)")
     built = build(args)
     xs, ys, source = test_set(args.dataset, built, args.limit, args.data)
     print(f"data: {source}; firmware {built.firmware.elf}")
-    with device_for(built, args.url) as dev, progress() as bar:
-        ev = evaluate(dev, built, xs, ys, bar)
+    fe = None
+    if fleet:
+        from mcu.fleet import Fleet
+        make = (lambda: Fleet.from_file(built, args.fleet, args.address)) if args.fleet else \
+            (lambda: Fleet.emulated(built, args.boards or 1, args.address))
+        with make() as fl, progress() as bar:
+            fe = fl.evaluate(xs, ys, bar, chunk_size=args.chunk)
+        ev = fe.evaluation
+    else:
+        with device_for(built, args.url) as dev, progress() as bar:
+            ev = evaluate(dev, built, xs, ys, bar)
     fp = float_outputs(args.model, built.graph, xs).argmax(-1)
     dev_pred = np.array(ev.predictions)
     extra = {"float_accuracy": float(np.mean(fp == np.asarray(ys))),
              "int8_float_agreement": float(np.mean(fp == dev_pred))}
     print_report(ev, extra=[("float model accuracy", f"{100 * extra['float_accuracy']:.2f}%"),
                             ("device vs float (argmax)", f"{100 * extra['int8_float_agreement']:.2f}%")])
+    out = {**asdict(ev), **extra}
+    if fe is not None:
+        print_report(fe, title="fleet")
+        for fail in fe.failures:
+            print(f"board {fail.board} failed (chunk {fail.chunk}): {fail.error} -> {fail.action}")
+        out = {**asdict(fe), **extra}
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({**asdict(ev), **extra}, f, indent=1)
+            json.dump(out, f, indent=1)
     return 0

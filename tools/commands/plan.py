@@ -19,7 +19,40 @@ def register(sub):
                    help="arena planner (greedy_by_size is TFLite Micro's)")
     p.add_argument("--plot", default=None, metavar="PNG", help="draw the memory timeline of both schedules")
     p.add_argument("--rows", type=int, default=40, help="at most this many ops in the live-set table")
+    sw = p.add_argument_group("sweep (the optional 'fleet' extra, Ray Tune)")
+    sw.add_argument("--sweep", action="store_true",
+                    help="run every tile size x arena planner (and layerwise) as a Ray Tune trial: table, JSON, Pareto plot")
+    sw.add_argument("--sweep-rows", default=None, metavar="R,R,...", help="tokens per block to try (default 1, 2, 4, ... L)")
+    sw.add_argument("--sweep-kt", default=None, metavar="K,K,...", help="keys per tile to try (default 16, 64, 256 below L, and L)")
+    sw.add_argument("--out", default=None, help="sweep output directory (default build/sweeps/plan-MODEL-LSEQ-BOARD)")
+    sw.add_argument("--address", default=None, help="run the trials on this Ray cluster instead of a local one")
     p.set_defaults(func=run)
+
+
+def _ints(text, flag):
+    from edge.errors import TinyshieldError
+    try:
+        return [int(v) for v in text.split(",")] if text else None
+    except ValueError:
+        raise TinyshieldError(f"{flag} {text!r}: give comma-separated integers, e.g. {flag} 8,16,32") from None
+
+
+def run_sweep(args):
+    from rich.console import Console
+
+    from edge.paths import build_dir
+    from mcu.sweep import plan_sweep, rich_table
+
+    console = Console(width=None if Console().is_terminal else 160)
+    name = args.model.rstrip("/").split("/")[-1]
+    out = args.out or build_dir() / "sweeps" / f"plan-{name}-L{args.seq_len}-{args.board}"
+    with console.status(f"sweeping {name} (L = {args.seq_len}) as Ray Tune trials"):
+        res = plan_sweep(args.model, args.seq_len, args.board, out, _ints(args.sweep_rows, "--sweep-rows"),
+                         _ints(args.sweep_kt, "--sweep-kt"), args.address)
+    console.print(rich_table(res))
+    console.print(f"{len(res.trials)} trials in {res.seconds:.1f} s; wrote {res.files['table']}, "
+                  f"{res.files['json']}, {res.files['plot']}")
+    return 0
 
 
 def _tiles(text):
@@ -44,6 +77,8 @@ def run(args):
 
     if args.seq_len < 1:
         raise TinyshieldError(f"--seq-len must be >= 1, got {args.seq_len}")
+    if args.sweep:
+        return run_sweep(args)
     console = Console(width=None if Console().is_terminal else 160)
     board_budget(args.board)          # an unknown board fails before the (slower) lowering
     tiles = _tiles(args.tiles) if args.tiles else None
