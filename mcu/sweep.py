@@ -12,6 +12,7 @@ and shared with the trials through Ray's object store. Ray is the optional `flee
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -95,7 +96,7 @@ def _plan_trial(config: dict, graph=None, budget: int = 0) -> dict:
 
 def plan_sweep(model: str, seq_len: int, board: str, out_dir: str | Path, rows: list[int] | None = None,
                kts: list[int] | None = None, address: str | None = None, cpus_per_trial: float = 1.0,
-               graph=None) -> PlanSweep:
+               graph=None, strategies: tuple[str, ...] = STRATEGIES) -> PlanSweep:
     """Run the sweep as Tune trials on the local cores (or the cluster at `address`) and write
     trials.json, table.md and pareto.png into out_dir."""
     from mcu.fleet import init_ray, require_ray
@@ -109,8 +110,9 @@ def plan_sweep(model: str, seq_len: int, board: str, out_dir: str | Path, rows: 
     board_budget(board)                   # an unknown board fails before the lowering
     graph = graph if graph is not None else planning_graph(model, seq_len)
     budget = board_budget(board, graph)
-    space = plan_space(graph, rows, kts)
+    space = plan_space(graph, rows, kts, strategies)
     ray = require_ray()
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")      # the legacy reporter honours verbose=0
     started = not ray.is_initialized()
     init_ray(address)
     try:
@@ -118,7 +120,9 @@ def plan_sweep(model: str, seq_len: int, board: str, out_dir: str | Path, rows: 
         tuner = tune.Tuner(tune.with_resources(tune.with_parameters(_trial_entry, graph=graph, budget=budget),
                                                {"cpu": cpus_per_trial}),
                            param_space={"cfg": tune.grid_search(space)},
-                           tune_config=tune.TuneConfig(metric="arena_bytes", mode="min"),
+                           # Reused actors: a fresh worker per trial costs an interpreter start and the
+                           # imports (seconds each on a busy 2-core host), the trial itself milliseconds.
+                           tune_config=tune.TuneConfig(metric="arena_bytes", mode="min", reuse_actors=True),
                            run_config=tune.RunConfig(name="tune", storage_path=str(out), verbose=0))
         grid = tuner.fit()
         seconds = time.monotonic() - t0
