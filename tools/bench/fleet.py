@@ -54,7 +54,10 @@ def main(argv=None) -> int:
     built = build_model(args.model, args.board)
     xs, ys, source = test_set("mnist", built, args.limit)
     cores = usable_cpus()
-    con.print(f"{args.model} on {args.board}, {len(xs)} images ({source}); {cores} cores: {cpu_name()}")
+    import os
+    load0 = os.getloadavg()[0]          # the host is shared: a busy one slows every row, say how busy
+    con.print(f"{args.model} on {args.board}, {len(xs)} images ({source}); {cores} cores: {cpu_name()}; "
+              f"load average {load0:.1f}")
 
     # Baseline: one board, no Ray. The link's byte counters give the serial traffic per inference.
     with open_board(built.firmware) as dev:
@@ -94,7 +97,8 @@ def main(argv=None) -> int:
     finally:
         ray.shutdown()
 
-    t = Table(title=f"eval throughput, {args.model} on emulated {args.board} ({len(xs)} images; {cores} cores, {cpu_name()})")
+    t = Table(title=f"eval throughput, {args.model} on emulated {args.board} ({len(xs)} images; {cores} cores, "
+                    f"{cpu_name()}; load average {load0:.1f} -> {os.getloadavg()[0]:.1f})")
     for c in ("setup", "inputs/s", "efficiency", "wall s", "start s", "QEMU CPU s/input", "serial B/input", "== baseline"):
         t.add_column(c, justify="left" if c == "setup" else "right")
     for r in rows:
@@ -118,7 +122,8 @@ def main(argv=None) -> int:
     out = {"model": args.model, "board": args.board, "inputs": len(xs), "cores": cores, "cpu": cpu_name(),
            "rows": rows, "ray_overhead_one_board": overhead, "task_overheads": asdict(overheads),
            "ray_init_seconds": ray_init_s, "host_reference_ms_per_input": ref_ms,
-           "mean_instructions": base.mean_instructions, "accuracy": base.accuracy}
+           "mean_instructions": base.mean_instructions, "accuracy": base.accuracy,
+           "load_average": {"start": load0, "end": os.getloadavg()[0]}}
     path = build_dir() / "bench" / "fleet.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1))
