@@ -37,6 +37,8 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=int, default=48, help="test images per row (default 48)")
     ap.add_argument("--boards", default="1,2,4", help="fleet sizes (default 1,2,4)")
     ap.add_argument("--chunk", type=int, default=None, help="inputs per task (default: the fleet's choice)")
+    ap.add_argument("--calib", type=int, default=500,
+                    help="calibration inputs of the int8 build (default 500, as eval; fewer builds faster, same cost)")
     args = ap.parse_args(argv)
     sizes = [int(v) for v in args.boards.split(",")]
 
@@ -51,7 +53,7 @@ def main(argv=None) -> int:
 
     ray = require_ray()
     con = Console()
-    built = build_model(args.model, args.board)
+    built = build_model(args.model, args.board, calib=args.calib)
     xs, ys, source = test_set("mnist", built, args.limit)
     cores = usable_cpus()
     import os
