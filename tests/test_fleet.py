@@ -18,7 +18,7 @@ from edge.models.io import save_model  # noqa: E402
 from edge.models.vit import ViT, ViTConfig  # noqa: E402
 from mcu.build import build_model  # noqa: E402
 from mcu.device import evaluate, open_board  # noqa: E402
-from mcu.fleet import EMULATED_RESOURCE, Fleet, load_board_file, usable_cpus  # noqa: E402
+from mcu.fleet import EMULATED_RESOURCE, Fleet, init_ray, load_board_file, usable_cpus  # noqa: E402
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
 N = 24
@@ -36,8 +36,7 @@ def env(tmp_path_factory, arm_toolchain):
     model_dir = save_model(ViT(cfg).eval(), root / "vit-small", {"kind": "vit", "model": cfg.to_dict()})
     ds = mnist(allow_fallback=data_dir(required=False) is None)
     built = build_model(str(model_dir), "stm32f405", calib=64)
-    ray.init(num_cpus=usable_cpus(), resources={EMULATED_RESOURCE: 2}, include_dashboard=False,
-             log_to_driver=False, object_store_memory=200 * 2**20)
+    init_ray(resources={EMULATED_RESOURCE: 2}, num_cpus=usable_cpus())
     yield built, ds.x_test[:N], ds.y_test[:N], root
     ray.shutdown()
     if old is None:

@@ -109,7 +109,7 @@ def main(argv=None) -> int:
                   f"{r['qemu_cpu_per_input_s']:.3f}" if r["qemu_cpu_per_input_s"] else "-",
                   f"{r['wire_bytes_per_input']:,.0f}", "yes" if r["identical"] else "NO")
     con.print(t)
-    ray1 = next((r for r in rows if r["boards"] == 1 and r["setup"].endswith("Ray")), None)
+    ray1 = next((r for r in rows[1:] if r["boards"] == 1), None)         # rows[0] is the one without Ray
     overhead = (ray1["seconds"] / rows[0]["seconds"] - 1) if ray1 else None
     o = Table(title="Ray per-task costs on this host (ms)")
     for c in ("no-op round trip", "p90", "pipelined / call", f"with {overheads.payload_bytes} B payload",
