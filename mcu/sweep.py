@@ -47,7 +47,7 @@ class PlanSweep:
     seq_len: int
     budget: int
     trials: list[PlanTrial]
-    pareto: list[PlanTrial]       # no other trial has both fewer arena bytes and fewer MACs
+    pareto: list[PlanTrial]       # no other trial has fewer arena bytes, MACs and calls at once
     seconds: float                # wall time of the Tune run
     out_dir: str
     files: dict[str, str] = field(default_factory=dict)
@@ -59,12 +59,13 @@ class PlanSweep:
 
 
 def pareto_front(trials: list[PlanTrial]) -> list[PlanTrial]:
-    """Minimise (arena_bytes, macs): sort by arena, keep each trial that lowers the best MACs so far."""
-    front, best = [], None
-    for t in sorted(trials, key=lambda t: (t.arena_bytes, t.macs, t.calls)):
-        if best is None or t.macs < best:
+    """Trials no other trial beats on arena bytes, MACs and calls at once (ties: the first kept).
+    Calls count too: at equal MACs, smaller tiles trade memory for generated code and call overhead."""
+    key = lambda t: (t.arena_bytes, t.macs, t.calls)                        # noqa: E731
+    front = []
+    for t in sorted(trials, key=key):
+        if not any(all(a <= b for a, b in zip(key(f), key(t))) for f in front):
             front.append(t)
-            best = t.macs
     return front
 
 
@@ -159,7 +160,7 @@ def _trial_entry(config: dict, graph=None, budget: int = 0):
 def markdown_table(res: PlanSweep) -> str:
     front = {id(t) for t in res.pareto}
     lines = [f"# plan sweep: {res.model}, L = {res.seq_len}, {res.board} (budget {res.budget:,} B)", "",
-             f"{len(res.trials)} Ray Tune trials in {res.seconds:.1f} s; * = Pareto front (arena bytes vs MACs)", "",
+             f"{len(res.trials)} Ray Tune trials in {res.seconds:.1f} s; * = Pareto front (arena bytes, MACs, calls)", "",
              "| schedule | tiles | planner | arena B | live peak B | MACs | calls | fits |",
              "|---|---|---|---:|---:|---:|---:|---|"]
     for t in res.trials:
@@ -173,7 +174,7 @@ def rich_table(res: PlanSweep, max_rows: int = 60):
     from rich.table import Table
     front = {id(t) for t in res.pareto}
     t = Table(title=f"plan sweep: {len(res.trials)} trials, {res.board} budget {res.budget:,} B "
-                    f"(* Pareto front: arena vs MACs)")
+                    f"(* Pareto front: arena, MACs, calls)")
     for col in ("schedule", "tiles", "planner", "arena B", "peak B", "MACs", "calls", "fits"):
         t.add_column(col, justify="right" if col not in ("schedule", "planner") else "left")
     shown = res.pareto + [x for x in res.trials if id(x) not in front]
@@ -189,23 +190,24 @@ def plot_pareto(res: PlanSweep, path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for strat, marker in zip(STRATEGIES, ("o", "s")):
-        pts = [t for t in res.trials if t.strategy == strat]
-        ax.scatter([t.arena_bytes / 1024 for t in pts], [t.macs / 1e6 for t in pts], marker=marker, alpha=0.5,
-                   label=f"trials ({strat})")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     front = sorted(res.pareto, key=lambda t: t.arena_bytes)
-    ax.step([t.arena_bytes / 1024 for t in front], [t.macs / 1e6 for t in front], where="post", color="k",
-            label="Pareto front")
-    for t in front:
-        ax.annotate(t.label, (t.arena_bytes / 1024, t.macs / 1e6), fontsize=7, xytext=(3, 3),
-                    textcoords="offset points")
-    ax.axvline(res.budget / 1024, color="r", linestyle="--", label=f"{res.board} budget")
-    ax.set_xscale("log")
-    ax.set_xlabel("arena (KiB, log)")
-    ax.set_ylabel("MACs per inference (M)")
-    ax.set_title(f"{res.model}, L = {res.seq_len}: memory vs compute ({len(res.trials)} trials)")
-    ax.legend(fontsize=7)
+    for ax, (what, get, unit) in zip(axes, (("MACs per inference", lambda t: t.macs / 1e6, "M"),
+                                          ("kernel calls (generated code)", lambda t: t.calls, ""))):
+        for strat, marker in zip(STRATEGIES, ("o", "s")):
+            pts = [t for t in res.trials if t.strategy == strat]
+            ax.scatter([t.arena_bytes / 1024 for t in pts], [get(t) for t in pts], marker=marker, alpha=0.5,
+                       label=f"trials ({strat})")
+        ax.plot([t.arena_bytes / 1024 for t in front], [get(t) for t in front], "k.-", label="Pareto front")
+        for t in front:
+            ax.annotate(t.label, (t.arena_bytes / 1024, get(t)), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.axvline(res.budget / 1024, color="r", linestyle="--", label=f"{res.board} budget")
+        ax.set_xscale("log")
+        ax.set_xlabel("arena (KiB, log)")
+        ax.set_ylabel(f"{what}{f' ({unit})' if unit else ''}")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{res.model}, L = {res.seq_len}: memory vs compute ({len(res.trials)} trials; every "
+                 "setting bit-exact)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
