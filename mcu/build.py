@@ -475,7 +475,10 @@ def build_model(spec: str, board: str | None = None, schedule: str = "layerwise"
     src = _load(spec)
     weights = src.path if src.kind == "pt2" else (src.path / "model.safetensors") if src.path else None
     digest = lambda f: hashlib.sha256(Path(f).read_bytes()).hexdigest() if f else None   # noqa: E731
-    key = {"spec": spec, "weights": digest(weights), "calib_file": digest(calib_file),
+    from edge.data import data_dir
+    # the recipes calibrate on the data folder when there is one, else on the shipped fallback samples
+    calib_data = None if calib_file else str(data_dir(required=False))
+    key = {"spec": spec, "weights": digest(weights), "calib_file": digest(calib_file), "calib_data": calib_data,
            "board": b.id, "schedule": schedule, "calib": calib, "seq_len": seq_len, "code": _pipeline_hash(),
            "version": 3}
     d = artefact_dir("deploy", key)
