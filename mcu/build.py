@@ -318,6 +318,7 @@ def calibration_inputs(src: _Source, calib: int, seq_len: int | None, calib_file
     training data (MNIST images as floats in [0, 1], SST-2 sentences as padded token ids)."""
     import numpy as np
     if calib_file is not None:
+        from edge.data import load_array
         return load_array(calib_file, "x")[:calib]
     if src.kind == "vit":
         from edge.data import data_dir, mnist
@@ -354,25 +355,6 @@ def float_outputs(spec: str, graph, xs) -> "np.ndarray":
                 t = torch.as_tensor(xf).reshape(graph.meta["input_shape"])
             outs.append(fn(t).reshape(-1).numpy())
     return np.stack(outs)
-
-
-def load_array(path: str | Path, key: str):
-    """An array from a .npy file, or the `key` array of a .npz file, with errors that name the file."""
-    import numpy as np
-    p = Path(path)
-    if not p.is_file():
-        raise TinyshieldError(f"{p}: no such file")
-    try:
-        data = np.load(p, allow_pickle=False)
-    except Exception as e:
-        raise TinyshieldError(f"{p}: not a readable .npy/.npz file ({e})") from None
-    if isinstance(data, np.lib.npyio.NpzFile):
-        if key not in data.files:
-            raise TinyshieldError(f"{p}: has arrays {data.files}, expected {key!r}")
-        data = data[key]
-    if data.ndim < 1 or len(data) == 0:
-        raise TinyshieldError(f"{p}: expected a batch-first array with at least one input, got shape {data.shape}")
-    return data
 
 
 def _lower(src: _Source, calib: int, seq_len: int | None, calib_file=None):

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from edge import quant as Q
-from edge.capture import Captured, Ranges, where
+from edge.capture import Captured, Ranges, map_nodes, op_name, where
 from edge.errors import TinyshieldError
 from mcu import kernels as K
 from mcu import lower as L
@@ -265,7 +265,7 @@ class Lowering:
             elif n.op == "call_function":
                 self.env[n.name] = v = self.call(n)
                 # A fused ReLU sits in the producer's tensor: that tensor is the ReLU node's value
-                if isinstance(v, Act) and (not v.relu or _packet(n) == "relu"):
+                if isinstance(v, Act) and (not v.relu or op_name(n) == "relu"):
                     self.note_float(v, n.name)
             elif n.op == "output":
                 outs = n.args[0]
@@ -315,9 +315,9 @@ class Lowering:
         return "input"
 
     def call(self, n):
-        args = _map(n.args, lambda a: self.env[a.name])
-        kwargs = _map(n.kwargs, lambda a: self.env[a.name])
-        op = _packet(n)
+        args = map_nodes(n.args, lambda a: self.env[a.name])
+        kwargs = map_nodes(n.kwargs, lambda a: self.env[a.name])
+        op = op_name(n)
         if _all_const(args, kwargs) and op not in NO_FOLD:
             return n.target(*args, **kwargs)           # constant folding: run the op itself
         rule = RULES.get(op)
@@ -359,16 +359,6 @@ class Lowering:
         return self.emit_add_tensors(a, name, Q.ActQ(cqp.scale[0], 0), node, b_n=cq.size)
 
 
-def _map(x, f):
-    if isinstance(x, torch.fx.Node):
-        return f(x)
-    if isinstance(x, (list, tuple)):
-        return type(x)(_map(v, f) for v in x)
-    if isinstance(x, dict):
-        return {k: _map(v, f) for k, v in x.items()}
-    return x
-
-
 def _all_const(args, kwargs) -> bool:
     vals = list(args) + list(kwargs.values())
     flat = []
@@ -376,11 +366,6 @@ def _all_const(args, kwargs) -> bool:
         flat.extend(v if isinstance(v, (list, tuple)) else [v])
     return not any(isinstance(v, (Act, Ids, Mask, Sum, PlusConst, Scores, Probs, Masked, MaskedSum, Count,
                                   RowsAllMasked, ShapeOnly)) for v in flat)
-
-
-def _packet(n) -> str:
-    name = str(n.target)
-    return name.split(".")[1] if name.startswith("aten.") else getattr(n.target, "__name__", name)
 
 
 NO_FOLD = {"full_like", "zeros_like", "ones_like"}   # shape-only ops on an input: constants of its shape
@@ -439,7 +424,7 @@ IDENTITY_OPS = ("clone", "contiguous", "alias", "detach", "lift_fresh_copy", "dr
 
 @rule(*VIEW_OPS)
 def _view(lw: Lowering, n, x, *args, **kw):
-    if _packet(n) in IDENTITY_OPS:
+    if op_name(n) in IDENTITY_OPS:
         return x                            # values are never written in place: a copy is the same value
     if isinstance(x, Act):
         f = lambda t: n.target(t, *args, **kw)          # noqa: E731 -- torch computes the new view
@@ -491,8 +476,8 @@ def _eq(lw, n, x, other):
             lw.b.act("pad_mask", (x.shape[-1],), None)
             lw.b.op("pad_mask", "pad_mask", [x.tensor], ["pad_mask"], L=x.shape[-1])
             lw.meta["pad_mask"] = True
-        return Mask("pad_mask", "bool", "pad" if _packet(n) == "eq" else "valid", tuple(n.meta["val"].shape))
-    if isinstance(x, (Scores, Probs)) and _packet(n) == "eq" and _scalar(other) == -math.inf:
+        return Mask("pad_mask", "bool", "pad" if op_name(n) == "eq" else "valid", tuple(n.meta["val"].shape))
+    if isinstance(x, (Scores, Probs)) and op_name(n) == "eq" and _scalar(other) == -math.inf:
         return RowsAllMasked()
     raise lw.fail(n, f"comparison of a {type(x).__name__} is not supported")
 
@@ -516,7 +501,7 @@ def _any(lw, n, x, *a, **kw):
 @rule("full_like", "zeros_like", "ones_like")
 def _full_like(lw, n, x, *a, **kw):
     val = n.meta["val"]
-    fill = {"zeros_like": 0.0, "ones_like": 1.0}.get(_packet(n), a[0] if a else kw.get("fill_value"))
+    fill = {"zeros_like": 0.0, "ones_like": 1.0}.get(op_name(n), a[0] if a else kw.get("fill_value"))
     if isinstance(x, (Probs, Scores)) and fill == 0:
         return ZERO
     return torch.full(tuple(val.shape), fill, dtype=val.dtype)
@@ -626,7 +611,7 @@ def _mul_acts(lw, n):
     """x * sigmoid(x) is SiLU (one table); any other product of two activations is mul_s8."""
     a, b = n.args
     for p, s in ((a, b), (b, a)):
-        if isinstance(s, torch.fx.Node) and _packet(s) == "sigmoid" and s.args[0] is p:
+        if isinstance(s, torch.fx.Node) and op_name(s) == "sigmoid" and s.args[0] is p:
             return _table(lw, n, lw.env[p.name], torch.nn.functional.silu)
     x, y = (lw.whole(lw.act(lw.env[v.name], n), n) for v in (a, b))
     if x.shape != y.shape and int(np.prod(y.shape)) not in (int(np.prod(x.shape)), x.shape[-1]):
@@ -701,9 +686,9 @@ def _relu_after(n) -> torch.fx.Node | None:
     cur = n
     while len(cur.users) == 1:
         u = next(iter(cur.users))
-        if _packet(u) == "relu":
+        if op_name(u) == "relu":
             return u
-        if _packet(u) not in ("view", "_unsafe_view", "clone", "alias"):
+        if op_name(u) not in ("view", "_unsafe_view", "clone", "alias"):
             return None
         cur = u
     return None
@@ -711,7 +696,7 @@ def _relu_after(n) -> torch.fx.Node | None:
 
 @rule("addmm", "mm")
 def _addmm(lw, n, *args, beta=1, alpha=1):
-    bias, x, w = args if _packet(n) == "addmm" else (None, *args)
+    bias, x, w = args if op_name(n) == "addmm" else (None, *args)
     if isinstance(x, torch.Tensor) and not isinstance(w, torch.Tensor):
         raise lw.fail(n, "a matmul of a constant by an activation is not supported (weights on the right)")
     if not isinstance(w, torch.Tensor):
@@ -747,7 +732,7 @@ def _conv(lw, n, x, w, b, stride, padding, dilation, transposed, output_padding,
     bn = _bn_after(n)
     if bn is not None:      # eval-mode BatchNorm right after the conv: folded into its weights and bias
         w, b = _fold_bn(lw, bn, w, b)
-        out = next(u for u in bn.users if _packet(u) == "getitem" and u.args[1] == 0)
+        out = next(u for u in bn.users if op_name(u) == "getitem" and u.args[1] == 0)
         lw.folded_bn.add(bn.name)
     relu = _relu_after(out)
     q = lw.q_of((relu or out).name)
@@ -760,7 +745,7 @@ def _conv(lw, n, x, w, b, stride, padding, dilation, transposed, output_padding,
 
 def _bn_after(n) -> torch.fx.Node | None:
     u = next(iter(n.users)) if len(n.users) == 1 else None
-    return u if u is not None and _packet(u) == "_native_batch_norm_legit_no_training" else None
+    return u if u is not None and op_name(u) == "_native_batch_norm_legit_no_training" else None
 
 
 def _fold_bn(lw, bn, w, b):
@@ -801,7 +786,7 @@ def _layer_norm(lw, n, x, shape, w, b, eps):
     if len(shape) != 1:
         raise lw.fail(n, "LayerNorm over more than the last dimension is not supported")
     d = int(shape[0])
-    out = next((u for u in n.users if _packet(u) == "getitem" and u.args[1] == 0), None)
+    out = next((u for u in n.users if op_name(u) == "getitem" and u.args[1] == 0), None)
     q = lw.q_of(out.name)
     gamma = np.ones(d) if w is None else w.detach().double().numpy()
     beta = np.zeros(d) if b is None else b.detach().double().numpy()
@@ -846,7 +831,7 @@ def _table(lw, n, x, fn, q: Q.ActQ | None = None) -> Act:
     q = q or lw.q_of(n.name)
     levels = torch.tensor((np.arange(-128, 128) - x.zp) * x.scale, dtype=torch.float64)
     table = Q.quantize(fn(levels).numpy(), q.scale, q.zero_point)
-    name = lw.opname(n, "." + _packet(n))
+    name = lw.opname(n, "." + op_name(n))
     t = lw.b.const(f"{name}.table", table)
     y = lw.new_act(f"{name}.out", x.shape, q, n.name)
     lw.b.op("lut", name, [x.tensor, t], [y.tensor], n=int(np.prod(x.shape)))
@@ -1033,7 +1018,7 @@ def _fold_cat_consts(lw, n, x: Act, y: torch.Tensor) -> torch.Tensor:
     whole concat -- a small learned CLS vector (often ~0.02) would round to a few levels there, and a
     following LayerNorm (pre-LN blocks) blows that rounding up to the size of the row."""
     cat = lw.nodes[x.node]
-    if _packet(cat) != "cat" or len(cat.users) != 1 or not lw.is_whole(x) \
+    if op_name(cat) != "cat" or len(cat.users) != 1 or not lw.is_whole(x) \
             or tuple(x.shape) != tuple(cat.meta["val"].shape):
         return y
     dim = (cat.args[1] if len(cat.args) > 1 else 0) % len(x.shape)

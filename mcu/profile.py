@@ -247,7 +247,7 @@ def planning_graph(spec: str, seq_len: int, calib: int = 4, seed: int = 0, calib
         from pathlib import Path
 
         from edge.capture import calibrate, load
-        from mcu.build import load_array
+        from edge.data import load_array
         from mcu.from_aten import lower_captured
         cap = load(spec)
         xs = load_array(calib_file, "x") if calib_file else cap.example[0].numpy()

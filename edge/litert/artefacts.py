@@ -94,7 +94,8 @@ def export_pt2(path: str | Path, opts: ExportOptions) -> bytes:
         if not opts.calib or not str(opts.calib).endswith((".npy", ".npz")):
             raise TinyshieldError("a .pt2 model calibrates on your data: --calib calib.npy (batch-first inputs, "
                                   "or array x of a .npz)")
-        xs = _load_inputs(opts.calib)
+        from edge.data import load_array
+        xs = load_array(opts.calib, "x")
         B = int(x0.shape[0])
         if tuple(xs.shape[1:]) != tuple(x0.shape[1:]) or len(xs) < B:
             raise TinyshieldError(f"{opts.calib}: inputs of shape {tuple(xs.shape)} do not fit the model's input "
@@ -103,22 +104,6 @@ def export_pt2(path: str | Path, opts: ExportOptions) -> bytes:
         calib = [xs[i:i + B].astype(dtype) for i in range(0, len(xs) - B + 1, B)][:opts.calib_n]
         b = quantize_graph(b, calibrate(b, calib), opts.mode, wide_modules=FFN_OUT)
     return b.finish(description=json.dumps({"tinyshield": meta}))
-
-
-def _load_inputs(path: str):
-    import numpy as np
-    p = Path(path)
-    if not p.is_file():
-        raise TinyshieldError(f"{p}: no such file")
-    try:
-        data = np.load(p, allow_pickle=False)
-    except Exception as e:
-        raise TinyshieldError(f"{p}: not a readable .npy/.npz file ({e})") from None
-    if isinstance(data, np.lib.npyio.NpzFile):
-        if "x" not in data.files:
-            raise TinyshieldError(f"{p}: has arrays {data.files}, expected 'x'")
-        data = data["x"]
-    return data
 
 
 def read_meta(model) -> dict:

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edge.capture import Captured, capture, where
+from edge.capture import Captured, capture, map_nodes, op_name, where
 from edge.errors import TinyshieldError
 from edge.litert.writer import Builder
 
@@ -109,9 +109,9 @@ class Exporter:
         return Val(self.b.input(n.name, shape, dtype), shape)
 
     def call(self, n):
-        args = _map(n.args, lambda a: self.env[a.name])
-        kwargs = _map(n.kwargs, lambda a: self.env[a.name])
-        op = _packet(n)
+        args = map_nodes(n.args, lambda a: self.env[a.name])
+        kwargs = map_nodes(n.kwargs, lambda a: self.env[a.name])
+        op = op_name(n)
         if not any(isinstance(v, Val) for v in _flat([args, kwargs])) and op not in SHAPE_ONLY:
             return n.target(*args, **kwargs)            # constants only: run the op itself
         rule = RULES.get(op)
@@ -272,21 +272,6 @@ def _flat(x) -> list:
     return [x]
 
 
-def _map(x, f):
-    if isinstance(x, torch.fx.Node):
-        return f(x)
-    if isinstance(x, (list, tuple)):
-        return type(x)(_map(v, f) for v in x)
-    if isinstance(x, dict):
-        return {k: _map(v, f) for k, v in x.items()}
-    return x
-
-
-def _packet(n) -> str:
-    name = str(n.target)
-    return name.split(".")[1] if name.startswith("aten.") else getattr(n.target, "__name__", name)
-
-
 def _scalar(v) -> float | None:
     if isinstance(v, (int, float)) and not isinstance(v, bool):
         return float(v)
@@ -343,7 +328,7 @@ def _slice(ex, n, x, dim, start=None, end=None, step=1):
     nd = len(x.shape)
     dim %= nd
     size = x.shape[dim]
-    if _packet(n) == "select":
+    if op_name(n) == "select":
         start, end, step = start % size, start % size + 1, 1
     else:
         start = 0 if start is None else (start + size if start < 0 else start)
@@ -357,7 +342,7 @@ def _slice(ex, n, x, dim, start=None, end=None, step=1):
     stored = ex.b.shape(x.t)
     begin, stop, strides = [0] * nd, list(stored), [1] * nd
     begin[sd], stop[sd], strides[sd] = start, end, step
-    shrink = 1 << sd if _packet(n) == "select" else 0
+    shrink = 1 << sd if op_name(n) == "select" else 0
     t = ex.b.strided_slice(x.t, begin, stop, strides, shrink, name=n.name)
     shape = tuple(int(s) for s in n.meta["val"].shape)
     if not shrink:
@@ -388,10 +373,10 @@ def _eq(ex, n, x, other):
         f = ex.b.cast(x.t, np.float32, name=f"{n.name}/ids")
         m = ex.b.minimum(f, ex.const(torch.ones(1), f"{n.name}/one"), name=f"{n.name}/valid")
         m = ex.like(x, m)
-        return m if _packet(n) == "ne" else ex.binary(ex.b.sub, torch.ones(1), m, n.name)
+        return m if op_name(n) == "ne" else ex.binary(ex.b.sub, torch.ones(1), m, n.name)
     if isinstance(x, Val) and s is not None and math.isinf(s):
         # infinities never flow through the exported graph (masks are finite, see the docstring)
-        return torch.full(tuple(n.meta["val"].shape), _packet(n) == "ne")
+        return torch.full(tuple(n.meta["val"].shape), op_name(n) == "ne")
     raise ex.fail(n, "comparisons are supported as key masks: token ids == 0 or != 0 (0 = [PAD])")
 
 
@@ -403,7 +388,7 @@ def _not(ex, n, x):
 @rule("full_like", "zeros_like", "ones_like", "empty_like")
 def _full_like(ex, n, x, *a, **kw):
     val = n.meta["val"]
-    fill = {"zeros_like": 0, "ones_like": 1, "empty_like": 0}.get(_packet(n), a[0] if a else kw.get("fill_value"))
+    fill = {"zeros_like": 0, "ones_like": 1, "empty_like": 0}.get(op_name(n), a[0] if a else kw.get("fill_value"))
     return torch.full(tuple(val.shape), fill, dtype=val.dtype)
 
 
@@ -435,7 +420,7 @@ def _masked_fill(ex, n, x, mask, value):
 def _add(ex, n, x, y, alpha=1):
     if alpha != 1:
         y = ex.scale(y, alpha, f"{n.name}/alpha") if isinstance(y, Val) else y * alpha
-    return ex.binary(ex.b.add if _packet(n) == "add" else ex.b.sub, x, y, n.name)
+    return ex.binary(ex.b.add if op_name(n) == "add" else ex.b.sub, x, y, n.name)
 
 
 @rule("rsub")
@@ -464,11 +449,11 @@ def _div(ex, n, x, y, rounding_mode=None):
 def _l2_normalize_of(n) -> bool:
     """div(x, clamp(norm(x, 2, last axis))) (F.normalize) is one L2_NORMALIZATION."""
     d = n.args[1]
-    while isinstance(d, torch.fx.Node) and _packet(d) in ("expand", "clamp", "clamp_min"):
-        if _packet(d) != "expand" and (len(d.args) > 2 or float(d.args[1]) > 1e-6):
+    while isinstance(d, torch.fx.Node) and op_name(d) in ("expand", "clamp", "clamp_min"):
+        if op_name(d) != "expand" and (len(d.args) > 2 or float(d.args[1]) > 1e-6):
             return False
         d = d.args[0]
-    if not isinstance(d, torch.fx.Node) or _packet(d) != "linalg_vector_norm" or d.args[0] is not n.args[0]:
+    if not isinstance(d, torch.fx.Node) or op_name(d) != "linalg_vector_norm" or d.args[0] is not n.args[0]:
         return False
     nd = len(n.meta["val"].shape)
     ord_, dims = (list(d.args) + [2, None])[1:3]
@@ -485,7 +470,7 @@ def _norm(ex, n, x, ord=2, dim=None, keepdim=False, **kw):
 
 @rule("clamp", "clamp_min", "clamp_max", "hardtanh")
 def _clamp(ex, n, x, lo=None, hi=None, **kw):
-    if _packet(n) == "clamp_max":
+    if op_name(n) == "clamp_max":
         lo, hi = None, lo
     if lo is not None:
         x = ex.binary(ex.b.maximum, x, torch.tensor(float(lo)), f"{n.name}/min" if hi is not None else n.name)
@@ -510,7 +495,7 @@ def _neg(ex, n, x):
 
 @rule("sqrt", "rsqrt")
 def _sqrt(ex, n, x):
-    return ex.unary(x, ex.b.sqrt if _packet(n) == "sqrt" else ex.b.rsqrt, n.name)
+    return ex.unary(x, ex.b.sqrt if op_name(n) == "sqrt" else ex.b.rsqrt, n.name)
 
 
 def _reduce(ex, n, fn, x, dims, keepdim, name):
@@ -607,10 +592,10 @@ def _relu_after(ex, n) -> str | None:
     cur = n
     while len(cur.users) == 1:
         u = next(iter(cur.users))
-        if _packet(u) == "relu":
+        if op_name(u) == "relu":
             ex.fused.add(u.name)
             return "relu"
-        if _packet(u) not in ("view", "_unsafe_view", "clone", "alias", "reshape"):
+        if op_name(u) not in ("view", "_unsafe_view", "clone", "alias", "reshape"):
             return None
         cur = u
     return None
@@ -635,7 +620,7 @@ def _fc(ex, n, x: Val, w: torch.Tensor, bias) -> Val:
 
 @rule("addmm", "mm")
 def _addmm(ex, n, *args, beta=1, alpha=1):
-    bias, x, w = args if _packet(n) == "addmm" else (None, *args)
+    bias, x, w = args if op_name(n) == "addmm" else (None, *args)
     if isinstance(bias, Val):
         raise ex.fail(n, "a computed (not constant) bias")
     if isinstance(w, torch.Tensor):

@@ -32,7 +32,7 @@ def test_set(dataset: str, built, limit: int, data: str | None = None):
 
     from edge.errors import TinyshieldError
     if data is not None:
-        from mcu.build import load_array
+        from edge.data import load_array
         xs, ys = load_array(data, "x"), load_array(data, "y")
         if len(xs) != len(ys):
             raise TinyshieldError(f"{data}: {len(xs)} inputs but {len(ys)} labels")

@@ -27,7 +27,7 @@ def inputs_for(args, built):
     from pathlib import Path
 
     from edge.errors import TinyshieldError
-    from mcu.build import load_array
+    from edge.data import load_array
     from tools.commands.eval import test_set
 
     if args.inputs < 1:
