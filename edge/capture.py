@@ -93,6 +93,20 @@ def op_name(node: torch.fx.Node) -> str:
     return name.split(".")[1] if name.startswith("aten.") else getattr(node.target, "__name__", name)
 
 
+def rule_table() -> tuple[dict, object]:
+    """A table of per-operator rules and the decorator that fills it: `RULES, rule = rule_table()`, then
+    `@rule("addmm", "mm")` above a function. Every lowering of the captured graph is such a table."""
+    table: dict = {}
+
+    def rule(*names):
+        def wrap(fn):
+            for n in names:
+                table[n] = fn
+            return fn
+        return wrap
+    return table, rule
+
+
 def map_nodes(x, f):
     """A node's args/kwargs with every fx Node replaced by f(node) (lists, tuples and dicts kept)."""
     if isinstance(x, torch.fx.Node):

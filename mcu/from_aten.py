@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from edge import quant as Q
-from edge.capture import Captured, Ranges, map_nodes, op_name, where
+from edge.capture import Captured, Ranges, map_nodes, rule_table, op_name, where
 from edge.errors import TinyshieldError
 from mcu import kernels as K
 from mcu import lower as L
@@ -403,15 +403,7 @@ def eliminate_dead(g: Graph) -> Graph:
 
 # ---------------------------------------------------------------- rules
 
-RULES: dict = {}
-
-
-def rule(*names):
-    def wrap(fn):
-        for n in names:
-            RULES[n] = fn
-        return fn
-    return wrap
+RULES, rule = rule_table()
 
 
 VIEW_OPS = ("view", "_unsafe_view", "reshape", "permute", "transpose", "t", "expand", "select", "slice",

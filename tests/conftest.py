@@ -28,3 +28,23 @@ def build_tmp(tmp_path, monkeypatch):
     """An isolated artefact cache, so tests never reuse or pollute build/."""
     monkeypatch.setenv("TINYSHIELD_BUILD", str(tmp_path / "build"))
     return tmp_path / "build"
+
+
+@pytest.fixture(scope="module")
+def module_build(tmp_path_factory):
+    """A folder for one test module, with the artefact cache at <folder>/build for the module's duration."""
+    root = tmp_path_factory.mktemp("module")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TINYSHIELD_BUILD", str(root / "build"))
+        yield root
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small models and single-token decoding gain nothing from threads; on a busy machine they only spin."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

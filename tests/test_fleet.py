@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import signal
 
-import numpy as np
 import pytest
 import torch
 
@@ -25,12 +24,10 @@ N = 24
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory, arm_toolchain):
+def env(module_build, arm_toolchain):
     """A private build cache, a small ViT (random weights, real MNIST calibration) and a local Ray
     sized to this machine's cores, offering two emulated-board slots; Ray is shut down after."""
-    root = tmp_path_factory.mktemp("fleet")
-    old = os.environ.get("TINYSHIELD_BUILD")
-    os.environ["TINYSHIELD_BUILD"] = str(root / "build")
+    root = module_build
     torch.manual_seed(0)
     cfg = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, stem_channels=8)
     model_dir = save_model(ViT(cfg).eval(), root / "vit-small", {"kind": "vit", "model": cfg.to_dict()})
@@ -39,10 +36,6 @@ def env(tmp_path_factory, arm_toolchain):
     init_ray(resources={EMULATED_RESOURCE: 2}, num_cpus=usable_cpus())
     yield built, ds.x_test[:N], ds.y_test[:N], root
     ray.shutdown()
-    if old is None:
-        os.environ.pop("TINYSHIELD_BUILD", None)
-    else:
-        os.environ["TINYSHIELD_BUILD"] = old
 
 
 @pytest.fixture(scope="module")

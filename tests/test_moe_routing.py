@@ -20,12 +20,7 @@ CFG = MoEConfig(dim=32, layers=3, heads=2, experts=4, ffn=48, context=48)
 TEXT = encode("It was the best of times, it was the worst of times, it was the age of wisdom. " * 3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest: one torch thread per module
 
 
 @pytest.fixture(scope="module")

@@ -2,19 +2,10 @@
 import json
 
 import pytest
-import torch
 
 from edge.errors import TinyshieldError
 from edge.moe.train import load, tiny_recipe, train
 from tools.cli import main
-
-
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.mark.slow

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -32,12 +31,10 @@ class DigitsTransformer(nn.Module):
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory, arm_toolchain):
+def files(module_build, arm_toolchain):
     from sklearn.datasets import load_digits
 
-    d = tmp_path_factory.mktemp("pt2")
-    old = os.environ.get("TINYSHIELD_BUILD")
-    os.environ["TINYSHIELD_BUILD"] = str(d / "build")
+    d = module_build
     digits = load_digits()
     x = (digits.images / 16.0).astype(np.float32)
     y = digits.target
@@ -58,10 +55,6 @@ def files(tmp_path_factory, arm_toolchain):
     np.savez(d / "test.npz", x=x[1500:1540], y=y[1500:1540])
     np.save(d / "one.npy", x[1500])
     yield d, m, x, y
-    if old is None:
-        os.environ.pop("TINYSHIELD_BUILD", None)
-    else:
-        os.environ["TINYSHIELD_BUILD"] = old
 
 
 def test_plan_build_eval_run_a_pt2(files, capsys, tmp_path):

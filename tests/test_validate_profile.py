@@ -35,14 +35,10 @@ class Tiny(nn.Module):
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory, arm_toolchain):
-    import os
-
+def model(module_build, arm_toolchain):
     from mcu.build import build_model
 
-    d = tmp_path_factory.mktemp("opcheck")
-    old = os.environ.get("TINYSHIELD_BUILD")
-    os.environ["TINYSHIELD_BUILD"] = str(d / "build")
+    d = module_build
     torch.manual_seed(0)
     m = Tiny().eval()
     x = torch.rand(32, 8, 8)
@@ -50,10 +46,6 @@ def model(tmp_path_factory, arm_toolchain):
     np.save(d / "calib.npy", x.numpy())
     built = build_model(str(d / "tiny.pt2"), "stm32f405", calib_file=d / "calib.npy")
     yield d, built, x.numpy()
-    if old is None:
-        os.environ.pop("TINYSHIELD_BUILD", None)
-    else:
-        os.environ["TINYSHIELD_BUILD"] = old
 
 
 def test_per_op_instructions_add_up_to_the_untapped_inference(model):

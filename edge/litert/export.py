@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edge.capture import Captured, capture, map_nodes, op_name, where
+from edge.capture import Captured, capture, map_nodes, rule_table, op_name, where
 from edge.errors import TinyshieldError
 from edge.litert.writer import Builder
 
@@ -288,16 +288,8 @@ def _finite(c):
 
 # ---------------------------------------------------------------- rules
 
-RULES: dict = {}
+RULES, rule = rule_table()
 SHAPE_ONLY = {"full_like", "zeros_like", "ones_like", "empty_like"}   # of an input: constants of its shape
-
-
-def rule(*names):
-    def wrap(fn):
-        for n in names:
-            RULES[n] = fn
-        return fn
-    return wrap
 
 
 IDENTITY_OPS = ("clone", "contiguous", "alias", "detach", "lift_fresh_copy", "dropout")
