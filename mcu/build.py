@@ -344,17 +344,21 @@ def float_outputs(spec: str, graph, xs) -> "np.ndarray":
 
     src = _load(spec)
     fn = src.captured.program.module() if src.captured is not None else src.model.eval()
-    outs = []
     with torch.no_grad():
-        for x in xs:
-            x = np.asarray(x)
-            if graph.meta.get("input_kind") == "ids":
-                t = torch.as_tensor(x.astype(np.int64)).reshape(1, -1)
-            else:
-                xf = x.astype(np.float32) / np.float32(255.0) if x.dtype == np.uint8 else x.astype(np.float32)
-                t = torch.as_tensor(xf).reshape(graph.meta["input_shape"])
-            outs.append(fn(t).reshape(-1).numpy())
-    return np.stack(outs)
+        return np.stack([fn(float_input(graph, x)).reshape(-1).numpy() for x in xs])
+
+
+def float_input(graph, x) -> "torch.Tensor":
+    """One raw input as the float model takes it: token ids (1, L) int64, or floats of the captured input
+    shape (uint8 images count as p/255, as in `quantise_input`)."""
+    import numpy as np
+    import torch
+
+    x = np.asarray(x)
+    if graph.meta.get("input_kind") == "ids":
+        return torch.as_tensor(x.astype(np.int64)).reshape(1, -1)
+    xf = x.astype(np.float32) / np.float32(255.0) if x.dtype == np.uint8 else x.astype(np.float32)
+    return torch.as_tensor(xf).reshape(graph.meta["input_shape"])
 
 
 def _lower(src: _Source, calib: int, seq_len: int | None, calib_file=None):

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from edge.errors import TinyshieldError
+from mcu.build import float_input
 from mcu.codegen import Segment, segments
 from mcu.graph import DTYPES
 
@@ -114,8 +115,6 @@ def float_model(spec: str, graph):
     """The captured float graph the int8 graph was lowered from (a .pt2's own program; a recipe's module
     captured again exactly as lower_module captures it) -> (Captured, note). None + the reason when the
     graph's tensors cannot be matched to its nodes."""
-    import torch
-
     from edge.capture import capture
     from mcu.build import _load
     from mcu.from_aten import capturable
@@ -128,7 +127,7 @@ def float_model(spec: str, graph):
         cap = src.captured
     else:
         model, _ = capturable(src.model)
-        cap = capture(model, (_float_input(graph, _example(graph)),))
+        cap = capture(model, (float_input(graph, _example(graph)),))
     names = {n.name for n in cap.graph.nodes}
     missing = sorted({v[0] for v in node_of.values()} - names)
     if missing:
@@ -144,16 +143,6 @@ def _example(graph) -> np.ndarray:
     return np.zeros(graph.meta["input_shape"], dtype=np.float32)
 
 
-def _float_input(graph, x):
-    """A raw input as the float model takes it (what mcu.build.float_outputs does for one input)."""
-    import torch
-    x = np.asarray(x)
-    if graph.meta.get("input_kind") == "ids":
-        return torch.as_tensor(x.astype(np.int64)).reshape(1, -1)
-    xf = x.astype(np.float32) / np.float32(255.0) if x.dtype == np.uint8 else x.astype(np.float32)
-    return torch.as_tensor(xf).reshape(graph.meta["input_shape"])
-
-
 def float_values(cap, graph, x, wanted: set[str]) -> dict[str, np.ndarray]:
     import torch
     vals = {}
@@ -163,7 +152,7 @@ def float_values(cap, graph, x, wanted: set[str]) -> dict[str, np.ndarray]:
             vals[node.name] = value.detach().double().numpy()
 
     with torch.no_grad():
-        cap.run(_float_input(graph, x), observe=see)
+        cap.run(float_input(graph, x), observe=see)
     return vals
 
 
