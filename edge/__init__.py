@@ -1,4 +1,5 @@
-"""Edge side of tinyshield: models with real weights, data, compression, quantisation, LiteRT, MoE.
+"""Models and what is done to them on the host: model definitions and recipes (`models`, `recipes`),
+capture to a graph (`capture`), compression (`compress`), LiteRT export (`litert`), MoE (`moe`).
 
-`edge` imports none of the other tinyshield packages.
+`edge` imports `base` and none of the other tinyshield packages; `mcu`, `tee` and `tools` may import it.
 """

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edge.errors import TinyshieldError
-from edge.progress import progress
+from base.errors import TinyshieldError
+from base.progress import progress
 
 _OWN_FILES = re.compile(r"/torch/|/edge/capture\.py|/mcu/")
 

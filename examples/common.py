@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from edge.data import agnews, data_dir, mnist, sst2  # noqa: E402
+from base.data import agnews, data_dir, mnist, sst2  # noqa: E402
 
 PAD, UNK = 0, 1        # small-vocabulary ids: 0 is padding (the board's key mask is `ids == 0`), 1 unknown
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from edge.errors import TinyshieldError
+from base.errors import TinyshieldError
 
 
 @dataclass(frozen=True)

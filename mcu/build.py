@@ -17,8 +17,8 @@ import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from edge.errors import TinyshieldError
-from edge.paths import build_dir
+from base.errors import TinyshieldError
+from base.paths import build_dir
 from mcu.boards import Board, board as get_board
 
 FIRMWARE = Path(__file__).resolve().parent / "firmware"
@@ -318,14 +318,14 @@ def calibration_inputs(src: _Source, calib: int, seq_len: int | None, calib_file
     training data (MNIST images as floats in [0, 1], SST-2 sentences as padded token ids)."""
     import numpy as np
     if calib_file is not None:
-        from edge.data import load_array
+        from base.data import load_array
         return load_array(calib_file, "x")[:calib]
     if src.kind == "vit":
-        from edge.data import data_dir, mnist
+        from base.data import data_dir, mnist
         ds = mnist(allow_fallback=data_dir(required=False) is None)
         return ds.x_train[:calib].astype(np.float32)[:, None] / np.float32(255.0)
     if src.kind == "bert-classifier":
-        from edge.data import sst2
+        from base.data import sst2
         from edge.models.minilm import load_tokenizer, tokenize
         L = seq_len or 64
         cfg = src.model.config
@@ -433,7 +433,7 @@ def firmware_variant(built: "BuiltModel", taps: bool = False, schedule=None, for
 
 
 PIPELINE = ["edge/capture.py", "mcu/from_aten.py", "mcu/lower.py", "mcu/kernels.py", "mcu/tiled.py", "mcu/schedules.py", "mcu/planner.py",
-            "mcu/codegen.py", "mcu/graph.py", "mcu/build.py", "edge/quant.py", "edge/compress/clr.py"]
+            "mcu/codegen.py", "mcu/graph.py", "mcu/build.py", "base/quant.py", "edge/compress/clr.py"]
 
 
 def _pipeline_hash() -> str:
@@ -455,13 +455,13 @@ def build_model(spec: str, board: str | None = None, schedule: str = "layerwise"
     are cached under build/deploy/<hash>/ by weights, calibration data, board and options."""
     import pickle
 
-    from edge.paths import artefact_dir
+    from base.paths import artefact_dir
 
     b = get_board(board)
     src = _load(spec)
     weights = src.path if src.kind == "pt2" else (src.path / "model.safetensors") if src.path else None
     digest = lambda f: hashlib.sha256(Path(f).read_bytes()).hexdigest() if f else None   # noqa: E731
-    from edge.data import data_dir
+    from base.data import data_dir
     # the recipes calibrate on the data folder when there is one, else on the shipped fallback samples
     calib_data = None if calib_file else str(data_dir(required=False))
     key = {"spec": spec, "weights": digest(weights), "calib_file": digest(calib_file), "calib_data": calib_data,

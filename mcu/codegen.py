@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.errors import TinyshieldError
+from base.errors import TinyshieldError
 from mcu.graph import DTYPES, Const, Ref, Schedule
 from mcu.hostlib import KERNEL_DIR
 from mcu.kernels import KERNELS, PTYPES

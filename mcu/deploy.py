@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from edge.errors import TinyshieldError
+from base.errors import TinyshieldError
 
 
 @dataclass
@@ -43,7 +43,7 @@ def deploy(model, example, calib=None, board: str = "stm32f405", schedule: str =
     default: the example alone), build firmware for `board`, boot it (the emulator for emulated boards)."""
     import torch
 
-    from edge.paths import artefact_dir
+    from base.paths import artefact_dir
     from mcu.build import BuiltModel, build_plugin, deploy_graph
     from mcu.device import open_board
     from mcu.from_aten import lower_module

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.errors import TinyshieldError
+from base.errors import TinyshieldError
 from mcu.emulator import Emulator, read_calls_file, read_count_file
 from mcu.link import Link, ModelInfo
 

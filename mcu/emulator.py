@@ -24,7 +24,7 @@ import time
 import weakref
 from pathlib import Path
 
-from edge.errors import TinyshieldError
+from base.errors import TinyshieldError
 from mcu.boards import Board, board as get_board
 from mcu.build import Firmware, build_plugin, require_toolchain
 

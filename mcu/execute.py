@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edge.errors import TinyshieldError
+from base.errors import TinyshieldError
 from mcu.graph import DTYPES, Const, Graph, Ref, Schedule
 from mcu.kernels import KERNELS, PTYPES
 

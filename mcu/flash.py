@@ -15,8 +15,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from edge.errors import TinyshieldError
-from edge.paths import build_dir
+from base.errors import TinyshieldError
+from base.paths import build_dir
 from mcu.boards import board as get_board
 from mcu.build import Firmware
 from mcu.emulator import Emulator, pid_alive

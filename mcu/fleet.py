@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.errors import TinyshieldError
+from base.errors import TinyshieldError
 from mcu.device import Evaluation, InputRecord, summarise
 
 EMULATED_RESOURCE = "qemu_board"

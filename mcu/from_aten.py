@@ -30,9 +30,9 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from edge import quant as Q
+from base import quant as Q
 from edge.capture import Captured, Ranges, map_nodes, rule_table, op_name, where
-from edge.errors import TinyshieldError
+from base.errors import TinyshieldError
 from mcu import kernels as K
 from mcu import lower as L
 from mcu.graph import Graph
@@ -852,7 +852,7 @@ def _relu(lw, n, x):
 @rule("gelu")
 def _gelu(lw, n, x, approximate="none"):
     if approximate == "none" and isinstance(x, (Act, Sum, PlusConst)):
-        # the exact-erf table of the hand-written path (edge.quant rounding of the float64 GELU)
+        # the exact-erf table of the hand-written path (base.quant rounding of the float64 GELU)
         x = lw.whole(lw.act(x, n), n)
         q = lw.q_of(n.name)
         name = lw.opname(n, ".gelu")

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edge import cbuild
-from edge.errors import TinyshieldError
+from base import cbuild
+from base.errors import TinyshieldError
 from mcu.kernels import KERNELS
 
 KERNEL_DIR = Path(__file__).resolve().parent / "firmware" / "kernels"

@@ -12,8 +12,8 @@ Parameter types, used by the executor to view arena bytes and by codegen to decl
   "const i8*", "const i16*", ...   read-only pointers (inputs, constants)
   "int"                            a 32-bit integer scalar
 
-Numerics (see also edge.quant):
-- requantisation: edge.quant.multiply_by_quantized_multiplier (TFLite double rounding), + zero
+Numerics (see also base.quant):
+- requantisation: base.quant.multiply_by_quantized_multiplier (TFLite double rounding), + zero
   point, clamp to [act_min, act_max] (or the int8 range);
 - softmax: integer, tile-friendly. Per row over the unmasked keys: m = max s_j;
   e_j = lut[m - s_j] (lut[d] = round(2^15 * exp(-d * scale_s)), int32, 256 entries);
@@ -44,8 +44,8 @@ from typing import Callable
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from edge.errors import TinyshieldError
-from edge.quant import (INT32_MAX, INT32_MIN, multiply_by_quantized_multiplier as mbqm, quantize_multiplier,
+from base.errors import TinyshieldError
+from base.quant import (INT32_MAX, INT32_MIN, multiply_by_quantized_multiplier as mbqm, quantize_multiplier,
                         rounding_divide_by_pot, saturate)
 
 PTYPES = {"i8*": np.int8, "i16*": np.int16, "i32*": np.int32,

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import serial
 
-from edge.errors import TinyshieldError
+from base.errors import TinyshieldError
 
 SYNC = b"\xA5\x5A"
 MAX_PAYLOAD = 1040

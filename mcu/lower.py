@@ -30,7 +30,7 @@ Graph input: `input` (an int8 image HWC, int8 features, or int32 ids (L,) with 0
 `output` (int8, its float scale in `graph.meta["output_q"]`).
 
 Quantisation: activations per tensor, asymmetric, ranges = min/max over the calibration inputs
-of the captured graph's nodes; weights symmetric per output channel; biases int32. See edge.quant and
+of the captured graph's nodes; weights symmetric per output channel; biases int32. See base.quant and
 mcu.kernels for the integer arithmetic.
 """
 from __future__ import annotations
@@ -39,8 +39,8 @@ import math
 
 import numpy as np
 
-from edge import quant as Q
-from edge.errors import TinyshieldError
+from base import quant as Q
+from base.errors import TinyshieldError
 from mcu import kernels as K
 from mcu.graph import Call, Graph, Op, QParams, Tensor
 

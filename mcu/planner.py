@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from edge.errors import TinyshieldError
+from base.errors import TinyshieldError
 from mcu.graph import Schedule
 
 STRATEGIES = ("greedy_by_size", "best_fit")

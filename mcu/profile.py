@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from edge.errors import TinyshieldError
+from base.errors import TinyshieldError
 from mcu.graph import Schedule
 from mcu.planner import ArenaPlan, align_up, check, live_bytes, lower_bound, plan
 
@@ -247,7 +247,7 @@ def planning_graph(spec: str, seq_len: int, calib: int = 4, seed: int = 0, calib
         from pathlib import Path
 
         from edge.capture import calibrate, load
-        from edge.data import load_array
+        from base.data import load_array
         from mcu.from_aten import lower_captured
         cap = load(spec)
         xs = load_array(calib_file, "x") if calib_file else cap.example[0].numpy()
@@ -272,7 +272,7 @@ def planning_graph(spec: str, seq_len: int, calib: int = 4, seed: int = 0, calib
         kind, model = loaded.kind, loaded.model
     model = model.eval()
     if kind == "vit":
-        from edge.data import image_batch
+        from base.data import image_batch
         imgs = rng.integers(0, 256, (calib, model.config.image_size, model.config.image_size)).astype(np.uint8)
         return lower_module(model, image_batch(imgs), f"{spec}-int8")
     if kind in ("bert-classifier", "bert", "minilm"):

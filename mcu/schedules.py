@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from edge.errors import TinyshieldError
+from base.errors import TinyshieldError
 from mcu.graph import Buffer, Call, Const, Graph, Op, Ref, Schedule
 from mcu.lower import calls_for
 from mcu.planner import lower_bound, plan

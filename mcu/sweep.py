@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from edge.errors import TinyshieldError
+from base.errors import TinyshieldError
 
 STRATEGIES = ("best_fit", "greedy_by_size")
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edge.quant import multiply_by_quantized_multiplier as mbqm
+from base.quant import multiply_by_quantized_multiplier as mbqm
 from mcu.kernels import matmul_qk_s8, register, softmax_exp, softmax_probs, view2d
 
 ATTENTION_PARAMS = (

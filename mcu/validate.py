@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from edge.errors import TinyshieldError
+from base.errors import TinyshieldError
 from mcu.build import float_input
 from mcu.codegen import Segment, segments
 from mcu.graph import DTYPES

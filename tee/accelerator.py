@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file
 
-from edge.errors import TinyshieldError
+from base.errors import TinyshieldError
 from tee import dma, fieldgemm
 from tee.fieldmath import P
 from tee.link import spinner

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from edge.errors import TinyshieldError
+from base.errors import TinyshieldError
 from tee.sealing import derive
 
 QUOTE_LABEL = b"tinyshield-quote-v1\0"

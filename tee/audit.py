@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edge.errors import TinyshieldError
+from base.errors import TinyshieldError
 from tee import blinded, fieldgemm
 from tee.accelerator import ATTACKS, tamper
 from tee.fieldmath import HALF, P, from_digits

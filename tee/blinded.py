@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from edge.errors import TinyshieldError
+from base.errors import TinyshieldError
 from tee import fieldkernels
 from tee.fieldgemm import FieldGemm
 from tee.fieldmath import P, center, check_exact_bound, matmul_mod, uniform

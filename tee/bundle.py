@@ -22,7 +22,7 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 from safetensors.numpy import save_file as st_save_file
 
-from edge.errors import TinyshieldError
+from base.errors import TinyshieldError
 from tee import blinded, program, shadownet
 from tee.attestation import device_public_key
 from tee.sealing import device_root_key, measurement, seal, seal_key, unseal
@@ -113,7 +113,7 @@ def calibration_inputs(model, seq_len: int, n: int = 8) -> list[dict[str, np.nda
     if kind_of(model) == "vit":
         c = model.config
         try:
-            from edge import data
+            from base import data
             imgs = data.mnist(allow_fallback=True).x_test[:n].astype(np.float32) / 255.0
             if imgs.shape[1:] != (c.image_size, c.image_size):
                 raise TinyshieldError("image size differs")

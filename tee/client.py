@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edge.errors import TinyshieldError
+from base.errors import TinyshieldError
 from tee import accelerator, dma, enclave
 from tee.attestation import Channel, Quote, fresh_nonce, new_keypair, verify_quote
 from tee.bundle import Bundle, load_header

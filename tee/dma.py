@@ -10,7 +10,7 @@ from multiprocessing import shared_memory
 
 import numpy as np
 
-from edge.errors import TinyshieldError
+from base.errors import TinyshieldError
 from tee.messages import DTYPES
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edge.errors import TinyshieldError
+from base.errors import TinyshieldError
 from tee import blinded, dma, fieldkernels, program, shadownet
 from tee.attestation import Channel, make_quote, new_keypair
 from tee.link import POLL_S, AcceleratorLink

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from edge.errors import TinyshieldError
+from base.errors import TinyshieldError
 from tee import fieldkernels
 from tee.fieldmath import MAX_K_INT8, planes_matmul_mod
 

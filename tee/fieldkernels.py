@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edge import cbuild
-from edge.errors import TinyshieldError
+from base import cbuild
+from base.errors import TinyshieldError
 from tee.fieldmath import MAX_DOT, P
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "field.c"

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edge.errors import TinyshieldError
+from base.errors import TinyshieldError
 from tee import dma
 from tee.messages import Message, code, recv, send
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from edge.errors import TinyshieldError
+from base.errors import TinyshieldError
 
 MAGIC = b"TSH1"
 MAX_HEADER = 64 * 1024

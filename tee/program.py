@@ -28,7 +28,7 @@ import torch
 from torch.nn import functional as F
 
 from edge.capture import Captured, capture, where
-from edge.errors import TinyshieldError
+from base.errors import TinyshieldError
 
 Lin = Callable[[str, torch.Tensor], torch.Tensor]  # (name, rows x in) -> rows x out, bias included
 Pending = Callable[[], torch.Tensor]               # waits for a submitted layer's result

@@ -17,8 +17,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from edge.errors import TinyshieldError
-from edge.paths import build_dir
+from base.errors import TinyshieldError
+from base.paths import build_dir
 
 SEAL_MAGIC = b"TSHSEAL1"
 TEE_DIR = Path(__file__).resolve().parent

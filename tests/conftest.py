@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from edge.data import data_dir
+from base.data import data_dir
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ SMALL = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, interme
 
 @pytest.mark.slow
 def test_recipe_trains_saves_and_caches(shared_data, build_tmp):
-    from edge import data
+    from base import data
 
     train = recipes()["bert-tiny-sst2"]
     kw = dict(model=BertConfig(**SMALL), train_limit=256, max_steps=6, batch_size=32, threads=1, quiet=True)

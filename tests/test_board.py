@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge.errors import TinyshieldError
+from base.errors import TinyshieldError
 from mcu.boards import BOARDS
 from mcu.build import build_firmware
 from mcu.device import open_board

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edge.capture import calibrate, capture, load
-from edge.errors import TinyshieldError
+from base.errors import TinyshieldError
 from mcu.build import quantise_input
 from mcu.execute import reference
 from mcu.from_aten import lower_captured

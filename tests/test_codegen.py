@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from edge.errors import TinyshieldError
+from base.errors import TinyshieldError
 from edge.models.bert import BertClassifier, BertConfig
 from edge.models.vit import ViT, ViTConfig
 from mcu.codegen import generate
@@ -14,7 +14,7 @@ from mcu.execute import run
 from mcu.schedules import layerwise
 from mcu.graph import Call, Const, Ref, Schedule, Tensor
 from mcu.hostlib import KERNEL_DIR, HostModel, kernel_sources
-from edge.data import image_batch
+from base.data import image_batch
 from mcu.from_aten import lower_module
 from mcu.planner import check, plan
 

@@ -13,7 +13,7 @@ from edge.compress.clr import QuantCLR, factorize, layout_from_clusters
 from edge.compress.io import load_compressed, save_compressed
 from edge.compress.model import compress, embedding_budget, other_params, parse_size, quantize, relative_error
 from edge.compress.search import Cost, allocate, candidates, curve, frequency_bands, search, uniform_rank
-from edge.errors import TinyshieldError
+from base.errors import TinyshieldError
 from edge.models.bert import BertClassifier, BertConfig
 
 V, D = 600, 16
@@ -204,7 +204,7 @@ def test_cli_compress_writes_model_and_report(shared_data, tmp_path, build_tmp, 
 @pytest.mark.slow
 def test_minilm_clr_beats_plain_svd(shared_data):
     """Real MiniLM table at 10x fewer parameters: CLR keeps sentence embeddings closer than plain SVD."""
-    from edge import data
+    from base import data
     from edge.compress.model import sentence_fidelity, set_word_embeddings
     from edge.compress.pipeline import sst2_weights
     from edge.models.minilm import load_minilm, load_tokenizer

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from edge import data
-from edge.errors import TinyshieldError
+from base import data
+from base.errors import TinyshieldError
 
 
 def test_sst2(shared_data):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from edge.data import data_dir, mnist
+from base.data import data_dir, mnist
 from edge.models.io import save_model
 from edge.models.vit import ViT, ViTConfig
 from mcu.build import build_model
@@ -71,7 +71,7 @@ def test_evaluation_on_another_board(env):
 def test_uncompressed_bert_tiny_is_refused_naming_the_overflow(env, tmp_path):
     """BERT-tiny's 30522 x 128 word embedding alone (3.9 MB int8) cannot fit 1 MB of flash; with a
     small vocabulary but L = 512, its attention scores cannot fit 192 KB of RAM."""
-    from edge.errors import TinyshieldError
+    from base.errors import TinyshieldError
     from edge.models.bert import BertClassifier, BertConfig
     from mcu.build import deploy_graph
     from mcu.from_aten import lower_module
@@ -210,7 +210,7 @@ def test_bert_with_clr_embedding_on_device(env, shared_data, tmp_path):
     from edge.compress.clr import QuantCLR, factorize, layout_from_clusters
     from edge.compress.io import save_compressed
     from edge.compress.model import set_word_embeddings
-    from edge.data import sst2
+    from base.data import sst2
     from edge.models.bert import BertClassifier, BertConfig
     from edge.models.minilm import load_tokenizer, tokenize
 

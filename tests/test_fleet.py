@@ -12,7 +12,7 @@ import torch
 ray = pytest.importorskip("ray", reason="Ray is not installed: the fleet tests need the optional 'fleet' extra "
                                         "(pip install -e '.[fleet]'; `make test` installs it)")
 
-from edge.data import data_dir, mnist  # noqa: E402
+from base.data import data_dir, mnist  # noqa: E402
 from edge.models.io import save_model  # noqa: E402
 from edge.models.vit import ViT, ViTConfig  # noqa: E402
 from mcu.build import build_model  # noqa: E402
@@ -104,7 +104,7 @@ def test_plan_sweep_finishes_and_writes_its_table(env):
 
 
 def test_board_file_names_its_mistakes(tmp_path):
-    from edge.errors import TinyshieldError
+    from base.errors import TinyshieldError
     f = tmp_path / "boards.toml"
     f.write_text('[[board]]\nname = "rack1-a"\nboard = "stm32f405"\nurl = "/dev/ttyACM0"\nprobe = "066D"\n'
                  '[[board]]\nname = "emu"\nboard = "stm32f405"\n')

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from edge.errors import TinyshieldError
+from base.errors import TinyshieldError
 from mcu import kernels as K
 from mcu.hostlib import HostKernels
 
@@ -163,7 +163,7 @@ def test_softmax_approximates_float_softmax():
 
 
 def test_layernorm_approximates_float_layernorm():
-    from edge import quant as Q
+    from base import quant as Q
     rng = np.random.default_rng(1)
     d = 64
     a = rng.normal(size=(4, d)) * 3
@@ -289,7 +289,7 @@ def test_permute(ck, data):
 
 
 def test_add_approximates_float_add():
-    from edge import quant as Q
+    from base import quant as Q
     rng = np.random.default_rng(2)
     a, b = rng.normal(size=(8, 16)) * 2, rng.normal(size=16) * 0.3     # b broadcast over the rows of a
     qa, qb = Q.choose_activation_qparams(a.min(), a.max()), Q.choose_activation_qparams(b.min(), b.max())
@@ -305,7 +305,7 @@ def test_add_approximates_float_add():
 
 
 def test_requant_identity_is_a_copy_and_concatenates(ck):
-    from edge.quant import quantize_multiplier
+    from base.quant import quantize_multiplier
     rng = np.random.default_rng(3)
     m, s = quantize_multiplier(1.0)
     assert (m, s) == (1 << 30, 1)

@@ -11,7 +11,7 @@ import zlib
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from edge.errors import TinyshieldError
+from base.errors import TinyshieldError
 from mcu.build import FIRMWARE
 from mcu.link import SYNC, Link, ModelInfo, frame
 

@@ -8,7 +8,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from edge.errors import TinyshieldError
+from base.errors import TinyshieldError
 from edge.litert import (Interpreter, MicroInterpreter, export_linear, export_linear_stack, quantize_linear_stack,
                          tflm_arena_bytes, validate)
 from edge.litert.validate import op_names
@@ -73,7 +73,7 @@ def test_int8_stack_matches_reference_in_litert_and_tflm():
     xq = q.quantize_input(x)
     ref = q.reference(xq)
     assert ref.dtype == np.int8 and len(np.unique(ref)) > 20  # a non-trivial output
-    # TFLite Micro rounds like edge.quant (twice): bit for bit
+    # TFLite Micro rounds like base.quant (twice): bit for bit
     run = MicroInterpreter(model).run_full(xq)
     np.testing.assert_array_equal(run.outputs[0], ref)
     # LiteRT's reference kernels round once (TFLITE_SINGLE_ROUNDING): bit for bit with that variant
@@ -139,7 +139,7 @@ def test_random_corruption_never_crashes_the_process():
     process must never die (a segfault would end the subprocess with a signal)."""
     code = textwrap.dedent("""
         import numpy as np
-        from edge.errors import TinyshieldError
+        from base.errors import TinyshieldError
         from edge.litert import Interpreter, MicroInterpreter, export_linear_stack, quantize_linear_stack
         rng = np.random.default_rng(7)
         layers = [(rng.normal(size=(32, 16)), rng.normal(size=32)), (rng.normal(size=(4, 32)), rng.normal(size=4))]

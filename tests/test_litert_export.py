@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from edge.errors import TinyshieldError
+from base.errors import TinyshieldError
 from edge.litert import Interpreter, MicroInterpreter, validate
 from edge.litert.export import export_model
 from edge.litert.validate import op_names

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from edge.errors import TinyshieldError
+from base.errors import TinyshieldError
 from edge.litert import Interpreter, MicroInterpreter, tflm_arena_bytes, validate
 from edge.litert.export import build_model, export_model
 from edge.litert.int8 import FFN_OUT, bert_tiny_int8_encoder, calibration_set, export_int8

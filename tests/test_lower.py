@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from edge.errors import TinyshieldError
+from base.errors import TinyshieldError
 from edge.models.bert import BertClassifier, BertConfig
 from edge.models.vit import ViT, ViTConfig
 from mcu.execute import reference, run
 from mcu.schedules import layerwise
-from edge.data import image_batch
+from base.data import image_batch
 from mcu.from_aten import lower_module
 from mcu.lower import OP_KINDS
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from edge.errors import TinyshieldError
+from base.errors import TinyshieldError
 from edge.models.bert import BertClassifier, BertConfig, BertModel
 from edge.models.io import load_into, read_safetensors, save_model
 from edge.models.minilm import SentenceEncoder, load_minilm, load_tokenizer, minilm_dir, tokenize

@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from edge.errors import TinyshieldError
+from base.errors import TinyshieldError
 from edge.moe.cache import ExpertCache
 from edge.moe.model import MoEConfig, MoEModel
 from edge.moe.policies import LFU, LayerLRU

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge.errors import TinyshieldError
+from base.errors import TinyshieldError
 from edge.moe.cache import replay
 from edge.moe.calibrate import calibrate_margin
 from edge.moe.model import MoEConfig, MoEModel, encode

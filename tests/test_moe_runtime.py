@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from edge.errors import TinyshieldError
+from base.errors import TinyshieldError
 from edge.moe.adapmoe import open_runtime, parse_budget
 from edge.moe.calibrate import calibrate, full_model
 from edge.moe.model import MoEConfig, MoEModel, encode

@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from edge.errors import TinyshieldError
+from base.errors import TinyshieldError
 from edge.moe.model import MoEConfig, MoEModel
 from edge.moe.storage import PROFILES, Device, StorageProfile, profile
 from edge.moe.store import ExpertStore, write_store

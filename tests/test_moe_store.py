@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from edge.errors import TinyshieldError
+from base.errors import TinyshieldError
 from edge.moe.model import MoEConfig, MoEModel
 from edge.moe.store import ExpertStore, write_store
 

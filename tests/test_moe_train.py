@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from edge.errors import TinyshieldError
+from base.errors import TinyshieldError
 from edge.moe.train import load, tiny_recipe, train
 from tools.cli import main
 

@@ -2,7 +2,7 @@
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from edge.errors import TinyshieldError
+from base.errors import TinyshieldError
 from mcu.graph import Buffer, Call, Graph, Ref, Schedule
 from mcu.planner import (PlanError, ArenaPlan, check, check_buffers, lower_bound, plan, plan_buffers)
 

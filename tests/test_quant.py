@@ -1,12 +1,12 @@
-"""edge.quant: the fixed-point helpers against a plain Python big-integer model of gemmlowp."""
+"""base.quant: the fixed-point helpers against a plain Python big-integer model of gemmlowp."""
 import math
 
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from edge import quant as Q
-from edge.errors import TinyshieldError
+from base import quant as Q
+from base.errors import TinyshieldError
 
 i32 = st.integers(-(1 << 31), (1 << 31) - 1)
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from edge.errors import TinyshieldError
+from base.errors import TinyshieldError
 from edge.models.bert import BertConfig, BertModel
 from mcu import execute
 from mcu.from_aten import lower_module
@@ -99,7 +99,7 @@ def test_bad_tiles_refused(bert):
 def test_tiled_vit_equals_layerwise():
     """Any BERT-block graph tiles: the ViT (conv stem, constant token mask, 49 tokens, 4 heads)."""
     from edge.models.vit import ViT, ViTConfig
-    from edge.data import image_batch
+    from base.data import image_batch
     torch.manual_seed(1)
     imgs = np.random.default_rng(1).integers(0, 256, (8, 28, 28)).astype(np.uint8)
     g = lower_module(ViT(ViTConfig(num_hidden_layers=2)), image_batch(imgs))

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from edge import data
+from base import data
 from edge.recipes import MAX_SHIPPED_BYTES, WEIGHTS, shipped_copies, shipped_info
 from edge.recipes.figures import measure
 

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge.errors import TinyshieldError
+from base.errors import TinyshieldError
 from tee import attestation, audit, blinded, dma, fieldgemm, fieldkernels, fieldmath, messages, sealing, shadownet
 from tee.fieldmath import HALF, P
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from edge.errors import TinyshieldError
+from base.errors import TinyshieldError
 from tee import blinded, fieldgemm, fieldmath
 from tee.fieldmath import P
 

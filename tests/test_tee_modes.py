@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from edge.errors import TinyshieldError
+from base.errors import TinyshieldError
 from edge.models.vit import ViT, ViTConfig
 from tee import audit, blinded, bundle, dma, fieldgemm, fieldkernels, program
 from tee.fieldmath import from_digits

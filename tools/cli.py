@@ -6,7 +6,7 @@ import importlib
 import pkgutil
 import sys
 
-from edge.errors import TinyshieldError
+from base.errors import TinyshieldError
 
 import tools.commands
 

@@ -5,13 +5,13 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.errors import TinyshieldError
+from base.errors import TinyshieldError
 
 
 def load_image(spec: str) -> tuple[np.ndarray, int | None]:
     """mnist:INDEX (a test image and its label), or a 28x28 .npy / .png file -> (uint8 (28, 28), label)."""
     if spec.startswith("mnist:"):
-        from edge.data import data_dir, mnist
+        from base.data import data_dir, mnist
         ds = mnist(allow_fallback=data_dir(required=False) is None)
         try:
             i = int(spec.split(":", 1)[1])

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.errors import TinyshieldError
+from base.errors import TinyshieldError
 from tools.inputs import load_image
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from pathlib import Path
 
-from edge.errors import TinyshieldError
+from base.errors import TinyshieldError
 
 
 def add_board_args(p, model_optional: bool = False):
@@ -71,7 +71,7 @@ def load_input(spec: str, built):
     .pt2 model an .npy file holding one input (with or without its batch dimension of 1)."""
     import numpy as np
     if built.kind == "pt2":
-        from edge.data import load_array
+        from base.data import load_array
         return load_array(spec, "x"), None
     if built.kind == "vit":
         from tools.inputs import load_image

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edge.errors import TinyshieldError
+from base.errors import TinyshieldError
 
 
 @dataclass(frozen=True)

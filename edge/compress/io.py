@@ -12,7 +12,7 @@ from torch import nn
 
 from edge.compress.clr import CLREmbedding, Layout, QuantCLR, layout_bytes
 from edge.compress.model import bert_of, set_word_embeddings
-from edge.errors import TinyshieldError
+from base.errors import TinyshieldError
 from edge.models.bert import BertClassifier, BertConfig, BertModel
 from edge.models.io import load_into, read_json, read_safetensors
 

@@ -17,7 +17,7 @@ from torch.nn import functional as F
 
 from edge.compress.clr import CLREmbedding, QuantCLR, factorize, layout_bytes
 from edge.compress.search import Cost, SearchResult, min_cost, search
-from edge.errors import TinyshieldError
+from base.errors import TinyshieldError
 from edge.models.bert import BertClassifier, BertModel, mean_pool
 
 
@@ -250,7 +250,7 @@ def finetune_classifier(model: BertClassifier, seqs: list[np.ndarray], labels: n
     a batch of training sequences with one token swapped for a random rare one (data augmentation
     for distillation as in TinyBERT), weighted `augment_weight` times the KL term.
     """
-    from edge.progress import progress
+    from base.progress import progress
     from edge.recipes.bert_tiny_sst2 import batches, pad
 
     g = np.random.default_rng(seed)

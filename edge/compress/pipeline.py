@@ -13,7 +13,7 @@ from edge.compress import model as cm
 from edge.compress.clr import layout_bytes, token_cost
 from edge.compress.io import save_compressed
 from edge.compress.search import token_counts, token_weights
-from edge.errors import TinyshieldError
+from base.errors import TinyshieldError
 from edge.models.bert import BertClassifier, BertModel
 
 FLASH_1MB = 1 << 20
@@ -48,7 +48,7 @@ def recipe_max_len(config: dict) -> int | None:
 
 def sst2_counts(vocab_size: int, train_limit: int | None = None) -> np.ndarray:
     """How often each token occurs in SST-2 train (the only statistics the compression uses)."""
-    from edge import data
+    from base import data
 
     return token_counts(data.sst2("train").texts[:train_limit], vocab_size)
 
@@ -77,7 +77,7 @@ def lookup_summary(layout, weights: np.ndarray) -> dict:
 
 def classifier_whitening(model: BertClassifier, seq_len: int = 64, train_limit: int | None = None):
     """(S, S^-1) of the classifier's sensitivity metric on SST-2 train (see `edge.compress.sensitivity`)."""
-    from edge import data
+    from base import data
     from edge.compress.sensitivity import embedding_metric, whitening
     from edge.recipes.bert_tiny_sst2 import encode
 
@@ -101,7 +101,7 @@ def compress_model(model: nn.Module, name: str, budget: int, unit: str = "params
     `finetune_steps` of recovery training (labels + KL to the original), and with int8 factors.
     Bare BERT (MiniLM): mean cosine of sentence embeddings vs the original on SST-2 dev.
     """
-    from edge import data
+    from base import data
 
     t0 = time.time()
     model = model.eval()

@@ -26,7 +26,7 @@ import torch
 
 from edge.compress.clr import (CLUSTER_RECORD, Layout, cluster_params, layout_bytes, layout_from_clusters,
                                weighted_basis)
-from edge.errors import TinyshieldError
+from base.errors import TinyshieldError
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ Linear layers (weights as in torch: w is (out, in)):
     model = export_linear_stack([(w1, b1), (w2, b2)], batch_shape=(1,), relu=True)   # fp32 bytes
     y = Interpreter(model, threads=2).run(x)          # x: float32 (1, in) -> y: (1, out)
 
-int8 linear stack (per-channel int8 weights, int32 bias, fixed point of edge.quant):
+int8 linear stack (per-channel int8 weights, int32 bias, fixed point of base.quant):
 
     q = quantize_linear_stack([(w1, b1), (w2, b2)], calib=x_calib, relu=True)
     model = q.export((1,))                            # int8 in, int8 out
@@ -29,7 +29,7 @@ tflite_runtime when only that is installed) and `MicroInterpreter(bytes_or_path)
 `.run_full(x).arena_bytes` is the arena the recording allocator reports); `tflm_arena_bytes(model)`.
 Both validate the flatbuffer first: a truncated or corrupt file raises TinyshieldError.
 
-int8 rounding: TFLite Micro requantises like edge.quant (double rounding) and matches
+int8 rounding: TFLite Micro requantises like base.quant (double rounding) and matches
 `QuantizedStack.reference(x)` bit for bit; LiteRT's reference kernels (`reference_kernels=True`)
 and XNNPACK round once and matched `reference(x, "single")` bit for bit on the benchmark's stack;
 LiteRT's optimised (ruy) kernels sit in between, within 1 LSB of both.

@@ -9,8 +9,8 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from edge.errors import TinyshieldError
-from edge.paths import artefact_dir
+from base.errors import TinyshieldError
+from base.paths import artefact_dir
 
 TEXT_KINDS = ("minilm", "bert", "bert-classifier")
 DEFAULT_SEQ_LEN = 128
@@ -94,7 +94,7 @@ def export_pt2(path: str | Path, opts: ExportOptions) -> bytes:
         if not opts.calib or not str(opts.calib).endswith((".npy", ".npz")):
             raise TinyshieldError("a .pt2 model calibrates on your data: --calib calib.npy (batch-first inputs, "
                                   "or array x of a .npz)")
-        from edge.data import load_array
+        from base.data import load_array
         xs = load_array(opts.calib, "x")
         B = int(x0.shape[0])
         if tuple(xs.shape[1:]) != tuple(x0.shape[1:]) or len(xs) < B:

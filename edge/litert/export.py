@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from edge.capture import Captured, capture, map_nodes, rule_table, op_name, where
-from edge.errors import TinyshieldError
+from base.errors import TinyshieldError
 from edge.litert.writer import Builder
 
 GELU_MODES = ("exact", "tanh", "sigmoid")

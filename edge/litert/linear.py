@@ -2,7 +2,7 @@
 
 fp32:  export_linear_stack([(w1, b1), (w2, b2)], batch_shape=(1,), relu=True) -> bytes
 int8:  q = quantize_linear_stack(layers, calib=x_float, relu=True); q.export((1,)) -> bytes;
-       q.reference(x_int8) is the exact numpy int8 result (edge.quant fixed point) the
+       q.reference(x_int8) is the exact numpy int8 result (base.quant fixed point) the
        interpreters must reproduce.
 
 Weights follow torch: w is (out_features, in_features); b is (out_features,) or None. An
@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edge import quant as Q
-from edge.errors import TinyshieldError
+from base import quant as Q
+from base.errors import TinyshieldError
 from edge.litert.writer import Builder, Quant
 
 
@@ -92,7 +92,7 @@ def requant_params(in_scale: float, w_scale: np.ndarray, out_scale: float) -> tu
 def single_rounding_mbqm(x, m, shift) -> np.ndarray:
     """TFLite's MultiplyByQuantizedMultiplier under TFLITE_SINGLE_ROUNDING: one rounding of the
     64-bit product, half up: (x * m + 2^(30 - shift)) >> (31 - shift). ai-edge-litert's reference
-    kernels use it; edge.quant (and TFLite Micro) round twice, so the two differ by 1 LSB at ties."""
+    kernels use it; base.quant (and TFLite Micro) round twice, so the two differ by 1 LSB at ties."""
     x, m, shift = (np.asarray(v, dtype=np.int64) for v in (x, m, shift))
     total = 31 - shift
     return (x * m + (np.int64(1) << (total - 1))) >> total
@@ -115,7 +115,7 @@ class QuantizedStack:
         return Q.dequantize(q, self.output.scale, self.output.zero_point).astype(np.float32)
 
     def reference(self, xq, rounding: str = "double") -> np.ndarray:
-        """Exact int8 result: int32 accumulation, then requantisation by edge.quant's fixed point
+        """Exact int8 result: int32 accumulation, then requantisation by base.quant's fixed point
         ("double": SaturatingRoundingDoublingHighMul + RoundingDivideByPOT, the project's
         convention and TFLite Micro's) or TFLite's single-rounding variant ("single", what
         LiteRT's reference kernels compute)."""

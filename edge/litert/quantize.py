@@ -12,7 +12,7 @@ Modes:
   SQUARED_DIFFERENCE, RSQRT, SOFTMAX, LOGISTIC, ...); only the attention-mask derivation and
   the pooling division stay float. This is the graph TFLite Micro's arena figure is about.
 
-Numerics follow `edge.quant` (TFLite's convention): weights int8 symmetric per output channel,
+Numerics follow `base.quant` (TFLite's convention): weights int8 symmetric per output channel,
 bias int32 at s_in * s_w, activations int8 per tensor from calibrated min/max. The multipliers
 themselves are derived by the interpreters from the scales written here.
 """
@@ -22,8 +22,8 @@ import re
 
 import numpy as np
 
-from edge import quant as Q
-from edge.errors import TinyshieldError
+from base import quant as Q
+from base.errors import TinyshieldError
 from edge.litert.schema import OP_NAMES
 from edge.litert.writer import OPS, Builder, Quant
 
@@ -51,7 +51,7 @@ class Ranges(dict):
 def calibrate(b: Builder, inputs, percentile: float = 100.0, progress=None) -> Ranges:
     """Run the fp32 graph in LiteRT on each calibration input (a list of arrays per sample, or one
     array) and record every float tensor's range: min/max, or with `percentile` < 100 the mean
-    per-sample percentiles (edge.quant.RangeObserver), which clips rare outliers."""
+    per-sample percentiles (base.quant.RangeObserver), which clips rare outliers."""
     from edge.litert.runtime import Interpreter
     interp = Interpreter(b.finish(), xnnpack=False, preserve_all=True)
     details = [d for d in interp.interp.get_tensor_details() if d["dtype"] == np.float32]

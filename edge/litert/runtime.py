@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.errors import TinyshieldError
+from base.errors import TinyshieldError
 from edge.litert.validate import validate
 
 

@@ -11,7 +11,7 @@ except ImportError:  # pragma: no cover - only without ai-edge-litert
     try:
         from tflite_micro.tensorflow.lite.micro.python import schema_py_generated as fb
     except ImportError as e:
-        from edge.errors import TinyshieldError
+        from base.errors import TinyshieldError
         raise TinyshieldError(
             "no .tflite schema found: pip install ai-edge-litert (or tflite-micro)") from e
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edge.errors import TinyshieldError
+from base.errors import TinyshieldError
 from edge.litert.schema import IDENTIFIER, NUMPY_TYPES, OP_NAMES, fb
 
 

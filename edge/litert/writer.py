@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import flatbuffers
 import numpy as np
 
-from edge.errors import TinyshieldError
+from base.errors import TinyshieldError
 from edge.litert.schema import IDENTIFIER, SCHEMA_VERSION, TENSOR_TYPES, fb
 
 OPS = fb.BuiltinOperator

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from edge.errors import TinyshieldError
+from base.errors import TinyshieldError
 
 
 PAD_ID = 0   # [PAD] in every vocabulary the project uses: padded positions are masked out

@@ -9,7 +9,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from edge.errors import TinyshieldError
+from base.errors import TinyshieldError
 
 
 def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from edge.errors import TinyshieldError
+from base.errors import TinyshieldError
 from edge.models.bert import BertConfig, BertModel, mean_pool
 from edge.models.io import load_into, read_json, read_safetensors
 

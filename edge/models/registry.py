@@ -7,7 +7,7 @@ from pathlib import Path
 
 from torch import nn
 
-from edge.errors import TinyshieldError
+from base.errors import TinyshieldError
 from edge.models.io import load_into, read_json, read_safetensors
 
 

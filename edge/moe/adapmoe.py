@@ -10,7 +10,7 @@ import re
 import numpy as np
 import torch
 
-from edge.errors import TinyshieldError
+from base.errors import TinyshieldError
 from edge.moe.calibrate import Calibration, calibrate
 from edge.moe.runtime import POLICIES, MoERuntime
 from edge.moe.store import ExpertStore

@@ -21,7 +21,7 @@ from edge.moe.model import VOCAB, MoEModel
 from edge.moe.policies import allocate_slots, lru_hit_curve
 from edge.moe.runtime import Gating, MoERuntime
 from edge.moe.store import ExpertStore
-from edge.paths import config_hash, files_hash
+from base.paths import config_hash, files_hash
 
 
 @dataclass

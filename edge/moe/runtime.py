@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch.nn import functional as F
 
-from edge.errors import TinyshieldError
+from base.errors import TinyshieldError
 from edge.moe.cache import ExpertCache
 from edge.moe.model import MoEModel, route
 from edge.moe.policies import LFU, Belady, Key, LayerLRU, LeastStale, NoCache, Policy, even_slots

@@ -18,7 +18,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 
-from edge.errors import TinyshieldError
+from base.errors import TinyshieldError
 
 
 @dataclass(frozen=True)

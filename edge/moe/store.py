@@ -34,7 +34,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from safetensors.torch import save_file
 
-from edge.errors import TinyshieldError
+from base.errors import TinyshieldError
 from edge.moe.model import MoEConfig, MoEModel
 
 Key = tuple[int, int]  # (layer, expert)
@@ -298,7 +298,7 @@ def store_for(model_dir: str | Path, int8: bool = False, storage: str | None = N
     """The expert store of a trained model directory, built once under build/moe-store/<hash>/; reads
     are throttled to the `storage` profile."""
     from edge.moe.train import load
-    from edge.paths import artefact_dir
+    from base.paths import artefact_dir
 
     model_dir = Path(model_dir)
     st = (model_dir / "model.safetensors").stat()

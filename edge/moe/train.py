@@ -17,12 +17,12 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from edge import data
-from edge.errors import TinyshieldError
+from base import data
+from base.errors import TinyshieldError
 from edge.models.io import load_into, read_json, read_safetensors, save_model
 from edge.moe.model import VOCAB, MoEConfig, MoEModel
-from edge.paths import artefact_dir
-from edge.progress import progress
+from base.paths import artefact_dir
+from base.progress import progress
 from edge.recipes import Trained
 
 CORPORA = ("tinyshakespeare", "warpeace", "wikitext2-valid")

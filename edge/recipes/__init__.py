@@ -65,7 +65,7 @@ def shipped_info(path: Path) -> dict:
 def shipped(name: str, key) -> Trained | None:
     """The shipped copy of recipe `name` whose recorded key equals `key`, or None."""
     from edge.models.io import read_json
-    from edge.paths import config_hash
+    from base.paths import config_hash
 
     d = WEIGHTS / name / config_hash(key)
     if not ((d / "config.json").is_file() and (d / "model.safetensors").is_file()):
@@ -80,8 +80,8 @@ def ship(name: str, src: str | Path, key, figures: dict) -> Path:
     """Copy the trained model in `src` into the package as the shipped copy of `name` for `key`, recording the
     key and `figures` (what the copy reaches, e.g. accuracy on a named slice). Tensors are copied as they are
     (float32 and int8): every copy fits the 3 MB limit exactly, so nothing is rounded."""
-    from edge.errors import TinyshieldError
-    from edge.paths import config_hash
+    from base.errors import TinyshieldError
+    from base.paths import config_hash
 
     src = Path(src)
     weights = src / "model.safetensors"

@@ -24,12 +24,12 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from edge import data
-from edge.errors import TinyshieldError
+from base import data
+from base.errors import TinyshieldError
 from edge.models.bert import BertClassifier, BertConfig, mean_pool
 from edge.models.io import read_json, save_model
-from edge.paths import PROJECT_ROOT, artefact_dir, build_dir, config_hash, files_hash
-from edge.progress import progress
+from base.paths import PROJECT_ROOT, artefact_dir, build_dir, config_hash, files_hash
+from base.progress import progress
 from edge.recipes import Trained, pick_threads, shipped
 
 TEACHER_LAYERS = (2, 3, 4, 5, 6)  # MiniLM layers whose mean-pooled states feed the teacher

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edge import data
-from edge.errors import TinyshieldError
+from base import data
+from base.errors import TinyshieldError
 
 VIT_SLICE = 300       # held-out MNIST images
 SST2_SLICE = 200      # SST-2 dev sentences

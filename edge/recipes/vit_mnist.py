@@ -9,11 +9,11 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from edge import data
+from base import data
 from edge.models.io import save_model
 from edge.models.vit import ViT, ViTConfig
-from edge.paths import build_dir, config_hash
-from edge.progress import progress
+from base.paths import build_dir, config_hash
+from base.progress import progress
 from edge.recipes import Trained, shipped, torch_threads
 
 

@@ -23,11 +23,11 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from edge.paths import build_dir
+from base.paths import build_dir
 
 
 def minilm_rows(ratios=(5, 10, 20), bytes_ratio=10, dev_limit=None, quick=False) -> list[dict]:
-    from edge import data
+    from base import data
     from edge.compress.clr import QuantCLR, factorize, layout_bytes
     from edge.compress.model import relative_error
     from edge.compress.pipeline import sst2_weights

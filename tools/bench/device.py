@@ -13,7 +13,7 @@ import argparse
 import json
 from dataclasses import asdict
 
-from edge.paths import build_dir
+from base.paths import build_dir
 
 
 def bert_tiny_clr() -> tuple[str, bool]:
@@ -42,7 +42,7 @@ def bert_tiny_clr() -> tuple[str, bool]:
 
 
 def bench(models, boards, schedules, limit: int) -> list[dict]:
-    from edge.progress import progress
+    from base.progress import progress
     from mcu.build import build_model
     from mcu.device import evaluate, open_board
     from tools.commands.eval import test_set

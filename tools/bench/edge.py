@@ -8,7 +8,7 @@
    sentence fits, so the embeddings are those of L = 128); the BERT-tiny SST-2
    classifier when its recipe has been trained (build/models/bert-tiny-sst2); the ViT on the
    MNIST test set (vit-mnist recipe, cached).
-3. int8 agreement: an int8 linear stack vs the numpy reference of edge.quant (LiteRT builtin
+3. int8 agreement: an int8 linear stack vs the numpy reference of base.quant (LiteRT builtin
    kernels, LiteRT XNNPACK, TFLite Micro), and a full-int8 BERT-tiny, LiteRT vs TFLite Micro.
 4. Latency (median, batch 1, L = 128, same thread count): torch fp32, LiteRT fp32, LiteRT int8, for
    MiniLM and BERT-tiny, side by side in this one run.
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edge.paths import build_dir
+from base.paths import build_dir
 
 
 def _median_ms(fn, reps: int) -> tuple[float, float]:
@@ -65,7 +65,7 @@ def bench_minilm(a, bar) -> dict:
     """fp32 error and SST-2 accuracy of MiniLM sentence embeddings: torch vs LiteRT fp32 vs int8."""
     from sklearn.linear_model import LogisticRegression
 
-    from edge import data
+    from base import data
     from edge.litert import Interpreter
     from edge.litert.export import export_model
     from edge.litert.int8 import calibration_set, export_int8
@@ -114,7 +114,7 @@ def _bert_tiny_dir() -> Path | None:
 
 def bench_bert_tiny(a, bar) -> dict | None:
     """SST-2 dev accuracy of the trained BERT-tiny classifier through every backend."""
-    from edge import data
+    from base import data
     from edge.litert import Interpreter, MicroInterpreter
     from edge.litert.export import export_model
     from edge.litert.int8 import calibration_set, export_int8
@@ -154,7 +154,7 @@ def bench_bert_tiny(a, bar) -> dict | None:
 
 
 def bench_vit(a, bar) -> dict:
-    from edge import data
+    from base import data
     from edge.litert import Interpreter
     from edge.litert.export import export_model
     from edge.litert.int8 import calibration_set, export_int8
@@ -293,7 +293,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     from edge.litert.runtime import _litert_module
-    from edge.progress import progress
+    from base.progress import progress
 
     res = {"args": vars(a), "machine": platform.processor() or platform.machine(),
            "runtime": _litert_module()[1], "torch": torch.__version__}

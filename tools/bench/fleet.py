@@ -20,7 +20,7 @@ import subprocess
 import time
 from dataclasses import asdict
 
-from edge.paths import build_dir
+from base.paths import build_dir
 
 
 def cpu_name() -> str:

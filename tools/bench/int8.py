@@ -17,7 +17,7 @@ import time
 import numpy as np
 import torch
 
-from edge.paths import build_dir
+from base.paths import build_dir
 
 
 def _int8_model(graph, tag):
@@ -40,7 +40,7 @@ def _agreement(s, p, hm, inputs) -> float:
 
 
 def bench_vit(calib: int, limit: int | None, check: int, bar) -> dict:
-    from edge import data
+    from base import data
     from edge.models.registry import load_dir
     from edge.recipes import vit_mnist
     from mcu.from_aten import lower_module
@@ -68,7 +68,7 @@ def bench_vit(calib: int, limit: int | None, check: int, bar) -> dict:
 
 def bench_bert(calib: int, limit: int | None, check: int, bar, train: bool, seq_len: int = 64,
                max_steps: int | None = None) -> dict | None:
-    from edge import data
+    from base import data
     from edge.models.minilm import load_tokenizer, tokenize
     from edge.models.registry import load_dir
     from edge.recipes import recipes
@@ -120,7 +120,7 @@ def main(argv=None):
                     help="a shorter BERT-tiny training (the recipe with max_steps) instead of the full one")
     a = ap.parse_args(argv)
     torch.set_num_threads(2)
-    from edge.progress import progress
+    from base.progress import progress
 
     rows = []
     with progress() as bar:

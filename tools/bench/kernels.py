@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edge import quant as Q
-from edge.paths import build_dir
+from base import quant as Q
+from base.paths import build_dir
 
 
 def fc_graph(M: int, K: int, N: int):
@@ -120,7 +120,7 @@ def host(M: int, K: int, N: int, variant: str) -> dict | None:
 
 def per_kernel(spec: str, board: str) -> list[dict]:
     """Instructions of each kernel's calls within one inference of `spec` (layerwise schedule)."""
-    from edge import data
+    from base import data
     from mcu.build import build_firmware, build_model
     from mcu.codegen import generate
     from mcu.device import open_board

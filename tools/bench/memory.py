@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from edge.paths import build_dir
+from base.paths import build_dir
 
 D = 128
 
@@ -187,7 +187,7 @@ def main(argv=None):
     from rich.console import Console
     from rich.table import Table
 
-    from edge.progress import progress
+    from base.progress import progress
     from mcu.profile import search_table
 
     out = build_dir() / "bench"

@@ -33,7 +33,7 @@ PROFILE_NAMES = ("host", "ufs", "emmc", "sd", "qspi")
 
 def eval_ids(tokens: int) -> torch.Tensor:
     """Held-out text: equal slices of each training corpus's validation tail plus WikiText-2 test."""
-    from edge import data
+    from base import data
     from edge.moe.train import split_corpora
 
     _, val = split_corpora(EVAL_CORPORA)
@@ -113,7 +113,7 @@ def main(argv=None) -> int:
     from edge.moe.storage import profile
     from edge.moe.store import ExpertStore, store_for
     from edge.moe.train import train
-    from edge.paths import build_dir
+    from base.paths import build_dir
 
     con = Console(width=220)
     tokens = 128 if args.quick else args.tokens

@@ -24,7 +24,7 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from edge.paths import build_dir
+from base.paths import build_dir
 
 OVERLAP = "blinded (overlap)"
 SENTENCES = [
@@ -197,7 +197,7 @@ def main(argv=None) -> int:
 
 def bench_vit(n: int, threads: int, backend: str | None) -> dict:
     """Accuracy and latency of the trained vit-mnist in each mode on the first n MNIST test images."""
-    from edge import data
+    from base import data
     from edge.models.registry import load_dir
     from edge.recipes import vit_mnist
     from tee import bundle

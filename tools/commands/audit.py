@@ -27,7 +27,7 @@ def run(args):
     from rich.console import Console
     from rich.table import Table
 
-    from edge.errors import TinyshieldError
+    from base.errors import TinyshieldError
     from tee import audit, program
     from tee.bundle import load_header
     from tools.commands.infer import bundle_inputs

@@ -38,9 +38,9 @@ def run(args):
 
     from edge.compress.model import parse_size
     from edge.compress.pipeline import compress_model, recipe_max_len
-    from edge.errors import TinyshieldError
+    from base.errors import TinyshieldError
     from edge.models.registry import resolve
-    from edge.paths import build_dir
+    from base.paths import build_dir
 
     if args.budget:
         budget, unit, total = parse_size(args.budget, "params"), "params", True

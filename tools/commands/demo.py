@@ -25,7 +25,7 @@ def run(args):
 
     import torch
 
-    from edge.data import data_dir
+    from base.data import data_dir
     from edge.recipes import pick_threads
 
     torch.set_num_threads(pick_threads(args.threads))
@@ -47,7 +47,7 @@ def _origin(r) -> str:
 def _vit(args, shared: bool, times: dict):
     import time
 
-    from edge.progress import progress
+    from base.progress import progress
     from edge.recipes.vit_mnist import train
     from mcu.build import build_model
     from mcu.device import evaluate, open_board
@@ -84,9 +84,9 @@ def _calibration_file(L: int):
     SST-2; written once under build/."""
     import numpy as np
 
-    from edge.data import sentences
+    from base.data import sentences
     from edge.models.minilm import load_tokenizer, tokenize
-    from edge.paths import artefact_dir
+    from base.paths import artefact_dir
 
     s = sentences("calib")
     path = artefact_dir("demo/calib", {"texts": s.texts, "L": L}) / "sentences.npz"
@@ -102,8 +102,8 @@ def _bert(args, shared: bool, times: dict):
 
     import numpy as np
 
-    from edge.errors import TinyshieldError
-    from edge.progress import progress
+    from base.errors import TinyshieldError
+    from base.progress import progress
     from edge.recipes.bert_tiny_sst2 import compressed_1mb
     from mcu.build import build_model, float_outputs
     from mcu.device import evaluate, open_board
@@ -141,7 +141,7 @@ def _bert(args, shared: bool, times: dict):
         xs, ys, _ = test_set("sst2", built, args.sst2_limit)
         texts = None
     else:
-        from edge.data import sentences
+        from base.data import sentences
         from edge.models.minilm import load_tokenizer, tokenize
         s = sentences("test")
         texts, ys = s.texts, s.labels

@@ -30,9 +30,9 @@ def register(sub):
 def test_set(dataset: str, built, limit: int, data: str | None = None):
     import numpy as np
 
-    from edge.errors import TinyshieldError
+    from base.errors import TinyshieldError
     if data is not None:
-        from edge.data import load_array
+        from base.data import load_array
         xs, ys = load_array(data, "x"), load_array(data, "y")
         if len(xs) != len(ys):
             raise TinyshieldError(f"{data}: {len(xs)} inputs but {len(ys)} labels")
@@ -42,12 +42,12 @@ def test_set(dataset: str, built, limit: int, data: str | None = None):
     if dataset == "mnist":
         if built.kind != "vit":
             raise TinyshieldError(f"dataset mnist needs an image model, {built.name} is {built.kind}")
-        from edge.data import data_dir, mnist
+        from base.data import data_dir, mnist
         ds = mnist(allow_fallback=data_dir(required=False) is None)
         return ds.x_test[:limit], ds.y_test[:limit], ds.source
     if built.kind != "bert-classifier":
         raise TinyshieldError(f"dataset sst2 needs a text classifier, {built.name} is {built.kind}")
-    from edge.data import sst2
+    from base.data import sst2
     from edge.models.minilm import load_tokenizer, tokenize
     ds = sst2("dev")
     L = built.graph.tensors[built.graph.inputs[0]].shape[0]
@@ -70,13 +70,13 @@ def run(args):
     import json
     from dataclasses import asdict
 
-    from edge.progress import progress
+    from base.progress import progress
     from mcu.device import evaluate
     from tools.run_board import build, device_for
 
     import numpy as np
 
-    from edge.errors import TinyshieldError
+    from base.errors import TinyshieldError
     from mcu.build import float_outputs
 
     fleet = args.boards is not None or args.fleet is not None or args.address is not None

@@ -32,7 +32,7 @@ def register(sub):
 def run(args):
     from pathlib import Path
 
-    from edge.errors import TinyshieldError
+    from base.errors import TinyshieldError
     from edge.litert.artefacts import ExportOptions, export_loaded, export_pt2
     from edge.litert.validate import op_names, validate
     from edge.models.registry import resolve

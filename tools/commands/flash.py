@@ -18,7 +18,7 @@ def run(args):
     import json
     from pathlib import Path
 
-    from edge.errors import TinyshieldError
+    from base.errors import TinyshieldError
     from mcu import flash
     from mcu.boards import board as get_board
     from mcu.build import Firmware

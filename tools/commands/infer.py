@@ -24,7 +24,7 @@ def bundle_inputs(header: dict, specs: list[str]) -> list[dict]:
     """Turn INPUT strings into the model inputs the bundle's enclave expects (one dict per input)."""
     import numpy as np
 
-    from edge.errors import TinyshieldError
+    from base.errors import TinyshieldError
 
     spec = header["enclave_config"]["input"]
     if header["kind"] == "pt2":      # a user's exported program: each INPUT is a .npy of its one input
@@ -61,7 +61,7 @@ def bundle_inputs(header: dict, specs: list[str]) -> list[dict]:
 def run(args):
     import numpy as np
 
-    from edge.errors import TinyshieldError
+    from base.errors import TinyshieldError
     from tee.bundle import load_header
     from tee.client import ProtectedSession
 

@@ -75,7 +75,7 @@ def _store(args):
     if args.model:
         model_dir = Path(args.model)
         if not model_dir.is_dir():
-            from edge.errors import TinyshieldError
+            from base.errors import TinyshieldError
             raise TinyshieldError(f"{model_dir}: no such model directory — train one with `tinyshield moe train`")
     else:
         r = train()
@@ -124,7 +124,7 @@ def run_run(args):
     if args.policy != "adapmoe":
         options = dict(route_margin=_margin(args, store, budget), lowp=args.lowp, lowp_max_weight=args.lowp_max_weight)
     elif args.margin != "0" or args.lowp:
-        from edge.errors import TinyshieldError
+        from base.errors import TinyshieldError
         raise TinyshieldError("--margin and --lowp are not part of adapmoe: use them with --policy lru or least-stale")
     with open_runtime(store, args.policy, budget, gating=not args.no_gating, prefetch=not args.no_prefetch,
                       **options) as rt:
@@ -135,7 +135,7 @@ def run_run(args):
 
 
 def _margin(args, store, budget) -> float:
-    from edge.errors import TinyshieldError
+    from base.errors import TinyshieldError
 
     if args.margin == "auto":
         from edge.moe.adapmoe import calibration_ids
@@ -160,13 +160,13 @@ def run_trace(args):
 
     import torch
 
-    from edge import data
-    from edge.errors import TinyshieldError
+    from base import data
+    from base.errors import TinyshieldError
     from edge.moe.adapmoe import open_runtime, parse_budget
     from edge.moe.model import encode
     from edge.moe.replay import replay_all
     from edge.moe.train import CORPORA, split_corpora
-    from edge.paths import build_dir
+    from base.paths import build_dir
 
     _threads(args.threads)
     store = _store(args)

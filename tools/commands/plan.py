@@ -30,7 +30,7 @@ def register(sub):
 
 
 def _ints(text, flag):
-    from edge.errors import TinyshieldError
+    from base.errors import TinyshieldError
     try:
         return [int(v) for v in text.split(",")] if text else None
     except ValueError:
@@ -40,7 +40,7 @@ def _ints(text, flag):
 def run_sweep(args):
     from rich.console import Console
 
-    from edge.paths import build_dir
+    from base.paths import build_dir
     from mcu.sweep import plan_sweep, rich_table
 
     console = Console(width=None if Console().is_terminal else 160)
@@ -56,7 +56,7 @@ def run_sweep(args):
 
 
 def _tiles(text):
-    from edge.errors import TinyshieldError
+    from base.errors import TinyshieldError
     from mcu.schedules import Tiles
     try:
         rows, kt = (int(v) for v in text.split(","))
@@ -68,7 +68,7 @@ def _tiles(text):
 def run(args):
     from rich.console import Console
 
-    from edge.errors import TinyshieldError
+    from base.errors import TinyshieldError
     from mcu.profile import board_budget, check_budget, planning_graph, plot_timelines, profile, render
     from dataclasses import asdict
 

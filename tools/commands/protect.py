@@ -25,9 +25,9 @@ def register(sub):
 def run(args):
     from pathlib import Path
 
-    from edge.errors import TinyshieldError
+    from base.errors import TinyshieldError
     from edge.models.registry import resolve
-    from edge.paths import build_dir
+    from base.paths import build_dir
     from tee.bundle import protect
 
     if args.seq_len < 1 or args.seq_len > 512:

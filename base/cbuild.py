@@ -11,8 +11,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from edge.errors import TinyshieldError
-from edge.paths import build_dir
+from base.errors import TinyshieldError
+from base.paths import build_dir
 
 
 def cc() -> str:
