@@ -247,6 +247,12 @@ class BuiltModel:
         out as the board stores them (NCHW images as HWC)."""
         return quantise_input(self.graph, x)
 
+    def test_set(self, dataset: str, limit: int, data: str | None = None):
+        """(inputs, labels, where from) to evaluate this model on: `data`, else the recipe's test set."""
+        from edge.inputs import test_set
+        seq_len = self.graph.tensors[self.graph.inputs[0]].shape[0] if self.kind == "bert-classifier" else None
+        return test_set(dataset, self.kind, seq_len, limit, data)
+
     def reference(self, q) -> "np.ndarray":
         """The host int8 reference output for a device input (same schedule, same arena plan)."""
         from mcu.execute import run

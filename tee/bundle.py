@@ -23,6 +23,7 @@ from safetensors.numpy import save as st_save
 from safetensors.numpy import save_file as st_save_file
 
 from base.errors import TinyshieldError
+from edge.models.bert import served
 from tee import blinded, program, shadownet
 from tee.attestation import device_public_key
 from tee.sealing import device_root_key, measurement, seal, seal_key, unseal
@@ -63,36 +64,17 @@ def enclave_config(mode: str, kind: str, model_cfg: dict, input_spec: dict, rows
             "rows": rows, "params": params}
 
 
-class SentenceEmbedding(torch.nn.Module):
-    """A bare BERT encoder (MiniLM) as served: the mean-pooled, normalised sentence embedding."""
-
-    def __init__(self, bert):
-        super().__init__()
-        self.bert, self.config = bert, bert.config
-
-    def forward(self, input_ids, attention_mask):
-        from edge.models.bert import mean_pool
-        return torch.nn.functional.normalize(mean_pool(self.bert(input_ids, attention_mask), attention_mask), dim=-1)
-
-
 def kind_of(model) -> str:
     """Which class the enclave builds from the sealed config and weights."""
-    from edge.models.bert import BertClassifier, BertModel
+    from edge.models.bert import BertClassifier, BertModel, MeanPooled
     from edge.models.vit import ViT
     if isinstance(model, ViT):
         return "vit"
     if isinstance(model, BertClassifier):
         return "bert-classifier"
-    if isinstance(model, (BertModel, SentenceEmbedding)):
+    if isinstance(model, (BertModel, MeanPooled)):
         return "bert"
     raise TinyshieldError(f"cannot protect a {type(model).__name__}: supported are ViT, BertClassifier, BertModel")
-
-
-def served(model) -> torch.nn.Module:
-    """The module whose forward the enclave runs (its captured graph): the model itself, or a bare encoder
-    with the sentence-embedding pooling on top."""
-    from edge.models.bert import BertModel
-    return SentenceEmbedding(model).eval() if isinstance(model, BertModel) else model
 
 
 def captured(model, spec: dict) -> program.Program:

@@ -66,7 +66,7 @@ class Enclave:
         kind = "bert" if self.config["kind"] == "minilm" else self.config["kind"]
         model = build(kind, self.config["model"])
         state = {k[len("model."):]: torch.from_numpy(v) for k, v in sealed.items() if k.startswith("model.")}
-        from tee.bundle import served
+        from edge.models.bert import served
         model = served(model.eval())
         model.load_state_dict(state)
         return model

@@ -8,7 +8,9 @@ import torch
 from edge.models.bert import BertClassifier, BertConfig
 from edge.models.registry import load_dir
 from edge.recipes import recipes
-from edge.recipes.bert_tiny_sst2 import accuracy, encode, pca_init
+from edge.models.minilm import encode
+from edge.recipes.bert_tiny_sst2 import pca_init
+from edge.train import accuracy
 
 SMALL = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
              max_position_embeddings=64)

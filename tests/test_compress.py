@@ -318,7 +318,7 @@ def test_finetune_with_substituted_rare_tokens_moves_towards_the_teacher():
     """The augmentation term makes the compressed model agree more with the original on rare tokens
     than the same fine-tuning without it."""
     from edge.compress.model import _kl, finetune_classifier, substitute_tokens
-    from edge.recipes.bert_tiny_sst2 import pad
+    from edge.train import pad
 
     weights = np.where(np.arange(V) < 400, 10.0, 0.1)  # ids >= 400 are rare: poorly reconstructed
     rare = np.arange(400, V)  # and the training sequences never contain them

@@ -117,3 +117,28 @@ def test_tflm_long_int8_softmax_is_refused_not_a_crash():
     """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
     assert r.returncode != 0   # the native abort the guard exists for
+
+
+@pytest.mark.parametrize("runner", ["litert", "tflm"])
+def test_float_inputs_are_quantised_as_the_runtimes_quantize_does(runner):
+    """`run --backend litert|tflm` quantises a float input for an int8-input model itself: it must give what the
+    runtime's own QUANTIZE op gives. Ties (x / scale = k + 0.5) are where runtimes differ: TFLite Micro's
+    reference kernel rounds them away from zero, LiteRT's optimised kernel to even."""
+    from edge.litert import Interpreter, MicroInterpreter
+    from edge.litert.runtime import quantise_input
+    from edge.litert.writer import Builder, Quant
+    scale, zp = 0.5, 3
+    b = Builder("quantize")
+    x = b.input("x", (1, 64), np.float32)
+    model = b.finish([b.quantize(x, Quant.per_tensor(scale, zp))])
+    ties = (np.arange(-16, 16, dtype=np.float32) + 0.5) * scale        # every one a tie
+    rnd = np.random.default_rng(0).normal(0, 40, 32).astype(np.float32)
+    xs = np.concatenate([ties, rnd])[None]
+    interp = Interpreter(model) if runner == "litert" else MicroInterpreter(model)
+    want = np.asarray(interp.run(xs))
+    detail = {"dtype": np.int8, "quantization_parameters": {"scales": [scale], "zero_points": [zp]}}
+    rule = "even" if runner == "litert" else "away"
+    got = quantise_input(xs, detail, rule)
+    assert got.dtype == np.int8 and np.array_equal(got, want)
+    other = quantise_input(xs, detail, "away" if rule == "even" else "even")
+    assert not np.array_equal(other, want)       # the rule matters on ties: the test would see a wrong one

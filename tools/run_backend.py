@@ -12,48 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from base.errors import TinyshieldError
-from tools.inputs import load_image
-
-
-def _prepare(kind_input: str, inputs: list[str], seq_len: int | None, shape: tuple | None = None):
-    """(model inputs, labels or None, display names)."""
-    if not inputs:
-        raise TinyshieldError("give at least one INPUT (a sentence, or mnist:INDEX / an image file)")
-    if kind_input == "tensor":          # a .tflite exported from a .pt2: each INPUT is a .npy of one input
-        xs = []
-        for s in inputs:
-            if not s.endswith(".npy") or not Path(s).is_file():
-                raise TinyshieldError(f"input {s!r}: give a .npy file holding one input of shape {shape[1:]}")
-            x = np.load(s, allow_pickle=False).astype(np.float32)
-            xs.append(x[None] if tuple(x.shape) == tuple(shape[1:]) else x)
-        return xs, None, inputs
-    if kind_input == "ids":
-        from edge.models.minilm import load_tokenizer, tokenize
-        b = tokenize(load_tokenizer(), inputs, pad_to=seq_len)
-        ids = b.input_ids.numpy().astype(np.int32)
-        return [ids[i:i + 1] for i in range(len(inputs))], None, inputs
-    from edge.recipes.vit_mnist import to_tensor
-    imgs, labels = zip(*(load_image(s) for s in inputs))
-    x = to_tensor(np.stack(imgs)).numpy()
-    return [x[i:i + 1] for i in range(len(inputs))], list(labels), inputs
-
-
-def _quantise_in(x: np.ndarray, detail: dict) -> np.ndarray:
-    """Feed a foreign int8-input model: quantise with the tensor's own scale/zero point."""
-    dt = np.dtype(detail["dtype"])
-    if dt in (np.int8, np.uint8) and x.dtype == np.float32:
-        qp = detail.get("quantization_parameters", {})
-        scale, zp = float(qp["scales"][0]), int(qp["zero_points"][0])
-        info = np.iinfo(dt)
-        return np.clip(np.round(x / scale) + zp, info.min, info.max).astype(dt)
-    return x
-
-
-def _dequantise_out(y: np.ndarray, detail: dict) -> np.ndarray:
-    if np.dtype(detail["dtype"]) in (np.int8, np.uint8, np.int16):
-        qp = detail.get("quantization_parameters", {})
-        return (y.astype(np.float32) - int(qp["zero_points"][0])) * float(qp["scales"][0])
-    return y
+from edge.inputs import read_inputs
+from edge.litert.runtime import dequantise_output, quantise_input
 
 
 def _report(meta: dict, names: list[str], outs: list[np.ndarray], labels, times: list[float], header: str) -> None:
@@ -93,7 +53,7 @@ def _run_torch(args) -> int:
     import torch
 
     from edge.litert.artefacts import TEXT_KINDS, base_kind, default_seq_len
-    from edge.models.bert import with_head
+    from edge.models.bert import served
     from edge.models.registry import resolve
 
     if args.int8:
@@ -103,20 +63,18 @@ def _run_torch(args) -> int:
     loaded = resolve(args.model)
     kind = base_kind(loaded.kind)
     text = kind in TEXT_KINDS
-    xs, labels, names = _prepare("ids" if text else "image", args.inputs, (args.seq_len or default_seq_len(loaded.model)))
+    xs, labels = read_inputs(args.inputs, "ids" if text else "image", seq_len=args.seq_len or default_seq_len(loaded.model))
+    names = args.inputs
     if args.threads:
         torch.set_num_threads(args.threads)
+    module = served(loaded.model)
+    as_tensor = (lambda x: torch.from_numpy(x).long()) if text else torch.from_numpy
     outs, times = [], []
     with torch.no_grad():
-        loaded.model(torch.from_numpy(xs[0]).long()) if text else loaded.model(torch.from_numpy(xs[0]))  # warm-up
+        module(as_tensor(xs[0]))  # warm-up
         for x in xs:
             t0 = time.perf_counter()
-            if text:
-                ids = torch.from_numpy(x).long()
-                # encoders answer with their sentence embedding, the head the .tflite export uses too
-                y = (with_head(loaded.model, "sentence") if kind in ("minilm", "bert") else loaded.model)(ids)
-            else:
-                y = loaded.model(torch.from_numpy(x))
+            y = module(as_tensor(x))
             times.append(time.perf_counter() - t0)
             outs.append(y.numpy())
     meta = {"head": "sentence" if kind in ("minilm", "bert") else "logits",
@@ -162,15 +120,17 @@ def run_on_backend(args) -> int:
     if shape[0] != 1:
         raise TinyshieldError(f"{path}: exported for batch {shape[0]}; `run` feeds one input at a time "
                               "(export with --batch 1)")
-    xs, labels, names = _prepare(kind_input, args.inputs, shape[1] if kind_input == "ids" else None, shape)
+    xs, labels = read_inputs(args.inputs, kind_input, shape, shape[1] if kind_input == "ids" else None)
+    xs, names = [x.astype(np.float32) if kind_input == "tensor" else x for x in xs], args.inputs
     outs, times = [], []
-    runner.run(_quantise_in(xs[0], in_detail))  # warm-up (first call plans memory / packs weights)
+    ties = "even" if args.backend == "litert" else "away"   # each runtime's own QUANTIZE rounding
+    runner.run(quantise_input(xs[0], in_detail, ties))  # warm-up (first call plans memory / packs weights)
     for x in xs:
-        x = _quantise_in(x, in_detail)
+        x = quantise_input(x, in_detail, ties)
         t0 = time.perf_counter()
         y = runner.run(x)
         times.append(time.perf_counter() - t0)
-        outs.append(_dequantise_out(np.asarray(y), out_detail))
+        outs.append(dequantise_output(np.asarray(y), out_detail))
     precision = f"int8 {meta['int8']}" if meta.get("int8") else ("int8" if np.dtype(in_detail["dtype"]) == np.int8
                                                                  else "fp32")
     _report(meta, names, outs, labels, times, f"{label} {precision} {path}{note}")

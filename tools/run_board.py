@@ -67,18 +67,16 @@ def device_for(built, url: str | None = None):
 
 
 def load_input(spec: str, built):
-    """INPUT for a board: mnist:INDEX (a test image and its label), an .npy/.png image, or text; for a
-    .pt2 model an .npy file holding one input (with or without its batch dimension of 1)."""
-    import numpy as np
+    """INPUT for a board, raw as the model takes it (the board's graph quantises it): mnist:INDEX (a test image
+    and its label), an .npy/.png image, or text; for a .pt2 model an .npy file holding one input."""
     if built.kind == "pt2":
         from base.data import load_array
         return load_array(spec, "x"), None
     if built.kind == "vit":
-        from tools.inputs import load_image
+        from edge.inputs import load_image
         return load_image(spec)
-    from edge.models.minilm import load_tokenizer, tokenize
-    L = built.graph.tensors[built.graph.inputs[0]].shape[0]
-    return tokenize(load_tokenizer(), [spec], pad_to=L).input_ids.numpy()[0].astype(np.int32), None
+    from edge.models.minilm import token_ids
+    return token_ids([spec], built.graph.tensors[built.graph.inputs[0]].shape[0])[0], None
 
 
 def run_on_board(args) -> int:
@@ -100,3 +98,28 @@ def run_on_board(args) -> int:
             print(f"  on {dev.info.board}: {n}, stack {r.stack_bytes:,} B, arena {r.arena_bytes:,} B, "
                   f"peak SRAM {r.peak_sram:,} B; host int8 reference {'identical' if same else 'DIFFERS'}")
     return 0
+
+
+def add_input_args(p, default: int):
+    p.add_argument("--inputs", type=int, default=default, metavar="N", help=f"number of test inputs (default {default})")
+    p.add_argument("--data", default=None, metavar="FILE",
+                   help="inputs as .npy, or .npz with `x` (default: the recipe's test set; for a .pt2 the --calib file)")
+
+
+def inputs_for(args, built):
+    """The first --inputs inputs of --data, the recipe's test set, or (a .pt2) the calibration file."""
+    from pathlib import Path
+
+    from base.errors import TinyshieldError
+    from base.data import load_array
+
+    if args.inputs < 1:
+        raise TinyshieldError(f"--inputs {args.inputs}: give at least 1")
+    if args.data:
+        return load_array(args.data, "x")[:args.inputs], args.data
+    if built.kind == "pt2":
+        if not Path(str(args.calib)).is_file():
+            raise TinyshieldError("a .pt2 model needs inputs: pass --data inputs.npy (or --calib FILE, whose inputs are used)")
+        return load_array(args.calib, "x")[:args.inputs], f"{args.calib} (calibration inputs)"
+    xs, _, source = built.test_set("mnist" if built.kind == "vit" else "sst2", args.inputs)
+    return xs, source

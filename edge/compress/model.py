@@ -6,7 +6,6 @@ exactly as it called the `nn.Embedding`, so the rest of the model is untouched.
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 
@@ -19,6 +18,7 @@ from edge.compress.clr import CLREmbedding, QuantCLR, factorize, layout_bytes
 from edge.compress.search import Cost, SearchResult, min_cost, search
 from base.errors import TinyshieldError
 from edge.models.bert import BertClassifier, BertModel, mean_pool
+from edge.train import batches, cosine_warmup, endless, fit, pad
 
 
 def bert_of(model: nn.Module) -> BertModel:
@@ -250,50 +250,37 @@ def finetune_classifier(model: BertClassifier, seqs: list[np.ndarray], labels: n
     a batch of training sequences with one token swapped for a random rare one (data augmentation
     for distillation as in TinyBERT), weighted `augment_weight` times the KL term.
     """
-    from base.progress import progress
-    from edge.recipes.bert_tiny_sst2 import batches, pad
-
     g = np.random.default_rng(seed)
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    warm = max(1, steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    sched = cosine_warmup(opt, steps, warm=max(1, steps // 10))
     lengths = np.array([len(s) for s in seqs])
     y = torch.from_numpy(labels)
     contexts = [s for s in seqs if len(s) >= 5]  # [CLS] + at least 3 word pieces + [SEP]
     augment = bool(teacher is not None and kd_weight and augment_weight and rare_tokens is not None
                    and len(rare_tokens) and contexts)
-    losses, step, t0 = [], 0, time.time()
+    t0 = time.time()
     if teacher is not None:
         teacher.eval()
-    with progress(disable=quiet) as bar:
-        task = bar.add_task("fine-tune compressed", total=steps, info="")
-        while step < steps:
-            for idx in batches(len(seqs), batch_size, lengths, g):
-                if step >= steps:
-                    break
-                model.train()
-                ids, mask = pad([seqs[j] for j in idx])
-                z = model(ids, mask)
-                loss = F.cross_entropy(z, y[idx])
-                if teacher is not None and kd_weight:
-                    with torch.no_grad():
-                        zt = teacher(ids, mask)
-                    loss = loss + kd_weight * _kl(z, zt, temperature)
-                if augment:
-                    a_ids, a_mask = pad(substitute_tokens(contexts, rare_tokens, batch_size, g))
-                    with torch.no_grad():
-                        zt = teacher(a_ids, a_mask)
-                    loss = loss + augment_weight * kd_weight * _kl(model(a_ids, a_mask), zt, temperature)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                losses.append(loss.item())
-                step += 1
-                bar.update(task, advance=1, info=f"loss {np.mean(losses[-20:]):.3f}")
-    model.eval()
+
+    def loss_fn(idx):
+        ids, mask = pad([seqs[j] for j in idx])
+        z = model(ids, mask)
+        loss = F.cross_entropy(z, y[idx])
+        if teacher is not None and kd_weight:
+            with torch.no_grad():
+                zt = teacher(ids, mask)
+            loss = loss + kd_weight * _kl(z, zt, temperature)
+        if augment:
+            a_ids, a_mask = pad(substitute_tokens(contexts, rare_tokens, batch_size, g))
+            with torch.no_grad():
+                zt = teacher(a_ids, a_mask)
+            loss = loss + augment_weight * kd_weight * _kl(model(a_ids, a_mask), zt, temperature)
+        return loss
+
+    losses = fit(model, opt, sched, endless(lambda: batches(len(seqs), batch_size, lengths, g)), loss_fn, steps,
+                 "fine-tune compressed", quiet)
+    step = len(losses)
     return {"steps": step, "seconds": round(time.time() - t0, 1), "augmented": augment,
             "first_loss": losses[0] if losses else None, "last_loss": float(np.mean(losses[-20:])) if losses else None}
 

@@ -79,7 +79,7 @@ def classifier_whitening(model: BertClassifier, seq_len: int = 64, train_limit: 
     """(S, S^-1) of the classifier's sensitivity metric on SST-2 train (see `edge.compress.sensitivity`)."""
     from base import data
     from edge.compress.sensitivity import embedding_metric, whitening
-    from edge.recipes.bert_tiny_sst2 import encode
+    from edge.models.minilm import encode
 
     return whitening(embedding_metric(model, encode(data.sst2("train").texts[:train_limit], seq_len)))
 
@@ -131,7 +131,8 @@ def compress_model(model: nn.Module, name: str, budget: int, unit: str = "params
     notes: list[str] = []
 
     if isinstance(model, BertClassifier):
-        from edge.recipes.bert_tiny_sst2 import accuracy, encode
+        from edge.models.minilm import encode
+        from edge.train import accuracy
 
         dev_seqs = encode(dev_texts, seq_len)
         quality["original_accuracy"] = accuracy(model, dev_seqs, dev_labels)

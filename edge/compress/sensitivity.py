@@ -22,7 +22,7 @@ from torch import nn
 def embedding_metric(model: nn.Module, seqs: list[np.ndarray], batch_size: int = 128) -> np.ndarray:
     """(d, d) expected Fisher of `model`'s class distribution w.r.t. its input word vectors, summed
     over every real token of `seqs` (token-id arrays). `model` is a BertClassifier."""
-    from edge.recipes.bert_tiny_sst2 import logits, pad
+    from edge.train import logits, pad
 
     model.eval()
     table = model.bert.embeddings.word_embeddings.weight.detach()

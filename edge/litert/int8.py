@@ -33,14 +33,14 @@ def calibration_set(name: str, n: int = 32, seq_len: int | None = None, seed: in
         if seq_len is None:
             raise TinyshieldError("SST-2 calibration needs a sequence length (--seq-len L)")
         from base import data
-        from edge.models.minilm import load_tokenizer, tokenize
+        from edge.models.minilm import token_ids
         ds = data.sst2("train")
         pick = rng.choice(len(ds.texts), size=min(n, len(ds.texts)), replace=False)
-        ids = tokenize(load_tokenizer(), [ds.texts[i] for i in pick], pad_to=seq_len).input_ids.numpy()
-        return [ids[i:i + 1].astype(np.int32) for i in range(len(ids))]
+        ids = token_ids([ds.texts[i] for i in pick], seq_len)
+        return [ids[i:i + 1] for i in range(len(ids))]
     if name == "mnist":
         from base import data
-        from edge.recipes.vit_mnist import to_tensor
+        from edge.models.vit import to_tensor
         imgs = data.mnist(allow_fallback=True)
         pick = rng.choice(len(imgs.x_train), size=min(n, len(imgs.x_train)), replace=False)
         x = to_tensor(imgs.x_train[pick]).numpy()

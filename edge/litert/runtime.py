@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from base import quant as Q
 from base.errors import TinyshieldError
 from edge.litert.validate import validate
 
@@ -25,6 +26,29 @@ def read_model(model: bytes | bytearray | str | Path) -> tuple[bytes, str]:
     if not p.is_file():
         raise TinyshieldError(f"{p}: .tflite file not found")
     return p.read_bytes(), str(p)
+
+
+def quantise_input(x: np.ndarray, detail: dict, ties: str) -> np.ndarray:
+    """A float input for an int8/uint8-input model, quantised with the tensor's own scale and zero point as the
+    runtime's own QUANTIZE op would: the division in float32, then ties rounded as that runtime does —
+    "away" from zero for TFLite Micro (its reference kernel, TfLiteRound), to "even" for LiteRT (its optimised
+    kernel, measured on ai-edge-litert 2.3.0 with and without XNNPACK; tests/test_litert_int8.py)."""
+    dt = np.dtype(detail["dtype"])
+    if dt in (np.int8, np.uint8) and x.dtype == np.float32:
+        qp = detail.get("quantization_parameters", {})
+        scale, zp = np.float32(qp["scales"][0]), int(qp["zero_points"][0])
+        r = x / scale
+        q = Q.round_half_away(r) if ties == "away" else np.rint(r).astype(np.int64)
+        return Q.saturate(q + zp, dt)
+    return x
+
+
+def dequantise_output(y: np.ndarray, detail: dict) -> np.ndarray:
+    """An int8/uint8/int16 output as float32 reals (the tensor's scale and zero point); others unchanged."""
+    if np.dtype(detail["dtype"]) in (np.int8, np.uint8, np.int16):
+        qp = detail.get("quantization_parameters", {})
+        return (y.astype(np.float32) - int(qp["zero_points"][0])) * float(qp["scales"][0])
+    return y
 
 
 def _litert_module():

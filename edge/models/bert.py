@@ -206,12 +206,18 @@ class MeanPooled(nn.Module):
 
     def __init__(self, bert: BertModel, normalize: bool = True):
         super().__init__()
-        self.bert, self.normalize = bert, normalize
+        self.bert, self.normalize, self.config = bert, normalize, bert.config
 
-    def forward(self, input_ids):
-        mask = (input_ids != PAD_ID).long()
+    def forward(self, input_ids, attention_mask=None):
+        mask = (input_ids != PAD_ID).long() if attention_mask is None else attention_mask
         e = mean_pool(self.bert(input_ids, mask), mask)
         return F.normalize(e, dim=-1) if self.normalize else e
+
+
+def served(model: nn.Module) -> nn.Module:
+    """The module that answers for `model` when it is run or served: a bare encoder (MiniLM) answers with its
+    sentence embedding, every other model with its own output."""
+    return MeanPooled(model).eval() if isinstance(model, BertModel) else model
 
 
 HEADS = ("sentence", "mean", "hidden")

@@ -70,6 +70,19 @@ def tokenize(tok: Tokenizer, texts: list[str], pad_to: int | None = None) -> Bat
     return Batch(ids, mask)
 
 
+def token_ids(texts: list[str], pad_to: int) -> np.ndarray:
+    """int32 (N, pad_to) token ids, truncated and zero-padded to `pad_to`: the fixed-length input every
+    deployment (board, .tflite, enclave) takes."""
+    return tokenize(load_tokenizer(), texts, pad_to=pad_to).input_ids.numpy().astype(np.int32)
+
+
+def encode(texts: list[str], max_len: int) -> list[np.ndarray]:
+    """Unpadded int64 id sequences ([CLS] ... [SEP], at most `max_len`): what training batches by length."""
+    tok = load_tokenizer(max_len=max_len)
+    tok.no_padding()
+    return [np.array(e.ids, dtype=np.int64) for e in tok.encode_batch(texts)]
+
+
 class SentenceEncoder:
     """all-MiniLM-L6-v2 sentence embeddings (fp32, normalised)."""
 

@@ -8,11 +8,17 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from edge.models.bert import BertConfig, BertEncoder
+
+
+def to_tensor(x: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W) -> float (N, 1, H, W) in [0, 1]: the model's input convention."""
+    return torch.from_numpy(x).float().div_(255.0).unsqueeze(1)
 
 
 @dataclass

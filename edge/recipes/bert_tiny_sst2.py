@@ -31,6 +31,8 @@ from edge.models.io import read_json, save_model
 from base.paths import PROJECT_ROOT, artefact_dir, build_dir, config_hash, files_hash
 from base.progress import progress
 from edge.recipes import Trained, pick_threads, shipped
+from edge.train import accuracy, batches, cosine_warmup, endless, fit, logits, pad
+from edge.models.minilm import encode
 
 TEACHER_LAYERS = (2, 3, 4, 5, 6)  # MiniLM layers whose mean-pooled states feed the teacher
 
@@ -151,56 +153,6 @@ def pca_init(model: BertClassifier) -> None:
         emb.token_type_embeddings.weight.copy_((teacher.token_type_embeddings.weight.double() @ p).float())
 
 
-def encode(texts: list[str], max_len: int) -> list[np.ndarray]:
-    from edge.models.minilm import load_tokenizer
-
-    tok = load_tokenizer(max_len=max_len)
-    tok.no_padding()
-    return [np.array(e.ids, dtype=np.int64) for e in tok.encode_batch(texts)]
-
-
-def pad(seqs: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-    L = max(len(s) for s in seqs)
-    ids = np.zeros((len(seqs), L), dtype=np.int64)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = s
-    ids = torch.from_numpy(ids)
-    return ids, (ids != 0).long()
-
-
-def batches(n: int, batch_size: int, lengths: np.ndarray, g: np.random.Generator):
-    """Shuffled batches of similar lengths (little padding): shuffle, sort within pools of 50 batches."""
-    perm = g.permutation(n)
-    pool = batch_size * 50
-    out = []
-    for i in range(0, n, pool):
-        chunk = perm[i:i + pool]
-        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
-        out += [chunk[j:j + batch_size] for j in range(0, len(chunk), batch_size)]
-    return [out[k] for k in g.permutation(len(out))]
-
-
-@torch.no_grad()
-def accuracy(model: BertClassifier, seqs: list[np.ndarray], labels: np.ndarray, batch: int = 128,
-             word_embeds_fn=None) -> float:
-    """Dev accuracy; `word_embeds_fn(ids)` swaps in another word-embedding lookup (e.g. a compressed one)."""
-    model.eval()
-    order = np.argsort([len(s) for s in seqs])
-    hits = 0
-    for i in range(0, len(seqs), batch):
-        idx = order[i:i + batch]
-        ids, mask = pad([seqs[j] for j in idx])
-        hits += int((logits(model, ids, mask, word_embeds_fn).argmax(-1).numpy() == labels[idx]).sum())
-    return hits / len(seqs)
-
-
-def logits(model: BertClassifier, ids, mask, word_embeds_fn=None, return_pooled: bool = False):
-    we = None if word_embeds_fn is None else word_embeds_fn(ids)
-    pooled = mean_pool(model.bert(ids, mask, word_embeds=we), mask)
-    out = model.classifier(pooled)
-    return (out, pooled) if return_pooled else out
-
-
 def train(recipe: BertTinyRecipe | None = None, force: bool = False, quiet: bool = False, **overrides) -> Trained:
     recipe = recipe or BertTinyRecipe(**overrides)
     tr, dev = data.sst2("train"), data.sst2("dev")
@@ -242,35 +194,25 @@ def train(recipe: BertTinyRecipe | None = None, force: bool = False, quiet: bool
         rest = [p for n, p in model.named_parameters() if p is not word] + list(proj.parameters())
         opt = torch.optim.AdamW([{"params": [word], "lr": recipe.embed_lr, "weight_decay": 0.0},
                                  {"params": rest, "lr": recipe.lr}], weight_decay=recipe.weight_decay)
-        warm = max(1, total // 20)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
+        sched = cosine_warmup(opt, total, warm=max(1, total // 20))
         T = recipe.kd_temperature
-        losses, step = [], 0
-        with progress(disable=quiet) as bar:
-            task = bar.add_task("train bert-tiny-sst2", total=total, info="")
-            while step < total:
-                for idx in batches(len(seqs), recipe.batch_size, lengths, g):
-                    if step >= total:
-                        break
-                    model.train()
-                    ids, mask = pad([seqs[j] for j in idx])
-                    z, pooled = logits(model, ids, mask, return_pooled=True)
-                    loss = F.cross_entropy(z, y[idx])
-                    if recipe.kd_weight:
-                        kl = F.kl_div(F.log_softmax(z / T, -1), F.log_softmax(t_logits[idx] / T, -1),
-                                      log_target=True, reduction="batchmean")
-                        loss = loss + recipe.kd_weight * T * T * kl
-                    if recipe.emb_weight:
-                        cos = F.cosine_similarity(proj(pooled), t_emb[idx], dim=-1)
-                        loss = loss + recipe.emb_weight * (1 - cos).mean()
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    sched.step()
-                    losses.append(loss.item())
-                    step += 1
-                    bar.update(task, advance=1, info=f"loss {np.mean(losses[-50:]):.3f}")
+
+        def loss_fn(idx):
+            ids, mask = pad([seqs[j] for j in idx])
+            z, pooled = logits(model, ids, mask, return_pooled=True)
+            loss = F.cross_entropy(z, y[idx])
+            if recipe.kd_weight:
+                kl = F.kl_div(F.log_softmax(z / T, -1), F.log_softmax(t_logits[idx] / T, -1),
+                              log_target=True, reduction="batchmean")
+                loss = loss + recipe.kd_weight * T * T * kl
+            if recipe.emb_weight:
+                cos = F.cosine_similarity(proj(pooled), t_emb[idx], dim=-1)
+                loss = loss + recipe.emb_weight * (1 - cos).mean()
+            return loss
+
+        losses = fit(model, opt, sched, endless(lambda: batches(len(seqs), recipe.batch_size, lengths, g)),
+                     loss_fn, total, "train bert-tiny-sst2", quiet)
+        step = len(losses)
         acc = accuracy(model, dev_seqs, dev.labels)
     finally:
         torch.set_num_threads(old_threads)

@@ -37,7 +37,8 @@ def vit_accuracy(model, x: np.ndarray, y: np.ndarray) -> float:
 
 @torch.no_grad()
 def text_accuracy(model, texts: list[str], labels: np.ndarray, max_len: int = 64) -> float:
-    from edge.recipes.bert_tiny_sst2 import accuracy, encode
+    from edge.models.minilm import encode
+    from edge.train import accuracy
     return accuracy(model, encode(texts, max_len), labels)
 
 

@@ -11,10 +11,10 @@ from torch.nn import functional as F
 
 from base import data
 from edge.models.io import save_model
-from edge.models.vit import ViT, ViTConfig
+from edge.models.vit import ViT, ViTConfig, to_tensor
 from base.paths import build_dir, config_hash
-from base.progress import progress
 from edge.recipes import Trained, shipped, torch_threads
+from edge.train import cosine_warmup, endless, fit
 
 
 @dataclass
@@ -34,11 +34,6 @@ class ViTRecipe:
         """What the weights depend on: the recipe (not how it is run) and the data, named by its content."""
         recipe = {k: v for k, v in asdict(self).items() if k not in ("threads", "fallback_data")}
         return {"recipe": recipe, "data": data.fingerprint(ds), "version": 2}
-
-
-def to_tensor(x: np.ndarray) -> torch.Tensor:
-    """uint8 (N, H, W) -> float (N, 1, H, W) in [0, 1]: the model's input convention."""
-    return torch.from_numpy(x).float().div_(255.0).unsqueeze(1)
 
 
 def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -119,31 +114,19 @@ def _train(recipe: ViTRecipe, ds: data.Images, key: dict, out, quiet: bool) -> T
     if recipe.max_steps is not None:
         total = min(total, recipe.max_steps)
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
-    warm = max(1, total // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
+    sched = cosine_warmup(opt, total, warm=max(1, total // 20))
 
-    losses = []
+    def epoch():
+        perm = torch.randperm(len(x_train), generator=g)
+        return [perm[i:i + recipe.batch_size] for i in range(0, len(perm), recipe.batch_size)]
+
+    def loss_fn(idx):
+        xb = augment(x_train[idx], g) if recipe.augment else x_train[idx]
+        return F.cross_entropy(model(xb), y_train[idx], label_smoothing=0.05)
+
     t0 = time.time()
-    step = 0
-    with progress(disable=quiet) as bar, torch.enable_grad():  # callers may have turned grad off globally
-        task = bar.add_task("train vit-mnist", total=total, info="")
-        while step < total:
-            model.train()
-            perm = torch.randperm(len(x_train), generator=g)
-            for i in range(0, len(perm), recipe.batch_size):
-                if step >= total:
-                    break
-                idx = perm[i:i + recipe.batch_size]
-                xb = augment(x_train[idx], g) if recipe.augment else x_train[idx]
-                loss = F.cross_entropy(model(xb), y_train[idx], label_smoothing=0.05)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                losses.append(loss.item())
-                step += 1
-                bar.update(task, advance=1, info=f"loss {np.mean(losses[-20:]):.3f}")
+    losses = fit(model, opt, sched, endless(epoch), loss_fn, total, "train vit-mnist", quiet)
+    step = len(losses)
 
     metrics = {"test_accuracy": accuracy(model, ds.x_test, ds.y_test), "train_seconds": round(time.time() - t0, 1),
                "steps": step, "first_loss": losses[0], "last_loss": float(np.mean(losses[-10:])),

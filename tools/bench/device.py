@@ -17,35 +17,16 @@ from base.paths import build_dir
 
 
 def bert_tiny_clr() -> tuple[str, bool]:
-    """The compressed BERT-tiny (`tinyshield compress bert-tiny-sst2 --flash 1MB`) if it exists;
-    else a random-initialised BERT-tiny with a rank-8 CLR word table: the same shapes, hence the
-    same cost, but no meaningful accuracy. Returns (model directory, trained?)."""
-    trained = build_dir() / "compressed" / "bert-tiny-sst2-1MB"
-    if (trained / "config.json").is_file():
-        return str(trained), True
-    out = build_dir() / "bench" / "bert-tiny-random-clr"
-    if not (out / "config.json").is_file():
-        import numpy as np
-        import torch
-
-        from edge.compress.clr import QuantCLR, factorize, layout_from_clusters
-        from edge.compress.io import save_compressed
-        from edge.compress.model import set_word_embeddings
-        from edge.models.bert import BertClassifier, BertConfig
-        torch.manual_seed(0)
-        m = BertClassifier(BertConfig(max_position_embeddings=64), 2).eval()
-        table = m.bert.embeddings.word_embeddings.weight.detach()
-        clr = factorize(table, layout_from_clusters(np.zeros(len(table), np.int64), (8,), (False,), table.shape[1]))
-        set_word_embeddings(m, clr)
-        save_compressed(m, QuantCLR.from_float(clr), out)
-    return str(out), False
+    """The compressed BERT-tiny the demo deploys (`tinyshield train bert-tiny-sst2-1mb`): from the build cache,
+    else the copy shipped in the package. Returns (model directory, trained?)."""
+    from edge.recipes.bert_tiny_sst2 import compressed_1mb
+    return str(compressed_1mb(quiet=True, any_shipped=True).path), True
 
 
 def bench(models, boards, schedules, limit: int) -> list[dict]:
     from base.progress import progress
     from mcu.build import build_model
     from mcu.device import evaluate, open_board
-    from tools.commands.eval import test_set
 
     rows = []
     with progress() as bar:
@@ -62,7 +43,7 @@ def bench(models, boards, schedules, limit: int) -> list[dict]:
                     except Exception as e:  # a model that does not fit is a result, not a crash
                         rows.append({"model": name, "board": board, "schedule": schedule, "error": str(e)})
                         continue
-                    xs, ys, _ = test_set(dataset, built, limit)
+                    xs, ys, _ = built.test_set(dataset, limit)
                     with open_board(built.firmware) as dev:
                         ev = evaluate(dev, built, xs, ys, bar)
                     fw = built.firmware

@@ -118,7 +118,7 @@ def bench_bert_tiny(a, bar) -> dict | None:
     from edge.litert import Interpreter, MicroInterpreter
     from edge.litert.export import export_model
     from edge.litert.int8 import calibration_set, export_int8
-    from edge.models.minilm import load_tokenizer, tokenize
+    from edge.models.minilm import token_ids
     from edge.models.registry import load_dir
 
     d = _bert_tiny_dir()
@@ -128,7 +128,7 @@ def bench_bert_tiny(a, bar) -> dict | None:
     L = 64  # the recipe's max_len; every SST-2 dev sentence fits
     dev = data.sst2("dev")
     texts, y = dev.texts[:a.limit], dev.labels[:a.limit]
-    ids = tokenize(load_tokenizer(), texts, pad_to=L).input_ids.numpy().astype(np.int32)
+    ids = token_ids(texts, L)
     with torch.no_grad():
         x = torch.from_numpy(ids).long()
         logits_torch = model(x, (x > 0).long()).numpy()

@@ -52,12 +52,11 @@ def main(argv=None) -> int:
     from mcu.build import build_model
     from mcu.device import evaluate, open_board
     from mcu.fleet import EMULATED_RESOURCE, Fleet, init_ray, require_ray, task_overheads, usable_cpus
-    from tools.commands.eval import test_set
 
     ray = require_ray()
     con = Console()
     built = build_model(args.model, args.board, calib=args.calib)
-    xs, ys, source = test_set("mnist", built, args.limit)
+    xs, ys, source = built.test_set("mnist", args.limit)
     cores = usable_cpus()
     import os
     load0 = os.getloadavg()[0]          # the host is shared: a busy one slows every row, say how busy

@@ -30,7 +30,7 @@ def run(args):
     from base.errors import TinyshieldError
     from tee import audit, program
     from tee.bundle import load_header
-    from tools.commands.infer import bundle_inputs
+    from tee.inputs import bundle_inputs
 
     if args.trials < 0:
         raise TinyshieldError("--trials must be >= 0")
@@ -41,7 +41,8 @@ def run(args):
     public = None
     if args.public or bundle.header["kind"] in ("minilm", "bert") and bundle.header["enclave_config"]["model"].get("hidden_size") == 384:
         from edge.models.registry import resolve
-        from tee.bundle import captured, served
+        from edge.models.bert import served
+        from tee.bundle import captured
         known = captured(served(resolve(args.public or "minilm").model), bundle.header["enclave_config"]["input"])
         public = {k: w for k, (w, _) in program.linears(known).items()}
     r = audit.run_audit(bundle.path, inputs, trials=args.trials, public=public, sealing=not args.no_sealing)

@@ -51,7 +51,7 @@ def _vit(args, shared: bool, times: dict):
     from edge.recipes.vit_mnist import train
     from mcu.build import build_model
     from mcu.device import evaluate, open_board
-    from tools.commands.eval import print_report, test_set
+    from tools.report import print_report
 
     t = time.monotonic()
     r = train(fallback_data=not shared, threads=args.threads, any_shipped=True)
@@ -69,7 +69,7 @@ def _vit(args, shared: bool, times: dict):
     times["vit quantise+plan+build"] = time.monotonic() - t
 
     t = time.monotonic()
-    xs, ys, source = test_set("mnist", built, args.limit)
+    xs, ys, source = built.test_set("mnist", args.limit)
     print(f"on-board test: {len(xs)} images of {source}")
     with open_board(built.firmware) as dev, progress() as bar:
         print(f"flashed: {dev.info.board} (QEMU {dev.emulator.board.machine}) on {dev.emulator.url}, "
@@ -85,13 +85,13 @@ def _calibration_file(L: int):
     import numpy as np
 
     from base.data import sentences
-    from edge.models.minilm import load_tokenizer, tokenize
     from base.paths import artefact_dir
+    from edge.models.minilm import token_ids
 
     s = sentences("calib")
     path = artefact_dir("demo/calib", {"texts": s.texts, "L": L}) / "sentences.npz"
     if not path.is_file():
-        np.savez(path, x=tokenize(load_tokenizer(), s.texts, pad_to=L).input_ids.numpy().astype(np.int32))
+        np.savez(path, x=token_ids(s.texts, L))
     return path
 
 
@@ -107,7 +107,7 @@ def _bert(args, shared: bool, times: dict):
     from edge.recipes.bert_tiny_sst2 import compressed_1mb
     from mcu.build import build_model, float_outputs
     from mcu.device import evaluate, open_board
-    from tools.commands.eval import print_report, test_set
+    from tools.report import print_report
 
     t = time.monotonic()
     if args.bert:
@@ -138,14 +138,14 @@ def _bert(args, shared: bool, times: dict):
 
     t = time.monotonic()
     if shared:
-        xs, ys, _ = test_set("sst2", built, args.sst2_limit)
+        xs, ys, _ = built.test_set("sst2", args.sst2_limit)
         texts = None
     else:
         from base.data import sentences
-        from edge.models.minilm import load_tokenizer, tokenize
+        from edge.models.minilm import token_ids
         s = sentences("test")
         texts, ys = s.texts, s.labels
-        xs = tokenize(load_tokenizer(), texts, pad_to=L).input_ids.numpy().astype(np.int32)
+        xs = token_ids(texts, L)
     with open_board(built.firmware) as dev, progress() as bar:
         ev = evaluate(dev, built, xs, ys, bar)
     if texts is not None:

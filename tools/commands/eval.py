@@ -27,51 +27,13 @@ def register(sub):
     p.set_defaults(func=run)
 
 
-def test_set(dataset: str, built, limit: int, data: str | None = None):
-    import numpy as np
-
-    from base.errors import TinyshieldError
-    if data is not None:
-        from base.data import load_array
-        xs, ys = load_array(data, "x"), load_array(data, "y")
-        if len(xs) != len(ys):
-            raise TinyshieldError(f"{data}: {len(xs)} inputs but {len(ys)} labels")
-        return xs[:limit], ys[:limit], data
-    if built.kind == "pt2":
-        raise TinyshieldError("a .pt2 model is evaluated on your data: pass --data test.npz (arrays x and y)")
-    if dataset == "mnist":
-        if built.kind != "vit":
-            raise TinyshieldError(f"dataset mnist needs an image model, {built.name} is {built.kind}")
-        from base.data import data_dir, mnist
-        ds = mnist(allow_fallback=data_dir(required=False) is None)
-        return ds.x_test[:limit], ds.y_test[:limit], ds.source
-    if built.kind != "bert-classifier":
-        raise TinyshieldError(f"dataset sst2 needs a text classifier, {built.name} is {built.kind}")
-    from base.data import sst2
-    from edge.models.minilm import load_tokenizer, tokenize
-    ds = sst2("dev")
-    L = built.graph.tensors[built.graph.inputs[0]].shape[0]
-    ids = tokenize(load_tokenizer(), ds.texts[:limit], pad_to=L).input_ids.numpy().astype(np.int32)
-    return ids, ds.labels[:limit], ds.source
-
-
-def print_report(ev, title="on-device evaluation", extra=()):
-    from rich.console import Console
-    from rich.table import Table
-    t = Table(title=title, show_header=False)
-    t.add_column("", style="bold")
-    t.add_column("")
-    for k, v in [*ev.rows()[:4], *extra, *ev.rows()[4:]]:
-        t.add_row(k, v)
-    Console().print(t)
-
-
 def run(args):
     import json
     from dataclasses import asdict
 
     from base.progress import progress
     from mcu.device import evaluate
+    from tools.report import print_report
     from tools.run_board import build, device_for
 
     import numpy as np
@@ -86,7 +48,7 @@ def run(args):
         from mcu.fleet import require_ray
         require_ray()                   # before the (slow) build, not after it
     built = build(args)
-    xs, ys, source = test_set(args.dataset, built, args.limit, args.data)
+    xs, ys, source = built.test_set(args.dataset, args.limit, args.data)
     print(f"data: {source}; firmware {built.firmware.elf}")
     fe = None
     if fleet:

@@ -20,50 +20,13 @@ def register(sub):
     p.set_defaults(func=run)
 
 
-def bundle_inputs(header: dict, specs: list[str]) -> list[dict]:
-    """Turn INPUT strings into the model inputs the bundle's enclave expects (one dict per input)."""
-    import numpy as np
-
-    from base.errors import TinyshieldError
-
-    spec = header["enclave_config"]["input"]
-    if header["kind"] == "pt2":      # a user's exported program: each INPUT is a .npy of its one input
-        if len(spec) != 1:
-            raise TinyshieldError(f"this model takes {len(spec)} inputs ({', '.join(spec)}); only one-input .pt2 "
-                                  "models are served from the command line")
-        (name, shape), = spec.items()
-        out = []
-        for s in specs:
-            x = np.load(s)
-            x = x[None] if list(x.shape) == shape[1:] else x
-            if list(x.shape) != shape:
-                raise TinyshieldError(f"{s}: shape {list(x.shape)}, the model takes {shape}")
-            out.append({name: x})
-        return out
-    if "image" in spec:
-        from edge.recipes.vit_mnist import to_tensor
-        from tools.inputs import load_image
-        shape = spec["image"]
-        if shape[-2:] != [28, 28]:
-            raise TinyshieldError(f"this bundle takes {shape[-2:]} images; only 28x28 inputs are supported here")
-        return [{"image": to_tensor(load_image(s)[0][None]).numpy()} for s in specs]
-    from edge.models.minilm import load_tokenizer, tokenize
-    L = spec["input_ids"][1]
-    tok = load_tokenizer()
-    out = []
-    for s in specs:
-        b = tokenize(tok, [s], pad_to=L)
-        out.append({"input_ids": b.input_ids.numpy().astype(np.int32),
-                    "attention_mask": b.attention_mask.numpy().astype(np.int32)})
-    return out
-
-
 def run(args):
     import numpy as np
 
     from base.errors import TinyshieldError
     from tee.bundle import load_header
     from tee.client import ProtectedSession
+    from tee.inputs import bundle_inputs
 
     bundle = load_header(args.protected)
     inputs = bundle_inputs(bundle.header, args.inputs)

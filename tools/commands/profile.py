@@ -3,8 +3,7 @@ measured on the emulated board; a table, a PNG and JSON."""
 
 
 def register(sub):
-    from tools.commands.validate import add_input_args
-    from tools.run_board import add_board_args
+    from tools.run_board import add_board_args, add_input_args
     p = sub.add_parser("profile", help="per-operator instructions, MACs, arena and stack on the board",
                        description="Run MODEL on the emulated board with the instruction counter cutting every "
                                    "inference at each kernel call (the deployed firmware, unchanged): instructions, "
@@ -27,8 +26,7 @@ def run(args):
     from rich.console import Console
 
     from mcu.opprofile import plot, profile_ops, render
-    from tools.commands.validate import inputs_for
-    from tools.run_board import build
+    from tools.run_board import build, inputs_for
 
     built = build(args)
     xs, source = inputs_for(args, built)
