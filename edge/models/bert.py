@@ -6,20 +6,21 @@ Kept deliberately plain (nanoGPT-style): one module per block, no framework. Nam
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from base.errors import TinyshieldError
+from edge.models.io import DictConfig
 
 
 PAD_ID = 0   # [PAD] in every vocabulary the project uses: padded positions are masked out
 
 
 @dataclass
-class BertConfig:
+class BertConfig(DictConfig):
     vocab_size: int = 30522
     hidden_size: int = 128
     num_hidden_layers: int = 2
@@ -30,15 +31,6 @@ class BertConfig:
     layer_norm_eps: float = 1e-12
     hidden_act: str = "gelu"
     add_pooler: bool = False
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "BertConfig":
-        """Accepts a HF config.json dict; unknown keys are ignored."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
     @property
     def head_dim(self) -> int:

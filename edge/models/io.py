@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
@@ -10,6 +11,19 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from base.errors import TinyshieldError
+
+
+class DictConfig:
+    """`from_dict` / `to_dict` for a model's config dataclass (what config.json holds). Unknown keys are
+    ignored, so an HF config.json with many more fields loads."""
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:

@@ -6,7 +6,7 @@ so the integer graph, the memory schedules and the C kernels have one transforme
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from edge.models.bert import BertConfig, BertEncoder
+from edge.models.io import DictConfig
 
 
 def to_tensor(x: np.ndarray) -> torch.Tensor:
@@ -22,7 +23,7 @@ def to_tensor(x: np.ndarray) -> torch.Tensor:
 
 
 @dataclass
-class ViTConfig:
+class ViTConfig(DictConfig):
     image_size: int = 28
     in_chans: int = 1
     stem: str = "conv"        # "conv" (3x3 stride-2 convs) or "patch" (linear patches)
@@ -34,14 +35,6 @@ class ViTConfig:
     intermediate_size: int = 128
     num_labels: int = 10
     layer_norm_eps: float = 1e-5
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ViTConfig":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
     @property
     def grid(self) -> int:
