@@ -21,7 +21,7 @@ setup: system-deps $(STAMP) plugin
 
 # The QEMU instruction-count plugin (mcu/plugin/), built with the host gcc into build/plugin/.
 plugin: $(STAMP)
-	@$(BIN)/python -c "from mcu.build import build_plugin; print('qemu plugin:', build_plugin())"
+	@$(BIN)/python -c "from mcu.compile import build_plugin; print('qemu plugin:', build_plugin())"
 
 # Debian packages: installed only when one is missing (dpkg is the source of truth).
 system-deps:

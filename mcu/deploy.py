@@ -44,7 +44,8 @@ def deploy(model, example, calib=None, board: str = "stm32f405", schedule: str =
     import torch
 
     from base.paths import artefact_dir
-    from mcu.build import BuiltModel, build_plugin, deploy_graph
+    from mcu.build import BuiltModel, deploy_graph
+    from mcu.compile import build_plugin
     from mcu.device import open_board
     from mcu.from_aten import lower_module
 

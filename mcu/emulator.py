@@ -26,7 +26,7 @@ from pathlib import Path
 
 from base.errors import TinyshieldError
 from mcu.boards import Board, board as get_board
-from mcu.build import Firmware, build_plugin, require_toolchain
+from mcu.compile import Firmware, build_plugin, require_toolchain
 
 QEMU = "qemu-system-arm"
 _running: "weakref.WeakSet[Emulator]" = weakref.WeakSet()

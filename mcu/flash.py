@@ -18,7 +18,7 @@ from pathlib import Path
 from base.errors import TinyshieldError
 from base.paths import build_dir
 from mcu.boards import board as get_board
-from mcu.build import Firmware
+from mcu.compile import Firmware
 from mcu.emulator import Emulator, pid_alive
 from mcu.link import Link
 

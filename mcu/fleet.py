@@ -336,7 +336,7 @@ class Fleet:
                                                                       for r, n in short.items())
                 + "; on the host with the boards run `ray start --address ... --resources '{\"NAME\": COUNT}'`")
         if any(s.emulated for s in self.specs):
-            from mcu.build import build_plugin
+            from mcu.compile import build_plugin
             build_plugin()              # once here, not raced by every board booting at the same time
         built_ref = ray.put(self.built)
         elf = Path(self.built.firmware.elf).read_bytes()

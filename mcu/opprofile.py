@@ -1,7 +1,7 @@
 """Per-operator cost on the device: executed instructions per op (exact, from the emulator), MACs,
 instructions per MAC, arena bytes live per op (as planned) and stack high-water per op (measured).
 
-Instructions: the deployed firmware itself is profiled, unchanged. mcu.build finds in its image the
+Instructions: the deployed firmware itself is profiled, unchanged. mcu.compile finds in its image the
 first kernel call of `tsh_model_run` and the return address of every kernel call; the instruction-count
 plugin cuts each inference at those addresses into regions that partition it: [entry + input copy],
 call 0, ..., call n-1 (each with its argument set-up), [output copy + return]. Their sum is the

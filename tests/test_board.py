@@ -11,7 +11,7 @@ import pytest
 
 from base.errors import TinyshieldError
 from mcu.boards import BOARDS
-from mcu.build import build_firmware
+from mcu.compile import build_firmware
 from mcu.device import open_board
 from mcu.emulator import Emulator
 from mcu.link import Link

@@ -84,7 +84,7 @@ def kernel_zoo(seed=0):
 
 
 def test_every_kernel_on_the_emulated_cortex_m4_equals_numpy(tmp_path, arm_toolchain):
-    from mcu.build import build_firmware
+    from mcu.compile import build_firmware
     from mcu.codegen import generate
     from mcu.device import open_board
     from mcu.execute import run

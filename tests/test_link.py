@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from base.errors import TinyshieldError
-from mcu.build import FIRMWARE
+from mcu.compile import FIRMWARE
 from mcu.link import SYNC, Link, ModelInfo, frame
 
 

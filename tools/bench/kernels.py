@@ -51,7 +51,7 @@ def schedules(g):
 
 
 def emulated(g, board: str, variant: str, x: np.ndarray) -> dict:
-    from mcu.build import build_firmware
+    from mcu.compile import build_firmware
     from mcu.codegen import generate
     from mcu.device import open_board
     from mcu.execute import run
@@ -121,7 +121,8 @@ def host(M: int, K: int, N: int, variant: str) -> dict | None:
 def per_kernel(spec: str, board: str) -> list[dict]:
     """Instructions of each kernel's calls within one inference of `spec` (layerwise schedule)."""
     from base import data
-    from mcu.build import build_firmware, build_model
+    from mcu.build import build_model
+    from mcu.compile import build_firmware
     from mcu.codegen import generate
     from mcu.device import open_board
     from mcu.graph import Schedule

@@ -21,7 +21,7 @@ def run(args):
     from base.errors import TinyshieldError
     from mcu import flash
     from mcu.boards import board as get_board
-    from mcu.build import Firmware
+    from mcu.compile import Firmware
 
     b = get_board(args.board)
     if args.stop:
