@@ -10,8 +10,10 @@
   an op's output complete in the arena, so the host can step the model and read every op's output
   back (`tinyshield validate`; see `segments`).
 
-Anything the C runtime cannot do is refused here, naming the op: an unknown kernel, a tensor
-dtype the kernels do not take, a rank above 4, a call whose arguments do not fit the kernel.
+Anything the C runtime cannot do is refused here, naming the op: a tensor dtype the kernels do not
+take, a rank above 4, a conv2d patch longer than the kernel's limit (TinyshieldError: the model must
+change). A call that does not fit its kernel (unknown kernel, wrong arguments, a buffer the schedule
+lacks) is a bug of the schedule pass that made it (InternalError).
 """
 from __future__ import annotations
 
@@ -21,10 +23,10 @@ from pathlib import Path
 import numpy as np
 
 from base.cbuild import Prototype
-from base.errors import TinyshieldError
+from base.errors import InternalError, TinyshieldError
 from mcu.graph import DTYPES, IO_DTYPE_CODES, Const, Ref, Schedule
 from mcu.hostlib import kernel_prototypes
-from mcu.kernels import KERNELS, PTYPES
+from mcu.kernels import CONV_PATCH_MAX, KERNELS, PTYPES, conv_patch_len
 
 C_TYPE = {"int8": "int8_t", "uint8": "uint8_t", "int16": "int16_t", "uint16": "uint16_t", "int32": "int32_t"}
 # A kernel parameter type (mcu.kernels) as C spells it: "const i8*" -> "const int8_t *", "int" -> "int32_t".
@@ -183,31 +185,42 @@ def check_supported(schedule: Schedule) -> None:
                                   f"is not supported by the C runtime ({', '.join(C_TYPE)})")
     for c in schedule.calls:
         if c.kernel not in KERNELS or c.kernel not in have:
-            raise TinyshieldError(f"op {c.op}: kernel {c.kernel!r} does not exist in the C runtime "
-                                  f"(available: {', '.join(sorted(have & set(KERNELS)))})")
+            raise InternalError(f"op {c.op}: kernel {c.kernel!r} does not exist in the C runtime "
+                                f"(available: {', '.join(sorted(have & set(KERNELS)))})")
         k = KERNELS[c.kernel]
         if len(c.args) != len(k.params):
-            raise TinyshieldError(f"op {c.op}: {c.kernel} takes {len(k.params)} arguments, the call has {len(c.args)}")
+            raise InternalError(f"op {c.op}: {c.kernel} takes {len(k.params)} arguments, the call has {len(c.args)}")
         for a, (pname, pt) in zip(c.args, k.params):
             if pt == "int":
                 if not isinstance(a, (int, np.integer)):
-                    raise TinyshieldError(f"op {c.op}: {c.kernel} argument {pname} must be an integer, got {a!r}")
+                    raise InternalError(f"op {c.op}: {c.kernel} argument {pname} must be an integer, got {a!r}")
                 _lit(a)
                 continue
             if isinstance(a, Const):
                 t = g.tensors.get(a.tensor)
                 if t is None or t.data is None:
-                    raise TinyshieldError(f"op {c.op}: constant {a.tensor!r} has no data")
+                    raise InternalError(f"op {c.op}: constant {a.tensor!r} has no data")
                 if np.dtype(DTYPES[t.dtype]) != np.dtype(PTYPES[pt]):
-                    raise TinyshieldError(f"op {c.op}: constant {a.tensor} is {t.dtype}, {c.kernel} argument "
-                                          f"{pname} takes {pt}")
+                    raise InternalError(f"op {c.op}: constant {a.tensor} is {t.dtype}, {c.kernel} argument "
+                                        f"{pname} takes {pt}")
                 if not pt.startswith("const"):
-                    raise TinyshieldError(f"op {c.op}: {c.kernel} writes argument {pname}, which is the constant {a.tensor}")
+                    raise InternalError(f"op {c.op}: {c.kernel} writes argument {pname}, which is the constant {a.tensor}")
             elif isinstance(a, Ref):
                 if a.buffer not in schedule.buffers:
-                    raise TinyshieldError(f"op {c.op}: buffer {a.buffer!r} is not in the schedule")
+                    raise InternalError(f"op {c.op}: buffer {a.buffer!r} is not in the schedule")
             else:
-                raise TinyshieldError(f"op {c.op}: {c.kernel} argument {pname} must be a buffer or constant, got {a!r}")
+                raise InternalError(f"op {c.op}: {c.kernel} argument {pname} must be a buffer or constant, got {a!r}")
+        if c.kernel == "conv2d_s8":
+            _check_conv_patch(c, dict(zip((p for p, _ in k.params), c.args)))
+
+
+def _check_conv_patch(c, args: dict) -> None:
+    """tsh_conv2d_s8 gathers a few patches on the stack: refuse a layer whose patch row is longer."""
+    n = conv_patch_len(args["ksize"], args["Cin"])
+    if n > CONV_PATCH_MAX:
+        raise TinyshieldError(f"layer {c.op}: a {args['ksize']}x{args['ksize']}x{args['Cin']} conv2d patch is "
+                              f"{n} bytes, over the C kernel's limit of {CONV_PATCH_MAX} (TSH_CONV_PATCH_MAX): "
+                              "use fewer input channels or a smaller kernel")
 
 
 def generate(schedule: Schedule, plan, out_dir, name: str | None = None, taps: bool = False) -> Generated:
@@ -226,7 +239,7 @@ def generate(schedule: Schedule, plan, out_dir, name: str | None = None, taps: b
     tin, tout = g.tensors[g.inputs[0]], g.tensors[g.outputs[0]]
     for t in (tin, tout):
         if t.name not in schedule.buffers:
-            raise TinyshieldError(f"graph {'input' if t is tin else 'output'} {t.name} has no buffer in the schedule")
+            raise InternalError(f"graph {'input' if t is tin else 'output'} {t.name} has no buffer in the schedule")
 
     consts: dict[str, str] = {}
     for c in schedule.calls:

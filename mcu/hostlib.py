@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from base import cbuild
-from base.errors import TinyshieldError
+from base.errors import InternalError, TinyshieldError
 from mcu.graph import DTYPES, IO_DTYPE_NAMES
 from mcu.kernels import KERNELS
 
@@ -59,7 +59,7 @@ class HostKernels:
                 raise TinyshieldError(f"kernel {name!r}: tsh_{name} is missing from the C kernels") from None
             proto = kernel_prototypes().get(name)
             if proto is None:
-                raise TinyshieldError(f"kernel {name!r}: tsh_{name} is not declared in tsh_kernels.h")
+                raise InternalError(f"kernel {name!r}: tsh_{name} is in the library but not declared in tsh_kernels.h")
             fn.argtypes, fn.restype = cbuild.c_argtypes(proto)
             params = k.params
 

@@ -40,7 +40,7 @@ import math
 import numpy as np
 
 from base import quant as Q
-from base.errors import TinyshieldError
+from base.errors import InternalError, TinyshieldError
 from mcu import kernels as K
 from mcu.graph import Call, Graph, Op, QParams, Tensor
 
@@ -230,7 +230,8 @@ def _clr_embedding(b: Builder, emb, ids: str, L: int, clr=None) -> str:
     b.const(f"{name}.v", cat(vs_, np.int8))
     b.const(f"{name}.u_mult", um)
     b.const(f"{name}.v_mult", cat(vm_all, np.int32))
-    assert len(rows[0]) == len(CLR_FIELDS)
+    if len(rows[0]) != len(CLR_FIELDS):
+        raise InternalError(f"{name}: CLR cluster rows have {len(rows[0])} fields, the kernel reads {len(CLR_FIELDS)}")
     words = b.act(f"{name}.out", (L, d), Q.ActQ(s_out, 0))
     b.op("embedding_clr", name, [ids] + [f"{name}.{k}" for k in ("slot", "clusters", "u", "v", "u_mult", "v_mult")],
          [words], L=L, d=d, vocab=V, nclusters=len(rows))

@@ -82,3 +82,11 @@ def test_protocol_header_matches_link():
 def test_c_constants_reads_defines_and_enums():
     c = cbuild.c_constants("#define A 0x10u  /* x */\n#define B (A + 1)\nenum { X = 3, /* c */ Y = 0x7F, };\n")
     assert c == {"A": 16, "X": 3, "Y": 127}
+
+
+def test_conv_patch_limit_is_one_number():
+    from mcu.kernels import CONV_PATCH_MAX
+
+    header = (hostlib.KERNEL_DIR / "tsh_kernels.h").read_text()
+    assert cbuild.c_constants(header)["TSH_CONV_PATCH_MAX"] == CONV_PATCH_MAX
+    assert "TSH_CONV_PATCH_MAX" not in cbuild.c_constants((hostlib.KERNEL_DIR / "tsh_linear.c").read_text())
