@@ -14,7 +14,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from base.errors import TinyshieldError
+from base.errors import InternalError, TinyshieldError
 from base.paths import build_dir
 
 
@@ -73,7 +73,7 @@ def _c_type(decl: str) -> tuple[str, str]:
     words = [w for w in decl.replace("*", " * ").split() if w != "restrict"]
     if len(words) < 2 or not words[-1].isidentifier():
         raise ValueError(f"cannot read the C parameter {decl!r}")
-    return " ".join(words[:-1]).replace("* *", "**"), words[-1]
+    return " ".join(words[:-1]), words[-1]
 
 
 def c_prototypes(text: str, prefix: str = "tsh_") -> dict[str, Prototype]:
@@ -94,7 +94,7 @@ def c_argtypes(p: Prototype) -> tuple[list, object]:
         if t.endswith("*"):
             return ctypes.c_void_p
         if t not in _C_TO_CTYPES:
-            raise TinyshieldError(f"tsh_{p.name}: C type {t!r} has no ctypes equivalent here")
+            raise InternalError(f"{p.name}: C type {t!r} has no ctypes equivalent in base.cbuild")
         return _C_TO_CTYPES[t]
     return [conv(t) for t, _ in p.params], conv(p.ret)
 

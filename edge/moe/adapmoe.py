@@ -16,6 +16,7 @@ from edge.moe.calibrate import Calibration, calibrate
 from edge.moe.runtime import POLICIES, MoERuntime
 from edge.moe.store import ExpertStore
 
+
 def parse_budget(text: str, total_bytes: int) -> int:
     """'25%' (of all experts) or a size in bytes, read by base.sizes ('4MB' = 4 MiB, '512KiB', '1000000')."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*%\s*", str(text))
