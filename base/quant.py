@@ -178,6 +178,24 @@ def quantize_weights_per_channel(w, axis: int = 0) -> tuple[np.ndarray, np.ndarr
     return q, scales
 
 
+def quantize_weights_f32(w, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 per channel (`axis`) for the edge and enclave weights (MoE experts, CLR factors,
+    blinded layers): q in [-127, 127], returns (q int8, scales float32).
+
+    Why not `quantize_weights_per_channel`: that one is TFLite's rule for the MCU lowering (float64,
+    ties away from zero, scale 1 for an all-zero channel). This one computes in the input's precision
+    (float32 for torch weights), rounds ties to even and floors the channel maximum at 1e-12, as the
+    torch code these weights were first made with: the shipped 1 MB BERT's CLR factors and stored MoE
+    experts must stay bit-identical, and the blinded C kernel multiplies by float32 scales anyway.
+    The two agree on every code but exact ties."""
+    w = np.asarray(w)
+    red = tuple(i for i in range(w.ndim) if i != axis % w.ndim)
+    amax = np.max(np.abs(w), axis=red, keepdims=True)
+    scale = np.maximum(amax, 1e-12) / 127.0         # python scalars keep w's dtype (NEP 50)
+    q = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
+    return q, scale.reshape(-1).astype(np.float32)
+
+
 def quantize_bias(b, input_scale: float, weight_scales) -> np.ndarray:
     """float bias -> int32 with scale input_scale * weight_scale[c] (saturated)."""
     s = float(input_scale) * np.asarray(weight_scales, dtype=np.float64)

@@ -16,9 +16,9 @@ import numpy as np
 
 from base.errors import TinyshieldError
 from mcu.emulator import Emulator, read_calls_file, read_count_file
+from mcu.graph import DTYPES
 from mcu.link import Link, ModelInfo
 
-NP_DTYPES = {"int8": np.int8, "uint8": np.uint8, "int16": np.int16, "int32": np.int32}
 
 
 @dataclass
@@ -62,7 +62,7 @@ class Device:
                               "is QEMU running with the insn_count plugin?")
 
     def check_input(self, x: np.ndarray) -> bytes:
-        want = NP_DTYPES[self.info.input_dtype]
+        want = DTYPES[self.info.input_dtype]
         x = np.asarray(x)
         if x.dtype != want:
             raise TinyshieldError(f"input dtype {x.dtype} but the model on the board takes {self.info.input_dtype}")
@@ -76,8 +76,8 @@ class Device:
         r = self.link.run(timeout=timeout)
         n = self._instructions_after_run()
         raw = self.link.download(self.info.output_bytes)
-        out = np.frombuffer(raw, dtype=np.dtype(NP_DTYPES[self.info.output_dtype]).newbyteorder("<"))
-        out = out.astype(NP_DTYPES[self.info.output_dtype]).reshape(self.info.output_shape)
+        out = np.frombuffer(raw, dtype=np.dtype(DTYPES[self.info.output_dtype]).newbyteorder("<"))
+        out = out.astype(DTYPES[self.info.output_dtype]).reshape(self.info.output_shape)
         return Inference(out, n, r.cycles, r.stack_bytes, self.info.arena_bytes)
 
     def call_instructions(self) -> list[int]:

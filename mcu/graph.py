@@ -22,6 +22,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 DTYPES = {"int8": np.int8, "uint8": np.uint8, "int16": np.int16, "uint16": np.uint16, "int32": np.int32}
+# The dtype codes of the firmware contract (tsh_model_info_t's input_dtype / output_dtype, the INFO
+# reply): the dtypes a model's input and output may have. Codegen, the host model, the serial link
+# and the device runner all read this one table.
+IO_DTYPE_CODES = {"int8": 0, "uint8": 1, "int16": 2, "int32": 3}
+IO_DTYPE_NAMES = {code: name for name, code in IO_DTYPE_CODES.items()}
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from base import cbuild
-from base.errors import TinyshieldError
+from base.errors import InternalError, TinyshieldError
+from mcu.graph import DTYPES, IO_DTYPE_NAMES
 from mcu.kernels import KERNELS
 
 KERNEL_DIR = Path(__file__).resolve().parent / "firmware" / "kernels"
@@ -31,7 +32,9 @@ def build_shared(sources: list[Path], flags: list[str], name: str, include: list
     return cbuild.build_shared(sources, CFLAGS + flags, name, [KERNEL_DIR, *include])
 
 
-_CTYPES = {"int": ctypes.c_int32}
+def kernel_prototypes() -> dict[str, cbuild.Prototype]:
+    """The C kernels' declarations in tsh_kernels.h, by kernel name (tsh_ dropped)."""
+    return cbuild.c_prototypes((KERNEL_DIR / "tsh_kernels.h").read_text())
 
 
 class HostKernels:
@@ -54,8 +57,10 @@ class HostKernels:
                 fn = getattr(self.lib, f"tsh_{name}")
             except AttributeError:
                 raise TinyshieldError(f"kernel {name!r}: tsh_{name} is missing from the C kernels") from None
-            fn.argtypes = [_CTYPES.get(t, ctypes.c_void_p) for _, t in k.params]
-            fn.restype = None
+            proto = kernel_prototypes().get(name)
+            if proto is None:
+                raise InternalError(f"kernel {name!r}: tsh_{name} is in the library but not declared in tsh_kernels.h")
+            fn.argtypes, fn.restype = cbuild.c_argtypes(proto)
             params = k.params
 
             def call(*args, _fn=fn, _params=params):
@@ -99,9 +104,6 @@ class ModelInfo(ctypes.Structure):
                 ("arena_bytes", ctypes.c_uint32), ("macs", ctypes.c_uint32)]
 
 
-_INFO_DTYPES = {0: np.int8, 1: np.uint8, 2: np.int16, 3: np.int32}
-
-
 class HostModel:
     """A generated model.c (+ the C kernels) built as a host shared library: `run(x)` is one
     `tsh_model_run` call, exactly the code the firmware runs."""
@@ -119,9 +121,10 @@ class HostModel:
 
     def run(self, x) -> np.ndarray:
         i = self.info
-        x = np.ascontiguousarray(x, dtype=_INFO_DTYPES[i.input_dtype])
+        in_dtype, out_dtype = (np.dtype(DTYPES[IO_DTYPE_NAMES[c]]) for c in (i.input_dtype, i.output_dtype))
+        x = np.ascontiguousarray(x, dtype=in_dtype)
         if x.nbytes != i.input_bytes:
             raise TinyshieldError(f"model input must be {i.input_bytes} bytes, got {x.nbytes}")
-        out = np.zeros(i.output_bytes // np.dtype(_INFO_DTYPES[i.output_dtype]).itemsize, _INFO_DTYPES[i.output_dtype])
+        out = np.zeros(i.output_bytes // out_dtype.itemsize, out_dtype)
         self.lib.tsh_model_run(x.ctypes.data, out.ctypes.data)
         return out.reshape(tuple(i.output_shape[:i.output_rank]))

@@ -19,7 +19,11 @@ from dataclasses import dataclass
 import serial
 
 from base.errors import TinyshieldError
+from mcu.graph import IO_DTYPE_NAMES
 
+# The device side's constants are in mcu/firmware/tsh_protocol.h; tests/test_contracts.py checks that
+# these match them.
+PROTOCOL_VERSION = 1
 SYNC = b"\xA5\x5A"
 MAX_PAYLOAD = 1040
 CHUNK = 1024
@@ -27,9 +31,9 @@ REPLY = 0x80
 CMD = {"INFO": 0x01, "UPLOAD": 0x02, "RUN": 0x03, "DOWNLOAD": 0x04, "STATS": 0x05, "RESET": 0x06,
        "ECHO": 0x07, "STEP": 0x08, "PEEK": 0x09, "ERROR": 0x7F}
 CMD_NAME = {v: k for k, v in CMD.items()}
-ERRORS = {1: "bad checksum", 2: "length over limit", 3: "unknown command", 4: "bad argument",
-          5: "frame timed out"}
-DTYPES = {0: "int8", 1: "uint8", 2: "int16", 3: "int32"}
+ERR = {"CRC": 1, "LENGTH": 2, "COMMAND": 3, "ARGUMENT": 4, "TIMEOUT": 5}
+ERRORS = {ERR["CRC"]: "bad checksum", ERR["LENGTH"]: "length over limit", ERR["COMMAND"]: "unknown command",
+          ERR["ARGUMENT"]: "bad argument", ERR["TIMEOUT"]: "frame timed out"}
 
 
 def frame(cmd: int, seq: int, payload: bytes = b"") -> bytes:
@@ -72,8 +76,8 @@ class ModelInfo:
         k = n + 1 + name_len
         board = p[k + 1:k + 1 + p[k]].decode(errors="replace")
         version, idt, odt, ir, orank = v[:5]
-        return cls(name=name, board=board, protocol=version, input_dtype=DTYPES.get(idt, str(idt)),
-                   output_dtype=DTYPES.get(odt, str(odt)), input_shape=tuple(v[5:5 + ir]),
+        return cls(name=name, board=board, protocol=version, input_dtype=IO_DTYPE_NAMES.get(idt, str(idt)),
+                   output_dtype=IO_DTYPE_NAMES.get(odt, str(odt)), input_shape=tuple(v[5:5 + ir]),
                    output_shape=tuple(v[9:9 + orank]), input_scale=v[13], input_zero_point=v[14],
                    output_scale=v[15], output_zero_point=v[16], input_bytes=v[17], output_bytes=v[18],
                    arena_bytes=v[19], macs=v[20], static_ram=v[21], stack_bytes=v[22], buffer_in=v[23],
@@ -230,7 +234,7 @@ class Link:
                     return body
                 if rcmd == CMD["ERROR"] and len(body) >= 4:
                     code, ecmd, detail = struct.unpack_from("<BBH", body)
-                    if code in (1, 5):                      # garbled or cut in transit: send again
+                    if code in (ERR["CRC"], ERR["TIMEOUT"]):  # garbled or cut in transit: send again
                         last = ERRORS[code]
                         break
                     if ecmd != cmd:
@@ -272,7 +276,7 @@ class Link:
         try:
             return self.request(name, payload, timeout=timeout)
         except DeviceError as e:
-            if e.code == 3:
+            if e.code == ERR["COMMAND"]:
                 raise TinyshieldError(f"the firmware on {self.url} has no {name} command: it is not a tap build — "
                                       "build it with taps (tinyshield validate does)") from None
             raise

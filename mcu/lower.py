@@ -40,7 +40,7 @@ import math
 import numpy as np
 
 from base import quant as Q
-from base.errors import TinyshieldError
+from base.errors import InternalError, TinyshieldError
 from mcu import kernels as K
 from mcu.graph import Call, Graph, Op, QParams, Tensor
 
@@ -230,7 +230,8 @@ def _clr_embedding(b: Builder, emb, ids: str, L: int, clr=None) -> str:
     b.const(f"{name}.v", cat(vs_, np.int8))
     b.const(f"{name}.u_mult", um)
     b.const(f"{name}.v_mult", cat(vm_all, np.int32))
-    assert len(rows[0]) == len(CLR_FIELDS)
+    if len(rows[0]) != len(CLR_FIELDS):
+        raise InternalError(f"{name}: CLR cluster rows have {len(rows[0])} fields, the kernel reads {len(CLR_FIELDS)}")
     words = b.act(f"{name}.out", (L, d), Q.ActQ(s_out, 0))
     b.op("embedding_clr", name, [ids] + [f"{name}.{k}" for k in ("slot", "clusters", "u", "v", "u_mult", "v_mult")],
          [words], L=L, d=d, vocab=V, nclusters=len(rows))
@@ -239,16 +240,46 @@ def _clr_embedding(b: Builder, emb, ids: str, L: int, clr=None) -> str:
 
 # ---------------------------------------------------------------- op -> kernel calls
 
+# The calls of the ops a schedule may run on a block of rows: `ptrs` are the located tensors (the op's
+# inputs, then its outputs), the count says how many rows (or elements) the call covers. calls_for
+# (whole tensors) and the tiled pass (blocks of rows) both build these calls here.
+
+def fc_call(op: Op, ptrs, M: int) -> Call:
+    a = op.attrs
+    return Call("fc_s8", (*ptrs, M, a["K"], a["N"], a["K"], a["N"], a["y_zp"], a["act_min"], a["act_max"]),
+                op.name, M * a["K"] * a["N"])
+
+
+def add_layernorm_call(op: Op, ptrs, M: int) -> Call:
+    a = op.attrs
+    return Call("add_layernorm_s8", (*ptrs, M, a["d"], a["a_zp"], a["b_zp"], a["ca"], a["cb"], a["eps"], a["y_zp"]),
+                op.name, 0)
+
+
+def lut_call(op: Op, ptrs, n: int) -> Call:
+    return Call("lut_s8", (*ptrs, n), op.name, 0)
+
+
+def add_call(op: Op, ptrs, n: int, b_n: int) -> Call:
+    a = op.attrs
+    return Call("add_s8", (*ptrs, n, b_n, a["a_zp"], a["b_zp"], a["a_mult"], a["a_shift"], a["b_mult"], a["b_shift"],
+                           a["y_mult"], a["y_shift"], a["y_zp"], -128, 127), op.name, 0)
+
+
+def embedding_call(op: Op, ptrs, L: int) -> Call:
+    a = op.attrs
+    return Call("embedding_s8", (*ptrs, L, a["d"], a["vocab"]), op.name, 0)
+
+
 def calls_for(graph: Graph, op: Op, loc) -> list[Call]:
     """The kernel calls computing `op` when every tensor is whole: `loc(tensor, byte_offset)` returns
     where a tensor lives (a `Ref` for activations, a `Const` for constants). Schedule passes use it
     for every op they do not transform."""
     a, i, o = op.attrs, op.inputs, op.outputs
     k = op.kind
+    ptrs = tuple(loc(t) for t in (*i, *o))
     if k == "fully_connected":
-        return [Call("fc_s8", (loc(i[0]), loc(i[1]), loc(i[2]), loc(i[3]), loc(i[4]), loc(o[0]),
-                               a["M"], a["K"], a["N"], a["K"], a["N"], a["y_zp"], a["act_min"], a["act_max"]),
-                     op.name, a["M"] * a["K"] * a["N"])]
+        return [fc_call(op, ptrs, a["M"])]
     if k == "conv2d":
         return [Call("conv2d_s8", (loc(i[0]), loc(i[1]), loc(i[2]), loc(i[3]), loc(i[4]), loc(o[0]),
                                    a["H"], a["W"], a["Cin"], a["Cout"], a["Hout"], a["Wout"], a["ksize"],
@@ -268,25 +299,21 @@ def calls_for(graph: Graph, op: Op, loc) -> list[Call]:
                                       L, h * dh, h * dh, a["v_zp"], a["mult"], a["shift"], a["y_zp"]),
                      op.name, L * L * dh) for hh in range(h)]
     if k == "add_layernorm":
-        return [Call("add_layernorm_s8", (loc(i[0]), loc(i[1]), loc(i[2]), loc(i[3]), loc(i[4]), loc(o[0]),
-                                          a["M"], a["d"], a["a_zp"], a["b_zp"], a["ca"], a["cb"], a["eps"], a["y_zp"]),
-                     op.name, 0)]
+        return [add_layernorm_call(op, ptrs, a["M"])]
     if k == "lut":
-        return [Call("lut_s8", (loc(i[0]), loc(i[1]), loc(o[0]), a["n"]), op.name, 0)]
+        return [lut_call(op, ptrs, a["n"])]
     if k == "mean_pool":
         return [Call("mean_pool_s8", (loc(i[0]), loc(i[1]), loc(o[0]), a["L"], a["d"], a["x_zp"], a["mult"],
                                       a["shift"], a["y_zp"]), op.name, 0)]
     if k == "embedding":
-        return [Call("embedding_s8", (loc(i[0]), loc(i[1]), loc(o[0]), a["L"], a["d"], a["vocab"]), op.name, 0)]
+        return [embedding_call(op, ptrs, a["L"])]
     if k == "embedding_clr":
         return [Call("embedding_clr_s8", (*(loc(t) for t in i), loc(o[0]), a["L"], a["d"], a["vocab"], a["nclusters"]),
                      op.name, 0)]
     if k == "pad_mask":
         return [Call("pad_mask", (loc(i[0]), loc(o[0]), a["L"]), op.name, 0)]
     if k == "add":
-        return [Call("add_s8", (loc(i[0]), loc(i[1]), loc(o[0]), a["n"], a["b_n"], a["a_zp"], a["b_zp"], a["a_mult"],
-                                a["a_shift"], a["b_mult"], a["b_shift"], a["y_mult"], a["y_shift"], a["y_zp"], -128, 127),
-                     op.name, 0)]
+        return [add_call(op, ptrs, a["n"], a["b_n"])]
     if k == "mul":
         return [Call("mul_s8", (loc(i[0]), loc(i[1]), loc(o[0]), a["n"], a["b_n"], a["a_zp"], a["b_zp"], a["y_mult"],
                                 a["y_shift"], a["y_zp"], -128, 127), op.name, 0)]

@@ -18,14 +18,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from base.errors import TinyshieldError
+from base.errors import InternalError, TinyshieldError
 from mcu.graph import Schedule
 
 STRATEGIES = ("greedy_by_size", "best_fit")
 
 
-class PlanError(TinyshieldError):
-    """A plan that places two simultaneously live buffers on the same bytes (or is malformed)."""
+class PlanError(InternalError):
+    """A plan that places two simultaneously live buffers on the same bytes (or is malformed): the
+    planner broke its own invariant, which no flag can fix."""
 
 
 @dataclass
@@ -92,7 +93,7 @@ def plan_buffers(sizes: dict[str, int], lifetimes: dict[str, tuple[int, int]],
         raise TinyshieldError(f"alignment {align} is not a power of two")
     missing = set(sizes) - set(lifetimes)
     if missing:
-        raise TinyshieldError(f"buffers without a lifetime: {', '.join(sorted(missing))}")
+        raise InternalError(f"buffers without a lifetime: {', '.join(sorted(missing))}")
     sz = {n: align_up(max(int(s), 0), align) for n, s in sizes.items()}
     life = {n: lifetimes[n] for n in sizes}
     by_size = sorted(sz, key=lambda n: (-sz[n], life[n][0], n))

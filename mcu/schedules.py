@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from base.errors import TinyshieldError
 from mcu.graph import Buffer, Call, Const, Graph, Op, Ref, Schedule
-from mcu.lower import calls_for
+from mcu.lower import add_call, add_layernorm_call, calls_for, embedding_call, fc_call, lut_call
 from mcu.planner import lower_bound, plan
 from mcu.tiled import attention_macs, attention_scratch
 
@@ -242,25 +242,19 @@ def _rows_calls(e: _Emitter, u: Unit, r0: int, n: int, loc, scratch, kt: int) ->
     op, a = u.ops[0], u.ops[0].attrs
     i, o = op.inputs, op.outputs
     if u.kind == "fully_connected":
-        K, N = a["K"], a["N"]
-        return [Call("fc_s8", (loc(i[0]), Const(i[1]), Const(i[2]), Const(i[3]), Const(i[4]), loc(o[0]),
-                               n, K, N, K, N, a["y_zp"], a["act_min"], a["act_max"]), op.name, n * K * N)]
+        return [fc_call(op, (loc(i[0]), *(Const(t) for t in i[1:5]), loc(o[0])), n)]
     if u.kind == "add_layernorm":
-        return [Call("add_layernorm_s8", (loc(i[0]), loc(i[1]), Const(i[2]), Const(i[3]), Const(i[4]), loc(o[0]),
-                                          n, a["d"], a["a_zp"], a["b_zp"], a["ca"], a["cb"], a["eps"], a["y_zp"]),
-                     op.name, 0)]
+        return [add_layernorm_call(op, (loc(i[0]), loc(i[1]), *(Const(t) for t in i[2:5]), loc(o[0])), n)]
     if u.kind == "lut":
         cols = e.g.tensors[i[0]].shape[1]
-        return [Call("lut_s8", (loc(i[0]), Const(i[1]), loc(o[0]), n * cols), op.name, 0)]
+        return [lut_call(op, (loc(i[0]), Const(i[1]), loc(o[0])), n * cols)]
     if u.kind == "add":
         cols = e.g.tensors[o[0]].shape[1]
         b_n = n * cols if a["b_n"] == a["n"] else a["b_n"]
         b = loc(i[1]) if a["b_n"] == a["n"] else whole(e, i[1])
-        return [Call("add_s8", (loc(i[0]), b, loc(o[0]), n * cols, b_n, a["a_zp"], a["b_zp"], a["a_mult"],
-                                a["a_shift"], a["b_mult"], a["b_shift"], a["y_mult"], a["y_shift"], a["y_zp"], -128, 127),
-                     op.name, 0)]
+        return [add_call(op, (loc(i[0]), b, loc(o[0])), n * cols, b_n)]
     if u.kind == "embedding":
-        return [Call("embedding_s8", (loc(i[0]), Const(i[1]), loc(o[0]), n, a["d"], a["vocab"]), op.name, 0)]
+        return [embedding_call(op, (loc(i[0]), Const(i[1]), loc(o[0])), n)]
     if u.kind == "attention":
         qk, pv = u.ops[0].attrs, u.ops[2].attrs
         h, L, dh = qk["heads"], qk["L"], qk["dh"]

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from base.errors import TinyshieldError
+from base.quant import quantize_weights_f32
 from tee import fieldkernels
 from tee.fieldgemm import FieldGemm
 from tee.fieldmath import P, center, check_exact_bound, matmul_mod, uniform
@@ -46,9 +47,10 @@ class BlindLayer:
 
 
 def quantize_weights(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    scale = np.maximum(np.abs(w).max(axis=1), 1e-12) / MAX_W
-    w_q = np.clip(np.round(w / scale[:, None]), -MAX_W, MAX_W).astype(np.int32)
-    return w_q, scale.astype(np.float32)
+    """int8 codes per output row (held as int32 for the field arithmetic) and float32 scales, the rule of
+    base.quant.quantize_weights_f32 (the C kernel dequantises with float32 scales)."""
+    w_q, scale = quantize_weights_f32(w, axis=0)
+    return w_q.astype(np.int32), scale
 
 
 def quantize_input(x: torch.Tensor, fx: int) -> np.ndarray:

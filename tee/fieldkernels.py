@@ -23,8 +23,6 @@ SOURCE = Path(__file__).resolve().parent / "csrc" / "field.c"
 FLAGS = ["-std=c99", "-O3", "-march=native", "-mprefer-vector-width=512", "-ffp-contract=off", "-fno-math-errno",
          "-fPIC", "-shared", "-Wall", "-Wextra", "-Werror"]
 
-_p, _i32, _i64, _f32 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_float
-
 
 def _cpu() -> str:
     """The host CPU's feature flags, part of the cache key because of -march=native."""
@@ -42,14 +40,7 @@ def lib() -> ctypes.CDLL:
     key = hashlib.sha256(_cpu().encode()).hexdigest()[:12]
     path = cbuild.build_shared([SOURCE], FLAGS + [f"-DTSH_P={P}", f"-DTSH_CPU_KEY={key}"], "libtsh_field")
     dll = ctypes.CDLL(str(path))
-    for name, args, res in (("tsh_blind", [_p, _i32, _i32, _f32, _p, _p, _p, _p], _i32),
-                            ("tsh_unblind", [_p, _p, _p, _p, _p, _i32, _i32, _p, _p], _i32),
-                            ("tsh_digits", [_p, _i64, _p, _i32], None),
-                            ("tsh_recombine", [_p, _i64, _p], None),
-                            ("tsh_recombine_f32", [_p, _i64, _p, _i32], None),
-                            ("tsh_prefetch", [_p, _i64], None)):
-        fn = getattr(dll, name)
-        fn.argtypes, fn.restype = args, res
+    cbuild.bind(dll, cbuild.c_prototypes(SOURCE.read_text()))     # argtypes as field.c declares them
     return dll
 
 

@@ -61,3 +61,15 @@ def test_unknown_option_is_refused():
     with pytest.raises(SystemExit) as e:
         main(["run", "minilm", "x", "--no-such-flag"])
     assert e.value.code == 2
+
+
+def test_internal_errors_are_printed_apart_from_user_errors(capsys):
+    from base.errors import InternalError, TinyshieldError
+    from tools.cli import report
+
+    assert report(TinyshieldError("--flash 2XB: cannot read")) == 2
+    assert capsys.readouterr().err.strip() == "error: --flash 2XB: cannot read"
+    assert report(InternalError("buffers 'a' and 'b' overlap")) == 3
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("internal error: buffers 'a' and 'b' overlap — this is a bug in tinyshield")
+    assert "\n" not in err

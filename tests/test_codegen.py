@@ -1,12 +1,17 @@
 """Generated C (model.c + kernels, host gcc via ctypes) equals the numpy reference for whole models,
 compiles warning-free for the host and for Cortex-M4, and refuses what the runtime lacks."""
+import os
+import re
+import signal
 import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from base.errors import TinyshieldError
+from base.errors import InternalError, TinyshieldError
 from edge.models.bert import BertClassifier, BertConfig
 from edge.models.vit import ViT, ViTConfig
 from mcu.codegen import generate
@@ -113,7 +118,7 @@ def test_generated_c_compiles_warning_free_host_and_cortex_m4(model, request, tm
 def test_missing_kernel_and_dtype_are_refused(vit, tmp_path):
     s, p, _, _ = vit
     bad = Schedule(s.name, s.graph, s.buffers, list(s.calls) + [Call("fft_s8", (Ref("input"),), "stem.fft")])
-    with pytest.raises(TinyshieldError, match=r"op stem\.fft: kernel 'fft_s8' does not exist"):
+    with pytest.raises(InternalError, match=r"op stem\.fft: kernel 'fft_s8' does not exist"):
         generate(bad, p, tmp_path)
     g = s.graph
     g.tensors["float_bias"] = Tensor("float_bias", (4,), "float32", "const", None, np.zeros(4, np.float32))
@@ -126,7 +131,7 @@ def test_missing_kernel_and_dtype_are_refused(vit, tmp_path):
         del g.tensors["float_bias"]
     wrong = Schedule(s.name, g, s.buffers, [Call("lut_s8", (Const("stem.conv1.bias"), Const("stem.conv1.bias"),
                                                             Ref("input"), 4), "x")])
-    with pytest.raises(TinyshieldError, match="is int32"):
+    with pytest.raises(InternalError, match="is int32"):
         generate(wrong, p, tmp_path)
 
 
@@ -142,3 +147,37 @@ def test_generated_tiled_schedule_equals_layerwise_reference(model, request, tmp
     hm = HostModel(generate(s, p, tmp_path).dir, "dsp")
     for x in inputs[:3]:
         assert np.array_equal(hm.run(x), run(s_lw, {g.inputs[0]: x})[g.outputs[0]])
+
+
+def test_conv_patch_over_the_kernel_limit_is_refused_naming_the_layer(vit, tmp_path):
+    from mcu.kernels import CONV_PATCH_MAX, KERNELS
+
+    s, p, _, _ = vit
+    names = [n for n, _ in KERNELS["conv2d_s8"].params]
+    i = next(j for j, c in enumerate(s.calls) if c.kernel == "conv2d_s8")
+    c = s.calls[i]
+    args = list(c.args)
+    args[names.index("ksize")], args[names.index("Cin")] = 3, 29          # 3 * 3 * 29 = 261 -> 264 > 256
+    calls = list(s.calls)
+    calls[i] = Call(c.kernel, tuple(args), c.op, c.macs)
+    with pytest.raises(TinyshieldError, match=rf"layer {re.escape(c.op)}: a 3x3x29 conv2d patch is 264 bytes, "
+                                              rf"over the C kernel's limit of {CONV_PATCH_MAX}"):
+        generate(Schedule(s.name, s.graph, s.buffers, calls), p, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_conv_kernel_traps_instead_of_returning_on_a_long_patch(tmp_path):
+    """The C kernel's own guard: a patch over TSH_CONV_PATCH_MAX stops the program (the board's fault
+    handler; SIGILL here) rather than leaving the output unwritten."""
+    script = (
+        "import numpy as np\n"
+        "from mcu.hostlib import HostKernels\n"
+        "f = HostKernels('portable')['conv2d_s8']\n"
+        "x = np.zeros(4 * 4 * 64, np.int8); w = np.zeros(2 * 1024, np.int8)\n"
+        "b = np.zeros(2, np.int32); y = np.zeros(2 * 2 * 2, np.int8)\n"
+        "f(x, w, b, b, b, y, 4, 4, 64, 2, 2, 2, 3, 1, 0, 0, 0, -128, 127)\n"
+        "print('returned')\n")
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=root, env=env)
+    assert r.returncode == -signal.SIGILL and "returned" not in r.stdout, (r.returncode, r.stdout, r.stderr[-500:])

@@ -121,4 +121,4 @@ def test_bad_inputs(stores):
         parse_budget("four megabytes", 100)
     with pytest.raises(TinyshieldError, match="more than 100%"):
         parse_budget("120%", 100)
-    assert parse_budget("4MB", 0) == 4_000_000 and parse_budget("2KiB", 0) == 2048 and parse_budget("25%", 400) == 100
+    assert parse_budget("4MB", 0) == 4 << 20 and parse_budget("2KiB", 0) == 2048 and parse_budget("25%", 400) == 100

@@ -75,3 +75,13 @@ def test_bad_strategy_and_alignment():
         plan_buffers({"a": 1}, {"a": (0, 0)}, "nope")
     with pytest.raises(TinyshieldError, match="power of two"):
         plan_buffers({"a": 1}, {"a": (0, 0)}, "best_fit", align=3)
+
+
+def test_a_broken_plan_is_reported_as_a_bug_not_a_bad_flag():
+    from base.errors import InternalError
+
+    s = _schedule([("a", 32, "input"), ("b", 32, "output")], [["a", "b"]])
+    with pytest.raises(InternalError) as e:
+        check(ArenaPlan({"a": 0, "b": 16}, 64, "manual", 16), s)
+    assert not isinstance(e.value, TinyshieldError)
+    assert "overlap" in str(e.value) and "bug in tinyshield" in str(e.value) and "report it" in str(e.value)

@@ -104,3 +104,46 @@ def test_bad_inputs_are_refused():
         Q.choose_activation_qparams(-np.inf, 1.0)
     with pytest.raises(TinyshieldError, match="calibration"):
         Q.RangeObserver().range()
+
+
+def _torch_rule(x, dim):
+    """The torch code the CLR factors and MoE experts were first quantised with (recorded outputs)."""
+    import torch
+
+    scale = x.abs().amax(dim).clamp_min(1e-12) / 127.0
+    return torch.round(x / scale.unsqueeze(dim)).clamp(-127, 127).to(torch.int8), scale.float()
+
+
+def test_edge_weight_rule_is_the_recorded_torch_rule():
+    """quantize_weights_f32 (CLR factors of the shipped model, MoE experts, blinded layers) gives the very
+    bits of the torch code it replaced: ties to even, float32 arithmetic, zero rows, both axes."""
+    import torch
+
+    from edge.compress.clr import _quant_rows
+    from edge.moe.store import quantize_int8
+    from tee.blinded import quantize_weights
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 48)).astype(np.float32)
+    x[3] = 0.0                                              # an all-zero channel
+    x[5, :4] = [127.0, 0.5, -1.5, 2.5]                      # exact ties after the division (scale 1)
+    x[:, 7] = np.linspace(-1, 1, 64, dtype=np.float32)
+    t = torch.from_numpy(x)
+    for got, (want_q, want_s) in ((_quant_rows(t), _torch_rule(t, 1)), (quantize_int8(t), _torch_rule(t, 0))):
+        assert torch.equal(got[0], want_q) and torch.equal(got[1], want_s)
+    q, s = quantize_weights(x)
+    want_q, want_s = _torch_rule(t, 1)
+    assert q.dtype == np.int32 and np.array_equal(q, want_q.numpy()) and np.array_equal(s, want_s.numpy())
+    assert list(q[5, :4]) == [127, 0, -2, 2]                # ties to even
+
+
+def test_edge_and_mcu_weight_rules_differ_only_on_ties():
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=(32, 40)).astype(np.float32)
+    q_mcu, s_mcu = Q.quantize_weights_per_channel(w, axis=0)
+    q_edge, s_edge = Q.quantize_weights_f32(w, axis=0)
+    assert np.array_equal(q_mcu, q_edge)
+    assert np.allclose(s_mcu, s_edge, rtol=1e-6)
+    tie = np.array([[127.0, 0.5, 2.5, -0.5]])
+    assert list(Q.quantize_weights_per_channel(tie)[0][0]) == [127, 1, 3, -1]
+    assert list(Q.quantize_weights_f32(tie)[0][0]) == [127, 0, 2, 0]

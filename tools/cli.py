@@ -6,7 +6,7 @@ import importlib
 import pkgutil
 import sys
 
-from base.errors import TinyshieldError
+from base.errors import InternalError, TinyshieldError
 
 import tools.commands
 
@@ -33,12 +33,20 @@ def main(argv: list[str] | None = None) -> int:
         args.inputs = list(args.inputs) + extra
     try:
         return int(args.func(args) or 0)
-    except TinyshieldError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (TinyshieldError, InternalError) as e:
+        return report(e)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def report(e: Exception) -> int:
+    """Print a user error as one line (exit 2), a tinyshield bug as an internal error (exit 3)."""
+    if isinstance(e, InternalError):
+        print(f"internal error: {e}", file=sys.stderr)
+        return 3
+    print(f"error: {e}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from base.errors import TinyshieldError
+from base.quant import quantize_weights_f32
 
 
 @dataclass(frozen=True)
@@ -164,9 +165,10 @@ def factorize(table: torch.Tensor, layout: Layout, weights: torch.Tensor | None 
 # int8 factors
 
 def _quant_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per row: x ~= q * scale[:, None]."""
-    scale = x.abs().amax(1).clamp(min=1e-12) / 127.0
-    return torch.round(x / scale[:, None]).clamp(-127, 127).to(torch.int8), scale.float()
+    """Symmetric int8 per row: x ~= q * scale[:, None] (base.quant.quantize_weights_f32: the shipped
+    model's factors were made with exactly this rule)."""
+    q, scale = quantize_weights_f32(x.numpy(), axis=0)
+    return torch.from_numpy(q), torch.from_numpy(scale)
 
 
 @dataclass

@@ -17,6 +17,7 @@ from torch.nn import functional as F
 from edge.compress.clr import CLREmbedding, QuantCLR, factorize, layout_bytes
 from edge.compress.search import Cost, SearchResult, min_cost, search
 from base.errors import TinyshieldError
+from base.sizes import parse_size  # noqa: F401  (budgets are read there; re-exported for the recipes)
 from edge.models.bert import BertClassifier, BertModel, mean_pool
 from edge.train import batches, cosine_warmup, endless, fit, pad
 
@@ -100,26 +101,6 @@ def size_parts(model: nn.Module) -> dict[str, dict]:
 
 # ---------------------------------------------------------------------------------------------
 # budgets
-
-_SUFFIXES = {"params": {"": 1, "K": 10**3, "M": 10**6},
-             "bytes": {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10,
-                       "M": 1 << 20, "MB": 1 << 20, "MIB": 1 << 20}}
-
-
-def parse_size(text: str, unit: str) -> int:
-    """'0.77M' -> 770,000 params; '1MB' -> 1,048,576 bytes, '900KB' -> 921,600 bytes."""
-    import re
-
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
-    factor = _SUFFIXES[unit].get(m.group(2).upper()) if m else None
-    if factor is None:
-        example = "0.77M or 770000" if unit == "params" else "1MB, 900KB or 1000000"
-        raise TinyshieldError(f"cannot read {text!r} as a {unit} budget; write it like {example}")
-    value = int(round(float(m.group(1)) * factor))
-    if value <= 0:
-        raise TinyshieldError(f"budget must be positive, got {text!r}")
-    return value
-
 
 def embedding_budget(model: nn.Module, total_budget: int, unit: str) -> int:
     """What is left for the word table when the rest of the model keeps its size; error if nothing fits."""

@@ -11,25 +11,21 @@ import numpy as np
 import torch
 
 from base.errors import TinyshieldError
+from base.sizes import parse_size
 from edge.moe.calibrate import Calibration, calibrate
 from edge.moe.runtime import POLICIES, MoERuntime
 from edge.moe.store import ExpertStore
 
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
-
 
 def parse_budget(text: str, total_bytes: int) -> int:
-    """'4MB', '512KiB', '1000000' (bytes) or '25%' (of all experts) -> bytes."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(%|[kmg]i?b|b)?\s*", str(text), re.IGNORECASE)
-    if not m:
-        raise TinyshieldError(f"cannot read budget {text!r}: use bytes (4000000), units (4MB, 512KiB) "
-                              "or a share of all experts (25%)")
-    value, unit = float(m.group(1)), (m.group(2) or "").lower()
-    if unit == "%":
-        if value > 100:
-            raise TinyshieldError(f"budget {text!r} is more than 100% of the experts")
-        return int(total_bytes * value / 100)
-    return int(value * _UNITS[unit])
+    """'25%' (of all experts) or a size in bytes, read by base.sizes ('4MB' = 4 MiB, '512KiB', '1000000')."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*%\s*", str(text))
+    if m is None:
+        return parse_size(text, "bytes")
+    value = float(m.group(1))
+    if value > 100:
+        raise TinyshieldError(f"budget {text!r} is more than 100% of the experts")
+    return int(total_bytes * value / 100)
 
 
 def calibration_ids(corpora=None, per_corpus: int = 1024) -> torch.Tensor:

@@ -35,6 +35,7 @@ from safetensors.torch import save as st_save
 from safetensors.torch import save_file
 
 from base.errors import TinyshieldError
+from base.quant import quantize_weights_f32
 from edge.moe.model import MoEConfig, MoEModel
 
 Key = tuple[int, int]  # (layer, expert)
@@ -82,10 +83,10 @@ class Expert:
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per output channel (the last axis: `h @ w` writes columns)."""
-    scale = w.abs().amax(0).clamp_min(1e-12) / 127.0
-    q = torch.round(w / scale).clamp(-127, 127).to(torch.int8)
-    return q, scale.float()
+    """Symmetric int8 per output channel (the last axis: `h @ w` writes columns), base.quant's rule for
+    edge weights (quantize_weights_f32)."""
+    q, scale = quantize_weights_f32(w.detach().numpy(), axis=-1)
+    return torch.from_numpy(q), torch.from_numpy(scale)
 
 
 def quantize_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

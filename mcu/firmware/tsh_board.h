@@ -22,9 +22,9 @@ static inline void tsh_irq_enable(void) { __asm volatile("cpsie i" ::: "memory")
 static inline void tsh_wfi(void) { __asm volatile("wfi" ::: "memory"); }
 static inline void tsh_nvic_enable(unsigned irq) { NVIC_ISER(irq / 32u) = 1u << (irq % 32u); }
 
-/* UART driver (uart_stm32.c or uart_cmsdk.c): received bytes land in a ring buffer from the
- * RX interrupt; when the ring is full the driver stops taking bytes (the UART holds them), so
- * nothing is ever dropped on the device side. */
+/* UART driver (uart.c): received bytes land in a ring buffer from the RX interrupt; when the ring
+ * is full the driver stops taking bytes (the UART holds them), so nothing is ever dropped on the
+ * device side. */
 void uart_init(void);
 void uart_write(const uint8_t *data, uint32_t n);
 int uart_read(void);          /* next received byte, or -1 when none is waiting */
@@ -32,7 +32,17 @@ int uart_rx_pending(void);    /* nonzero when a byte is waiting */
 void uart_flush(void);        /* wait until everything written has left */
 void uart_isr(void);
 
-/* Received-byte ring shared by the drivers. */
+/* The board's UART registers (uart_stm32.c or uart_cmsdk.c), all uart.c needs. */
+void uart_hw_init(void);             /* rate, TX, RX and its interrupt on */
+int uart_hw_tx_full(void);           /* nonzero while the transmitter cannot take a byte */
+void uart_hw_tx(uint8_t b);
+int uart_hw_rx_ready(void);          /* nonzero while a received byte waits in the UART */
+uint8_t uart_hw_rx(void);
+void uart_hw_rx_irq(int on);         /* the RX interrupt on (1) or off (0) */
+int uart_hw_rx_irq_on(void);
+void uart_hw_rx_irq_ack(void);       /* clear the RX interrupt request, where the UART needs it */
+
+/* Received-byte ring of uart.c. */
 #define TSH_RING_BYTES 2048u
 typedef struct {
   volatile uint32_t head, tail;   /* head written by the ISR, tail by the main loop */

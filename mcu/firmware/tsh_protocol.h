@@ -1,4 +1,5 @@
-/* The serial protocol, device side. mcu/link.py is the host side; keep the two in step.
+/* The serial protocol, device side. mcu/link.py is the host side; tests/test_contracts.py checks
+ * that its constants match these.
  *
  * Frame:  0xA5 0x5A | cmd u8 | seq u8 | len u16 LE | payload[len] | crc32 u32 LE
  * The CRC (zlib's CRC-32) covers cmd, seq, len and payload. A reply carries cmd | 0x80 and the

@@ -1,4 +1,4 @@
-/* ARM CMSDK APB UART driver (QEMU mps2-an386 UART0, mps3-an547 UART0). */
+/* ARM CMSDK APB UART registers (QEMU mps2-an386 UART0, mps3-an547 UART0); the buffered driver is uart.c. */
 #include "tsh_board.h"
 
 #define UART_DATA     TSH_REG(TSH_UART_BASE + 0x00u)
@@ -13,56 +13,19 @@
 #define CTRL_RX_INTEN (1u << 3)
 #define INT_RX        (1u << 1)
 
-tsh_ring_t tsh_rx_ring;
-
-void uart_init(void) {
+void uart_hw_init(void) {
   UART_BAUDDIV = TSH_CPU_HZ / 115200u;
   UART_CTRL = CTRL_TX_EN | CTRL_RX_EN | CTRL_RX_INTEN;
-  tsh_nvic_enable(TSH_UART_IRQ);
 }
 
-void uart_write(const uint8_t *data, uint32_t n) {
-  for (uint32_t i = 0; i < n; i++) {
-    while (UART_STATE & STATE_TXFULL) {}
-    UART_DATA = data[i];
-  }
-}
+int uart_hw_tx_full(void) { return (UART_STATE & STATE_TXFULL) != 0; }
+void uart_hw_tx(uint8_t b) { UART_DATA = b; }
+int uart_hw_rx_ready(void) { return (UART_STATE & STATE_RXFULL) != 0; }
+uint8_t uart_hw_rx(void) { return (uint8_t)UART_DATA; }
+void uart_hw_rx_irq_ack(void) { UART_INTCLR = INT_RX; }
+int uart_hw_rx_irq_on(void) { return (UART_CTRL & CTRL_RX_INTEN) != 0; }
 
-void uart_flush(void) { while (UART_STATE & STATE_TXFULL) {} }
-
-void uart_isr(void) {
-  tsh_ring_t *r = &tsh_rx_ring;
-  UART_INTCLR = INT_RX;
-  while (UART_STATE & STATE_RXFULL) {
-    if (tsh_ring_full(r)) {          /* leave the byte in the UART; resume when the ring drains */
-      UART_CTRL &= ~CTRL_RX_INTEN;
-      return;
-    }
-    r->data[r->head % TSH_RING_BYTES] = (uint8_t)UART_DATA;
-    r->head++;
-  }
-}
-
-int uart_rx_pending(void) { return !tsh_ring_empty(&tsh_rx_ring); }
-
-/* The ISR stopped taking bytes when the ring was full: drain the UART by hand, then let it
- * interrupt again. (Re-enabling alone is not enough: the CMSDK UART raises no interrupt for a
- * byte that arrived while its RX interrupt was off.) */
-static void resume_rx(void) {
-  tsh_irq_disable();
-  UART_CTRL |= CTRL_RX_INTEN;
-  uart_isr();
-  tsh_irq_enable();
-}
-
-int uart_read(void) {
-  tsh_ring_t *r = &tsh_rx_ring;
-  if (tsh_ring_empty(r)) {
-    if (!(UART_CTRL & CTRL_RX_INTEN)) resume_rx();
-    return -1;
-  }
-  int c = r->data[r->tail % TSH_RING_BYTES];
-  r->tail++;
-  if (!(UART_CTRL & CTRL_RX_INTEN)) resume_rx();
-  return c;
+void uart_hw_rx_irq(int on) {
+  if (on) UART_CTRL |= CTRL_RX_INTEN;
+  else UART_CTRL &= ~CTRL_RX_INTEN;
 }

@@ -1,4 +1,4 @@
-/* STM32F4 USART driver (QEMU netduinoplus2: USART1). */
+/* STM32F4 USART registers (QEMU netduinoplus2: USART1); the buffered driver is uart.c. */
 #include "tsh_board.h"
 
 #define USART_SR   TSH_REG(TSH_UART_BASE + 0x0u)
@@ -12,55 +12,19 @@
 #define CR1_RXNEIE (1u << 5)
 #define CR1_UE     (1u << 13)
 
-tsh_ring_t tsh_rx_ring;
-
-void uart_init(void) {
+void uart_hw_init(void) {
   USART_BRR = TSH_CPU_HZ / 2u / 115200u;   /* APB2 = HCLK/2; QEMU ignores the rate */
   USART_CR1 = CR1_UE | CR1_TE | CR1_RE | CR1_RXNEIE;
-  tsh_nvic_enable(TSH_UART_IRQ);
 }
 
-void uart_write(const uint8_t *data, uint32_t n) {
-  for (uint32_t i = 0; i < n; i++) {
-    while (!(USART_SR & SR_TXE)) {}
-    USART_DR = data[i];
-  }
-}
+int uart_hw_tx_full(void) { return !(USART_SR & SR_TXE); }
+void uart_hw_tx(uint8_t b) { USART_DR = b; }
+int uart_hw_rx_ready(void) { return (USART_SR & SR_RXNE) != 0; }
+uint8_t uart_hw_rx(void) { return (uint8_t)USART_DR; }    /* reading DR clears RXNE */
+void uart_hw_rx_irq_ack(void) {}                          /* nothing to clear: RXNE is the request */
+int uart_hw_rx_irq_on(void) { return (USART_CR1 & CR1_RXNEIE) != 0; }
 
-void uart_flush(void) { while (!(USART_SR & SR_TXE)) {} }
-
-void uart_isr(void) {
-  tsh_ring_t *r = &tsh_rx_ring;
-  while (USART_SR & SR_RXNE) {
-    if (tsh_ring_full(r)) {          /* leave the byte in DR; resume when the ring drains */
-      USART_CR1 &= ~CR1_RXNEIE;
-      return;
-    }
-    r->data[r->head % TSH_RING_BYTES] = (uint8_t)USART_DR;
-    r->head++;
-  }
-}
-
-int uart_rx_pending(void) { return !tsh_ring_empty(&tsh_rx_ring); }
-
-/* The ISR stopped taking bytes when the ring was full: drain the UART by hand, then let it
- * interrupt again. (Re-enabling alone is not enough: the CMSDK UART raises no interrupt for a
- * byte that arrived while its RX interrupt was off.) */
-static void resume_rx(void) {
-  tsh_irq_disable();
-  USART_CR1 |= CR1_RXNEIE;
-  uart_isr();
-  tsh_irq_enable();
-}
-
-int uart_read(void) {
-  tsh_ring_t *r = &tsh_rx_ring;
-  if (tsh_ring_empty(r)) {
-    if (!(USART_CR1 & CR1_RXNEIE)) resume_rx();
-    return -1;
-  }
-  int c = r->data[r->tail % TSH_RING_BYTES];
-  r->tail++;
-  if (!(USART_CR1 & CR1_RXNEIE)) resume_rx();
-  return c;
+void uart_hw_rx_irq(int on) {
+  if (on) USART_CR1 |= CR1_RXNEIE;
+  else USART_CR1 &= ~CR1_RXNEIE;
 }

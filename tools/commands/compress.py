@@ -9,9 +9,11 @@ def register(sub):
                     "factors to int8, and write the model (safetensors + config.json) and a report.")
     p.add_argument("model", help="bert-tiny-sst2 (recipe), minilm, or a model directory")
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--budget", help="total parameters of the compressed model, e.g. 0.77M or 770000")
+    g.add_argument("--budget", help="total parameters of the compressed model, e.g. 0.77M or 770000 "
+                                         "(decimal: 1M = 1,000,000)")
     g.add_argument("--flash", help="flash bytes of the int8 weights exactly as the board stores them (its runtime "
-                                           "and kernels need ~25 KB more), e.g. 1MB or 992KB")
+                                           "and kernels need ~25 KB more), e.g. 1MB or 992KB; binary units: 1KB = 1,024 B, "
+                                           "1MB = 1,048,576 B")
     g.add_argument("--embedding-budget", help="parameters of the word table alone, e.g. 1.17M")
     p.add_argument("--out", help="output directory (default: build/compressed/<model>-<budget>/)")
     p.add_argument("--finetune-steps", type=int, default=800,

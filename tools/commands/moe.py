@@ -17,7 +17,8 @@ def register(sub):
 
     def common(q):
         q.add_argument("--model", help="trained MoE model directory (default: the `moe train` model)")
-        q.add_argument("--budget", default="25%", help="RAM for experts: bytes, 4MB, 512KiB or 25%% (default 25%%)")
+        q.add_argument("--budget", default="25%", help="RAM for experts: bytes, 4MB, 512KiB or 25%% (default 25%%); "
+                                                       "binary units: 1KB = 1KiB = 1,024 B, 1MB = 1MiB = 1,048,576 B")
         q.add_argument("--int8", action="store_true", help="store and cache experts as int8")
         q.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
         q.add_argument("--storage", default="host", help="storage profile the experts are read from: host (this "

@@ -6,6 +6,10 @@
 #include <stdint.h>
 #include <string.h>
 
+/* An invariant code generation guarantees (e.g. a conv2d patch within TSH_CONV_PATCH_MAX). Breaking it is
+ * a bug, so stop instead of computing garbage: a trap (HardFault on the board, SIGILL on the host). */
+#define TSH_ASSERT(cond) do { if (!(cond)) __builtin_trap(); } while (0)
+
 #if defined(TSH_EMULATE_DSP) || (defined(__ARM_FEATURE_DSP) && !defined(TSH_PORTABLE))
 #define TSH_USE_DSP 1
 #else

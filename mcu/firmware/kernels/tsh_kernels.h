@@ -28,6 +28,11 @@ void tsh_matmul_pv_s8(const int16_t *p, const int8_t *v, int8_t *y, int32_t Lq, 
                       int32_t p_stride, int32_t v_stride, int32_t y_stride, int32_t v_zp, int32_t mult,
                       int32_t shift, int32_t y_zp);
 
+/* The longest conv2d patch row (ksize*ksize*Cin rounded up to 4) tsh_conv2d_s8 takes: its patches live on
+ * the stack. mcu/kernels.py CONV_PATCH_MAX is the same number (tests/test_contracts.py checks it); code
+ * generation refuses a longer one, naming the layer. */
+#define TSH_CONV_PATCH_MAX 256
+
 void tsh_conv2d_s8(const int8_t *x, const int8_t *w, const int32_t *bias, const int32_t *mult,
                    const int32_t *shift, int8_t *y, int32_t H, int32_t W, int32_t Cin, int32_t Cout,
                    int32_t Hout, int32_t Wout, int32_t ksize, int32_t stride, int32_t pad, int32_t x_zp,

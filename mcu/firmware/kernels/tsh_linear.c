@@ -415,8 +415,6 @@ void tsh_matmul_pv_s8(const int16_t *p, const int8_t *v, int8_t *y, int32_t Lq, 
 
 /* conv2d = fully connected over patches (mcu.kernels.conv2d_s8): three output pixels' patches at a
  * time (padding = x_zp, zero tail up to a multiple of 4) go through tsh_fc_s8. */
-#define TSH_CONV_PATCH_MAX 256
-
 void tsh_conv2d_s8(const int8_t *x, const int8_t *w, const int32_t *bias, const int32_t *mult,
                    const int32_t *shift, int8_t *y, int32_t H, int32_t W, int32_t Cin, int32_t Cout,
                    int32_t Hout, int32_t Wout, int32_t ksize, int32_t stride, int32_t pad, int32_t x_zp,
@@ -425,7 +423,7 @@ void tsh_conv2d_s8(const int8_t *x, const int8_t *w, const int32_t *bias, const 
     int32_t P = ksize * ksize * Cin, Kp = (P + 3) / 4 * 4, npix = Hout * Wout;
     int32_t patch_words[3 * TSH_CONV_PATCH_MAX / 4];   /* int32 storage: 4-byte aligned rows */
     int8_t *patch = (int8_t *)(void *)patch_words;
-    if (Kp > TSH_CONV_PATCH_MAX) return;              /* refused by the lowering */
+    TSH_ASSERT(Kp <= TSH_CONV_PATCH_MAX);             /* refused by code generation */
     for (int32_t p0 = 0; p0 < npix; p0 += 3) {
         int32_t rows = npix - p0 < 3 ? npix - p0 : 3;
         for (int32_t r = 0; r < rows; r++) {
