@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 from edge.compress.clr import QuantCLR, factorize, layout_from_clusters
 from edge.compress.io import load_compressed, save_compressed
-from edge.compress.model import compress, embedding_budget, other_params, parse_size, quantize, relative_error
+from base.sizes import parse_size
+from edge.compress.model import compress, embedding_budget, other_params, quantize, relative_error
 from edge.compress.search import Cost, allocate, candidates, curve, frequency_bands, search, uniform_rank
 from base.errors import TinyshieldError
 from edge.models.bert import BertClassifier, BertConfig

@@ -17,7 +17,6 @@ from torch.nn import functional as F
 from edge.compress.clr import CLREmbedding, QuantCLR, factorize, layout_bytes
 from edge.compress.search import Cost, SearchResult, min_cost, search
 from base.errors import TinyshieldError
-from base.sizes import parse_size  # noqa: F401  (budgets are read there; re-exported for the recipes)
 from edge.models.bert import BertClassifier, BertModel, mean_pool
 from edge.train import batches, cosine_warmup, endless, fit, pad
 

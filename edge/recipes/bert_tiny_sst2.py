@@ -244,15 +244,17 @@ def recipe_from_dict(d: dict) -> BertTinyRecipe:
 
 def compressed_key(recipe: BertTinyRecipe | None = None) -> dict:
     """The cache key of the recipe's model compressed to 1 MB of flash: the trained model's key, the budget,
-    the deployed sequence length and the compression code (a change to any of them compresses again).
+    the deployed sequence length and the compression code with the weight quantiser it uses (a change to any of
+    them compresses again).
     Needs SST-2 (the trained model's key names its data by content)."""
-    from edge.compress.model import parse_size
+    from base.sizes import parse_size
 
     recipe = recipe or BertTinyRecipe()
     tr, dev = data.sst2("train"), data.sst2("dev")
     return {"model": config_hash(recipe.cache_key(tr, dev)),
             "budget": parse_size(FLASH_BUDGET, "bytes") - CODE_RESERVE, "max_len": recipe.max_len,
-            "code": files_hash((PROJECT_ROOT / "edge" / "compress").glob("*.py")), "version": 2}
+            "code": files_hash([*(PROJECT_ROOT / "edge" / "compress").glob("*.py"), PROJECT_ROOT / "base" / "quant.py"]),
+            "version": 2}
 
 
 def compressed_1mb(force: bool = False, quiet: bool = False, threads: int | None = None, any_shipped: bool = False,

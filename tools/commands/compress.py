@@ -38,7 +38,7 @@ def run(args):
     from rich.console import Console
     from rich.table import Table
 
-    from edge.compress.model import parse_size
+    from base.sizes import parse_size
     from edge.compress.pipeline import compress_model, recipe_max_len
     from base.errors import TinyshieldError
     from edge.models.registry import resolve
