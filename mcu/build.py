@@ -85,51 +85,65 @@ def quantise_input(graph, x) -> "np.ndarray":
 
 
 @dataclass
-class _Source:
+class Source:
+    """A model to deploy, as loaded: the float torch module or a captured .pt2 program."""
     model: object                 # the float torch model (None for a .pt2)
-    kind: str                     # "vit", "bert-classifier", "pt2"
+    kind: str                     # "vit", "bert-classifier", "bert", "minilm", "pt2"
     path: Path | None
     clr: object = None            # edge.compress.clr.QuantCLR: the int8 CLR word table, if compressed
     captured: object = None       # edge.capture.Captured of a .pt2
 
 
-def _load(spec: str) -> _Source:
+def load_source(spec: str, train_if_missing: bool = True) -> Source:
     """A recipe name / model directory (edge.models.registry), a CLR-compressed directory written by
     `tinyshield compress` (kind "bert-classifier-clr", edge.compress.io), or a `.pt2` ExportedProgram."""
     p = Path(spec)
     if p.suffix == ".pt2":
         from edge.capture import load
-        return _Source(None, "pt2", p, captured=load(p))
+        return Source(None, "pt2", p, captured=load(p))
     if p.is_dir() and (p / "config.json").is_file():
         kind = json.loads((p / "config.json").read_text()).get("kind", "")
         if kind.endswith("-clr"):
             from edge.compress.io import load_compressed
             c = load_compressed(p)
-            return _Source(c.model.eval(), kind.removesuffix("-clr"), p, c.quant)
+            return Source(c.model.eval(), kind.removesuffix("-clr"), p, c.quant)
     from edge.models.registry import resolve
-    loaded = resolve(spec)
-    return _Source(loaded.model, loaded.kind, loaded.path)
+    loaded = resolve(spec, train_if_missing=train_if_missing)
+    return Source(loaded.model, loaded.kind, loaded.path)
 
 
-def calibration_inputs(src: _Source, calib: int, seq_len: int | None, calib_file: str | Path | None = None):
+def calibration_inputs(src: Source, calib: int, seq_len: int | None, calib_file: str | Path | None = None,
+                       random_seed: int | None = None):
     """Batch-first calibration inputs: from `calib_file` (.npy, or .npz with `x`), else the recipe's
-    training data (MNIST images as floats in [0, 1], SST-2 sentences as padded token ids)."""
+    training data (MNIST images as floats in [0, 1], SST-2 sentences as padded token ids), or with
+    `random_seed` random inputs of the same kind (memory planning: scales change no buffer size; a .pt2
+    then calibrates on its own example input)."""
     import numpy as np
     if calib_file is not None:
         from base.data import load_array
         return load_array(calib_file, "x")[:calib]
-    if src.kind == "vit":
+    if src.kind == "pt2" and random_seed is not None:
+        return src.captured.example[0].numpy()
+    bert = {"bert-classifier": lambda m: m.bert, "bert": lambda m: m, "minilm": lambda m: m}.get(src.kind)
+    L = seq_len or 64
+    if bert is not None and L > bert(src.model).config.max_position_embeddings:
+        raise TinyshieldError(f"seq_len {L} exceeds the model's {bert(src.model).config.max_position_embeddings} "
+                              "positions (max_position_embeddings): use a shorter --seq-len")
+    if random_seed is not None:
+        rng = np.random.default_rng(random_seed)
+        if src.kind == "vit":
+            from base.data import image_batch
+            size = src.model.config.image_size
+            return image_batch(rng.integers(0, 256, (calib, size, size)).astype(np.uint8))
+        if bert is not None:
+            return rng.integers(1, bert(src.model).config.vocab_size, (calib, L))
+    elif src.kind == "vit":
         from base.data import data_dir, mnist
         ds = mnist(allow_fallback=data_dir(required=False) is None)
         return ds.x_train[:calib].astype(np.float32)[:, None] / np.float32(255.0)
-    if src.kind == "bert-classifier":
+    elif src.kind == "bert-classifier":
         from base.data import sst2
         from edge.models.minilm import load_tokenizer, tokenize
-        L = seq_len or 64
-        cfg = src.model.config
-        if L > cfg.max_position_embeddings:
-            raise TinyshieldError(f"seq_len {L} exceeds the model's max_position_embeddings "
-                                  f"{cfg.max_position_embeddings}: use a shorter --seq-len")
         return tokenize(load_tokenizer(), sst2("train").texts[:calib], pad_to=L).input_ids.numpy()
     raise TinyshieldError(f"{src.path or src.kind}: no calibration data: pass --calib FILE.npy (batch-first inputs)")
 
@@ -140,7 +154,7 @@ def float_outputs(spec: str, graph, xs) -> "np.ndarray":
     import numpy as np
     import torch
 
-    src = _load(spec)
+    src = load_source(spec)
     fn = src.captured.program.module() if src.captured is not None else src.model.eval()
     with torch.no_grad():
         return np.stack([fn(float_input(graph, x)).reshape(-1).numpy() for x in xs])
@@ -159,13 +173,15 @@ def float_input(graph, x) -> "torch.Tensor":
     return torch.as_tensor(xf).reshape(graph.meta["input_shape"])
 
 
-def _lower(src: _Source, calib: int, seq_len: int | None, calib_file=None):
-    """Capture the model once (torch.export), calibrate on the captured graph, lower it to int8."""
+def lower_source(src: Source, calib: int, seq_len: int | None, calib_file=None, random_seed: int | None = None,
+                 name: str | None = None):
+    """Capture the model once (torch.export), calibrate on the captured graph, lower it to int8: the one path
+    from a model to its int8 graph (`build_model` and memory planning, mcu.profile.planning_graph)."""
     from edge.capture import calibrate
     from mcu.from_aten import lower_captured, lower_module
 
-    xs = calibration_inputs(src, calib, seq_len, calib_file)
-    name = f"{src.path.stem if src.kind == 'pt2' else src.kind}-int8"
+    xs = calibration_inputs(src, calib, seq_len, calib_file, random_seed)
+    name = name or f"{src.path.stem if src.kind == 'pt2' else src.kind}-int8"
     if src.captured is None:
         clr = {"bert.embeddings.word_embeddings": src.clr} if src.clr is not None else None
         return lower_module(src.model, xs, name, clr=clr)
@@ -250,7 +266,7 @@ def build_model(spec: str, board: str | None = None, schedule: str = "layerwise"
     from base.paths import artefact_dir
 
     b = get_board(board)
-    src = _load(spec)
+    src = load_source(spec)
     weights = src.path if src.kind == "pt2" else (src.path / "model.safetensors") if src.path else None
     digest = lambda f: hashlib.sha256(Path(f).read_bytes()).hexdigest() if f else None   # noqa: E731
     from base.data import data_dir
@@ -264,7 +280,7 @@ def build_model(spec: str, board: str | None = None, schedule: str = "layerwise"
     if cached.is_file() and not force:
         graph = pickle.loads(cached.read_bytes())
     else:
-        graph = _lower(src, calib, seq_len, calib_file)
+        graph = lower_source(src, calib, seq_len, calib_file)
         cached.write_bytes(pickle.dumps(graph))
     sched, plan, fw = deploy_graph(graph, b, d, schedule, force=force)
     return BuiltModel(name or (spec if not Path(spec).is_dir() else Path(spec).name), src.kind, b.id,

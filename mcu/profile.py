@@ -235,51 +235,32 @@ def plot_timelines(profiles: list[Profile], path, budget: int | None = None, tit
 
 def planning_graph(spec: str, seq_len: int, calib: int = 4, seed: int = 0, calib_file=None):
     """The int8 graph of MODEL for memory planning: `bert-tiny` (BERT-tiny, 2x128, 2 heads, FFN 512,
-    random weights — memory does not depend on them), `vit-mnist` (the trained recipe when cached,
-    else the same architecture with random weights), `minilm`, or a model directory. Calibration
-    uses a few random inputs: scales change no buffer size."""
-    import numpy as np
+    random weights — memory does not depend on them), `vit-mnist` (the trained recipe when at hand,
+    else the same architecture with random weights), `minilm`, a model directory or a .pt2. Calibration
+    uses a few random inputs (a .pt2: `calib_file`, else its example input): scales change no buffer size.
+    The graph comes from the deployment's own path (mcu.build.lower_source)."""
+    from pathlib import Path
+
     import torch
 
-    from mcu.from_aten import lower_module
+    from mcu.build import Source, load_source, lower_source
 
-    if str(spec).endswith(".pt2"):
-        from pathlib import Path
-
-        from edge.capture import calibrate, load
-        from base.data import load_array
-        from mcu.from_aten import lower_captured
-        cap = load(spec)
-        xs = load_array(calib_file, "x") if calib_file else cap.example[0].numpy()
-        return lower_captured(cap, calibrate(cap, [x[None] for x in xs]), Path(spec).stem + "-int8")
     torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    kind, model = None, None
     if spec == "bert-tiny":
         from edge.models.bert import BertClassifier, BertConfig
-        kind, model = "bert-classifier", BertClassifier(BertConfig(max_position_embeddings=max(512, seq_len)), 2)
-    elif spec == "vit-mnist":
-        from edge.models.registry import resolve
-        try:
-            loaded = resolve(spec, train_if_missing=False)
-            kind, model = loaded.kind, loaded.model
-        except TinyshieldError:
-            from edge.models.vit import ViT, ViTConfig
-            kind, model = "vit", ViT(ViTConfig())
+        model = BertClassifier(BertConfig(max_position_embeddings=max(512, seq_len)), 2).eval()
+        src = Source(model, "bert-classifier", None)
     else:
-        from edge.models.registry import resolve
-        loaded = resolve(spec, train_if_missing=False)
-        kind, model = loaded.kind, loaded.model
-    model = model.eval()
-    if kind == "vit":
-        from base.data import image_batch
-        imgs = rng.integers(0, 256, (calib, model.config.image_size, model.config.image_size)).astype(np.uint8)
-        return lower_module(model, image_batch(imgs), f"{spec}-int8")
-    if kind in ("bert-classifier", "bert", "minilm"):
-        bert = model.bert if kind == "bert-classifier" else model
-        ids = rng.integers(1, bert.config.vocab_size, (calib, seq_len))
-        if seq_len > bert.config.max_position_embeddings:
-            raise TinyshieldError(f"--seq-len {seq_len} exceeds {spec}'s {bert.config.max_position_embeddings} "
-                                  "positions: use a shorter --seq-len")
-        return lower_module(model, ids, f"{spec}-int8")
-    raise TinyshieldError(f"cannot plan a {kind!r} model: bert-tiny, vit-mnist, minilm or a model directory")
+        try:
+            src = load_source(spec, train_if_missing=False)
+        except TinyshieldError:
+            if spec != "vit-mnist":
+                raise
+            from edge.models.vit import ViT, ViTConfig
+            src = Source(ViT(ViTConfig()).eval(), "vit", None)
+    if src.kind not in ("vit", "bert-classifier", "bert", "minilm", "pt2"):
+        raise TinyshieldError(f"cannot plan a {src.kind!r} model: bert-tiny, vit-mnist, minilm, a model directory "
+                              "or a .pt2")
+    src.model = src.model.eval() if src.model is not None else None
+    name = f"{Path(spec).stem if src.kind == 'pt2' else spec}-int8"
+    return lower_source(src, calib, seq_len, calib_file, random_seed=seed, name=name)

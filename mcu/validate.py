@@ -116,13 +116,13 @@ def float_model(spec: str, graph):
     captured again exactly as lower_module captures it) -> (Captured, note). None + the reason when the
     graph's tensors cannot be matched to its nodes."""
     from edge.capture import capture
-    from mcu.build import _load
+    from mcu.build import load_source
     from mcu.from_aten import capturable
 
     node_of = graph.meta.get("node_of")
     if not node_of:
         return None, "the int8 graph records no float node per tensor: rebuild it (tinyshield build MODEL --force)"
-    src = _load(spec)
+    src = load_source(spec)
     if src.captured is not None:
         cap = src.captured
     else:
