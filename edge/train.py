@@ -81,14 +81,20 @@ def logits(model: BertClassifier, ids, mask, word_embeds_fn=None, return_pooled:
 
 
 @torch.no_grad()
-def accuracy(model: BertClassifier, seqs: list[np.ndarray], labels: np.ndarray, batch: int = 128,
-             word_embeds_fn=None) -> float:
-    """Accuracy over id sequences, batched by length."""
+def predict(model: BertClassifier, seqs: list[np.ndarray], batch: int = 128, word_embeds_fn=None) -> np.ndarray:
+    """Predicted class per id sequence, batched by length; `word_embeds_fn(ids)` swaps in another
+    word-embedding lookup (e.g. a compressed one)."""
     model.eval()
     order = np.argsort([len(s) for s in seqs])
-    hits = 0
+    out = np.empty(len(seqs), dtype=np.int64)
     for i in range(0, len(seqs), batch):
         idx = order[i:i + batch]
         ids, mask = pad([seqs[j] for j in idx])
-        hits += int((logits(model, ids, mask, word_embeds_fn).argmax(-1).numpy() == labels[idx]).sum())
-    return hits / len(seqs)
+        out[idx] = logits(model, ids, mask, word_embeds_fn).argmax(-1).numpy()
+    return out
+
+
+def accuracy(model: BertClassifier, seqs: list[np.ndarray], labels: np.ndarray, batch: int = 128,
+             word_embeds_fn=None) -> float:
+    """Accuracy over id sequences (see `predict`)."""
+    return int((predict(model, seqs, batch, word_embeds_fn) == labels).sum()) / len(seqs)

@@ -31,24 +31,12 @@ from pathlib import Path
 
 import numpy as np
 
+from base.cluster import init_ray, require_ray
 from base.errors import TinyshieldError
 from mcu.device import Evaluation, InputRecord, summarise
 
 EMULATED_RESOURCE = "qemu_board"
-INSTALL_HINT = "pip install -e '.[fleet]' (or drop --boards/--fleet/--address to use one board)"
-
-
-def require_ray():
-    try:
-        import ray
-    except ImportError:
-        raise TinyshieldError(f"a board fleet needs Ray, the optional 'fleet' extra: {INSTALL_HINT}") from None
-    return ray
-
-
-def usable_cpus() -> int:
-    """The cores this process may run on (a container or taskset may allow fewer than os.cpu_count())."""
-    return len(os.sched_getaffinity(0))
+HINT = "or drop --boards/--fleet/--address to use one board"
 
 
 # ---------------------------------------------------------------- which boards
@@ -267,30 +255,6 @@ class FleetEvaluation:
                 ("board failures", fails)]
 
 
-def init_ray(address: str | None = None, resources: dict[str, float] | None = None, num_cpus: int | None = None):
-    """Join the cluster at `address`, or start a local one sized to the cores this process may
-    use, offering `resources` (the local boards). Quiet: no dashboard, worker logs to files."""
-    ray = require_ray()
-    if ray.is_initialized():
-        return ray
-    if address:
-        try:
-            ray.init(address=address, log_to_driver=False, logging_level="WARNING")
-        except (ConnectionError, RuntimeError) as e:
-            raise TinyshieldError(f"cannot join the Ray cluster at {address}: {e}; start it with `ray start --head` "
-                                  "or drop --address to start a local one") from None
-    else:
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        # Ray starts its workers at niceness +15 (RAY_worker_niceness) and an actor's QEMU inherits
-        # it: on a busy host a board then ran ~10x slower than the same board started by the
-        # driver (measured: 0.64 s vs 0.07 s an inference). Boards are the work, not background.
-        os.environ.setdefault("RAY_worker_niceness", "0")
-        ray.init(num_cpus=num_cpus or usable_cpus(), resources=resources or {}, include_dashboard=False,
-                 log_to_driver=False, logging_level="WARNING", object_store_memory=200 * 2**20,
-                 configure_logging=True)
-    return ray
-
-
 class Fleet:
     """Boards as Ray actors. A context manager: leaving it kills the actors (and so their QEMUs)
     and shuts down the Ray it started (not a cluster it joined)."""
@@ -325,9 +289,9 @@ class Fleet:
 
     def start(self) -> "Fleet":
         t0 = time.monotonic()
-        ray = require_ray()
+        ray = require_ray(HINT)
         self._started_ray = not ray.is_initialized() and not self.address
-        ray = init_ray(self.address, resources=self._needed_resources())
+        ray = init_ray(self.address, resources=self._needed_resources(), hint=HINT)
         have = ray.cluster_resources()
         short = {r: n for r, n in self._needed_resources().items() if have.get(r, 0) < n}
         if short:
@@ -367,7 +331,7 @@ class Fleet:
         self.close()
 
     def close(self) -> None:
-        ray = require_ray()
+        ray = require_ray(HINT)
         if ray.is_initialized():
             for a in self.actors.values():
                 try:
@@ -380,14 +344,14 @@ class Fleet:
             ray.shutdown()
 
     def qemu_pids(self) -> dict[str, int | None]:
-        ray = require_ray()
+        ray = require_ray(HINT)
         return {n: ray.get(a.qemu_pid.remote()) for n, a in self.actors.items()}
 
     def evaluate(self, inputs, labels, progress_bar=None, chunk_size: int | None = None,
                  check_reference: bool = True, on_chunk=None) -> FleetEvaluation:
         """Every input on some board, each exactly once in the result. `on_chunk(ChunkResult)` is
         called as chunks come back (progress, or a test pulling a board's plug mid-run)."""
-        ray = require_ray()
+        ray = require_ray(HINT)
         n = len(inputs)
         if not self.actors:
             self.start()
@@ -457,7 +421,7 @@ class Fleet:
                                self.start_seconds, qemu_cpu, wire)
 
     def _retire(self, b: str) -> None:
-        ray = require_ray()
+        ray = require_ray(HINT)
         a = self.actors.pop(b, None)
         if a is not None:
             ray.kill(a)
@@ -475,7 +439,7 @@ class TaskOverheads:
 
 
 def task_overheads(actor, payload: np.ndarray, calls: int = 200) -> TaskOverheads:
-    ray = require_ray()
+    ray = require_ray(HINT)
     ray.get(actor.ping.remote())                # warm
     lat = []
     for _ in range(calls):

@@ -12,7 +12,6 @@ and shared with the trials through Ray's object store. Ray is the optional `flee
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 from base.errors import TinyshieldError
 
 STRATEGIES = ("best_fit", "greedy_by_size")
+HINT = "or drop --sweep to plan one schedule"
 
 
 @dataclass
@@ -61,12 +61,8 @@ class PlanSweep:
 def pareto_front(trials: list[PlanTrial]) -> list[PlanTrial]:
     """Trials no other trial beats on arena bytes, MACs and calls at once (ties: the first kept).
     Calls count too: at equal MACs, smaller tiles trade memory for generated code and call overhead."""
-    key = lambda t: (t.arena_bytes, t.macs, t.calls)                        # noqa: E731
-    front = []
-    for t in sorted(trials, key=key):
-        if not any(all(a <= b for a, b in zip(key(f), key(t))) for f in front):
-            front.append(t)
-    return front
+    from base.cluster import pareto_front as front
+    return front(trials, key=lambda t: (t.arena_bytes, t.macs, t.calls))
 
 
 def plan_space(graph, rows: list[int] | None = None, kts: list[int] | None = None,
@@ -100,48 +96,19 @@ def plan_sweep(model: str, seq_len: int, board: str, out_dir: str | Path, rows: 
                graph=None, strategies: tuple[str, ...] = STRATEGIES) -> PlanSweep:
     """Run the sweep as Tune trials on the local cores (or the cluster at `address`) and write
     trials.json, table.md and pareto.png into out_dir."""
-    from mcu.fleet import init_ray, require_ray
+    from base.cluster import require_ray, run_trials
     from mcu.profile import board_budget, planning_graph
 
-    require_ray()
-    from ray import tune
-
+    require_ray(HINT)
     out = Path(out_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
     board_budget(board)                   # an unknown board fails before the lowering
     graph = graph if graph is not None else planning_graph(model, seq_len)
     budget = board_budget(board, graph)
     space = plan_space(graph, rows, kts, strategies)
-    ray = require_ray()
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")      # the legacy reporter honours verbose=0
-    started = not ray.is_initialized()
-    init_ray(address)
-    try:
-        t0 = time.monotonic()
-        tuner = tune.Tuner(tune.with_resources(tune.with_parameters(_trial_entry, graph=graph, budget=budget),
-                                               {"cpu": cpus_per_trial}),
-                           param_space={"cfg": tune.grid_search(space)},
-                           # Reused actors: a fresh worker per trial costs an interpreter start and the
-                           # imports (seconds each on a busy 2-core host), the trial itself milliseconds.
-                           tune_config=tune.TuneConfig(metric="arena_bytes", mode="min", reuse_actors=True),
-                           run_config=tune.RunConfig(name="tune", storage_path=str(out), verbose=0))
-        grid = tuner.fit()
-        seconds = time.monotonic() - t0
-    finally:
-        if started and not address:
-            ray.shutdown()
-    trials, errors = [], []
-    for r in grid:
-        if r.error is not None:
-            errors.append(f"{r.config['cfg']}: {r.error}")
-            continue
-        c, m = r.config["cfg"], r.metrics
-        trials.append(PlanTrial(c["schedule"], c["rows"], c["kt"], c["strategy"], int(m["arena_bytes"]),
-                                int(m["peak_live"]), int(m["macs"]), int(m["calls"]), bool(m["fits"]),
-                                float(m["seconds"])))
-    if errors:
-        raise TinyshieldError(f"{len(errors)} of {len(space)} sweep trials failed (logs under {out}/tune): "
-                              + "; ".join(errors[:3]))
+    results, seconds = run_trials(_plan_trial, space, out, metric="arena_bytes", mode="min", address=address,
+                                  cpus_per_trial=cpus_per_trial, hint=HINT, graph=graph, budget=budget)
+    trials = [PlanTrial(c["schedule"], c["rows"], c["kt"], c["strategy"], int(m["arena_bytes"]), int(m["peak_live"]),
+                        int(m["macs"]), int(m["calls"]), bool(m["fits"]), float(m["seconds"])) for c, m in results]
     trials.sort(key=lambda t: (t.schedule != "layerwise", t.rows or 0, t.kt or 0, t.strategy))
     res = PlanSweep(model, board, seq_len, budget, trials, pareto_front(trials), seconds, str(out))
     res.files = {"json": str(out / "trials.json"), "table": str(out / "table.md"), "plot": str(out / "pareto.png")}
@@ -149,12 +116,6 @@ def plan_sweep(model: str, seq_len: int, board: str, out_dir: str | Path, rows: 
     Path(res.files["table"]).write_text(markdown_table(res))
     plot_pareto(res, res.files["plot"])
     return res
-
-
-def _trial_entry(config: dict, graph=None, budget: int = 0):
-    """Tune's function trainable: report the one result of a configuration."""
-    from ray import tune
-    tune.report(_plan_trial(config["cfg"], graph, budget))
 
 
 def markdown_table(res: PlanSweep) -> str:

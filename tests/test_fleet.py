@@ -12,12 +12,13 @@ import torch
 ray = pytest.importorskip("ray", reason="Ray is not installed: the fleet tests need the optional 'fleet' extra "
                                         "(pip install -e '.[fleet]'; `make test` installs it)")
 
+from base.cluster import init_ray, usable_cpus  # noqa: E402
 from base.data import data_dir, mnist  # noqa: E402
 from edge.models.io import save_model  # noqa: E402
 from edge.models.vit import ViT, ViTConfig  # noqa: E402
 from mcu.build import build_model  # noqa: E402
 from mcu.device import evaluate, open_board  # noqa: E402
-from mcu.fleet import EMULATED_RESOURCE, Fleet, init_ray, load_board_file, usable_cpus  # noqa: E402
+from mcu.fleet import EMULATED_RESOURCE, Fleet, load_board_file  # noqa: E402
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
 N = 24

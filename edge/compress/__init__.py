@@ -1,7 +1,8 @@
 """Compression of tiny BERTs: clustered low-rank (CLR) word embeddings under a budget.
 
 Modules: `clr` (the table, its int8 form, per-token cost), `search` (budgeted cluster and rank
-search), `model` (install into a BERT, fine-tune, sizes), `io` (the file format below).
+search), `model` (install into a BERT, fine-tune, sizes), `io` (the file format below), `pipeline`
+(the whole `tinyshield compress` job), `sweep` (many such jobs as Ray Tune trials).
 
 On-disk format (version 1) — a directory with `config.json` and `model.safetensors`
 -------------------------------------------------------------------------------------

@@ -75,6 +75,12 @@ def lookup_summary(layout, weights: np.ndarray) -> dict:
             "mean_bytes_read": float(sum(p * c["bytes_read"] for p, c in zip(w_c, costs)))}
 
 
+def eval_seq_len(model: nn.Module, max_len: int | None = None) -> int:
+    """Tokens per SST-2 sentence when measuring and fine-tuning: 64 fits them all (the longest dev
+    sentence has 57), fewer when the model keeps fewer position rows."""
+    return min(64, max_len or cm.bert_of(model).embeddings.position_embeddings.num_embeddings)
+
+
 def classifier_whitening(model: BertClassifier, seq_len: int = 64, train_limit: int | None = None):
     """(S, S^-1) of the classifier's sensitivity metric on SST-2 train (see `edge.compress.sensitivity`)."""
     from base import data
@@ -88,14 +94,16 @@ def compress_model(model: nn.Module, name: str, budget: int, unit: str = "params
                    finetune_steps: int = 800, int8: bool = True, out: str | Path | None = None,
                    train_limit: int | None = None, dev_limit: int | None = None, quiet: bool = True,
                    cands=None, max_len: int | None = None, augment: float = 1.0,
-                   sensitivity: bool = True, whiten=None) -> tuple[Report, cm.Compressed]:
+                   sensitivity: bool = True, whiten=None, counts: np.ndarray | None = None
+                   ) -> tuple[Report, cm.Compressed]:
     """Compress `model`'s word table within `budget` and report sizes, errors and quality.
 
     `max_len` cuts the position table to the sequence length the model is deployed at (rows past it
     are never read); None keeps every row. The freed parameters count towards the word table.
     `augment` weighs the fine-tuning term on sequences with rare tokens substituted in (0 = off).
     `sensitivity`: a classifier's table is rebuilt in its output-sensitivity metric (computed here
-    unless `whiten` gives it; `cands`, if given, must come from the whitened table).
+    unless `whiten` gives it; `cands`, if given, must come from the whitened table). `counts`: the
+    SST-2 train token counts when the caller has them already (a sweep computes them once).
 
     Classifier: SST-2 dev accuracy of the original, the compressed model before and after
     `finetune_steps` of recovery training (labels + KL to the original), and with int8 factors.
@@ -106,7 +114,7 @@ def compress_model(model: nn.Module, name: str, budget: int, unit: str = "params
     t0 = time.time()
     model = model.eval()
     table = cm.word_table(model)
-    counts = sst2_counts(table.shape[0], train_limit)
+    counts = counts if counts is not None else sst2_counts(table.shape[0], train_limit)
     weights = token_weights(counts)
     sizes_before = cm.size_parts(model)
     rows_before = cm.bert_of(model).embeddings.position_embeddings.num_embeddings
@@ -115,7 +123,7 @@ def compress_model(model: nn.Module, name: str, budget: int, unit: str = "params
         cm.truncate_positions(cut, max_len)
     if total:
         cm.embedding_budget(cut, budget, unit)  # an infeasible budget fails before the expensive steps
-    seq_len = min(64, max_len or rows_before)  # SST-2 sentences fit 64 tokens (longest dev sentence: 57)
+    seq_len = eval_seq_len(model, max_len)
     if sensitivity and whiten is None and isinstance(model, BertClassifier):
         whiten = classifier_whitening(model, seq_len, train_limit)
     comp = cm.compress(cut, weights, budget, unit, total=total, cands=cands, whiten=whiten)
@@ -132,7 +140,7 @@ def compress_model(model: nn.Module, name: str, budget: int, unit: str = "params
 
     if isinstance(model, BertClassifier):
         from edge.models.minilm import encode
-        from edge.train import accuracy
+        from edge.train import accuracy, predict
 
         dev_seqs = encode(dev_texts, seq_len)
         quality["original_accuracy"] = accuracy(model, dev_seqs, dev_labels)
@@ -150,6 +158,7 @@ def compress_model(model: nn.Module, name: str, budget: int, unit: str = "params
             quality["int8_clr_accuracy"] = accuracy(comp.model, dev_seqs, dev_labels)
             best = quality["int8_clr_accuracy"]
         quality["accuracy"] = best
+        quality["agreement"] = float((predict(comp.model, dev_seqs) == predict(model, dev_seqs)).mean())
         quality["drop_points"] = 100 * (quality["original_accuracy"] - best)
         quality["dev_sentences"] = len(dev_seqs)
     elif isinstance(model, BertModel):

@@ -19,6 +19,7 @@ error at the budget wins. Costs are counted in parameters (factor values) or in 
 from __future__ import annotations
 
 import heapq
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -238,6 +239,16 @@ def candidates(table: np.ndarray, weights: np.ndarray, bands=(1, 4, 8, 16, 32), 
             elif b > 1:
                 out.append(Candidate(f"bands{b}-kmeans{s}", split_by_similarity(table, base, s)))
     return out
+
+
+def parse_layout(name: str) -> tuple[int, int]:
+    """(bands, k-means parts) of a cluster-assignment name as `candidates` writes it: "bands8" or
+    "bands16-kmeans4"."""
+    m = re.fullmatch(r"bands(\d+)(?:-kmeans(\d+))?", name)
+    if not m or int(m[1]) < 1 or (m[2] is not None and (int(m[2]) < 2 or int(m[1]) < 2)):
+        raise TinyshieldError(f"cluster layout {name!r}: give bandsB (B >= 1 frequency bands) or bandsB-kmeansK "
+                              "(B >= 2 bands, each split into K >= 2 k-means clusters), e.g. bands8 or bands16-kmeans4")
+    return int(m[1]), int(m[2] or 1)
 
 
 def min_cost(vocab: int, d: int, cost: Cost, n_clusters: int = 1) -> int:

@@ -51,7 +51,8 @@ def main(argv=None) -> int:
 
     from mcu.build import build_model
     from mcu.device import evaluate, open_board
-    from mcu.fleet import EMULATED_RESOURCE, Fleet, init_ray, require_ray, task_overheads, usable_cpus
+    from base.cluster import init_ray, require_ray, usable_cpus
+    from mcu.fleet import EMULATED_RESOURCE, Fleet, task_overheads
 
     ray = require_ray()
     con = Console()

@@ -45,8 +45,9 @@ def run(args):
     if fleet and args.url:
         raise TinyshieldError("--url names one board; a fleet is --boards N or --fleet boards.toml (not both)")
     if fleet:
-        from mcu.fleet import require_ray
-        require_ray()                   # before the (slow) build, not after it
+        from base.cluster import require_ray
+        from mcu.fleet import HINT
+        require_ray(HINT)               # before the (slow) build, not after it
     built = build(args)
     xs, ys, source = built.test_set(args.dataset, args.limit, args.data)
     print(f"data: {source}; firmware {built.firmware.elf}")
