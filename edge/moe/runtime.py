@@ -238,7 +238,14 @@ class MoERuntime:
         return v
 
     def _resident(self, l: int) -> torch.Tensor:
-        return torch.tensor([(l, e) in self.cache for e in range(self.cfg.experts)])
+        """Layer l's experts in RAM or on their way there (a prefetch in flight): what cache-aware routing
+        favours. Counting in-flight reads makes the choice depend less on how fast the read went."""
+        with self.cache.lock:
+            here = {e for (k, e) in self.cache.items if k == l}
+        if self.prefetcher is not None:
+            with self.prefetcher.lock:
+                here |= {e for (k, e) in self.prefetcher.inflight if k == l}
+        return torch.tensor([e in here for e in range(self.cfg.experts)])
 
     def _guess(self, l: int, x: torch.Tensor) -> Key | None:
         """Layer l+1's router on layer l's hidden state: its predicted top expert (returned) and the reads
