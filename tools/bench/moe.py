@@ -316,7 +316,7 @@ def plot_replay(curve, rows, path) -> None:
             ax.plot(*zip(*pts), mark, markersize=10, label=f"{label} (measured)")
     ax.set_xlabel("cache budget (% of all expert bytes)")
     ax.set_ylabel("demand hit rate (%)")
-    ax.set_title("Expert cache hit rate vs budget (held-out text; lines: replay of the top-2 trace)")
+    ax.set_title("Expert cache hit rate vs budget\n(held-out text; lines: offline replay of the top-2 trace)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
