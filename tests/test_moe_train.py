@@ -34,6 +34,11 @@ def test_cli_train_run_trace(shared_data, build_tmp, one_thread, capsys):
                  "--storage", "emmc", "--margin", "0.5", "--lowp", "int4", "--prompt", "ROMEO:", "--tokens", "10"]) == 0
     out = capsys.readouterr().out
     assert "storage emmc" in out and "cache-aware margin 0.5" in out and "low-precision reads" in out
+    assert main(["moe", "run", "--model", str(model_dir), "--budget", "10%", "--policy", "lru", "--storage", "sd",
+                 "--margin", "1", "--lowp", "int8", "--lowp-max-weight", "1", "--prefetch", "2",
+                 "--prompt", "ROMEO:", "--tokens", "10"]) == 0
+    out = capsys.readouterr().out
+    assert "int8 cache (every expert from its int8 copy)" in out and "prefetch: issued" in out
     assert main(["moe", "run", "--model", str(model_dir), "--storage", "floppy", "--prompt", "x"]) == 2
     assert "unknown storage profile 'floppy'" in capsys.readouterr().err
     trace_file = build_tmp / "t.json"

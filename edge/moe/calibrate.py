@@ -137,13 +137,17 @@ class MarginCalibration:
 
 def calibrate_margin(store: ExpertStore, ids: torch.Tensor, policy: str, budget_bytes: int,
                      candidates=(0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0), max_ppl_increase: float = 0.01,
-                     tokens: int = 256, lowp: str | None = None, slots: list[int] | None = None) -> MarginCalibration:
+                     tokens: int = 256, lowp: str | None = None, slots: list[int] | None = None,
+                     lowp_max_weight: float = 0.5) -> MarginCalibration:
     """Sweeps the margin on `ids` (training text) with the cache the runtime will have (policy, budget).
 
     The perplexity cost of a margin depends on what is resident, so it is calibrated per policy and
-    budget; reads go to the unthrottled store (only hits and perplexity matter here). Cached in the store."""
+    budget (and, with `lowp`, the same cheap-miss rule: it changes what fits); without prefetching (its timing
+    would make the calibration depend on the machine's load);
+    reads go to the unthrottled store (only hits and perplexity matter here). Cached in the store."""
     key = config_hash({"ids": config_hash(ids[:tokens + 1].tolist()), "policy": policy, "budget": budget_bytes,
                        "cand": list(candidates), "max": max_ppl_increase, "lowp": lowp, "slots": slots,
+                       "lowp_max_weight": lowp_max_weight if lowp else None,
                        "code": files_hash([Path(__file__).parent / f for f in ("runtime.py", "policies.py", "routing.py")])})
     path = store.root / f"margin-{key}.json"
     if path.is_file():
@@ -154,7 +158,8 @@ def calibrate_margin(store: ExpertStore, ids: torch.Tensor, policy: str, budget_
         top2 = rt.score(probe).perplexity
     sweep, best = [], 0.0
     for m in sorted(candidates):
-        with MoERuntime(plain, policy, budget_bytes, route_margin=m, lowp=lowp, slots=slots) as rt:
+        with MoERuntime(plain, policy, budget_bytes, route_margin=m, lowp=lowp, slots=slots,
+                        lowp_max_weight=lowp_max_weight) as rt:
             s = rt.score(probe)
         ok = s.perplexity <= top2 * (1 + max_ppl_increase)
         sweep.append({"margin": m, "perplexity": s.perplexity, "hit_rate": s.hit_rate,

@@ -11,7 +11,10 @@ Past AdapMoE, two knobs change what is computed, each bounded and calibrated for
 cache-aware routing (`route_margin`: a close call goes to an expert already in RAM, see
 `edge.moe.routing`) and cheap misses (`lowp`: a miss of a less important expert -- not the top
 choice, gate weight below `lowp_max_weight` -- reads the int8 or int4 copy, HOBBIT-style; a later
-important use of a low-precision copy reads the full expert and replaces it in the cache).
+important use of a low-precision copy reads the full expert and replaces it in the cache). With
+`lowp_max_weight` >= 1 every expert is served from the copy: the cache then holds int8 experts only,
+four times as many in the same bytes, multiplied in int8 (`Expert.ffn`), and the per-layer slots are
+counted in the copy's bytes.
 """
 from __future__ import annotations
 
@@ -112,9 +115,10 @@ def dense_model(store: ExpertStore) -> MoEModel:
 
 
 def make_policy(name: str, store: ExpertStore, budget_bytes: int, slots: list[int] | None = None,
-                trace: list[Key] | None = None) -> Policy:
+                trace: list[Key] | None = None, unit_bytes: int | None = None) -> Policy:
+    """unit_bytes: RAM bytes of one cached expert, for the slot-counting policies (default: a full expert)."""
     cfg = store.cfg
-    total = budget_bytes // store.expert_bytes
+    total = budget_bytes // (unit_bytes or store.expert_bytes)
     if name == "on-demand":
         return NoCache()
     if name == "lru":
@@ -137,11 +141,14 @@ class MoERuntime:
     def __init__(self, store: ExpertStore, policy: str = "lru", budget_bytes: int = 0, *,
                  gating: Gating | None = None, prefetch: bool = False, slots: list[int] | None = None,
                  trace: list[Key] | None = None, model: MoEModel | None = None, prefetch_at: str = "attn",
-                 route_margin: float = 0.0, lowp: str | None = None, lowp_max_weight: float = 0.5):
+                 route_margin: float = 0.0, lowp: str | None = None, lowp_max_weight: float = 0.5,
+                 prefetch_k: int = 1):
         """prefetch_at: guess layer l+1's expert from layer l's hidden state after its attention ("attn",
         more time to hide the read) or after its FFN ("ffn", a closer guess, less time).
         route_margin: cache-aware routing's bonus on the gate logits of resident experts (0 = top-k).
-        lowp: "int8" or "int4": on a miss of a non-top expert with gate weight < lowp_max_weight, read that copy."""
+        lowp: "int8" or "int4": on a miss of an expert with gate weight < lowp_max_weight, read that copy (the
+        top expert's weight is >= 1/top_k, so thresholds up to that spare it; from 1 on, every expert is low-precision).
+        prefetch_k: how many of layer l+1's predicted experts to prefetch (after cache-aware routing's bonus)."""
         if prefetch_at not in ("attn", "ffn"):
             raise TinyshieldError(f"prefetch_at is 'attn' or 'ffn', not {prefetch_at!r}")
         if route_margin < 0:
@@ -152,6 +159,8 @@ class MoERuntime:
         self.route_margin = route_margin
         self.lowp = lowp
         self.lowp_max_weight = lowp_max_weight
+        self.lowp_only = lowp is not None and lowp_max_weight >= 1
+        self.prefetch_k = prefetch_k
         self.full_precision = "int8" if store.int8 else "float32"
         self.prefetch_at = prefetch_at
         self.store = store
@@ -167,9 +176,12 @@ class MoERuntime:
             self.cache = None
         else:
             self.resident = None
-            self.cache = ExpertCache(budget_bytes, make_policy(policy, store, budget_bytes, slots, trace))
+            unit = store.expert_bytes_of(lowp) if self.lowp_only else None
+            self.cache = ExpertCache(budget_bytes, make_policy(policy, store, budget_bytes, slots, trace, unit))
             self.cache.on_evict = self._forget_prefetch
-        self.prefetcher = (Prefetcher(store.read, self.cache, lambda x: x.nbytes, self._forget_prefetch)
+        ahead = self.lowp if self.lowp_only else "full"  # prefetch what the decoder will accept
+        self.prefetcher = (Prefetcher(lambda key: store.read(key, ahead), self.cache, lambda x: x.nbytes,
+                                      self._forget_prefetch)
                            if prefetch and self.cache is not None else None)
         store.reset_counters()
         self.reset()
@@ -225,14 +237,29 @@ class MoERuntime:
         self.cache.put(key, v, v.nbytes)
         return v
 
+    def _resident(self, l: int) -> torch.Tensor:
+        """Layer l's experts in RAM or on their way there (a prefetch in flight): what cache-aware routing
+        favours. Counting in-flight reads makes the choice depend less on how fast the read went."""
+        with self.cache.lock:
+            here = {e for (k, e) in self.cache.items if k == l}
+        if self.prefetcher is not None:
+            with self.prefetcher.lock:
+                here |= {e for (k, e) in self.prefetcher.inflight if k == l}
+        return torch.tensor([e in here for e in range(self.cfg.experts)])
+
     def _guess(self, l: int, x: torch.Tensor) -> Key | None:
-        """Layer l+1's router on layer l's hidden state: the expert to prefetch (and queue its read)."""
+        """Layer l+1's router on layer l's hidden state: its predicted top expert (returned) and the reads
+        of its predicted `prefetch_k` experts, ranked as cache-aware routing will rank them."""
         if self.prefetcher is None or l + 1 >= self.cfg.layers:
             return None
         nxt = self.model.blocks[l + 1]
-        key = (l + 1, int(nxt.moe.router(nxt.ln2(x)).argmax()))
-        self._prefetch(key)
-        return key
+        logits = nxt.moe.router(nxt.ln2(x)).view(-1)
+        if self.route_margin > 0:
+            logits = logits + self.route_margin * self._resident(l + 1).to(logits.dtype)
+        ranked = logits.topk(self.prefetch_k).indices.tolist()
+        for e in ranked:
+            self._prefetch((l + 1, e))
+        return (l + 1, ranked[0])
 
     def _prefetch(self, key: Key) -> None:
         if self.prefetcher.request(key):
@@ -263,9 +290,8 @@ class MoERuntime:
             idx, w = route(logits, self.cfg.top_k)
             idx, w = idx[0].tolist(), w[0]
             if self.route_margin > 0 and self.cache is not None:
-                resident = torch.tensor([(l, e) in self.cache for e in range(self.cfg.experts)])
                 plain = set(idx)
-                idx, w = cache_aware_route(logits[0], self.cfg.top_k, resident, self.route_margin)
+                idx, w = cache_aware_route(logits[0], self.cfg.top_k, self._resident(l), self.route_margin)
                 self.stats.reroutes += set(idx) != plain
             if guess is not None:
                 self.stats.predictions += 1
@@ -278,7 +304,7 @@ class MoERuntime:
             order = sorted(range(len(idx)), key=lambda j: self.cache is not None and (l, idx[j]) not in self.cache)
             for j in order:
                 e = idx[j]
-                cheap = j > 0 and self.lowp is not None and float(w[j]) < self.lowp_max_weight
+                cheap = self.lowp_only or (self.lowp is not None and float(w[j]) < self.lowp_max_weight)
                 y += w[j] * self.expert((l, e), cheap).ffn(h)
             self.stats.experts_activated += len(idx)
             x = x + y.view_as(x)

@@ -12,9 +12,12 @@ The low-precision copies are what a cheap miss reads (HOBBIT): an expert that ma
 token is read at 1/4 or 1/8 of the bytes. An int4 copy is unpacked to int8 when read, so in RAM every
 quantised expert is int8 + scales and one multiply path serves both.
 
-Reads go to the device, not the page cache: after reading a file we call
+On the host profile reads go to this machine's disk, not the page cache: after reading a file we call
 `posix_fadvise(POSIX_FADV_DONTNEED)` on it, so the next read of the same expert is a real read again
-(O_DIRECT would also work but needs aligned buffers and is refused by some file systems).
+(O_DIRECT would also work but needs aligned buffers and is refused by some file systems). On a device
+profile (`edge.moe.storage`) the file is still read, but its pages stay cached: the profile's device
+sets the time, and this shared machine's virtual disk (measured at ~5 ms for a 105 kB read under load,
+slower than an SD card) would otherwise put its own contention into every device's figures.
 Every read is checked against the manifest's sha256 before it is parsed.
 """
 from __future__ import annotations
@@ -167,14 +170,16 @@ def write_store(model: MoEModel, root: str | Path, int8: bool = False, source: s
 class ExpertStore:
     """Reads experts on demand; thread-safe; counts the bytes and time spent reading."""
 
-    def __init__(self, root: str | Path, storage: str | None = None):
+    def __init__(self, root: str | Path, storage: str | None = None, drop_cache: bool | None = None):
         """storage: a profile of `edge.moe.storage.PROFILES` ("emmc", "sd", ...); None or "host" reads at
-        whatever speed this machine's disk has."""
+        whatever speed this machine's disk has. drop_cache: drop each file's pages after reading it
+        (default: on the host profile only)."""
         from edge.moe.storage import Device, profile
 
         self.root = Path(root)
         prof = profile(storage)
         self.device = Device(prof) if prof is not None else None
+        self.drop_cache = prof is None if drop_cache is None else drop_cache
         mf = self.root / "manifest.json"
         if not mf.is_file():
             raise TinyshieldError(f"{self.root}: no expert store here (manifest.json missing) — "
@@ -244,8 +249,8 @@ class ExpertStore:
                     break
                 chunks.append(b)
                 got += len(b)
-            # Drop the file's pages so the next read of this expert goes to the device again.
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            if self.drop_cache:  # the next read of this expert goes to the disk again
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
         return b"".join(chunks)

@@ -4,10 +4,15 @@ For each expert budget (default 10%, 25%, 50% of all expert bytes) and storage p
 UFS, eMMC, SD card, MCU QSPI flash; see `edge.moe.storage`) it decodes the same held-out text token by
 token with: per-layer LRU (Mixtral-offloading), LFU, least-stale, the landed AdapMoE (DP-sized LRU,
 adaptive gating, prefetch), cache-aware routing over LRU and over least-stale (margin calibrated on
-training text for <= 1% perplexity), and the best combination (cache-aware per-layer LRU + cheap int8
-misses + prefetch). It measures demand hit rate, bytes read, stall and decode time per token, tokens/s and
-perplexity, next to the all-in-RAM reference and Belady's MIN replaying the unmodified top-2 trace.
-Reads hit storage (posix_fadvise DONTNEED after every read, sha256 checked), then wait for the profile.
+training text for <= 1% perplexity), the landed combination (cache-aware per-layer LRU + cheap int8
+misses + prefetch), the int8 cache (every expert served from its int8 copy: four times as many experts
+in the same bytes) and the best configuration (cache-aware per-layer LRU over the int8 cache, prefetching
+the next layer's two predicted experts). It measures demand hit rate, bytes read, stall and decode time per token, tokens/s and
+perplexity, next to the all-in-RAM reference and Belady's MIN replaying the unmodified top-2 trace
+(with as many slots as full experts fit the budget, and -- the fair ceiling for an int8 cache -- as
+many as int8 copies fit).
+Every read really reads the file and checks its sha256; on "host" it goes to this machine's disk
+(posix_fadvise DONTNEED after every read), on a device profile it then waits for the profile's device.
 
 Writes a table, build/bench/moe.json, build/bench/moe_hit_rate.png (offline replay vs budget) and
 build/bench/moe_profiles.png (hit rate and tokens/s vs budget per profile).
@@ -51,6 +56,12 @@ class Config:
     lowp: str | None = None
     prefetch: bool = False
     adapmoe: bool = False            # the landed AdapMoE (DP slots, gating, prefetch)
+    lowp_max_weight: float | None = None  # None: the command line's; >= 1: every expert from the copy
+    prefetch_k: int = 1
+
+
+BEST = "best: cache-aware lru + int8 cache + prefetch"
+LANDED = "cache-aware + int8 misses + prefetch"
 
 
 # LFU is in the offline replay (hit_rate_vs_budget) only: it never led there, and every decoded run costs minutes.
@@ -58,8 +69,10 @@ CONFIGS = (Config("lru", "lru"), Config("least-stale", "least-stale"),
            Config("adapmoe", "adapmoe", adapmoe=True),
            Config("cache-aware lru", "lru", margin_from="lru"),
            Config("cache-aware least-stale", "least-stale", margin_from="least-stale"),
-           Config("best: cache-aware + int8 misses + prefetch", "lru", margin_from="lru+int8",
-                  lowp="int8", prefetch=True))
+           Config(LANDED, "lru", margin_from="lru+int8", lowp="int8", prefetch=True),
+           Config("int8 cache lru", "lru", lowp="int8", lowp_max_weight=1.0),
+           Config(BEST, "lru", margin_from="lru+int8 cache", lowp="int8", lowp_max_weight=1.0,
+                  prefetch=True, prefetch_k=2))
 
 
 def cpu_name() -> str:
@@ -79,8 +92,8 @@ def open_config(store, c: Config, budget: int, margins: dict, cal, lowp_max_weig
     if c.adapmoe:
         return open_runtime(store, "adapmoe", budget, calibration=cal)
     margin = margins[c.margin_from].margin if c.margin_from else 0.0
-    return MoERuntime(store, c.policy, budget, route_margin=margin, lowp=c.lowp, lowp_max_weight=lowp_max_weight,
-                      prefetch=c.prefetch)
+    return MoERuntime(store, c.policy, budget, route_margin=margin, lowp=c.lowp, prefetch=c.prefetch,
+                      lowp_max_weight=c.lowp_max_weight or lowp_max_weight, prefetch_k=c.prefetch_k)
 
 
 def main(argv=None) -> int:
@@ -91,7 +104,10 @@ def main(argv=None) -> int:
     ap.add_argument("--policies", default=None, help="only these configuration labels (comma separated)")
     ap.add_argument("--lowp-max-weight", type=float, default=0.35,
                     help="cheap misses: second experts with a gate weight below this read the int8 copy")
-    ap.add_argument("--max-ppl-increase", type=float, default=0.01, help="margin calibration: allowed ppl increase")
+    # The target is 1% on held-out text; a margin calibrated to 1% on training text came out at +1.2-1.6% on
+    # held-out text (the two are small and differ), so the calibration keeps half of the 1% as headroom.
+    ap.add_argument("--max-ppl-increase", type=float, default=0.005,
+                    help="margin calibration: allowed ppl increase on training text (default 0.005)")
     ap.add_argument("--int8", action="store_true", help="the int8 expert store (full copies int8)")
     ap.add_argument("--model", help="trained MoE model directory (default: the `moe train` model)")
     ap.add_argument("--quick", action="store_true", help="fewer tokens, budgets and profiles (smoke check)")
@@ -128,6 +144,7 @@ def main(argv=None) -> int:
     cfg = base.cfg
     ids = eval_ids(tokens)
     calib_ids = calibration_ids()
+    margin_ids = calibration_ids(per_corpus=171)  # 512 tokens for the margin sweeps, a third from each corpus
     t0 = time.time()
     cal = calibrate(base, calib_ids)
     con.print(f"AdapMoE calibration: s_l = {[f'{s:.3g}' for s in cal.sensitivity]}, T = {cal.threshold:.4g} "
@@ -148,12 +165,15 @@ def main(argv=None) -> int:
         budget = total * pct // 100
         slots = budget // base.expert_bytes
         belady = replay_all(top2_trace, cfg.layers, cfg.experts, slots)["belady"]
+        slots_int8 = budget // base.expert_bytes_of("int8")
+        belady_int8 = replay_all(top2_trace, cfg.layers, cfg.experts, slots_int8)["belady"]
         margins = {}
         for c in configs:
             if c.margin_from and c.margin_from not in margins:
                 t1 = time.time()
-                margins[c.margin_from] = calibrate_margin(base, calib_ids, c.policy, budget, lowp=c.lowp,
-                                                          max_ppl_increase=args.max_ppl_increase)
+                margins[c.margin_from] = calibrate_margin(
+                    base, margin_ids, c.policy, budget, lowp=c.lowp, tokens=512, max_ppl_increase=args.max_ppl_increase,
+                    lowp_max_weight=c.lowp_max_weight or args.lowp_max_weight)
                 m = margins[c.margin_from]
                 at = next((s["perplexity"] for s in m.sweep if s["margin"] == m.margin), m.top2_perplexity)
                 con.print(f"  {pct}%: margin for {c.margin_from} = {m.margin} "
@@ -172,7 +192,8 @@ def main(argv=None) -> int:
                 rows.append({"budget_pct": pct, "budget_bytes": budget, "slots": slots, "storage": prof,
                              "label": c.label, "policy": c.policy, "lowp": c.lowp, "prefetch": c.prefetch,
                              "margin": margins[c.margin_from].margin if c.margin_from else 0.0,
-                             "belady_top2_trace": belady,
+                             "belady_top2_trace": belady, "slots_int8": slots_int8,
+                             "belady_top2_trace_int8_slots": belady_int8,
                              "slowdown_vs_ram": summ["ms_per_token"] / ref_ms,
                              "ppl_change_pct": 100 * (summ["perplexity"] / ref_ppl - 1),
                              **{k: v for k, v in summ.items() if k not in ("nll_sum", "nll_count")}})
@@ -183,10 +204,13 @@ def main(argv=None) -> int:
     # hit rate vs budget, offline replay of the unmodified top-2 trace (no I/O)
     curve = []
     from edge.moe.cache import replay
-    from edge.moe.policies import LeastStale
+    from edge.moe.policies import Belady, LeastStale
     for slots in range(1, cfg.layers * cfg.experts + 1):
         r = replay_all(top2_trace, cfg.layers, cfg.experts, slots, dp_slots=cal.slots(slots, gated=False))
         r["least-stale"] = replay(top2_trace, slots, LeastStale(cfg.layers)).hits / max(1, len(top2_trace))
+        # the same bytes holding int8 copies: Belady's ceiling for the int8 cache
+        n8 = min(cfg.layers * cfg.experts, slots * base.expert_bytes // base.expert_bytes_of("int8"))
+        r["belady-int8"] = replay(top2_trace, n8, Belady(top2_trace)).hits / max(1, len(top2_trace))
         curve.append({"slots": slots, "budget_pct": 100 * slots / (cfg.layers * cfg.experts), **r})
 
     headline = headlines(rows, budgets, profiles)
@@ -195,8 +219,9 @@ def main(argv=None) -> int:
               "expert_bytes": base.expert_bytes, "expert_file_bytes": base.entry((0, 0))["file_bytes"],
               "experts_total_bytes": total, "eval_tokens": ref.tokens,
               "profiles": {p: (profile(p).to_dict() if profile(p) else None) for p in profiles},
-              "io": "posix_fadvise(POSIX_FADV_DONTNEED) after every expert read; sha256 checked on every read; "
-                    "then the profile's device waits until latency + bytes/bandwidth (single queue)",
+              "io": "every expert read reads its file and checks its sha256; host: posix_fadvise(POSIX_FADV_DONTNEED) "
+                    "after every read (this machine's disk); device profiles: page cache kept, then the profile's "
+                    "device waits until latency + bytes/bandwidth (single queue)",
               "reference": {"perplexity": ref_ppl, "ms_per_token": ref_ms, "tokens_per_s": 1e3 / ref_ms},
               "lowp_max_weight": args.lowp_max_weight, "max_ppl_increase": args.max_ppl_increase,
               "adapmoe_calibration": {"sensitivity": cal.sensitivity, "threshold": cal.threshold,
@@ -212,7 +237,8 @@ def main(argv=None) -> int:
     t = Table(title=f"MoE expert caching on {cpu_name()}, 1 thread — {ref.tokens} held-out tokens, experts "
                     f"{total / 1e6:.1f} MB ({cfg.layers}x{cfg.experts} x {base.expert_bytes / 1e3:.0f} kB), "
                     f"all in RAM: ppl {ref_ppl:.3f}, {ref_ms:.2f} ms/token")
-    for col in ["budget", "storage", "config", "margin", "hit rate", "Belady top-2", "kB read/tok", "stall ms/tok",
+    for col in ["budget", "storage", "config", "margin", "hit rate", "Belady top-2", "(int8 slots)", "kB read/tok",
+                "stall ms/tok",
                 "ms/tok", "x RAM", "tok/s", "ppl", "ppl change"]:
         t.add_column(col, justify="left" if col in ("config", "storage") else "right")
 
@@ -221,7 +247,8 @@ def main(argv=None) -> int:
 
     for r in rows:
         t.add_row(f"{r['budget_pct']}%", r["storage"], r["label"], f"{r['margin']:.2f}", pct(r["hit_rate"]),
-                  pct(r["belady_top2_trace"]), f"{r['bytes_per_token'] / 1e3:.0f}", f"{r['stall_ms_per_token']:.2f}",
+                  pct(r["belady_top2_trace"]), pct(r["belady_top2_trace_int8_slots"]),
+                  f"{r['bytes_per_token'] / 1e3:.0f}", f"{r['stall_ms_per_token']:.2f}",
                   f"{r['ms_per_token']:.2f}", f"{r['slowdown_vs_ram']:.2f}", f"{r['tokens_per_s']:.1f}",
                   f"{r['perplexity']:.3f}", f"{r['ppl_change_pct']:+.2f}%")
     con.print(t)
@@ -237,28 +264,35 @@ def main(argv=None) -> int:
 
 
 def headlines(rows, budgets, profiles) -> dict:
-    """The issue's numbers: eMMC at 25%, cache-aware vs Belady at 10/25%, best vs LRU and AdapMoE per profile."""
+    """The issue's numbers: eMMC at 25%, cache-aware vs Belady at 10/25%, the fastest configuration within 1%
+    perplexity vs LRU and AdapMoE per profile and budget."""
     def row(pct, prof, label):
         return next((r for r in rows if r["budget_pct"] == pct and r["storage"] == prof and r["label"] == label), None)
 
-    best_label = "best: cache-aware + int8 misses + prefetch"
     h = {}
+    ref = "emmc" if "emmc" in profiles else profiles[0]  # hit rates move a little with prefetch timing
     for pct in (10, 25):
-        for label in ("cache-aware lru", "cache-aware least-stale", best_label):
-            r = row(pct, profiles[0], label)
+        for label in ("cache-aware lru", "cache-aware least-stale", LANDED, "int8 cache lru", BEST):
+            r = row(pct, ref, label)
             if r:
-                gain = 100 * (r["hit_rate"] - r["belady_top2_trace"])
-                h[f"{label} hit rate - Belady(top-2) at {pct}% (points)"] = gain
-                h[f"{label} ppl change at {pct}% (%)"] = r["ppl_change_pct"]
-    for prof in profiles:
-        b = row(25, prof, best_label)
-        if not b:
-            continue
-        h[f"{prof} 25%: best ms/token / all-in-RAM"] = b["slowdown_vs_ram"]
-        for base in ("lru", "adapmoe"):
-            o = row(25, prof, base)
-            if o:
-                h[f"{prof} 25%: best tokens/s / {base}"] = b["tokens_per_s"] / o["tokens_per_s"]
+                h[f"{pct}% {ref}: {label} hit rate - Belady(top-2) (points)"] = 100 * (r["hit_rate"] - r["belady_top2_trace"])
+                if r["lowp"] and "int8 cache" in label:
+                    h[f"{pct}% {ref}: {label} hit rate - Belady(top-2, int8 slots) (points)"] = \
+                        100 * (r["hit_rate"] - r["belady_top2_trace_int8_slots"])
+                h[f"{pct}% {ref}: {label} ppl change (%)"] = r["ppl_change_pct"]
+    # the best configuration per budget and profile: the fastest measured one within 1% of top-2's perplexity
+    for pct in budgets:
+        for prof in profiles:
+            ok = [r for r in rows if r["budget_pct"] == pct and r["storage"] == prof and r["ppl_change_pct"] <= 1.0]
+            if not ok:
+                continue
+            b = max(ok, key=lambda r: r["tokens_per_s"])
+            h[f"{pct}% {prof}: fastest within 1% ppl"] = b["label"]
+            h[f"{pct}% {prof}: its ms/token / all-in-RAM"] = b["slowdown_vs_ram"]
+            for base in ("lru", "adapmoe"):
+                o = row(pct, prof, base)
+                if o:
+                    h[f"{pct}% {prof}: its tokens/s / {base}"] = b["tokens_per_s"] / o["tokens_per_s"]
     return h
 
 
@@ -271,16 +305,18 @@ def plot_replay(curve, rows, path) -> None:
     x = [c["budget_pct"] for c in curve]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for key, label, style in [("lru", "per-layer LRU", "-"), ("lfu", "LFU", "-"), ("least-stale", "least-stale", "-"),
-                              ("dp-lru", "DP-sized LRU", "-"), ("belady", "Belady (MIN)", "--")]:
+                              ("dp-lru", "DP-sized LRU", "-"), ("belady", "Belady (MIN)", "--"),
+                              ("belady-int8", "Belady, int8 copies in the same bytes", ":")]:
         ax.plot(x, [100 * c[key] for c in curve], style, label=label)
     host = [r for r in rows if r["storage"] == rows[0]["storage"]] if rows else []
-    for label, mark in [("cache-aware least-stale", "r*"), ("cache-aware lru", "m^"), ("adapmoe", "k*")]:
+    for label, mark in [("cache-aware least-stale", "r*"), ("cache-aware lru", "m^"), ("adapmoe", "k*"),
+                        ("int8 cache lru", "bs"), (BEST, "gP")]:
         pts = [(r["budget_pct"], 100 * r["hit_rate"]) for r in host if r["label"] == label]
         if pts:
             ax.plot(*zip(*pts), mark, markersize=10, label=f"{label} (measured)")
     ax.set_xlabel("cache budget (% of all expert bytes)")
     ax.set_ylabel("demand hit rate (%)")
-    ax.set_title("Expert cache hit rate vs budget (held-out text; lines: replay of the top-2 trace)")
+    ax.set_title("Expert cache hit rate vs budget\n(held-out text; lines: offline replay of the top-2 trace)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

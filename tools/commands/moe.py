@@ -32,8 +32,11 @@ def register(sub):
                                                  "or 'auto' (calibrated on training text for <= 1%% perplexity); "
                                                  "not with adapmoe")
     r.add_argument("--lowp", choices=("int8", "int4"), help="cheap misses: read this copy of a less important expert")
-    r.add_argument("--lowp-max-weight", type=float, default=0.35, help="gate weight below which an expert (not the "
-                                                                       "top one) counts as less important")
+    r.add_argument("--lowp-max-weight", type=float, default=0.35, help="gate weight below which an expert counts "
+                                                                       "as less important; 1 = every expert (an int8 "
+                                                                       "cache holding 4x the experts)")
+    r.add_argument("--prefetch", type=int, default=0, metavar="K",
+                   help="lru/least-stale: prefetch the next layer's K predicted experts (default 0: off)")
     r.add_argument("--prompt", required=True, help="text to continue")
     r.add_argument("--tokens", type=int, default=200, help="bytes to generate (default 200)")
     r.add_argument("--temperature", type=float, default=0.8)
@@ -102,7 +105,8 @@ def _report(rt, budget):
     print(f"policy {rt.policy_name}  storage {rt.store.storage}  budget {budget:,} B of {rt.store.total_bytes:,} B "
           f"of experts ({100 * budget / rt.store.total_bytes:.0f}%)"
           + (f"  cache-aware margin {rt.route_margin:g}" if rt.route_margin else "")
-          + (f"  cheap misses {rt.lowp} (gate weight < {rt.lowp_max_weight:g})" if rt.lowp else ""))
+          + (f"  {rt.lowp} cache (every expert from its {rt.lowp} copy)" if rt.lowp_only
+             else f"  cheap misses {rt.lowp} (gate weight < {rt.lowp_max_weight:g})" if rt.lowp else ""))
     print(f"  tokens/s {s['tokens_per_s']:.1f}   hit rate {100 * s['hit_rate']:.1f}%   "
           f"bytes read/token {s['bytes_per_token']:,.0f}   stall/token {s['stall_ms_per_token']:.2f} ms   "
           f"experts/token {s['experts_per_token']:.2f}")
@@ -121,14 +125,19 @@ def run_run(args):
     _threads(args.threads)
     store = _store(args)
     budget = parse_budget(args.budget, store.total_bytes)
-    options = {}
     if args.policy != "adapmoe":
-        options = dict(route_margin=_margin(args, store, budget), lowp=args.lowp, lowp_max_weight=args.lowp_max_weight)
-    elif args.margin != "0" or args.lowp:
+        from edge.moe.runtime import MoERuntime
+
+        rt = MoERuntime(store, args.policy, budget, route_margin=_margin(args, store, budget), lowp=args.lowp,
+                        lowp_max_weight=args.lowp_max_weight, prefetch=args.prefetch > 0,
+                        prefetch_k=max(1, args.prefetch))
+    elif args.margin != "0" or args.lowp or args.prefetch:
         from base.errors import TinyshieldError
-        raise TinyshieldError("--margin and --lowp are not part of adapmoe: use them with --policy lru or least-stale")
-    with open_runtime(store, args.policy, budget, gating=not args.no_gating, prefetch=not args.no_prefetch,
-                      **options) as rt:
+        raise TinyshieldError("--margin, --lowp and --prefetch are not part of adapmoe: use them with --policy lru "
+                              "or least-stale")
+    else:
+        rt = open_runtime(store, args.policy, budget, gating=not args.no_gating, prefetch=not args.no_prefetch)
+    with rt:
         out = rt.generate(encode(args.prompt), args.tokens, temperature=args.temperature, seed=args.seed)
     print(decode(out))
     print()
@@ -142,7 +151,8 @@ def _margin(args, store, budget) -> float:
         from edge.moe.adapmoe import calibration_ids
         from edge.moe.calibrate import calibrate_margin
 
-        cal = calibrate_margin(store, calibration_ids(), args.policy, budget, lowp=args.lowp)
+        cal = calibrate_margin(store, calibration_ids(), args.policy, budget, lowp=args.lowp,
+                               lowp_max_weight=args.lowp_max_weight)
         print(f"cache-aware margin {cal.margin:g} (calibration perplexity within "
               f"{100 * cal.max_ppl_increase:.0f}% of top-2)")
         return cal.margin
