@@ -270,6 +270,9 @@ def quantise_input(graph, x) -> "np.ndarray":
     t = graph.tensors[graph.inputs[0]]
     m = graph.meta
     x = np.asarray(x)
+    if str(m.get("input_kind", "")).startswith("tflite"):
+        from mcu.from_tflite import quantise_input as tflite_input
+        return tflite_input(graph, x)
     if m.get("input_kind") == "ids":
         if x.size != int(np.prod(t.shape)) or not np.issubdtype(x.dtype, np.integer):
             raise TinyshieldError(f"token ids must be {int(np.prod(t.shape))} integers, got {x.dtype} {x.shape}")
@@ -457,6 +460,9 @@ def build_model(spec: str, board: str | None = None, schedule: str = "layerwise"
 
     from base.paths import artefact_dir
 
+    if Path(spec).suffix == ".tflite":     # already int8: imported as TFLite Micro computes it
+        from mcu.from_tflite import build_tflite
+        return build_tflite(spec, board, schedule, force, name)
     b = get_board(board)
     src = _load(spec)
     weights = src.path if src.kind == "pt2" else (src.path / "model.safetensors") if src.path else None
