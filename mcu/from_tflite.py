@@ -102,6 +102,8 @@ class Import:
         v = self.value(i)
         if isinstance(v, Act):
             return v
+        if not isinstance(v, np.ndarray):
+            raise self.fail(f"{what} {self.tname(i)} is a {type(v).__name__} value, which only a convolution can read")
         t = self.sg.tensors[i]
         if t.type != fb.TensorType.INT8:
             raise self.fail(f"{what} {self.tname(i)} is a {np.dtype(NUMPY_TYPES[t.type]).name} constant "
@@ -225,10 +227,9 @@ class Import:
 
 # ---------------------------------------------------------------- rules
 
-def _weights(imp: Import, op, x: Act, axis: int):
-    """The int8 weights, their per-channel scales, the int32 bias and the output multipliers as TFLite
-    Micro computes them (double(x_scale) * double(w_scale) / double(y_scale))."""
-    w = imp.const(int(op.inputs[1]))
+def _weights(imp: Import, op, x: Act, axis: int, w=None):
+    """The int8 weights (output channels first), their per-channel scales and the int32 bias."""
+    w = imp.const(int(op.inputs[1])) if w is None else w
     if w is None or w.dtype != np.int8:
         raise imp.fail("the weights must be a constant int8 tensor")
     ws, wz = imp.qparams(int(op.inputs[1]))
@@ -276,9 +277,44 @@ def fully_connected(imp: Import, op, opts):
              [y.tensor], M=M, K=Kd, N=N, x_zp=x.zp, y_zp=y.zp, act_min=lo, act_max=hi)
 
 
-def conv_2d(imp: Import, op, opts):
+@dataclass(frozen=True)
+class Padded:
+    """A PAD output: convolutions take it as their padding (TFLite pads int8 with the zero point, which
+    is what conv2d_s8's padding reads as)."""
+    a: Act
+    pads: tuple          # ((before, after) per dimension)
+
+
+def pad(imp: Import, op, opts):
     x = imp.act(int(op.inputs[0]))
-    w, ws, bias = _weights(imp, op, x, 0)
+    pads = tuple(tuple(int(v) for v in row) for row in imp.const(int(op.inputs[1])).reshape(-1, 2))
+    ys, yz = imp.qparams(int(op.outputs[0]))
+    if len(x.shape) != 4 or any(pads[i] != (0, 0) for i in (0, 3)) or int(yz[0]) != x.zp or \
+            np.float32(ys[0]) != np.float32(x.scale) or len(op.inputs) > 2 and op.inputs[2] >= 0:
+        raise imp.fail("PAD is supported only as the spatial zero padding of a convolution's NHWC input")
+    imp.env[int(op.outputs[0])] = Padded(x, pads)
+
+
+def _conv_input(imp: Import, op) -> tuple[Act, tuple]:
+    v = imp.value(int(op.inputs[0]))
+    if isinstance(v, Padded):
+        return v.a, v.pads[1] + v.pads[2]
+    return imp.act(int(op.inputs[0])), (0, 0, 0, 0)
+
+
+def depthwise_conv_2d(imp: Import, op, opts):
+    """A depthwise convolution of a one-channel image (depth multiplier = output channels) is an
+    ordinary convolution with one input channel: TFLite Micro's arithmetic is the same."""
+    x, _ = _conv_input(imp, op)
+    w = imp.const(int(op.inputs[1]))
+    if x.shape[-1] != 1 or w is None or w.shape[0] != 1:
+        raise imp.fail(f"DEPTHWISE_CONV_2D is supported only on one-channel input (input {x.shape})")
+    conv_2d(imp, op, opts, w.transpose(3, 1, 2, 0))
+
+
+def conv_2d(imp: Import, op, opts, weights=None):
+    x, extra = _conv_input(imp, op)
+    w, ws, bias = _weights(imp, op, x, 0, weights)
     Cout, kh, kw, Cin = w.shape
     if kh != kw or opts.strideH != opts.strideW or opts.dilationHFactor != 1 or opts.dilationWFactor != 1:
         raise imp.fail(f"only square kernels with equal strides and no dilation are supported "
@@ -289,10 +325,14 @@ def conv_2d(imp: Import, op, opts):
     y = imp.out(int(op.outputs[0]))
     _, Hout, Wout, _ = y.shape
     st = opts.strideH
-    pad_h = max((Hout - 1) * st + kh - H, 0) // 2 if opts.padding == fb.Padding.SAME else 0
-    pad_w = max((Wout - 1) * st + kw - W, 0) // 2 if opts.padding == fb.Padding.SAME else 0
-    if pad_h != pad_w:
-        raise imp.fail(f"unequal padding {pad_h} (rows) and {pad_w} (columns) is not supported")
+    Hp, Wp = H + extra[0] + extra[1], W + extra[2] + extra[3]
+    pad_h = max((Hout - 1) * st + kh - Hp, 0) // 2 if opts.padding == fb.Padding.SAME else 0
+    pad_w = max((Wout - 1) * st + kw - Wp, 0) // 2 if opts.padding == fb.Padding.SAME else 0
+    pad_h, pad_w = pad_h + extra[0], pad_w + extra[2]
+    # conv2d_s8 pads pad rows/columns before and as many after as the output needs
+    if pad_h != pad_w or (Hout - 1) * st + kh > H + 2 * pad_h or (Wout - 1) * st + kw > W + 2 * pad_w:
+        raise imp.fail(f"padding {extra} / {pad_h} (rows) and {pad_w} (columns) is not supported "
+                       "(equal before rows and columns, at most as much after)")
     P, Kp = kh * kw * Cin, K.conv_patch_len(kh, Cin)
     if Kp > K.CONV_PATCH_MAX:
         raise imp.fail(f"a {kh}x{kw}x{Cin} patch is longer than the conv kernel's {K.CONV_PATCH_MAX}")
@@ -430,7 +470,7 @@ def _transposed(imp: Import, op, x: Act, suffix: str) -> Act:
 
 
 RULES = {
-    "FULLY_CONNECTED": fully_connected, "CONV_2D": conv_2d,
+    "FULLY_CONNECTED": fully_connected, "CONV_2D": conv_2d, "DEPTHWISE_CONV_2D": depthwise_conv_2d, "PAD": pad,
     "ADD": binary, "SUB": binary, "MUL": binary, "SQUARED_DIFFERENCE": binary,
     "MEAN": mean, "SOFTMAX": softmax, "LOGISTIC": pointwise, "RSQRT": pointwise, "QUANTIZE": pointwise,
     "RESHAPE": reshape, "SQUEEZE": reshape, "EXPAND_DIMS": reshape, "TRANSPOSE": transpose,

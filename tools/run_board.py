@@ -68,9 +68,9 @@ def device_for(built, url: str | None = None):
 
 def load_input(spec: str, built):
     """INPUT for a board: mnist:INDEX (a test image and its label), an .npy/.png image, or text; for a
-    .pt2 model an .npy file holding one input (with or without its batch dimension of 1)."""
+    .pt2 or .tflite model an .npy file holding one input (with or without its batch dimension of 1)."""
     import numpy as np
-    if built.kind == "pt2":
+    if built.kind in ("pt2", "tflite"):
         from base.data import load_array
         return load_array(spec, "x"), None
     if built.kind == "vit":
