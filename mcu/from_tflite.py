@@ -542,3 +542,25 @@ def _code_hash() -> str:
     for p in (root / "from_tflite.py", root / "tflite_kernels.py", root / "firmware" / "kernels" / "tsh_tflite.c"):
         h.update(p.read_bytes())
     return h.hexdigest()[:16]
+
+
+def micro_outputs(model, xs) -> tuple[list[np.ndarray], int]:
+    """TFLite Micro (the interpreter, on this machine) on raw inputs: its outputs and its arena bytes."""
+    from edge.litert.runtime import MicroInterpreter
+
+    data, where = read(model)
+    mi = MicroInterpreter(data)
+    outs, arena = [], 0
+    for x in xs:
+        d = mi.interp.get_input_details(0)
+        r = mi.run_full(np.asarray(x).reshape(d["shape"]))
+        outs.append(r.outputs[0])
+        arena = max(arena, r.arena_bytes)
+    return outs, arena
+
+
+def agreement(graph: Graph, device_outputs, micro) -> list[int]:
+    """Indices where the board's output (as the model returns it) differs from TFLite Micro's in any bit."""
+    return [i for i, (y, r) in enumerate(zip(device_outputs, micro))
+            if not np.array_equal(np.asarray(dequantise_output(graph, y)).reshape(-1).view(np.uint8),
+                                  np.asarray(r).reshape(-1).view(np.uint8))]

@@ -243,6 +243,9 @@ def planning_graph(spec: str, seq_len: int, calib: int = 4, seed: int = 0, calib
 
     from mcu.from_aten import lower_module
 
+    if str(spec).endswith(".tflite"):      # already int8, its sequence length fixed by the file
+        from mcu.from_tflite import lower_tflite
+        return lower_tflite(spec)
     if str(spec).endswith(".pt2"):
         from pathlib import Path
 

@@ -37,8 +37,8 @@ def test_set(dataset: str, built, limit: int, data: str | None = None):
         if len(xs) != len(ys):
             raise TinyshieldError(f"{data}: {len(xs)} inputs but {len(ys)} labels")
         return xs[:limit], ys[:limit], data
-    if built.kind == "pt2":
-        raise TinyshieldError("a .pt2 model is evaluated on your data: pass --data test.npz (arrays x and y)")
+    if built.kind in ("pt2", "tflite"):
+        raise TinyshieldError(f"a .{built.kind} model is evaluated on your data: pass --data test.npz (arrays x and y)")
     if dataset == "mnist":
         if built.kind != "vit":
             raise TinyshieldError(f"dataset mnist needs an image model, {built.name} is {built.kind}")
@@ -88,6 +88,10 @@ def run(args):
     built = build(args)
     xs, ys, source = test_set(args.dataset, built, args.limit, args.data)
     print(f"data: {source}; firmware {built.firmware.elf}")
+    if built.kind == "tflite":
+        if fleet:
+            raise TinyshieldError("a .tflite model is evaluated on one board (no --boards/--fleet yet)")
+        return run_tflite(args, built, xs, ys)
     fe = None
     if fleet:
         from mcu.fleet import Fleet
@@ -115,3 +119,36 @@ def run(args):
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
     return 0
+
+
+def run_tflite(args, built, xs, ys):
+    """A .tflite model: the board, the host reference and TFLite Micro (its interpreter on this machine)
+    on the same inputs; the board's outputs must equal TFLite Micro's bit for bit."""
+    import json
+    import time
+    from dataclasses import asdict
+
+    from base.progress import progress
+    from mcu.device import run_inputs, summarise
+    from mcu.from_tflite import agreement, micro_outputs
+    from tools.run_board import device_for
+
+    t0 = time.monotonic()
+    with device_for(built, args.url) as dev, progress() as bar:
+        task = bar.add_task(f"eval on {dev.info.board}", total=len(xs), info="")
+        records = []
+        for rec in run_inputs(dev, built, xs):
+            records.append(rec)
+            bar.update(task, advance=1)
+        ev = summarise(dev.info, records, ys, time.monotonic() - t0)
+    micro, arena = micro_outputs(args.model, xs)
+    bad = agreement(built.graph, [r.output for r in records], micro)
+    extra = {"tflm_agreement": 1 - len(bad) / max(len(xs), 1), "tflm_mismatches": bad, "tflm_arena_bytes": arena}
+    print_report(ev, extra=[("device vs TFLite Micro", f"{100 * extra['tflm_agreement']:.2f}% "
+                                                      f"({len(xs) - len(bad)}/{len(xs)} bit-identical)"),
+                            ("TFLite Micro arena", f"{arena:,} B (ours {ev.arena_bytes:,} B: "
+                                                   f"{arena / max(ev.arena_bytes, 1):.2f}x smaller)")])
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({**asdict(ev), **extra}, f, indent=1)
+    return 0 if not bad else 1
