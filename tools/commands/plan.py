@@ -87,10 +87,14 @@ def run(args):
     budget = board_budget(args.board, graph)
     with console.status("scheduling and planning"):
         search = None
-        if tiles is None:
-            search = search_tiles(graph, budget)
-            tiles = Tiles(search.chosen.rows, search.chosen.kt)
-        scheds = {"layerwise": layerwise(graph), "tiled": tiled_with(graph, tiles)}
+        if graph.meta.get("source") == "tflite":        # an imported .tflite: row blocks, not attention tiles
+            from mcu.tflite_schedule import search_rows
+            scheds = {"layerwise": layerwise(graph), "tiled": search_rows(graph)}
+        else:
+            if tiles is None:
+                search = search_tiles(graph, budget)
+                tiles = Tiles(search.chosen.rows, search.chosen.kt)
+            scheds = {"layerwise": layerwise(graph), "tiled": tiled_with(graph, tiles)}
         profs = {k: profile(s, args.strategy) for k, s in scheds.items()}
     prof = profs[args.schedule]
     render(prof, console, budget=budget, board=args.board, max_rows=args.rows)
