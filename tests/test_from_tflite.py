@@ -171,14 +171,14 @@ def test_fixture_host_reference_equals_micro(name):
 
 
 def test_fixture_on_board_equals_micro(arm_toolchain, module_build):
-    """The conv + attention fixture built for the emulated board: every output bit-identical to TFLite
-    Micro's (and to the host reference)."""
+    """The conv + attention fixture built for the emulated board (row-block schedule): every output
+    bit-identical to TFLite Micro's (and to the host reference)."""
     from mcu.build import build_model
     from mcu.device import open_board
     from mcu.from_tflite import agreement, micro_outputs
 
     path = FIXTURES / "convattn.tflite"
-    built = build_model(str(path), "mps2-an386")
+    built = build_model(str(path), "mps2-an386", schedule="tiled")
     xs = fixture_inputs(built.graph, 4, seed=3)
     with open_board(built.firmware) as dev:
         outs = [dev.infer(built.quantise_input(x)).output for x in xs]
@@ -222,3 +222,21 @@ def test_refused_build_writes_nothing(build_tmp):
     with pytest.raises(TinyshieldError, match="GELU"):
         build_model(str(p), "mps2-an386")
     assert not any(f.is_file() for f in build_tmp.rglob("*")) if build_tmp.exists() else True
+
+
+# ---------------------------------------------------------------- the row-block schedule
+
+@pytest.mark.parametrize("name,rows", [("bert64", 4), ("bert64", 7), ("vit", 16), ("convattn", 2)])
+def test_row_blocks_equal_layerwise_and_shrink_the_arena(name, rows):
+    """Chains of row-local ops run block by block: the same outputs, every input; a checked plan;
+    a smaller arena than layerwise."""
+    from mcu.tflite_schedule import chains, row_tiled
+
+    g = lower_tflite(FIXTURES / f"{name}.tflite")
+    assert chains(g), "the fixture has row-local chains"
+    lw, tl = layerwise(g), row_tiled(g, rows)
+    pl, pt = plan(lw), plan(tl)
+    check(pt, tl)
+    assert pt.arena_bytes < pl.arena_bytes
+    for x in fixture_inputs(g, 2, seed=rows):
+        assert np.array_equal(run(tl, {"input": x}, pt)["output"], run(lw, {"input": x}, pl)["output"])

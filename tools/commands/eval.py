@@ -7,7 +7,7 @@ def register(sub):
                        description="Run a test set on the (emulated) board: accuracy, instructions per inference "
                                    "and per MAC, peak SRAM measured on the device, agreement with the host int8 reference.")
     p.add_argument("model", nargs="?", default="vit-mnist",
-                   help="recipe name, model directory or .pt2 file (default vit-mnist)")
+                   help="recipe name, model directory, .pt2 or int8 .tflite file (default vit-mnist)")
     add_board_args(p)
     p.add_argument("--dataset", default="mnist", choices=["mnist", "sst2"], help="test set (default mnist)")
     p.add_argument("--data", default=None, metavar="FILE.npz",

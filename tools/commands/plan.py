@@ -6,7 +6,7 @@ def register(sub):
                        description="Lower MODEL to int8, schedule it (tiled or layerwise), plan the arena and "
                                    "print the peak, the live set op by op and the arena map. Refuses a plan "
                                    "over the board's RAM budget.")
-    p.add_argument("model", help="bert-tiny, vit-mnist, minilm, a model directory or a .pt2 file")
+    p.add_argument("model", help="bert-tiny, vit-mnist, minilm, a model directory, a .pt2 or an int8 .tflite file")
     p.add_argument("--calib", default=None, metavar="FILE",
                    help="calibration inputs (.npy/.npz, batch-first) for a .pt2 model (default: its example input; "
                         "scales change no buffer size)")
