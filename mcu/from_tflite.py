@@ -36,6 +36,7 @@ class Act:
     shape: tuple
     scale: float
     zp: int
+    dtype: str = "int8"
 
 
 ACTIVATIONS = {fb.ActivationFunctionType.NONE: "NONE", fb.ActivationFunctionType.RELU: "RELU",
@@ -97,10 +98,14 @@ class Import:
             raise self.fail(f"tensor {i} ({self.tname(i)}) is read before any operator writes it")
         return c
 
-    def act(self, i: int, what: str = "input") -> Act:
-        """An int8 activation operand; a constant operand becomes an int8 constant tensor of the graph."""
+    def act(self, i: int, what: str = "input", int16: bool = False) -> Act:
+        """An int8 activation operand (or int16 where the op takes it); a constant operand becomes an int8
+        constant tensor of the graph."""
         v = self.value(i)
         if isinstance(v, Act):
+            if v.dtype != "int8" and not int16:
+                raise self.fail(f"{what} {self.tname(i)} has {v.dtype} activations: on the board int16 is "
+                                "supported by QUANTIZE and MEAN only")
             return v
         if not isinstance(v, np.ndarray):
             raise self.fail(f"{what} {self.tname(i)} is a {type(v).__name__} value, which only a convolution can read")
@@ -115,16 +120,17 @@ class Import:
                          QParams((float(s[0]),), int(z[0])))
         return Act(name, v.shape, float(s[0]), int(z[0]))
 
-    def out(self, i: int, dtype=fb.TensorType.INT8) -> Act:
+    def out(self, i: int, int16: bool = False) -> Act:
         t = self.sg.tensors[i]
-        if t.type != dtype:
+        types = {fb.TensorType.INT8: "int8", **({fb.TensorType.INT16: "int16"} if int16 else {})}
+        if t.type not in types:
             raise self.fail(f"output {self.tname(i)} is {np.dtype(NUMPY_TYPES[t.type]).name}: only int8 "
-                            "activations are supported")
+                            "activations are supported here" + (" (and int16)" if int16 else ""))
         s, z = self.qparams(i)
         if not len(s):
             raise self.fail(f"output {self.tname(i)} is not quantised")
-        a = Act(f"t{i}", self.shape(i), float(s[0]), int(z[0]))
-        self.b.act(a.tensor, a.shape or (1,), Q.ActQ(a.scale, a.zp))
+        a = Act(f"t{i}", self.shape(i), float(s[0]), int(z[0]), types[t.type])
+        self.b.act(a.tensor, a.shape or (1,), Q.ActQ(a.scale, a.zp), dtype=a.dtype)
         self.env[i] = a
         return a
 
@@ -365,18 +371,20 @@ def binary(imp: Import, op, opts):
 
 
 def mean(imp: Import, op, opts):
-    x = imp.act(int(op.inputs[0]))
+    x = imp.act(int(op.inputs[0]), int16=True)
     axes = sorted({int(a) % len(x.shape) for a in np.ravel(imp.const(int(op.inputs[1])))})
     axes = [a for a in axes if x.shape[a] != 1] or axes[:1]     # a size-1 axis reduces to itself
     if axes != list(range(axes[0], axes[-1] + 1)):
         raise imp.fail(f"MEAN over non-adjacent axes {axes} is not supported")
-    y = imp.out(int(op.outputs[0]))
+    y = imp.out(int(op.outputs[0]), int16=True)
+    if y.dtype != x.dtype:
+        raise imp.fail(f"MEAN from {x.dtype} to {y.dtype} is not supported")
     outer = int(np.prod(x.shape[:axes[0]]))
     n = int(np.prod(x.shape[axes[0]:axes[-1] + 1]))
     inner = int(np.prod(x.shape[axes[-1] + 1:]))
     m, s = T.mean_params(x.scale, y.scale, n)
     imp.b.op("tfl_mean", imp.opname(op), [x.tensor], [y.tensor], outer=outer, n=n, inner=inner, x_zp=x.zp,
-             mult=m, shift=s, y_zp=y.zp)
+             mult=m, shift=s, y_zp=y.zp, int16=int(x.dtype == "int16"))
 
 
 def softmax(imp: Import, op, opts):
@@ -388,6 +396,19 @@ def softmax(imp: Import, op, opts):
     depth = x.shape[-1]
     imp.b.op("tfl_softmax", imp.opname(op), [x.tensor], [y.tensor], rows=int(np.prod(x.shape)) // depth,
              depth=depth, mult=m, left_shift=ls, diff_min=dmin)
+
+
+def quantize(imp: Import, op, opts):
+    """QUANTIZE between int8 and int16 activations (or an int8 rescale)."""
+    x = imp.act(int(op.inputs[0]), int16=True)
+    if x.dtype == "int8" and imp.sg.tensors[int(op.outputs[0])].type == fb.TensorType.INT8:
+        return pointwise(imp, op, opts)
+    y = imp.out(int(op.outputs[0]), int16=True)
+    if x.dtype == y.dtype:
+        raise imp.fail("an int16 -> int16 QUANTIZE is not supported")
+    m, s = T.requant_params(x.scale, y.scale)
+    imp.b.op("tfl_requant", imp.opname(op), [x.tensor], [y.tensor], n=int(np.prod(x.shape)), x_zp=x.zp, mult=m,
+             shift=s, y_zp=y.zp, to16=int(y.dtype == "int16"))
 
 
 def pointwise(imp: Import, op, opts):
@@ -408,7 +429,7 @@ def pointwise(imp: Import, op, opts):
 
 
 def reshape(imp: Import, op, opts):
-    x = imp.act(int(op.inputs[0]))
+    x = imp.act(int(op.inputs[0]), int16=True)
     o = int(op.outputs[0])
     ys, yz = imp.qparams(o)
     if len(ys) and (np.float32(ys[0]) != np.float32(x.scale) or int(yz[0]) != x.zp):
@@ -472,7 +493,7 @@ def _transposed(imp: Import, op, x: Act, suffix: str) -> Act:
 RULES = {
     "FULLY_CONNECTED": fully_connected, "CONV_2D": conv_2d, "DEPTHWISE_CONV_2D": depthwise_conv_2d, "PAD": pad,
     "ADD": binary, "SUB": binary, "MUL": binary, "SQUARED_DIFFERENCE": binary,
-    "MEAN": mean, "SOFTMAX": softmax, "LOGISTIC": pointwise, "RSQRT": pointwise, "QUANTIZE": pointwise,
+    "MEAN": mean, "SOFTMAX": softmax, "LOGISTIC": pointwise, "RSQRT": pointwise, "QUANTIZE": quantize,
     "RESHAPE": reshape, "SQUEEZE": reshape, "EXPAND_DIMS": reshape, "TRANSPOSE": transpose,
     "BATCH_MATMUL": batch_matmul,
 }

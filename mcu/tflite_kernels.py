@@ -216,6 +216,32 @@ def mean_s8(x, y, outer, n, inner, x_zp, mult, shift, y_zp):
     y[:outer * inner] = saturate(mbqm(X.sum(axis=1) - n * x_zp, mult, shift) + y_zp, np.int8).ravel()
 
 
+# ---------------------------------------------------------------- int16 activations
+
+@kernel(x="const i16*", y="i16*", outer="int", n="int", inner="int", x_zp="int", mult="int", shift="int", y_zp="int")
+def mean_s16(x, y, outer, n, inner, x_zp, mult, shift, y_zp):
+    """mean_s8 on int16 activations (TFLite's MEAN for int16: the same arithmetic, the int16 range)."""
+    X = x[:outer * n * inner].reshape(outer, n, inner).astype(np.int64)
+    y[:outer * inner] = saturate(mbqm(X.sum(axis=1) - n * x_zp, mult, shift) + y_zp, np.int16).ravel()
+
+
+@kernel(x="const i8*", y="i16*", n="int", x_zp="int", mult="int", shift="int", y_zp="int")
+def requant_s8_s16(x, y, n, x_zp, mult, shift, y_zp):
+    """TFLite's QUANTIZE int8 -> int16: y = sat16(MBQM(x - x_zp, mult, shift) + y_zp)."""
+    y[:n] = saturate(mbqm(x[:n].astype(np.int64) - x_zp, mult, shift) + y_zp, np.int16)
+
+
+@kernel(x="const i16*", y="i8*", n="int", x_zp="int", mult="int", shift="int", y_zp="int")
+def requant_s16_s8(x, y, n, x_zp, mult, shift, y_zp):
+    """TFLite's QUANTIZE int16 -> int8: y = sat8(MBQM(x - x_zp, mult, shift) + y_zp)."""
+    y[:n] = saturate(mbqm(x[:n].astype(np.int64) - x_zp, mult, shift) + y_zp, np.int8)
+
+
+def requant_params(x_scale: float, y_scale: float) -> tuple[int, int]:
+    """QUANTIZE's multiplier: double(x_scale) / double(y_scale) from the float32 scales."""
+    return quantize_multiplier(float(np.float32(x_scale)) / float(np.float32(y_scale)))
+
+
 # ---------------------------------------------------------------- pointwise tables (run by lut_s8)
 
 def logistic_table(x_scale: float, x_zp: int) -> np.ndarray:
@@ -289,8 +315,11 @@ def calls_for(op, loc) -> list:
     if op.kind == "tfl_softmax":
         return [Call("softmax_s8", (loc(i[0]), loc(o[0]), a["rows"], a["depth"], a["mult"], a["left_shift"],
                                     a["diff_min"]), op.name, 0)]
+    if op.kind == "tfl_requant":
+        k = "requant_s8_s16" if a["to16"] else "requant_s16_s8"
+        return [Call(k, (loc(i[0]), loc(o[0]), a["n"], a["x_zp"], a["mult"], a["shift"], a["y_zp"]), op.name, 0)]
     if op.kind == "tfl_mean":
-        return [Call("mean_s8", (loc(i[0]), loc(o[0]), a["outer"], a["n"], a["inner"], a["x_zp"], a["mult"],
+        return [Call("mean_s16" if a.get("int16") else "mean_s8", (loc(i[0]), loc(o[0]), a["outer"], a["n"], a["inner"], a["x_zp"], a["mult"],
                                  a["shift"], a["y_zp"]), op.name, 0)]
     if op.kind == "tfl_batch_matmul":
         M, Kd, N = a["M"], a["K"], a["N"]

@@ -244,7 +244,7 @@ def _block_calls(g: Graph, op: Op, r: Rows, r0: int, rb: int, local: set, loc) -
             g.tensors[name] = Tensor(name, d.shape, "int32", "const", None, d)
         return [Call("binary_s8", (x(i[0]), x(i[1]), y, Const(name), loc(i[3]), a["op"]), op.name, 0)]
     if op.kind == "tfl_mean":
-        return [Call("mean_s8", (x(i[0]), y, rb, a["n"], 1, a["x_zp"], a["mult"], a["shift"], a["y_zp"]), op.name, 0)]
+        return [Call("mean_s16" if a.get("int16") else "mean_s8", (x(i[0]), y, rb, a["n"], 1, a["x_zp"], a["mult"], a["shift"], a["y_zp"]), op.name, 0)]
     if op.kind == "tfl_softmax":
         return [Call("softmax_s8", (x(i[0]), y, rb, a["depth"], a["mult"], a["left_shift"], a["diff_min"]), op.name, 0)]
     if op.kind == "tfl_batch_matmul":

@@ -164,7 +164,7 @@ def fixture_inputs(g, n, seed=0):
             for _ in range(n)]
 
 
-@pytest.mark.parametrize("name", ["bert64", "vit", "convattn"])
+@pytest.mark.parametrize("name", ["bert64", "vit", "convattn", "vit-int16pool"])
 def test_fixture_host_reference_equals_micro(name):
     data = (FIXTURES / f"{name}.tflite").read_bytes()
     same_as_micro(data, fixture_inputs(lower_tflite(data), 3))
@@ -226,7 +226,7 @@ def test_refused_build_writes_nothing(build_tmp):
 
 # ---------------------------------------------------------------- the row-block schedule
 
-@pytest.mark.parametrize("name,rows", [("bert64", 4), ("bert64", 7), ("vit", 16), ("convattn", 2)])
+@pytest.mark.parametrize("name,rows", [("bert64", 4), ("bert64", 7), ("vit-int16pool", 16), ("convattn", 2)])
 def test_row_blocks_equal_layerwise_and_shrink_the_arena(name, rows):
     """Chains of row-local ops run block by block: the same outputs, every input; a checked plan;
     a smaller arena than layerwise."""

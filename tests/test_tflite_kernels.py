@@ -73,3 +73,18 @@ def test_mean(ck, data):
         m, s = d(mult), d(st.integers(-31, 0))
     both(ck, "mean_s8", [i8(d, outer * n * inner), np.zeros(outer * inner, np.int8), outer, n, inner, d(zp), m, s,
                          d(zp)], [1])
+
+
+@SETTINGS
+@given(st.data())
+def test_int16_mean_and_requant(ck, data):
+    d = data.draw
+    rng = np.random.default_rng(d(st.integers(0, 2 ** 31)))
+    outer, n, inner = d(st.integers(1, 3)), d(st.integers(1, 100)), d(st.integers(1, 4))
+    x16 = rng.integers(-32768, 32768, outer * n * inner).astype(np.int16)
+    m, s = T.mean_params(d(scale), d(scale), n)
+    both(ck, "mean_s16", [x16, np.zeros(outer * inner, np.int16), outer, n, inner, d(st.integers(-300, 300)), m, s,
+                          d(st.integers(-300, 300))], [1])
+    m, s = d(mult), d(shift)
+    both(ck, "requant_s8_s16", [i8(d, n), np.zeros(n, np.int16), n, d(zp), m, s, d(st.integers(-1000, 1000))], [1])
+    both(ck, "requant_s16_s8", [x16[:n].copy(), np.zeros(n, np.int8), n, d(st.integers(-1000, 1000)), m, s, d(zp)], [1])

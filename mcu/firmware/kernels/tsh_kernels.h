@@ -86,6 +86,13 @@ void tsh_softmax_s8(const int8_t *x, int8_t *y, int32_t rows, int32_t depth, int
 void tsh_mean_s8(const int8_t *x, int8_t *y, int32_t outer, int32_t n, int32_t inner, int32_t x_zp, int32_t mult,
                  int32_t shift, int32_t y_zp);
 
+void tsh_mean_s16(const int16_t *x, int16_t *y, int32_t outer, int32_t n, int32_t inner, int32_t x_zp, int32_t mult,
+                  int32_t shift, int32_t y_zp);
+
+void tsh_requant_s8_s16(const int8_t *x, int16_t *y, int32_t n, int32_t x_zp, int32_t mult, int32_t shift, int32_t y_zp);
+
+void tsh_requant_s16_s8(const int16_t *x, int8_t *y, int32_t n, int32_t x_zp, int32_t mult, int32_t shift, int32_t y_zp);
+
 #ifdef __cplusplus
 }
 #endif

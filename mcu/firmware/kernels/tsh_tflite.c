@@ -24,7 +24,7 @@ void tsh_binary_s8(const int8_t *a, const int8_t *b, int8_t *y, const int32_t *d
                         if (op == TSH_SQDIFF) r = r * r;
                         raw = r > INT32_MAX ? INT32_MAX : (r < INT32_MIN ? INT32_MIN : (int32_t)r);
                     }
-                    y[i] = (int8_t)tsh_clamp(tsh_mbqm(raw, ym, ysh) + y_zp, lo, hi);
+                    y[i] = tsh_add_clamp8(tsh_mbqm(raw, ym, ysh), y_zp, lo, hi);
                 }
             }
 }
@@ -118,6 +118,37 @@ void tsh_mean_s8(const int8_t *x, int8_t *y, int32_t outer, int32_t n, int32_t i
             int32_t sum = 0;
             const int8_t *p = x + o * n * inner + i;
             for (int32_t k = 0; k < n; k++) sum += p[k * inner];
-            y[o * inner + i] = (int8_t)tsh_clamp(tsh_mbqm(sum - n * x_zp, mult, shift) + y_zp, -128, 127);
+            y[o * inner + i] = tsh_add_clamp8(tsh_mbqm(sum - n * x_zp, mult, shift), y_zp, -128, 127);
         }
+}
+
+/* ---- int16 activations */
+
+/* v + zp saturated to int16, in 64 bits so extreme values cannot overflow */
+static inline int16_t add_sat16(int32_t v, int32_t zp)
+{
+    int64_t r = (int64_t)v + zp;
+    return (int16_t)(r < -32768 ? -32768 : (r > 32767 ? 32767 : r));
+}
+
+void tsh_mean_s16(const int16_t *x, int16_t *y, int32_t outer, int32_t n, int32_t inner, int32_t x_zp, int32_t mult,
+                  int32_t shift, int32_t y_zp)
+{
+    for (int32_t o = 0; o < outer; o++)
+        for (int32_t i = 0; i < inner; i++) {
+            int32_t sum = 0;
+            const int16_t *p = x + o * n * inner + i;
+            for (int32_t k = 0; k < n; k++) sum += p[k * inner];
+            y[o * inner + i] = add_sat16(tsh_mbqm(sum - n * x_zp, mult, shift), y_zp);
+        }
+}
+
+void tsh_requant_s8_s16(const int8_t *x, int16_t *y, int32_t n, int32_t x_zp, int32_t mult, int32_t shift, int32_t y_zp)
+{
+    for (int32_t i = 0; i < n; i++) y[i] = add_sat16(tsh_mbqm(x[i] - x_zp, mult, shift), y_zp);
+}
+
+void tsh_requant_s16_s8(const int16_t *x, int8_t *y, int32_t n, int32_t x_zp, int32_t mult, int32_t shift, int32_t y_zp)
+{
+    for (int32_t i = 0; i < n; i++) y[i] = tsh_add_clamp8(tsh_mbqm(x[i] - x_zp, mult, shift), y_zp, -128, 127);
 }
