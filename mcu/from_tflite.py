@@ -188,6 +188,10 @@ class Import:
             self.b.act("input", shape, Q.ActQ(a.scale, a.zp))
             self.env[i] = a
             self.meta.update(input_kind="tflite-int8", input_q=(a.scale, a.zp), input_shape=shape)
+        elif t.type == fb.TensorType.INT32:        # token ids (read by GATHER)
+            self.b.act("input", shape, None, dtype="int32")
+            self.env[i] = Act("input", shape, 1.0, 0, "int32")
+            self.meta.update(input_kind="tflite-int32", input_shape=shape)
         elif t.type == fb.TensorType.FLOAT32:
             self.meta.update(input_kind="tflite-float", input_shape=shape)
         else:
@@ -429,7 +433,8 @@ def pointwise(imp: Import, op, opts):
 
 
 def reshape(imp: Import, op, opts):
-    x = imp.act(int(op.inputs[0]), int16=True)
+    v = imp.value(int(op.inputs[0]))
+    x = v if isinstance(v, Act) else imp.act(int(op.inputs[0]))
     o = int(op.outputs[0])
     ys, yz = imp.qparams(o)
     if len(ys) and (np.float32(ys[0]) != np.float32(x.scale) or int(yz[0]) != x.zp):
@@ -444,6 +449,81 @@ def transpose(imp: Import, op, opts):
     if len(perm) > K.PERMUTE_DIMS:
         raise imp.fail(f"a {len(perm)}-d transpose is not supported (at most {K.PERMUTE_DIMS})")
     _permute(imp, op, x, y, perm)
+
+
+def _gather(imp: Import, op, x: Act, y: Act, idx: np.ndarray) -> None:
+    """y = x.flat[idx] for an idx that is a strided view of x (a slice): one permute_s8 gather."""
+    idx = np.asarray(idx, dtype=np.int64).reshape(y.shape or (1,))
+    base = int(idx.flat[0]) if idx.size else 0
+    strides = [int(np.take(idx, 1, axis=a).flat[0]) - base if n > 1 else 0 for a, n in enumerate(idx.shape)]
+    grid = base + sum(np.arange(n).reshape([-1 if b == a else 1 for b in range(idx.ndim)]) * st
+                      for a, (n, st) in enumerate(zip(idx.shape, strides)))
+    if not np.array_equal(grid, idx) or len(idx.shape) > K.PERMUTE_DIMS:
+        raise imp.fail("the copy is not a strided view of its input")
+    name = imp.opname(op)
+    imp.b.const(f"{name}.dims", K.permute_dims(idx.shape, strides))
+    imp.b.op("permute", name, [x.tensor, f"{name}.dims"], [y.tensor], offset=base, nd=K.PERMUTE_DIMS, n=int(idx.size))
+
+
+def strided_slice(imp: Import, op, opts):
+    x = imp.act(int(op.inputs[0]))
+    begin, end, step = (np.ravel(imp.const(int(op.inputs[k]))).astype(int) for k in (1, 2, 3))
+    if opts.ellipsisMask or opts.newAxisMask or getattr(opts, "offset", False):
+        raise imp.fail("STRIDED_SLICE with ellipsis, new-axis or offset masks is not supported")
+    sl = []
+    for a in range(len(x.shape)):
+        b = None if opts.beginMask >> a & 1 else int(begin[a])
+        e = None if opts.endMask >> a & 1 else int(end[a])
+        if opts.shrinkAxisMask >> a & 1:
+            sl.append(int(begin[a]))
+        else:
+            sl.append(slice(b, e, int(step[a])))
+    idx = np.arange(int(np.prod(x.shape))).reshape(x.shape)[tuple(sl)]
+    y = imp.out(int(op.outputs[0]))
+    if int(np.prod(y.shape)) != idx.size:
+        raise imp.fail(f"the slice has {idx.size} elements, its output {y.shape}")
+    _same_q(imp, x, y)
+    _gather(imp, op, x, y, idx)
+
+
+def _same_q(imp: Import, x: Act, y: Act) -> None:
+    if np.float32(x.scale) != np.float32(y.scale) or x.zp != y.zp:
+        raise imp.fail("a copy that changes the quantisation is not supported (TFLite Micro requires the same)")
+
+
+def concatenation(imp: Import, op, opts):
+    if getattr(opts, "fusedActivationFunction", 0) != fb.ActivationFunctionType.NONE:
+        raise imp.fail("CONCATENATION with a fused activation is not supported")
+    y = imp.out(int(op.outputs[0]))
+    parts = [imp.act(int(i)) for i in op.inputs]
+    axis = int(opts.axis) % len(y.shape)
+    rows = int(np.prod(y.shape[:axis]))
+    attrs, off = {}, 0
+    for p, a in enumerate(parts):
+        _same_q(imp, a, y)
+        w = int(np.prod(a.shape[axis:]))
+        attrs.update({f"w{p}": w, f"o{p}": off, f"zp{p}": a.zp, f"m{p}": 1 << 30, f"s{p}": 1})
+        off += w
+    imp.b.op("concat", imp.opname(op), [a.tensor for a in parts], [y.tensor], rows=rows, width=off,
+             parts=len(parts), y_zp=y.zp, **attrs)
+
+
+def gather(imp: Import, op, opts):
+    """GATHER of int8 table rows by the model's int32 token ids: embedding_s8 (an id outside the table,
+    where TFLite Micro stops with an error, reads row 0)."""
+    table = imp.const(int(op.inputs[0]))
+    ids = imp.value(int(op.inputs[1]))
+    if table is None or table.dtype != np.int8 or table.ndim != 2 or not isinstance(ids, Act) or \
+            ids.dtype != "int32" or int(opts.axis) != 0 or getattr(opts, "batchDims", 0):
+        raise imp.fail("GATHER is supported as an int8 (vocab, d) table looked up by the int32 input ids")
+    s, z = imp.qparams(int(op.inputs[0]))
+    y = imp.out(int(op.outputs[0]))
+    if np.float32(s[0]) != np.float32(y.scale) or int(z[0]) != y.zp:
+        raise imp.fail("GATHER output quantisation differs from its table's")
+    name = imp.opname(op)
+    imp.b.const(f"{name}.table", np.ascontiguousarray(table))
+    V, d = table.shape
+    imp.b.op("embedding", name, [ids.tensor, f"{name}.table"], [y.tensor], L=int(np.prod(ids.shape)), d=d, vocab=V)
 
 
 def _permute(imp: Import, op, x: Act, y: Act, perm, suffix: str = "") -> None:
@@ -495,7 +575,8 @@ RULES = {
     "ADD": binary, "SUB": binary, "MUL": binary, "SQUARED_DIFFERENCE": binary,
     "MEAN": mean, "SOFTMAX": softmax, "LOGISTIC": pointwise, "RSQRT": pointwise, "QUANTIZE": quantize,
     "RESHAPE": reshape, "SQUEEZE": reshape, "EXPAND_DIMS": reshape, "TRANSPOSE": transpose,
-    "BATCH_MATMUL": batch_matmul,
+    "BATCH_MATMUL": batch_matmul, "STRIDED_SLICE": strided_slice, "CONCATENATION": concatenation,
+    "GATHER": gather,
 }
 
 
@@ -514,6 +595,10 @@ def quantise_input(graph: Graph, x) -> np.ndarray:
     n = int(np.prod(t.shape))
     if x.size != n:
         raise TinyshieldError(f"input must have {n} values of shape {tuple(graph.meta['input_shape'])}, got {x.shape}")
+    if graph.meta["input_kind"] == "tflite-int32":
+        if not np.issubdtype(x.dtype, np.integer):
+            raise TinyshieldError(f"the model takes int32 token ids, got {x.dtype}")
+        return x.astype(np.int32).reshape(t.shape)
     if graph.meta["input_kind"] == "tflite-int8":
         if x.dtype != np.int8:
             raise TinyshieldError(f"the model takes int8 input, got {x.dtype}: quantise it with scale "

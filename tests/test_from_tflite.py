@@ -154,6 +154,40 @@ def test_conv2d(data):
     same_as_micro(b.finish([y]), inputs(d, (1, H, H, Cin)))
 
 
+@SETTINGS
+@given(st.data())
+def test_slice_concat_gather(data):
+    d = data.draw
+    kind = d(st.sampled_from(["slice", "concat", "gather"]))
+    b = Builder(kind)
+    if kind == "gather":
+        V, D, L = d(st.integers(1, 30)), d(st.integers(1, 16)), d(st.integers(1, 12))
+        xq = q(d)
+        ids = b.input("input", (L,), np.int32)
+        table = np.random.default_rng(d(st.integers(0, 2 ** 31))).integers(-128, 128, (V, D)).astype(np.int8)
+        y = b.gather(b.const("table", table, quant=xq), ids)
+        rng = np.random.default_rng(d(st.integers(0, 2 ** 31)))
+        xs = [rng.integers(0, V, L).astype(np.int32) for _ in range(3)]
+        same_as_micro(b.finish([y]), xs)
+        return
+    shape = tuple(d(st.integers(1, 6)) for _ in range(3))
+    xq = q(d)
+    x = b.input("input", shape, np.int8, xq)
+    if kind == "slice":
+        begin = [d(st.integers(0, n - 1)) for n in shape]
+        end = [d(st.integers(bg + 1, n)) for bg, n in zip(begin, shape)]
+        step = [d(st.integers(1, 2)) for _ in shape]
+        shrink = d(st.integers(0, 7)) if all(e - bg == 1 for bg, e in zip(begin, end)) else 0
+        y = b.strided_slice(x, begin, end, step, shrink)
+    else:
+        axis = d(st.integers(0, 2))
+        other = tuple(d(st.integers(1, 4)) if a == axis else n for a, n in enumerate(shape))
+        c = np.random.default_rng(d(st.integers(0, 2 ** 31))).integers(-128, 128, other).astype(np.int8)
+        parts = [x, b.const("c", c, quant=xq)] if d(st.booleans()) else [b.const("c", c, quant=xq), x, x]
+        y = b.concatenation(parts, axis)
+    same_as_micro(b.finish([y]), inputs(d, shape))
+
+
 # ---------------------------------------------------------------- whole fixtures
 
 def fixture_inputs(g, n, seed=0):
