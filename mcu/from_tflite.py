@@ -619,35 +619,28 @@ def dequantise_output(graph: Graph, y) -> np.ndarray:
 
 def build_tflite(path, board=None, schedule: str = "layerwise", force: bool = False, name: str | None = None):
     """A .tflite file -> int8 graph -> `mcu.build.deploy_graph` (schedule, checked arena plan, C, firmware),
-    cached under build/deploy/<hash of the file, board, schedule and the pipeline code>/."""
+    cached under build/deploy/<hash of the file, board, schedule and the pipeline code>/. A refused model
+    writes nothing: the folder is made only once the graph exists."""
     import pickle
 
-    from base.paths import artefact_dir
+    from base.paths import build_dir, config_hash
     from mcu.boards import board as get_board
     from mcu.build import BuiltModel, _pipeline_hash, deploy_graph
 
     data, where = read(path)
     b = get_board(board)
     key = {"tflite": hashlib.sha256(data).hexdigest(), "board": b.id, "schedule": schedule,
-           "code": _pipeline_hash() + _code_hash(), "version": 1}
-    d = artefact_dir("deploy", key)
+           "code": _pipeline_hash(), "version": 1}
+    d = build_dir() / "deploy" / config_hash(key)
     cached = d / "graph.pkl"
     if cached.is_file() and not force:
         graph = pickle.loads(cached.read_bytes())
     else:
         graph = lower_tflite(data, Path(where).stem)
-        graph.name = Path(where).stem
+        d.mkdir(parents=True, exist_ok=True)
         cached.write_bytes(pickle.dumps(graph))
     sched, plan, fw = deploy_graph(graph, b, d, schedule, force=force)
     return BuiltModel(name or Path(where).name, "tflite", b.id, graph, sched, plan, d / "src", fw)
-
-
-def _code_hash() -> str:
-    root = Path(__file__).resolve().parent
-    h = hashlib.sha256()
-    for p in (root / "from_tflite.py", root / "tflite_kernels.py", root / "firmware" / "kernels" / "tsh_tflite.c"):
-        h.update(p.read_bytes())
-    return h.hexdigest()[:16]
 
 
 def micro_outputs(model, xs) -> tuple[list[np.ndarray], int]:

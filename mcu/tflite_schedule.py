@@ -14,7 +14,7 @@ hidden and the h x L x L attention scores never exist whole).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -145,11 +145,15 @@ def chains(g: Graph) -> list[tuple[list[int], int]]:
 
 
 def row_tiled(g: Graph, rows: int) -> Schedule:
+    """The schedule running every chain `rows` rows at a time (other ops as layerwise). The schedule's
+    graph is a copy of `g` with the block-shaped broadcast tables added as constants."""
+    g = replace(g, tensors=dict(g.tensors))
     T = g.tensors
     readers: dict[str, set] = {}
     for i, op in enumerate(g.ops):
         for t in op.inputs:
             readers.setdefault(t, set()).add(i)
+
     def loc(name, offset=0):
         return Const(name, offset) if T[name].kind == "const" else Ref(name, offset)
 
@@ -220,10 +224,11 @@ def _at(g, t: str, r0: int, width: int, where: dict, loc):
     return loc(t, r0 * width * SIZE[g.tensors[t].dtype])
 
 
-def _block_calls(g: Graph, op: Op, r: Rows, r0: int, rb: int, local: set, loc) -> list[Call]:
+def _block_calls(g: Graph, op: Op, r: Rows, r0: int, rb: int, where: dict, loc) -> list[Call]:
+    """The calls of `op` for rows r0 .. r0 + rb - 1 (`where`: the block tensors' places)."""
     a, i, o = op.attrs, op.inputs, op.outputs
-    y = _at(g, o[0], r0, r.out, local, loc)
-    x = lambda t: _at(g, t, r0, r.widths.get(t, 0), local, loc) if r.widths.get(t, 0) else loc(t)  # noqa: E731
+    y = _at(g, o[0], r0, r.out, where, loc)
+    x = lambda t: _at(g, t, r0, r.widths.get(t, 0), where, loc) if r.widths.get(t, 0) else loc(t)  # noqa: E731
     if op.kind == "fully_connected":
         return [Call("fc_s8", (x(i[0]), loc(i[1]), loc(i[2]), loc(i[3]), loc(i[4]), y, rb, a["K"], a["N"], a["K"],
                                a["N"], a["y_zp"], a["act_min"], a["act_max"]), op.name, rb * a["K"] * a["N"])]
@@ -244,12 +249,13 @@ def _block_calls(g: Graph, op: Op, r: Rows, r0: int, rb: int, local: set, loc) -
             g.tensors[name] = Tensor(name, d.shape, "int32", "const", None, d)
         return [Call("binary_s8", (x(i[0]), x(i[1]), y, Const(name), loc(i[3]), a["op"]), op.name, 0)]
     if op.kind == "tfl_mean":
-        return [Call("mean_s16" if a.get("int16") else "mean_s8", (x(i[0]), y, rb, a["n"], 1, a["x_zp"], a["mult"], a["shift"], a["y_zp"]), op.name, 0)]
+        return [Call("mean_s16" if a.get("int16") else "mean_s8",
+                     (x(i[0]), y, rb, a["n"], 1, a["x_zp"], a["mult"], a["shift"], a["y_zp"]), op.name, 0)]
     if op.kind == "tfl_softmax":
         return [Call("softmax_s8", (x(i[0]), y, rb, a["depth"], a["mult"], a["left_shift"], a["diff_min"]), op.name, 0)]
     if op.kind == "tfl_batch_matmul":
-        b = r0 // a["M"]
-        M, Kd, N = a["M"], a["K"], a["N"]
+        b = r0 // a["M"]            # blocks never cross a batch
+        Kd, N = a["K"], a["N"]
         return [Call("matmul_qk_s8", (x(i[0]), loc(i[1], b * a["b_step"]), y, rb, N, Kd, Kd, Kd, N, a["a_zp"], a["b_zp"],
                                       a["mult"], a["shift"], a["y_zp"]), op.name, rb * N * Kd)]
     raise ValueError(op.kind)
