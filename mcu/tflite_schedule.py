@@ -92,11 +92,11 @@ def row_local(g: Graph, op: Op, R: int | None = None) -> Rows | None:
     return None
 
 
-def steps(g: Graph, max_pending: int = 8) -> list[tuple]:
+def steps(g: Graph, cuts: frozenset = frozenset(), max_pending: int = 8) -> list[tuple]:
     """The op order of the schedule: ("op", i) or ("chain", [i...], R). While a chain is open, an op that
     is not row-local waits; when the chain closes, the waiting ops that do not depend on it run before
     it (e.g. the transpose of v that the chain's attention reads), the others after it (e.g. the head
-    split of the q it made). The order is otherwise the graph's."""
+    split of the q it made). A chain also closes after an op in `cuts`. The order is otherwise the graph's."""
     out: list[tuple] = []
     chain: list[int] = []
     pending: list[int] = []
@@ -124,6 +124,8 @@ def steps(g: Graph, max_pending: int = 8) -> list[tuple]:
                     not any(w == 0 and t in made for t, w in r.widths.items()):
                 chain.append(i)
                 tainted |= set(op.outputs)
+                if i in cuts:
+                    close()
                 continue
             if r is None and row_local(g, op) is None and len(pending) < max_pending:
                 pending.append(i)
@@ -140,11 +142,11 @@ def steps(g: Graph, max_pending: int = 8) -> list[tuple]:
     return out
 
 
-def chains(g: Graph) -> list[tuple[list[int], int]]:
-    return [(s[1], s[2]) for s in steps(g) if s[0] == "chain"]
+def chains(g: Graph, cuts: frozenset = frozenset()) -> list[tuple[list[int], int]]:
+    return [(s[1], s[2]) for s in steps(g, cuts) if s[0] == "chain"]
 
 
-def row_tiled(g: Graph, rows: int) -> Schedule:
+def row_tiled(g: Graph, rows: int, cuts: frozenset = frozenset()) -> Schedule:
     """The schedule running every chain `rows` rows at a time (other ops as layerwise). The schedule's
     graph is a copy of `g` with the block-shaped broadcast tables added as constants."""
     g = replace(g, tensors=dict(g.tensors))
@@ -158,7 +160,7 @@ def row_tiled(g: Graph, rows: int) -> Schedule:
         return Const(name, offset) if T[name].kind == "const" else Ref(name, offset)
 
     calls, buffers = [], {}
-    for step in steps(g):
+    for step in steps(g, cuts):
         if step[0] == "op":
             calls += calls_for(g, g.ops[step[1]], loc)
             continue
@@ -183,12 +185,12 @@ def row_tiled(g: Graph, rows: int) -> Schedule:
             rb = min(block, R - r0)
             for o, r in zip(ops, info):
                 calls += _block_calls(g, o, r, r0, rb, where, loc)
-    for name, t in T.items():
-        if t.kind != "const" and any(isinstance(a, Ref) and a.buffer == name for c in calls for a in c.args):
-            buffers[name] = Buffer(name, t.nbytes, t.kind)
+    used = {a.buffer for c in calls for a in c.args if isinstance(a, Ref)}
+    for name in used - set(buffers):
+        buffers[name] = Buffer(name, T[name].nbytes, T[name].kind)
     for n in g.inputs + g.outputs:
         buffers.setdefault(n, Buffer(n, T[n].nbytes, T[n].kind))
-    return Schedule("tiled", g, buffers, calls, {"rows": rows})
+    return Schedule("tiled", g, buffers, calls, {"rows": rows, "cuts": sorted(cuts)})
 
 
 def _block_plan(ops: list[Op], local: set, sizes: dict) -> tuple[dict, int]:
@@ -261,14 +263,35 @@ def _block_calls(g: Graph, op: Op, r: Rows, r0: int, rb: int, where: dict, loc) 
     raise ValueError(op.kind)
 
 
-def search_rows(g: Graph, slack: float = 1.05) -> Schedule:
-    """The largest block (fewest calls) whose planned arena is within `slack` of the smallest found."""
-    L = max((R for _, R in chains(g)), default=1)
+def search_rows(g: Graph, slack: float = 1.05, max_rows: int = 32, rounds: int = 2) -> Schedule:
+    """The largest block (fewest calls) whose planned arena is within `slack` of the smallest found over
+    block sizes 1, 2, 4, ... max_rows; then chains cut where that shrinks the arena further (greedily, at
+    ops whose output leaves the chain: a long chain keeps all its whole inputs and outputs live at once)."""
+    L = min(max((R for _, R in chains(g)), default=1), max_rows)
     cands = []
     r = 1
     while r <= L:
-        s = row_tiled(g, r)
-        cands.append((make_plan(s).arena_bytes, r, s))
+        cands.append((make_plan(row_tiled(g, r)).arena_bytes, r))
         r *= 2
-    best = min(a for a, _, _ in cands)
-    return max((c for c in cands if c[0] <= slack * best), key=lambda c: c[1])[2]
+    best = min(a for a, _ in cands)
+    rows = max((c for c in cands if c[0] <= slack * best), key=lambda c: c[1])[1]
+    cuts, arena = frozenset(), make_plan(row_tiled(g, rows)).arena_bytes
+    for _ in range(rounds):
+        trials = [(make_plan(row_tiled(g, rows, cuts | {i})).arena_bytes, i) for i in _exits(g, cuts)]
+        if not trials or min(trials)[0] >= arena:
+            break
+        arena, i = min(trials)
+        cuts = cuts | {i}
+    return row_tiled(g, rows, cuts)
+
+
+def _exits(g: Graph, cuts: frozenset) -> list[int]:
+    """Chain ops (not last in their chain) whose output is read after the chain."""
+    out = []
+    for idx, _ in chains(g, cuts):
+        inside = set(idx)
+        for i in idx[:-1]:
+            t = g.ops[i].outputs[0]
+            if any(t in op.inputs for j, op in enumerate(g.ops) if j not in inside) or t in g.outputs:
+                out.append(i)
+    return out

@@ -274,3 +274,19 @@ def test_row_blocks_equal_layerwise_and_shrink_the_arena(name, rows):
     assert pt.arena_bytes < pl.arena_bytes
     for x in fixture_inputs(g, 2, seed=rows):
         assert np.array_equal(run(tl, {"input": x}, pt)["output"], run(lw, {"input": x}, pl)["output"])
+
+
+def test_row_block_search_cuts_chains_and_stays_exact():
+    """The search over block sizes and chain cuts: a checked plan no larger than any block size without
+    cuts, the same outputs as layerwise."""
+    from mcu.tflite_schedule import row_tiled, search_rows
+
+    g = lower_tflite(FIXTURES / "bert64.tflite")
+    s = search_rows(g)
+    p = plan(s)
+    check(p, s)
+    assert p.arena_bytes <= min(plan(row_tiled(g, r)).arena_bytes for r in (1, 2, 4, 8))
+    lw = layerwise(g)
+    pl = plan(lw)
+    for x in fixture_inputs(g, 2, seed=5):
+        assert np.array_equal(run(s, {"input": x}, p)["output"], run(lw, {"input": x}, pl)["output"])
