@@ -438,7 +438,7 @@ def firmware_variant(built: "BuiltModel", taps: bool = False, schedule=None, for
     return build_firmware(src, built.board, input_bytes=t_in.nbytes, output_bytes=t_out.nbytes, force=force)
 
 
-PIPELINE = ["edge/capture.py", "mcu/from_aten.py", "mcu/from_tflite.py", "mcu/tflite_kernels.py", "mcu/tflite_schedule.py", "mcu/lower.py", "mcu/kernels.py", "mcu/tiled.py", "mcu/schedules.py", "mcu/planner.py",
+PIPELINE = ["edge/capture.py", "mcu/from_aten.py", "mcu/lower.py", "mcu/kernels.py", "mcu/tiled.py", "mcu/schedules.py", "mcu/planner.py",
             "mcu/codegen.py", "mcu/graph.py", "mcu/build.py", "base/quant.py", "edge/compress/clr.py"]
 
 

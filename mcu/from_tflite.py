@@ -630,7 +630,7 @@ def build_tflite(path, board=None, schedule: str = "layerwise", force: bool = Fa
     data, where = read(path)
     b = get_board(board)
     key = {"tflite": hashlib.sha256(data).hexdigest(), "board": b.id, "schedule": schedule,
-           "code": _pipeline_hash(), "version": 1}
+           "code": _pipeline_hash() + _import_hash(), "version": 1}
     d = build_dir() / "deploy" / config_hash(key)
     cached = d / "graph.pkl"
     if cached.is_file() and not force:
@@ -641,6 +641,14 @@ def build_tflite(path, board=None, schedule: str = "layerwise", force: bool = Fa
         cached.write_bytes(pickle.dumps(graph))
     sched, plan, fw = deploy_graph(graph, b, d, schedule, force=force)
     return BuiltModel(name or Path(where).name, "tflite", b.id, graph, sched, plan, d / "src", fw)
+
+
+def _import_hash() -> str:
+    """Hash of the .tflite import code (the rest of the pipeline is in mcu.build.PIPELINE)."""
+    h = hashlib.sha256()
+    for name in ("from_tflite.py", "tflite_kernels.py", "tflite_schedule.py"):
+        h.update((Path(__file__).resolve().parent / name).read_bytes())
+    return h.hexdigest()[:16]
 
 
 def micro_outputs(model, xs) -> tuple[list[np.ndarray], int]:

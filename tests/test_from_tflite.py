@@ -16,7 +16,7 @@ from base.errors import TinyshieldError
 from edge.litert.runtime import MicroInterpreter
 from edge.litert.writer import Builder, Quant
 from mcu.execute import run
-from mcu.from_tflite import lower_tflite, quantise_input
+from mcu.from_tflite import dequantise_output, lower_tflite, quantise_input
 from mcu.planner import check, plan
 from mcu.schedules import layerwise
 
@@ -188,6 +188,33 @@ def test_slice_concat_gather(data):
     same_as_micro(b.finish([y]), inputs(d, shape))
 
 
+@SETTINGS
+@given(st.data())
+def test_float_edges(data):
+    """A float input quantised by the model's first QUANTIZE (done on the host, as TFLite rounds it) and
+    a final DEQUANTIZE (done on the host): the float32 outputs are bit-identical too."""
+    d = data.draw
+    K, N = d(st.integers(1, 20)), d(st.integers(1, 6))
+    b = Builder("edges")
+    x = b.input("input", (1, K), np.float32)
+    xq = q(d)
+    xi = b.quantize(x, xq)
+    w, wq, ws = weights(d, (N, K))
+    y = b.dequantize(b.fully_connected(xi, b.const("w", w, quant=wq), None, out_quant=q(d)))
+    model = b.finish([y])
+    g = lower_tflite(model)
+    s, p = layerwise(g), None
+    p = plan(s)
+    mi = MicroInterpreter(model)
+    rng = np.random.default_rng(d(st.integers(0, 2 ** 31)))
+    for _ in range(3):
+        xf = (rng.standard_normal((1, K)) * d(st.floats(0.1, 50))).astype(np.float32)
+        ref = np.asarray(mi.run(xf))
+        ours = dequantise_output(g, run(s, {"input": quantise_input(g, xf)}, p)["output"])
+        assert ours.dtype == np.float32 and np.array_equal(ours.reshape(-1).view(np.uint32),
+                                                           ref.reshape(-1).view(np.uint32))
+
+
 # ---------------------------------------------------------------- whole fixtures
 
 def fixture_inputs(g, n, seed=0):
@@ -202,6 +229,16 @@ def fixture_inputs(g, n, seed=0):
 def test_fixture_host_reference_equals_micro(name):
     data = (FIXTURES / f"{name}.tflite").read_bytes()
     same_as_micro(data, fixture_inputs(lower_tflite(data), 3))
+
+
+@pytest.mark.parametrize("op", [14, 36, 97])
+def test_fixture_intermediates_equal_micro(op):
+    """Layer by layer: bert64 cut after an operator (edge.litert.flat.cut: its output becomes the model's)
+    — the first softmax, the first LayerNorm, an FFN sigmoid — equals TFLite Micro there too."""
+    from edge.litert.flat import cut
+
+    data = cut((FIXTURES / "bert64.tflite").read_bytes(), op)
+    same_as_micro(data, fixture_inputs(lower_tflite(data), 2, seed=op))
 
 
 def test_fixture_on_board_equals_micro(arm_toolchain, module_build):
