@@ -423,6 +423,10 @@ def pointwise(imp: Import, op, opts):
         if y.zp != -128:
             raise imp.fail("int8 LOGISTIC output must have zero point -128")
         table = T.logistic_table(x.scale, x.zp)
+    elif kind == "TANH":
+        if y.zp != 0:
+            raise imp.fail("int8 TANH output must have zero point 0")
+        table = T.tanh_table(x.scale, x.zp)
     elif kind == "RSQRT":
         table = T.rsqrt_table(x.scale, x.zp, y.scale, y.zp)
     else:
@@ -573,7 +577,7 @@ def _transposed(imp: Import, op, x: Act, suffix: str) -> Act:
 RULES = {
     "FULLY_CONNECTED": fully_connected, "CONV_2D": conv_2d, "DEPTHWISE_CONV_2D": depthwise_conv_2d, "PAD": pad,
     "ADD": binary, "SUB": binary, "MUL": binary, "SQUARED_DIFFERENCE": binary,
-    "MEAN": mean, "SOFTMAX": softmax, "LOGISTIC": pointwise, "RSQRT": pointwise, "QUANTIZE": quantize,
+    "MEAN": mean, "SOFTMAX": softmax, "LOGISTIC": pointwise, "TANH": pointwise, "RSQRT": pointwise, "QUANTIZE": quantize,
     "RESHAPE": reshape, "SQUEEZE": reshape, "EXPAND_DIMS": reshape, "TRANSPOSE": transpose,
     "BATCH_MATMUL": batch_matmul, "STRIDED_SLICE": strided_slice, "CONCATENATION": concatenation,
     "GATHER": gather,

@@ -13,7 +13,7 @@ mcu/firmware/kernels/tsh_tflite.c.
   exp of the input difference in Q5.26 on [-32, 0], sum in Q12.19, reciprocal by Newton-Raphson.
 - `mean_s8`: MEAN over the middle axis of (outer, n, inner): the int32 sum minus n x_zp, times
   the output multiplier divided by n with TFLite's shift adjustment (done when building the op).
-- Pointwise int8 functions (LOGISTIC, RSQRT, requantising QUANTIZE) become the existing `lut_s8`:
+- Pointwise int8 functions (LOGISTIC, TANH, RSQRT, requantising QUANTIZE) become the existing `lut_s8`:
   their 256-entry tables are computed here with TFLite Micro's integer arithmetic.
 """
 from __future__ import annotations
@@ -163,6 +163,18 @@ def logistic_q4(a):
     return np.where(a == 0, 1 << 30, np.where(a > 0, pos, INT32_MAX - pos))
 
 
+def tanh_q4(a):
+    """gemmlowp tanh of Q4.27 -> Q0.31: (1 - e)/(1 + e) with e = exp(-2|a|), the sign put back."""
+    a = np.asarray(a, dtype=np.int64)
+    e = exp_on_negative_values(-np.abs(a), 5)          # -2|a| is the same raw value read as Q5.26
+    h = _half_sum(e, INT32_MAX)
+    x = 1515870810 + srdhm(h, -1010580540)
+    for _ in range(3):
+        x = x + _pot(srdhm(x, (1 << 29) - srdhm(h, x)), 2)
+    t = _pot(x - (1 << 29), 2)
+    return np.where(a == 0, 0, np.where(a < 0, -t, t))
+
+
 def _clz32(x: int) -> int:
     return 32 - int(x).bit_length() if x > 0 else 32
 
@@ -246,14 +258,26 @@ def requant_params(x_scale: float, y_scale: float) -> tuple[int, int]:
 
 def logistic_table(x_scale: float, x_zp: int) -> np.ndarray:
     """TFLite's int8 LOGISTIC (output scale 1/256, zero point -128) as a 256-entry table."""
-    real = float(np.float32(x_scale)) * float(1 << 27)
-    q, ls = math.frexp(real)
-    m = int(math.floor(abs(q) * (1 << 31) + 0.5)) * (1 if q >= 0 else -1)
-    radius = math.floor(15 * (1 << 27) / (1 << ls))
+    m, ls, radius = _q4_input(x_scale)
     v = np.arange(-128, 128, dtype=np.int64) - x_zp
     y = rdbpot(logistic_q4(mbqm(v, m, ls)), 23) - 128
     y = np.where(v <= -radius, -128, np.where(v >= radius, 127, np.clip(y, -128, 127)))
     return y.astype(np.int8)
+
+
+def _q4_input(x_scale: float) -> tuple[int, int, int]:
+    """(multiplier, left shift, input radius) of TFLite's int8 LOGISTIC and TANH (input in Q4.27)."""
+    q, ls = math.frexp(float(np.float32(x_scale)) * float(1 << 27))
+    m = int(math.floor(abs(q) * (1 << 31) + 0.5)) * (1 if q >= 0 else -1)
+    return m, ls, math.floor(15 * (1 << 27) / (1 << ls))
+
+
+def tanh_table(x_scale: float, x_zp: int) -> np.ndarray:
+    """TFLite's int8 TANH (output scale 1/128, zero point 0) as a 256-entry table."""
+    m, ls, radius = _q4_input(x_scale)
+    v = np.arange(-128, 128, dtype=np.int64) - x_zp
+    y = np.clip(rdbpot(tanh_q4(mbqm(v, m, ls)), 24), -128, 127)
+    return np.where(v <= -radius, -128, np.where(v >= radius, 127, y)).astype(np.int8)
 
 
 def _inv_sqrt(v: int) -> tuple[int, int]:

@@ -107,13 +107,15 @@ def test_binary(data):
 @given(st.data())
 def test_pointwise(data):
     d = data.draw
-    op = d(st.sampled_from(["logistic", "rsqrt", "quantize", "softmax"]))
+    op = d(st.sampled_from(["logistic", "tanh", "rsqrt", "quantize", "softmax"]))
     shape = (d(st.integers(1, 4)), d(st.integers(1, 300 if op == "softmax" else 40)))
     b = Builder(op)
     xq = q(d, zero=-128 if op == "rsqrt" else None)      # RSQRT: TFLite refuses inputs below the zero point
     x = b.input("input", shape, np.int8, xq)
     if op == "logistic":
         y = b.logistic(x, out_quant=Quant.per_tensor(1 / 256, -128))
+    elif op == "tanh":
+        y = b.tanh(x, out_quant=Quant.per_tensor(1 / 128, 0))
     elif op == "softmax":
         y = b.softmax(x, out_quant=Quant.per_tensor(1 / 256, -128))
     elif op == "rsqrt":
