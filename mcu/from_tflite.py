@@ -391,6 +391,23 @@ def mean(imp: Import, op, opts):
              mult=m, shift=s, y_zp=y.zp, int16=int(x.dtype == "int16"))
 
 
+def average_pool_2d(imp: Import, op, opts):
+    x = imp.act(int(op.inputs[0]))
+    y = imp.out(int(op.outputs[0]))
+    if len(x.shape) != 4 or x.shape[0] != 1:
+        raise imp.fail(f"input {x.shape} is not a batch-1 NHWC image")
+    _same_q(imp, x, y)
+    _, H, W, C = x.shape
+    _, Hout, Wout, _ = y.shape
+    kh, kw, sh, sw = opts.filterHeight, opts.filterWidth, opts.strideH, opts.strideW
+    same = opts.padding == fb.Padding.SAME
+    pad_h = max((Hout - 1) * sh + kh - H, 0) // 2 if same else 0
+    pad_w = max((Wout - 1) * sw + kw - W, 0) // 2 if same else 0
+    lo, hi = imp.act_range(opts, y)
+    imp.b.op("tfl_avg_pool", imp.opname(op), [x.tensor], [y.tensor], H=H, W=W, C=C, Hout=Hout, Wout=Wout, kh=kh,
+             kw=kw, sh=sh, sw=sw, pad_h=pad_h, pad_w=pad_w, act_min=lo, act_max=hi)
+
+
 def softmax(imp: Import, op, opts):
     x = imp.act(int(op.inputs[0]))
     y = imp.out(int(op.outputs[0]))
@@ -576,6 +593,7 @@ def _transposed(imp: Import, op, x: Act, suffix: str) -> Act:
 
 RULES = {
     "FULLY_CONNECTED": fully_connected, "CONV_2D": conv_2d, "DEPTHWISE_CONV_2D": depthwise_conv_2d, "PAD": pad,
+    "AVERAGE_POOL_2D": average_pool_2d,
     "ADD": binary, "SUB": binary, "MUL": binary, "SQUARED_DIFFERENCE": binary,
     "MEAN": mean, "SOFTMAX": softmax, "LOGISTIC": pointwise, "TANH": pointwise, "RSQRT": pointwise, "QUANTIZE": quantize,
     "RESHAPE": reshape, "SQUEEZE": reshape, "EXPAND_DIMS": reshape, "TRANSPOSE": transpose,

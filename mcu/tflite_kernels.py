@@ -11,7 +11,8 @@ mcu/firmware/kernels/tsh_tflite.c.
   same with 7 bits, the difference squared; MUL: the product of the offset inputs requantised.
 - `softmax_s8`: gemmlowp's fixed-point softmax (int8 in, int8 out with scale 1/256, zero point -128):
   exp of the input difference in Q5.26 on [-32, 0], sum in Q12.19, reciprocal by Newton-Raphson.
-- `mean_s8`: MEAN over the middle axis of (outer, n, inner): the int32 sum minus n x_zp, times
+- `avg_pool_s8`: AVERAGE_POOL_2D (the window's taps inside the image, rounded half away from zero);
+- `mean_s8` (and `mean_s16`): MEAN over the middle axis of (outer, n, inner): the int32 sum minus n x_zp, times
   the output multiplier divided by n with TFLite's shift adjustment (done when building the op).
 - Pointwise int8 functions (LOGISTIC, TANH, RSQRT, requantising QUANTIZE) become the existing `lut_s8`:
   their 256-entry tables are computed here with TFLite Micro's integer arithmetic.
@@ -228,6 +229,28 @@ def mean_s8(x, y, outer, n, inner, x_zp, mult, shift, y_zp):
     y[:outer * inner] = saturate(mbqm(X.sum(axis=1) - n * x_zp, mult, shift) + y_zp, np.int8).ravel()
 
 
+# ---------------------------------------------------------------- pooling
+
+@kernel(x="const i8*", y="i8*", H="int", W="int", C="int", Hout="int", Wout="int", kh="int", kw="int", sh="int",
+        sw="int", pad_h="int", pad_w="int", act_min="int", act_max="int")
+def avg_pool_s8(x, y, H, W, C, Hout, Wout, kh, kw, sh, sw, pad_h, pad_w, act_min, act_max):
+    """TFLite's int8 AVERAGE_POOL_2D on HWC: the mean of the window's taps inside the image (padding
+    is left out of the count), rounded half away from zero; input and output share one quantisation."""
+    X = x[:H * W * C].reshape(H, W, C).astype(np.int64)
+    out = y[:Hout * Wout * C].reshape(Hout, Wout, C)
+    for oy in range(Hout):
+        y0 = oy * sh - pad_h
+        ys = slice(max(y0, 0), min(y0 + kh, H))
+        for ox in range(Wout):
+            x0 = ox * sw - pad_w
+            xs = slice(max(x0, 0), min(x0 + kw, W))
+            win = X[ys, xs]
+            n = win.shape[0] * win.shape[1]
+            acc = win.sum(axis=(0, 1))
+            avg = np.where(acc > 0, (acc + n // 2) // n, -((-acc + n // 2) // n))
+            out[oy, ox] = np.clip(avg, act_min, act_max)
+
+
 # ---------------------------------------------------------------- int16 activations
 
 @kernel(x="const i16*", y="i16*", outer="int", n="int", inner="int", x_zp="int", mult="int", shift="int", y_zp="int")
@@ -342,6 +365,10 @@ def calls_for(op, loc) -> list:
     if op.kind == "tfl_requant":
         k = "requant_s8_s16" if a["to16"] else "requant_s16_s8"
         return [Call(k, (loc(i[0]), loc(o[0]), a["n"], a["x_zp"], a["mult"], a["shift"], a["y_zp"]), op.name, 0)]
+    if op.kind == "tfl_avg_pool":
+        return [Call("avg_pool_s8", (loc(i[0]), loc(o[0]), a["H"], a["W"], a["C"], a["Hout"], a["Wout"], a["kh"],
+                                     a["kw"], a["sh"], a["sw"], a["pad_h"], a["pad_w"], a["act_min"], a["act_max"]),
+                     op.name, 0)]
     if op.kind == "tfl_mean":
         return [Call("mean_s16" if a.get("int16") else "mean_s8", (loc(i[0]), loc(o[0]), a["outer"], a["n"], a["inner"], a["x_zp"], a["mult"],
                                  a["shift"], a["y_zp"]), op.name, 0)]

@@ -192,6 +192,27 @@ def test_slice_concat_gather(data):
 
 @SETTINGS
 @given(st.data())
+def test_average_pool(data):
+    from edge.litert.schema import fb
+
+    d = data.draw
+    H, W, C = d(st.integers(3, 9)), d(st.integers(3, 9)), d(st.integers(1, 4))
+    k, s, same = d(st.integers(1, 3)), d(st.integers(1, 3)), d(st.booleans())
+    b = Builder("pool")
+    x = b.input("input", (1, H, W, C), np.int8, q(d))
+    Hout, Wout = (-(-H // s), -(-W // s)) if same else ((H - k) // s + 1, (W - k) // s + 1)
+    y = b._out(x, (1, Hout, Wout, C), "pool")
+    opt = fb.Pool2DOptionsT()
+    opt.padding = fb.Padding.SAME if same else fb.Padding.VALID
+    opt.strideH = opt.strideW = s
+    opt.filterHeight = opt.filterWidth = k
+    opt.fusedActivationFunction = d(st.sampled_from([0, 1]))
+    b.op(fb.BuiltinOperator.AVERAGE_POOL_2D, [x], [y], opt, fb.BuiltinOptions.Pool2DOptions)
+    same_as_micro(b.finish([y]), inputs(d, (1, H, W, C)))
+
+
+@SETTINGS
+@given(st.data())
 def test_float_edges(data):
     """A float input quantised by the model's first QUANTIZE (done on the host, as TFLite rounds it) and
     a final DEQUANTIZE (done on the host): the float32 outputs are bit-identical too."""

@@ -88,3 +88,16 @@ def test_int16_mean_and_requant(ck, data):
     m, s = d(mult), d(shift)
     both(ck, "requant_s8_s16", [i8(d, n), np.zeros(n, np.int16), n, d(zp), m, s, d(st.integers(-1000, 1000))], [1])
     both(ck, "requant_s16_s8", [x16[:n].copy(), np.zeros(n, np.int8), n, d(st.integers(-1000, 1000)), m, s, d(zp)], [1])
+
+
+@SETTINGS
+@given(st.data())
+def test_avg_pool(ck, data):
+    d = data.draw
+    H, W, C = d(st.integers(1, 9)), d(st.integers(1, 9)), d(st.integers(1, 5))
+    kh, kw, sh, sw = d(st.integers(1, 4)), d(st.integers(1, 4)), d(st.integers(1, 3)), d(st.integers(1, 3))
+    ph, pw = d(st.integers(0, kh - 1)), d(st.integers(0, kw - 1))
+    Hout, Wout = max(1, (H + 2 * ph - kh) // sh + 1), max(1, (W + 2 * pw - kw) // sw + 1)
+    lo = d(st.integers(-128, 0))
+    both(ck, "avg_pool_s8", [i8(d, H * W * C), np.zeros(Hout * Wout * C, np.int8), H, W, C, Hout, Wout, kh, kw, sh,
+                             sw, ph, pw, lo, d(st.integers(lo, 127))], [1])

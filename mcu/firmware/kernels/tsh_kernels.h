@@ -86,6 +86,10 @@ void tsh_softmax_s8(const int8_t *x, int8_t *y, int32_t rows, int32_t depth, int
 void tsh_mean_s8(const int8_t *x, int8_t *y, int32_t outer, int32_t n, int32_t inner, int32_t x_zp, int32_t mult,
                  int32_t shift, int32_t y_zp);
 
+void tsh_avg_pool_s8(const int8_t *x, int8_t *y, int32_t H, int32_t W, int32_t C, int32_t Hout, int32_t Wout,
+                     int32_t kh, int32_t kw, int32_t sh, int32_t sw, int32_t pad_h, int32_t pad_w, int32_t act_min,
+                     int32_t act_max);
+
 void tsh_mean_s16(const int16_t *x, int16_t *y, int32_t outer, int32_t n, int32_t inner, int32_t x_zp, int32_t mult,
                   int32_t shift, int32_t y_zp);
 

@@ -152,3 +152,23 @@ void tsh_requant_s16_s8(const int16_t *x, int8_t *y, int32_t n, int32_t x_zp, in
 {
     for (int32_t i = 0; i < n; i++) y[i] = tsh_add_clamp8(tsh_mbqm(x[i] - x_zp, mult, shift), y_zp, -128, 127);
 }
+
+void tsh_avg_pool_s8(const int8_t *x, int8_t *y, int32_t H, int32_t W, int32_t C, int32_t Hout, int32_t Wout,
+                     int32_t kh, int32_t kw, int32_t sh, int32_t sw, int32_t pad_h, int32_t pad_w, int32_t act_min,
+                     int32_t act_max)
+{
+    for (int32_t oy = 0; oy < Hout; oy++) {
+        int32_t y0 = oy * sh - pad_h, ya = y0 > 0 ? y0 : 0, yb = y0 + kh < H ? y0 + kh : H;
+        for (int32_t ox = 0; ox < Wout; ox++) {
+            int32_t x0 = ox * sw - pad_w, xa = x0 > 0 ? x0 : 0, xb = x0 + kw < W ? x0 + kw : W;
+            int32_t n = (yb - ya) * (xb - xa);
+            for (int32_t c = 0; c < C; c++) {
+                int32_t acc = 0;
+                for (int32_t iy = ya; iy < yb; iy++)
+                    for (int32_t ix = xa; ix < xb; ix++) acc += x[(iy * W + ix) * C + c];
+                if (n > 0) acc = acc > 0 ? (acc + n / 2) / n : (acc - n / 2) / n;
+                y[(oy * Wout + ox) * C + c] = (int8_t)tsh_clamp(acc, act_min, act_max);
+            }
+        }
+    }
+}
