@@ -76,8 +76,8 @@ def test_set(dataset: str, kind: str, seq_len: int | None, limit: int, data: str
         if len(xs) != len(ys):
             raise TinyshieldError(f"{data}: {len(xs)} inputs but {len(ys)} labels")
         return xs[:limit], ys[:limit], data
-    if kind == "pt2":
-        raise TinyshieldError("a .pt2 model is evaluated on your data: pass --data test.npz (arrays x and y)")
+    if kind in ("pt2", "tflite"):
+        raise TinyshieldError(f"a .{kind} model is evaluated on your data: pass --data test.npz (arrays x and y)")
     if dataset == "mnist":
         if kind != "vit":
             raise TinyshieldError(f"dataset mnist needs an image model, this one is {kind}")

@@ -54,6 +54,9 @@ class BuiltModel:
 def _schedule(graph, kind: str, board: Board):
     from mcu.schedules import layerwise, tiled
 
+    if kind == "tiled" and graph.meta.get("source") == "tflite":     # an imported graph: row blocks
+        from mcu.tflite_schedule import search_rows
+        return search_rows(graph)
     if kind == "tiled":
         # With the board's budget the tile search picks the fewest calls (code size, instructions)
         # that still fit, instead of the smallest peak.
@@ -68,6 +71,9 @@ def quantise_input(graph, x) -> "np.ndarray":
     t = graph.tensors[graph.inputs[0]]
     m = graph.meta
     x = np.asarray(x)
+    if str(m.get("input_kind", "")).startswith("tflite"):
+        from mcu.from_tflite import quantise_input as tflite_input
+        return tflite_input(graph, x)
     if m.get("input_kind") == "ids":
         if x.size != int(np.prod(t.shape)) or not np.issubdtype(x.dtype, np.integer):
             raise TinyshieldError(f"token ids must be {int(np.prod(t.shape))} integers, got {x.dtype} {x.shape}")
@@ -258,30 +264,40 @@ def _pipeline_hash() -> str:
 def build_model(spec: str, board: str | None = None, schedule: str = "layerwise", calib: int = 500,
                 seq_len: int | None = None, force: bool = False, name: str | None = None,
                 calib_file: str | Path | None = None) -> BuiltModel:
-    """MODEL spec (recipe, model directory or .pt2) -> captured graph -> int8 graph (PTQ on `calib`
-    inputs: the recipe's training data or `calib_file`) -> `deploy_graph`. The graph and the generated C
-    are cached under build/deploy/<hash>/ by weights, calibration data, board and options."""
+    """MODEL spec -> int8 graph -> `deploy_graph`. A recipe, model directory or .pt2 is captured and
+    quantised (PTQ on `calib` inputs: the recipe's training data or `calib_file`); a .tflite is already int8
+    and is imported as TFLite Micro computes it (mcu.from_tflite). The graph and the generated C are cached
+    under build/deploy/<hash>/ by the model's bytes, calibration data, board and options; a refused model
+    writes nothing (the folder is made once the graph exists)."""
     import pickle
 
-    from base.paths import artefact_dir
+    from base.paths import build_dir, config_hash
 
     b = get_board(board)
-    src = load_source(spec)
-    weights = src.path if src.kind == "pt2" else (src.path / "model.safetensors") if src.path else None
     digest = lambda f: hashlib.sha256(Path(f).read_bytes()).hexdigest() if f else None   # noqa: E731
-    from base.data import data_dir
-    # the recipes calibrate on the data folder when there is one, else on the shipped fallback samples
-    calib_data = None if calib_file else str(data_dir(required=False))
-    key = {"spec": spec, "weights": digest(weights), "calib_file": digest(calib_file), "calib_data": calib_data,
-           "board": b.id, "schedule": schedule, "calib": calib, "seq_len": seq_len, "code": _pipeline_hash(),
-           "version": 3}
-    d = artefact_dir("deploy", key)
+    common = {"board": b.id, "schedule": schedule, "code": _pipeline_hash()}
+    if Path(spec).suffix == ".tflite":
+        from mcu.from_tflite import lower_tflite, read
+        data, where = read(spec)
+        kind, key = "tflite", {**common, "tflite": hashlib.sha256(data).hexdigest(), "version": 1}
+        make = lambda: lower_tflite(data, Path(where).stem)   # noqa: E731
+    else:
+        from base.data import data_dir
+        src = load_source(spec)
+        weights = src.path if src.kind == "pt2" else (src.path / "model.safetensors") if src.path else None
+        # the recipes calibrate on the data folder when there is one, else on the shipped fallback samples
+        calib_data = None if calib_file else str(data_dir(required=False))
+        kind, key = src.kind, {**common, "spec": spec, "weights": digest(weights), "calib_file": digest(calib_file),
+                               "calib_data": calib_data, "calib": calib, "seq_len": seq_len, "version": 3}
+        make = lambda: lower_source(src, calib, seq_len, calib_file)   # noqa: E731
+    d = build_dir() / "deploy" / config_hash(key)
     cached = d / "graph.pkl"
     if cached.is_file() and not force:
         graph = pickle.loads(cached.read_bytes())
     else:
-        graph = lower_source(src, calib, seq_len, calib_file)
+        graph = make()
+        d.mkdir(parents=True, exist_ok=True)
         cached.write_bytes(pickle.dumps(graph))
     sched, plan, fw = deploy_graph(graph, b, d, schedule, force=force)
-    return BuiltModel(name or (spec if not Path(spec).is_dir() else Path(spec).name), src.kind, b.id,
-                      graph, sched, plan, d / "src", fw)
+    name = name or (Path(spec).name if Path(spec).is_dir() or kind == "tflite" else spec)
+    return BuiltModel(name, kind, b.id, graph, sched, plan, d / "src", fw)

@@ -323,6 +323,9 @@ def calls_for(graph: Graph, op: Op, loc) -> list[Call]:
         return [Call("requant_s8", (loc(i[p]), loc(o[0], a[f"o{p}"]), a["rows"], a[f"w{p}"], a[f"w{p}"], a["width"],
                                     a[f"zp{p}"], a[f"m{p}"], a[f"s{p}"], a["y_zp"]), op.name, 0)
                 for p in range(a["parts"])]
+    if k.startswith("tfl_"):           # TFLite Micro's arithmetic for imported .tflite models
+        from mcu.tflite_kernels import calls_for as tflite_calls
+        return tflite_calls(op, loc)
     raise TinyshieldError(f"op kind {k!r} (op {op.name}) has no kernel: supported are {', '.join(OP_KINDS)}")
 
 

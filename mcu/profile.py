@@ -245,6 +245,9 @@ def planning_graph(spec: str, seq_len: int, calib: int = 4, seed: int = 0, calib
 
     from mcu.build import Source, load_source, lower_source
 
+    if str(spec).endswith(".tflite"):      # already int8, its sequence length fixed by the file
+        from mcu.from_tflite import lower_tflite
+        return lower_tflite(spec)
     torch.manual_seed(seed)
     if spec == "bert-tiny":
         from edge.models.bert import BertClassifier, BertConfig

@@ -68,8 +68,8 @@ def device_for(built, url: str | None = None):
 
 def load_input(spec: str, built):
     """INPUT for a board, raw as the model takes it (the board's graph quantises it): mnist:INDEX (a test image
-    and its label), an .npy/.png image, or text; for a .pt2 model an .npy file holding one input."""
-    if built.kind == "pt2":
+    and its label), an .npy/.png image, or text; for a .pt2 or .tflite model an .npy file holding one input."""
+    if built.kind in ("pt2", "tflite"):
         from base.data import load_array
         return load_array(spec, "x"), None
     if built.kind == "vit":

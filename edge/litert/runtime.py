@@ -154,6 +154,8 @@ class MicroInterpreter:
     """TFLite Micro (the `tflite-micro` package) over one model, with the arena it really used.
 
     `MicroInterpreter(model_bytes).run(x)` -> output array; `.arena_bytes` after the first run.
+    Constants stored after the flatbuffer (ai-edge-quantizer's external buffers), which TFLite Micro
+    does not read, are inlined first (edge.litert.flat.inline_buffers).
     """
 
     def __init__(self, model, arena_size: int | None = None, long_softmax: bool = False):
@@ -164,6 +166,10 @@ class MicroInterpreter:
         data, where = read_model(model)
         m = validate(data, where)
         self.where = where
+        from edge.litert.flat import has_external_buffers, inline_buffers
+        if has_external_buffers(m):     # TFLite Micro would silently read arena garbage as the weights
+            data = inline_buffers(data, where)
+            m = validate(data, where)
         if not long_softmax:
             _refuse_long_int8_softmax(m, where)
         sg = m.subgraphs[0]

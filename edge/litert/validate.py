@@ -80,10 +80,16 @@ def _check(m: fb.ModelT, buf: bytes, where: str) -> None:
             if not 0 <= t.buffer < max(nbuf, 1):
                 raise _bad(where, f"tensor {ti} ({name}) points at buffer {t.buffer} of {nbuf}")
             data = m.buffers[t.buffer].data if nbuf else None
-            if data is not None and len(data):
+            n = len(data) if data is not None else 0
+            if nbuf and not n and (m.buffers[t.buffer].offset or 0) > 1:    # data stored after the flatbuffer
+                off, n = int(m.buffers[t.buffer].offset), int(m.buffers[t.buffer].size or 0)
+                if off + n > len(buf):
+                    raise _bad(where, f"tensor {ti} ({name}) has data at bytes {off}..{off + n}, past the end of "
+                                      f"{len(buf)} bytes (truncated?)")
+            if n:
                 need = int(np.prod(shape, dtype=np.int64)) * NUMPY_TYPES[t.type].itemsize
-                if len(data) != need:
-                    raise _bad(where, f"tensor {ti} ({name}) has {len(data)} bytes of data, shape {shape} needs {need}")
+                if n != need:
+                    raise _bad(where, f"tensor {ti} ({name}) has {n} bytes of data, shape {shape} needs {need}")
         if sg.inputs is None or not len(sg.inputs) or sg.outputs is None or not len(sg.outputs):
             raise _bad(where, f"subgraph {si} declares no inputs or no outputs")
         for ti in list(sg.inputs) + list(sg.outputs):

@@ -7,7 +7,7 @@ def register(sub):
                        description="int8-quantise MODEL, schedule and plan its memory, generate C and compile "
                                    "it with arm-none-eabi-gcc for the board; prints flash/RAM use. A model "
                                    "that does not fit is refused, naming the region and the overflow.")
-    p.add_argument("model", help="a recipe name (vit-mnist) or a model directory")
+    p.add_argument("model", help="a recipe name (vit-mnist), a model directory, a .pt2 or an int8 .tflite file")
     add_board_args(p)
     p.set_defaults(func=run)
 

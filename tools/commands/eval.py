@@ -7,7 +7,7 @@ def register(sub):
                        description="Run a test set on the (emulated) board: accuracy, instructions per inference "
                                    "and per MAC, peak SRAM measured on the device, agreement with the host int8 reference.")
     p.add_argument("model", nargs="?", default="vit-mnist",
-                   help="recipe name, model directory or .pt2 file (default vit-mnist)")
+                   help="recipe name, model directory, .pt2 or int8 .tflite file (default vit-mnist)")
     add_board_args(p)
     p.add_argument("--dataset", default="mnist", choices=["mnist", "sst2"], help="test set (default mnist)")
     p.add_argument("--data", default=None, metavar="FILE.npz",
@@ -51,6 +51,10 @@ def run(args):
     built = build(args)
     xs, ys, source = built.test_set(args.dataset, args.limit, args.data)
     print(f"data: {source}; firmware {built.firmware.elf}")
+    if built.kind == "tflite":
+        if fleet:
+            raise TinyshieldError("a .tflite model is evaluated on one board (no --boards/--fleet yet)")
+        return run_tflite(args, built, xs, ys)
     fe = None
     if fleet:
         from mcu.fleet import Fleet
@@ -78,3 +82,37 @@ def run(args):
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
     return 0
+
+
+def run_tflite(args, built, xs, ys):
+    """A .tflite model: the board, the host reference and TFLite Micro (its interpreter on this machine)
+    on the same inputs; the board's outputs must equal TFLite Micro's bit for bit."""
+    import json
+    import time
+    from dataclasses import asdict
+
+    from base.progress import progress
+    from mcu.device import run_inputs, summarise
+    from mcu.from_tflite import agreement, micro_outputs
+    from tools.report import print_report
+    from tools.run_board import device_for
+
+    t0 = time.monotonic()
+    with device_for(built, args.url) as dev, progress() as bar:
+        task = bar.add_task(f"eval on {dev.info.board}", total=len(xs), info="")
+        records = []
+        for rec in run_inputs(dev, built, xs):
+            records.append(rec)
+            bar.update(task, advance=1)
+        ev = summarise(dev.info, records, ys, time.monotonic() - t0)
+    micro, arena = micro_outputs(args.model, xs)
+    bad = agreement(built.graph, [r.output for r in records], micro)
+    extra = {"tflm_agreement": 1 - len(bad) / max(len(xs), 1), "tflm_mismatches": bad, "tflm_arena_bytes": arena}
+    print_report(ev, extra=[("device vs TFLite Micro", f"{100 * extra['tflm_agreement']:.2f}% "
+                                                      f"({len(xs) - len(bad)}/{len(xs)} bit-identical)"),
+                            ("TFLite Micro arena", f"{arena:,} B (ours {ev.arena_bytes:,} B: "
+                                                   f"{arena / max(ev.arena_bytes, 1):.2f}x smaller)")])
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({**asdict(ev), **extra}, f, indent=1)
+    return 0 if not bad else 1

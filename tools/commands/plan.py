@@ -6,7 +6,7 @@ def register(sub):
                        description="Lower MODEL to int8, schedule it (tiled or layerwise), plan the arena and "
                                    "print the peak, the live set op by op and the arena map. Refuses a plan "
                                    "over the board's RAM budget.")
-    p.add_argument("model", help="bert-tiny, vit-mnist, minilm, a model directory or a .pt2 file")
+    p.add_argument("model", help="bert-tiny, vit-mnist, minilm, a model directory, a .pt2 or an int8 .tflite file")
     p.add_argument("--calib", default=None, metavar="FILE",
                    help="calibration inputs (.npy/.npz, batch-first) for a .pt2 model (default: its example input; "
                         "scales change no buffer size)")
@@ -87,10 +87,14 @@ def run(args):
     budget = board_budget(args.board, graph)
     with console.status("scheduling and planning"):
         search = None
-        if tiles is None:
-            search = search_tiles(graph, budget)
-            tiles = Tiles(search.chosen.rows, search.chosen.kt)
-        scheds = {"layerwise": layerwise(graph), "tiled": tiled_with(graph, tiles)}
+        if graph.meta.get("source") == "tflite":        # an imported .tflite: row blocks, not attention tiles
+            from mcu.tflite_schedule import search_rows
+            scheds = {"layerwise": layerwise(graph), "tiled": search_rows(graph)}
+        else:
+            if tiles is None:
+                search = search_tiles(graph, budget)
+                tiles = Tiles(search.chosen.rows, search.chosen.kt)
+            scheds = {"layerwise": layerwise(graph), "tiled": tiled_with(graph, tiles)}
         profs = {k: profile(s, args.strategy) for k, s in scheds.items()}
     prof = profs[args.schedule]
     render(prof, console, budget=budget, board=args.board, max_rows=args.rows)

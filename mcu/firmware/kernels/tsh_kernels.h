@@ -82,6 +82,26 @@ void tsh_attention_s8(const int8_t *q, const int8_t *k, const int8_t *v, const i
                       int32_t qk_shift, int32_t s_zp, int32_t v_zp, int32_t pv_mult, int32_t pv_shift,
                       int32_t y_zp);
 
+/* tsh_tflite.c: TFLite Micro's int8 reference arithmetic for imported models (see mcu/tflite_kernels.py) */
+void tsh_binary_s8(const int8_t *a, const int8_t *b, int8_t *y, const int32_t *dims, const int32_t *p, int32_t op);
+
+void tsh_softmax_s8(const int8_t *x, int8_t *y, int32_t rows, int32_t depth, int32_t mult, int32_t left_shift,
+                    int32_t diff_min);
+
+void tsh_mean_s8(const int8_t *x, int8_t *y, int32_t outer, int32_t n, int32_t inner, int32_t x_zp, int32_t mult,
+                 int32_t shift, int32_t y_zp);
+
+void tsh_avg_pool_s8(const int8_t *x, int8_t *y, int32_t H, int32_t W, int32_t C, int32_t Hout, int32_t Wout,
+                     int32_t kh, int32_t kw, int32_t sh, int32_t sw, int32_t pad_h, int32_t pad_w, int32_t act_min,
+                     int32_t act_max);
+
+void tsh_mean_s16(const int16_t *x, int16_t *y, int32_t outer, int32_t n, int32_t inner, int32_t x_zp, int32_t mult,
+                  int32_t shift, int32_t y_zp);
+
+void tsh_requant_s8_s16(const int8_t *x, int16_t *y, int32_t n, int32_t x_zp, int32_t mult, int32_t shift, int32_t y_zp);
+
+void tsh_requant_s16_s8(const int16_t *x, int8_t *y, int32_t n, int32_t x_zp, int32_t mult, int32_t shift, int32_t y_zp);
+
 #ifdef __cplusplus
 }
 #endif

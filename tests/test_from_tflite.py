@@ -1,0 +1,352 @@
+"""Imported .tflite models compute what TFLite Micro computes, bit for bit.
+
+Per operator: single-op models written with tinyshield's own .tflite writer (edge.litert.writer; the
+writer is only the source of these tiny test models), random scales, zero points, shapes, weights and
+inputs (with saturated rails), the lowering run by the numpy reference executor against the
+`tflite_micro` interpreter. Whole fixtures made by litert-torch + ai-edge-quantizer
+(tests/fixtures/tflite): host reference and the emulated board against TFLite Micro. Refusals:
+unsupported operators, corrupt and truncated files, nothing written."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from base.errors import TinyshieldError
+from edge.litert.runtime import MicroInterpreter
+from edge.litert.writer import Builder, Quant
+from mcu.execute import run
+from mcu.from_tflite import dequantise_output, lower_tflite, quantise_input
+from mcu.planner import check, plan
+from mcu.schedules import layerwise
+
+FIXTURES = Path(__file__).parent / "fixtures" / "tflite"
+SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+scale = st.floats(1e-3, 0.5)
+zp = st.integers(-128, 127)
+
+
+def q(d, zero=None):
+    return Quant.per_tensor(d(scale), d(zp) if zero is None else zero)
+
+
+def inputs(d, shape, n=3):
+    rng = np.random.default_rng(d(st.integers(0, 2 ** 31)))
+    xs = [rng.integers(-128, 128, size=shape).astype(np.int8) for _ in range(n)]
+    xs.append(rng.choice(np.array([-128, 127], np.int8), size=shape))
+    return xs
+
+
+def same_as_micro(model: bytes, xs) -> None:
+    g = lower_tflite(model)
+    s = layerwise(g)
+    p = plan(s)
+    check(p, s)
+    mi = MicroInterpreter(model)
+    for x in xs:
+        ref = np.asarray(mi.run(x))
+        ours = run(s, {"input": quantise_input(g, x)}, p)["output"]
+        assert np.array_equal(ours.reshape(-1), ref.reshape(-1)), (ours.reshape(-1)[:16], ref.reshape(-1)[:16])
+
+
+def weights(d, shape, axis=0):
+    rng = np.random.default_rng(d(st.integers(0, 2 ** 31)))
+    w = rng.integers(-127, 128, size=shape).astype(np.int8)
+    n = shape[axis]
+    scales = tuple(float(v) for v in rng.uniform(1e-3, 0.05, n))
+    return w, Quant(scales, (0,) * n, axis), scales
+
+
+@SETTINGS
+@given(st.data())
+def test_fully_connected(data):
+    d = data.draw
+    M, K, N = d(st.integers(1, 6)), d(st.integers(1, 40)), d(st.integers(1, 9))
+    b = Builder("fc")
+    xq = q(d)
+    x = b.input("input", (1, M, K), np.int8, xq)
+    w, wq, ws = weights(d, (N, K))
+    rng = np.random.default_rng(0)
+    bias = rng.integers(-5000, 5000, N).astype(np.int32)
+    y = b.fully_connected(x, b.const("w", w, quant=wq), b.const("b", bias, quant=Quant(
+        tuple(xq.scale[0] * s for s in ws), (0,) * N)), act=d(st.sampled_from([None, "relu"])), out_quant=q(d))
+    same_as_micro(b.finish([y]), inputs(d, (1, M, K)))
+
+
+@SETTINGS
+@given(st.data())
+def test_batch_matmul(data):
+    d = data.draw
+    B, M, K, N = d(st.integers(1, 3)), d(st.integers(1, 8)), d(st.integers(1, 16)), d(st.integers(1, 8))
+    adj_y = d(st.booleans())
+    rhs_shape = (B, N, K) if adj_y else (B, K, N)
+    c = np.random.default_rng(d(st.integers(0, 2 ** 31))).integers(-128, 128, rhs_shape).astype(np.int8)
+    b = Builder("bmm")
+    x = b.input("input", (B, M, K), np.int8, q(d))
+    y = b.batch_matmul(x, b.const("rhs", c, quant=q(d)), adj_y=adj_y, out_quant=q(d))
+    same_as_micro(b.finish([y]), inputs(d, (B, M, K)))
+
+
+@SETTINGS
+@given(st.data())
+def test_binary(data):
+    d = data.draw
+    op = d(st.sampled_from(["add", "sub", "mul", "squared_difference"]))
+    shape = tuple(d(st.integers(1, 5)) for _ in range(d(st.integers(1, 4))))
+    other = tuple(1 if d(st.booleans()) else s for s in shape)[d(st.integers(0, len(shape) - 1)):]
+    b = Builder(op)
+    x = b.input("input", shape, np.int8, q(d))
+    c = np.random.default_rng(d(st.integers(0, 2 ** 31))).integers(-128, 128, other).astype(np.int8)
+    k = b.const("c", c, quant=q(d))
+    a, bb = (x, k) if d(st.booleans()) else (k, x)
+    y = getattr(b, op)(a, bb, out_quant=q(d))
+    same_as_micro(b.finish([y]), inputs(d, shape))
+
+
+@SETTINGS
+@given(st.data())
+def test_pointwise(data):
+    d = data.draw
+    op = d(st.sampled_from(["logistic", "tanh", "rsqrt", "quantize", "softmax"]))
+    shape = (d(st.integers(1, 4)), d(st.integers(1, 300 if op == "softmax" else 40)))
+    b = Builder(op)
+    xq = q(d, zero=-128 if op == "rsqrt" else None)      # RSQRT: TFLite refuses inputs below the zero point
+    x = b.input("input", shape, np.int8, xq)
+    if op == "logistic":
+        y = b.logistic(x, out_quant=Quant.per_tensor(1 / 256, -128))
+    elif op == "tanh":
+        y = b.tanh(x, out_quant=Quant.per_tensor(1 / 128, 0))
+    elif op == "softmax":
+        y = b.softmax(x, out_quant=Quant.per_tensor(1 / 256, -128))
+    elif op == "rsqrt":
+        y = b.rsqrt(x, out_quant=q(d))
+    else:
+        y = b.quantize(x, q(d))
+    same_as_micro(b.finish([y]), inputs(d, shape))
+
+
+@SETTINGS
+@given(st.data())
+def test_mean_and_transpose(data):
+    d = data.draw
+    shape = tuple(d(st.integers(1, 6)) for _ in range(3))
+    b = Builder("mean")
+    x = b.input("input", shape, np.int8, q(d))
+    if d(st.booleans()):
+        axis = d(st.integers(0, 2))
+        y = b.mean(x, [axis], out_quant=q(d))
+    else:
+        y = b.transpose(x, list(d(st.permutations([0, 1, 2]))))
+    same_as_micro(b.finish([y]), inputs(d, shape))
+
+
+@SETTINGS
+@given(st.data())
+def test_conv2d(data):
+    d = data.draw
+    H, Cin, Cout, k, s = d(st.integers(3, 9)), d(st.integers(1, 4)), d(st.integers(1, 6)), d(st.integers(1, 3)), \
+        d(st.integers(1, 2))
+    b = Builder("conv")
+    xq = q(d)
+    x = b.input("input", (1, H, H, Cin), np.int8, xq)
+    w, wq, ws = weights(d, (Cout, k, k, Cin))
+    bias = np.random.default_rng(1).integers(-3000, 3000, Cout).astype(np.int32)
+    y = b.conv2d(x, b.const("w", w, quant=wq), b.const("b", bias, quant=Quant(
+        tuple(xq.scale[0] * v for v in ws), (0,) * Cout)), s, act=d(st.sampled_from([None, "relu"])), out_quant=q(d))
+    same_as_micro(b.finish([y]), inputs(d, (1, H, H, Cin)))
+
+
+@SETTINGS
+@given(st.data())
+def test_slice_concat_gather(data):
+    d = data.draw
+    kind = d(st.sampled_from(["slice", "concat", "gather"]))
+    b = Builder(kind)
+    if kind == "gather":
+        V, D, L = d(st.integers(1, 30)), d(st.integers(1, 16)), d(st.integers(1, 12))
+        xq = q(d)
+        ids = b.input("input", (L,), np.int32)
+        table = np.random.default_rng(d(st.integers(0, 2 ** 31))).integers(-128, 128, (V, D)).astype(np.int8)
+        y = b.gather(b.const("table", table, quant=xq), ids)
+        rng = np.random.default_rng(d(st.integers(0, 2 ** 31)))
+        xs = [rng.integers(0, V, L).astype(np.int32) for _ in range(3)]
+        same_as_micro(b.finish([y]), xs)
+        return
+    shape = tuple(d(st.integers(1, 6)) for _ in range(3))
+    xq = q(d)
+    x = b.input("input", shape, np.int8, xq)
+    if kind == "slice":
+        begin = [d(st.integers(0, n - 1)) for n in shape]
+        end = [d(st.integers(bg + 1, n)) for bg, n in zip(begin, shape)]
+        step = [d(st.integers(1, 2)) for _ in shape]
+        shrink = d(st.integers(0, 7)) if all(e - bg == 1 for bg, e in zip(begin, end)) else 0
+        y = b.strided_slice(x, begin, end, step, shrink)
+    else:
+        axis = d(st.integers(0, 2))
+        other = tuple(d(st.integers(1, 4)) if a == axis else n for a, n in enumerate(shape))
+        c = np.random.default_rng(d(st.integers(0, 2 ** 31))).integers(-128, 128, other).astype(np.int8)
+        parts = [x, b.const("c", c, quant=xq)] if d(st.booleans()) else [b.const("c", c, quant=xq), x, x]
+        y = b.concatenation(parts, axis)
+    same_as_micro(b.finish([y]), inputs(d, shape))
+
+
+@SETTINGS
+@given(st.data())
+def test_average_pool(data):
+    from edge.litert.schema import fb
+
+    d = data.draw
+    H, W, C = d(st.integers(3, 9)), d(st.integers(3, 9)), d(st.integers(1, 4))
+    k, s, same = d(st.integers(1, 3)), d(st.integers(1, 3)), d(st.booleans())
+    b = Builder("pool")
+    x = b.input("input", (1, H, W, C), np.int8, q(d))
+    Hout, Wout = (-(-H // s), -(-W // s)) if same else ((H - k) // s + 1, (W - k) // s + 1)
+    y = b._out(x, (1, Hout, Wout, C), "pool")
+    opt = fb.Pool2DOptionsT()
+    opt.padding = fb.Padding.SAME if same else fb.Padding.VALID
+    opt.strideH = opt.strideW = s
+    opt.filterHeight = opt.filterWidth = k
+    opt.fusedActivationFunction = d(st.sampled_from([0, 1]))
+    b.op(fb.BuiltinOperator.AVERAGE_POOL_2D, [x], [y], opt, fb.BuiltinOptions.Pool2DOptions)
+    same_as_micro(b.finish([y]), inputs(d, (1, H, W, C)))
+
+
+@SETTINGS
+@given(st.data())
+def test_float_edges(data):
+    """A float input quantised by the model's first QUANTIZE (done on the host, as TFLite rounds it) and
+    a final DEQUANTIZE (done on the host): the float32 outputs are bit-identical too."""
+    d = data.draw
+    K, N = d(st.integers(1, 20)), d(st.integers(1, 6))
+    b = Builder("edges")
+    x = b.input("input", (1, K), np.float32)
+    xq = q(d)
+    xi = b.quantize(x, xq)
+    w, wq, ws = weights(d, (N, K))
+    y = b.dequantize(b.fully_connected(xi, b.const("w", w, quant=wq), None, out_quant=q(d)))
+    model = b.finish([y])
+    g = lower_tflite(model)
+    s, p = layerwise(g), None
+    p = plan(s)
+    mi = MicroInterpreter(model)
+    rng = np.random.default_rng(d(st.integers(0, 2 ** 31)))
+    for _ in range(3):
+        xf = (rng.standard_normal((1, K)) * d(st.floats(0.1, 50))).astype(np.float32)
+        ref = np.asarray(mi.run(xf))
+        ours = dequantise_output(g, run(s, {"input": quantise_input(g, xf)}, p)["output"])
+        assert ours.dtype == np.float32 and np.array_equal(ours.reshape(-1).view(np.uint32),
+                                                           ref.reshape(-1).view(np.uint32))
+
+
+# ---------------------------------------------------------------- whole fixtures
+
+def fixture_inputs(g, n, seed=0):
+    """int8 inputs as the model's calibration saw them: standard normal values quantised."""
+    rng = np.random.default_rng(seed)
+    s, z = g.meta["input_q"]
+    return [np.clip(np.round(rng.standard_normal(g.meta["input_shape"]) / s) + z, -128, 127).astype(np.int8)
+            for _ in range(n)]
+
+
+@pytest.mark.parametrize("name", ["bert64", "vit", "convattn", "vit-int16pool"])
+def test_fixture_host_reference_equals_micro(name):
+    data = (FIXTURES / f"{name}.tflite").read_bytes()
+    same_as_micro(data, fixture_inputs(lower_tflite(data), 3))
+
+
+@pytest.mark.parametrize("op", [14, 36, 97])
+def test_fixture_intermediates_equal_micro(op):
+    """Layer by layer: bert64 cut after an operator (edge.litert.flat.cut: its output becomes the model's)
+    — the first softmax, the first LayerNorm, an FFN sigmoid — equals TFLite Micro there too."""
+    from edge.litert.flat import cut
+
+    data = cut((FIXTURES / "bert64.tflite").read_bytes(), op)
+    same_as_micro(data, fixture_inputs(lower_tflite(data), 2, seed=op))
+
+
+def test_fixture_on_board_equals_micro(arm_toolchain, module_build):
+    """The conv + attention fixture built for the emulated board (row-block schedule): every output
+    bit-identical to TFLite Micro's (and to the host reference)."""
+    from mcu.build import build_model
+    from mcu.device import open_board
+    from mcu.from_tflite import agreement, micro_outputs
+
+    path = FIXTURES / "convattn.tflite"
+    built = build_model(str(path), "mps2-an386", schedule="tiled")
+    xs = fixture_inputs(built.graph, 4, seed=3)
+    with open_board(built.firmware) as dev:
+        outs = [dev.infer(built.quantise_input(x)).output for x in xs]
+    micro, _ = micro_outputs(path, xs)
+    assert agreement(built.graph, outs, micro) == []
+    assert all(np.array_equal(o.reshape(-1), built.reference(built.quantise_input(x)).reshape(-1))
+               for o, x in zip(outs, xs))
+
+
+# ---------------------------------------------------------------- refusals
+
+def test_unsupported_operator_is_refused_by_index_name_and_tensors(tmp_path):
+    b = Builder("gelu")
+    x = b.input("input", (1, 8), np.int8, Quant.per_tensor(0.05, 0))
+    y = b.gelu(x, name="the_gelu")
+    with pytest.raises(TinyshieldError, match=r"operator 0 \(GELU, inputs input\).*GELU is not supported.*the_gelu"):
+        lower_tflite(b.finish([y]))
+
+
+@pytest.mark.parametrize("cut", [0, 7, 100, -200])
+def test_truncated_file_is_one_error(cut):
+    data = (FIXTURES / "convattn.tflite").read_bytes()
+    with pytest.raises(TinyshieldError, match="not a valid .tflite"):
+        lower_tflite(data[:cut] if cut >= 0 else data[:len(data) + cut])
+
+
+def test_corrupt_file_is_one_error():
+    data = bytearray((FIXTURES / "convattn.tflite").read_bytes())
+    data[4:8] = b"XXXX"
+    with pytest.raises(TinyshieldError, match="file identifier"):
+        lower_tflite(bytes(data))
+
+
+def test_refused_build_writes_nothing(build_tmp):
+    from mcu.build import build_model
+
+    b = Builder("gelu")
+    x = b.input("input", (1, 8), np.int8, Quant.per_tensor(0.05, 0))
+    p = build_tmp.parent / "gelu.tflite"
+    p.write_bytes(b.finish([b.gelu(x)]))
+    with pytest.raises(TinyshieldError, match="GELU"):
+        build_model(str(p), "mps2-an386")
+    assert not build_tmp.exists() or not any(build_tmp.rglob("*"))
+
+
+# ---------------------------------------------------------------- the row-block schedule
+
+@pytest.mark.parametrize("name,rows", [("bert64", 4), ("bert64", 7), ("vit-int16pool", 16), ("convattn", 2)])
+def test_row_blocks_equal_layerwise_and_shrink_the_arena(name, rows):
+    """Chains of row-local ops run block by block: the same outputs, every input; a checked plan;
+    a smaller arena than layerwise."""
+    from mcu.tflite_schedule import chains, row_tiled
+
+    g = lower_tflite(FIXTURES / f"{name}.tflite")
+    assert chains(g), "the fixture has row-local chains"
+    lw, tl = layerwise(g), row_tiled(g, rows)
+    pl, pt = plan(lw), plan(tl)
+    check(pt, tl)
+    assert pt.arena_bytes < pl.arena_bytes
+    for x in fixture_inputs(g, 2, seed=rows):
+        assert np.array_equal(run(tl, {"input": x}, pt)["output"], run(lw, {"input": x}, pl)["output"])
+
+
+def test_row_block_search_cuts_chains_and_stays_exact():
+    """The search over block sizes and chain cuts: a checked plan no larger than any block size without
+    cuts, the same outputs as layerwise."""
+    from mcu.tflite_schedule import row_tiled, search_rows
+
+    g = lower_tflite(FIXTURES / "bert64.tflite")
+    s = search_rows(g)
+    p = plan(s)
+    check(p, s)
+    assert p.arena_bytes <= min(plan(row_tiled(g, r)).arena_bytes for r in (1, 2, 4, 8))
+    lw = layerwise(g)
+    pl = plan(lw)
+    for x in fixture_inputs(g, 2, seed=5):
+        assert np.array_equal(run(s, {"input": x}, p)["output"], run(lw, {"input": x}, pl)["output"])
