@@ -499,7 +499,7 @@ def bench_task(task: str, seq_len: int, iters: int, warmup: int, threads: int, n
     queries = [tr.texts[i] for i in outside[:max(ns)]]
     held_out = outside[max(ns):max(ns) + members]
     inside = sorted(used)[:members]
-    steal, member = {}, {}
+    steal, member, member_of = {}, {}, {}
     caches = {v: {} for v in models}
     for mode in bundle.MODES:
         v = "sliced" if mode == "sliced" else "full"
@@ -509,9 +509,10 @@ def bench_task(task: str, seq_len: int, iters: int, warmup: int, threads: int, n
         t0 = time.perf_counter()
         steal[mode] = [asdict(t) for t in stealing.steal(mode, models[v], Enclave(b.path).prog, accel, thief, queries,
                                                          ev.texts, ev.labels, ns, cache=caches[v])]
-        member[mode] = asdict(stealing.membership(mode, models[v], [tr.texts[i] for i in inside], tr.labels[inside],
-                                                  [tr.texts[i] for i in held_out], tr.labels[held_out]))
-        member[mode]["victim"] = v
+        if v not in member_of:     # the protected answers are the model's: one measurement per model
+            member_of[v] = asdict(stealing.membership(mode, models[v], [tr.texts[i] for i in inside], tr.labels[inside],
+                                                      [tr.texts[i] for i in held_out], tr.labels[held_out]))
+        member[mode] = member_of[v] | {"mode": mode, "victim": v}
         print(f"  {mode}: stealing and membership in {time.perf_counter() - t0:.0f} s", flush=True)
     out["stealing"], out["membership"] = steal, member
     acc = {v: out["models"][v]["accuracy"] for v in models}
