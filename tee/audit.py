@@ -6,7 +6,9 @@
 - ShadowNet weight recovery: fake-channel detection by row statistics, matching against a public model;
 - malicious accelerator: flipped entry, tiny perturbation, swapped channels, replayed output, over many
   trials, against the blinded mode's Freivalds check (theoretical miss rate 1/p per check);
-- sealing: tampered ciphertext, wrong measurement, replayed attestation must be refused.
+- sealing: tampered ciphertext, wrong measurement, replayed attestation must be refused;
+- each mode's own attacks (tee.modes: its `audit` hook), e.g. the sliced mode's search for its private slices in
+  everything the accelerator held and received. Model stealing and membership inference: tee.stealing.
 The auditor is the model owner: it unseals the bundle with the device root key to score the attacks.
 """
 from __future__ import annotations

@@ -19,10 +19,6 @@ class EnclaveOnly(Mode):
     summary = "enclave-only (nothing leaves the enclave)"
     outsources = False
 
-    def prepare(self, prep):
-        from tee.modes import Prepared
-        return Prepared()
-
     def enclave(self, enc, sealed):
         return EnclaveOnlySide(enc)
 
