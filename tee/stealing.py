@@ -14,8 +14,9 @@ Membership inference: the confidence-threshold attack (Yeom et al.): "member" wh
 the true label exceeds a threshold, chosen on one half of the members and non-members, scored (balanced accuracy)
 on the other half.
 
-The victim's answers are computed here with its fp32 model in batches (the protected session returns the
-fixed-point version of the same model; the benchmark reports how often the two argmaxes agree).
+The victim's answers are computed here with its fp32 model in batches, a stand-in for querying the protected
+session (which returns the fixed-point version of the same model, one request at a time); how often the two
+argmaxes differ is not measured yet.
 """
 from __future__ import annotations
 
