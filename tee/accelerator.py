@@ -48,20 +48,23 @@ def tamper(attack: str, y: np.ndarray, previous: np.ndarray | None, rng: np.rand
 
 
 class Backend:
-    """Runs one layer: fp32 x @ W^T (plain, shadownet) or exact x~ w_q^T mod p (blinded, int8 digits)."""
+    """Runs one layer as the bundle's mode says (tee.modes: its `backend`): "float", fp32 x @ W^T (plain,
+    shadownet), or "field", exact x~ w_q^T mod p on int8 digit planes (blinded, sliced)."""
 
     def __init__(self, accel_dir: Path, mode: str, kind: str, layers: dict):
+        from tee import modes
         self.mode, self.kind = mode, kind
+        self.field = modes.get(mode).backend == "field"
         self.layers = layers
         self.choice: fieldgemm.Choice | None = None
-        if kind == "litert" and mode != "blinded":
+        if kind == "litert" and not self.field:
             from tee.litert_backend import LayerRunner
             self.runner = LayerRunner(accel_dir, layers, torch.get_num_threads())
             return
         self.kind = "torch"
         w = load_file(str(accel_dir / "weights.safetensors"))
-        # blinded: w_q^T as int8 for the exact digit GEMM, on the kernel this CPU passed the self-test with
-        if mode == "blinded":
+        # field: w_q^T as int8 for the exact digit GEMM, on the kernel this CPU passed the self-test with
+        if self.field:
             self.choice = fieldgemm.chosen()
             self.w = {k: fieldgemm.FieldGemm(torch.from_numpy(v), self.choice.kernel) for k, v in w.items()}
         else:
@@ -69,11 +72,11 @@ class Backend:
 
     @property
     def out_dtype(self):
-        return np.uint32 if self.mode == "blinded" else np.float32
+        return np.uint32 if self.field else np.float32
 
     def out_rows(self, rows: int) -> int:
         """Rows of the answer to an input of `rows` rows (blinded inputs are three digit planes)."""
-        return rows // 3 if self.mode == "blinded" else rows
+        return rows // 3 if self.field else rows
 
     def __call__(self, layer: str, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """The layer's answer; blinded writes it straight into `out` (the shared buffer) when given."""
@@ -82,9 +85,9 @@ class Backend:
         rows, k, m = self.layers[layer]
         if x.ndim != 2 or x.shape[1] != k:
             raise TinyshieldError(f"{layer}: input shape {x.shape}, expected (rows, {k})")
-        if self.mode == "blinded":
+        if self.field:
             if x.dtype != np.uint8 or x.shape[0] % 3:
-                raise TinyshieldError("blinded mode takes three digit planes (uint8, 3 x rows)")
+                raise TinyshieldError(f"{self.mode} mode takes three digit planes (uint8, 3 x rows)")
             return self.w[layer].planes(x, out)
         if x.dtype != np.float32:
             raise TinyshieldError("this mode takes float32 activations")

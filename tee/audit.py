@@ -6,7 +6,9 @@
 - ShadowNet weight recovery: fake-channel detection by row statistics, matching against a public model;
 - malicious accelerator: flipped entry, tiny perturbation, swapped channels, replayed output, over many
   trials, against the blinded mode's Freivalds check (theoretical miss rate 1/p per check);
-- sealing: tampered ciphertext, wrong measurement, replayed attestation must be refused.
+- sealing: tampered ciphertext, wrong measurement, replayed attestation must be refused;
+- each mode's own attacks (tee.modes: its `audit` hook), e.g. the sliced mode's search for its private slices in
+  everything the accelerator held and received. Model stealing and membership inference: tee.stealing.
 The auditor is the model owner: it unseals the bundle with the device root key to score the attacks.
 """
 from __future__ import annotations
@@ -21,7 +23,7 @@ import numpy as np
 import torch
 
 from base.errors import TinyshieldError
-from tee import blinded, fieldgemm
+from tee import blinded
 from tee.accelerator import ATTACKS, tamper
 from tee.fieldmath import HALF, P, from_digits
 
@@ -110,6 +112,18 @@ def two_means(x: np.ndarray) -> np.ndarray:
     return np.abs(x - lo) < np.abs(x - hi)
 
 
+def public_match(found: np.ndarray, w_public: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Recover a layer from rows the accelerator holds (scaled, shuffled, mixed with fakes) with a public model:
+    each public row claims its best row, rescaled by its projection on the public row. (recovered W, row indices)"""
+    _, idx = best_abs_cos(found, w_public)
+    rec = np.zeros(w_public.shape, dtype=np.float64)
+    for i, j in enumerate(idx):
+        o = found[j].astype(np.float64)
+        a = (o @ w_public[i]) / max(float(w_public[i] @ w_public[i]), 1e-30)
+        rec[i] = o / (a if abs(a) > 1e-30 else 1.0)
+    return rec, idx
+
+
 def shadow_attacks(name: str, obf: np.ndarray, fake: np.ndarray, perm: np.ndarray, w_true: np.ndarray,
                    w_public: np.ndarray) -> ShadowAttack:
     from sklearn.metrics import roc_auc_score
@@ -118,14 +132,7 @@ def shadow_attacks(name: str, obf: np.ndarray, fake: np.ndarray, perm: np.ndarra
     guess_fake = two_means(scores)
     auc = float(roc_auc_score(fake, -scores))
     balanced = float(((guess_fake & fake).sum() / max(fake.sum(), 1) + (~guess_fake & ~fake).sum() / max((~fake).sum(), 1)) / 2)
-    # Matching against the public model: each public row claims its best obfuscated row; the scale is the
-    # projection of the obfuscated row on the public row.
-    pub_best, pub_idx = best_abs_cos(obf, w_public)
-    rec = np.zeros_like(w_true, dtype=np.float64)
-    for i, j in enumerate(pub_idx):
-        o = obf[j].astype(np.float64)
-        a = (o @ w_public[i]) / max(float(w_public[i] @ w_public[i]), 1e-30)
-        rec[i] = o / (a if abs(a) > 1e-30 else 1.0)
+    rec, pub_idx = public_match(obf, w_public)
 
     def cos(a, b):
         a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
@@ -207,6 +214,8 @@ def transcript_report(mode: str, transcript: list[tuple[str, np.ndarray]],
                       plain: list[dict[str, np.ndarray]]) -> TranscriptReport:
     """`transcript` covers len(plain) inferences in order; the last input repeats the first. `plain` holds each
     inference's plaintext inputs of every linear layer (name -> rows x in)."""
+    from tee import modes
+    field = modes.get(mode).backend == "field"
     n_inf = len(plain)
     if not transcript:
         return TranscriptReport(mode, 0, 0.0, 0.0, 0, 0, 0, 0)
@@ -233,7 +242,7 @@ def transcript_report(mode: str, transcript: list[tuple[str, np.ndarray]],
                 d_sent = as_float(si) - as_float(sj)
                 d_plain = plain[i][name].astype(np.float64) - plain[j][name].astype(np.float64)
                 pairs += 1
-                if mode == "blinded":
+                if field:
                     continue   # differences of field elements are uniform: covered by max_row_cos
                 if np.linalg.norm(d_plain) == 0:
                     reuse += bool(np.allclose(d_sent, 0, atol=1e-3))
@@ -298,6 +307,7 @@ class AuditReport:
     kernel: str = "none"          # blinded: the accelerator's exact field GEMM kernel (tee.fieldgemm) ...
     kernel_note: str = ""         # ... and why faster ones were not used
     detection_kernel: str = "none"   # the kernel of the lying-accelerator trials (this process's choice)
+    private: object = None        # sliced: the private slices looked for in what the accelerator holds and saw
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -314,6 +324,7 @@ def run_audit(bundle_dir: str | Path, inputs: list[dict[str, np.ndarray]], trial
     from tee.bundle import load_header, record_inputs
     from tee.client import ProtectedSession
     from tee.enclave import Enclave
+    from tee.modes import AuditArgs, get
 
     bundle = load_header(bundle_dir)
     owner = Enclave(bundle.path)                 # the owner's view: plaintext weights and secrets
@@ -332,25 +343,8 @@ def run_audit(bundle_dir: str | Path, inputs: list[dict[str, np.ndarray]], trial
     accel = load_file(str(wfile)) if wfile.is_file() else {}
     report.weights = weight_exposure(bundle.mode, accel, owner.params)
 
-    rng = np.random.default_rng(seed)
-    if bundle.mode == "shadownet":
-        for name in list(owner.params)[:shadow_layers]:
-            w_true = owner.params[name][0]
-            if public is not None and name in public:
-                w_pub = public[name]
-            else:
-                w_pub = w_true + 0.5 * rng.standard_normal(w_true.shape).astype(np.float32) * \
-                    np.linalg.norm(w_true, axis=1, keepdims=True) / np.sqrt(w_true.shape[1])
-            layer = owner.shadow[name][0]
-            report.shadow.append(shadow_attacks(name, accel[name].T, layer.fake, layer.perm, w_true, w_pub))
-    if trials > 0:
-        name = detection_layer or next((n for n in owner.params if ".0." in n), next(iter(owner.params)))
-        w, b = owner.params[name]
-        if bundle.mode == "blinded":
-            report.detection = detection_trials(w, b, owner.config["rows"][name], trials, seed)
-            report.detection_kernel = fieldgemm.chosen().name
-        else:   # no integrity check in these modes: every lie is accepted
-            report.detection = [Detection(a, 0, 0, 0.0, 1.0) for a in ATTACKS] if bundle.mode != "enclave-only" else []
+    args = AuditArgs(public, np.random.default_rng(seed), trials, detection_layer, shadow_layers, seed, transcript)
+    get(bundle.mode).audit(report, owner, accel, args)    # the mode's own attacks (tee.modes)
     if sealing:
         report.sealing = sealing_checks(bundle.path)
     return report

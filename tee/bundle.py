@@ -3,7 +3,7 @@
 Layout of a bundle directory:
   bundle.json          public header: mode, model kind/config, input shape, measurement, device key
   enclave.sealed       plaintext weights + the mode's secrets, sealed to the enclave measurement
-  pads/NNNNNN.sealed   blinded mode: one-time masks and unblinding factors, one file per inference
+  pads/NNNNNN.sealed   blinded and sliced modes: one-time masks and unblinding factors, one file per inference
   accelerator/         what the untrusted accelerator gets: weights.safetensors (+ one .tflite per layer)
 The provisioning step runs here, on the owner's machine, with the device root key; the enclave later
 unseals with the same key only if its measured code and config are unchanged.
@@ -24,11 +24,11 @@ from safetensors.numpy import save_file as st_save_file
 
 from base.errors import TinyshieldError
 from edge.models.bert import served
-from tee import blinded, program, shadownet
+from tee import modes, program
 from tee.attestation import device_public_key
 from tee.sealing import device_root_key, measurement, seal, seal_key, unseal
 
-MODES = ("shadownet", "blinded", "enclave-only", "plain")
+MODES = modes.MODES
 FORMAT = 1
 CALIB_SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
@@ -67,9 +67,12 @@ def enclave_config(mode: str, kind: str, model_cfg: dict, input_spec: dict, rows
 def kind_of(model) -> str:
     """Which class the enclave builds from the sealed config and weights."""
     from edge.models.bert import BertClassifier, BertModel, MeanPooled
+    from edge.models.sliced import SlicedClassifier
     from edge.models.vit import ViT
     if isinstance(model, ViT):
         return "vit"
+    if isinstance(model, SlicedClassifier):
+        return "sliced-classifier"
     if isinstance(model, BertClassifier):
         return "bert-classifier"
     if isinstance(model, (BertModel, MeanPooled)):
@@ -77,16 +80,18 @@ def kind_of(model) -> str:
     raise TinyshieldError(f"cannot protect a {type(model).__name__}: supported are ViT, BertClassifier, BertModel")
 
 
-def captured(model, spec: dict) -> program.Program:
-    """The served model captured for the bundle's input shapes."""
+def captured(model, spec: dict, only: frozenset[str] | None = None) -> program.Program:
+    """The served model captured for the bundle's input shapes; `only`: the linears that may be outsourced."""
     example = {k: np.zeros(s, dtype=np.float32 if k == "image" else np.int32) for k, s in spec.items()}
-    return program.of(model, example)
+    return program.of(model, example, only)
 
 
 def model_config(model) -> dict:
     cfg = model.config.to_dict()
-    if kind_of(model) == "bert-classifier":
+    if kind_of(model) in ("bert-classifier", "sliced-classifier"):
         cfg["num_labels"] = model.num_labels
+    if kind_of(model) == "sliced-classifier":
+        cfg["rank"] = model.rank
     return cfg
 
 
@@ -151,13 +156,16 @@ def load_pt2(raw: bytes) -> program.Program:
 def protect(model, out_dir: str | Path, mode: str, kind: str | None = None, seq_len: int = 128, pads: int = 4,
             fake_ratio: float = 0.25, mask_pool: int = 4, litert: bool = True, seed: int | None = None) -> Bundle:
     """`model`: an nn.Module, or the path of a .pt2 (torch.export.save), whose bytes are sealed into the bundle."""
-    if mode not in MODES:
-        raise TinyshieldError(f"unknown protection mode {mode!r}: choose one of {', '.join(MODES)}")
+    how = modes.get(mode)
     if pads < 0 or mask_pool < 1 or not 0 < fake_ratio <= 4:
         raise TinyshieldError("pads must be >= 0, mask pool >= 1 and fake ratio in (0, 4]")
+    out = Path(out_dir)
+    if out.exists() and not (out / "bundle.json").is_file():
+        raise TinyshieldError(f"{out} exists and is not a protected bundle: choose another --out directory")
     t0 = time.perf_counter()
     if isinstance(model, (str, Path)):
         raw = Path(model).read_bytes()
+        how.outsourced(None)    # a .pt2 names no public part: a mode that outsources only public layers refuses
         prog, kind, model_cfg = load_pt2(raw), "pt2", {}
         spec = {n: list(x.shape) for n, x in zip(prog.inputs, prog.cap.example)}
         secrets: dict[str, np.ndarray] = {"pt2": np.frombuffer(raw, np.uint8).copy()}
@@ -167,49 +175,21 @@ def protect(model, out_dir: str | Path, mode: str, kind: str | None = None, seq_
         kind = kind or kind_of(model)
         model = served(model.eval())
         spec, model_cfg = input_spec(model, seq_len), model_config(model)
-        prog = captured(model, spec)
+        prog = captured(model, spec, how.outsourced(model))
         secrets = {f"model.{k}": v.detach().numpy().copy() for k, v in model.state_dict().items()}
-        calib = calibration_inputs(model, seq_len) if mode in ("shadownet", "blinded") else []
-    out = Path(out_dir)
-    if out.exists():
-        if not (out / "bundle.json").is_file():
-            raise TinyshieldError(f"{out} exists and is not a protected bundle: choose another --out directory")
+        calib = calibration_inputs(model, seq_len) if how.calibrates else []
+    rows = program.rows_per_call(prog)
+    prep = modes.Prep(program.linears(prog), rows, record_inputs(prog, calib) if how.calibrates else {},
+                      np.random.default_rng(seed), {"fake_ratio": fake_ratio, "mask_pool": mask_pool})
+    prepared = how.prepare(prep)
+    root = device_root_key()
+    accel, mode_params = prepared.accel, prepared.params
+    secrets.update(prepared.secrets)
+    layer_shapes = {name: [rows[name], int(a.shape[0]), int(a.shape[1])] for name, a in accel.items()}
+    if out.exists():   # an older bundle: replaced only now that the new one is ready to be written
         shutil.rmtree(out)
     (out / "accelerator").mkdir(parents=True)
     (out / "pads").mkdir()
-
-    rows = program.rows_per_call(prog)
-    params = program.linears(prog)
-    root = device_root_key()
-    rng = np.random.default_rng(seed)
-    accel: dict[str, np.ndarray] = {}
-    layer_shapes = {}
-    mode_params: dict = {}
-    blind_layers = {}
-    if mode in ("shadownet", "blinded"):
-        calib_x = record_inputs(prog, calib)
-    for name, (w, b) in params.items():
-        if mode == "plain":
-            accel[name] = np.ascontiguousarray(w.T)
-        elif mode == "shadownet":
-            layer = shadownet.transform(w, rng, fake_ratio)
-            sigma = float(np.sqrt(np.mean(calib_x[name] ** 2)))
-            masks = shadownet.mask_pool(rows[name], w.shape[1], sigma, mask_pool, rng)
-            accel[name] = np.ascontiguousarray(layer.obf.T)
-            secrets.update({f"sn.{name}.perm": layer.perm, f"sn.{name}.scale": layer.scale,
-                            f"sn.{name}.fake": layer.fake.astype(np.uint8), f"sn.{name}.masks": masks,
-                            f"sn.{name}.mask_out": (masks @ layer.obf.T).astype(np.float32)})
-            mode_params = {"fake_ratio": fake_ratio, "mask_pool": mask_pool}
-        elif mode == "blinded":
-            layer = blinded.make_layer(w, b, calib_x[name])
-            blind_layers[name] = layer
-            accel[name] = np.ascontiguousarray(layer.w_q.T.astype(np.int8))
-            secrets.update({f"bl.{name}.w_q": layer.w_q, f"bl.{name}.w_scale": layer.w_scale,
-                            f"bl.{name}.fx": np.array([layer.fx], dtype=np.int64)})
-            mode_params = {"p": blinded.P, "w_bits": blinded.W_BITS}
-        if name in accel:
-            layer_shapes[name] = [rows[name], int(accel[name].shape[0]), int(accel[name].shape[1])]
-
     cfg = enclave_config(mode, kind, model_cfg, spec, rows, mode_params)
     meas = measurement(cfg)
     key = seal_key(root, meas)
@@ -220,16 +200,16 @@ def protect(model, out_dir: str | Path, mode: str, kind: str | None = None, seq_
         st_save_file(accel, str(out / "accelerator" / "weights.safetensors"))
         sizes["accelerator"] = (out / "accelerator" / "weights.safetensors").stat().st_size
     backend = "torch"
-    if litert and mode in ("plain", "shadownet"):
+    if litert and how.litert:
         backend = export_litert(accel, layer_shapes, out / "accelerator") or "torch"
     header = {"format": FORMAT, "mode": mode, "kind": kind, "enclave_config": cfg, "measurement": meas.hex(),
               "device_key": device_public_key(root).hex(),
               "accelerator": {"backend": backend, "layers": layer_shapes},
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     (out / "bundle.json").write_text(json.dumps(header, indent=1))
-    if mode == "blinded":
+    if prepared.pad is not None:
         for i in range(pads):
-            write_pad(out, i, blinded.make_pad(blind_layers, rows), key, meas)
+            write_pad(out, i, prepared.pad(), key, meas)
         sizes["pads"] = sum(p.stat().st_size for p in (out / "pads").iterdir())
     return Bundle(out, header, time.perf_counter() - t0, sizes)
 

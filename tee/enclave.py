@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets as pysecrets
 import time
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import numpy as np
 import torch
 
 from base.errors import TinyshieldError
-from tee import blinded, dma, fieldkernels, program, shadownet
+from tee import dma, modes, program
 from tee.attestation import Channel, make_quote, new_keypair
 from tee.link import POLL_S, AcceleratorLink
 from tee.messages import Message, recv, send
@@ -32,7 +31,7 @@ class Enclave:
         self.chunks = dma.SLOTS if overlap else 1
         header = json.loads((self.dir / "bundle.json").read_text())
         self.config = header["enclave_config"]
-        self.mode = self.config["mode"]
+        self.mode = modes.get(self.config["mode"])
         self.root = device_root_key()
         self.meas = measurement(self.config)          # the enclave measures its own code + config
         self.key = seal_key(self.root, self.meas)
@@ -44,22 +43,18 @@ class Enclave:
             self.model, self.prog = None, load_pt2(sealed["pt2"].tobytes())
         else:
             self.model = self._build_model(sealed)
-            self.prog = captured(self.model, self.config["input"])
+            self.prog = captured(self.model, self.config["input"], self.mode.outsourced(self.model))
         self.params = program.linears(self.prog)
-        self.link = AcceleratorLink(accel_conn, self._out_dims(sealed), buffers, POLL_S if overlap else 0.0)
+        self.side = self.mode.enclave(self, sealed)     # the mode's state: its linear layer
+        self.link = AcceleratorLink(accel_conn, self.side.out_dims, buffers, POLL_S if overlap else 0.0)
         self.channel: Channel | None = None
         self.offline = 0.0
         self.prefetched: dict[str, np.ndarray] | None = None
-        if self.mode == "shadownet":
-            self.shadow = {n: (shadownet.ShadowLayer(obf=None, perm=sealed[f"sn.{n}.perm"], scale=sealed[f"sn.{n}.scale"],
-                                                     fake=sealed[f"sn.{n}.fake"].astype(bool)),
-                               sealed[f"sn.{n}.masks"], sealed[f"sn.{n}.mask_out"]) for n in self.params}
-        if self.mode == "blinded":
-            order = list(self.params)                     # call order: which layer's pad entries come next
-            self.following = dict(zip(order, order[1:]))
-            self.blind = {n: blinded.BlindLayer(w_q=sealed[f"bl.{n}.w_q"], w_scale=sealed[f"bl.{n}.w_scale"],
-                                                fx=int(sealed[f"bl.{n}.fx"][0]), bias=self.params[n][1])
-                          for n in self.params}
+
+    @property
+    def blind(self) -> dict:
+        """Field modes: the layers' fixed-point secrets (tee.blinded.BlindLayer), for the owner's reference."""
+        return self.side.layers
 
     def _build_model(self, sealed):
         from edge.models.registry import build
@@ -71,61 +66,14 @@ class Enclave:
         model.load_state_dict(state)
         return model
 
-    def _out_dims(self, sealed) -> dict[str, int]:
-        if self.mode == "shadownet":
-            return {n: len(sealed[f"sn.{n}.fake"]) for n in self.params}
-        return {n: w.shape[0] for n, (w, _) in self.params.items()}
-
-    # ---- the modes: what a linear layer does --------------------------------------------------------
     def submitter(self) -> program.Submit:
         """This mode's linear layer as `submit(name, x, rows) -> wait` (tee.program.pipelined): the request
-        leaves at once, the enclave's restoration runs when the result is waited for."""
-        if self.mode == "enclave-only":
-            return program.eager(program.plain_lin(self.params))
-        if self.mode == "plain":
-            bias = {k: torch.from_numpy(b) for k, (_, b) in self.params.items()}
-
-            def submit(name, x, rows):
-                seq = self.link.submit(name, x.contiguous().numpy())
-                return lambda: torch.from_numpy(self.link.collect(seq)) + bias[name]
-            return submit
-        if self.mode == "shadownet":
-            def submit(name, x, rows):
-                layer, masks, mask_out = self.shadow[name]
-                j = pysecrets.randbelow(len(masks))
-                seq = self.link.submit(name, (x.numpy() + masks[j][rows]).astype(np.float32))
-                return lambda: torch.from_numpy(shadownet.restore(self.link.collect(seq), mask_out[j][rows], layer,
-                                                                  self.params[name][1]))
-            return submit
-        pad = self.next_pad()
-
-        def submit(name, x, rows):
-            layer = self.blind[name]
-            r = pad[f"{name}.r"][rows]
-            if r.shape[0] != x.shape[0]:
-                raise TinyshieldError(f"{name}: input has {x.shape[0]} rows, pads were made for {r.shape[0]}")
-            planes = self.link.outbound(np.uint8, (3 * r.shape[0], r.shape[1]))
-            planes, rhs = blinded.blind(x, layer, r, pad[f"{name}.v"], out=planes)
-            seq = self.link.submit(name, planes, answer=(r.shape[0], np.uint32))
-
-            def wait():
-                # while the accelerator works, the pad entries needed next are brought into the cache (a wrong
-                # guess, e.g. rows past a smaller next layer's end, costs nothing)
-                u = pad[f"{name}.u"][rows]
-                fieldkernels.prefetch(u)
-                if name in self.following:
-                    fieldkernels.prefetch(pad[f"{self.following[name]}.r"][rows])
-                y = blinded.unblind(self.link.collect(seq, copy=False), u, pad[f"{name}.s"], rhs, layer)
-                if y is None:
-                    raise TinyshieldError(f"integrity check failed on {name}: the accelerator returned a wrong "
-                                          "result (Freivalds); inference aborted")
-                return y
-            return wait
-        return submit
+        leaves at once, the enclave's check and restoration run when the result is waited for."""
+        return self.side.submitter(self.next_pad() if self.mode.pads else None)
 
     def prefetch(self) -> None:
         """Between requests: unseal the next pad now, so the next inference does not wait for it."""
-        if self.mode == "blinded" and self.prefetched is None:
+        if self.mode.pads and self.prefetched is None:
             self.prefetched = self._take_pad(allow_make=False)
 
     def next_pad(self) -> dict[str, np.ndarray]:
@@ -149,7 +97,7 @@ class Enclave:
         if not allow_make:
             return None
         t = time.perf_counter()
-        pad = blinded.make_pad(self.blind, self.config["rows"])
+        pad = self.side.make_pad()
         self.offline += time.perf_counter() - t
         return pad
 
@@ -177,7 +125,7 @@ class Enclave:
         t0, c0 = time.perf_counter(), time.thread_time()
         submit = self.submitter()
         t_pad = time.perf_counter() - t0
-        chunks = 1 if self.mode == "enclave-only" else self.chunks
+        chunks = self.chunks if self.mode.outsources else 1
         try:
             y = program.pipelined(self.prog, inputs, submit, chunks)
         finally:

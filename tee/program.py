@@ -93,12 +93,13 @@ def _root(n: torch.fx.Node) -> torch.fx.Node:
     return n
 
 
-def _find(cap: Captured) -> Program:
+def _find(cap: Captured, only: frozenset[str] | None = None) -> Program:
+    """`only`: module paths whose linears may be outsourced (None: every one); the others stay graph nodes."""
     const = _constants(cap)
     is_const = lambda a: isinstance(a, torch.fx.Node) and a.name in const
     found = []   # (node, x, W, b, conv)
     for n in cap.graph.nodes:
-        if n.op != "call_function":
+        if n.op != "call_function" or (only is not None and where(n).module not in only):
             continue
         if n.target in (aten.addmm.default, aten.mm.default):
             b, x, wt = n.args[:3] if n.target == aten.addmm.default else (None, *n.args[:2])
@@ -148,12 +149,16 @@ def _order(cap: Captured, node) -> int:
 
 
 def _name(modules: list[str], taken: set) -> str:
-    """`encoder.layer.0.attention.self.query+key+value` for a fused call; unique (#2 for a module called again)."""
+    """`encoder.layer.0.attention.self.query+key+value` for a fused call (the modules' common parent, then each
+    one's own path: `...self.query.base+key.base+value.base`); unique (#2 for a module called again)."""
     head = modules[0] or "<top>"
     if len(modules) > 1:
-        parent = head.rsplit(".", 1)[0] + "." if "." in head else ""
-        tails = [m[len(parent):] if parent and m.startswith(parent) else m for m in modules]
-        head = parent + "+".join(tails)
+        split = [m.split(".") for m in modules]
+        common = 0
+        while all(len(p) > common + 1 and p[common] == split[0][common] for p in split):
+            common += 1
+        parent = ".".join(split[0][:common]) + "." if common else ""
+        head = parent + "+".join(".".join(p[common:]) for p in split)
     name, i = head, 1
     while name in taken:
         i += 1
@@ -165,23 +170,24 @@ def _name(modules: list[str], taken: set) -> str:
 _programs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def of(model: torch.nn.Module | Program, inputs: dict[str, np.ndarray]) -> Program:
-    """The model captured for inputs of these shapes (captured once per model and shapes).
-    The inputs are passed to the model's forward in the order of the dict."""
+def of(model: torch.nn.Module | Program, inputs: dict[str, np.ndarray], only: frozenset[str] | None = None) -> Program:
+    """The model captured for inputs of these shapes (captured once per model, shapes and `only`).
+    The inputs are passed to the model's forward in the order of the dict. `only`: module paths of the linears
+    that may be outsourced (None: all)."""
     if isinstance(model, Program):
         return model
-    key = tuple(sorted((k, tuple(np.shape(v))) for k, v in inputs.items()))
+    key = (tuple(sorted((k, tuple(np.shape(v))) for k, v in inputs.items())), only)
     cache = _programs.setdefault(model, {})
     if key not in cache:
         example = tuple(torch.from_numpy(np.ascontiguousarray(v)) for v in inputs.values())
         with torch.no_grad():
-            cache[key] = from_captured(capture(model.eval(), example, batch_one=False), list(inputs))
+            cache[key] = from_captured(capture(model.eval(), example, batch_one=False), list(inputs), only)
     return cache[key]
 
 
-def from_captured(cap: Captured, inputs: list[str]) -> Program:
+def from_captured(cap: Captured, inputs: list[str], only: frozenset[str] | None = None) -> Program:
     """A graph captured elsewhere (a user's .pt2), its inputs named `inputs` in order."""
-    prog = _find(cap)
+    prog = _find(cap, only)
     prog.inputs = list(inputs)
     return prog
 

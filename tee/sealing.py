@@ -24,7 +24,9 @@ SEAL_MAGIC = b"TSHSEAL1"
 TEE_DIR = Path(__file__).resolve().parent
 # The code that runs inside the enclave process; any change to it changes the measurement.
 ENCLAVE_CODE = ("enclave.py", "program.py", "shadownet.py", "blinded.py", "fieldgemm.py", "fieldmath.py",
-                "fieldkernels.py", "csrc/field.c", "link.py", "messages.py", "sealing.py", "attestation.py", "dma.py")
+                "fieldkernels.py", "csrc/field.c", "link.py", "messages.py", "sealing.py", "attestation.py", "dma.py",
+                "modes/__init__.py", "modes/plain.py", "modes/enclave_only.py", "modes/shadownet.py",
+                "modes/blinded.py", "modes/sliced.py")
 
 
 def root_key_path() -> Path:

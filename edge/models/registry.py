@@ -29,7 +29,12 @@ def build(kind: str, model_cfg: dict, num_labels: int | None = None) -> nn.Modul
     if kind == "bert":
         from edge.models.bert import BertConfig, BertModel
         return BertModel(BertConfig.from_dict(model_cfg))
-    raise TinyshieldError(f"unknown model kind {kind!r} (vit, bert-classifier, bert)")
+    if kind == "sliced-classifier":
+        from edge.models.bert import BertConfig
+        from edge.models.sliced import SlicedClassifier
+        return SlicedClassifier(BertConfig.from_dict(model_cfg), num_labels or model_cfg.get("num_labels", 2),
+                                model_cfg.get("rank", 8))
+    raise TinyshieldError(f"unknown model kind {kind!r} (vit, bert-classifier, bert, sliced-classifier)")
 
 
 def load_dir(path: str | Path) -> Loaded:

@@ -31,9 +31,9 @@ class Trained:
 
 def recipes() -> dict:
     """Name -> callable(**overrides) -> Trained. Imported lazily: training pulls in torch."""
-    from edge.recipes import bert_tiny_sst2, vit_mnist
+    from edge.recipes import bert_tiny_sst2, minilm_task, vit_mnist
 
-    return {"vit-mnist": vit_mnist.train, "bert-tiny-sst2": bert_tiny_sst2.train}
+    return {"vit-mnist": vit_mnist.train, "bert-tiny-sst2": bert_tiny_sst2.train, **minilm_task.recipe_table()}
 
 
 def trainable() -> dict:

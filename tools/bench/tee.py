@@ -11,7 +11,10 @@
 - lying accelerator: --trials per attack against the blinded check on one MiniLM layer;
 - weights: which modes expose them (normalise-and-match) and the ShadowNet recovery attacks on all 24 layers;
 - transcript: plaintext rows and mask reuse in what the accelerator received.
-Prints rich tables and writes build/bench/tee.json.
+- with --task sst2 (or agnews): the model's confidentiality on a task -- the sliced model (TEESlice: private
+  slices on the public backbone) vs the same backbone fully fine-tuned, sliced latency vs enclave-only, model
+  stealing (N queries, thief with the accelerator's view vs black-box) and membership inference in every mode.
+Prints rich tables and writes build/bench/tee.json (--task-only: just the task part, into --out).
 """
 from __future__ import annotations
 
@@ -27,6 +30,9 @@ import torch
 from base.paths import build_dir
 
 OVERLAP = "blinded (overlap)"
+# the modes that protect any model (here the MiniLM sentence encoder); sliced needs a model partitioned before
+# training and is measured with --task
+MODES = ("shadownet", "blinded", "enclave-only", "plain")
 SENTENCES = [
     "A gripping, beautifully shot film that stays with you long after the credits.",
     "The quarterly report shows revenue growth slowing across every region.",
@@ -48,7 +54,16 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="tee.json", help="file name under build/bench/")
     ap.add_argument("--vit-images", type=int, default=500,
                     help="MNIST test images for the protected trained ViT's accuracy (0 skips; trains vit-mnist if not cached)")
+    ap.add_argument("--task", action="append", choices=["sst2", "agnews"], default=None,
+                    help="also measure the model's confidentiality on a task (repeatable): sliced vs fully fine-tuned "
+                         "accuracy, sliced latency, stealing and membership against every mode (trains if not cached)")
+    ap.add_argument("--task-only", action="store_true", help="only the --task part (the four embedding modes skipped)")
+    ap.add_argument("--steal-n", default="50,500,5000", help="query budgets of the model thief (default 50,500,5000)")
+    ap.add_argument("--members", type=int, default=500, help="training and held-out sentences each for membership")
+    ap.add_argument("--task-iters", type=int, default=20, help="sliced vs enclave-only latency: median of this many")
     args = ap.parse_args(argv)
+    if args.task_only:
+        return main_tasks(args)
 
     from rich.console import Console
 
@@ -75,7 +90,7 @@ def main(argv=None) -> int:
 
     bundles = {}
     protect_s = {}
-    for mode in bundle.MODES:
+    for mode in MODES:
         con.print(f"protect minilm ({mode})")
         pads = 2 * (n_runs + len(inputs) + 3) if mode == "blinded" else 0   # two sessions: with and without overlap
         b = bundle.protect(model, build_dir() / "bench" / "tee" / f"minilm-{mode}", mode, seq_len=args.seq_len, pads=pads)
@@ -86,7 +101,7 @@ def main(argv=None) -> int:
               "cpu_count": os.cpu_count(), "cpu": cpu_info(), "load_avg_start": os.getloadavg(), "protect_s": protect_s}
     sessions = {m: ProtectedSession(bundles[m].path, accel_threads=threads, record=False, overlap=False,
                                     backend=args.backend if m in ("plain", "shadownet") else None)
-                for m in bundle.MODES}
+                for m in MODES}
     # the same blinded bundle with overlap: pipelined row parts, polling for messages
     sessions[OVERLAP] = ProtectedSession(bundles["blinded"].path, accel_threads=threads, overlap=True)
     try:
@@ -140,7 +155,7 @@ def main(argv=None) -> int:
         transcripts = {}
         seq = [inputs[0], inputs[1], inputs[0]]
         acts = [bundle.record_inputs(prog, [x]) for x in seq]
-        for mode in bundle.MODES:
+        for mode in MODES:
             s = sessions[mode]
             s.record(True)
             for x in seq:
@@ -165,7 +180,7 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(0)
     attacks = {"public=MiniLM checkpoint": [], "public=related model (weights + 50% noise)": []}
     for name, (w, _) in params.items():
-        layer = sn.shadow[name][0]
+        layer = sn.side.layers[name][0]
         noisy = w + 0.5 * rng.standard_normal(w.shape).astype(np.float32) * np.linalg.norm(w, axis=1, keepdims=True) / np.sqrt(w.shape[1])
         for key, pub in zip(attacks, (w, noisy)):
             attacks[key].append(asdict(audit.shadow_attacks(name, accel[name].T, layer.fake, layer.perm, w, pub)))
@@ -192,6 +207,8 @@ def main(argv=None) -> int:
     (out_dir / args.out).write_text(json.dumps(result, indent=1, default=float))
     report(con, result)
     con.print(f"wrote {out_dir / args.out}")
+    if args.task:
+        main_tasks(args, {"cpu": result["cpu"], "cpu_count": result["cpu_count"], "load_avg_start": os.getloadavg()})
     return 0
 
 
@@ -210,7 +227,7 @@ def bench_vit(n: int, threads: int, backend: str | None) -> dict:
     with torch.no_grad():
         fp32 = model(torch.from_numpy(x)).argmax(-1).numpy()
     out = {"images": n, "fp32_accuracy": float((fp32 == y).mean()), "modes": {}}
-    for mode in bundle.MODES:
+    for mode in MODES:
         b = bundle.protect(model, build_dir() / "bench" / "tee" / f"vit-{mode}", mode, pads=0)
         preds, totals = [], []
         with ProtectedSession(b.path, accel_threads=threads,
@@ -394,6 +411,151 @@ def report(con, r: dict) -> None:
         for m, d in v["modes"].items():
             tab.add_row(m, f"{d['accuracy']:.2%}", f"{d['agrees_with_fp32']:.2%}", f"{d['median_ms']:.1f}")
         con.print(tab)
+
+
+def main_tasks(args, result: dict | None = None) -> int:
+    from rich.console import Console
+    con = Console(width=170)
+    torch.set_num_threads(1)
+    result = {"cpu": cpu_info(), "cpu_count": os.cpu_count(), "load_avg_start": os.getloadavg()} if result is None else result
+    threads = args.accel_threads or os.cpu_count()
+    ns = tuple(int(n) for n in args.steal_n.split(","))
+    result["tasks"] = {}
+    for task in args.task or ["sst2"]:
+        con.print(f"task {task}")
+        result["tasks"][task] = bench_task(task, args.seq_len, args.task_iters, args.warmup, threads, ns, args.members)
+        report_task(con, result["tasks"][task])
+    result["load_avg_end_tasks"] = os.getloadavg()
+    out = build_dir() / "bench" / (args.out if args.task_only else "tee-tasks.json")
+    out.write_text(json.dumps(result, indent=1, default=float))
+    con.print(f"wrote {out}")
+    return 0
+
+
+def bench_task(task: str, seq_len: int, iters: int, warmup: int, threads: int, ns: tuple[int, ...],
+               members: int) -> dict:
+    """The model's confidentiality on a task: the sliced model (private slices trained on a public backbone) and
+    the same backbone fully fine-tuned (what a user would otherwise ship), same data and budget (edge.recipes.minilm_task);
+    sliced inference exact and its latency next to enclave-only; model stealing and membership inference against
+    every mode (tee.stealing): the sliced model in sliced mode, the fully fine-tuned one in the others."""
+    from safetensors.numpy import load_file
+
+    from edge.models.bert import BertClassifier
+    from edge.models.minilm import load_minilm, load_tokenizer, tokenize
+    from edge.models.registry import load_dir
+    from edge.recipes import minilm_task
+    from tee import blinded, bundle, program, stealing
+    from tee.client import ProtectedSession
+    from tee.enclave import Enclave
+
+    trained = {v: minilm_task.train(task=task, variant=v, quiet=True) for v in minilm_task.VARIANTS}
+    models = {v: load_dir(t.path).model for v, t in trained.items()}
+    out = {"task": task, "models": {v: t.metrics | {"path": str(t.path)} for v, t in trained.items()}}
+    tr, ev = minilm_task.splits(task)
+
+    # ---- sliced inference: exact, and its latency next to enclave-only (the same model) -------------------
+    tok = load_tokenizer()
+    inputs = []
+    for text in ev.texts[:4]:
+        t = tokenize(tok, [text], pad_to=seq_len)
+        inputs.append({"input_ids": t.input_ids.numpy().astype(np.int32),
+                       "attention_mask": t.attention_mask.numpy().astype(np.int32)})
+    root = build_dir() / "bench" / "tee" / task
+    n_runs = warmup + iters
+    b_sl = bundle.protect(models["sliced"], root / "sliced", "sliced", seq_len=seq_len, pads=n_runs + len(inputs) + 2)
+    b_eo = bundle.protect(models["sliced"], root / "sliced-enclave-only", "enclave-only", seq_len=seq_len)
+    owner = Enclave(b_sl.path)
+    # turn-taking, as the four modes above (the overlapped pipeline loses on a busy machine)
+    sessions = {"sliced": ProtectedSession(b_sl.path, accel_threads=threads, overlap=False),
+                "enclave-only": ProtectedSession(b_eo.path, accel_threads=threads, overlap=False)}
+    try:
+        exact = []
+        for x in inputs:
+            y, _ = sessions["sliced"].infer(x)
+            exact.append(bool(np.array_equal(y, program.forward(owner.prog, x, blinded.reference_lin(owner.blind)))))
+        rows = {m: [] for m in sessions}
+        for i in range(n_runs):
+            for m, s in sessions.items():
+                _, t = s.infer(inputs[i % len(inputs)])
+                s.ready()
+                if i >= warmup:
+                    rows[m].append(t)
+    finally:
+        for s in sessions.values():
+            s.close()
+    lat = {m: {"total_ms": float(np.median([t.total_s for t in ts])) * 1e3,
+               "enclave_ms": float(np.median([t.enclave_s for t in ts])) * 1e3,
+               "accelerator_ms": float(np.median([t.accelerator_s for t in ts])) * 1e3} for m, ts in rows.items()}
+    out["sliced_inference"] = {"seq_len": seq_len, "iters": iters, "equal_to_fixed_point_reference": all(exact),
+                               "latency_ms": lat,
+                               "sliced_over_enclave_only": round(lat["sliced"]["total_ms"] / lat["enclave-only"]["total_ms"], 3)}
+
+    # ---- stealing and membership against every mode --------------------------------------------------------
+    public = load_minilm()
+    thief = BertClassifier(public.config, minilm_task.TASKS[task])
+    thief.bert.load_state_dict(public.state_dict())
+    used = set(np.load(trained["sliced"].path / "members.npy").tolist())
+    outside = [i for i in np.random.default_rng(1).permutation(len(tr.texts)) if i not in used]
+    queries = [tr.texts[i] for i in outside[:max(ns)]]
+    held_out = outside[max(ns):max(ns) + members]
+    inside = sorted(used)[:members]
+    steal, member, member_of = {}, {}, {}
+    caches = {v: {} for v in models}
+    for mode in bundle.MODES:
+        v = "sliced" if mode == "sliced" else "full"
+        b = bundle.protect(models[v], root / f"steal-{mode}", mode, seq_len=64, pads=0, litert=False)
+        f = b.path / "accelerator" / "weights.safetensors"
+        accel = load_file(str(f)) if f.is_file() else {}
+        t0 = time.perf_counter()
+        steal[mode] = [asdict(t) for t in stealing.steal(mode, models[v], Enclave(b.path).prog, accel, thief, queries,
+                                                         ev.texts, ev.labels, ns, cache=caches[v])]
+        if v not in member_of:     # the protected answers are the model's: one measurement per model
+            member_of[v] = asdict(stealing.membership(mode, models[v], [tr.texts[i] for i in inside], tr.labels[inside],
+                                                      [tr.texts[i] for i in held_out], tr.labels[held_out]))
+        member[mode] = member_of[v] | {"mode": mode, "victim": v}
+        print(f"  {mode}: stealing and membership in {time.perf_counter() - t0:.0f} s", flush=True)
+    out["stealing"], out["membership"] = steal, member
+    acc = {v: out["models"][v]["accuracy"] for v in models}
+    out["targets"] = {
+        "sliced_minus_full_accuracy_points": round(100 * (acc["sliced"] - acc["full"]), 2),
+        "sliced_within_1_point": acc["sliced"] >= acc["full"] - 0.01,
+        "sliced_stolen_le_blackbox_plus_1": all(t["stolen_accuracy"] <= t["blackbox_accuracy"] + 0.01
+                                                for t in steal["sliced"]),
+        "sliced_membership_le_52": member["sliced"]["balanced_accuracy"] <= 0.52,
+        "sliced_le_enclave_only": out["sliced_inference"]["sliced_over_enclave_only"] <= 1.0}
+    return out
+
+
+def report_task(con, r: dict) -> None:
+    from rich.table import Table
+    tab = Table(title=f"{r['task']}: the private part trained on a public backbone vs full fine-tuning (same data, steps)")
+    for c in ("model", "accuracy", "trained parameters", "train s", "steps x batch"):
+        tab.add_column(c, justify="right")
+    for v, m in r["models"].items():
+        tab.add_row(v, f"{m['accuracy']:.2%}", f"{m['trained_parameters']:,}", f"{m['train_seconds']:.0f}",
+                    f"{m['steps']} ({m['train_sentences']} sentences)")
+    con.print(tab)
+    si = r["sliced_inference"]
+    con.print(f"sliced L={si['seq_len']}: equal to its fixed-point reference: {si['equal_to_fixed_point_reference']}; "
+              f"median of {si['iters']}: sliced {si['latency_ms']['sliced']['total_ms']:.1f} ms, enclave-only "
+              f"{si['latency_ms']['enclave-only']['total_ms']:.1f} ms ({si['sliced_over_enclave_only']:.2f}x)")
+    tab = Table(title="model stealing: thief with the accelerator's view vs black-box (same queries)")
+    for c in ("mode", "N", "victim acc", "stolen acc", "agreement", "black-box acc", "black-box agreement",
+              "layers recovered"):
+        tab.add_column(c, justify="right")
+    for mode, ts in r["stealing"].items():
+        for t in ts:
+            tab.add_row(mode, str(t["n"]), f"{t['victim_accuracy']:.2%}", f"{t['stolen_accuracy']:.2%}",
+                        f"{t['stolen_agreement']:.2%}", f"{t['blackbox_accuracy']:.2%}",
+                        f"{t['blackbox_agreement']:.2%}", str(t["layers_recovered"]) + (" + head" if t["head_recovered"] else ""))
+    con.print(tab)
+    tab = Table(title="membership inference (confidence threshold), training vs held-out sentences")
+    for c in ("mode", "victim", "balanced accuracy", "AUC"):
+        tab.add_column(c, justify="right")
+    for mode, m in r["membership"].items():
+        tab.add_row(mode, m["victim"], f"{m['balanced_accuracy']:.2%}", f"{m['auc']:.3f}")
+    con.print(tab)
+    con.print(f"targets: {r['targets']}")
 
 
 if __name__ == "__main__":

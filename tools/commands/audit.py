@@ -47,7 +47,9 @@ def run(args):
         public = {k: w for k, (w, _) in program.linears(known).items()}
     r = audit.run_audit(bundle.path, inputs, trials=args.trials, public=public, sealing=not args.no_sealing)
     con = Console()
-    if r.mode == "blinded":
+    from tee.modes import get
+    mode = get(r.mode)
+    if mode.checked:
         con.print(f"accelerator's exact field GEMM: {r.kernel}" + (f" ({r.kernel_note})" if r.kernel_note else "")
                   + f"; lying-accelerator trials here: {r.detection_kernel}")
     t = r.transcript
@@ -70,9 +72,14 @@ def run(args):
                         f"{s.fake_auc:.2f}", f"{s.public_match_share:.2f}", f"{s.public_fake_accuracy:.2f}",
                         f"{s.public_recovered_cos:.4f}", f"{s.public_only_cos:.4f}")
         con.print(tab)
-    if r.mode in ("plain", "shadownet"):
+    if r.private is not None:
+        p = r.private
+        con.print(f"private slices ({p.tensors} tensors, {p.vectors} vectors) in what the accelerator holds: best "
+                  f"|cos| {p.max_cos_weights:.3f}, in what it received: {p.max_cos_transcript:.3f} (chance "
+                  f"{p.chance_cos:.3f}); matched {p.matched}")
+    if mode.outsources and not mode.checked:
         con.print(f"lying accelerator: {r.mode} has no integrity check — every altered result is accepted")
-    if r.detection and r.mode == "blinded":
+    if r.detection and mode.checked:
         tab = Table(title="lying accelerator")
         for c in ("attack", "trials", "detected", "rate", "theoretical miss"):
             tab.add_column(c)

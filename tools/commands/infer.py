@@ -37,7 +37,8 @@ def run(args):
                           overlap=args.overlap) as s:
         print(f"enclave attested: measurement {s.quote.measurement.hex()[:16]}…, mode {bundle.mode}, "
               f"accelerator {s.backend}")
-        if bundle.mode == "blinded":
+        from tee.modes import get
+        if get(bundle.mode).backend == "field":
             st = s.accelerator_stats()
             print(f"accelerator's exact field GEMM: {st['kernel']}"
                   + (f" ({st['kernel_note']})" if st["kernel_note"] else ""))
