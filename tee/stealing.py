@@ -53,7 +53,8 @@ class Membership:
 @torch.no_grad()
 def features(model, texts: list[str], max_len: int = 64, batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """(mean-pooled last hidden states, logits) of a BertClassifier-shaped model, sorted-length batches."""
-    from edge.recipes.bert_tiny_sst2 import encode, logits, pad
+    from edge.models.minilm import encode
+    from edge.train import logits, pad
     model.eval()
     seqs = encode(texts, max_len)
     order = np.argsort([len(s) for s in seqs], kind="stable")

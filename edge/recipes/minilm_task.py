@@ -10,7 +10,6 @@ Cached by config hash under build/models/<name>/.
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass
 
@@ -21,10 +20,10 @@ from torch.nn import functional as F
 from base import data
 from base.errors import TinyshieldError
 from base.paths import build_dir, config_hash
-from base.progress import progress
 from edge.models.io import read_json, save_model
 from edge.recipes import Trained, pick_threads
-from edge.recipes.bert_tiny_sst2 import accuracy, batches, encode, logits, pad
+from edge.models.minilm import encode
+from edge.train import accuracy, batches, cosine_warmup, fit, logits, pad
 
 TASKS = {"sst2": 2, "agnews": 4}
 VARIANTS = ("sliced", "full")
@@ -99,22 +98,17 @@ def train(recipe: TaskRecipe | None = None, force: bool = False, quiet: bool = F
         y = torch.from_numpy(tr.labels[members])
         lr = recipe.lr or (1e-3 if recipe.variant == "sliced" else 5e-5)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)
-        total, warm = recipe.steps, max(1, recipe.steps // 10)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
-        losses = []
-        with progress(disable=quiet) as bar:
-            task = bar.add_task(f"train {recipe.name}", total=total, info="")
-            for idx in batches(len(seqs), recipe.batch_size, np.array([len(s) for s in seqs]), g)[:total]:
-                model.train()
-                ids, mask = pad([seqs[j] for j in idx])
-                loss = F.cross_entropy(logits(model, ids, mask), y[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                losses.append(loss.item())
-                bar.update(task, advance=1, info=f"loss {np.mean(losses[-50:]):.3f}")
+        total = recipe.steps
+        sched = cosine_warmup(opt, total, warm=max(1, total // 10))
+        lengths = np.array([len(s) for s in seqs])
+
+        def loss_fn(idx):
+            ids, mask = pad([seqs[j] for j in idx])
+            return F.cross_entropy(logits(model, ids, mask), y[idx])
+
+        # one pass: the members make exactly `total` batches
+        losses = fit(model, opt, sched, iter(batches(len(seqs), recipe.batch_size, lengths, g)), loss_fn, total,
+                     f"train {recipe.name}", quiet)
         t_train = time.time() - t0
         acc = accuracy(model, encode(ev.texts, recipe.max_len), ev.labels)
     finally:
