@@ -152,6 +152,12 @@ static inline int64_t tsh_div_round(int64_t a, int64_t b)
     return a >= 0 ? (a + b / 2) / b : -((-a + b / 2) / b);
 }
 
+/* the same on int32 (one SDIV on Cortex-M; the 64-bit division is a library call) */
+static inline int32_t tsh_div_round32(int32_t a, int32_t b)
+{
+    return a >= 0 ? (a + b / 2) / b : -((-a + b / 2) / b);
+}
+
 /* floor(sqrt(v)) for v >= 0, bit by bit (no floating point, no division) */
 static inline int64_t tsh_isqrt64(int64_t v)
 {
@@ -231,6 +237,24 @@ static inline int32_t tsh_pkhtb(int32_t hi, int32_t lo)
     return (int32_t)(((uint32_t)hi & 0xffff0000u) | ((uint32_t)lo >> 16));
 }
 #endif
+
+/* the per-byte signed maximum of two words of four int8 (SSUB8 sets a GE flag per byte, SEL picks) */
+static inline uint32_t tsh_max_s8x4(uint32_t a, uint32_t b)
+{
+#if defined(__ARM_FEATURE_DSP) && !defined(TSH_PORTABLE) && !defined(TSH_EMULATE_DSP)
+    uint32_t t, r;
+    __asm__("ssub8 %0, %2, %3\n\tsel %1, %2, %3" : "=&r"(t), "=r"(r) : "r"(a), "r"(b) : "cc");
+    (void)t;
+    return r;
+#else
+    uint32_t r = 0;
+    for (int b8 = 0; b8 < 32; b8 += 8) {
+        int32_t x = (int8_t)(uint8_t)(a >> b8), y = (int8_t)(uint8_t)(b >> b8);
+        r |= (uint32_t)(uint8_t)(x > y ? x : y) << b8;
+    }
+    return r;
+#endif
+}
 
 /* An unaligned little-endian 32-bit load (one LDR on Cortex-M4, which allows unaligned LDR). */
 static inline int32_t tsh_read32(const int8_t *p)
