@@ -207,6 +207,12 @@ static inline int32_t tsh_pkhtb(int32_t hi, int32_t lo)   /* (lo.top, hi.top) */
     __asm__("pkhtb %0, %1, %2, asr #16" : "=r"(r) : "r"(hi), "r"(lo));
     return r;
 }
+static inline int32_t tsh_ssub16(int32_t a, int32_t b)    /* halfword-wise a - b (wrapping) */
+{
+    int32_t r;
+    __asm__("ssub16 %0, %1, %2" : "=r"(r) : "r"(a), "r"(b) : "cc");
+    return r;
+}
 #else
 static inline int32_t tsh_lo16(int32_t x) { return (int32_t)(int16_t)(uint16_t)((uint32_t)x & 0xffffu); }
 static inline int32_t tsh_hi16(int32_t x) { return (int32_t)(int16_t)(uint16_t)((uint32_t)x >> 16); }
@@ -235,6 +241,10 @@ static inline int32_t tsh_pkhbt(int32_t lo, int32_t hi)
 static inline int32_t tsh_pkhtb(int32_t hi, int32_t lo)
 {
     return (int32_t)(((uint32_t)hi & 0xffff0000u) | ((uint32_t)lo >> 16));
+}
+static inline int32_t tsh_ssub16(int32_t a, int32_t b)
+{
+    return tsh_pack16(tsh_lo16(a) - tsh_lo16(b), tsh_hi16(a) - tsh_hi16(b));
 }
 #endif
 
