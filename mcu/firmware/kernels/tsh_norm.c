@@ -26,7 +26,7 @@ static uint32_t ln_isqrt(uint64_t v)
         g = r;
     }
 #endif
-    uint64_t r = g < 4294967295.0f ? (uint64_t)g : 4294967295u;
+    uint64_t r = g < 4294967040.0f ? (uint32_t)g : 0xffffffffu;   /* VCVT to 32 bits, no library call */
     while (r > 0 && r * r > v) r--;
     while (r < 0xffffffffu && (r + 1) * (r + 1) <= v) r++;
     return (uint32_t)r;
