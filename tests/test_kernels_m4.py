@@ -54,6 +54,11 @@ def kernel_zoo(seed=0):
     # the short requantisation at its edges: accumulators near and beyond 2^30, rails everywhere
     calls.append(Call("matmul_qk_s8", (Ref("input", 2000), Ref("input", 2000), dest(4 * 4), 4, 4, 64, 64, 64, 4,
                                        -128, -128, (1 << 31) - 1, -1, 127), "qk-rails"))
+    # shifts >= 0 (the short left-shift requantisation) with accumulators at its limit and beyond
+    calls.append(Call("matmul_qk_s8", (Ref("input", 2000), Ref("input", 40), dest(5 * 6), 5, 6, 32, 40, 36, 6,
+                                       -128, 3, (1 << 31) - 1, 12, -7), "qk-left"))
+    calls.append(Call("matmul_qk_s8", (Ref("input", 60), Ref("input", 40), dest(5 * 6), 5, 6, 32, 40, 36, 6,
+                                       5, -4, 1 << 30, 0, 2), "qk-shift0"))
     pbig = np.full(3 * 200, 32767, np.int16)
     pbig[::7] = -32768
     calls.append(Call("matmul_pv_s8", (const("pbig", pbig), Ref("input", 2000), dest(3 * 8), 3, 200, 8, 200, 8, 8,

@@ -72,7 +72,7 @@ static inline int8_t tsh_add_clamp8(int32_t v, int32_t zp, int32_t lo, int32_t h
 /* Requantisation with everything that depends only on the channel hoisted out of the inner loops
  * (a channel's outputs for several rows share it). Same integers as tsh_mbqm + zero point + clamp. */
 typedef struct {
-    int32_t mult, left, right, mask, half, lo, hi, zp, amin, amax, rnd, fast;
+    int32_t mult, left, right, mask, half, lo, hi, zp, amin, amax, rnd, fast, fastl, lim, left1;
 } tsh_rq_t;
 
 static inline tsh_rq_t tsh_rq_make(int32_t mult, int32_t shift, int32_t zp, int32_t lo, int32_t hi)
@@ -92,6 +92,10 @@ static inline tsh_rq_t tsh_rq_make(int32_t mult, int32_t shift, int32_t zp, int3
     /* the short Cortex-M sequence of tsh_rq applies (for |x| < 2^30, any multiplier: the one
      * saturating case of SRDHM needs x = INT32_MIN) */
     q.fast = q.left == 0 && q.right >= 1 && q.right <= 23 && lo == -128 && hi == 127;
+    /* no right shift (shift >= 0): the short left-shift sequence for |x| < lim = 2^(30 - left) */
+    q.fastl = q.right == 0 && q.left <= 29 && lo == -128 && hi == 127;
+    q.lim = q.fastl ? (int32_t)(1u << (30 - q.left)) : 0;
+    q.left1 = q.left + 1;
     return q;
 }
 
@@ -135,6 +139,21 @@ static inline int32_t tsh_rq_short(int32_t x, int32_t m, int32_t rnd, int32_t ri
             : [x] "r"(x), [m] "r"(m), [rnd] "r"(rnd), [right] "r"(right), [zp] "r"(zp));
     return r;
 }
+
+/* The left-shift twin (shift = left >= 0, |x| < 2^(30 - left), left1 = left + 1): x 2^left stays
+ * below 2^30 in magnitude, so no saturation; SRDHM is SMMULR of 2 x 2^left; RDBPOT by 0 is the
+ * identity; QADD of the zero point and SSAT finish: 4 instructions. */
+static inline int32_t tsh_rq_short_left(int32_t x, int32_t m, int32_t left1, int32_t zp)
+{
+    int32_t h, r;
+    __asm__("lsl %[h], %[x], %[s]\n\t"
+            "smmulr %[h], %[h], %[m]\n\t"
+            "qadd %[r], %[h], %[zp]\n\t"
+            "ssat %[r], #8, %[r]\n\t"
+            : [h] "=&r"(h), [r] "=&r"(r)
+            : [x] "r"(x), [m] "r"(m), [s] "r"(left1), [zp] "r"(zp));
+    return r;
+}
 #endif
 
 static inline int8_t tsh_rq(const tsh_rq_t *q, int32_t x)
@@ -142,6 +161,8 @@ static inline int8_t tsh_rq(const tsh_rq_t *q, int32_t x)
 #if defined(__ARM_FEATURE_DSP) && !defined(TSH_PORTABLE) && !defined(TSH_EMULATE_DSP)
     if (q->fast && (uint32_t)x + (1u << 30) < (1u << 31))
         return (int8_t)tsh_rq_short(x, q->mult, q->rnd, q->right, q->zp);
+    if (q->fastl && (uint32_t)x + (uint32_t)q->lim < 2u * (uint32_t)q->lim)
+        return (int8_t)tsh_rq_short_left(x, q->mult, q->left1, q->zp);
 #endif
     return tsh_rq_apply(q, x);
 }
