@@ -325,6 +325,23 @@ static void qk_extend4(const int8_t *q, int32_t q_stride, int32_t rows, int32_t 
     }
 }
 
+/* one query row's two pairs of the step (one LDRD on Cortex-M) into accumulator a */
+#if defined(__ARM_FEATURE_DSP) && !defined(TSH_PORTABLE) && !defined(TSH_EMULATE_DSP)
+#define QK_ROW(a)                                                                                  \
+    do {                                                                                           \
+        __asm__("ldrd %0, %1, [%2], #8" : "=&r"(u), "=&r"(w), "+r"(x) : : "memory");               \
+        a = tsh_smlad(w, kb, tsh_smlad(u, ka, a));                                                 \
+    } while (0)
+#else
+#define QK_ROW(a)                                                                                  \
+    do {                                                                                           \
+        u = x[0];                                                                                  \
+        w = x[1];                                                                                  \
+        x += 2;                                                                                    \
+        a = tsh_smlad(w, kb, tsh_smlad(u, ka, a));                                                 \
+    } while (0)
+#endif
+
 /* matmul_qk for dh % 4 == 0: blocks of four queries against one key, the queries extended once
  * (zero point subtracted), each key word split by two SXTB16 and used by eight SMLAD;
  * sum (q - zq)(k - zk) = sum (q - zq) k - zk sum (q - zq). */
@@ -342,12 +359,12 @@ static void qk_blocked(const int8_t *q, const int8_t *k, int8_t *s, int32_t Lq, 
             const int8_t *kj = k + j * k_stride;
             const int32_t *x = xe;
             int32_t a0 = c0, a1 = c1, a2 = c2, a3 = c3;
-            for (int32_t g = 0; g < dh4; g++, x += 8) {
-                int32_t kv = tsh_read32(kj + 4 * g), ka = tsh_sxtb16(kv), kb = tsh_sxtb16_ror8(kv);
-                a0 = tsh_smlad(x[1], kb, tsh_smlad(x[0], ka, a0));
-                a1 = tsh_smlad(x[3], kb, tsh_smlad(x[2], ka, a1));
-                a2 = tsh_smlad(x[5], kb, tsh_smlad(x[4], ka, a2));
-                a3 = tsh_smlad(x[7], kb, tsh_smlad(x[6], ka, a3));
+            for (int32_t g = 0; g < dh4; g++) {
+                int32_t kv = tsh_read32(kj + 4 * g), ka = tsh_sxtb16(kv), kb = tsh_sxtb16_ror8(kv), u, w;
+                QK_ROW(a0);
+                QK_ROW(a1);
+                QK_ROW(a2);
+                QK_ROW(a3);
             }
             si[j] = tsh_rq(rq, a0);
             if (rows > 1) si[s_stride + j] = tsh_rq(rq, a1);
@@ -358,58 +375,54 @@ static void qk_blocked(const int8_t *q, const int8_t *k, int8_t *s, int32_t Lq, 
 }
 
 /* matmul_pv for dh % 4 == 0, Lk <= TSH_PV_LKMAX: four columns of v at a time, transposed once into
- * (key j, key j+1) int16 pairs of v - zv; then two probability rows x four columns take two loads
- * of p, four of the pairs and eight SMLAD per two keys. */
+ * (key j, key j+1) int16 pairs of v - zv, the four columns' pairs of a key pair side by side; then
+ * per probability row and two keys: one load of p, two LDRD of the pairs, four SMLAD (no spills). */
 static void pv_blocked(const int16_t *p, const int8_t *v, int8_t *y, int32_t Lq, int32_t Lk, int32_t dh,
                        int32_t p_stride, int32_t v_stride, int32_t y_stride, int32_t v_zp, const tsh_rq_t *rq)
 {
     int32_t vt[4 * (TSH_PV_LKMAX / 2)], L2 = Lk / 2;
     const int32_t zz = pair16(v_zp);
     for (int32_t t = 0; t < dh; t += 4) {
-        int32_t *c0 = vt, *c1 = vt + L2, *c2 = vt + 2 * L2, *c3 = vt + 3 * L2;
         for (int32_t jp = 0; jp < L2; jp++) {
             const int8_t *v0 = v + 2 * jp * v_stride + t;
             int32_t w0 = tsh_read32(v0), w1 = tsh_read32(v0 + v_stride);
             int32_t e0 = tsh_sxtb16(w0), o0 = tsh_sxtb16_ror8(w0), e1 = tsh_sxtb16(w1), o1 = tsh_sxtb16_ror8(w1);
-            c0[jp] = tsh_ssub16(tsh_pkhbt(e0, e1), zz);
-            c2[jp] = tsh_ssub16(tsh_pkhtb(e1, e0), zz);
-            c1[jp] = tsh_ssub16(tsh_pkhbt(o0, o1), zz);
-            c3[jp] = tsh_ssub16(tsh_pkhtb(o1, o0), zz);
+            int32_t *c = vt + 4 * jp;
+            c[0] = tsh_ssub16(tsh_pkhbt(e0, e1), zz);
+            c[1] = tsh_ssub16(tsh_pkhbt(o0, o1), zz);
+            c[2] = tsh_ssub16(tsh_pkhtb(e1, e0), zz);
+            c[3] = tsh_ssub16(tsh_pkhtb(o1, o0), zz);
         }
         const int8_t *vl = v + (Lk - 1) * v_stride + t;   /* the odd last key, if any */
-        for (int32_t i = 0; i < Lq; i += 2) {
-            const int16_t *p0 = p + i * p_stride, *p1 = i + 1 < Lq ? p0 + p_stride : p0;
-            int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0, b0 = 0, b1 = 0, b2 = 0, b3 = 0;
-            for (int32_t jp = 0; jp < L2; jp++) {
-                int32_t x0, x1;
-                memcpy(&x0, p0 + 2 * jp, sizeof x0);
-                memcpy(&x1, p1 + 2 * jp, sizeof x1);
-                int32_t u = c0[jp];
-                a0 = tsh_smlad(x0, u, a0);
-                b0 = tsh_smlad(x1, u, b0);
-                u = c1[jp];
-                a1 = tsh_smlad(x0, u, a1);
-                b1 = tsh_smlad(x1, u, b1);
-                u = c2[jp];
-                a2 = tsh_smlad(x0, u, a2);
-                b2 = tsh_smlad(x1, u, b2);
-                u = c3[jp];
-                a3 = tsh_smlad(x0, u, a3);
-                b3 = tsh_smlad(x1, u, b3);
+        for (int32_t i = 0; i < Lq; i++) {
+            const int16_t *pi = p + i * p_stride;
+            const int32_t *c = vt;
+            int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+            const int32_t *cend = vt + 4 * L2;
+            const int16_t *pp = pi;
+            while (c < cend) {
+                int32_t x, u0, u1, u2, u3;
+                memcpy(&x, pp, sizeof x);
+                pp += 2;
+#if defined(__ARM_FEATURE_DSP) && !defined(TSH_PORTABLE) && !defined(TSH_EMULATE_DSP)
+                __asm__("ldrd %0, %1, [%4], #8\n\tldrd %2, %3, [%4], #8"
+                        : "=&r"(u0), "=&r"(u1), "=&r"(u2), "=&r"(u3), "+r"(c) : : "memory");
+#else
+                u0 = c[0]; u1 = c[1]; u2 = c[2]; u3 = c[3];
+                c += 4;
+#endif
+                a0 = tsh_smlad(x, u0, a0);
+                a1 = tsh_smlad(x, u1, a1);
+                a2 = tsh_smlad(x, u2, a2);
+                a3 = tsh_smlad(x, u3, a3);
             }
             if (Lk & 1) {
-                int32_t pl0 = p0[Lk - 1], pl1 = p1[Lk - 1];
-                a0 += pl0 * (vl[0] - v_zp); a1 += pl0 * (vl[1] - v_zp);
-                a2 += pl0 * (vl[2] - v_zp); a3 += pl0 * (vl[3] - v_zp);
-                b0 += pl1 * (vl[0] - v_zp); b1 += pl1 * (vl[1] - v_zp);
-                b2 += pl1 * (vl[2] - v_zp); b3 += pl1 * (vl[3] - v_zp);
+                int32_t pl = pi[Lk - 1];
+                a0 += pl * (vl[0] - v_zp); a1 += pl * (vl[1] - v_zp);
+                a2 += pl * (vl[2] - v_zp); a3 += pl * (vl[3] - v_zp);
             }
             int8_t *yi = y + i * y_stride + t;
             yi[0] = tsh_rq(rq, a0); yi[1] = tsh_rq(rq, a1); yi[2] = tsh_rq(rq, a2); yi[3] = tsh_rq(rq, a3);
-            if (i + 1 < Lq) {
-                yi += y_stride;
-                yi[0] = tsh_rq(rq, b0); yi[1] = tsh_rq(rq, b1); yi[2] = tsh_rq(rq, b2); yi[3] = tsh_rq(rq, b3);
-            }
         }
     }
 }
