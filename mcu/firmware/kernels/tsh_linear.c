@@ -350,6 +350,14 @@ static void qk_blocked(const int8_t *q, const int8_t *k, int8_t *s, int32_t Lq, 
                        const tsh_rq_t *rq)
 {
     int32_t xe[2 * TSH_ATT_DMAX], qs[4], dh4 = dh / 4;
+    /* |acc| <= 2 dh 255 128 < 2^30 for dh <= TSH_ATT_DMAX: the short requantisation needs no range
+     * check, its parameters stay in registers */
+#if defined(__ARM_FEATURE_DSP) && !defined(TSH_PORTABLE) && !defined(TSH_EMULATE_DSP)
+    const int32_t fast = rq->fast, m = rq->mult, rnd = rq->rnd, right = rq->right, zp = rq->zp;
+#define QK_RQ(acc) (fast ? (int8_t)tsh_rq_short(acc, m, rnd, right, zp) : tsh_rq(rq, acc))
+#else
+#define QK_RQ(acc) tsh_rq(rq, acc)
+#endif
     for (int32_t i = 0; i < Lq; i += 4) {
         int32_t rows = Lq - i < 4 ? Lq - i : 4;
         qk_extend4(q + i * q_stride, q_stride, rows, dh4, q_zp, xe, qs);
@@ -366,10 +374,10 @@ static void qk_blocked(const int8_t *q, const int8_t *k, int8_t *s, int32_t Lq, 
                 QK_ROW(a2);
                 QK_ROW(a3);
             }
-            si[j] = tsh_rq(rq, a0);
-            if (rows > 1) si[s_stride + j] = tsh_rq(rq, a1);
-            if (rows > 2) si[2 * s_stride + j] = tsh_rq(rq, a2);
-            if (rows > 3) si[3 * s_stride + j] = tsh_rq(rq, a3);
+            si[j] = QK_RQ(a0);
+            if (rows > 1) si[s_stride + j] = QK_RQ(a1);
+            if (rows > 2) si[2 * s_stride + j] = QK_RQ(a2);
+            if (rows > 3) si[3 * s_stride + j] = QK_RQ(a3);
         }
     }
 }
