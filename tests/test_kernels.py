@@ -111,7 +111,12 @@ def test_softmax(ck, data):
     Lq, Lk = d(st.integers(1, 4)), d(st.integers(1, 12))
     ss, ps = Lk + d(st.integers(0, 2)), Lk + d(st.integers(0, 2))
     lut = K.exp_lut(d(st.floats(1e-4, 3.0))) if d(st.booleans()) else rand(d, 256, 0, 1 << 15, np.int32)
-    mask = rand(d, Lk, -1, 1, np.int8) if d(st.booleans()) else np.ones(Lk, np.int8)
+    kind = d(st.sampled_from(["random", "ones", "prefix"]))   # prefix: real tokens, then padding
+    mask = {"random": lambda: rand(d, Lk, -1, 1, np.int8), "ones": lambda: np.ones(Lk, np.int8),
+            "prefix": lambda: (np.arange(Lk) < d(st.integers(0, Lk))).astype(np.int8)}[kind]()
+    if d(st.booleans()):   # a lut with an entry beyond 2^15 leaves the short path
+        lut = lut.copy()
+        lut[d(st.integers(0, 255))] = d(st.integers(1 << 15, 1 << 16))
     args = [i8(d, Lq * ss), mask, lut, np.zeros(Lq * ps, np.int16), Lq, Lk, ss, ps]
     out = both(ck, "softmax_s16", args, [3])
     p = K.view2d(out[3], Lq, Lk, ps)
@@ -131,6 +136,27 @@ def test_add_layernorm(ck, data):
                 [-(1 << 31), (1 << 31) - 1, (1 << 31) - 200, -(1 << 31) + 200, 0])))
                 for _ in range(dd)], np.int32),
             np.zeros(M * dd, np.int8), M, dd, d(zp), d(zp), ca, cb, d(st.integers(0, (1 << 31) - 1)), d(zp)]
+    both(ck, "add_layernorm_s8", args, [5])
+
+
+@SETTINGS
+@given(st.data())
+def test_add_layernorm_lowered_shapes(ck, data):
+    """Rows of model width (d = 64, 128; 520 beyond the int32 sums) with the parameters the lowering
+    makes (|gamma| multipliers, right shifts, small biases): the kernel's short path, and small
+    spreads (inv >= 2^31) mixed in."""
+    d = data.draw
+    M, dd = d(st.integers(1, 20)), d(st.sampled_from([64, 128, 520]))
+    one = 1 << K.LN_IN_BITS
+    ca, cb = d(st.sampled_from([(one, d(st.integers(0, one))), (d(st.integers(0, one)), one)]))
+    spread = d(st.sampled_from([1, 3, 128]))
+    rng = np.random.default_rng(d(st.integers(0, 2 ** 32 - 1)))
+    a = np.clip(rng.integers(-spread, spread + 1, M * dd) + d(zp), -128, 127).astype(np.int8)
+    b = np.clip(rng.integers(-spread, spread + 1, M * dd) + d(zp), -128, 127).astype(np.int8)
+    gm = (rng.integers(1 << 30, 1 << 31, dd) * rng.choice([-1, 1], dd)).astype(np.int32)
+    gs = rng.integers(-23, 0, dd).astype(np.int32)
+    args = [a, b, gm, gs, rng.integers(-300, 300, dd).astype(np.int32), np.zeros(M * dd, np.int8), M, dd,
+            d(zp), d(zp), ca, cb, d(st.sampled_from([0, 1, 1000, 1 << 20])), d(zp)]
     both(ck, "add_layernorm_s8", args, [5])
 
 

@@ -54,6 +54,11 @@ def kernel_zoo(seed=0):
     # the short requantisation at its edges: accumulators near and beyond 2^30, rails everywhere
     calls.append(Call("matmul_qk_s8", (Ref("input", 2000), Ref("input", 2000), dest(4 * 4), 4, 4, 64, 64, 64, 4,
                                        -128, -128, (1 << 31) - 1, -1, 127), "qk-rails"))
+    # shifts >= 0 (the short left-shift requantisation) with accumulators at its limit and beyond
+    calls.append(Call("matmul_qk_s8", (Ref("input", 2000), Ref("input", 40), dest(5 * 6), 5, 6, 32, 40, 36, 6,
+                                       -128, 3, (1 << 31) - 1, 12, -7), "qk-left"))
+    calls.append(Call("matmul_qk_s8", (Ref("input", 60), Ref("input", 40), dest(5 * 6), 5, 6, 32, 40, 36, 6,
+                                       5, -4, 1 << 30, 0, 2), "qk-shift0"))
     pbig = np.full(3 * 200, 32767, np.int16)
     pbig[::7] = -32768
     calls.append(Call("matmul_pv_s8", (const("pbig", pbig), Ref("input", 2000), dest(3 * 8), 3, 200, 8, 200, 8, 8,
@@ -69,6 +74,15 @@ def kernel_zoo(seed=0):
                                            const("gs", rng.integers(-20, -5, d).astype(np.int32)),
                                            const("gb", rng.integers(-60, 60, d).astype(np.int32)), dest(3 * d), 3, d,
                                            7, -9, 4096, 1234, 77, -4), "ln"))
+    # the short paths at model width: a padding mask (a prefix of valid keys), LayerNorm rows of 64
+    sm2 = dest(2 * 3 * 13)
+    calls.append(Call("softmax_s16", (Ref("input", 500), const("mask2", (np.arange(13) < 9).astype(np.int8)),
+                                      const("lut2", exp_lut(0.05)), sm2, 3, 13, 17, 13), "softmax-prefix"))
+    d = 64
+    calls.append(Call("add_layernorm_s8", (Ref("input", 900), Ref("input", 1400), const("gm2", (rng.integers(1 << 30, 1 << 31, d) * rng.choice([-1, 1], d)).astype(np.int32)),
+                                           const("gs2", rng.integers(-12, -1, d).astype(np.int32)),
+                                           const("gb2", rng.integers(-60, 60, d).astype(np.int32)), dest(5 * d), 5, d,
+                                           3, -2, 4096, 2901, 1000, 6), "ln-64"))
     calls.append(Call("lut_s8", (Ref("input"), const("t", i8(256)), dest(50), 50), "lut"))
     calls.append(Call("mean_pool_s8", (Ref("input"), mask, dest(8), 11, 8, 3, 1 << 30, -6, -2), "pool"))
     ids = const("ids", np.array([3, 0, 9, 2, 40, -1], np.int32))

@@ -76,7 +76,7 @@ static inline int8_t tsh_add_clamp8(int32_t v, int32_t zp, int32_t lo, int32_t h
 /* Requantisation with everything that depends only on the channel hoisted out of the inner loops
  * (a channel's outputs for several rows share it). Same integers as tsh_mbqm + zero point + clamp. */
 typedef struct {
-    int32_t mult, left, right, mask, half, lo, hi, zp, amin, amax, rnd, fast;
+    int32_t mult, left, right, mask, half, lo, hi, zp, amin, amax, rnd, fast, fastl, lim, left1;
 } tsh_rq_t;
 
 static inline tsh_rq_t tsh_rq_make(int32_t mult, int32_t shift, int32_t zp, int32_t lo, int32_t hi)
@@ -96,6 +96,10 @@ static inline tsh_rq_t tsh_rq_make(int32_t mult, int32_t shift, int32_t zp, int3
     /* the short Cortex-M sequence of tsh_rq applies (for |x| < 2^30, any multiplier: the one
      * saturating case of SRDHM needs x = INT32_MIN) */
     q.fast = q.left == 0 && q.right >= 1 && q.right <= 23 && lo == -128 && hi == 127;
+    /* no right shift (shift >= 0): the short left-shift sequence for |x| < lim = 2^(30 - left) */
+    q.fastl = q.right == 0 && q.left <= 29 && lo == -128 && hi == 127;
+    q.lim = q.fastl ? (int32_t)(1u << (30 - q.left)) : 0;
+    q.left1 = q.left + 1;
     return q;
 }
 
@@ -139,6 +143,21 @@ static inline int32_t tsh_rq_short(int32_t x, int32_t m, int32_t rnd, int32_t ri
             : [x] "r"(x), [m] "r"(m), [rnd] "r"(rnd), [right] "r"(right), [zp] "r"(zp));
     return r;
 }
+
+/* The left-shift twin (shift = left >= 0, |x| < 2^(30 - left), left1 = left + 1): x 2^left stays
+ * below 2^30 in magnitude, so no saturation; SRDHM is SMMULR of 2 x 2^left; RDBPOT by 0 is the
+ * identity; QADD of the zero point and SSAT finish: 4 instructions. */
+static inline int32_t tsh_rq_short_left(int32_t x, int32_t m, int32_t left1, int32_t zp)
+{
+    int32_t h, r;
+    __asm__("lsl %[h], %[x], %[s]\n\t"
+            "smmulr %[h], %[h], %[m]\n\t"
+            "qadd %[r], %[h], %[zp]\n\t"
+            "ssat %[r], #8, %[r]\n\t"
+            : [h] "=&r"(h), [r] "=&r"(r)
+            : [x] "r"(x), [m] "r"(m), [s] "r"(left1), [zp] "r"(zp));
+    return r;
+}
 #endif
 
 static inline int8_t tsh_rq(const tsh_rq_t *q, int32_t x)
@@ -146,12 +165,20 @@ static inline int8_t tsh_rq(const tsh_rq_t *q, int32_t x)
 #if defined(__ARM_FEATURE_DSP) && !defined(TSH_PORTABLE) && !defined(TSH_EMULATE_DSP)
     if (q->fast && (uint32_t)x + (1u << 30) < (1u << 31))
         return (int8_t)tsh_rq_short(x, q->mult, q->rnd, q->right, q->zp);
+    if (q->fastl && (uint32_t)x + (uint32_t)q->lim < 2u * (uint32_t)q->lim)
+        return (int8_t)tsh_rq_short_left(x, q->mult, q->left1, q->zp);
 #endif
     return tsh_rq_apply(q, x);
 }
 
 /* a / b rounded half away from zero, b > 0 */
 static inline int64_t tsh_div_round(int64_t a, int64_t b)
+{
+    return a >= 0 ? (a + b / 2) / b : -((-a + b / 2) / b);
+}
+
+/* the same on int32 (one SDIV on Cortex-M; the 64-bit division is a library call) */
+static inline int32_t tsh_div_round32(int32_t a, int32_t b)
 {
     return a >= 0 ? (a + b / 2) / b : -((-a + b / 2) / b);
 }
@@ -205,6 +232,12 @@ static inline int32_t tsh_pkhtb(int32_t hi, int32_t lo)   /* (lo.top, hi.top) */
     __asm__("pkhtb %0, %1, %2, asr #16" : "=r"(r) : "r"(hi), "r"(lo));
     return r;
 }
+static inline int32_t tsh_ssub16(int32_t a, int32_t b)    /* halfword-wise a - b (wrapping) */
+{
+    int32_t r;
+    __asm__("ssub16 %0, %1, %2" : "=r"(r) : "r"(a), "r"(b) : "cc");
+    return r;
+}
 #else
 static inline int32_t tsh_lo16(int32_t x) { return (int32_t)(int16_t)(uint16_t)((uint32_t)x & 0xffffu); }
 static inline int32_t tsh_hi16(int32_t x) { return (int32_t)(int16_t)(uint16_t)((uint32_t)x >> 16); }
@@ -234,7 +267,29 @@ static inline int32_t tsh_pkhtb(int32_t hi, int32_t lo)
 {
     return (int32_t)(((uint32_t)hi & 0xffff0000u) | ((uint32_t)lo >> 16));
 }
+static inline int32_t tsh_ssub16(int32_t a, int32_t b)
+{
+    return tsh_pack16(tsh_lo16(a) - tsh_lo16(b), tsh_hi16(a) - tsh_hi16(b));
+}
 #endif
+
+/* the per-byte signed maximum of two words of four int8 (SSUB8 sets a GE flag per byte, SEL picks) */
+static inline uint32_t tsh_max_s8x4(uint32_t a, uint32_t b)
+{
+#if defined(__ARM_FEATURE_DSP) && !defined(TSH_PORTABLE) && !defined(TSH_EMULATE_DSP)
+    uint32_t t, r;
+    __asm__("ssub8 %0, %2, %3\n\tsel %1, %2, %3" : "=&r"(t), "=r"(r) : "r"(a), "r"(b) : "cc");
+    (void)t;
+    return r;
+#else
+    uint32_t r = 0;
+    for (int b8 = 0; b8 < 32; b8 += 8) {
+        int32_t x = (int8_t)(uint8_t)(a >> b8), y = (int8_t)(uint8_t)(b >> b8);
+        r |= (uint32_t)(uint8_t)(x > y ? x : y) << b8;
+    }
+    return r;
+#endif
+}
 
 /* An unaligned little-endian 32-bit load (one LDR on Cortex-M4, which allows unaligned LDR). */
 static inline int32_t tsh_read32(const int8_t *p)

@@ -299,6 +299,143 @@ static void qk_block2x2(const int8_t *q0, const int8_t *q1, const int8_t *k0, co
 }
 #endif
 
+#if TSH_USE_DSP
+#define TSH_ATT_DMAX 256      /* head widths the blocked attention matmuls take (4 KB of stack) */
+#define TSH_PV_LKMAX 512      /* keys of the blocked p.v (its 4 transposed columns: 4 KB of stack) */
+
+static inline int32_t pair16(int32_t v) { return (int32_t)((uint32_t)(uint16_t)v * 0x10001u); }
+
+/* Four query rows as (q - zq) int16 pairs, interleaved per 4 t: row r's (t, t+2) and (t+1, t+3)
+ * pairs at xe[8 g + 2 r], xe[8 g + 2 r + 1]; qs[r] = sum_t (q - zq). Missing rows repeat row 0. */
+static void qk_extend4(const int8_t *q, int32_t q_stride, int32_t rows, int32_t dh4, int32_t q_zp,
+                       int32_t *xe, int32_t *qs)
+{
+    const int32_t zz = pair16(q_zp), ones = 0x00010001;
+    for (int32_t r = 0; r < 4; r++) {
+        const int8_t *src = q + (r < rows ? r : 0) * q_stride;
+        int32_t sum = 0;
+        for (int32_t g = 0; g < dh4; g++) {
+            int32_t v = tsh_read32(src + 4 * g);
+            int32_t a = tsh_ssub16(tsh_sxtb16(v), zz), b = tsh_ssub16(tsh_sxtb16_ror8(v), zz);
+            xe[8 * g + 2 * r] = a;
+            xe[8 * g + 2 * r + 1] = b;
+            sum = tsh_smlad(a, ones, tsh_smlad(b, ones, sum));
+        }
+        qs[r] = sum;
+    }
+}
+
+/* one query row's two pairs of the step (one LDRD on Cortex-M) into accumulator a */
+#if defined(__ARM_FEATURE_DSP) && !defined(TSH_PORTABLE) && !defined(TSH_EMULATE_DSP)
+#define QK_ROW(a)                                                                                  \
+    do {                                                                                           \
+        __asm__("ldrd %0, %1, [%2], #8" : "=&r"(u), "=&r"(w), "+r"(x) : : "memory");               \
+        a = tsh_smlad(w, kb, tsh_smlad(u, ka, a));                                                 \
+    } while (0)
+#else
+#define QK_ROW(a)                                                                                  \
+    do {                                                                                           \
+        u = x[0];                                                                                  \
+        w = x[1];                                                                                  \
+        x += 2;                                                                                    \
+        a = tsh_smlad(w, kb, tsh_smlad(u, ka, a));                                                 \
+    } while (0)
+#endif
+
+/* matmul_qk for dh % 4 == 0: blocks of four queries against one key, the queries extended once
+ * (zero point subtracted), each key word split by two SXTB16 and used by eight SMLAD;
+ * sum (q - zq)(k - zk) = sum (q - zq) k - zk sum (q - zq). */
+static void qk_blocked(const int8_t *q, const int8_t *k, int8_t *s, int32_t Lq, int32_t Lk, int32_t dh,
+                       int32_t q_stride, int32_t k_stride, int32_t s_stride, int32_t q_zp, int32_t k_zp,
+                       const tsh_rq_t *rq)
+{
+    int32_t xe[2 * TSH_ATT_DMAX], qs[4], dh4 = dh / 4;
+    /* |acc| <= 2 dh 255 128 < 2^30 for dh <= TSH_ATT_DMAX: the short requantisation needs no range
+     * check, its parameters stay in registers */
+#if defined(__ARM_FEATURE_DSP) && !defined(TSH_PORTABLE) && !defined(TSH_EMULATE_DSP)
+    const int32_t fast = rq->fast, m = rq->mult, rnd = rq->rnd, right = rq->right, zp = rq->zp;
+#define QK_RQ(acc) (fast ? (int8_t)tsh_rq_short(acc, m, rnd, right, zp) : tsh_rq(rq, acc))
+#else
+#define QK_RQ(acc) tsh_rq(rq, acc)
+#endif
+    for (int32_t i = 0; i < Lq; i += 4) {
+        int32_t rows = Lq - i < 4 ? Lq - i : 4;
+        qk_extend4(q + i * q_stride, q_stride, rows, dh4, q_zp, xe, qs);
+        int32_t c0 = -k_zp * qs[0], c1 = -k_zp * qs[1], c2 = -k_zp * qs[2], c3 = -k_zp * qs[3];
+        int8_t *si = s + i * s_stride;
+        for (int32_t j = 0; j < Lk; j++) {
+            const int8_t *kj = k + j * k_stride;
+            const int32_t *x = xe;
+            int32_t a0 = c0, a1 = c1, a2 = c2, a3 = c3;
+            for (int32_t g = 0; g < dh4; g++) {
+                int32_t kv = tsh_read32(kj + 4 * g), ka = tsh_sxtb16(kv), kb = tsh_sxtb16_ror8(kv), u, w;
+                QK_ROW(a0);
+                QK_ROW(a1);
+                QK_ROW(a2);
+                QK_ROW(a3);
+            }
+            si[j] = QK_RQ(a0);
+            if (rows > 1) si[s_stride + j] = QK_RQ(a1);
+            if (rows > 2) si[2 * s_stride + j] = QK_RQ(a2);
+            if (rows > 3) si[3 * s_stride + j] = QK_RQ(a3);
+        }
+    }
+}
+
+/* matmul_pv for dh % 4 == 0, Lk <= TSH_PV_LKMAX: four columns of v at a time, transposed once into
+ * (key j, key j+1) int16 pairs of v - zv, the four columns' pairs of a key pair side by side; then
+ * per probability row and two keys: one load of p, two LDRD of the pairs, four SMLAD (no spills). */
+static void pv_blocked(const int16_t *p, const int8_t *v, int8_t *y, int32_t Lq, int32_t Lk, int32_t dh,
+                       int32_t p_stride, int32_t v_stride, int32_t y_stride, int32_t v_zp, const tsh_rq_t *rq)
+{
+    int32_t vt[4 * (TSH_PV_LKMAX / 2)], L2 = Lk / 2;
+    const int32_t zz = pair16(v_zp);
+    for (int32_t t = 0; t < dh; t += 4) {
+        for (int32_t jp = 0; jp < L2; jp++) {
+            const int8_t *v0 = v + 2 * jp * v_stride + t;
+            int32_t w0 = tsh_read32(v0), w1 = tsh_read32(v0 + v_stride);
+            int32_t e0 = tsh_sxtb16(w0), o0 = tsh_sxtb16_ror8(w0), e1 = tsh_sxtb16(w1), o1 = tsh_sxtb16_ror8(w1);
+            int32_t *c = vt + 4 * jp;
+            c[0] = tsh_ssub16(tsh_pkhbt(e0, e1), zz);
+            c[1] = tsh_ssub16(tsh_pkhbt(o0, o1), zz);
+            c[2] = tsh_ssub16(tsh_pkhtb(e1, e0), zz);
+            c[3] = tsh_ssub16(tsh_pkhtb(o1, o0), zz);
+        }
+        const int8_t *vl = v + (Lk - 1) * v_stride + t;   /* the odd last key, if any */
+        for (int32_t i = 0; i < Lq; i++) {
+            const int16_t *pi = p + i * p_stride;
+            const int32_t *c = vt;
+            int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+            const int32_t *cend = vt + 4 * L2;
+            const int16_t *pp = pi;
+            while (c < cend) {
+                int32_t x, u0, u1, u2, u3;
+                memcpy(&x, pp, sizeof x);
+                pp += 2;
+#if defined(__ARM_FEATURE_DSP) && !defined(TSH_PORTABLE) && !defined(TSH_EMULATE_DSP)
+                __asm__("ldrd %0, %1, [%4], #8\n\tldrd %2, %3, [%4], #8"
+                        : "=&r"(u0), "=&r"(u1), "=&r"(u2), "=&r"(u3), "+r"(c) : : "memory");
+#else
+                u0 = c[0]; u1 = c[1]; u2 = c[2]; u3 = c[3];
+                c += 4;
+#endif
+                a0 = tsh_smlad(x, u0, a0);
+                a1 = tsh_smlad(x, u1, a1);
+                a2 = tsh_smlad(x, u2, a2);
+                a3 = tsh_smlad(x, u3, a3);
+            }
+            if (Lk & 1) {
+                int32_t pl = pi[Lk - 1];
+                a0 += pl * (vl[0] - v_zp); a1 += pl * (vl[1] - v_zp);
+                a2 += pl * (vl[2] - v_zp); a3 += pl * (vl[3] - v_zp);
+            }
+            int8_t *yi = y + i * y_stride + t;
+            yi[0] = tsh_rq(rq, a0); yi[1] = tsh_rq(rq, a1); yi[2] = tsh_rq(rq, a2); yi[3] = tsh_rq(rq, a3);
+        }
+    }
+}
+#endif
+
 static int32_t row_sum_s8(const int8_t *x, int32_t n)
 {
     int32_t s = 0;
@@ -314,6 +451,10 @@ void tsh_matmul_qk_s8(const int8_t *q, const int8_t *k, int8_t *s, int32_t Lq, i
     tsh_rq_t rq = tsh_rq_make(mult, shift, s_zp, -128, 127);
     int32_t i = 0;
 #if TSH_USE_DSP
+    if (dh % 4 == 0 && dh <= TSH_ATT_DMAX) {
+        qk_blocked(q, k, s, Lq, Lk, dh, q_stride, k_stride, s_stride, q_zp, k_zp, &rq);
+        return;
+    }
     for (; i + 2 <= Lq; i += 2) {
         const int8_t *q0 = q + i * q_stride, *q1 = q0 + q_stride;
         int32_t b0 = dh * q_zp * k_zp - k_zp * row_sum_s8(q0, dh), b1 = dh * q_zp * k_zp - k_zp * row_sum_s8(q1, dh);
@@ -352,6 +493,12 @@ void tsh_matmul_pv_s8(const int16_t *p, const int8_t *v, int8_t *y, int32_t Lq, 
 {
     /* sum_j p_j (v_j - zv) = sum_j p_j v_j - zv sum_j p_j */
     tsh_rq_t rq = tsh_rq_make(mult, shift, y_zp, -128, 127);
+#if TSH_USE_DSP
+    if (dh % 4 == 0 && Lk <= TSH_PV_LKMAX) {
+        pv_blocked(p, v, y, Lq, Lk, dh, p_stride, v_stride, y_stride, v_zp, &rq);
+        return;
+    }
+#endif
     for (int32_t i = 0; i < Lq; i++) {
         const int16_t *pi = p + i * p_stride;
         int32_t psum = 0;
@@ -413,19 +560,32 @@ void tsh_matmul_pv_s8(const int16_t *p, const int8_t *v, int8_t *y, int32_t Lq, 
     }
 }
 
-/* conv2d = fully connected over patches (mcu.kernels.conv2d_s8): three output pixels' patches at a
- * time (padding = x_zp, zero tail up to a multiple of 4) go through tsh_fc_s8. */
+/* conv2d = fully connected over patches (mcu.kernels.conv2d_s8): six output pixels' patches at a
+ * time (padding = x_zp, zero tail up to a multiple of 4) go through tsh_fc_s8 (two of its
+ * three-row blocks per call). Taps of a few channels are copied byte by byte: a memcpy call per
+ * tap costs more than the bytes. */
+#define TSH_CONV_ROWS 6
+
+static inline void conv_tap(int8_t *dst, const int8_t *src, int32_t n)
+{
+    if (n > 8) {
+        memcpy(dst, src, (size_t)n);
+        return;
+    }
+    for (int32_t c = 0; c < n; c++) dst[c] = src[c];
+}
+
 void tsh_conv2d_s8(const int8_t *x, const int8_t *w, const int32_t *bias, const int32_t *mult,
                    const int32_t *shift, int8_t *y, int32_t H, int32_t W, int32_t Cin, int32_t Cout,
                    int32_t Hout, int32_t Wout, int32_t ksize, int32_t stride, int32_t pad, int32_t x_zp,
                    int32_t y_zp, int32_t act_min, int32_t act_max)
 {
     int32_t P = ksize * ksize * Cin, Kp = (P + 3) / 4 * 4, npix = Hout * Wout;
-    int32_t patch_words[3 * TSH_CONV_PATCH_MAX / 4];   /* int32 storage: 4-byte aligned rows */
+    int32_t patch_words[TSH_CONV_ROWS * TSH_CONV_PATCH_MAX / 4];   /* int32 storage: 4-byte aligned rows */
     int8_t *patch = (int8_t *)(void *)patch_words;
     TSH_ASSERT(Kp <= TSH_CONV_PATCH_MAX);             /* refused by code generation */
-    for (int32_t p0 = 0; p0 < npix; p0 += 3) {
-        int32_t rows = npix - p0 < 3 ? npix - p0 : 3;
+    for (int32_t p0 = 0; p0 < npix; p0 += TSH_CONV_ROWS) {
+        int32_t rows = npix - p0 < TSH_CONV_ROWS ? npix - p0 : TSH_CONV_ROWS;
         for (int32_t r = 0; r < rows; r++) {
             int32_t oh = (p0 + r) / Wout, ow = (p0 + r) % Wout;
             int8_t *pr = patch + r * Kp;
@@ -434,12 +594,12 @@ void tsh_conv2d_s8(const int8_t *x, const int8_t *w, const int32_t *bias, const 
                 for (int32_t kw = 0; kw < ksize; kw++, pr += Cin) {
                     int32_t iw = ow * stride - pad + kw;
                     if (ih < 0 || ih >= H || iw < 0 || iw >= W)
-                        memset(pr, (int)(int8_t)x_zp, (size_t)Cin);
+                        for (int32_t c = 0; c < Cin; c++) pr[c] = (int8_t)x_zp;
                     else
-                        memcpy(pr, x + (ih * W + iw) * Cin, (size_t)Cin);
+                        conv_tap(pr, x + (ih * W + iw) * Cin, Cin);
                 }
             }
-            memset(pr, 0, (size_t)(Kp - P));
+            for (int32_t t = P; t < Kp; t++) *pr++ = 0;
         }
         tsh_fc_s8(patch, w, bias, mult, shift, y + p0 * Cout, rows, Kp, Cout, Kp, Cout, y_zp, act_min, act_max);
     }

@@ -1,51 +1,129 @@
 /* Residual add fused with LayerNorm, all integer (twin of mcu.kernels.add_layernorm_s8):
  * x = (a - za) ca + (b - zb) cb; mu = round(sum x / d); var = floor(sum (x - mu)^2 / d) + eps;
  * sigma = max(1, isqrt(var)); inv = round(2^40 / sigma); n = RDBPOT64((x - mu) inv, 28) (units 2^-12);
- * y = sat8(MBQM(n, gm[c], gs[c]) + beta[c] + zy). x is recomputed per pass rather than stored. */
+ * y = sat8(MBQM(n, gm[c], gs[c]) + beta[c] + zy). x is recomputed per pass rather than stored.
+ *
+ * Written as u = a ca + b cb, x = u - off (off = za ca + zb cb), x - mu = u - c (c = off + mu): one
+ * pass gathers sum u and sum u^2, and sum (x - mu)^2 = sum u^2 - 2 c sum u + d c^2 exactly, so the
+ * statistics read each row once. |ca|, |cb| <= 2^12 (the lowering's LN_IN_BITS): |u| <= 2^20. */
 #include "tsh_fixedpoint.h"
 #include "tsh_kernels.h"
 
-#define TSH_LN_GROUP 16   /* rows normalised together: their statistics live on the stack */
+#define TSH_LN_GROUP 16     /* rows normalised together: their statistics live on the stack */
+#define TSH_LN_SUM32 512    /* up to this d, sum u and sum x fit int32 (d 2^21 < 2^31) */
+
+/* floor(sqrt(v)): a single-precision guess (VSQRT on the Cortex-M4F) made exact by integer steps */
+static uint32_t ln_isqrt(uint64_t v)
+{
+    float f = (float)(uint32_t)(v >> 32) * 4294967296.0f + (float)(uint32_t)v, g;
+#if defined(__ARM_FP) && (__ARM_FP & 4)
+    __asm__("vsqrt.f32 %0, %1" : "=t"(g) : "t"(f));
+#else
+    g = f;   /* Newton on the host: a guess of similar quality, the integer steps below decide */
+    if (g > 0.0f) {
+        float r = g > 1.0f ? g * 0.5f : 1.0f;
+        for (int i = 0; i < 40; i++) r = 0.5f * (r + g / r);
+        g = r;
+    }
+#endif
+    uint64_t r = g < 4294967040.0f ? (uint32_t)g : 0xffffffffu;   /* VCVT to 32 bits, no library call */
+    while (r > 0 && r * r > v) r--;
+    while (r < 0xffffffffu && (r + 1) * (r + 1) <= v) r++;
+    return (uint32_t)r;
+}
+
+/* round(2^40 / s) = floor((2^40 + floor(s / 2)) / s) for 1 <= s < 2^23, by 32-bit divisions:
+ * the top 24 bits, then two bytes (each remainder < 2^23 leaves room for 8 more bits) */
+static uint64_t ln_inv(uint32_t s)
+{
+    uint64_t n = ((uint64_t)1 << 40) + s / 2;
+    if (s >= (1u << 23)) return n / s;
+    uint32_t hi = (uint32_t)(n >> 16), q0 = hi / s, r = hi - q0 * s;
+    uint32_t t = r << 8 | (uint32_t)(n >> 8 & 0xffu), q1 = t / s;
+    r = t - q1 * s;
+    t = r << 8 | (uint32_t)(n & 0xffu);
+    return (uint64_t)q0 << 16 | (uint64_t)q1 << 8 | (t / s);
+}
+
+/* c = off + mu and inv of one row */
+static void ln_row_stats(const int8_t *a, const int8_t *b, int32_t d, int32_t ca, int32_t cb, int32_t off,
+                         int32_t eps, int32_t *c_out, int64_t *inv_out)
+{
+    int64_t su, sq = 0, mu;
+    if (d <= TSH_LN_SUM32) {
+        int32_t s32 = 0;
+        for (int32_t j = 0; j < d; j++) {
+            int32_t u = a[j] * ca + b[j] * cb;
+            s32 += u;
+            sq += (int64_t)u * u;
+        }
+        su = s32;
+        mu = tsh_div_round32(s32 - d * off, d);
+    } else {
+        su = 0;
+        for (int32_t j = 0; j < d; j++) {
+            int32_t u = a[j] * ca + b[j] * cb;
+            su += u;
+            sq += (int64_t)u * u;
+        }
+        mu = tsh_div_round(su - (int64_t)d * off, d);
+    }
+    int64_t c = off + mu;
+    uint64_t ss = (uint64_t)(sq - 2 * c * su + d * c * c);
+    uint64_t q = (d & (d - 1)) == 0 ? ss >> __builtin_ctz((uint32_t)d) : ss / (uint64_t)d;
+    uint32_t sigma = ln_isqrt(q + (uint64_t)(uint32_t)eps);
+    *c_out = (int32_t)c;
+    *inv_out = (int64_t)ln_inv(sigma < 1 ? 1 : sigma);
+}
+
+/* MBQM + zero point + int8 saturation on the short path (preconditions: 1 <= right <= 23,
+ * |x| < 2^30; rnd = 2^(right-1)) */
+static inline int32_t ln_rq(int32_t x, int32_t m, int32_t rnd, int32_t right, int32_t zp)
+{
+#if defined(__ARM_FEATURE_DSP) && !defined(TSH_PORTABLE) && !defined(TSH_EMULATE_DSP)
+    return tsh_rq_short(x, m, rnd, right, zp);
+#else
+    (void)rnd;
+    return tsh_add_clamp8(tsh_mbqm(x, m, -right), zp, -128, 127);
+#endif
+}
 
 void tsh_add_layernorm_s8(const int8_t *a, const int8_t *b, const int32_t *gm, const int32_t *gs,
                           const int32_t *beta, int8_t *y, int32_t M, int32_t d, int32_t a_zp, int32_t b_zp,
                           int32_t ca, int32_t cb, int32_t eps, int32_t y_zp)
 {
-    int32_t mu[TSH_LN_GROUP];
+    int32_t cr[TSH_LN_GROUP], inv32[TSH_LN_GROUP];
     int64_t inv[TSH_LN_GROUP];
+    int32_t off = a_zp * ca + b_zp * cb;
     for (int32_t r0 = 0; r0 < M; r0 += TSH_LN_GROUP) {
-        int32_t rows = M - r0 < TSH_LN_GROUP ? M - r0 : TSH_LN_GROUP;
-        /* statistics per row: |x| <= 255 * 2^13, so x and x - mu fit int32; sums in int64 */
+        int32_t rows = M - r0 < TSH_LN_GROUP ? M - r0 : TSH_LN_GROUP, small = 1;
         for (int32_t r = 0; r < rows; r++) {
-            const int8_t *ar = a + (r0 + r) * d, *br = b + (r0 + r) * d;
-            int64_t sum = 0, sq = 0;
-            for (int32_t c = 0; c < d; c++) sum += (ar[c] - a_zp) * ca + (br[c] - b_zp) * cb;
-            int32_t m = (int32_t)tsh_div_round(sum, d);
-            for (int32_t c = 0; c < d; c++) {
-                int32_t xc = (ar[c] - a_zp) * ca + (br[c] - b_zp) * cb - m;
-                sq += (int64_t)xc * xc;
-            }
-            int64_t sigma = tsh_isqrt64(sq / d + eps);
-            if (sigma < 1) sigma = 1;
-            mu[r] = m;
-            inv[r] = (((int64_t)1 << 40) + sigma / 2) / sigma;
+            int32_t i = (r0 + r) * d;
+            ln_row_stats(a + i, b + i, d, ca, cb, off, eps, &cr[r], &inv[r]);
+            inv32[r] = (int32_t)inv[r];
+            small &= inv[r] < ((int64_t)1 << 31);
         }
-        /* channel by channel, so the channel's requantisation is set up once for the group:
-         * y = sat8(MBQM(n, gm, gs) + beta + y_zp) is tsh_rq with zero point beta + y_zp */
+        /* channel by channel, so the channel's requantisation is set up once for the group */
         for (int32_t c = 0; c < d; c++) {
             int64_t zp = (int64_t)beta[c] + y_zp;
-            int big = zp > INT32_MAX - 256 || zp < INT32_MIN + 256;   /* tsh_rq needs room for the clamp */
-            tsh_rq_t q = tsh_rq_make(gm[c], gs[c], big ? 0 : (int32_t)zp, -128, 127);
-            for (int32_t r = 0; r < rows; r++) {
-                int32_t i = (r0 + r) * d + c;
-                int32_t xc = (a[i] - a_zp) * ca + (b[i] - b_zp) * cb - mu[r];
-                int32_t n = (int32_t)tsh_rdbpot64((int64_t)xc * inv[r], 28);
-                if (big) {
-                    int64_t out = (int64_t)tsh_mbqm(n, gm[c], gs[c]) + zp;
-                    y[i] = (int8_t)(out < -128 ? -128 : (out > 127 ? 127 : out));
-                } else {
-                    y[i] = tsh_rq(&q, n);
+            int32_t m = gm[c], right = -gs[c];
+            const int8_t *ac = a + r0 * d + c, *bc = b + r0 * d + c;
+            int8_t *yc = y + r0 * d + c;
+            if (small && right >= 1 && right <= 23 && zp >= INT32_MIN && zp <= INT32_MAX) {
+                /* inv < 2^31: (u - c) inv + 2^27 - [u < c] fits one SMLAL, |n| < 2^25 */
+                int32_t rnd = 1 << (right - 1), z = (int32_t)zp;
+                for (int32_t r = 0; r < rows; r++, ac += d, bc += d, yc += d) {
+                    int32_t xc = *ac * ca + *bc * cb - cr[r];
+                    int64_t p = (int64_t)xc * inv32[r] + ((1 << 27) + (xc >> 31));
+                    *yc = (int8_t)ln_rq((int32_t)(p >> 28), m, rnd, right, z);
                 }
+                continue;
+            }
+            for (int32_t r = 0; r < rows; r++, ac += d, bc += d, yc += d) {
+                int32_t xc = *ac * ca + *bc * cb - cr[r];
+                int32_t n = (int32_t)tsh_rdbpot64((int64_t)xc * inv[r], 28);
+                int64_t out = (int64_t)tsh_mbqm(n, m, gs[c]) + zp;
+                *yc = (int8_t)(out < -128 ? -128 : (out > 127 ? 127 : out));
             }
         }
     }
