@@ -77,19 +77,19 @@ def main(argv=None) -> int:
     rows.append(("host int8 reference, one input", *_timed(lambda: built.reference(qs[0]), args.repeat)))
     counts = None
     for plugin in (True, False):
-        tag = "counting" if plugin else "no plugin"
+        tag = "counting" if plugin else "no plugin"   # in parentheses: rich reads [..] as markup
         t = time.perf_counter()
         emu = Emulator(built.firmware, count_instructions=plugin).start()
         link = Link(emu.url)
         dev = Device(link, emu.count_file if plugin else None, emu)
-        rows.append((f"[{tag}] QEMU boot + connect + INFO", time.perf_counter() - t, None))
+        rows.append((f"({tag}) QEMU boot + connect + INFO", time.perf_counter() - t, None))
         pid = emu.pid
         data = dev.check_input(qs[0])
-        rows.append((f"[{tag}] serial round trip (ECHO 16 B)", *_timed(lambda: link.echo(b"x" * 16), args.repeat, pid)))
-        rows.append((f"[{tag}] upload one input ({len(data):,} B)", *_timed(lambda: link.upload(data), args.repeat, pid)))
-        rows.append((f"[{tag}] RUN alone", *_timed(link.run, args.repeat, pid)))
+        rows.append((f"({tag}) serial round trip (ECHO 16 B)", *_timed(lambda: link.echo(b"x" * 16), args.repeat, pid)))
+        rows.append((f"({tag}) upload one input ({len(data):,} B)", *_timed(lambda: link.upload(data), args.repeat, pid)))
+        rows.append((f"({tag}) RUN alone", *_timed(link.run, args.repeat, pid)))
         it = iter(qs * (1 + args.repeat // max(len(qs), 1)))
-        rows.append((f"[{tag}] Device.infer (upload, run, count, download)",
+        rows.append((f"({tag}) Device.infer (upload, run, count, download)",
                      *_timed(lambda: dev.infer(next(it)), args.repeat, pid)))
         if plugin:
             counts = [dev.infer(q).instructions for q in qs]
