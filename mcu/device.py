@@ -194,6 +194,26 @@ def summarise(info: ModelInfo, records: list[InputRecord], labels, seconds: floa
                       info.arena_bytes + stack_max, info.static_ram, seconds, preds, instr)
 
 
+def chunk_ranges(n: int, boards: int, size: int | None = None) -> list[tuple[int, int, int]]:
+    """(chunk, start, stop) ranges covering inputs 0..n-1 in order, for `boards` boards taking the next
+    chunk when free. Small chunks keep boards of different speed busy to the end and lose little when a
+    board fails; ~4 per board, at most 16 inputs, unless `size` is given."""
+    size = size or max(1, min(16, n // (4 * max(boards, 1)) or 1))
+    return [(c, s, min(s + size, n)) for c, s in enumerate(range(0, n, size))]
+
+
+def merge(info: ModelInfo, records, n: int, labels, seconds: float, board: str | None = None) -> Evaluation:
+    """The Evaluation of records coming back from several boards: every input 0..n-1 exactly once, else
+    an error (a lost or doubled input would change the figures silently)."""
+    records = list(records)
+    got = sorted(r.index for r in records)
+    if got != list(range(n)):
+        missing = sorted(set(range(n)) - set(got))
+        raise TinyshieldError(f"board results do not cover inputs 0..{n - 1} exactly once ({len(got)} records, "
+                              f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}): results not merged")
+    return summarise(info, records, labels, seconds, board)
+
+
 def evaluate(dev: Device, built, inputs, labels, progress_bar=None, check_reference: bool = True) -> Evaluation:
     """Run every input on the device; compare with the labels and with the host int8 reference."""
     t0 = time.monotonic()

@@ -33,7 +33,7 @@ import numpy as np
 
 from base.cluster import init_ray, require_ray
 from base.errors import TinyshieldError
-from mcu.device import Evaluation, InputRecord, summarise
+from mcu.device import Evaluation, InputRecord, chunk_ranges, merge
 
 EMULATED_RESOURCE = "qemu_board"
 HINT = "or drop --boards/--fleet/--address to use one board"
@@ -357,8 +357,8 @@ class Fleet:
             self.start()
         # Small chunks balance the load and lose little when a board dies; ~4 per board keeps the
         # per-task cost of Ray (~1 ms) far below a chunk's inference time (~0.1 s per input).
-        size = chunk_size or max(1, min(16, n // (4 * len(self.actors)) or 1))
-        queue = deque((c, s, min(s + size, n)) for c, s in enumerate(range(0, n, size)))
+        queue = deque(chunk_ranges(n, len(self.actors), chunk_size))
+        size = queue[0][2] - queue[0][1] if queue else 0
         chunks = len(queue)
         records: dict[int, InputRecord] = {}
         per_board = {b: 0 for b in self.actors}
@@ -415,8 +415,7 @@ class Fleet:
             if on_chunk:
                 on_chunk(res)
         seconds = time.monotonic() - t0
-        assert sorted(records) == list(range(n)), "fleet lost inputs"     # the invariant the design rests on
-        ev = summarise(self.info, list(records.values()), labels, seconds)
+        ev = merge(self.info, records.values(), n, labels, seconds)      # every input exactly once
         return FleetEvaluation(ev, list(per_board), per_board, list(self.failures), chunks, size, seconds,
                                self.start_seconds, qemu_cpu, wire)
 

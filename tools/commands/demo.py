@@ -15,6 +15,8 @@ def register(sub):
     p.add_argument("--bert", default=None, metavar="DIR",
                    help="a CLR-compressed BERT-tiny (from `tinyshield compress`); default: the bert-tiny-sst2 "
                         "recipe compressed to 1 MB of flash (shipped)")
+    p.add_argument("--boards", type=int, default=None,
+                   help="emulated boards evaluating at once, one QEMU each (default: the free cores)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads for host work (default: the free cores this process may use)")
     p.set_defaults(func=run)
@@ -29,6 +31,7 @@ def run(args):
     from edge.recipes import pick_threads
 
     torch.set_num_threads(pick_threads(args.threads))
+    args.n_boards = pick_threads(args.boards)         # boards at once: one QEMU per free core
     shared = data_dir(required=False) is not None
     times: dict[str, float] = {}
     t0 = time.monotonic()
@@ -50,7 +53,7 @@ def _vit(args, shared: bool, times: dict):
     from base.progress import progress
     from edge.recipes.vit_mnist import train
     from mcu.build import build_model
-    from mcu.device import evaluate, open_board
+    from mcu.multiboard import evaluate_on_boards
     from tools.report import print_report
 
     t = time.monotonic()
@@ -70,13 +73,28 @@ def _vit(args, shared: bool, times: dict):
 
     t = time.monotonic()
     xs, ys, source = built.test_set("mnist", args.limit)
-    print(f"on-board test: {len(xs)} images of {source}")
-    with open_board(built.firmware) as dev, progress() as bar:
-        print(f"flashed: {dev.info.board} (QEMU {dev.emulator.board.machine}) on {dev.emulator.url}, "
-              f"model {dev.info.name}")
-        ev = evaluate(dev, built, xs, ys, bar)
+    print(f"on-board test: {len(xs)} images of {source}; {_boards_line(args, built)}")
+    with progress() as bar:
+        ev = evaluate_on_boards(built, xs, ys, args.n_boards, bar)
     print_report(ev, title=f"vit-mnist on {ev.board}")
+    _counts_line(ev)
     times[f"vit eval ({len(xs)} images)"] = time.monotonic() - t
+
+
+def _boards_line(args, built) -> str:
+    from mcu.boards import board
+    n = args.n_boards
+    return (f"flashed on {n} emulated {built.board} board{'s' if n > 1 else ''} (QEMU {board(built.board).machine}"
+            f"{', one per free core' if args.boards is None else ''})")
+
+
+def _counts_line(ev):
+    """Instruction counts depend on the input (saturation and lookup branches in the kernels), so every
+    input is counted on the board; say how much they vary."""
+    if ev.instructions:
+        lo, hi = min(ev.instructions), max(ev.instructions)
+        print(f"instructions counted on every input ({len(ev.instructions):,}): {lo:,} to {hi:,} per inference"
+              + (" (the same for every input)" if lo == hi else ", they vary with the input"))
 
 
 def _calibration_file(L: int):
@@ -106,7 +124,7 @@ def _bert(args, shared: bool, times: dict):
     from base.progress import progress
     from edge.recipes.bert_tiny_sst2 import compressed_1mb
     from mcu.build import build_model, float_outputs
-    from mcu.device import evaluate, open_board
+    from mcu.multiboard import evaluate_on_boards
     from tools.report import print_report
 
     t = time.monotonic()
@@ -146,8 +164,9 @@ def _bert(args, shared: bool, times: dict):
         s = sentences("test")
         texts, ys = s.texts, s.labels
         xs = token_ids(texts, L)
-    with open_board(built.firmware) as dev, progress() as bar:
-        ev = evaluate(dev, built, xs, ys, bar)
+    print(f"on-board test: {len(xs)} sentences; {_boards_line(args, built)}")
+    with progress() as bar:
+        ev = evaluate_on_boards(built, xs, ys, args.n_boards, bar)
     if texts is not None:
         fp = float_outputs(str(out), built.graph, xs).argmax(-1)
         names = ["neg", "pos"]
@@ -159,6 +178,7 @@ def _bert(args, shared: bool, times: dict):
     title = ("bert-tiny-sst2 (CLR embedding, L = 64) on " + ev.board
              + ("" if shared else ", shipped sentences"))
     print_report(ev, title=title)
+    _counts_line(ev)
     if not shared:
         print("the full SST-2 dev evaluation (872 sentences) needs the data folder: put it at ../shared/data "
               "or set $TINYSHIELD_DATA")
