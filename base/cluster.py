@@ -119,3 +119,17 @@ def pareto_front(items: list, key) -> list:
 
 def _key(config: dict) -> str:
     return json.dumps(config, sort_keys=True, default=str)
+
+
+def plot_front(ax, front: list, x, y) -> None:
+    """The Pareto front of a sweep as a black line over its trials' scatter (x, y: trial -> value)."""
+    ax.plot([x(t) for t in front], [y(t) for t in front], "k.-", label="Pareto front")
+
+
+def save_figure(fig, path, title: str) -> None:
+    """Title, tight layout, write (120 dpi) and free a sweep's figure."""
+    import matplotlib.pyplot as plt
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -277,13 +277,19 @@ def fully_connected(imp: Import, op, opts):
     lo, hi = imp.act_range(opts, y)
     M = int(np.prod(x.shape)) // Kd
     name = imp.opname(op)
+    imp.b.op("fully_connected", name, _weight_inputs(imp, name, w, ws, bias, x, y),
+             [y.tensor], M=M, K=Kd, N=N, x_zp=x.zp, y_zp=y.zp, act_min=lo, act_max=hi)
+
+
+def _weight_inputs(imp, name: str, rows: np.ndarray, ws, bias, x, y) -> list[str]:
+    """A fully-connected or conv layer's constants — int8 weight rows packed for the kernel, the bias with the
+    input zero point folded in, the per-channel requantisation — added to the graph; returns the op's inputs."""
     m, s = _multipliers(x.scale, ws, y.scale)
-    imp.b.const(f"{name}.weight", K.pack_fc_weights(w).reshape(N, Kd), QParams(tuple(map(float, ws)), 0, 0))
-    imp.b.const(f"{name}.bias", _folded_bias(imp, bias, w, x.zp))
+    imp.b.const(f"{name}.weight", K.pack_fc_weights(rows).reshape(rows.shape), QParams(tuple(map(float, ws)), 0, 0))
+    imp.b.const(f"{name}.bias", _folded_bias(imp, bias, rows, x.zp))
     imp.b.const(f"{name}.mult", m)
     imp.b.const(f"{name}.shift", s)
-    imp.b.op("fully_connected", name, [x.tensor, f"{name}.weight", f"{name}.bias", f"{name}.mult", f"{name}.shift"],
-             [y.tensor], M=M, K=Kd, N=N, x_zp=x.zp, y_zp=y.zp, act_min=lo, act_max=hi)
+    return [x.tensor, f"{name}.weight", f"{name}.bias", f"{name}.mult", f"{name}.shift"]
 
 
 @dataclass(frozen=True)
@@ -349,12 +355,7 @@ def conv_2d(imp: Import, op, opts, weights=None):
     rows[:, :P] = w.reshape(Cout, P)
     lo, hi = imp.act_range(opts, y)
     name = imp.opname(op)
-    m, s = _multipliers(x.scale, ws, y.scale)
-    imp.b.const(f"{name}.weight", K.pack_fc_weights(rows).reshape(Cout, Kp), QParams(tuple(map(float, ws)), 0, 0))
-    imp.b.const(f"{name}.bias", _folded_bias(imp, bias, rows, x.zp))
-    imp.b.const(f"{name}.mult", m)
-    imp.b.const(f"{name}.shift", s)
-    imp.b.op("conv2d", name, [x.tensor, f"{name}.weight", f"{name}.bias", f"{name}.mult", f"{name}.shift"],
+    imp.b.op("conv2d", name, _weight_inputs(imp, name, rows, ws, bias, x, y),
              [y.tensor], H=H, W=W, Cin=Cin, Cout=Cout, Hout=Hout, Wout=Wout, ksize=kh, stride=st, pad=pad_h,
              x_zp=x.zp, y_zp=y.zp, act_min=lo, act_max=hi)
 

@@ -151,6 +151,8 @@ def plot_pareto(res: PlanSweep, path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from base.cluster import plot_front, save_figure
+
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     front = sorted(res.pareto, key=lambda t: t.arena_bytes)
     for ax, (what, get, unit) in zip(axes, (("MACs per inference", lambda t: t.macs / 1e6, "M"),
@@ -159,7 +161,7 @@ def plot_pareto(res: PlanSweep, path: str | Path) -> None:
             pts = [t for t in res.trials if t.strategy == strat]
             ax.scatter([t.arena_bytes / 1024 for t in pts], [get(t) for t in pts], marker=marker, alpha=0.5,
                        label=f"trials ({strat})")
-        ax.plot([t.arena_bytes / 1024 for t in front], [get(t) for t in front], "k.-", label="Pareto front")
+        plot_front(ax, front, lambda t: t.arena_bytes / 1024, get)
         for t in front:
             ax.annotate(t.label, (t.arena_bytes / 1024, get(t)), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.axvline(res.budget / 1024, color="r", linestyle="--", label=f"{res.board} budget")
@@ -167,8 +169,5 @@ def plot_pareto(res: PlanSweep, path: str | Path) -> None:
         ax.set_xlabel("arena (KiB, log)")
         ax.set_ylabel(f"{what}{f' ({unit})' if unit else ''}")
         ax.legend(fontsize=7)
-    fig.suptitle(f"{res.model}, L = {res.seq_len}: memory vs compute ({len(res.trials)} trials; every "
-                 "setting bit-exact)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, f"{res.model}, L = {res.seq_len}: memory vs compute ({len(res.trials)} trials; every "
+                           "setting bit-exact)")

@@ -247,6 +247,8 @@ def plot_pareto(res: CompressSweep, path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from base.cluster import plot_front, save_figure
+
     panels = [("fidelity", lambda t: t.fidelity, res.fidelity)]
     if res.original_accuracy is not None:
         panels.append(("accuracy", lambda t: 100 * t.accuracy, "SST-2 dev accuracy (%)"))
@@ -259,14 +261,11 @@ def plot_pareto(res: CompressSweep, path: str | Path) -> None:
                 if pts:
                     ax.scatter([t.flash_bytes / 1024 for t in pts], [get(t) for t in pts], marker=marker, alpha=0.6,
                                label=f"{lay} ({metric})")
-        ax.plot([t.flash_bytes / 1024 for t in front], [get(t) for t in front], "k.-", label="Pareto front")
+        plot_front(ax, front, lambda t: t.flash_bytes / 1024, get)
         if label.startswith("SST-2") and res.original_accuracy is not None:
             ax.axhline(100 * res.original_accuracy, color="r", linestyle="--", label="uncompressed")
         ax.set_xlabel("flash, int8 model (KiB)")
         ax.set_ylabel(label if len(label) < 40 else "fidelity")
         ax.legend(fontsize=7)
-    fig.suptitle(f"{res.model}: fidelity vs flash ({len(res.trials)} trials, {res.settings['dev_sentences']} dev "
-                 "sentences)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, f"{res.model}: fidelity vs flash ({len(res.trials)} trials, "
+                           f"{res.settings['dev_sentences']} dev sentences)")

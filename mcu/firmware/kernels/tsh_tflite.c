@@ -110,17 +110,24 @@ void tsh_softmax_s8(const int8_t *x, int8_t *y, int32_t rows, int32_t depth, int
     }
 }
 
-void tsh_mean_s8(const int8_t *x, int8_t *y, int32_t outer, int32_t n, int32_t inner, int32_t x_zp, int32_t mult,
-                 int32_t shift, int32_t y_zp)
-{
-    for (int32_t o = 0; o < outer; o++)
-        for (int32_t i = 0; i < inner; i++) {
-            int32_t sum = 0;
-            const int8_t *p = x + o * n * inner + i;
-            for (int32_t k = 0; k < n; k++) sum += p[k * inner];
-            y[o * inner + i] = tsh_add_clamp8(tsh_mbqm(sum - n * x_zp, mult, shift), y_zp, -128, 127);
-        }
-}
+/* MEAN over the middle axis of (outer, n, inner): the int32 sum less n zero points, requantised; one body for
+ * int8 and int16 activations (SAT adds the output zero point and saturates to the type). */
+#define TSH_MEAN(NAME, T, SAT)                                                                                \
+    void NAME(const T *x, T *y, int32_t outer, int32_t n, int32_t inner, int32_t x_zp, int32_t mult,          \
+              int32_t shift, int32_t y_zp)                                                                    \
+    {                                                                                                         \
+        for (int32_t o = 0; o < outer; o++)                                                                   \
+            for (int32_t i = 0; i < inner; i++) {                                                             \
+                int32_t sum = 0;                                                                              \
+                const T *p = x + o * n * inner + i;                                                           \
+                for (int32_t k = 0; k < n; k++) sum += p[k * inner];                                          \
+                y[o * inner + i] = SAT(tsh_mbqm(sum - n * x_zp, mult, shift), y_zp);                          \
+            }                                                                                                 \
+    }
+
+static inline int8_t add_sat8(int32_t v, int32_t zp) { return tsh_add_clamp8(v, zp, -128, 127); }
+
+TSH_MEAN(tsh_mean_s8, int8_t, add_sat8)
 
 /* ---- int16 activations */
 
@@ -131,17 +138,7 @@ static inline int16_t add_sat16(int32_t v, int32_t zp)
     return (int16_t)(r < -32768 ? -32768 : (r > 32767 ? 32767 : r));
 }
 
-void tsh_mean_s16(const int16_t *x, int16_t *y, int32_t outer, int32_t n, int32_t inner, int32_t x_zp, int32_t mult,
-                  int32_t shift, int32_t y_zp)
-{
-    for (int32_t o = 0; o < outer; o++)
-        for (int32_t i = 0; i < inner; i++) {
-            int32_t sum = 0;
-            const int16_t *p = x + o * n * inner + i;
-            for (int32_t k = 0; k < n; k++) sum += p[k * inner];
-            y[o * inner + i] = add_sat16(tsh_mbqm(sum - n * x_zp, mult, shift), y_zp);
-        }
-}
+TSH_MEAN(tsh_mean_s16, int16_t, add_sat16)
 
 void tsh_requant_s8_s16(const int8_t *x, int16_t *y, int32_t n, int32_t x_zp, int32_t mult, int32_t shift, int32_t y_zp)
 {
