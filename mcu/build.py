@@ -254,14 +254,15 @@ class BuiltModel:
 
 
 def _schedule(graph, kind: str, board: Board):
-    from mcu.schedules import layerwise, tiled
+    from mcu.schedules import schedule
 
-    if kind == "tiled":
-        # With the board's budget the tile search picks the fewest calls (code size, instructions)
-        # that still fit, instead of the smallest peak.
+    if kind in ("tiled", "recompute"):
+        # With the board's budget the tile search picks the fewest MACs, then calls (code size,
+        # instructions), that still fit, instead of the smallest peak; K/V are recomputed only
+        # where keeping them does not fit (always, for "recompute").
         from mcu.profile import board_budget
-        return tiled(graph, budget=board_budget(board.id, graph))
-    return layerwise(graph)
+        return schedule(graph, kind, budget=board_budget(board.id, graph))
+    return schedule(graph, kind)
 
 
 def quantise_input(graph, x) -> "np.ndarray":

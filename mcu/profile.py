@@ -179,16 +179,18 @@ def pareto(cands: list[dict]) -> list[dict]:
     return front
 
 
-def search_table(cands: list[dict], base_macs: int, chosen: tuple[int, int] | None = None, title: str = "tile search"):
-    """The memory / recomputation / call-count trade of a tile search, as a rich table."""
+def search_table(cands: list[dict], base_macs: int, chosen: tuple | None = None, title: str = "tile search"):
+    """The memory / recomputation / call-count trade of a tile search, as a rich table. `chosen` is
+    (rows, kt) or (rows, kt, recomputed K/V layers)."""
     from rich.table import Table
     t = Table(title=f"{title}: live-set peak vs recomputation and calls (Pareto front)")
-    for col in ("rows", "kt", "peak bytes", "MACs", "recompute", "calls"):
+    for col in ("rows", "kt", "K/V recomputed in", "peak bytes", "MACs", "recompute", "calls"):
         t.add_column(col, justify="right")
     for c in pareto(cands):
-        mark = " *" if chosen == (c["rows"], c["kt"]) else ""
-        t.add_row(f"{c['rows']}{mark}", str(c["kt"]), f"{c['peak']:,}", f"{c['macs']:,}",
-                  f"{100 * (c['macs'] / base_macs - 1):.1f}%", f"{c['calls']:,}")
+        rec = tuple(c.get("recompute", ()))
+        mark = " *" if chosen in ((c["rows"], c["kt"], rec), (c["rows"], c["kt"]) if not rec else None) else ""
+        t.add_row(f"{c['rows']}{mark}", str(c["kt"]), ",".join(map(str, rec)) or "-", f"{c['peak']:,}",
+                  f"{c['macs']:,}", f"{100 * (c['macs'] / base_macs - 1):.1f}%", f"{c['calls']:,}")
     return t
 
 
