@@ -480,10 +480,30 @@ def _candidate(graph: Graph, tiles: Tiles, align: int) -> Candidate:
     return Candidate(tiles.rows, tiles.kt, lower_bound(s, align), s.macs(), len(s.calls), tiles.recompute)
 
 
-def _grid(graph: Graph, recompute: tuple[int, ...], align: int) -> list[Candidate]:
+def _grid(graph: Graph, recompute: tuple[int, ...], align: int, budget: int | None = None) -> list[Candidate]:
+    """Powers of two for the block rows x the key tiles; with a budget, also the fewest blocks that fit
+    between the largest fitting power of two and the next (fewer blocks: fewer calls and, when K/V
+    are recomputed, fewer MACs)."""
     L = seq_rows(graph)
-    return [_candidate(graph, Tiles(rows, kt, recompute), align)
-            for rows in _powers(1, L) for kt in sorted({k for k in KT_CHOICES if k < L} | {L})]
+    out = []
+    for kt in sorted({k for k in KT_CHOICES if k < L} | {L}):
+        row = [_candidate(graph, Tiles(rows, kt, recompute), align) for rows in _powers(1, L)]
+        out += row
+        fit = [c.rows for c in row if budget is not None and c.peak <= budget]
+        if not fit or max(fit) >= L:
+            continue
+        # blocks b from ceil(L / (2 r)) (does not fit) to ceil(L / r) (fits): the fewest that fits
+        r = max(fit)
+        lo, hi = -(-L // (2 * r)) + 1, -(-L // r) - 1
+        while lo <= hi:
+            b = (lo + hi) // 2
+            c = _candidate(graph, Tiles(-(-L // b), kt, recompute), align)
+            out.append(c)
+            if c.peak <= budget:
+                hi = b - 1
+            else:
+                lo = b + 1
+    return out
 
 
 def search_tiles(graph: Graph, budget: int | None = None, align: int = 16, slack: float = SLACK,
@@ -498,11 +518,11 @@ def search_tiles(graph: Graph, budget: int | None = None, align: int = 16, slack
     if kv not in KV_CHOICES:
         raise TinyshieldError(f"unknown K/V choice {kv!r}: use one of {', '.join(KV_CHOICES)}")
     every = tuple(range(attention_layers(graph)))
-    cands = _grid(graph, every if kv == "recompute" else (), align)
+    cands = _grid(graph, every if kv == "recompute" else (), align, budget)
     fitting = [c for c in cands if budget is not None and c.peak <= budget]
     if kv == "auto" and budget is not None and not fitting and every:
         try:
-            more = _grid(graph, every, align)
+            more = _grid(graph, every, align, budget)
         except TinyshieldError:
             more = []                   # K/V that cannot be recomputed: the refusal quotes the kept peak
         cands += more
