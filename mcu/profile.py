@@ -20,13 +20,15 @@ def board_ram(board: str) -> tuple[int, int]:
 
 
 def board_budget(board: str, graph=None) -> int:
-    """Bytes the arena may take on `board`: RAM minus the firmware's minimum stack and, given the
-    graph, its input and output buffers — the same sum the firmware link checks."""
+    """Bytes the arena may take on `board`: RAM minus the firmware's minimum stack, the runtime's own
+    static buffers and, given the graph, its input and output buffers — the same sum the firmware
+    link checks."""
+    from mcu.build import RUNTIME_RAM
     ram, stack = board_ram(board)
     io = 0
     if graph is not None:
         io = sum(graph.tensors[n].nbytes for n in list(graph.inputs) + list(graph.outputs))
-    return ram - stack - io
+    return ram - stack - RUNTIME_RAM - io
 
 
 @dataclass

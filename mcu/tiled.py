@@ -53,8 +53,9 @@ ATTENTION_KV_PARAMS = (
 
 
 def attention_scratch(Lq: int, kt: int, dh: int) -> dict[str, int]:
-    """Bytes of the three scratch buffers `attention_s8` needs for a block of Lq queries."""
-    return {"s_tile": Lq * kt, "acc": 4 * Lq * dh, "stats": 4 * 2 * Lq}
+    """Bytes of the three scratch buffers `attention_s8` needs for a block of Lq queries (stats: the
+    row maxima and sums, int32, then one row of kt int16 probabilities)."""
+    return {"s_tile": Lq * kt, "acc": 4 * Lq * dh, "stats": 4 * (2 * Lq + (kt + 1) // 2)}
 
 
 def attention_macs(Lq: int, Lk: int, dh: int, kt: int) -> int:
