@@ -65,7 +65,7 @@ def parse_model(text: str) -> tuple[str, str, int | None]:
     return parts[0], parts[1], int(parts[2]) if len(parts) == 3 else (64 if parts[1] in ("sst2", "ids") else None)
 
 
-def bench(models, boards, schedules, limit: int) -> list[dict]:
+def bench(models, boards, schedules, limit: int, calib: int = 500) -> list[dict]:
     from base.progress import progress
     from mcu.build import build_model
     from mcu.device import evaluate, open_board
@@ -83,7 +83,7 @@ def bench(models, boards, schedules, limit: int) -> list[dict]:
                 for schedule in schedules:
                     base = {"model": name, "L": L, "board": board, "schedule": schedule}
                     try:
-                        built = build_model(spec, board, schedule=schedule, seq_len=L)
+                        built = build_model(spec, board, schedule=schedule, seq_len=L, calib=calib)
                     except Exception as e:  # a model that does not fit is a result, not a crash
                         rows.append({**base, "error": str(e)})
                         continue
@@ -144,10 +144,12 @@ def main(argv=None):
     p.add_argument("--models", default="vit-mnist:mnist,bert-tiny-clr:sst2",
                    help="comma list of MODEL:DATASET[:L] (bert-tiny-clr: the compressed BERT-tiny, L = 64 unless given, "
                         "random weights past 64 tokens; DATASET ids: random full-length token ids)")
+    p.add_argument("--calib", type=int, default=500,
+                   help="calibration inputs of each build (the cost does not depend on them; fewer build faster at large L)")
     p.add_argument("--out", default=None, help="JSON path (default build/bench/device.json; the plot beside it)")
     a = p.parse_args(argv)
     models = [parse_model(m) for m in a.models.split(",")]
-    rows = bench(models, a.boards.split(","), a.schedules.split(","), a.limit)
+    rows = bench(models, a.boards.split(","), a.schedules.split(","), a.limit, a.calib)
 
     from rich.console import Console
     from rich.table import Table
