@@ -52,17 +52,18 @@ class BuiltModel:
 
 
 def _schedule(graph, kind: str, board: Board):
-    from mcu.schedules import layerwise, tiled
+    from mcu.schedules import schedule
 
     if kind == "tiled" and graph.meta.get("source") == "tflite":     # an imported graph: row blocks
         from mcu.tflite_schedule import search_rows
         return search_rows(graph)
-    if kind == "tiled":
-        # With the board's budget the tile search picks the fewest calls (code size, instructions)
-        # that still fit, instead of the smallest peak.
+    if kind in ("tiled", "recompute"):
+        # With the board's budget the tile search picks the fewest MACs, then calls (code size,
+        # instructions), that still fit, instead of the smallest peak; K/V are recomputed only
+        # where keeping them does not fit (always, for "recompute").
         from mcu.profile import board_budget
-        return tiled(graph, budget=board_budget(board.id, graph))
-    return layerwise(graph)
+        return schedule(graph, kind, budget=board_budget(board.id, graph))
+    return schedule(graph, kind)
 
 
 def quantise_input(graph, x) -> "np.ndarray":
@@ -195,6 +196,9 @@ def lower_source(src: Source, calib: int, seq_len: int | None, calib_file=None, 
 
 
 RUNTIME_FLASH = 8 * 1024       # the runtime and kernels take less flash than this; used for early refusals
+# The runtime's own static RAM besides the arena and the I/O buffers: CRC table, UART frames, RX ring
+# (5,212 B in the map file) plus alignment padding. The arena budget leaves it out; the link is exact.
+RUNTIME_RAM = 5_376
 
 
 def check_budget(graph, plan, board: Board) -> None:

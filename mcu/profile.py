@@ -20,13 +20,15 @@ def board_ram(board: str) -> tuple[int, int]:
 
 
 def board_budget(board: str, graph=None) -> int:
-    """Bytes the arena may take on `board`: RAM minus the firmware's minimum stack and, given the
-    graph, its input and output buffers — the same sum the firmware link checks."""
+    """Bytes the arena may take on `board`: RAM minus the firmware's minimum stack, the runtime's own
+    static buffers and, given the graph, its input and output buffers — the same sum the firmware
+    link checks."""
+    from mcu.build import RUNTIME_RAM
     ram, stack = board_ram(board)
     io = 0
     if graph is not None:
         io = sum(graph.tensors[n].nbytes for n in list(graph.inputs) + list(graph.outputs))
-    return ram - stack - io
+    return ram - stack - RUNTIME_RAM - io
 
 
 @dataclass
@@ -179,16 +181,18 @@ def pareto(cands: list[dict]) -> list[dict]:
     return front
 
 
-def search_table(cands: list[dict], base_macs: int, chosen: tuple[int, int] | None = None, title: str = "tile search"):
-    """The memory / recomputation / call-count trade of a tile search, as a rich table."""
+def search_table(cands: list[dict], base_macs: int, chosen: tuple | None = None, title: str = "tile search"):
+    """The memory / recomputation / call-count trade of a tile search, as a rich table. `chosen` is
+    (rows, kt) or (rows, kt, recomputed K/V layers)."""
     from rich.table import Table
     t = Table(title=f"{title}: live-set peak vs recomputation and calls (Pareto front)")
-    for col in ("rows", "kt", "peak bytes", "MACs", "recompute", "calls"):
+    for col in ("rows", "kt", "K/V recomputed in", "peak bytes", "MACs", "recompute", "calls"):
         t.add_column(col, justify="right")
     for c in pareto(cands):
-        mark = " *" if chosen == (c["rows"], c["kt"]) else ""
-        t.add_row(f"{c['rows']}{mark}", str(c["kt"]), f"{c['peak']:,}", f"{c['macs']:,}",
-                  f"{100 * (c['macs'] / base_macs - 1):.1f}%", f"{c['calls']:,}")
+        rec = tuple(c.get("recompute", ()))
+        mark = " *" if chosen in ((c["rows"], c["kt"], rec), (c["rows"], c["kt"]) if not rec else None) else ""
+        t.add_row(f"{c['rows']}{mark}", str(c["kt"]), ",".join(map(str, rec)) or "-", f"{c['peak']:,}",
+                  f"{c['macs']:,}", f"{100 * (c['macs'] / base_macs - 1):.1f}%", f"{c['calls']:,}")
     return t
 
 

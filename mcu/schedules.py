@@ -15,20 +15,30 @@
   4. In place: a segment whose output has the shape of an input that dies in the segment writes
      over it (block j's rows are read only by block j, before the block writes them), so one
      L x d hidden state is carried through all layers; a GELU table lookup overwrites its input.
-  Peak = X + K + V (3 L d bytes) + one block's scratch: the floor of an exact schedule.
+  Peak = X + K + V (3 L d bytes) + one block's scratch: the floor of an exact schedule that stores K, V.
+  5. Recompute (per layer, `Tiles.recompute`): the layer keeps only its input X; its K and V
+     projections are fused into attention (`attention_kv_s8`), which projects the key/value rows it
+     needs from X per query block, a few rows at a time. X is then read whole by every block, so the
+     layer's output takes a second L x d buffer: peak = 2 L d + one block's scratch, paid for with
+     the K/V projection once per pass (1 or 3) and query block instead of once.
 - `search_tiles(graph, budget)`: the block/tile sizes with the fewest MACs (recomputed scores
   count), then the fewest calls, whose live-set peak fits the budget; without a budget, the same
   choice among the sizes within 10% of the smallest peak; when nothing fits, the smallest peak.
+  When nothing fits with K and V stored, the layers' K/V are recomputed, then kept again layer by
+  layer wherever that still fits (`kv="auto"`; "keep" and "recompute" force one choice).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from base.errors import TinyshieldError
 from mcu.graph import Buffer, Call, Const, Graph, Op, Ref, Schedule
+from mcu.kernels import pack_fc_weights
 from mcu.lower import add_call, add_layernorm_call, calls_for, embedding_call, fc_call, lut_call
 from mcu.planner import lower_bound, plan
-from mcu.tiled import attention_macs, attention_scratch
+from mcu.tiled import attention_macs, attention_scratch, kv_macs
 
 
 def _whole_loc(graph: Graph):
@@ -52,6 +62,10 @@ def layerwise(graph: Graph) -> Schedule:
 class Tiles:
     rows: int       # tokens per block: attention queries, FFN / LayerNorm / embedding rows
     kt: int         # keys per tile of the streaming softmax (>= L: scores computed once per block)
+    recompute: tuple[int, ...] = ()   # attention layers (0, 1, ... in graph order) that recompute K/V
+
+
+KV_ROWS = 32        # key/value rows attention_kv_s8 projects per fc call (its scratch: KV_ROWS x dh)
 
 
 @dataclass
@@ -106,6 +120,49 @@ def _units(graph: Graph) -> list[Unit]:
     return out
 
 
+def _head_slice_ok(dh: int, K: int, heads: int) -> bool:
+    """Is head h's block of output channels (rows h*dh ..) a contiguous slice of the packed fc weights?"""
+    W = (np.arange(heads * dh * K) % 251 - 125).astype(np.int8).reshape(heads * dh, K)
+    packed = pack_fc_weights(W)
+    return all(np.array_equal(packed[h * dh * K:(h + 1) * dh * K], pack_fc_weights(W[h * dh:(h + 1) * dh]))
+               for h in range(heads))
+
+
+def _fuse_kv(graph: Graph, units: list[Unit], recompute: tuple[int, ...]) -> list[Unit]:
+    """The attention units numbered in `recompute` take over their K and V projections
+    ("attention_kv": K/V rows recomputed from the projections' input, never stored)."""
+    if not recompute:
+        return units
+    atts = [u for u in units if u.kind == "attention"]
+    bad = sorted(i for i in recompute if not 0 <= i < len(atts))
+    if bad:
+        raise TinyshieldError(f"graph {graph.name}: no attention layer {bad[0]} to recompute K/V for "
+                              f"(it has {len(atts)}: 0..{len(atts) - 1})")
+    producer = {t: u for u in units for t in u.outputs}
+    readers: dict[str, int] = {}
+    for u in units:
+        for t in set(u.inputs):
+            readers[t] = readers.get(t, 0) + 1
+    swap, drop = {}, set()
+    for i in sorted(set(recompute)):
+        a = atts[i]
+        q, k, v, mask, lut = a.inputs
+        pk, pv = producer.get(k), producer.get(v)
+        qk = a.ops[0].attrs
+        if not (pk and pv and pk.kind == pv.kind == "fully_connected" and pk.rows == pv.rows == qk["L"]
+                and pk.inputs[0] == pv.inputs[0] and readers[k] == readers[v] == 1
+                and pk.ops[0].attrs["y_zp"] == qk["k_zp"] and pv.ops[0].attrs["y_zp"] == a.ops[2].attrs["v_zp"]
+                and _head_slice_ok(qk["dh"], pk.ops[0].attrs["K"], qk["heads"])):
+            raise TinyshieldError(
+                f"attention {a.name}: K and V are not per-head slices of fully connected projections of one "
+                f"input read only here, so they cannot be recomputed; keep them (kv='keep')")
+        x = pk.inputs[0]
+        swap[id(a)] = Unit(pk.ops + pv.ops + a.ops, "attention_kv", a.rows, [q], [x, mask],
+                           [q, x, *pk.inputs[1:], *pv.inputs[1:], mask, lut], list(a.outputs), a.name)
+        drop |= {id(pk), id(pv)}
+    return [swap.get(id(u), u) for u in units if id(u) not in drop]
+
+
 def _segments(units: list[Unit]) -> list[tuple[str, list[Unit]]]:
     """Execution order: ("whole", [unit]) or ("rows", [units]) run block by block.
 
@@ -129,7 +186,14 @@ def _segments(units: list[Unit]) -> list[tuple[str, list[Unit]]]:
             flush()
         made = {t for c in cur for t in c.outputs}
         need = [t for t in u.whole_inputs if t in made]
-        if need:
+        if need and u.kind == "attention_kv":
+            # it reads its layer input whole: the segment ends where that input is made
+            cut = max(j + 1 for j, c in enumerate(cur) if set(c.outputs) & set(need))
+            tail = cur[cut:]
+            del cur[cut:]
+            flush()
+            cur[:] = tail
+        elif need:
             producers = [c for c in cur if set(c.outputs) & set(need)]
             deps = {t for p in producers for t in p.inputs}
             cut = max((j + 1 for j, c in enumerate(cur) if set(c.outputs) & deps), default=0)
@@ -273,6 +337,29 @@ def _rows_calls(e: _Emitter, u: Unit, r0: int, n: int, loc, scratch, kt: int) ->
                 n, L, dh, kt, d, d, d, d, qk["q_zp"], qk["k_zp"], qk["mult"], qk["shift"], qk["s_zp"],
                 pv["v_zp"], pv["mult"], pv["shift"], pv["y_zp"]), u.name, attention_macs(n, L, dh, kt)))
         return calls
+    if u.kind == "attention_kv":
+        fk, fv, qk_op, _, pv_op = u.ops
+        ka, va, qk, pv = fk.attrs, fv.attrs, qk_op.attrs, pv_op.attrs
+        h, L, dh, d_in = qk["heads"], qk["L"], qk["dh"], ka["K"]
+        q, x, wk, bk, mk, sk, wv, bv, mv, sv, mask, lut = u.inputs
+        ctx = u.outputs[0]
+        d = h * dh
+        kk, pt = min(kt, L), min(KV_ROWS, kt, L)
+        sizes = {**attention_scratch(n, kk, dh), "kv": pt * dh}
+        sc = {name: scratch(f"{u.name}.{name}", nbytes) for name, nbytes in sizes.items()}
+        calls = []
+        for hh in range(h):
+            w, c = hh * dh * d_in, 4 * hh * dh          # head hh's output channels: weight rows, per-channel i32
+            q_h, y_h = loc(q), loc(ctx)
+            calls.append(Call("attention_kv_s8", (
+                Ref(q_h.buffer, q_h.offset + hh * dh), whole(e, x),
+                Const(wk, w), Const(bk, c), Const(mk, c), Const(sk, c), Const(wv, w), Const(bv, c), Const(mv, c),
+                Const(sv, c), whole(e, mask), Const(lut), Ref(y_h.buffer, y_h.offset + hh * dh),
+                Ref(sc["s_tile"]), Ref(sc["acc"]), Ref(sc["stats"]), Ref(sc["kv"]),
+                n, L, dh, kt, pt, d_in, d, d_in, d, ka["act_min"], ka["act_max"], va["act_min"], va["act_max"],
+                qk["q_zp"], ka["y_zp"], qk["mult"], qk["shift"], qk["s_zp"], va["y_zp"], pv["mult"], pv["shift"],
+                pv["y_zp"]), u.name, attention_macs(n, L, dh, kt) + kv_macs(L, d_in, dh, kt)))
+        return calls
     raise TinyshieldError(f"op {op.name} ({op.kind}) cannot be run by rows")
 
 
@@ -289,7 +376,7 @@ def tiled_with(graph: Graph, tiles: Tiles) -> Schedule:
     e = _Emitter(graph)
     for t in graph.inputs:
         e.whole(t)
-    order = _segments(_units(graph))
+    order = _segments(_fuse_kv(graph, _units(graph), tiles.recompute))
     for s, (kind, seg) in enumerate(order):
         later_inputs = {t for _, later in order[s + 1:] for u in later for t in u.inputs}
         if kind == "whole":
@@ -331,7 +418,7 @@ def tiled_with(graph: Graph, tiles: Tiles) -> Schedule:
 
             for u in seg:
                 e.calls.extend(_rows_calls(e, u, r0, n, loc, scratch, tiles.kt))
-    return e.finish("tiled", {"rows": tiles.rows, "kt": tiles.kt})
+    return e.finish("tiled", {"rows": tiles.rows, "kt": tiles.kt, "recompute": list(tiles.recompute)})
 
 
 # ---------------------------------------------------------------- tile search
@@ -343,6 +430,7 @@ class Candidate:
     peak: int           # live-set peak (bytes, 16-aligned buffers)
     macs: int
     calls: int
+    recompute: tuple[int, ...] = ()     # attention layers whose K/V are recomputed
 
 
 @dataclass
@@ -361,6 +449,10 @@ def _powers(lo: int, hi: int) -> list[int]:
     return out + [hi]
 
 
+def attention_layers(graph: Graph) -> int:
+    return sum(u.kind == "attention" for u in _units(graph))
+
+
 def seq_rows(graph: Graph) -> int:
     """Tokens of the encoder (the row count the tiles divide)."""
     rows = [u.rows for u in _units(graph) if u.kind == "attention"]
@@ -374,17 +466,69 @@ SLACK = 1.10                   # without a fitting budget: within 10% of the sma
 # (every call is a line of generated code: the smallest peak alone would pick 1-token blocks)
 
 
-def search_tiles(graph: Graph, budget: int | None = None, align: int = 16, slack: float = SLACK) -> Search:
+KV_CHOICES = ("auto", "keep", "recompute")
+
+
+def _candidate(graph: Graph, tiles: Tiles, align: int) -> Candidate:
+    s = tiled_with(graph, tiles)
+    return Candidate(tiles.rows, tiles.kt, lower_bound(s, align), s.macs(), len(s.calls), tiles.recompute)
+
+
+def _grid(graph: Graph, recompute: tuple[int, ...], align: int, budget: int | None = None) -> list[Candidate]:
+    """Powers of two for the block rows x the key tiles; with a budget, also the fewest blocks that fit
+    between the largest fitting power of two and the next (fewer blocks: fewer calls and, when K/V
+    are recomputed, fewer MACs)."""
+    L = seq_rows(graph)
+    out = []
+    for kt in sorted({k for k in KT_CHOICES if k < L} | {L}):
+        row = [_candidate(graph, Tiles(rows, kt, recompute), align) for rows in _powers(1, L)]
+        out += row
+        fit = [c.rows for c in row if budget is not None and c.peak <= budget]
+        if not fit or max(fit) >= L:
+            continue
+        # blocks b from ceil(L / (2 r)) (does not fit) to ceil(L / r) (fits): the fewest that fits
+        r = max(fit)
+        lo, hi = -(-L // (2 * r)) + 1, -(-L // r) - 1
+        while lo <= hi:
+            b = (lo + hi) // 2
+            c = _candidate(graph, Tiles(-(-L // b), kt, recompute), align)
+            out.append(c)
+            if c.peak <= budget:
+                hi = b - 1
+            else:
+                lo = b + 1
+    return out
+
+
+def search_tiles(graph: Graph, budget: int | None = None, align: int = 16, slack: float = SLACK,
+                 kv: str = "auto") -> Search:
     """Fewest MACs (then fewest calls, then least memory) among the tile sizes whose live-set peak
     fits `budget`; without a budget, the fewest MACs/calls within `slack` of the smallest peak; when
-    nothing fits the budget, the smallest peak. Recomputed attention scores count in the MACs."""
-    L = seq_rows(graph)
-    cands = []
-    for rows in _powers(1, L):
-        for kt in sorted({k for k in KT_CHOICES if k < L} | {L}):
-            s = tiled_with(graph, Tiles(rows, kt))
-            cands.append(Candidate(rows, kt, lower_bound(s, align), s.macs(), len(s.calls)))
+    nothing fits the budget, the smallest peak. Recomputed attention scores and K/V count in the MACs.
+
+    kv: "keep" stores every layer's K and V; "recompute" recomputes them in every layer; "auto" keeps
+    them when some tile size fits, else recomputes them in every layer and then keeps them again in
+    each layer (in order) where that still fits."""
+    if kv not in KV_CHOICES:
+        raise TinyshieldError(f"unknown K/V choice {kv!r}: use one of {', '.join(KV_CHOICES)}")
+    every = tuple(range(attention_layers(graph)))
+    cands = _grid(graph, every if kv == "recompute" else (), align, budget)
     fitting = [c for c in cands if budget is not None and c.peak <= budget]
+    if kv == "auto" and budget is not None and not fitting and every:
+        try:
+            more = _grid(graph, every, align, budget)
+        except TinyshieldError:
+            more = []                   # K/V that cannot be recomputed: the refusal quotes the kept peak
+        cands += more
+        fitting = [c for c in more if c.peak <= budget]
+        if fitting:
+            best = min(fitting, key=lambda c: (c.macs, c.calls, c.peak))
+            for i in every:             # keep K/V again wherever the budget allows
+                trial = _candidate(graph, Tiles(best.rows, best.kt, tuple(j for j in best.recompute if j != i)), align)
+                if trial.peak <= budget:
+                    best = trial
+                    cands.append(trial)
+            return Search(best, True, budget, cands)
     if not fitting:
         # Nothing fits: the smallest peak (what a refusal should quote); no budget: trade a little
         # memory (slack) for fewer MACs and calls.
@@ -396,25 +540,30 @@ def search_tiles(graph: Graph, budget: int | None = None, align: int = 16, slack
     return Search(best, bool(fitting), budget, cands)
 
 
-def tiled(graph: Graph, budget: int | None = None, tiles: Tiles | None = None, align: int = 16) -> Schedule:
-    """The tiled schedule; tile sizes from `tiles`, else searched under `budget` (bytes)."""
+def tiled(graph: Graph, budget: int | None = None, tiles: Tiles | None = None, align: int = 16,
+          kv: str = "auto") -> Schedule:
+    """The tiled schedule; tile sizes (and K/V recomputation) from `tiles`, else searched under
+    `budget` (bytes) with the K/V choice `kv`."""
     search = None
     if tiles is None:
-        search = search_tiles(graph, budget, align)
-        tiles = Tiles(search.chosen.rows, search.chosen.kt)
+        search = search_tiles(graph, budget, align, kv=kv)
+        c = search.chosen
+        tiles = Tiles(c.rows, c.kt, c.recompute)
     s = tiled_with(graph, tiles)
     if search is not None:
         s.params.update(budget=budget, fits=search.fits, candidates=len(search.candidates))
     return s
 
 
-SCHEDULES = {"layerwise": layerwise, "tiled": tiled}
+SCHEDULES = ("layerwise", "tiled", "recompute")   # recompute: tiled with every layer's K/V recomputed
 
 
 def schedule(graph: Graph, name: str, budget: int | None = None) -> Schedule:
     if name not in SCHEDULES:
         raise TinyshieldError(f"unknown schedule {name!r}: use one of {', '.join(SCHEDULES)}")
-    return layerwise(graph) if name == "layerwise" else tiled(graph, budget=budget)
+    if name == "layerwise":
+        return layerwise(graph)
+    return tiled(graph, budget=budget, kv="recompute" if name == "recompute" else "auto")
 
 
 __all__ = ["layerwise", "tiled", "tiled_with", "search_tiles", "Tiles", "schedule", "plan"]

@@ -26,3 +26,11 @@ def test_plan_bad_arguments(capsys):
     assert "--seq-len must be >= 1" in capsys.readouterr().err
     assert main(["plan", "bert-tiny", "--seq-len", "16", "--tiles", "four"]) == 2
     assert "--tiles 'four'" in capsys.readouterr().err
+
+
+def test_plan_recompute_prints_the_mac_overhead(capsys):
+    assert main(["plan", "bert-tiny", "--seq-len", "64", "--board", "stm32f405", "--tiles", "16,64",
+                 "--kv", "recompute"]) == 0
+    out = capsys.readouterr().out
+    assert "attention_kv_s8" in out and "K/V recomputed in attention layer(s) 0, 1" in out
+    assert "more than the same tiles keeping K/V" in out

@@ -15,8 +15,9 @@ from base.errors import TinyshieldError
 def add_board_args(p, model_optional: bool = False):
     from mcu.boards import BOARDS, DEFAULT_BOARD
     p.add_argument("--board", default=None, choices=list(BOARDS), help=f"board (default {DEFAULT_BOARD})")
-    p.add_argument("--schedule", default="layerwise", choices=["layerwise", "tiled"],
-                   help="memory schedule of the generated code (default layerwise)")
+    p.add_argument("--schedule", default="layerwise", choices=["layerwise", "tiled", "recompute"],
+                   help="memory schedule of the generated code (default layerwise; tiled recomputes attention's K/V "
+                        "only where keeping them does not fit, recompute always does)")
     p.add_argument("--calib", default="500", metavar="N|FILE",
                    help="int8 calibration: the number of the recipe's training inputs (default 500), or a .npy/.npz "
                         "file of batch-first inputs (needed for a .pt2 model)")

@@ -13,8 +13,12 @@ def register(sub):
     p.add_argument("--seq-len", type=int, default=128, help="tokens for text models (default 128)")
     p.add_argument("--board", default="stm32f405", help="board whose RAM budget applies (default stm32f405)")
     p.add_argument("--schedule", choices=["tiled", "layerwise"], default="tiled")
+    p.add_argument("--kv", choices=["auto", "keep", "recompute"], default="auto",
+                   help="attention's K and V: keep them (3 L d), recompute them from the layer input per query block "
+                        "(2 L d, more MACs), or auto: recompute only in the layers where keeping does not fit (default)")
     p.add_argument("--tiles", default=None, metavar="ROWS,KT",
-                   help="fixed tile sizes (tokens per block, keys per tile) instead of the search")
+                   help="fixed tile sizes (tokens per block, keys per tile) instead of the search (K/V kept unless "
+                        "--kv recompute)")
     p.add_argument("--strategy", choices=["best_fit", "greedy_by_size"], default="best_fit",
                    help="arena planner (greedy_by_size is TFLite Micro's)")
     p.add_argument("--plot", default=None, metavar="PNG", help="draw the memory timeline of both schedules")
@@ -57,12 +61,11 @@ def run_sweep(args):
 
 def _tiles(text):
     from base.errors import TinyshieldError
-    from mcu.schedules import Tiles
     try:
         rows, kt = (int(v) for v in text.split(","))
     except ValueError:
         raise TinyshieldError(f"--tiles {text!r}: give two integers ROWS,KT, e.g. --tiles 16,512") from None
-    return Tiles(rows, kt)
+    return rows, kt
 
 
 def run(args):
@@ -73,7 +76,7 @@ def run(args):
     from dataclasses import asdict
 
     from mcu.profile import search_table
-    from mcu.schedules import Tiles, layerwise, search_tiles, tiled_with
+    from mcu.schedules import Tiles, attention_layers, layerwise, search_tiles, tiled_with
 
     if args.seq_len < 1:
         raise TinyshieldError(f"--seq-len must be >= 1, got {args.seq_len}")
@@ -81,26 +84,35 @@ def run(args):
         return run_sweep(args)
     console = Console(width=None if Console().is_terminal else 160)
     board_budget(args.board)          # an unknown board fails before the (slower) lowering
-    tiles = _tiles(args.tiles) if args.tiles else None
+    fixed = _tiles(args.tiles) if args.tiles else None
     with console.status(f"lowering {args.model} to int8 (L = {args.seq_len})"):
         graph = planning_graph(args.model, args.seq_len, calib_file=args.calib)
     budget = board_budget(args.board, graph)
     with console.status("scheduling and planning"):
         search = None
+        tiles = None
         if graph.meta.get("source") == "tflite":        # an imported .tflite: row blocks, not attention tiles
             from mcu.tflite_schedule import search_rows
             scheds = {"layerwise": layerwise(graph), "tiled": search_rows(graph)}
         else:
-            if tiles is None:
-                search = search_tiles(graph, budget)
-                tiles = Tiles(search.chosen.rows, search.chosen.kt)
+            if fixed is None:
+                search = search_tiles(graph, budget, kv=args.kv)
+                tiles = Tiles(search.chosen.rows, search.chosen.kt, search.chosen.recompute)
+            else:
+                tiles = Tiles(*fixed, tuple(range(attention_layers(graph))) if args.kv == "recompute" else ())
             scheds = {"layerwise": layerwise(graph), "tiled": tiled_with(graph, tiles)}
         profs = {k: profile(s, args.strategy) for k, s in scheds.items()}
     prof = profs[args.schedule]
     render(prof, console, budget=budget, board=args.board, max_rows=args.rows)
+    if tiles is not None and tiles.recompute:
+        base = tiled_with(graph, Tiles(tiles.rows, tiles.kt)).macs()
+        console.print(f"K/V recomputed in attention layer(s) {', '.join(map(str, tiles.recompute))}: "
+                      f"{scheds['tiled'].macs():,} MACs, {100 * (scheds['tiled'].macs() / base - 1):.1f}% more than "
+                      f"the same tiles keeping K/V ({base:,}), {100 * (scheds['tiled'].macs() / scheds['layerwise'].macs() - 1):.1f}% "
+                      f"more than layerwise")
     if search is not None and args.schedule == "tiled":
         console.print(search_table([asdict(c) for c in search.candidates], scheds["layerwise"].macs(),
-                                   (tiles.rows, tiles.kt),
+                                   (tiles.rows, tiles.kt, tiles.recompute),
                                    f"tile search ({'fewest MACs, then calls, within' if search.fits else 'nothing fits'} "
                                    f"the {budget:,} B budget)"))
     other = profs["tiled" if args.schedule == "layerwise" else "layerwise"]

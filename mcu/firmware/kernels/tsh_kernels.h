@@ -82,6 +82,15 @@ void tsh_attention_s8(const int8_t *q, const int8_t *k, const int8_t *v, const i
                       int32_t qk_shift, int32_t s_zp, int32_t v_zp, int32_t pv_mult, int32_t pv_shift,
                       int32_t y_zp);
 
+void tsh_attention_kv_s8(const int8_t *q, const int8_t *x, const int8_t *wk, const int32_t *bk, const int32_t *mk,
+                         const int32_t *sk, const int8_t *wv, const int32_t *bv, const int32_t *mv,
+                         const int32_t *sv, const int8_t *mask, const int32_t *lut, int8_t *y, int8_t *s_tile,
+                         int32_t *acc, int32_t *stats, int8_t *kv, int32_t Lq, int32_t Lk, int32_t dh, int32_t kt,
+                         int32_t pt, int32_t d_in, int32_t q_stride, int32_t x_stride, int32_t y_stride,
+                         int32_t k_min, int32_t k_max, int32_t v_min, int32_t v_max, int32_t q_zp, int32_t k_zp,
+                         int32_t qk_mult, int32_t qk_shift, int32_t s_zp, int32_t v_zp, int32_t pv_mult,
+                         int32_t pv_shift, int32_t y_zp);
+
 /* tsh_tflite.c: TFLite Micro's int8 reference arithmetic for imported models (see mcu/tflite_kernels.py) */
 void tsh_binary_s8(const int8_t *a, const int8_t *b, int8_t *y, const int32_t *dims, const int32_t *p, int32_t op);
 
