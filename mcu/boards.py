@@ -64,3 +64,19 @@ def board(board_id: str | None) -> Board:
         return BOARDS[board_id]
     except KeyError:
         raise TinyshieldError(f"unknown board {board_id!r}: choose one of {', '.join(BOARDS)}") from None
+
+
+# What the firmware itself takes besides the model, the same on every board.
+RUNTIME_FLASH = 8 * 1024       # the runtime and kernels take less flash than this; used for early refusals
+# The runtime's own static RAM besides the arena and the I/O buffers: CRC table, UART frames, RX ring
+# (5,212 B in the map file) plus alignment padding. The arena budget leaves it out; the link is exact.
+RUNTIME_RAM = 5_376
+
+
+def arena_budget(board_id: str, graph=None) -> int:
+    """Bytes the arena may take on a board: RAM minus the firmware's minimum stack, the runtime's own static
+    buffers and, given the graph, its input and output buffers — the same sum the firmware link checks. The one
+    definition `plan`, `build` and the schedules' tile search use."""
+    b = board(board_id)
+    io = 0 if graph is None else sum(graph.tensors[n].nbytes for n in list(graph.inputs) + list(graph.outputs))
+    return int(b.ram_bytes) - int(b.min_stack) - RUNTIME_RAM - io

@@ -61,8 +61,8 @@ def _schedule(graph, kind: str, board: Board):
         # With the board's budget the tile search picks the fewest MACs, then calls (code size,
         # instructions), that still fit, instead of the smallest peak; K/V are recomputed only
         # where keeping them does not fit (always, for "recompute").
-        from mcu.profile import board_budget
-        return schedule(graph, kind, budget=board_budget(board.id, graph))
+        from mcu.boards import arena_budget
+        return schedule(graph, kind, budget=arena_budget(board.id, graph))
     return schedule(graph, kind)
 
 
@@ -195,27 +195,22 @@ def lower_source(src: Source, calib: int, seq_len: int | None, calib_file=None, 
     return lower_captured(src.captured, calibrate(src.captured, [x[None] for x in xs]), name)
 
 
-RUNTIME_FLASH = 8 * 1024       # the runtime and kernels take less flash than this; used for early refusals
-# The runtime's own static RAM besides the arena and the I/O buffers: CRC table, UART frames, RX ring
-# (5,212 B in the map file) plus alignment padding. The arena budget leaves it out; the link is exact.
-RUNTIME_RAM = 5_376
-
-
 def check_budget(graph, plan, board: Board) -> None:
-    """Refuse a model that cannot fit before generating and compiling it: its weights alone
-    against the flash budget, its arena + I/O buffers + minimum stack against RAM. The link is
-    the exact check (mcu.compile); these are lower bounds of the overflow."""
+    """Refuse a model that cannot fit before generating and compiling it: its weights alone against the
+    flash budget, its arena against the board's arena budget (mcu.boards.arena_budget: RAM less stack,
+    runtime and I/O buffers). The link is the exact check (mcu.compile); these are lower bounds of the overflow."""
+    from mcu.boards import RUNTIME_FLASH, RUNTIME_RAM, arena_budget
     t_in, t_out = graph.tensors[graph.inputs[0]], graph.tensors[graph.outputs[0]]
     flash = graph.const_bytes() + RUNTIME_FLASH
-    ram = plan.arena_bytes + t_in.nbytes + t_out.nbytes + board.min_stack
+    budget = arena_budget(board.id, graph)
     over = []
     if flash > board.flash_bytes:
         over.append(f"FLASH overflowed by at least {flash - board.flash_bytes:,} bytes (weights {graph.const_bytes():,} B, "
                     f"budget {board.flash_bytes:,} B) — compress the weights (int8, clustered low-rank embedding)")
-    if ram > board.ram_bytes:
-        over.append(f"RAM overflowed by at least {ram - board.ram_bytes:,} bytes (arena {plan.arena_bytes:,} B + I/O "
-                    f"{t_in.nbytes + t_out.nbytes:,} B + stack {board.min_stack:,} B, budget {board.ram_bytes:,} B) — "
-                    "use a tiled schedule or a shorter sequence")
+    if plan.arena_bytes > budget:
+        over.append(f"RAM overflowed by at least {plan.arena_bytes - budget:,} bytes (arena {plan.arena_bytes:,} B + I/O "
+                    f"{t_in.nbytes + t_out.nbytes:,} B + stack {board.min_stack:,} B + runtime {RUNTIME_RAM:,} B, "
+                    f"budget {board.ram_bytes:,} B) — use a tiled schedule or a shorter sequence")
     if over:
         raise TinyshieldError(f"model {graph.name} does not fit board {board.id}: " + "; ".join(over)
                               + "; or pick a bigger board")

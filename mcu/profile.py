@@ -11,26 +11,6 @@ from base.errors import TinyshieldError
 from mcu.graph import Schedule
 from mcu.planner import ArenaPlan, align_up, check, live_bytes, lower_bound, plan
 
-def board_ram(board: str) -> tuple[int, int]:
-    """(RAM bytes, minimum stack bytes) of `board`, from mcu.boards' linker budgets."""
-    from mcu.boards import board as board_info
-
-    b = board_info(board)
-    return int(b.ram_bytes), int(b.min_stack)
-
-
-def board_budget(board: str, graph=None) -> int:
-    """Bytes the arena may take on `board`: RAM minus the firmware's minimum stack, the runtime's own
-    static buffers and, given the graph, its input and output buffers — the same sum the firmware
-    link checks."""
-    from mcu.build import RUNTIME_RAM
-    ram, stack = board_ram(board)
-    io = 0
-    if graph is not None:
-        io = sum(graph.tensors[n].nbytes for n in list(graph.inputs) + list(graph.outputs))
-    return ram - stack - RUNTIME_RAM - io
-
-
 @dataclass
 class Step:
     index: int

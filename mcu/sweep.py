@@ -97,13 +97,14 @@ def plan_sweep(model: str, seq_len: int, board: str, out_dir: str | Path, rows: 
     """Run the sweep as Tune trials on the local cores (or the cluster at `address`) and write
     trials.json, table.md and pareto.png into out_dir."""
     from base.cluster import require_ray, run_trials
-    from mcu.profile import board_budget, planning_graph
+    from mcu.boards import arena_budget
+    from mcu.profile import planning_graph
 
     require_ray(HINT)
     out = Path(out_dir).resolve()
-    board_budget(board)                   # an unknown board fails before the lowering
+    arena_budget(board)                   # an unknown board fails before the lowering
     graph = graph if graph is not None else planning_graph(model, seq_len)
-    budget = board_budget(board, graph)
+    budget = arena_budget(board, graph)
     space = plan_space(graph, rows, kts, strategies)
     results, seconds = run_trials(_plan_trial, space, out, metric="arena_bytes", mode="min", address=address,
                                   cpus_per_trial=cpus_per_trial, hint=HINT, graph=graph, budget=budget)

@@ -146,17 +146,17 @@ def largest_fitting(board: str, lo: int, hi: int, step: int = 8) -> dict:
     for the deployable classifier (ids -> logits): against its arena budget (RAM - stack - I/O,
     what the firmware link checks) and against the whole RAM."""
     from mcu.planner import plan
-    from mcu.profile import board_budget, board_ram
+    from mcu.boards import arena_budget, board as board_info
     from mcu.schedules import Tiles, search_tiles, tiled_with
 
-    ram, _ = board_ram(board)
+    ram = board_info(board).ram_bytes
     cache: dict[int, tuple[int, int]] = {}
 
     def arena(L):
         if L not in cache:
             _, g = encoder_graph(L, classifier=True)
             c = search_tiles(g, budget=None, slack=1.02).chosen
-            cache[L] = (plan(tiled_with(g, Tiles(c.rows, c.kt))).arena_bytes, board_budget(board, g))
+            cache[L] = (plan(tiled_with(g, Tiles(c.rows, c.kt))).arena_bytes, arena_budget(board, g))
         return cache[L]
 
     out = {}

@@ -72,7 +72,8 @@ def run(args):
     from rich.console import Console
 
     from base.errors import TinyshieldError
-    from mcu.profile import board_budget, check_budget, planning_graph, plot_timelines, profile, render
+    from mcu.boards import arena_budget
+    from mcu.profile import check_budget, planning_graph, plot_timelines, profile, render
     from dataclasses import asdict
 
     from mcu.profile import search_table
@@ -83,11 +84,11 @@ def run(args):
     if args.sweep:
         return run_sweep(args)
     console = Console(width=None if Console().is_terminal else 160)
-    board_budget(args.board)          # an unknown board fails before the (slower) lowering
+    arena_budget(args.board)          # an unknown board fails before the (slower) lowering
     fixed = _tiles(args.tiles) if args.tiles else None
     with console.status(f"lowering {args.model} to int8 (L = {args.seq_len})"):
         graph = planning_graph(args.model, args.seq_len, calib_file=args.calib)
-    budget = board_budget(args.board, graph)
+    budget = arena_budget(args.board, graph)
     with console.status("scheduling and planning"):
         search = None
         tiles = None
