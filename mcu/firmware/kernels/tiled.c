@@ -68,25 +68,12 @@ static void pv_accumulate(const int16_t *p, const int8_t *v, int32_t n, int32_t 
     for (int32_t j = 0; j < n; j++) psum += p[j];
 #if TSH_USE_DSP
     for (; t + 4 <= dh; t += 4) {
-        int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0, j = 0;
-        for (; j + 2 <= n; j += 2) {
-            int32_t pp;
-            memcpy(&pp, p + j, sizeof pp);
-            int32_t w0 = tsh_read32(v + j * v_stride + t), w1 = tsh_read32(v + (j + 1) * v_stride + t);
-            int32_t e0 = tsh_sxtb16(w0), o0 = tsh_sxtb16_ror8(w0), e1 = tsh_sxtb16(w1), o1 = tsh_sxtb16_ror8(w1);
-            a0 = tsh_smlad(pp, tsh_pkhbt(e0, e1), a0);
-            a2 = tsh_smlad(pp, tsh_pkhtb(e1, e0), a2);
-            a1 = tsh_smlad(pp, tsh_pkhbt(o0, o1), a1);
-            a3 = tsh_smlad(pp, tsh_pkhtb(o1, o0), a3);
-        }
-        for (; j < n; j++) {
-            const int8_t *vj = v + j * v_stride + t;
-            a0 += p[j] * vj[0]; a1 += p[j] * vj[1]; a2 += p[j] * vj[2]; a3 += p[j] * vj[3];
-        }
-        a[t] += a0 - v_zp * psum;
-        a[t + 1] += a1 - v_zp * psum;
-        a[t + 2] += a2 - v_zp * psum;
-        a[t + 3] += a3 - v_zp * psum;
+        int32_t s4[4];
+        tsh_pv4(p, v + t, n, v_stride, s4);
+        a[t] += s4[0] - v_zp * psum;
+        a[t + 1] += s4[1] - v_zp * psum;
+        a[t + 2] += s4[2] - v_zp * psum;
+        a[t + 3] += s4[3] - v_zp * psum;
     }
 #endif
     for (; t < dh; t++) {

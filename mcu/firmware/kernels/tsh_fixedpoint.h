@@ -299,4 +299,28 @@ static inline int32_t tsh_read32(const int8_t *p)
     return v;
 }
 
+/* acc[c] = sum_j p[j] * v[j * v_stride + c] for the four columns c = 0..3 over n keys: two keys x four
+ * columns a step on SMLAD. One word of each key's row holds four columns; SXTB16 splits it into (0, 2) and
+ * (1, 3) halfword pairs and PKHBT/PKHTB regroup them into per-column (key j, key j+1) pairs that line up
+ * with the probability pair. The P.V inner loop of tsh_matmul_pv_s8 and of the tiled attention. */
+static inline void tsh_pv4(const int16_t *p, const int8_t *v, int32_t n, int32_t v_stride, int32_t acc[4])
+{
+    int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0, j = 0;
+    for (; j + 2 <= n; j += 2) {
+        int32_t pp;
+        memcpy(&pp, p + j, sizeof pp);
+        int32_t w0 = tsh_read32(v + j * v_stride), w1 = tsh_read32(v + (j + 1) * v_stride);
+        int32_t e0 = tsh_sxtb16(w0), o0 = tsh_sxtb16_ror8(w0), e1 = tsh_sxtb16(w1), o1 = tsh_sxtb16_ror8(w1);
+        a0 = tsh_smlad(pp, tsh_pkhbt(e0, e1), a0);
+        a2 = tsh_smlad(pp, tsh_pkhtb(e1, e0), a2);
+        a1 = tsh_smlad(pp, tsh_pkhbt(o0, o1), a1);
+        a3 = tsh_smlad(pp, tsh_pkhtb(o1, o0), a3);
+    }
+    for (; j < n; j++) {
+        const int8_t *vj = v + j * v_stride;
+        a0 += p[j] * vj[0]; a1 += p[j] * vj[1]; a2 += p[j] * vj[2]; a3 += p[j] * vj[3];
+    }
+    acc[0] = a0; acc[1] = a1; acc[2] = a2; acc[3] = a3;
+}
+
 #endif /* TSH_FIXEDPOINT_H */

@@ -505,30 +505,14 @@ void tsh_matmul_pv_s8(const int16_t *p, const int8_t *v, int8_t *y, int32_t Lq, 
         for (int32_t j = 0; j < Lk; j++) psum += pi[j];
         int32_t t = 0;
 #if TSH_USE_DSP
-        /* two keys x four columns a step: one word of each key's row holds four columns; SXTB16
-         * splits each into (t, t+2) and (t+1, t+3) halfword pairs and PKHBT/PKHTB regroup them
-         * into per-column (key j, key j+1) pairs that line up with the probability pair */
-        for (; t + 4 <= dh; t += 4) {
-            int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0, j = 0;
-            for (; j + 2 <= Lk; j += 2) {
-                int32_t pp;
-                memcpy(&pp, pi + j, sizeof pp);
-                int32_t w0 = tsh_read32(v + j * v_stride + t), w1 = tsh_read32(v + (j + 1) * v_stride + t);
-                int32_t e0 = tsh_sxtb16(w0), o0 = tsh_sxtb16_ror8(w0), e1 = tsh_sxtb16(w1), o1 = tsh_sxtb16_ror8(w1);
-                a0 = tsh_smlad(pp, tsh_pkhbt(e0, e1), a0);
-                a2 = tsh_smlad(pp, tsh_pkhtb(e1, e0), a2);
-                a1 = tsh_smlad(pp, tsh_pkhbt(o0, o1), a1);
-                a3 = tsh_smlad(pp, tsh_pkhtb(o1, o0), a3);
-            }
-            for (; j < Lk; j++) {
-                const int8_t *vj = v + j * v_stride + t;
-                a0 += pi[j] * vj[0]; a1 += pi[j] * vj[1]; a2 += pi[j] * vj[2]; a3 += pi[j] * vj[3];
-            }
+        for (; t + 4 <= dh; t += 4) {          /* two keys x four columns a step (tsh_pv4) */
+            int32_t a[4];
+            tsh_pv4(pi, v + t, Lk, v_stride, a);
             int8_t *yi = y + i * y_stride + t;
-            yi[0] = tsh_rq(&rq, a0 - v_zp * psum);
-            yi[1] = tsh_rq(&rq, a1 - v_zp * psum);
-            yi[2] = tsh_rq(&rq, a2 - v_zp * psum);
-            yi[3] = tsh_rq(&rq, a3 - v_zp * psum);
+            yi[0] = tsh_rq(&rq, a[0] - v_zp * psum);
+            yi[1] = tsh_rq(&rq, a[1] - v_zp * psum);
+            yi[2] = tsh_rq(&rq, a[2] - v_zp * psum);
+            yi[3] = tsh_rq(&rq, a[3] - v_zp * psum);
         }
         /* two keys x two columns a step: the probabilities are already int16 pairs; the bytes
          * v[j][t], v[j][t+1], v[j+1][t], v[j+1][t+1] in one word split by SXTB16 into the
