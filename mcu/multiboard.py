@@ -52,7 +52,7 @@ def evaluate_on_boards(built, inputs, labels, boards: int = 1, progress_bar=None
         finally:
             done.put(("end", k))
 
-    from mcu.build import build_plugin
+    from mcu.compile import build_plugin
     build_plugin()                                    # once here, not raced by the boards booting together
     t0 = time.monotonic()
     task = progress_bar.add_task(f"eval on {boards} {built.board} boards", total=n, info="") if progress_bar else None
