@@ -21,6 +21,33 @@ def test_chunks_cover_every_input_once_in_order():
         assert [i for _, s, e in chunks for i in range(s, e)] == list(range(n))
 
 
+def test_a_competing_process_takes_a_core_from_the_board_count():
+    """The demo's board count (and torch's threads) leave out cores somebody else is using right now."""
+    import multiprocessing as mp
+    import os
+
+    from edge.recipes import available_cores, busy_cores, pick_threads
+
+    assert 0 <= busy_cores() <= (os.cpu_count() or 1) + 1e-9
+    assert pick_threads(3) == 3 and 1 <= pick_threads() <= available_cores()
+    spin = mp.get_context("spawn").Process(target=_spin, daemon=True)
+    spin.start()
+    try:
+        import time
+        time.sleep(0.5)                            # the child is up and spinning
+        assert busy_cores() >= 0.8                 # its core counts as busy, whatever else runs
+        if available_cores() > 1:
+            assert pick_threads() <= available_cores() - 1
+    finally:
+        spin.terminate()
+        spin.join()
+
+
+def _spin():
+    while True:
+        pass
+
+
 def test_merge_refuses_a_lost_or_doubled_input():
     class Info:                                    # what summarise reads of a board's ModelInfo
         board, name, macs, arena_bytes, static_ram = "stm32f405", "m", 10, 100, 200

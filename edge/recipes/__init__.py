@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -108,18 +109,34 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+def busy_cores(window: float = 0.25) -> float:
+    """Cores other processes keep busy now: the machine's non-idle share over a short window of /proc/stat
+    (this process sleeps through it). The 1-minute load average, the fallback, lags: right after our own
+    set-up or training it still counts that work as somebody else's."""
+    def sample():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return sum(v), v[3] + (v[4] if len(v) > 4 else 0)          # total, idle + iowait
+    try:
+        t0, i0 = sample()
+        time.sleep(window)
+        t1, i1 = sample()
+        return (os.cpu_count() or 1) * (1 - (i1 - i0) / max(t1 - t0, 1))
+    except (OSError, ValueError, IndexError):
+        try:
+            return os.getloadavg()[0]
+        except OSError:
+            return 0.0
+
+
 def pick_threads(requested: int | None = None) -> int:
-    """Torch threads for training and long host work: `requested` if given, else the available cores less the
-    ones other processes keep busy (1-minute load average), at least 1. More threads than free cores make
-    torch's threads spin against each other and the work slows down many times over."""
+    """Torch threads (or emulated boards) for long host work: `requested` if given, else the available cores
+    less the ones other processes keep busy, at least 1. More threads than free cores make torch's threads
+    spin against each other and the work slows down many times over."""
     if requested:
         return max(1, int(requested))
     cores = available_cores()
-    try:
-        busy = os.getloadavg()[0]
-    except OSError:
-        busy = 0.0
-    return max(1, min(cores, int(cores - busy + 0.5)))
+    return max(1, min(cores, int(cores - busy_cores() + 0.5)))
 
 
 @contextlib.contextmanager

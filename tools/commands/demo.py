@@ -31,7 +31,6 @@ def run(args):
     from edge.recipes import pick_threads
 
     torch.set_num_threads(pick_threads(args.threads))
-    args.n_boards = pick_threads(args.boards)         # boards at once: one QEMU per free core
     shared = data_dir(required=False) is not None
     times: dict[str, float] = {}
     t0 = time.monotonic()
@@ -73,17 +72,24 @@ def _vit(args, shared: bool, times: dict):
 
     t = time.monotonic()
     xs, ys, source = built.test_set("mnist", args.limit)
-    print(f"on-board test: {len(xs)} images of {source}; {_boards_line(args, built)}")
+    n = _boards(args)
+    print(f"on-board test: {len(xs)} images of {source}; {_boards_line(args, built, n)}")
     with progress() as bar:
-        ev = evaluate_on_boards(built, xs, ys, args.n_boards, bar)
+        ev = evaluate_on_boards(built, xs, ys, n, bar)
     print_report(ev, title=f"vit-mnist on {ev.board}")
     _counts_line(ev)
     times[f"vit eval ({len(xs)} images)"] = time.monotonic() - t
 
 
-def _boards_line(args, built) -> str:
+def _boards(args) -> int:
+    """Boards at once: as asked, else one QEMU per core free right now (decided just before each
+    evaluation, when the build work before it is over)."""
+    from edge.recipes import pick_threads
+    return pick_threads(args.boards)
+
+
+def _boards_line(args, built, n: int) -> str:
     from mcu.boards import board
-    n = args.n_boards
     return (f"flashed on {n} emulated {built.board} board{'s' if n > 1 else ''} (QEMU {board(built.board).machine}"
             f"{', one per free core' if args.boards is None else ''})")
 
@@ -164,9 +170,10 @@ def _bert(args, shared: bool, times: dict):
         s = sentences("test")
         texts, ys = s.texts, s.labels
         xs = token_ids(texts, L)
-    print(f"on-board test: {len(xs)} sentences; {_boards_line(args, built)}")
+    n = _boards(args)
+    print(f"on-board test: {len(xs)} sentences; {_boards_line(args, built, n)}")
     with progress() as bar:
-        ev = evaluate_on_boards(built, xs, ys, args.n_boards, bar)
+        ev = evaluate_on_boards(built, xs, ys, n, bar)
     if texts is not None:
         fp = float_outputs(str(out), built.graph, xs).argmax(-1)
         names = ["neg", "pos"]
