@@ -11,6 +11,7 @@ mcu/firmware/kernels/tsh_tflite.c.
   same with 7 bits, the difference squared; MUL: the product of the offset inputs requantised.
 - `softmax_s8`: gemmlowp's fixed-point softmax (int8 in, int8 out with scale 1/256, zero point -128):
   exp of the input difference in Q5.26 on [-32, 0], sum in Q12.19, reciprocal by Newton-Raphson.
+- `matmul_kn_s8`: BATCH_MATMUL of one batch whose right operand is (K, N) rows (a head of v read in place).
 - `avg_pool_s8`: AVERAGE_POOL_2D (the window's taps inside the image, rounded half away from zero);
 - `mean_s8` (and `mean_s16`): MEAN over the middle axis of (outer, n, inner): the int32 sum minus n x_zp, times
   the output multiplier divided by n with TFLite's shift adjustment (done when building the op).
@@ -25,7 +26,7 @@ import numpy as np
 
 from base.quant import (INT32_MAX, INT32_MIN, multiply_by_quantized_multiplier as mbqm, quantize_multiplier,
                         rounding_divide_by_pot as rdbpot, saturate, saturating_rounding_doubling_high_mul as srdhm)
-from mcu.kernels import kernel
+from mcu.kernels import _out, kernel, view2d
 
 BINARY_OPS = {"ADD": 0, "SUB": 1, "MUL": 2, "SQUARED_DIFFERENCE": 3}
 BINARY_PARAMS = ("a_zp", "b_zp", "y_zp", "left_shift", "a_mult", "a_shift", "b_mult", "b_shift", "y_mult", "y_shift",
@@ -207,6 +208,19 @@ def softmax_s8(x, y, rows, depth, mult, left_shift, diff_min):
         v = rdbpot(srdhm(scale, e[r]), bits + 31 - 8) - 128
         out[r] = np.where(ok[r], np.clip(v, -128, 127), -128)
     y[:rows * depth] = out.ravel()
+
+
+# ---------------------------------------------------------------- matmul, right operand by rows of K
+
+@kernel(a="const i8*", b="const i8*", y="i8*", M="int", N="int", K="int", a_stride="int", b_stride="int",
+        y_stride="int", a_zp="int", b_zp="int", mult="int", shift="int", y_zp="int")
+def matmul_kn_s8(a, b, y, M, N, K, a_stride, b_stride, y_stride, a_zp, b_zp, mult, shift, y_zp):
+    """TFLite's BATCH_MATMUL arithmetic on one batch with the right operand stored (K, N), rows
+    `b_stride` apart: y[i, n] = sat8(MBQM(sum_k (a[i,k]-a_zp)(b[k,n]-b_zp)) + y_zp). Reads a head of
+    v (columns of a (L, d) tensor) in place, where matmul_qk_s8 would need it transposed."""
+    A = view2d(a, M, K, a_stride).astype(np.int64) - a_zp
+    B = view2d(b, K, N, b_stride).astype(np.int64) - b_zp
+    _out(view2d(y, M, N, y_stride), mbqm(A @ B, mult, shift) + y_zp, -128, 127)
 
 
 # ---------------------------------------------------------------- mean

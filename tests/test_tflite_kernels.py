@@ -56,6 +56,19 @@ def test_binary_broadcast_is_numpy_broadcast():
 
 @SETTINGS
 @given(st.data())
+def test_matmul_kn(ck, data):
+    """BATCH_MATMUL with the right operand as (K, N) rows, strided views on every operand (a head of
+    v read in place) and adversarial zero points, multipliers and shifts."""
+    d = data.draw
+    M, N, Kd = d(st.integers(1, 5)), d(st.integers(1, 70)), d(st.integers(1, 40))
+    sa, sb, sy = Kd + d(st.integers(0, 3)), N + d(st.integers(0, 3)), N + d(st.integers(0, 3))
+    args = [i8(d, M * sa), i8(d, Kd * sb), np.zeros(M * sy, np.int8), M, N, Kd, sa, sb, sy, d(zp), d(zp), d(mult),
+            d(shift), d(zp)]
+    both(ck, "matmul_kn_s8", args, [2])
+
+
+@SETTINGS
+@given(st.data())
 def test_softmax(ck, data):
     d = data.draw
     rows, depth = d(st.integers(1, 4)), d(st.integers(1, 300))

@@ -97,6 +97,10 @@ void tsh_binary_s8(const int8_t *a, const int8_t *b, int8_t *y, const int32_t *d
 void tsh_softmax_s8(const int8_t *x, int8_t *y, int32_t rows, int32_t depth, int32_t mult, int32_t left_shift,
                     int32_t diff_min);
 
+void tsh_matmul_kn_s8(const int8_t *a, const int8_t *b, int8_t *y, int32_t M, int32_t N, int32_t K, int32_t a_stride,
+                      int32_t b_stride, int32_t y_stride, int32_t a_zp, int32_t b_zp, int32_t mult, int32_t shift,
+                      int32_t y_zp);
+
 void tsh_mean_s8(const int8_t *x, int8_t *y, int32_t outer, int32_t n, int32_t inner, int32_t x_zp, int32_t mult,
                  int32_t shift, int32_t y_zp);
 
