@@ -391,4 +391,9 @@ def calls_for(op, loc) -> list:
         return [Call("matmul_qk_s8", (loc(i[0], b * a["a_step"]), loc(i[1], b * a["b_step"]), loc(o[0], b * M * N),
                                       M, N, Kd, Kd, Kd, N, a["a_zp"], a["b_zp"], a["mult"], a["shift"], a["y_zp"]),
                      op.name, M * N * Kd) for b in range(a["batches"])]
+    if op.kind == "tfl_matmul":
+        return [Call("matmul_kn_s8" if a["b_kn"] else "matmul_qk_s8",
+                     (loc(i[0], a["a_off"]), loc(i[1], a["b_off"]), loc(o[0], a["y_off"]), a["M"], a["N"], a["K"],
+                      a["a_stride"], a["b_stride"], a["y_stride"], a["a_zp"], a["b_zp"], a["mult"], a["shift"],
+                      a["y_zp"]), op.name, a["M"] * a["N"] * a["K"])]
     raise ValueError(f"op kind {op.kind!r} is not a tfl_ kind")
