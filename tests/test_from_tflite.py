@@ -350,3 +350,87 @@ def test_row_block_search_cuts_chains_and_stays_exact():
     pl = plan(lw)
     for x in fixture_inputs(g, 2, seed=5):
         assert np.array_equal(run(s, {"input": x}, p)["output"], run(lw, {"input": x}, pl)["output"])
+
+
+# ---------------------------------------------------------------- attention on views, query-row chains
+
+@pytest.mark.parametrize("name", ["bert64", "vit", "convattn", "vit-int16pool"])
+def test_attention_views_equal_the_imported_graph(name):
+    """The view passes leave out the TRANSPOSE copies around every batch matmul (bert64: all of them)
+    and change no output bit."""
+    from mcu.execute import reference
+    from mcu.tflite_views import attention_views
+
+    g = lower_tflite(FIXTURES / f"{name}.tflite")
+    v = attention_views(g)
+    assert not any(op.kind == "tfl_batch_matmul" for op in v.ops)
+    assert sum(op.kind == "permute" for op in v.ops) < sum(op.kind == "permute" for op in g.ops)
+    if name == "bert64":
+        assert not any(op.kind == "permute" for op in v.ops)
+        assert any(op.kind == "tfl_matmul" and op.attrs["b_kn"] for op in v.ops), "v is read in place"
+    for x in fixture_inputs(g, 2, seed=11):
+        assert np.array_equal(reference(v, {"input": x})["output"], reference(g, {"input": x})["output"])
+
+
+@pytest.mark.parametrize("name,rows", [("bert64", 1), ("bert64", 4), ("bert64", 5), ("convattn", 3),
+                                       ("vit-int16pool", 8)])
+def test_query_row_chains_equal_layerwise(name, rows):
+    """Query-row chains (q projection -> attention -> output projection -> residual -> FFN per block of
+    rows, k and v complete before) with outputs written over the residual input: the numpy reference
+    and the C kernels of the host build both give layerwise's outputs bit for bit, in a checked plan
+    smaller than layerwise's."""
+    from mcu.hostlib import HostKernels
+    from mcu.tflite_schedule import row_tiled, steps
+    from mcu.tflite_views import attention_views
+
+    g = lower_tflite(FIXTURES / f"{name}.tflite")
+    v = attention_views(g)
+    s = row_tiled(v, rows)
+    lw = layerwise(g)
+    pl, ps = plan(lw), plan(s)
+    check(ps, s)
+    assert ps.arena_bytes < pl.arena_bytes
+    chained = {v.ops[i].kind for st in steps(v) if st[0] == "chain" for i in st[1]}
+    assert {"tfl_matmul", "fully_connected", "tfl_softmax"} <= chained
+    if name == "bert64":
+        assert s.params["in_place"], "the residual stream is written in place"
+    ck = HostKernels("dsp")
+    for x in fixture_inputs(g, 2, seed=rows):
+        want = run(lw, {"input": x}, pl)["output"]
+        assert np.array_equal(run(s, {"input": x}, ps)["output"], want)
+        assert np.array_equal(run(s, {"input": x}, ps, kernels=ck)["output"], want)
+
+
+def test_in_place_only_when_the_input_is_not_read_later():
+    """A chain output takes its input's bytes only when nothing after the chain reads that input: with a
+    second output copying bert64's first layer output at the very end, the second layer writes its own
+    buffer, and the schedule still equals layerwise on both outputs."""
+    from dataclasses import replace
+
+    from mcu import kernels as K
+    from mcu.graph import Op, Tensor
+    from mcu.tflite_schedule import in_place, row_tiled, steps
+    from mcu.tflite_views import attention_views
+
+    g = attention_views(lower_tflite(FIXTURES / "bert64.tflite"))
+    roots = in_place(g, steps(g))
+    first = [o for o, x in roots.items() if x == "input"]
+    assert len(first) == 2, "both layers write the residual stream over the input"
+    layer1 = next(o for o in first if any(o in op.inputs for op in g.ops if op.kind == "tfl_matmul" or
+                                          op.kind == "fully_connected"))
+    t = g.tensors[layer1]
+    tensors = dict(g.tensors)
+    tensors["copy.dims"] = Tensor("copy.dims", (2 * K.PERMUTE_DIMS,), "int32", "const", None,
+                                  K.permute_dims(t.shape, [int(np.prod(t.shape[k + 1:])) for k in range(len(t.shape))]))
+    tensors["copy"] = replace(t, name="copy", kind="output")
+    g2 = replace(g, tensors=tensors, outputs=g.outputs + ["copy"],
+                 ops=g.ops + [Op("permute", "copy", [layer1, "copy.dims"], ["copy"],
+                                 dict(offset=0, nd=K.PERMUTE_DIMS, n=int(np.prod(t.shape))))])
+    roots2 = in_place(g2, steps(g2))
+    assert roots2 == {layer1: "input"}
+    s, lw = row_tiled(g2, 4), layerwise(g2)
+    ps, pl = plan(s), plan(lw)
+    check(ps, s)
+    for x in fixture_inputs(g, 2, seed=2):
+        a, b = run(s, {"input": x}, ps), run(lw, {"input": x}, pl)
+        assert all(np.array_equal(a[n], b[n]) for n in g2.outputs)
