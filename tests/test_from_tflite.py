@@ -158,6 +158,34 @@ def test_conv2d(data):
 
 @SETTINGS
 @given(st.data())
+def test_depthwise_conv2d(data):
+    """DEPTHWISE_CONV_2D: depth multipliers, unequal strides, dilation, SAME and VALID padding, a PAD in
+    front, fused ReLU — the same outputs as TFLite Micro."""
+    d = data.draw
+    H, W, C, dm = d(st.integers(1, 8)), d(st.integers(1, 8)), d(st.integers(1, 4)), d(st.integers(1, 3))
+    kh, kw = d(st.integers(1, 3)), d(st.integers(1, 3))
+    stride = (d(st.integers(1, 2)), d(st.integers(1, 2)))
+    dil = (d(st.integers(1, 2)), d(st.integers(1, 2)))
+    padding = d(st.sampled_from(["VALID", "SAME"]))
+    pads = ((0, 0), (d(st.integers(0, 2)), d(st.integers(0, 2))), (d(st.integers(0, 2)), d(st.integers(0, 2))), (0, 0))
+    Hp, Wp = H + sum(pads[1]), W + sum(pads[2])
+    if padding == "VALID" and (Hp < dil[0] * (kh - 1) + 1 or Wp < dil[1] * (kw - 1) + 1):
+        padding = "SAME"
+    b = Builder("dwconv")
+    xq = q(d)
+    x = b.input("input", (1, H, W, C), np.int8, xq)
+    xp = b.pad(x, pads) if any(map(any, pads)) else x
+    Co = C * dm
+    w, wq, ws = weights(d, (1, kh, kw, Co), axis=3)
+    bias = np.random.default_rng(2).integers(-3000, 3000, Co).astype(np.int32)
+    y = b.depthwise_conv2d(xp, b.const("w", w, quant=wq), b.const("b", bias, quant=Quant(
+        tuple(xq.scale[0] * v for v in ws), (0,) * Co)), stride, dm, padding, act=d(st.sampled_from([None, "relu"])),
+        out_quant=q(d), dilation=dil)
+    same_as_micro(b.finish([y]), inputs(d, (1, H, W, C)))
+
+
+@SETTINGS
+@given(st.data())
 def test_slice_concat_gather(data):
     d = data.draw
     kind = d(st.sampled_from(["slice", "concat", "gather"]))

@@ -200,3 +200,32 @@ void tsh_matmul_kn_s8(const int8_t *a, const int8_t *b, int8_t *y, int32_t M, in
         }
     }
 }
+
+/* TFLite's DEPTHWISE_CONV_2D, per output channel: taps outside the image are skipped (padding adds
+ * nothing once the input zero point is taken off), bias, per-channel requantisation. */
+void tsh_depthwise_s8(const int8_t *x, const int8_t *w, const int32_t *bias, const int32_t *mult, const int32_t *shift,
+                      int8_t *y, int32_t H, int32_t W, int32_t C, int32_t dm, int32_t Hout, int32_t Wout, int32_t kh,
+                      int32_t kw, int32_t sh, int32_t sw, int32_t dh, int32_t dw, int32_t pad_h, int32_t pad_w,
+                      int32_t x_zp, int32_t y_zp, int32_t act_min, int32_t act_max)
+{
+    const int32_t Co = C * dm;
+    for (int32_t oc = 0; oc < Co; oc++) {
+        const int32_t c = oc / dm;
+        const tsh_rq_t rq = tsh_rq_make(mult[oc], shift[oc], y_zp, act_min, act_max);
+        for (int32_t oy = 0; oy < Hout; oy++) {
+            for (int32_t ox = 0; ox < Wout; ox++) {
+                int32_t acc = bias[oc];
+                for (int32_t ky = 0; ky < kh; ky++) {
+                    const int32_t iy = oy * sh - pad_h + ky * dh;
+                    if (iy < 0 || iy >= H) continue;
+                    for (int32_t kx = 0; kx < kw; kx++) {
+                        const int32_t ix = ox * sw - pad_w + kx * dw;
+                        if (ix < 0 || ix >= W) continue;
+                        acc += (x[(iy * W + ix) * C + c] - x_zp) * w[(ky * kw + kx) * Co + oc];
+                    }
+                }
+                y[(oy * Wout + ox) * Co + oc] = tsh_rq(&rq, acc);
+            }
+        }
+    }
+}
