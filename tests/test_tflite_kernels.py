@@ -60,7 +60,8 @@ def test_matmul_kn(ck, data):
     """BATCH_MATMUL with the right operand as (K, N) rows, strided views on every operand (a head of
     v read in place) and adversarial zero points, multipliers and shifts."""
     d = data.draw
-    M, N, Kd = d(st.integers(1, 5)), d(st.integers(1, 70)), d(st.integers(1, 40))
+    M, N = d(st.integers(1, 5)), d(st.integers(1, 70))
+    Kd = d(st.sampled_from([d(st.integers(1, 40)), d(st.integers(1000, 1100))]))   # widened, and the plain loop
     sa, sb, sy = Kd + d(st.integers(0, 3)), N + d(st.integers(0, 3)), N + d(st.integers(0, 3))
     args = [i8(d, M * sa), i8(d, Kd * sb), np.zeros(M * sy, np.int8), M, N, Kd, sa, sb, sy, d(zp), d(zp), d(mult),
             d(shift), d(zp)]

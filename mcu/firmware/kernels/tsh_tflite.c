@@ -170,33 +170,32 @@ void tsh_avg_pool_s8(const int8_t *x, int8_t *y, int32_t H, int32_t W, int32_t C
     }
 }
 
-/* One batch of BATCH_MATMUL with the right operand stored (K, N): sum (a - za)(b - zb) =
- * sum a (b - zb) - za sum (b - zb). Columns are done 32 at a time into int32 accumulators, each
- * row of b read once per row of a and column block. */
+/* One batch of BATCH_MATMUL with the right operand stored (K, N): y = (a - za)(b - zb), which is
+ * tsh_matmul_pv_s8 (p . (v - zv), p int16) with p = a - za: rows of a are widened to int16 a few at a
+ * time (the product and its sums are the same integers), so the P.V kernel's DSP path does the work. */
+#define TSH_KN_WIDE 1024
 void tsh_matmul_kn_s8(const int8_t *a, const int8_t *b, int8_t *y, int32_t M, int32_t N, int32_t K, int32_t a_stride,
                       int32_t b_stride, int32_t y_stride, int32_t a_zp, int32_t b_zp, int32_t mult, int32_t shift,
                       int32_t y_zp)
 {
-    tsh_rq_t rq = tsh_rq_make(mult, shift, y_zp, -128, 127);
-    for (int32_t n0 = 0; n0 < N; n0 += 32) {
-        int32_t nb = N - n0 < 32 ? N - n0 : 32;
-        int32_t bsum[32];
-        for (int32_t c = 0; c < nb; c++) bsum[c] = 0;
-        for (int32_t k = 0; k < K; k++) {
-            const int8_t *bk = b + k * b_stride + n0;
-            for (int32_t c = 0; c < nb; c++) bsum[c] += bk[c] - b_zp;
+    if (K <= TSH_KN_WIDE) {
+        int16_t wide[TSH_KN_WIDE];
+        const int32_t per = TSH_KN_WIDE / K;
+        for (int32_t i0 = 0; i0 < M; i0 += per) {
+            const int32_t rows = M - i0 < per ? M - i0 : per;
+            for (int32_t r = 0; r < rows; r++)
+                for (int32_t k = 0; k < K; k++) wide[r * K + k] = (int16_t)(a[(i0 + r) * a_stride + k] - a_zp);
+            tsh_matmul_pv_s8(wide, b, y + i0 * y_stride, rows, K, N, K, b_stride, y_stride, b_zp, mult, shift, y_zp);
         }
-        for (int32_t i = 0; i < M; i++) {
-            const int8_t *ai = a + i * a_stride;
-            int32_t acc[32];
-            for (int32_t c = 0; c < nb; c++) acc[c] = -a_zp * bsum[c];
-            for (int32_t k = 0; k < K; k++) {
-                const int8_t *bk = b + k * b_stride + n0;
-                int32_t av = ai[k];
-                for (int32_t c = 0; c < nb; c++) acc[c] += av * (bk[c] - b_zp);
-            }
-            int8_t *yi = y + i * y_stride + n0;
-            for (int32_t c = 0; c < nb; c++) yi[c] = tsh_rq(&rq, acc[c]);
+        return;
+    }
+    tsh_rq_t rq = tsh_rq_make(mult, shift, y_zp, -128, 127);
+    for (int32_t i = 0; i < M; i++) {
+        const int8_t *ai = a + i * a_stride;
+        for (int32_t n = 0; n < N; n++) {
+            int32_t acc = 0;
+            for (int32_t k = 0; k < K; k++) acc += (ai[k] - a_zp) * (b[k * b_stride + n] - b_zp);
+            y[i * y_stride + n] = tsh_rq(&rq, acc);
         }
     }
 }
