@@ -222,6 +222,24 @@ def row_tiled(g: Graph, rows: int, cuts: frozenset = frozenset()) -> Schedule:
     return Schedule("tiled", g, buffers, calls, {"rows": rows, "cuts": sorted(cuts), "in_place": root})
 
 
+def summary(s: Schedule) -> str:
+    """One line on what the row-block schedule found in an imported graph (for `tinyshield plan`)."""
+    g = s.graph
+    order = steps(g, frozenset(s.params.get("cuts", ())))
+    chained = [i for st in order if st[0] == "chain" for i in st[1]]
+    mm = [i for i, op in enumerate(g.ops) if op.kind in ("tfl_matmul", "tfl_batch_matmul")]
+    copies = sum(op.kind == "permute" for op in g.ops)
+    text = (f"row blocks of {s.params['rows']}: {sum(st[0] == 'chain' for st in order)} chains over "
+            f"{len(chained)} of {len(g.ops)} ops (the rest layerwise); ")
+    if not mm:
+        text += "no attention (batch matmul) found"
+    else:
+        text += (f"{sum(i in set(chained) for i in mm)} of {len(mm)} attention matmuls inside query-row chains, "
+                 f"{copies} transpose cop{'y' if copies == 1 else 'ies'} kept")
+    n = len(s.params.get("in_place", {}))
+    return text + (f"; {n} chain output(s) written over their input" if n else "; nothing written in place")
+
+
 def in_place(g: Graph, order: list[tuple]) -> dict[str, str]:
     """Chain outputs written over a chain input, row for row: tensor -> the buffer it shares.
 
