@@ -10,6 +10,13 @@ tensors read and written at the block's offset. The kernels and their arguments 
 layerwise schedule's, so the outputs are bit-identical; only the arena shrinks (the L x 4d FFN
 hidden and the h x L x L attention scores never exist whole).
 
+After the view passes of mcu.tflite_views, a head's matmul reads q, k and v where their projections
+wrote them, so one chain runs a whole encoder layer per block of query rows: q projection -> q k^T ->
+scale -> softmax -> times v -> output projection -> residual -> LayerNorm -> FFN -> residual ->
+LayerNorm, with k and v (read whole by every row) made before it; and the layer's output is written
+over its input, row for row, when nothing reads that input later (`in_place`). A layer then needs
+its input/output, k and v, and a few blocks of rows.
+
 `row_tiled(graph, rows)` is a pure function graph -> Schedule; `search_rows` picks the block size.
 """
 from __future__ import annotations
