@@ -317,14 +317,46 @@ def _conv_input(imp: Import, op) -> tuple[Act, tuple]:
     return imp.act(int(op.inputs[0])), (0, 0, 0, 0)
 
 
+def _same_pad(size: int, out: int, k: int, stride: int, dilation: int) -> int:
+    """TFLite's SAME padding before the image (ComputePaddingHeightWidth): half the total, rounded down."""
+    return max((out - 1) * stride + (k - 1) * dilation + 1 - size, 0) // 2
+
+
 def depthwise_conv_2d(imp: Import, op, opts):
-    """A depthwise convolution of a one-channel image (depth multiplier = output channels) is an
-    ordinary convolution with one input channel: TFLite Micro's arithmetic is the same."""
-    x, _ = _conv_input(imp, op)
+    """DEPTHWISE_CONV_2D with any depth multiplier, strides, dilation and padding (a PAD in front folded
+    in): depthwise_s8. A one-channel image with a square kernel, equal strides and padding is an
+    ordinary convolution with one input channel (the same arithmetic): conv2d_s8, the faster kernel."""
+    x, extra = _conv_input(imp, op)
     w = imp.const(int(op.inputs[1]))
-    if x.shape[-1] != 1 or w is None or w.shape[0] != 1:
-        raise imp.fail(f"DEPTHWISE_CONV_2D is supported only on one-channel input (input {x.shape})")
-    conv_2d(imp, op, opts, w.transpose(3, 1, 2, 0))
+    if w is None or w.ndim != 4 or w.shape[0] != 1:
+        raise imp.fail("the weights must be a constant (1, kh, kw, channels) tensor")
+    if len(x.shape) != 4 or x.shape[0] != 1:
+        raise imp.fail(f"input {x.shape} is not a batch-1 NHWC image")
+    _, H, W, C = x.shape
+    _, kh, kw, Co = w.shape
+    y = imp.out(int(op.outputs[0]))
+    _, Hout, Wout, _ = y.shape
+    sh, sw, dh, dw = opts.strideH, opts.strideW, opts.dilationHFactor, opts.dilationWFactor
+    if Co % C or y.shape[3] != Co:
+        raise imp.fail(f"{Co} weight channels for an input of {C} channels and an output of {y.shape[3]}")
+    same = opts.padding == fb.Padding.SAME
+    pad_h = extra[0] + (_same_pad(H + extra[0] + extra[1], Hout, kh, sh, dh) if same else 0)
+    pad_w = extra[2] + (_same_pad(W + extra[2] + extra[3], Wout, kw, sw, dw) if same else 0)
+    if C == 1 and kh == kw and sh == sw and dh == dw == 1 and pad_h == pad_w and \
+            (Hout - 1) * sh + kh <= H + 2 * pad_h and (Wout - 1) * sw + kw <= W + 2 * pad_w:
+        conv_2d(imp, op, opts, w.transpose(3, 1, 2, 0))
+        return
+    w, ws, bias = _weights(imp, op, x, 3, w)
+    m, s = _multipliers(x.scale, ws, y.scale)
+    lo, hi = imp.act_range(opts, y)
+    name = imp.opname(op)
+    imp.b.const(f"{name}.weight", np.ascontiguousarray(w.reshape(kh, kw, Co)), QParams(tuple(map(float, ws)), 0, 2))
+    imp.b.const(f"{name}.bias", bias.astype(np.int32))
+    imp.b.const(f"{name}.mult", m)
+    imp.b.const(f"{name}.shift", s)
+    imp.b.op("tfl_depthwise", name, [x.tensor] + [f"{name}.{k}" for k in ("weight", "bias", "mult", "shift")],
+             [y.tensor], H=H, W=W, C=C, dm=Co // C, Hout=Hout, Wout=Wout, kh=kh, kw=kw, sh=sh, sw=sw, dh=dh, dw=dw,
+             pad_h=pad_h, pad_w=pad_w, x_zp=x.zp, y_zp=y.zp, act_min=lo, act_max=hi)
 
 
 def conv_2d(imp: Import, op, opts, weights=None):
@@ -639,12 +671,14 @@ def dequantise_output(graph: Graph, y) -> np.ndarray:
     return ((np.asarray(y).astype(np.int32) - zp).astype(np.float32) * np.float32(scale))
 
 
-def micro_outputs(model, xs) -> tuple[list[np.ndarray], int]:
-    """TFLite Micro (the interpreter, on this machine) on raw inputs: its outputs and its arena bytes."""
+def micro_outputs(model, xs, long_softmax: bool = False) -> tuple[list[np.ndarray], int]:
+    """TFLite Micro (the interpreter, on this machine) on raw inputs: its outputs and its arena bytes.
+    `long_softmax`: run int8 softmaxes over >= 512 entries too (see edge.litert.runtime: only for inputs
+    known not to tie 512 scores at a row's maximum)."""
     from edge.litert.runtime import MicroInterpreter
 
     data, where = read(model)
-    mi = MicroInterpreter(data)
+    mi = MicroInterpreter(data, long_softmax=long_softmax)
     outs, arena = [], 0
     for x in xs:
         d = mi.interp.get_input_details(0)

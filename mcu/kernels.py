@@ -336,13 +336,18 @@ def permute_s8(x, y, dims, nd):
     strides t[0..5] (build it with permute_dims). y is written contiguously in row-major order of s,
     y[flat(i0..i5)] = x[sum_k i_k t[k]]. Only the last nd dimensions are used; the others count as
     size 1. Transposes (NCHW <-> NHWC), head splits, patch extraction, strided slices."""
-    used = np.arange(PERMUTE_DIMS) >= PERMUTE_DIMS - nd
-    s = np.where(used, dims[:PERMUTE_DIMS], 1).astype(np.int64)
-    t = np.where(used, dims[PERMUTE_DIMS:2 * PERMUTE_DIMS], 0).astype(np.int64)
-    idx = sum(np.ix_(*[np.arange(sk) * tk for sk, tk in zip(s, t)])).ravel()
+    idx = permute_index(dims, nd)
     if idx.size and idx.min() < 0:
         raise ValueError("permute_s8 reads before the start of x (negative strides)")
     y[:idx.size] = x[idx]
+
+
+def permute_index(dims, nd) -> np.ndarray:
+    """permute_s8's gather as an index array: y[f] = x[permute_index(dims, nd)[f]]."""
+    used = np.arange(PERMUTE_DIMS) >= PERMUTE_DIMS - nd
+    s = np.where(used, dims[:PERMUTE_DIMS], 1).astype(np.int64)
+    t = np.where(used, dims[PERMUTE_DIMS:2 * PERMUTE_DIMS], 0).astype(np.int64)
+    return sum(np.ix_(*[np.arange(sk) * tk for sk, tk in zip(s, t)])).ravel()
 
 
 # ---------------------------------------------------------------- token inputs

@@ -11,6 +11,8 @@ mcu/firmware/kernels/tsh_tflite.c.
   same with 7 bits, the difference squared; MUL: the product of the offset inputs requantised.
 - `softmax_s8`: gemmlowp's fixed-point softmax (int8 in, int8 out with scale 1/256, zero point -128):
   exp of the input difference in Q5.26 on [-32, 0], sum in Q12.19, reciprocal by Newton-Raphson.
+- `matmul_kn_s8`: BATCH_MATMUL of one batch whose right operand is (K, N) rows (a head of v read in place).
+- `depthwise_s8`: DEPTHWISE_CONV_2D with any depth multiplier, strides, dilation and padding.
 - `avg_pool_s8`: AVERAGE_POOL_2D (the window's taps inside the image, rounded half away from zero);
 - `mean_s8` (and `mean_s16`): MEAN over the middle axis of (outer, n, inner): the int32 sum minus n x_zp, times
   the output multiplier divided by n with TFLite's shift adjustment (done when building the op).
@@ -25,7 +27,7 @@ import numpy as np
 
 from base.quant import (INT32_MAX, INT32_MIN, multiply_by_quantized_multiplier as mbqm, quantize_multiplier,
                         rounding_divide_by_pot as rdbpot, saturate, saturating_rounding_doubling_high_mul as srdhm)
-from mcu.kernels import kernel
+from mcu.kernels import _out, kernel, view2d
 
 BINARY_OPS = {"ADD": 0, "SUB": 1, "MUL": 2, "SQUARED_DIFFERENCE": 3}
 BINARY_PARAMS = ("a_zp", "b_zp", "y_zp", "left_shift", "a_mult", "a_shift", "b_mult", "b_shift", "y_mult", "y_shift",
@@ -209,6 +211,46 @@ def softmax_s8(x, y, rows, depth, mult, left_shift, diff_min):
     y[:rows * depth] = out.ravel()
 
 
+# ---------------------------------------------------------------- matmul, right operand by rows of K
+
+@kernel(a="const i8*", b="const i8*", y="i8*", M="int", N="int", K="int", a_stride="int", b_stride="int",
+        y_stride="int", a_zp="int", b_zp="int", mult="int", shift="int", y_zp="int")
+def matmul_kn_s8(a, b, y, M, N, K, a_stride, b_stride, y_stride, a_zp, b_zp, mult, shift, y_zp):
+    """TFLite's BATCH_MATMUL arithmetic on one batch with the right operand stored (K, N), rows
+    `b_stride` apart: y[i, n] = sat8(MBQM(sum_k (a[i,k]-a_zp)(b[k,n]-b_zp)) + y_zp). Reads a head of
+    v (columns of a (L, d) tensor) in place, where matmul_qk_s8 would need it transposed."""
+    A = view2d(a, M, K, a_stride).astype(np.int64) - a_zp
+    B = view2d(b, K, N, b_stride).astype(np.int64) - b_zp
+    _out(view2d(y, M, N, y_stride), mbqm(A @ B, mult, shift) + y_zp, -128, 127)
+
+
+# ---------------------------------------------------------------- depthwise convolution
+
+@kernel(x="const i8*", w="const i8*", bias="const i32*", mult="const i32*", shift="const i32*", y="i8*",
+        H="int", W="int", C="int", dm="int", Hout="int", Wout="int", kh="int", kw="int", sh="int", sw="int",
+        dh="int", dw="int", pad_h="int", pad_w="int", x_zp="int", y_zp="int", act_min="int", act_max="int")
+def depthwise_s8(x, w, bias, mult, shift, y, H, W, C, dm, Hout, Wout, kh, kw, sh, sw, dh, dw, pad_h, pad_w, x_zp,
+                 y_zp, act_min, act_max):
+    """TFLite's DEPTHWISE_CONV_2D (per-channel int8): output channel c*dm + m of pixel (oy, ox) sums
+    w[ky, kx, c*dm + m] (x[iy, ix, c] - x_zp) over the taps iy = oy*sh - pad_h + ky*dh, ix likewise,
+    that fall inside the image (the others count as padding: nothing), adds the bias and requantises
+    per channel. Weights (kh, kw, C*dm) as the file stores them; HWC activations."""
+    Co = C * dm
+    X = x[:H * W * C].reshape(H, W, C).astype(np.int64) - x_zp
+    Wt = w[:kh * kw * Co].reshape(kh, kw, Co).astype(np.int64)
+    acc = np.zeros((Hout, Wout, Co), np.int64) + bias[:Co]
+    for ky in range(kh):
+        iy = np.arange(Hout) * sh - pad_h + ky * dh
+        vy = (iy >= 0) & (iy < H)
+        for kx in range(kw):
+            ix = np.arange(Wout) * sw - pad_w + kx * dw
+            vx = (ix >= 0) & (ix < W)
+            patch = np.zeros((Hout, Wout, C), np.int64)
+            patch[np.ix_(vy, vx)] = X[np.ix_(iy[vy], ix[vx])]
+            acc += np.repeat(patch, dm, axis=2) * Wt[ky, kx]
+    _out(y[:Hout * Wout * Co].reshape(Hout, Wout, Co), mbqm(acc, mult[:Co], shift[:Co]) + y_zp, act_min, act_max)
+
+
 # ---------------------------------------------------------------- mean
 
 def mean_params(x_scale: float, y_scale: float, n: int) -> tuple[int, int]:
@@ -377,4 +419,13 @@ def calls_for(op, loc) -> list:
         return [Call("matmul_qk_s8", (loc(i[0], b * a["a_step"]), loc(i[1], b * a["b_step"]), loc(o[0], b * M * N),
                                       M, N, Kd, Kd, Kd, N, a["a_zp"], a["b_zp"], a["mult"], a["shift"], a["y_zp"]),
                      op.name, M * N * Kd) for b in range(a["batches"])]
+    if op.kind == "tfl_depthwise":
+        return [Call("depthwise_s8", (*(loc(t) for t in i[:5]), loc(o[0]), *(a[k] for k in (
+            "H", "W", "C", "dm", "Hout", "Wout", "kh", "kw", "sh", "sw", "dh", "dw", "pad_h", "pad_w", "x_zp", "y_zp",
+            "act_min", "act_max"))), op.name, a["Hout"] * a["Wout"] * a["C"] * a["dm"] * a["kh"] * a["kw"])]
+    if op.kind == "tfl_matmul":
+        return [Call("matmul_kn_s8" if a["b_kn"] else "matmul_qk_s8",
+                     (loc(i[0], a["a_off"]), loc(i[1], a["b_off"]), loc(o[0], a["y_off"]), a["M"], a["N"], a["K"],
+                      a["a_stride"], a["b_stride"], a["y_stride"], a["a_zp"], a["b_zp"], a["mult"], a["shift"],
+                      a["y_zp"]), op.name, a["M"] * a["N"] * a["K"])]
     raise ValueError(f"op kind {op.kind!r} is not a tfl_ kind")

@@ -10,6 +10,13 @@ tensors read and written at the block's offset. The kernels and their arguments 
 layerwise schedule's, so the outputs are bit-identical; only the arena shrinks (the L x 4d FFN
 hidden and the h x L x L attention scores never exist whole).
 
+After the view passes of mcu.tflite_views, a head's matmul reads q, k and v where their projections
+wrote them, so one chain runs a whole encoder layer per block of query rows: q projection -> q k^T ->
+scale -> softmax -> times v -> output projection -> residual -> LayerNorm -> FFN -> residual ->
+LayerNorm, with k and v (read whole by every row) made before it; and the layer's output is written
+over its input, row for row, when nothing reads that input later (`in_place`). A layer then needs
+its input/output, k and v, and a few blocks of rows.
+
 `row_tiled(graph, rows)` is a pure function graph -> Schedule; `search_rows` picks the block size.
 """
 from __future__ import annotations
@@ -86,22 +93,48 @@ def row_local(g: Graph, op: Op, R: int | None = None) -> Rows | None:
     if k == "tfl_mean" and a["inner"] == 1:
         return Rows(a["outer"], {op.inputs[0]: a["n"]}, 1)
     if k == "tfl_softmax":
-        return Rows(a["rows"], {op.inputs[0]: a["depth"]}, a["depth"])
+        R = R or a["rows"]
+        w = a["rows"] // R * a["depth"]
+        return Rows(R, {op.inputs[0]: w}, w) if a["rows"] % R == 0 else None
+    if k == "tfl_matmul":
+        A, B, Y = op.inputs[0], op.inputs[1], op.outputs[0]
+        M = a["M"]
+        if A == B or _numel(g, A) != M * a["a_stride"] or _numel(g, Y) != M * a["y_stride"]:
+            return None
+        return Rows(M, {A: a["a_stride"], B: 0}, a["y_stride"])
     if k == "tfl_batch_matmul" and (a["a_step"] or a["batches"] == 1):
         return Rows(a["batches"] * a["M"], {op.inputs[0]: a["K"], op.inputs[1]: 0}, a["N"], batch_rows=a["M"])
     return None
+
+
+def _numel(g: Graph, t: str) -> int:
+    return int(np.prod(g.tensors[t].shape, dtype=np.int64))
+
+
+def _feeds_whole(g: Graph) -> set[int]:
+    """Ops whose output some row-local op reads whole (k and v for every query row)."""
+    made = {t: i for i, op in enumerate(g.ops) for t in op.outputs}
+    out = set()
+    for op in g.ops:
+        r = row_local(g, op)
+        if r is not None:
+            out |= {made[t] for t, w in r.widths.items() if w == 0 and t in made}
+    return out
 
 
 def steps(g: Graph, cuts: frozenset = frozenset(), max_pending: int = 8) -> list[tuple]:
     """The op order of the schedule: ("op", i) or ("chain", [i...], R). While a chain is open, an op that
     is not row-local waits; when the chain closes, the waiting ops that do not depend on it run before
     it (e.g. the transpose of v that the chain's attention reads), the others after it (e.g. the head
-    split of the q it made). A chain also closes after an op in `cuts`. The order is otherwise the graph's."""
+    split of the q it made). A chain also closes after an op in `cuts`, and ops whose output a row-local
+    op reads whole (k, v) never share a chain with the others (they must be complete before the query
+    rows' chain starts). The order is otherwise the graph's."""
     out: list[tuple] = []
     chain: list[int] = []
     pending: list[int] = []
     R = None
     tainted: set = set()            # tensors that depend on the open chain
+    feeds = _feeds_whole(g)
 
     def close():
         nonlocal chain, pending, R, tainted
@@ -120,7 +153,7 @@ def steps(g: Graph, cuts: frozenset = frozenset(), max_pending: int = 8) -> list
             r = row_local(g, op, R)
             blocked = {o for j in pending if set(g.ops[j].inputs) & tainted for o in g.ops[j].outputs}
             made = {o for j in chain for o in g.ops[j].outputs}
-            if r is not None and not set(op.inputs) & blocked and \
+            if r is not None and (i in feeds) == (chain[0] in feeds) and not set(op.inputs) & blocked and \
                     not any(w == 0 and t in made for t, w in r.widths.items()):
                 chain.append(i)
                 tainted |= set(op.outputs)
@@ -156,11 +189,14 @@ def row_tiled(g: Graph, rows: int, cuts: frozenset = frozenset()) -> Schedule:
         for t in op.inputs:
             readers.setdefault(t, set()).add(i)
 
+    order = steps(g, cuts)
+    root = in_place(g, order)
+
     def loc(name, offset=0):
-        return Const(name, offset) if T[name].kind == "const" else Ref(name, offset)
+        return Const(name, offset) if T[name].kind == "const" else Ref(root.get(name, name), offset)
 
     calls, buffers = [], {}
-    for step in steps(g, cuts):
+    for step in order:
         if step[0] == "op":
             calls += calls_for(g, g.ops[step[1]], loc)
             continue
@@ -190,7 +226,70 @@ def row_tiled(g: Graph, rows: int, cuts: frozenset = frozenset()) -> Schedule:
         buffers[name] = Buffer(name, T[name].nbytes, T[name].kind)
     for n in g.inputs + g.outputs:
         buffers.setdefault(n, Buffer(n, T[n].nbytes, T[n].kind))
-    return Schedule("tiled", g, buffers, calls, {"rows": rows, "cuts": sorted(cuts)})
+    return Schedule("tiled", g, buffers, calls, {"rows": rows, "cuts": sorted(cuts), "in_place": root})
+
+
+def summary(s: Schedule) -> str:
+    """One line on what the row-block schedule found in an imported graph (for `tinyshield plan`)."""
+    g = s.graph
+    order = steps(g, frozenset(s.params.get("cuts", ())))
+    chained = [i for st in order if st[0] == "chain" for i in st[1]]
+    mm = [i for i, op in enumerate(g.ops) if op.kind in ("tfl_matmul", "tfl_batch_matmul")]
+    copies = sum(op.kind == "permute" for op in g.ops)
+    text = (f"row blocks of {s.params['rows']}: {sum(st[0] == 'chain' for st in order)} chains over "
+            f"{len(chained)} of {len(g.ops)} ops (the rest layerwise); ")
+    if not mm:
+        text += "no attention (batch matmul) found"
+    else:
+        text += (f"{sum(i in set(chained) for i in mm)} of {len(mm)} attention matmuls inside query-row chains, "
+                 f"{copies} transpose cop{'y' if copies == 1 else 'ies'} kept")
+    n = len(s.params.get("in_place", {}))
+    return text + (f"; {n} chain output(s) written over their input" if n else "; nothing written in place")
+
+
+def in_place(g: Graph, order: list[tuple]) -> dict[str, str]:
+    """Chain outputs written over a chain input, row for row: tensor -> the buffer it shares.
+
+    A chain's output O may take the bytes of a whole tensor X the chain reads by rows when X is read
+    by nothing after the chain starts but the chain's ops before the one writing O (so in every
+    block the rows of X are read before the same rows of O are written, and later blocks read only
+    later rows), no chain op reads X whole, and rows of X and O are the same bytes. The residual
+    stream of an encoder layer then stays in one buffer."""
+    position = {}
+    for p, st in enumerate(order):
+        for i in (st[1] if st[0] == "chain" else [st[1]]):
+            position[i] = p
+    readers: dict[str, set] = {}
+    for i, op in enumerate(g.ops):
+        for t in op.inputs:
+            readers.setdefault(t, set()).add(i)
+    root: dict[str, str] = {}
+    for p, st in enumerate(order):
+        if st[0] != "chain":
+            continue
+        idx, R = st[1], st[2]
+        info = {i: row_local(g, g.ops[i], R) for i in idx}
+        writer = {}
+        for i in idx:
+            for t in g.ops[i].outputs:
+                writer.setdefault(t, []).append(i)
+        taken = set()
+        for i in idx:
+            O = g.ops[i].outputs[0]
+            if len(g.ops[i].outputs) != 1 or len(writer[O]) != 1 or O in g.outputs or \
+                    not readers.get(O, set()) - set(idx):
+                continue
+            for X in dict.fromkeys(t for j in idx[:idx.index(i)] for t, w in info[j].widths.items() if w):
+                x = g.tensors[X]
+                if X in taken or X in writer or x.kind not in ("activation", "input") or X in g.outputs or \
+                        x.nbytes != g.tensors[O].nbytes or x.dtype != g.tensors[O].dtype:
+                    continue
+                later = {j for j in readers.get(X, ()) if position[j] >= p}
+                if later <= set(idx[:idx.index(i)]) and all(info[j].widths.get(X) for j in later):
+                    root[O] = root.get(X, X)
+                    taken.add(X)
+                    break
+    return root
 
 
 def _block_plan(ops: list[Op], local: set, sizes: dict) -> tuple[dict, int]:
@@ -201,7 +300,7 @@ def _block_plan(ops: list[Op], local: set, sizes: dict) -> tuple[dict, int]:
     for p, o in enumerate(ops):
         for t in o.outputs:
             if t in local:
-                span[t] = [p, p]
+                span.setdefault(t, [p, p])      # a tensor several ops write (heads) lives from the first
         for t in o.inputs:
             if t in span:
                 span[t][1] = p
@@ -254,7 +353,15 @@ def _block_calls(g: Graph, op: Op, r: Rows, r0: int, rb: int, where: dict, loc) 
         return [Call("mean_s16" if a.get("int16") else "mean_s8",
                      (x(i[0]), y, rb, a["n"], 1, a["x_zp"], a["mult"], a["shift"], a["y_zp"]), op.name, 0)]
     if op.kind == "tfl_softmax":
-        return [Call("softmax_s8", (x(i[0]), y, rb, a["depth"], a["mult"], a["left_shift"], a["diff_min"]), op.name, 0)]
+        return [Call("softmax_s8", (x(i[0]), y, rb * r.out // a["depth"], a["depth"], a["mult"], a["left_shift"],
+                                    a["diff_min"]), op.name, 0)]
+    if op.kind == "tfl_matmul":
+        at = lambda ref, n: replace(ref, offset=ref.offset + n)  # noqa: E731
+        N, Kd = a["N"], a["K"]
+        return [Call("matmul_kn_s8" if a["b_kn"] else "matmul_qk_s8",
+                     (at(x(i[0]), a["a_off"]), at(loc(i[1]), a["b_off"]), at(y, a["y_off"]), rb, N, Kd, a["a_stride"],
+                      a["b_stride"], a["y_stride"], a["a_zp"], a["b_zp"], a["mult"], a["shift"], a["y_zp"]),
+                     op.name, rb * N * Kd)]
     if op.kind == "tfl_batch_matmul":
         b = r0 // a["M"]            # blocks never cross a batch
         Kd, N = a["K"], a["N"]
@@ -264,6 +371,12 @@ def _block_calls(g: Graph, op: Op, r: Rows, r0: int, rb: int, where: dict, loc) 
 
 
 def search_rows(g: Graph, slack: float = 1.05, max_rows: int = 32, rounds: int = 2) -> Schedule:
+    """The best row-block schedule of `g` after the attention view passes (mcu.tflite_views)."""
+    from mcu.tflite_views import attention_views
+    return _search(attention_views(g), slack, max_rows, rounds)
+
+
+def _search(g: Graph, slack: float, max_rows: int, rounds: int) -> Schedule:
     """The largest block (fewest calls) whose planned arena is within `slack` of the smallest found over
     block sizes 1, 2, 4, ... max_rows; then chains cut where that shrinks the arena further (greedily, at
     ops whose output leaves the chain: a long chain keeps all its whole inputs and outputs live at once)."""

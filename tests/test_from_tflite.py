@@ -158,6 +158,34 @@ def test_conv2d(data):
 
 @SETTINGS
 @given(st.data())
+def test_depthwise_conv2d(data):
+    """DEPTHWISE_CONV_2D: depth multipliers, unequal strides, dilation, SAME and VALID padding, a PAD in
+    front, fused ReLU — the same outputs as TFLite Micro."""
+    d = data.draw
+    H, W, C, dm = d(st.integers(1, 8)), d(st.integers(1, 8)), d(st.integers(1, 4)), d(st.integers(1, 3))
+    kh, kw = d(st.integers(1, 3)), d(st.integers(1, 3))
+    stride = (d(st.integers(1, 2)), d(st.integers(1, 2)))
+    dil = (d(st.integers(1, 2)), d(st.integers(1, 2)))
+    padding = d(st.sampled_from(["VALID", "SAME"]))
+    pads = ((0, 0), (d(st.integers(0, 2)), d(st.integers(0, 2))), (d(st.integers(0, 2)), d(st.integers(0, 2))), (0, 0))
+    Hp, Wp = H + sum(pads[1]), W + sum(pads[2])
+    if padding == "VALID" and (Hp < dil[0] * (kh - 1) + 1 or Wp < dil[1] * (kw - 1) + 1):
+        padding = "SAME"
+    b = Builder("dwconv")
+    xq = q(d)
+    x = b.input("input", (1, H, W, C), np.int8, xq)
+    xp = b.pad(x, pads) if any(map(any, pads)) else x
+    Co = C * dm
+    w, wq, ws = weights(d, (1, kh, kw, Co), axis=3)
+    bias = np.random.default_rng(2).integers(-3000, 3000, Co).astype(np.int32)
+    y = b.depthwise_conv2d(xp, b.const("w", w, quant=wq), b.const("b", bias, quant=Quant(
+        tuple(xq.scale[0] * v for v in ws), (0,) * Co)), stride, dm, padding, act=d(st.sampled_from([None, "relu"])),
+        out_quant=q(d), dilation=dil)
+    same_as_micro(b.finish([y]), inputs(d, (1, H, W, C)))
+
+
+@SETTINGS
+@given(st.data())
 def test_slice_concat_gather(data):
     d = data.draw
     kind = d(st.sampled_from(["slice", "concat", "gather"]))
@@ -350,3 +378,134 @@ def test_row_block_search_cuts_chains_and_stays_exact():
     pl = plan(lw)
     for x in fixture_inputs(g, 2, seed=5):
         assert np.array_equal(run(s, {"input": x}, p)["output"], run(lw, {"input": x}, pl)["output"])
+
+
+# ---------------------------------------------------------------- attention on views, query-row chains
+
+@pytest.mark.parametrize("name", ["bert64", "vit", "convattn", "vit-int16pool"])
+def test_attention_views_equal_the_imported_graph(name):
+    """The view passes leave out the TRANSPOSE copies around every batch matmul (bert64: all of them)
+    and change no output bit."""
+    from mcu.execute import reference
+    from mcu.tflite_views import attention_views
+
+    g = lower_tflite(FIXTURES / f"{name}.tflite")
+    v = attention_views(g)
+    assert not any(op.kind == "tfl_batch_matmul" for op in v.ops)
+    assert sum(op.kind == "permute" for op in v.ops) < sum(op.kind == "permute" for op in g.ops)
+    if name == "bert64":
+        assert not any(op.kind == "permute" for op in v.ops)
+        assert any(op.kind == "tfl_matmul" and op.attrs["b_kn"] for op in v.ops), "v is read in place"
+    for x in fixture_inputs(g, 2, seed=11):
+        assert np.array_equal(reference(v, {"input": x})["output"], reference(g, {"input": x})["output"])
+
+
+@pytest.mark.parametrize("name,rows", [("bert64", 1), ("bert64", 4), ("bert64", 5), ("convattn", 3),
+                                       ("vit-int16pool", 8)])
+def test_query_row_chains_equal_layerwise(name, rows):
+    """Query-row chains (q projection -> attention -> output projection -> residual -> FFN per block of
+    rows, k and v complete before) with outputs written over the residual input: the numpy reference
+    and the C kernels of the host build both give layerwise's outputs bit for bit, in a checked plan
+    smaller than layerwise's."""
+    from mcu.hostlib import HostKernels
+    from mcu.tflite_schedule import row_tiled, steps
+    from mcu.tflite_views import attention_views
+
+    g = lower_tflite(FIXTURES / f"{name}.tflite")
+    v = attention_views(g)
+    s = row_tiled(v, rows)
+    lw = layerwise(g)
+    pl, ps = plan(lw), plan(s)
+    check(ps, s)
+    assert ps.arena_bytes < pl.arena_bytes
+    chained = {v.ops[i].kind for st in steps(v) if st[0] == "chain" for i in st[1]}
+    assert {"tfl_matmul", "fully_connected", "tfl_softmax"} <= chained
+    if name == "bert64":
+        assert s.params["in_place"], "the residual stream is written in place"
+    ck = HostKernels("dsp")
+    for x in fixture_inputs(g, 2, seed=rows):
+        want = run(lw, {"input": x}, pl)["output"]
+        assert np.array_equal(run(s, {"input": x}, ps)["output"], want)
+        assert np.array_equal(run(s, {"input": x}, ps, kernels=ck)["output"], want)
+
+
+def test_in_place_only_when_the_input_is_not_read_later():
+    """A chain output takes its input's bytes only when nothing after the chain reads that input: with a
+    second output copying bert64's first layer output at the very end, the second layer writes its own
+    buffer, and the schedule still equals layerwise on both outputs."""
+    from dataclasses import replace
+
+    from mcu import kernels as K
+    from mcu.graph import Op, Tensor
+    from mcu.tflite_schedule import in_place, row_tiled, steps
+    from mcu.tflite_views import attention_views
+
+    g = attention_views(lower_tflite(FIXTURES / "bert64.tflite"))
+    roots = in_place(g, steps(g))
+    first = [o for o, x in roots.items() if x == "input"]
+    assert len(first) == 2, "both layers write the residual stream over the input"
+    layer1 = next(o for o in first if any(o in op.inputs for op in g.ops if op.kind == "tfl_matmul" or
+                                          op.kind == "fully_connected"))
+    t = g.tensors[layer1]
+    tensors = dict(g.tensors)
+    tensors["copy.dims"] = Tensor("copy.dims", (2 * K.PERMUTE_DIMS,), "int32", "const", None,
+                                  K.permute_dims(t.shape, [int(np.prod(t.shape[k + 1:])) for k in range(len(t.shape))]))
+    tensors["copy"] = replace(t, name="copy", kind="output")
+    g2 = replace(g, tensors=tensors, outputs=g.outputs + ["copy"],
+                 ops=g.ops + [Op("permute", "copy", [layer1, "copy.dims"], ["copy"],
+                                 dict(offset=0, nd=K.PERMUTE_DIMS, n=int(np.prod(t.shape))))])
+    roots2 = in_place(g2, steps(g2))
+    assert roots2 == {layer1: "input"}
+    s, lw = row_tiled(g2, 4), layerwise(g2)
+    ps, pl = plan(s), plan(lw)
+    check(ps, s)
+    for x in fixture_inputs(g, 2, seed=2):
+        a, b = run(s, {"input": x}, ps), run(lw, {"input": x}, pl)
+        assert all(np.array_equal(a[n], b[n]) for n in g2.outputs)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_attention_block_in_any_layout_equals_micro(data):
+    """An attention block written with either adj_y choice for q k^T and for p v (so other TRANSPOSE chains
+    in front of the matmuls), any number of heads and head width, residual added: the row-block
+    schedule after the view passes (a checked plan) gives TFLite Micro's outputs bit for bit."""
+    from mcu.tflite_schedule import search_rows
+
+    d = data.draw
+    L, h, dh = d(st.integers(2, 12)), d(st.integers(1, 3)), d(st.integers(1, 8))
+    D = h * dh
+    adj_qk, adj_pv = d(st.booleans()), d(st.booleans())
+    b = Builder("attention")
+    xq = q(d)
+    x = b.input("input", (1, L, D), np.int8, xq)
+
+    def fc(t, tq, name):
+        w, wq, ws = weights(d, (D, D))
+        bias = np.random.default_rng(3).integers(-2000, 2000, D).astype(np.int32)
+        out = q(d)
+        y = b.fully_connected(t, b.const(f"{name}.w", w, quant=wq), b.const(
+            f"{name}.b", bias, quant=Quant(tuple(tq.scale[0] * v for v in ws), (0,) * D)), name=name, out_quant=out)
+        return y, out
+
+    def split(t):
+        return b.transpose(b.reshape(t, (1, L, h, dh)), (0, 2, 1, 3))
+
+    (qt, _), (kt, _), (vt, _) = fc(x, xq, "q"), fc(x, xq, "k"), fc(x, xq, "v")
+    k = split(kt) if adj_qk else b.transpose(split(kt), (0, 1, 3, 2))
+    s = b.batch_matmul(split(qt), k, adj_y=adj_qk, out_quant=q(d))
+    p = b.softmax(s, out_quant=Quant.per_tensor(1 / 256, -128))
+    v = b.transpose(split(vt), (0, 1, 3, 2)) if adj_pv else split(vt)
+    ctx = b.reshape(b.transpose(b.batch_matmul(p, v, adj_y=adj_pv, out_quant=q(d)), (0, 2, 1, 3)), (1, L, D))
+    cq = b.quant(ctx)
+    o, _ = fc(ctx, cq, "o")
+    model = b.finish([b.add(x, o, out_quant=q(d))])
+    g = lower_tflite(model)
+    sched = search_rows(g)
+    p_ = plan(sched)
+    check(p_, sched)
+    assert not any(op.kind == "permute" for op in sched.graph.ops), "every head is read and written in place"
+    mi = MicroInterpreter(model)
+    for xv in inputs(d, (1, L, D), n=2):
+        ours = run(sched, {"input": quantise_input(g, xv)}, p_)["output"]
+        assert np.array_equal(ours.reshape(-1), np.asarray(mi.run(xv)).reshape(-1))

@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from mcu import kernels as K
 from mcu import tflite_kernels as T
 from mcu.hostlib import HostKernels
-from tests.test_kernels import both, i8, mult, shift, zp
+from tests.test_kernels import both, i8, mult, rand, shift, zp
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 scale = st.floats(1e-4, 2.0)
@@ -52,6 +52,40 @@ def test_binary_broadcast_is_numpy_broadcast():
     K.KERNELS["binary_s8"](a.ravel(), b.ravel(), y, T.broadcast_dims((2, 3, 4), a.shape, b.shape), p,
                            T.BINARY_OPS["MUL"])
     assert np.array_equal(y.reshape(2, 3, 4), a * b)
+
+
+@SETTINGS
+@given(st.data())
+def test_matmul_kn(ck, data):
+    """BATCH_MATMUL with the right operand as (K, N) rows, strided views on every operand (a head of
+    v read in place) and adversarial zero points, multipliers and shifts."""
+    d = data.draw
+    M, N = d(st.integers(1, 5)), d(st.integers(1, 70))
+    Kd = d(st.sampled_from([d(st.integers(1, 40)), d(st.integers(1000, 1100))]))   # widened, and the plain loop
+    sa, sb, sy = Kd + d(st.integers(0, 3)), N + d(st.integers(0, 3)), N + d(st.integers(0, 3))
+    args = [i8(d, M * sa), i8(d, Kd * sb), np.zeros(M * sy, np.int8), M, N, Kd, sa, sb, sy, d(zp), d(zp), d(mult),
+            d(shift), d(zp)]
+    both(ck, "matmul_kn_s8", args, [2])
+
+
+@SETTINGS
+@given(st.data())
+def test_depthwise(ck, data):
+    """DEPTHWISE_CONV_2D: depth multipliers, strides, dilations, paddings (also more than the kernel
+    reaches, and none), adversarial multipliers, shifts, zero points and activation ranges."""
+    d = data.draw
+    H, W, C, dm = d(st.integers(1, 7)), d(st.integers(1, 7)), d(st.integers(1, 5)), d(st.integers(1, 3))
+    kh, kw, sh, sw, dh, dw = (d(st.integers(1, 3)) for _ in range(6))
+    pad_h, pad_w = d(st.integers(0, 3)), d(st.integers(0, 3))
+    Hout = max(1, (H + 2 * pad_h - dh * (kh - 1) - 1) // sh + 1)
+    Wout = max(1, (W + 2 * pad_w - dw * (kw - 1) - 1) // sw + 1)
+    Co = C * dm
+    lo = d(st.integers(-128, 127))
+    args = [i8(d, H * W * C), i8(d, kh * kw * Co), rand(d, Co, -(1 << 20), 1 << 20, np.int32),
+            np.array([d(mult) for _ in range(Co)], np.int32), np.array([d(shift) for _ in range(Co)], np.int32),
+            np.zeros(Hout * Wout * Co, np.int8), H, W, C, dm, Hout, Wout, kh, kw, sh, sw, dh, dw, pad_h, pad_w,
+            d(zp), d(zp), lo, d(st.integers(lo, 127))]
+    both(ck, "depthwise_s8", args, [5])
 
 
 @SETTINGS

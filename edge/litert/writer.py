@@ -340,6 +340,31 @@ class Builder:
         self.op(OPS.CONV_2D, [x, w, b], [y], opt, fb.BuiltinOptions.Conv2DOptions)
         return y
 
+    def depthwise_conv2d(self, x, w, b, stride, depth_multiplier: int = 1, padding: str = "VALID",
+                         act: str | None = None, name="dwconv", out_quant: Quant | None | str = "inherit",
+                         dilation=(1, 1)) -> int:
+        """Depthwise convolution, NHWC input, weights (1, kh, kw, in * depth_multiplier) as TFLite stores
+        them; stride an int or (sh, sw); padding "VALID" or "SAME"."""
+        n, h, wd, c = self.shape(x)
+        _, kh, kw, co = self.shape(w)
+        if co != c * depth_multiplier:
+            raise TinyshieldError(f"{name}: {co} output channels, expected {c} x {depth_multiplier}")
+        sh, sw = (stride, stride) if isinstance(stride, int) else stride
+        dh, dw = dilation
+        if padding == "SAME":
+            hw = (-(-h // sh), -(-wd // sw))
+        else:
+            hw = ((h - dh * (kh - 1) - 1) // sh + 1, (wd - dw * (kw - 1) - 1) // sw + 1)
+        y = self._out(x, (n, *hw, co), name, quant=out_quant)
+        opt = fb.DepthwiseConv2DOptionsT()
+        opt.padding = fb.Padding.SAME if padding == "SAME" else fb.Padding.VALID
+        opt.strideH, opt.strideW = sh, sw
+        opt.depthMultiplier = depth_multiplier
+        opt.dilationHFactor, opt.dilationWFactor = dh, dw
+        opt.fusedActivationFunction = ACT[act]
+        self.op(OPS.DEPTHWISE_CONV_2D, [x, w, b], [y], opt, fb.BuiltinOptions.DepthwiseConv2DOptions)
+        return y
+
     def pruned(self) -> "Builder":
         """A copy without the ops nothing reads and the tensors no op uses (an exporter may emit a value
         and then fuse its consumer into a single op, e.g. a norm that becomes L2_NORMALIZATION)."""

@@ -116,6 +116,9 @@ def run(args):
                                    (tiles.rows, tiles.kt, tiles.recompute),
                                    f"tile search ({'fewest MACs, then calls, within' if search.fits else 'nothing fits'} "
                                    f"the {budget:,} B budget)"))
+    if graph.meta.get("source") == "tflite":
+        from mcu.tflite_schedule import summary
+        console.print(summary(scheds["tiled"]))
     other = profs["tiled" if args.schedule == "layerwise" else "layerwise"]
     console.print(f"{other.schedule}: arena {other.arena_bytes:,} B (peak at {other.peak_op}); "
                   f"{prof.schedule} / {other.schedule} = {prof.arena_bytes / other.arena_bytes:.3f}")

@@ -97,6 +97,15 @@ void tsh_binary_s8(const int8_t *a, const int8_t *b, int8_t *y, const int32_t *d
 void tsh_softmax_s8(const int8_t *x, int8_t *y, int32_t rows, int32_t depth, int32_t mult, int32_t left_shift,
                     int32_t diff_min);
 
+void tsh_matmul_kn_s8(const int8_t *a, const int8_t *b, int8_t *y, int32_t M, int32_t N, int32_t K, int32_t a_stride,
+                      int32_t b_stride, int32_t y_stride, int32_t a_zp, int32_t b_zp, int32_t mult, int32_t shift,
+                      int32_t y_zp);
+
+void tsh_depthwise_s8(const int8_t *x, const int8_t *w, const int32_t *bias, const int32_t *mult, const int32_t *shift,
+                      int8_t *y, int32_t H, int32_t W, int32_t C, int32_t dm, int32_t Hout, int32_t Wout, int32_t kh,
+                      int32_t kw, int32_t sh, int32_t sw, int32_t dh, int32_t dw, int32_t pad_h, int32_t pad_w,
+                      int32_t x_zp, int32_t y_zp, int32_t act_min, int32_t act_max);
+
 void tsh_mean_s8(const int8_t *x, int8_t *y, int32_t outer, int32_t n, int32_t inner, int32_t x_zp, int32_t mult,
                  int32_t shift, int32_t y_zp);
 

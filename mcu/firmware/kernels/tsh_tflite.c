@@ -169,3 +169,62 @@ void tsh_avg_pool_s8(const int8_t *x, int8_t *y, int32_t H, int32_t W, int32_t C
         }
     }
 }
+
+/* One batch of BATCH_MATMUL with the right operand stored (K, N): y = (a - za)(b - zb), which is
+ * tsh_matmul_pv_s8 (p . (v - zv), p int16) with p = a - za: rows of a are widened to int16 a few at a
+ * time (the product and its sums are the same integers), so the P.V kernel's DSP path does the work. */
+#define TSH_KN_WIDE 1024
+void tsh_matmul_kn_s8(const int8_t *a, const int8_t *b, int8_t *y, int32_t M, int32_t N, int32_t K, int32_t a_stride,
+                      int32_t b_stride, int32_t y_stride, int32_t a_zp, int32_t b_zp, int32_t mult, int32_t shift,
+                      int32_t y_zp)
+{
+    if (K <= TSH_KN_WIDE) {
+        int16_t wide[TSH_KN_WIDE];
+        const int32_t per = TSH_KN_WIDE / K;
+        for (int32_t i0 = 0; i0 < M; i0 += per) {
+            const int32_t rows = M - i0 < per ? M - i0 : per;
+            for (int32_t r = 0; r < rows; r++)
+                for (int32_t k = 0; k < K; k++) wide[r * K + k] = (int16_t)(a[(i0 + r) * a_stride + k] - a_zp);
+            tsh_matmul_pv_s8(wide, b, y + i0 * y_stride, rows, K, N, K, b_stride, y_stride, b_zp, mult, shift, y_zp);
+        }
+        return;
+    }
+    tsh_rq_t rq = tsh_rq_make(mult, shift, y_zp, -128, 127);
+    for (int32_t i = 0; i < M; i++) {
+        const int8_t *ai = a + i * a_stride;
+        for (int32_t n = 0; n < N; n++) {
+            int32_t acc = 0;
+            for (int32_t k = 0; k < K; k++) acc += (ai[k] - a_zp) * (b[k * b_stride + n] - b_zp);
+            y[i * y_stride + n] = tsh_rq(&rq, acc);
+        }
+    }
+}
+
+/* TFLite's DEPTHWISE_CONV_2D, per output channel: taps outside the image are skipped (padding adds
+ * nothing once the input zero point is taken off), bias, per-channel requantisation. */
+void tsh_depthwise_s8(const int8_t *x, const int8_t *w, const int32_t *bias, const int32_t *mult, const int32_t *shift,
+                      int8_t *y, int32_t H, int32_t W, int32_t C, int32_t dm, int32_t Hout, int32_t Wout, int32_t kh,
+                      int32_t kw, int32_t sh, int32_t sw, int32_t dh, int32_t dw, int32_t pad_h, int32_t pad_w,
+                      int32_t x_zp, int32_t y_zp, int32_t act_min, int32_t act_max)
+{
+    const int32_t Co = C * dm;
+    for (int32_t oc = 0; oc < Co; oc++) {
+        const int32_t c = oc / dm;
+        const tsh_rq_t rq = tsh_rq_make(mult[oc], shift[oc], y_zp, act_min, act_max);
+        for (int32_t oy = 0; oy < Hout; oy++) {
+            for (int32_t ox = 0; ox < Wout; ox++) {
+                int32_t acc = bias[oc];
+                for (int32_t ky = 0; ky < kh; ky++) {
+                    const int32_t iy = oy * sh - pad_h + ky * dh;
+                    if (iy < 0 || iy >= H) continue;
+                    for (int32_t kx = 0; kx < kw; kx++) {
+                        const int32_t ix = ox * sw - pad_w + kx * dw;
+                        if (ix < 0 || ix >= W) continue;
+                        acc += (x[(iy * W + ix) * C + c] - x_zp) * w[(ky * kw + kx) * Co + oc];
+                    }
+                }
+                y[(oy * Wout + ox) * Co + oc] = tsh_rq(&rq, acc);
+            }
+        }
+    }
+}
