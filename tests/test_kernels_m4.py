@@ -7,6 +7,7 @@ import pytest
 
 from mcu.graph import Buffer, Call, Const, Graph, Ref, Schedule, Tensor
 from mcu.kernels import conv_patch_len, exp_lut, pack_fc_weights
+from mcu.tiled import attention_scratch
 
 pytestmark = pytest.mark.slow
 
@@ -88,12 +89,25 @@ def kernel_zoo(seed=0):
     ids = const("ids", np.array([3, 0, 9, 2, 40, -1], np.int32))
     calls.append(Call("embedding_s8", (ids, const("emb", i8(10 * 6)), dest(36), 6, 6, 10), "emb"))
     calls.append(Call("pad_mask", (ids, dest(6), 6), "mask"))
+    # tiled attention (one head): one key tile (scores once, the untiled softmax and P.V on the rows)
+    # and three tiles of 8 keys (the streaming passes), a padding mask, scratch of its own
+    scratch = {}
+    for name, (Lq, Lk, dh, kt) in {"att-one-tile": (5, 20, 16, 20), "att-tiles": (3, 20, 8, 8)}.items():
+        sc = attention_scratch(Lq, min(kt, Lk), dh)
+        refs = [Ref(f"{name}.{b}") for b in ("s_tile", "acc", "stats")]
+        scratch.update({f"{name}.{b}": n for b, n in sc.items()})
+        calls.append(Call("attention_s8", (Ref("input", 300), Ref("input", 700), Ref("input", 1100),
+                                           const(f"{name}-mask", (np.arange(Lk) < Lk - 3).astype(np.int8)),
+                                           const(f"{name}-lut", exp_lut(0.05)), dest(Lq * dh), *refs,
+                                           Lq, Lk, dh, kt, 20, 16, 24, dh, -5, 9, 1 << 30, -8, 4, -11, 3 << 29, -13, 2),
+                          name, 2 * Lq * Lk * dh))
     tensors["input"] = Tensor("input", (X,), "int8", "input")
     x = i8(X)
     x[2000:2000 + 200 * 8] = 127
     tensors["output"] = Tensor("output", (out[0],), "int8", "output")
     g = Graph("kernel-zoo", tensors, [], ["input"], ["output"])
-    bufs = {"input": Buffer("input", X, "input"), "output": Buffer("output", out[0], "output")}
+    bufs = {"input": Buffer("input", X, "input"), "output": Buffer("output", out[0], "output"),
+            **{n: Buffer(n, b, "scratch") for n, b in scratch.items()}}
     return Schedule("zoo", g, bufs, calls), x
 
 
