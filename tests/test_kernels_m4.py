@@ -29,10 +29,17 @@ def kernel_zoo(seed=0):
 
     X = 4096
     # fully connected: (M, K, N, fast requantisation?)
+    # (fast: 3-row blocks of 1..4 chunks of steps, 2-row and single-row tails; "edge": the rails of
+    # the short requantisation, right shifts 1 and 23, zero points -128 and 127)
     for j, (M, K, N, fast) in enumerate([(7, 128, 9, True), (5, 36, 6, True), (3, 260, 5, True), (4, 516, 4, True),
-                                         (6, 64, 8, False), (2, 30, 3, False), (1, 12, 2, True)]):
+                                         (6, 64, 8, False), (2, 30, 3, False), (1, 12, 2, True),
+                                         (8, 512, 6, "edge"), (2, 96, 4, "edge")]):
         W = rng.integers(-127, 128, size=(N, K)).astype(np.int8)
-        if fast:
+        if fast == "edge":
+            bias = rng.choice([-(2 ** 29) + 1, 2 ** 29 - 1, 0], N)
+            mult, shift = rng.choice([0, 2 ** 31 - 1, 2 ** 30], N), rng.choice([-1, -23, -2], N)
+            lo, hi = -128, 127
+        elif fast:
             bias, mult, shift = rng.integers(-2 ** 20, 2 ** 20, N), rng.integers(2 ** 30, 2 ** 31, N), rng.integers(-20, -6, N)
             lo, hi = -128, 127
         else:
@@ -40,9 +47,12 @@ def kernel_zoo(seed=0):
             mult = rng.choice([0, 1, 2 ** 31 - 1, 2 ** 30], N)
             shift = rng.choice([-31, 0, 3, 30, -25], N)
             lo, hi = -20, 90
+        zp = int(rng.integers(-128, 128))
+        if fast == "edge":
+            zp = -128 if K == 512 else 127
         args = (Ref("input"), const(f"w{j}", pack_fc_weights(W)), const(f"b{j}", bias.astype(np.int32)),
                 const(f"m{j}", mult.astype(np.int32)), const(f"s{j}", shift.astype(np.int32)), dest(M * N),
-                M, K, N, K, N, int(rng.integers(-128, 128)), lo, hi)
+                M, K, N, K, N, zp, lo, hi)
         calls.append(Call("fc_s8", args, f"fc{j}", M * K * N))
     calls.append(Call("matmul_qk_s8", (Ref("input"), Ref("input", 100), dest(6 * 7), 6, 7, 16, 20, 24, 7,
                                        -3, 17, 1 << 30, -9, 5), "qk"))

@@ -40,56 +40,145 @@ static void fc_extend3(const int8_t *x0, const int8_t *x1, const int8_t *x2, int
 }
 
 #if defined(__ARM_FEATURE_DSP) && !defined(TSH_PORTABLE) && !defined(TSH_EMULATE_DSP) && defined(__ARM_ARCH_7EM__)
-/* `steps` (1..TSH_FC_UNROLL) steps of 4 k for 3 rows x 2 channels: per step one LDRD of the weight
- * pair, four SXTB16, three LDRD of the extended rows and twelve SMLAD = 20 instructions for 24 MACs.
- * The steps are straight-line code entered part way (no loop counter: all 14 registers hold
- * accumulators, operands and the two pointers); every instruction is 32-bit, 80 bytes a step. */
-#define FC_STEPS(a0, a1, a2, a3, a4, a5, x, w, steps)                                              \
-    do {                                                                                           \
-        int32_t t0_, t1_, t2_, t3_, xa_, xb_ = (TSH_FC_UNROLL - (steps)) * 80;                     \
-        __asm__ volatile(                                                                          \
-            "adr %[xa], 1f\n\t"                                                                    \
-            "add %[xa], %[xa], %[xb]\n\t"                                                          \
-            "orr %[xa], %[xa], #1\n\t"                                                             \
-            "bx %[xa]\n\t"                                                                         \
-            ".p2align 2\n"                                                                         \
-            "1:\n\t"                                                                               \
-            ".rept " TSH_STR(TSH_FC_UNROLL) "\n\t"                                                 \
-            "ldrd %[t0], %[t1], [%[w]], #8\n\t"                                                    \
-            "sxtb16 %[t2], %[t0]\n\t"                                                              \
-            "sxtb16 %[t0], %[t0], ror #8\n\t"                                                      \
-            "sxtb16 %[t3], %[t1]\n\t"                                                              \
-            "sxtb16 %[t1], %[t1], ror #8\n\t"                                                      \
-            "ldrd %[xa], %[xb], [%[x]], #8\n\t"                                                    \
-            "smlad %[a0], %[xa], %[t2], %[a0]\n\t"                                                 \
-            "smlad %[a0], %[xb], %[t0], %[a0]\n\t"                                                 \
-            "smlad %[a1], %[xa], %[t3], %[a1]\n\t"                                                 \
-            "smlad %[a1], %[xb], %[t1], %[a1]\n\t"                                                 \
-            "ldrd %[xa], %[xb], [%[x]], #8\n\t"                                                    \
-            "smlad %[a2], %[xa], %[t2], %[a2]\n\t"                                                 \
-            "smlad %[a2], %[xb], %[t0], %[a2]\n\t"                                                 \
-            "smlad %[a3], %[xa], %[t3], %[a3]\n\t"                                                 \
-            "smlad %[a3], %[xb], %[t1], %[a3]\n\t"                                                 \
-            "ldrd %[xa], %[xb], [%[x]], #8\n\t"                                                    \
-            "smlad %[a4], %[xa], %[t2], %[a4]\n\t"                                                 \
-            "smlad %[a4], %[xb], %[t0], %[a4]\n\t"                                                 \
-            "smlad %[a5], %[xa], %[t3], %[a5]\n\t"                                                 \
-            "smlad %[a5], %[xb], %[t1], %[a5]\n\t"                                                 \
-            ".endr\n\t"                                                                            \
-            : [a0] "+r"(a0), [a1] "+r"(a1), [a2] "+r"(a2), [a3] "+r"(a3), [a4] "+r"(a4),           \
-              [a5] "+r"(a5), [x] "+r"(x), [w] "+r"(w), [t0] "=&r"(t0_), [t1] "=&r"(t1_),           \
-              [t2] "=&r"(t2_), [t3] "=&r"(t3_), [xa] "=&r"(xa_), [xb] "+&r"(xb_)                    \
-            :                                                                                      \
-            : "memory", "cc");                                                                     \
-    } while (0)
+#define FC_PAIRS_ASM 1
+/* The fully connected layer's hot loop on the Cortex-M4: one block of three rows (sign-extended
+ * once into int16 pairs, row0 (k, k+2) (k+1, k+3), row1, row2 per 4 k) against every channel
+ * pair, all in assembly. Per step of 4 k: one LDRD of the weight pair, four SXTB16, three LDRD of
+ * the extended rows and twelve SMLAD = 20 instructions for 24 MACs; the steps are straight-line
+ * code (TSH_FC_UNROLL of them, 80 bytes each) entered part way, reading the rows at fixed offsets
+ * from a chunk's base, so all 14 registers hold accumulators, operands, the weight pointer and the
+ * base. K beyond one block of steps runs in chunks, each with its own base (a short first chunk,
+ * then full ones). What does not fit the registers lives in a struct just below each base
+ * (immediate offsets), so nothing is spilled per pair: about 75 instructions of bookkeeping per
+ * pair of channels and three rows (the C loop with the same steps took about 100, and 240 with
+ * chunks).
+ * The requantisation is tsh_rq_short's with the zero point folded into the rounding term,
+ * rnd' = 2^(right-1) + zp 2^right = ((2 zp + 1) << right) >> 1 (exact: the final shift is a floor
+ * and zp 2^right a multiple of 2^right): h = SMMULR(2 acc, m); (h - [h < 0] + rnd') >> right;
+ * SSAT 8, all in place. No add overflows: |h| <= 2^30 and |rnd'| <= 2^30 for |zp| <= 128 and
+ * right <= 23. */
+#define FC_CHUNKS (TSH_FC_KMAX / 4 / TSH_FC_UNROLL)
 
-/* Requantise one accumulator with tsh_rq_short (tsh_fixedpoint.h): every channel on this path meets
- * its preconditions (no left shift, 1 <= right <= 23, multiplier >= 0, |x| < 2^30). */
-static inline int32_t fc_rq_fast(int32_t x, int32_t m, int32_t rnd, int32_t right, int32_t zp)
+struct fc_state {                 /* 48 bytes below a chunk's base; the asm uses these offsets */
+    const int32_t *bias, *mult, *shift;   /* -48 -44 -40: advanced pair by pair (chunk 0's only) */
+    int8_t *y;                    /* -36: row 0's output of the current pair */
+    int32_t d1, d2, c;            /* -32 -28 -24: row 1 - row 0, row 2 - row 1 (0: a repeated row), 2 zp + 1 */
+    const int8_t *wend;           /* -20: the weights' end: the loop's stop */
+    int32_t skip;                 /* -16: bytes of steps the first chunk skips */
+    uint32_t entry;               /* -12: the first chunk's first step (Thumb address) */
+    const int32_t *next;          /* -8: the next chunk's base, NULL after the last (every chunk) */
+    const int32_t *first;         /* -4: the first chunk's base (every chunk) */
+};
+
+struct fc_chunk {                 /* a chunk: its state, then its steps' extended rows (24 bytes each) */
+    struct fc_state st;
+    int32_t x[6 * TSH_FC_UNROLL];
+};
+
+#define FC_RQ(a, m, rnd, r)                                                                        \
+    "add " a ", " a ", " a "\n\t"                                                                   \
+    "smmulr " a ", " a ", " m "\n\t"                                                               \
+    "sub " a ", " a ", " a ", lsr #31\n\t"                                                         \
+    "add " a ", " a ", " rnd "\n\t"                                                                \
+    "asr " a ", " a ", " r "\n\t"                                                                  \
+    "ssat " a ", #8, " a "\n\t"
+
+static void fc_pairs3_asm(const int32_t *base, const int8_t *w)
 {
-    return tsh_rq_short(x, m, rnd, right, zp);
+    int32_t a0, a1, a2, a3, a4, a5, t0, t1, t2, t3, xa, xb;
+    __asm__ volatile(
+        "adr %[t0], 3f\n\t"
+        "ldr %[t1], [%[x], #-16]\n\t"
+        "add %[t0], %[t0], %[t1]\n\t"
+        "orr %[t0], %[t0], #1\n\t"
+        "str %[t0], [%[x], #-12]\n"
+        "1:\n\t"
+        "ldr %[t0], [%[x], #-48]\n\t"
+        "ldrd %[a0], %[a1], [%[t0]], #8\n\t"
+        "str %[t0], [%[x], #-48]\n\t"
+        "mov %[a2], %[a0]\n\t"
+        "mov %[a3], %[a1]\n\t"
+        "mov %[a4], %[a0]\n\t"
+        "mov %[a5], %[a1]\n\t"
+        "ldr pc, [%[x], #-12]\n\t"
+        ".p2align 2\n"
+        "3:\n\t"
+        ".set .Lfc_i, 0\n\t"
+        ".rept " TSH_STR(TSH_FC_UNROLL) "\n\t"
+        "ldrd %[t0], %[t1], [%[w]], #8\n\t"
+        "sxtb16 %[t2], %[t0]\n\t"
+        "sxtb16 %[t0], %[t0], ror #8\n\t"
+        "sxtb16 %[t3], %[t1]\n\t"
+        "sxtb16 %[t1], %[t1], ror #8\n\t"
+        "ldrd %[xa], %[xb], [%[x], #(24 * .Lfc_i)]\n\t"
+        "smlad %[a0], %[xa], %[t2], %[a0]\n\t"
+        "smlad %[a0], %[xb], %[t0], %[a0]\n\t"
+        "smlad %[a1], %[xa], %[t3], %[a1]\n\t"
+        "smlad %[a1], %[xb], %[t1], %[a1]\n\t"
+        "ldrd %[xa], %[xb], [%[x], #(24 * .Lfc_i + 8)]\n\t"
+        "smlad %[a2], %[xa], %[t2], %[a2]\n\t"
+        "smlad %[a2], %[xb], %[t0], %[a2]\n\t"
+        "smlad %[a3], %[xa], %[t3], %[a3]\n\t"
+        "smlad %[a3], %[xb], %[t1], %[a3]\n\t"
+        "ldrd %[xa], %[xb], [%[x], #(24 * .Lfc_i + 16)]\n\t"
+        "smlad %[a4], %[xa], %[t2], %[a4]\n\t"
+        "smlad %[a4], %[xb], %[t0], %[a4]\n\t"
+        "smlad %[a5], %[xa], %[t3], %[a5]\n\t"
+        "smlad %[a5], %[xb], %[t1], %[a5]\n\t"
+        ".set .Lfc_i, .Lfc_i + 1\n\t"
+        ".endr\n\t"
+        "ldr %[t0], [%[x], #-8]\n\t"     /* the next chunk from its first step, else back to the first */
+        "cmp %[t0], #0\n\t"
+        "beq 5f\n\t"
+        "mov %[x], %[t0]\n\t"
+        "b 3b\n"
+        "5:\n\t"
+        "ldr %[x], [%[x], #-4]\n\t"
+        /* the pair's multipliers (t1, t2), right shifts (xa, xb) and rounding terms (t3, t0) */
+        "ldr %[t0], [%[x], #-44]\n\t"
+        "ldrd %[t1], %[t2], [%[t0]], #8\n\t"
+        "str %[t0], [%[x], #-44]\n\t"
+        "ldr %[t0], [%[x], #-40]\n\t"
+        "ldrd %[xa], %[xb], [%[t0]], #8\n\t"
+        "str %[t0], [%[x], #-40]\n\t"
+        "ldr %[t0], [%[x], #-24]\n\t"
+        "rsb %[xa], %[xa], #0\n\t"
+        "rsb %[xb], %[xb], #0\n\t"
+        "lsl %[t3], %[t0], %[xa]\n\t"
+        "asr %[t3], %[t3], #1\n\t"
+        "lsl %[t0], %[t0], %[xb]\n\t"
+        "asr %[t0], %[t0], #1\n\t"
+        FC_RQ("%[a0]", "%[t1]", "%[t3]", "%[xa]")
+        FC_RQ("%[a2]", "%[t1]", "%[t3]", "%[xa]")
+        FC_RQ("%[a4]", "%[t1]", "%[t3]", "%[xa]")
+        FC_RQ("%[a1]", "%[t2]", "%[t0]", "%[xb]")
+        FC_RQ("%[a3]", "%[t2]", "%[t0]", "%[xb]")
+        FC_RQ("%[a5]", "%[t2]", "%[t0]", "%[xb]")
+        /* stores: row 0 at y, row 1 at y + d1, row 2 at y + d1 + d2 */
+        "ldr %[t1], [%[x], #-36]\n\t"
+        "ldr %[t2], [%[x], #-32]\n\t"
+        "strb %[a1], [%[t1], #1]\n\t"
+        "strb %[a0], [%[t1]], #2\n\t"
+        "str %[t1], [%[x], #-36]\n\t"
+        "add %[t1], %[t1], %[t2]\n\t"
+        "strb %[a2], [%[t1], #-2]\n\t"
+        "strb %[a3], [%[t1], #-1]\n\t"
+        "ldr %[t2], [%[x], #-28]\n\t"
+        "add %[t1], %[t1], %[t2]\n\t"
+        "strb %[a4], [%[t1], #-2]\n\t"
+        "strb %[a5], [%[t1], #-1]\n\t"
+        "ldr %[t0], [%[x], #-20]\n\t"
+        "cmp %[w], %[t0]\n\t"
+        "bne 1b\n\t"
+        : [a0] "=&r"(a0), [a1] "=&r"(a1), [a2] "=&r"(a2), [a3] "=&r"(a3), [a4] "=&r"(a4), [a5] "=&r"(a5),
+          [w] "+&r"(w), [x] "+&r"(base), [t0] "=&r"(t0), [t1] "=&r"(t1), [t2] "=&r"(t2), [t3] "=&r"(t3),
+          [xa] "=&r"(xa), [xb] "=&r"(xb)
+        :
+        : "memory", "cc");
 }
+
 #else
+#define FC_PAIRS_ASM 0
 /* The same integers in C: host tests of the DSP path run this with emulated instructions; other
  * DSP cores (Armv8-M mainline, where the register-hungry block above does not allocate) with the
  * real SMLAD/SXTB16. */
@@ -117,8 +206,9 @@ static inline int32_t fc_rq_fast(int32_t x, int32_t m, int32_t rnd, int32_t righ
 }
 #endif
 
+#if !FC_PAIRS_ASM
 /* Three rows (their extension `xe`) against all channel pairs, every channel on the short
- * requantisation path (see fc_rq_fast): the hot loop of the Cortex-M fully connected layer. */
+ * requantisation path (see fc_rq_fast): the fully connected layer's hot loop in C. */
 static void fc_rows3_fast(const int32_t *xe, const int8_t *w, const int32_t *bias, const int32_t *mult,
                           const int32_t *shift, int8_t *y, int32_t y_stride, int32_t rows, int32_t K4, int32_t N2,
                           int32_t y_zp)
@@ -152,6 +242,8 @@ static void fc_rows3_fast(const int32_t *xe, const int8_t *w, const int32_t *bia
         yc[2 * y_stride + 1] = (int8_t)fc_rq_fast(a5, m1, d1, r1, y_zp);
     }
 }
+
+#endif
 
 /* One row against one weight pair (both channels), SXTB16 on both sides. */
 static void fc_row_pair(const int8_t *x, const int8_t *wp, int32_t K, int32_t *s0, int32_t *s1)
@@ -214,20 +306,49 @@ void tsh_fc_s8(const int8_t *x, const int8_t *w, const int32_t *bias, const int3
 #if TSH_USE_DSP
     /* the register-blocked path needs 4-byte aligned 8-byte weight groups */
     if (K <= TSH_FC_KMAX && K % 4 == 0 && ((uintptr_t)w & 3u) == 0 && M >= 2) {
-        /* register-blocked path: blocks of three rows, channel pairs, short requantisation */
-        int32_t xe[6 * (TSH_FC_KMAX / 4)];
-        int32_t K4 = K / 4, fast = act_min == -128 && act_max == 127;
-        /* the short requantisation needs |acc| < 2^30: |bias| + K * 2^14 with K <= 512 */
+        /* blocks of three rows, channel pairs, the short requantisation: it needs |acc| < 2^30
+         * (|bias| + K 2^14 with K <= 512) and, folded into the rounding as on the Cortex-M4, an
+         * int8 zero point; other parameters go row by row below */
+        int32_t K4 = K / 4, fast = act_min == -128 && act_max == 127 && y_zp >= -128 && y_zp <= 127;
         for (int32_t n = 0; n < N2 && fast; n++)
             fast = mult[n] >= 0 && shift[n] <= -1 && shift[n] >= -23 && bias[n] < (1 << 29) && bias[n] > -(1 << 29);
-        for (; m < M; m += 3) {
+#if FC_PAIRS_ASM
+        /* chunk c's base ch[c].x; the short first chunk (k0 steps) ends where the full ones do */
+        struct fc_chunk ch[FC_CHUNKS];
+        int32_t nch = (K4 + TSH_FC_UNROLL - 1) / TSH_FC_UNROLL, k0 = K4 - (nch - 1) * TSH_FC_UNROLL;
+        for (int32_t c = 0; c < nch; c++) {
+            ch[c].st.next = c + 1 < nch ? ch[c + 1].x : 0;
+            ch[c].st.first = ch[0].x;
+        }
+        ch[0].st.c = 2 * y_zp + 1;
+        ch[0].st.wend = w + N2 * K;
+        ch[0].st.skip = 80 * (TSH_FC_UNROLL - k0);
+        /* a last single row goes row by row below: cheaper than a block of three copies */
+        for (; fast && N2 >= 2 && M - m >= 2; m += 3) {
+#else
+        int32_t xe[6 * (TSH_FC_KMAX / 4)];
+        for (; fast && m < M; m += 3) {
+#endif
             int32_t rows = M - m < 3 ? M - m : 3;
             const int8_t *x0 = x + m * x_stride;
-            const int8_t *x1 = rows > 1 ? x0 + x_stride : x0, *x2 = rows > 2 ? x0 + 2 * x_stride : x0;
+            const int8_t *x1 = rows > 1 ? x0 + x_stride : x0, *x2 = rows > 2 ? x1 + x_stride : x1;
             int8_t *y0 = y + m * y_stride;
-            if (!fast) break;   /* unusual requantisation parameters: row by row below */
+#if FC_PAIRS_ASM
+            for (int32_t c = 0; c < nch; c++) {
+                int32_t g0 = c ? k0 + (c - 1) * TSH_FC_UNROLL : 0, n = c ? TSH_FC_UNROLL : k0;
+                fc_extend3(x0 + 4 * g0, x1 + 4 * g0, x2 + 4 * g0, n, ch[c].x + 6 * (c ? 0 : TSH_FC_UNROLL - k0));
+            }
+            ch[0].st.bias = bias;
+            ch[0].st.mult = mult;
+            ch[0].st.shift = shift;
+            ch[0].st.y = y0;
+            ch[0].st.d1 = rows > 1 ? y_stride : 0;   /* a repeated row writes the same bytes again */
+            ch[0].st.d2 = rows > 2 ? y_stride : 0;
+            fc_pairs3_asm(ch[0].x, w);
+#else
             fc_extend3(x0, x1, x2, K4, xe);
             fc_rows3_fast(xe, w, bias, mult, shift, y0, y_stride, rows, K4, N2, y_zp);
+#endif
             if (N2 < N)
                 for (int32_t r = 0; r < rows; r++)
                     y0[r * y_stride + N2] = requant_clamp(dot_s8(x0 + r * x_stride, w + N2 * K, K, bias[N2]),
