@@ -503,9 +503,57 @@ static void qk_blocked(const int8_t *q, const int8_t *k, int8_t *s, int32_t Lq, 
     }
 }
 
+/* The rows of matmul_pv against four transposed columns `vt` (see pv_blocked): per probability
+ * row and two keys one load of p, two LDRD of the pairs, four SMLAD; the short requantisation
+ * when the accumulator allows it. A function of its own so that its few spills sit near the
+ * stack pointer, not beyond pv_blocked's 4 KB table (three instructions per access there). */
+static void __attribute__((noinline)) pv_rows(const int16_t *p, const int32_t *vt, const int8_t *vl, int8_t *y,
+                                              int32_t Lq, int32_t Lk, int32_t p_stride, int32_t y_stride,
+                                              int32_t v_zp, const tsh_rq_t *rq)
+{
+    const int32_t *cend = vt + 4 * (Lk / 2);
+#if defined(__ARM_FEATURE_DSP) && !defined(TSH_PORTABLE) && !defined(TSH_EMULATE_DSP)
+    const int32_t fast = rq->fast, m = rq->mult, rnd = rq->rnd, right = rq->right, zp = rq->zp;
+    /* tsh_rq's short path for |acc| < 2^30 (a probability row of large values can exceed it) */
+#define PV_RQ(acc) (fast && (uint32_t)(acc) + (1u << 30) < (1u << 31) ? (int8_t)tsh_rq_short(acc, m, rnd, right, zp) \
+                                                                     : tsh_rq(rq, acc))
+#else
+#define PV_RQ(acc) tsh_rq(rq, acc)
+#endif
+    for (int32_t i = 0; i < Lq; i++) {
+        const int16_t *pi = p + i * p_stride, *pp = pi;
+        const int32_t *c = vt;
+        int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+        while (c < cend) {
+            int32_t x, u0, u1, u2, u3;
+            memcpy(&x, pp, sizeof x);
+            pp += 2;
+#if defined(__ARM_FEATURE_DSP) && !defined(TSH_PORTABLE) && !defined(TSH_EMULATE_DSP)
+            __asm__("ldrd %0, %1, [%4], #8\n\tldrd %2, %3, [%4], #8"
+                    : "=&r"(u0), "=&r"(u1), "=&r"(u2), "=&r"(u3), "+r"(c) : : "memory");
+#else
+            u0 = c[0]; u1 = c[1]; u2 = c[2]; u3 = c[3];
+            c += 4;
+#endif
+            a0 = tsh_smlad(x, u0, a0);
+            a1 = tsh_smlad(x, u1, a1);
+            a2 = tsh_smlad(x, u2, a2);
+            a3 = tsh_smlad(x, u3, a3);
+        }
+        if (Lk & 1) {
+            int32_t pl = pi[Lk - 1];
+            a0 += pl * (vl[0] - v_zp); a1 += pl * (vl[1] - v_zp);
+            a2 += pl * (vl[2] - v_zp); a3 += pl * (vl[3] - v_zp);
+        }
+        int8_t *yi = y + i * y_stride;
+        yi[0] = PV_RQ(a0); yi[1] = PV_RQ(a1); yi[2] = PV_RQ(a2); yi[3] = PV_RQ(a3);
+    }
+#undef PV_RQ
+}
+
 /* matmul_pv for dh % 4 == 0, Lk <= TSH_PV_LKMAX: four columns of v at a time, transposed once into
- * (key j, key j+1) int16 pairs of v - zv, the four columns' pairs of a key pair side by side; then
- * per probability row and two keys: one load of p, two LDRD of the pairs, four SMLAD (no spills). */
+ * (key j, key j+1) int16 pairs of v - zv, the four columns' pairs of a key pair side by side, then
+ * every probability row against them (pv_rows). */
 static void pv_blocked(const int16_t *p, const int8_t *v, int8_t *y, int32_t Lq, int32_t Lk, int32_t dh,
                        int32_t p_stride, int32_t v_stride, int32_t y_stride, int32_t v_zp, const tsh_rq_t *rq)
 {
@@ -522,37 +570,8 @@ static void pv_blocked(const int16_t *p, const int8_t *v, int8_t *y, int32_t Lq,
             c[2] = tsh_ssub16(tsh_pkhtb(e1, e0), zz);
             c[3] = tsh_ssub16(tsh_pkhtb(o1, o0), zz);
         }
-        const int8_t *vl = v + (Lk - 1) * v_stride + t;   /* the odd last key, if any */
-        for (int32_t i = 0; i < Lq; i++) {
-            const int16_t *pi = p + i * p_stride;
-            const int32_t *c = vt;
-            int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
-            const int32_t *cend = vt + 4 * L2;
-            const int16_t *pp = pi;
-            while (c < cend) {
-                int32_t x, u0, u1, u2, u3;
-                memcpy(&x, pp, sizeof x);
-                pp += 2;
-#if defined(__ARM_FEATURE_DSP) && !defined(TSH_PORTABLE) && !defined(TSH_EMULATE_DSP)
-                __asm__("ldrd %0, %1, [%4], #8\n\tldrd %2, %3, [%4], #8"
-                        : "=&r"(u0), "=&r"(u1), "=&r"(u2), "=&r"(u3), "+r"(c) : : "memory");
-#else
-                u0 = c[0]; u1 = c[1]; u2 = c[2]; u3 = c[3];
-                c += 4;
-#endif
-                a0 = tsh_smlad(x, u0, a0);
-                a1 = tsh_smlad(x, u1, a1);
-                a2 = tsh_smlad(x, u2, a2);
-                a3 = tsh_smlad(x, u3, a3);
-            }
-            if (Lk & 1) {
-                int32_t pl = pi[Lk - 1];
-                a0 += pl * (vl[0] - v_zp); a1 += pl * (vl[1] - v_zp);
-                a2 += pl * (vl[2] - v_zp); a3 += pl * (vl[3] - v_zp);
-            }
-            int8_t *yi = y + i * y_stride + t;
-            yi[0] = tsh_rq(rq, a0); yi[1] = tsh_rq(rq, a1); yi[2] = tsh_rq(rq, a2); yi[3] = tsh_rq(rq, a3);
-        }
+        /* the odd last key, if any, plainly */
+        pv_rows(p, vt, v + (Lk - 1) * v_stride + t, y + t, Lq, Lk, p_stride, y_stride, v_zp, rq);
     }
 }
 #endif
