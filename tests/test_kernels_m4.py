@@ -65,6 +65,9 @@ def kernel_zoo(seed=0):
     # the short requantisation at its edges: accumulators near and beyond 2^30, rails everywhere
     calls.append(Call("matmul_qk_s8", (Ref("input", 2000), Ref("input", 2000), dest(4 * 4), 4, 4, 64, 64, 64, 4,
                                        -128, -128, (1 << 31) - 1, -1, 127), "qk-rails"))
+    # a last block of three queries, a head width below the straight-line maximum, zero point -128
+    calls.append(Call("matmul_qk_s8", (Ref("input", 1000), Ref("input", 1500), dest(7 * 9), 7, 9, 48, 50, 52, 9,
+                                       11, -6, 3 << 29, -5, -128), "qk-rows3"))
     # shifts >= 0 (the short left-shift requantisation) with accumulators at its limit and beyond
     calls.append(Call("matmul_qk_s8", (Ref("input", 2000), Ref("input", 40), dest(5 * 6), 5, 6, 32, 40, 36, 6,
                                        -128, 3, (1 << 31) - 1, 12, -7), "qk-left"))
