@@ -2,9 +2,18 @@
 #include "tsh_fixedpoint.h"
 #include "tsh_kernels.h"
 
+/* four bytes a word (one load, four SXTB + LDRB, one store; y may be x itself) */
 void tsh_lut_s8(const int8_t *x, const int8_t *table, int8_t *y, int32_t n)
 {
-    for (int32_t i = 0; i < n; i++) y[i] = table[x[i] + 128];
+    const uint8_t *t = (const uint8_t *)table + 128;   /* indexed by the signed input */
+    int32_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        uint32_t v = (uint32_t)tsh_read32(x + i);
+        uint32_t r = (uint32_t)t[(int8_t)v] | (uint32_t)t[(int8_t)(v >> 8)] << 8 |
+                     (uint32_t)t[(int8_t)(v >> 16)] << 16 | (uint32_t)t[(int8_t)(v >> 24)] << 24;
+        memcpy(y + i, &r, sizeof r);
+    }
+    for (; i < n; i++) y[i] = table[x[i] + 128];
 }
 
 void tsh_mean_pool_s8(const int8_t *x, const int8_t *mask, int8_t *y, int32_t L, int32_t d, int32_t x_zp,
