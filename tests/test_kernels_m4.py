@@ -102,6 +102,18 @@ def kernel_zoo(seed=0):
     ids = const("ids", np.array([3, 0, 9, 2, 40, -1], np.int32))
     calls.append(Call("embedding_s8", (ids, const("emb", i8(10 * 6)), dest(36), 6, 6, 10), "emb"))
     calls.append(Call("pad_mask", (ids, dest(6), 6), "mask"))
+    # clustered low-rank embedding: a rank-3 cluster (left shift, then a right shift: the short path), a
+    # rank-5 cluster whose shifts leave it (right shift 30), a dense one
+    V, de = 9, 12
+    clusters = np.array([[0, 4, 3, 0, 0, 0, 0, -7, 2], [4, 3, 5, 0, 12, 36, 12, -30, -1],
+                         [7, 2, de, 1, 27, 0, 0, -3, 0]], np.int32)
+    calls.append(Call("embedding_clr_s8", (const("clr-ids", np.array([0, 3, 5, 8, 7, 4, 11, 2], np.int32)),
+                                           const("clr-slot", rng.permutation(V).astype(np.uint16)),
+                                           const("clr-c", clusters.reshape(-1)), const("clr-u", i8(27 + 2 * de)),
+                                           const("clr-v", i8(36 + 5 * de)),
+                                           const("clr-um", rng.integers(1 << 30, 1 << 31, V).astype(np.int32)),
+                                           const("clr-vm", rng.integers(-(1 << 31), 1 << 31, 2 * de).astype(np.int32)),
+                                           dest(8 * de), 8, de, V, 3), "emb-clr"))
     # tiled attention (one head): one key tile (scores once, the untiled softmax and P.V on the rows)
     # and three tiles of 8 keys (the streaming passes), a padding mask, scratch of its own
     scratch = {}

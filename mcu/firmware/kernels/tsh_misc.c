@@ -39,6 +39,28 @@ void tsh_embedding_s8(const int32_t *ids, const int8_t *table, int8_t *y, int32_
     }
 }
 
+/* MBQM (tsh_mbqm) when |x 2^left| < 2^30 and right <= 23 (one of them 0): no saturation anywhere, so
+ * SRDHM(x 2^left, m) = floor((x 2^left m + 2^30) / 2^31) (SMULL and a shift; SMMULR of 2 x 2^left on
+ * the Cortex-M4), then the rounding right shift with |h| <= 2^30 */
+static inline int32_t clr_mbqm(int32_t x, int32_t m, int32_t left, int32_t right)
+{
+    int32_t h;
+#if defined(__ARM_FEATURE_DSP) && !defined(TSH_PORTABLE) && !defined(TSH_EMULATE_DSP)
+    int32_t x2 = (int32_t)((uint32_t)x << (left + 1));
+    __asm__("smmulr %0, %1, %2" : "=r"(h) : "r"(x2), "r"(m));
+#else
+    h = (int32_t)(((int64_t)x * (1 << left) * m + ((int64_t)1 << 30)) >> 31);
+#endif
+    if (right == 0) return h;
+    return (h + (1 << (right - 1)) - (int32_t)((uint32_t)h >> 31)) >> right;
+}
+
+/* clr_mbqm's conditions for accumulators up to `bound` in magnitude and this shift */
+static inline int clr_short(int32_t bound, int32_t shift)
+{
+    return shift > 0 ? shift <= 16 && ((int64_t)bound << shift) < (1 << 30) : shift >= -23 && bound < (1 << 30);
+}
+
 void tsh_embedding_clr_s8(const int32_t *ids, const uint16_t *slot, const int32_t *clusters, const int8_t *u,
                           const int8_t *v, const int32_t *u_mult, const int32_t *v_mult, int8_t *y, int32_t L,
                           int32_t d, int32_t vocab, int32_t nclusters)
@@ -67,6 +89,17 @@ void tsh_embedding_clr_s8(const int32_t *ids, const uint16_t *slot, const int32_
         }
         const int8_t *ui = u + c[4] + i * r, *vc = v + c[5];
         const int32_t *vm = v_mult + c[6];
+        int32_t b1 = r * 16384, b2 = vsh > 0 && vsh <= 16 ? b1 << vsh : b1;
+        if (clr_short(b1, vsh) && clr_short(b2, ush)) {
+            /* |acc| <= b1 = r 2^14 and the first stage's |t| <= b1 2^left: both on the short path */
+            int32_t l1 = vsh > 0 ? vsh : 0, r1 = vsh > 0 ? 0 : -vsh, l2 = ush > 0 ? ush : 0, r2 = ush > 0 ? 0 : -ush;
+            for (int32_t j = 0; j < d; j++) {
+                int32_t acc = 0;
+                for (int32_t k = 0; k < r; k++) acc += ui[k] * vc[k * d + j];
+                out[j] = tsh_sat8(clr_mbqm(clr_mbqm(acc, vm[j], l1, r1), um, l2, r2));
+            }
+            continue;
+        }
         for (int32_t j = 0; j < d; j++) {
             int32_t acc = 0;
             for (int32_t k = 0; k < r; k++) acc += ui[k] * vc[k * d + j];
