@@ -59,6 +59,10 @@ def kernel_zoo(seed=0):
     p = rng.integers(0, 2 ** 15, size=5 * 9).astype(np.int16)
     calls.append(Call("matmul_pv_s8", (const("p", p), Ref("input", 7), dest(5 * 12), 5, 9, 12, 9, 13, 12,
                                        -7, 1 << 30, -14, 3), "pv"))
+    # a wider head, an odd number of keys
+    p8 = rng.integers(0, 2 ** 15, size=4 * 13).astype(np.int16)
+    calls.append(Call("matmul_pv_s8", (const("p8", p8), Ref("input", 11), dest(4 * 16), 4, 13, 16, 13, 17, 16,
+                                       5, 1 << 30, -12, -3), "pv-8cols"))
     calls.append(Call("conv2d_s8", (Ref("input"), const("cw", i8(4 * conv_patch_len(3, 3))), const("cb", rng.integers(-999, 999, 4).astype(np.int32)),
                                     const("cm", np.full(4, 1 << 30, np.int32)), const("cs", np.full(4, -8, np.int32)),
                                     dest(4 * 4 * 4), 7, 7, 3, 4, 4, 4, 3, 2, 1, -128, 3, 3, 127), "conv"))
