@@ -2,6 +2,12 @@
 #include "tsh_fixedpoint.h"
 #include "tsh_kernels.h"
 
+/* tsh_rq out of line: the rare fallback of the short requantisation paths, kept small in flash */
+static int8_t __attribute__((noinline, unused)) rq_slow(const tsh_rq_t *q, int32_t x)
+{
+    return tsh_rq(q, x);
+}
+
 static inline int8_t requant_clamp(int32_t acc, int32_t mult, int32_t shift, int32_t zp, int32_t lo, int32_t hi)
 {
     return tsh_add_clamp8(tsh_mbqm(acc, mult, shift), zp, lo, hi);
@@ -582,7 +588,7 @@ static void qk_blocked(const int8_t *q, const int8_t *k, int8_t *s, int32_t Lq, 
      * check, its parameters stay in registers */
 #if defined(__ARM_FEATURE_DSP) && !defined(TSH_PORTABLE) && !defined(TSH_EMULATE_DSP)
     const int32_t fast = rq->fast, m = rq->mult, rnd = rq->rnd, right = rq->right, zp = rq->zp;
-#define QK_RQ(acc) (fast ? (int8_t)tsh_rq_short(acc, m, rnd, right, zp) : tsh_rq(rq, acc))
+#define QK_RQ(acc) (fast ? (int8_t)tsh_rq_short(acc, m, rnd, right, zp) : rq_slow(rq, acc))
 #else
 #define QK_RQ(acc) tsh_rq(rq, acc)
 #endif
@@ -629,7 +635,7 @@ static void __attribute__((noinline)) pv_rows(const int16_t *p, const int32_t *v
     const int32_t fast = rq->fast, m = rq->mult, rnd = rq->rnd, right = rq->right, zp = rq->zp;
     /* tsh_rq's short path for |acc| < 2^30 (a probability row of large values can exceed it) */
 #define PV_RQ(acc) (fast && (uint32_t)(acc) + (1u << 30) < (1u << 31) ? (int8_t)tsh_rq_short(acc, m, rnd, right, zp) \
-                                                                     : tsh_rq(rq, acc))
+                                                                     : rq_slow(rq, acc))
 #else
 #define PV_RQ(acc) tsh_rq(rq, acc)
 #endif
