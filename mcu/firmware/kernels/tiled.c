@@ -95,6 +95,23 @@ static void attention(const struct kv_src *src, const int8_t *q, const int8_t *m
     if (kt < 1) kt = 1;
     int one_tile = kt >= Lk;
 
+    /* One tile covers every key and K/V are stored: no tile adds to the accumulators, so `acc`
+     * (4 Lq dh bytes) can hold the int16 probabilities of g query rows at a time instead; then the
+     * untiled softmax and P.V kernels run on them (their blocked Cortex-M paths, the same integers
+     * as the three passes below) and write y directly. */
+    int32_t g = one_tile && !src->x ? (int32_t)(2 * Lq * dh / Lk) : 0;
+    if (g >= 1) {
+        int16_t *p = (int16_t *)acc;
+        scores(src, q, s_tile, Lq, 0, Lk, dh, kt, q_stride, q_zp, qk_mult, qk_shift, s_zp);
+        for (int32_t i0 = 0; i0 < Lq; i0 += g) {
+            int32_t n = Lq - i0 < g ? Lq - i0 : g;
+            tsh_softmax_s16(s_tile + i0 * kt, mask, lut, p, n, Lk, kt, Lk);
+            tsh_matmul_pv_s8(p, src->v, y + i0 * y_stride, n, Lk, dh, Lk, src->v_stride, y_stride, v_zp, pv_mult,
+                             pv_shift, y_zp);
+        }
+        return;
+    }
+
     /* pass 1: row maxima over the valid keys (-128 when a row has none) */
     for (int32_t i = 0; i < Lq; i++) m[i] = -128;
     for (int32_t j0 = 0; j0 < Lk; j0 += kt) {

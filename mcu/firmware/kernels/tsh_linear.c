@@ -2,6 +2,12 @@
 #include "tsh_fixedpoint.h"
 #include "tsh_kernels.h"
 
+/* tsh_rq out of line: the rare fallback of the short requantisation paths, kept small in flash */
+static int8_t __attribute__((noinline, unused)) rq_slow(const tsh_rq_t *q, int32_t x)
+{
+    return tsh_rq(q, x);
+}
+
 static inline int8_t requant_clamp(int32_t acc, int32_t mult, int32_t shift, int32_t zp, int32_t lo, int32_t hi)
 {
     return tsh_add_clamp8(tsh_mbqm(acc, mult, shift), zp, lo, hi);
@@ -40,56 +46,145 @@ static void fc_extend3(const int8_t *x0, const int8_t *x1, const int8_t *x2, int
 }
 
 #if defined(__ARM_FEATURE_DSP) && !defined(TSH_PORTABLE) && !defined(TSH_EMULATE_DSP) && defined(__ARM_ARCH_7EM__)
-/* `steps` (1..TSH_FC_UNROLL) steps of 4 k for 3 rows x 2 channels: per step one LDRD of the weight
- * pair, four SXTB16, three LDRD of the extended rows and twelve SMLAD = 20 instructions for 24 MACs.
- * The steps are straight-line code entered part way (no loop counter: all 14 registers hold
- * accumulators, operands and the two pointers); every instruction is 32-bit, 80 bytes a step. */
-#define FC_STEPS(a0, a1, a2, a3, a4, a5, x, w, steps)                                              \
-    do {                                                                                           \
-        int32_t t0_, t1_, t2_, t3_, xa_, xb_ = (TSH_FC_UNROLL - (steps)) * 80;                     \
-        __asm__ volatile(                                                                          \
-            "adr %[xa], 1f\n\t"                                                                    \
-            "add %[xa], %[xa], %[xb]\n\t"                                                          \
-            "orr %[xa], %[xa], #1\n\t"                                                             \
-            "bx %[xa]\n\t"                                                                         \
-            ".p2align 2\n"                                                                         \
-            "1:\n\t"                                                                               \
-            ".rept " TSH_STR(TSH_FC_UNROLL) "\n\t"                                                 \
-            "ldrd %[t0], %[t1], [%[w]], #8\n\t"                                                    \
-            "sxtb16 %[t2], %[t0]\n\t"                                                              \
-            "sxtb16 %[t0], %[t0], ror #8\n\t"                                                      \
-            "sxtb16 %[t3], %[t1]\n\t"                                                              \
-            "sxtb16 %[t1], %[t1], ror #8\n\t"                                                      \
-            "ldrd %[xa], %[xb], [%[x]], #8\n\t"                                                    \
-            "smlad %[a0], %[xa], %[t2], %[a0]\n\t"                                                 \
-            "smlad %[a0], %[xb], %[t0], %[a0]\n\t"                                                 \
-            "smlad %[a1], %[xa], %[t3], %[a1]\n\t"                                                 \
-            "smlad %[a1], %[xb], %[t1], %[a1]\n\t"                                                 \
-            "ldrd %[xa], %[xb], [%[x]], #8\n\t"                                                    \
-            "smlad %[a2], %[xa], %[t2], %[a2]\n\t"                                                 \
-            "smlad %[a2], %[xb], %[t0], %[a2]\n\t"                                                 \
-            "smlad %[a3], %[xa], %[t3], %[a3]\n\t"                                                 \
-            "smlad %[a3], %[xb], %[t1], %[a3]\n\t"                                                 \
-            "ldrd %[xa], %[xb], [%[x]], #8\n\t"                                                    \
-            "smlad %[a4], %[xa], %[t2], %[a4]\n\t"                                                 \
-            "smlad %[a4], %[xb], %[t0], %[a4]\n\t"                                                 \
-            "smlad %[a5], %[xa], %[t3], %[a5]\n\t"                                                 \
-            "smlad %[a5], %[xb], %[t1], %[a5]\n\t"                                                 \
-            ".endr\n\t"                                                                            \
-            : [a0] "+r"(a0), [a1] "+r"(a1), [a2] "+r"(a2), [a3] "+r"(a3), [a4] "+r"(a4),           \
-              [a5] "+r"(a5), [x] "+r"(x), [w] "+r"(w), [t0] "=&r"(t0_), [t1] "=&r"(t1_),           \
-              [t2] "=&r"(t2_), [t3] "=&r"(t3_), [xa] "=&r"(xa_), [xb] "+&r"(xb_)                    \
-            :                                                                                      \
-            : "memory", "cc");                                                                     \
-    } while (0)
+#define FC_PAIRS_ASM 1
+/* The fully connected layer's hot loop on the Cortex-M4: one block of three rows (sign-extended
+ * once into int16 pairs, row0 (k, k+2) (k+1, k+3), row1, row2 per 4 k) against every channel
+ * pair, all in assembly. Per step of 4 k: one LDRD of the weight pair, four SXTB16, three LDRD of
+ * the extended rows and twelve SMLAD = 20 instructions for 24 MACs; the steps are straight-line
+ * code (TSH_FC_UNROLL of them, 80 bytes each) entered part way, reading the rows at fixed offsets
+ * from a chunk's base, so all 14 registers hold accumulators, operands, the weight pointer and the
+ * base. K beyond one block of steps runs in chunks, each with its own base (a short first chunk,
+ * then full ones). What does not fit the registers lives in a struct just below each base
+ * (immediate offsets), so nothing is spilled per pair: about 75 instructions of bookkeeping per
+ * pair of channels and three rows (the C loop with the same steps took about 100, and 240 with
+ * chunks).
+ * The requantisation is tsh_rq_short's with the zero point folded into the rounding term,
+ * rnd' = 2^(right-1) + zp 2^right = ((2 zp + 1) << right) >> 1 (exact: the final shift is a floor
+ * and zp 2^right a multiple of 2^right): h = SMMULR(2 acc, m); (h - [h < 0] + rnd') >> right;
+ * SSAT 8, all in place. No add overflows: |h| <= 2^30 and |rnd'| <= 2^30 for |zp| <= 128 and
+ * right <= 23. */
+#define FC_CHUNKS (TSH_FC_KMAX / 4 / TSH_FC_UNROLL)
 
-/* Requantise one accumulator with tsh_rq_short (tsh_fixedpoint.h): every channel on this path meets
- * its preconditions (no left shift, 1 <= right <= 23, multiplier >= 0, |x| < 2^30). */
-static inline int32_t fc_rq_fast(int32_t x, int32_t m, int32_t rnd, int32_t right, int32_t zp)
+struct fc_state {                 /* 48 bytes below a chunk's base; the asm uses these offsets */
+    const int32_t *bias, *mult, *shift;   /* -48 -44 -40: advanced pair by pair (chunk 0's only) */
+    int8_t *y;                    /* -36: row 0's output of the current pair */
+    int32_t d1, d2, c;            /* -32 -28 -24: row 1 - row 0, row 2 - row 1 (0: a repeated row), 2 zp + 1 */
+    const int8_t *wend;           /* -20: the weights' end: the loop's stop */
+    int32_t skip;                 /* -16: bytes of steps the first chunk skips */
+    uint32_t entry;               /* -12: the first chunk's first step (Thumb address) */
+    const int32_t *next;          /* -8: the next chunk's base, NULL after the last (every chunk) */
+    const int32_t *first;         /* -4: the first chunk's base (every chunk) */
+};
+
+struct fc_chunk {                 /* a chunk: its state, then its steps' extended rows (24 bytes each) */
+    struct fc_state st;
+    int32_t x[6 * TSH_FC_UNROLL];
+};
+
+#define FC_RQ(a, m, rnd, r)                                                                        \
+    "add " a ", " a ", " a "\n\t"                                                                   \
+    "smmulr " a ", " a ", " m "\n\t"                                                               \
+    "sub " a ", " a ", " a ", lsr #31\n\t"                                                         \
+    "add " a ", " a ", " rnd "\n\t"                                                                \
+    "asr " a ", " a ", " r "\n\t"                                                                  \
+    "ssat " a ", #8, " a "\n\t"
+
+static void fc_pairs3_asm(const int32_t *base, const int8_t *w)
 {
-    return tsh_rq_short(x, m, rnd, right, zp);
+    int32_t a0, a1, a2, a3, a4, a5, t0, t1, t2, t3, xa, xb;
+    __asm__ volatile(
+        "adr %[t0], 3f\n\t"
+        "ldr %[t1], [%[x], #-16]\n\t"
+        "add %[t0], %[t0], %[t1]\n\t"
+        "orr %[t0], %[t0], #1\n\t"
+        "str %[t0], [%[x], #-12]\n"
+        "1:\n\t"
+        "ldr %[t0], [%[x], #-48]\n\t"
+        "ldrd %[a0], %[a1], [%[t0]], #8\n\t"
+        "str %[t0], [%[x], #-48]\n\t"
+        "mov %[a2], %[a0]\n\t"
+        "mov %[a3], %[a1]\n\t"
+        "mov %[a4], %[a0]\n\t"
+        "mov %[a5], %[a1]\n\t"
+        "ldr pc, [%[x], #-12]\n\t"
+        ".p2align 2\n"
+        "3:\n\t"
+        ".set .Lfc_i, 0\n\t"
+        ".rept " TSH_STR(TSH_FC_UNROLL) "\n\t"
+        "ldrd %[t0], %[t1], [%[w]], #8\n\t"
+        "sxtb16 %[t2], %[t0]\n\t"
+        "sxtb16 %[t0], %[t0], ror #8\n\t"
+        "sxtb16 %[t3], %[t1]\n\t"
+        "sxtb16 %[t1], %[t1], ror #8\n\t"
+        "ldrd %[xa], %[xb], [%[x], #(24 * .Lfc_i)]\n\t"
+        "smlad %[a0], %[xa], %[t2], %[a0]\n\t"
+        "smlad %[a0], %[xb], %[t0], %[a0]\n\t"
+        "smlad %[a1], %[xa], %[t3], %[a1]\n\t"
+        "smlad %[a1], %[xb], %[t1], %[a1]\n\t"
+        "ldrd %[xa], %[xb], [%[x], #(24 * .Lfc_i + 8)]\n\t"
+        "smlad %[a2], %[xa], %[t2], %[a2]\n\t"
+        "smlad %[a2], %[xb], %[t0], %[a2]\n\t"
+        "smlad %[a3], %[xa], %[t3], %[a3]\n\t"
+        "smlad %[a3], %[xb], %[t1], %[a3]\n\t"
+        "ldrd %[xa], %[xb], [%[x], #(24 * .Lfc_i + 16)]\n\t"
+        "smlad %[a4], %[xa], %[t2], %[a4]\n\t"
+        "smlad %[a4], %[xb], %[t0], %[a4]\n\t"
+        "smlad %[a5], %[xa], %[t3], %[a5]\n\t"
+        "smlad %[a5], %[xb], %[t1], %[a5]\n\t"
+        ".set .Lfc_i, .Lfc_i + 1\n\t"
+        ".endr\n\t"
+        "ldr %[t0], [%[x], #-8]\n\t"     /* the next chunk from its first step, else back to the first */
+        "cmp %[t0], #0\n\t"
+        "beq 5f\n\t"
+        "mov %[x], %[t0]\n\t"
+        "b 3b\n"
+        "5:\n\t"
+        "ldr %[x], [%[x], #-4]\n\t"
+        /* the pair's multipliers (t1, t2), right shifts (xa, xb) and rounding terms (t3, t0) */
+        "ldr %[t0], [%[x], #-44]\n\t"
+        "ldrd %[t1], %[t2], [%[t0]], #8\n\t"
+        "str %[t0], [%[x], #-44]\n\t"
+        "ldr %[t0], [%[x], #-40]\n\t"
+        "ldrd %[xa], %[xb], [%[t0]], #8\n\t"
+        "str %[t0], [%[x], #-40]\n\t"
+        "ldr %[t0], [%[x], #-24]\n\t"
+        "rsb %[xa], %[xa], #0\n\t"
+        "rsb %[xb], %[xb], #0\n\t"
+        "lsl %[t3], %[t0], %[xa]\n\t"
+        "asr %[t3], %[t3], #1\n\t"
+        "lsl %[t0], %[t0], %[xb]\n\t"
+        "asr %[t0], %[t0], #1\n\t"
+        FC_RQ("%[a0]", "%[t1]", "%[t3]", "%[xa]")
+        FC_RQ("%[a2]", "%[t1]", "%[t3]", "%[xa]")
+        FC_RQ("%[a4]", "%[t1]", "%[t3]", "%[xa]")
+        FC_RQ("%[a1]", "%[t2]", "%[t0]", "%[xb]")
+        FC_RQ("%[a3]", "%[t2]", "%[t0]", "%[xb]")
+        FC_RQ("%[a5]", "%[t2]", "%[t0]", "%[xb]")
+        /* stores: row 0 at y, row 1 at y + d1, row 2 at y + d1 + d2 */
+        "ldr %[t1], [%[x], #-36]\n\t"
+        "ldr %[t2], [%[x], #-32]\n\t"
+        "strb %[a1], [%[t1], #1]\n\t"
+        "strb %[a0], [%[t1]], #2\n\t"
+        "str %[t1], [%[x], #-36]\n\t"
+        "add %[t1], %[t1], %[t2]\n\t"
+        "strb %[a2], [%[t1], #-2]\n\t"
+        "strb %[a3], [%[t1], #-1]\n\t"
+        "ldr %[t2], [%[x], #-28]\n\t"
+        "add %[t1], %[t1], %[t2]\n\t"
+        "strb %[a4], [%[t1], #-2]\n\t"
+        "strb %[a5], [%[t1], #-1]\n\t"
+        "ldr %[t0], [%[x], #-20]\n\t"
+        "cmp %[w], %[t0]\n\t"
+        "bne 1b\n\t"
+        : [a0] "=&r"(a0), [a1] "=&r"(a1), [a2] "=&r"(a2), [a3] "=&r"(a3), [a4] "=&r"(a4), [a5] "=&r"(a5),
+          [w] "+&r"(w), [x] "+&r"(base), [t0] "=&r"(t0), [t1] "=&r"(t1), [t2] "=&r"(t2), [t3] "=&r"(t3),
+          [xa] "=&r"(xa), [xb] "=&r"(xb)
+        :
+        : "memory", "cc");
 }
+
 #else
+#define FC_PAIRS_ASM 0
 /* The same integers in C: host tests of the DSP path run this with emulated instructions; other
  * DSP cores (Armv8-M mainline, where the register-hungry block above does not allocate) with the
  * real SMLAD/SXTB16. */
@@ -117,8 +212,9 @@ static inline int32_t fc_rq_fast(int32_t x, int32_t m, int32_t rnd, int32_t righ
 }
 #endif
 
+#if !FC_PAIRS_ASM
 /* Three rows (their extension `xe`) against all channel pairs, every channel on the short
- * requantisation path (see fc_rq_fast): the hot loop of the Cortex-M fully connected layer. */
+ * requantisation path (see fc_rq_fast): the fully connected layer's hot loop in C. */
 static void fc_rows3_fast(const int32_t *xe, const int8_t *w, const int32_t *bias, const int32_t *mult,
                           const int32_t *shift, int8_t *y, int32_t y_stride, int32_t rows, int32_t K4, int32_t N2,
                           int32_t y_zp)
@@ -152,6 +248,8 @@ static void fc_rows3_fast(const int32_t *xe, const int8_t *w, const int32_t *bia
         yc[2 * y_stride + 1] = (int8_t)fc_rq_fast(a5, m1, d1, r1, y_zp);
     }
 }
+
+#endif
 
 /* One row against one weight pair (both channels), SXTB16 on both sides. */
 static void fc_row_pair(const int8_t *x, const int8_t *wp, int32_t K, int32_t *s0, int32_t *s1)
@@ -214,20 +312,49 @@ void tsh_fc_s8(const int8_t *x, const int8_t *w, const int32_t *bias, const int3
 #if TSH_USE_DSP
     /* the register-blocked path needs 4-byte aligned 8-byte weight groups */
     if (K <= TSH_FC_KMAX && K % 4 == 0 && ((uintptr_t)w & 3u) == 0 && M >= 2) {
-        /* register-blocked path: blocks of three rows, channel pairs, short requantisation */
-        int32_t xe[6 * (TSH_FC_KMAX / 4)];
-        int32_t K4 = K / 4, fast = act_min == -128 && act_max == 127;
-        /* the short requantisation needs |acc| < 2^30: |bias| + K * 2^14 with K <= 512 */
+        /* blocks of three rows, channel pairs, the short requantisation: it needs |acc| < 2^30
+         * (|bias| + K 2^14 with K <= 512) and, folded into the rounding as on the Cortex-M4, an
+         * int8 zero point; other parameters go row by row below */
+        int32_t K4 = K / 4, fast = act_min == -128 && act_max == 127 && y_zp >= -128 && y_zp <= 127;
         for (int32_t n = 0; n < N2 && fast; n++)
             fast = mult[n] >= 0 && shift[n] <= -1 && shift[n] >= -23 && bias[n] < (1 << 29) && bias[n] > -(1 << 29);
-        for (; m < M; m += 3) {
+#if FC_PAIRS_ASM
+        /* chunk c's base ch[c].x; the short first chunk (k0 steps) ends where the full ones do */
+        struct fc_chunk ch[FC_CHUNKS];
+        int32_t nch = (K4 + TSH_FC_UNROLL - 1) / TSH_FC_UNROLL, k0 = K4 - (nch - 1) * TSH_FC_UNROLL;
+        for (int32_t c = 0; c < nch; c++) {
+            ch[c].st.next = c + 1 < nch ? ch[c + 1].x : 0;
+            ch[c].st.first = ch[0].x;
+        }
+        ch[0].st.c = 2 * y_zp + 1;
+        ch[0].st.wend = w + N2 * K;
+        ch[0].st.skip = 80 * (TSH_FC_UNROLL - k0);
+        /* a last single row goes row by row below: cheaper than a block of three copies */
+        for (; fast && N2 >= 2 && M - m >= 2; m += 3) {
+#else
+        int32_t xe[6 * (TSH_FC_KMAX / 4)];
+        for (; fast && m < M; m += 3) {
+#endif
             int32_t rows = M - m < 3 ? M - m : 3;
             const int8_t *x0 = x + m * x_stride;
-            const int8_t *x1 = rows > 1 ? x0 + x_stride : x0, *x2 = rows > 2 ? x0 + 2 * x_stride : x0;
+            const int8_t *x1 = rows > 1 ? x0 + x_stride : x0, *x2 = rows > 2 ? x1 + x_stride : x1;
             int8_t *y0 = y + m * y_stride;
-            if (!fast) break;   /* unusual requantisation parameters: row by row below */
+#if FC_PAIRS_ASM
+            for (int32_t c = 0; c < nch; c++) {
+                int32_t g0 = c ? k0 + (c - 1) * TSH_FC_UNROLL : 0, n = c ? TSH_FC_UNROLL : k0;
+                fc_extend3(x0 + 4 * g0, x1 + 4 * g0, x2 + 4 * g0, n, ch[c].x + 6 * (c ? 0 : TSH_FC_UNROLL - k0));
+            }
+            ch[0].st.bias = bias;
+            ch[0].st.mult = mult;
+            ch[0].st.shift = shift;
+            ch[0].st.y = y0;
+            ch[0].st.d1 = rows > 1 ? y_stride : 0;   /* a repeated row writes the same bytes again */
+            ch[0].st.d2 = rows > 2 ? y_stride : 0;
+            fc_pairs3_asm(ch[0].x, w);
+#else
             fc_extend3(x0, x1, x2, K4, xe);
             fc_rows3_fast(xe, w, bias, mult, shift, y0, y_stride, rows, K4, N2, y_zp);
+#endif
             if (N2 < N)
                 for (int32_t r = 0; r < rows; r++)
                     y0[r * y_stride + N2] = requant_clamp(dot_s8(x0 + r * x_stride, w + N2 * K, K, bias[N2]),
@@ -342,6 +469,113 @@ static void qk_extend4(const int8_t *q, int32_t q_stride, int32_t rows, int32_t 
     } while (0)
 #endif
 
+#if FC_PAIRS_ASM   /* the same Cortex-M4 condition: 14 registers for one asm block */
+#define QK_STEPS 16       /* head widths up to 64 take the straight-line key loop below */
+
+struct qk_state {         /* 44 bytes below the base; the asm uses these offsets */
+    int32_t c[4];         /* -44 .. -32: the accumulators' start, -k_zp sum_t (q - zq) per query */
+    int32_t kdelta;       /* -28: from the end of a key row to the next row */
+    int32_t d1, d2, d3;   /* -24 -20 -16: query row r's output - row r-1's (a repeated row: back to row 0) */
+    const int8_t *send;   /* -12: row 0's output end: the loop's stop */
+    int32_t skip;         /* -8: bytes of steps skipped, 60 (QK_STEPS - dh / 4) */
+    uint32_t entry;       /* -4: the first executed step (Thumb address) */
+};
+
+struct qk_block {         /* the state, then the four extended query rows, 32 bytes a step */
+    struct qk_state st;
+    int32_t x[8 * QK_STEPS];
+};
+
+/* Four queries (extended at `base` as qk_extend4 lays them out) against every key, in assembly:
+ * per step of 4 t one load of the key word, two SXTB16, four LDRD of the query pairs and eight
+ * SMLAD (15 instructions for 16 MACs), straight-line code entered part way; then the four scores
+ * requantised in place as in fc_pairs3_asm (zero point folded into the rounding term) and stored
+ * down the column. The multiplier, rounding term, right shift and output pointer stay in registers. */
+static void qk_keys_asm(const int32_t *base, const int8_t *k, int8_t *s, int32_t m, int32_t rnd, int32_t right)
+{
+    int32_t a0, a1, a2, a3, ka, kb, u, w;
+    __asm__ volatile(
+        "adr %[u], 3f\n\t"
+        "ldr %[w], [%[x], #-8]\n\t"
+        "add %[u], %[u], %[w]\n\t"
+        "orr %[u], %[u], #1\n\t"
+        "str %[u], [%[x], #-4]\n"
+        "1:\n\t"
+        "ldrd %[a0], %[a1], [%[x], #-44]\n\t"
+        "ldrd %[a2], %[a3], [%[x], #-36]\n\t"
+        "ldr pc, [%[x], #-4]\n\t"
+        ".p2align 2\n"
+        "3:\n\t"
+        ".set .Lqk_i, 0\n\t"
+        ".rept " TSH_STR(QK_STEPS) "\n\t"
+        "ldr %[u], [%[k]], #4\n\t"
+        "sxtb16 %[ka], %[u]\n\t"
+        "sxtb16 %[kb], %[u], ror #8\n\t"
+        "ldrd %[u], %[w], [%[x], #(32 * .Lqk_i)]\n\t"
+        "smlad %[a0], %[u], %[ka], %[a0]\n\t"
+        "smlad %[a0], %[w], %[kb], %[a0]\n\t"
+        "ldrd %[u], %[w], [%[x], #(32 * .Lqk_i + 8)]\n\t"
+        "smlad %[a1], %[u], %[ka], %[a1]\n\t"
+        "smlad %[a1], %[w], %[kb], %[a1]\n\t"
+        "ldrd %[u], %[w], [%[x], #(32 * .Lqk_i + 16)]\n\t"
+        "smlad %[a2], %[u], %[ka], %[a2]\n\t"
+        "smlad %[a2], %[w], %[kb], %[a2]\n\t"
+        "ldrd %[u], %[w], [%[x], #(32 * .Lqk_i + 24)]\n\t"
+        "smlad %[a3], %[u], %[ka], %[a3]\n\t"
+        "smlad %[a3], %[w], %[kb], %[a3]\n\t"
+        ".set .Lqk_i, .Lqk_i + 1\n\t"
+        ".endr\n\t"
+        FC_RQ("%[a0]", "%[m]", "%[rnd]", "%[r]")
+        FC_RQ("%[a1]", "%[m]", "%[rnd]", "%[r]")
+        FC_RQ("%[a2]", "%[m]", "%[rnd]", "%[r]")
+        FC_RQ("%[a3]", "%[m]", "%[rnd]", "%[r]")
+        "ldr %[u], [%[x], #-24]\n\t"
+        "strb %[a0], [%[s]], #1\n\t"
+        "add %[w], %[s], %[u]\n\t"
+        "strb %[a1], [%[w], #-1]\n\t"
+        "ldr %[u], [%[x], #-20]\n\t"
+        "add %[w], %[w], %[u]\n\t"
+        "strb %[a2], [%[w], #-1]\n\t"
+        "ldr %[u], [%[x], #-16]\n\t"
+        "add %[w], %[w], %[u]\n\t"
+        "strb %[a3], [%[w], #-1]\n\t"
+        "ldr %[u], [%[x], #-28]\n\t"
+        "add %[k], %[k], %[u]\n\t"
+        "ldr %[u], [%[x], #-12]\n\t"
+        "cmp %[s], %[u]\n\t"
+        "bne 1b\n\t"
+        : [a0] "=&r"(a0), [a1] "=&r"(a1), [a2] "=&r"(a2), [a3] "=&r"(a3), [ka] "=&r"(ka), [kb] "=&r"(kb),
+          [u] "=&r"(u), [w] "=&r"(w), [k] "+&r"(k), [s] "+&r"(s)
+        : [x] "r"(base), [m] "r"(m), [rnd] "r"(rnd), [r] "r"(right)
+        : "memory", "cc");
+}
+
+/* matmul_qk through qk_keys_asm: four queries at a time, the missing rows of the last block
+ * repeating row 0 (stored over row 0 again, the same bytes) */
+static void qk_asm(const int8_t *q, const int8_t *k, int8_t *s, int32_t Lq, int32_t Lk, int32_t dh,
+                   int32_t q_stride, int32_t k_stride, int32_t s_stride, int32_t q_zp, int32_t k_zp,
+                   const tsh_rq_t *rq)
+{
+    struct qk_block blk;
+    int32_t qs[4], dh4 = dh / 4;
+    int32_t rnd = (int32_t)((uint32_t)(2 * rq->zp + 1) << rq->right) >> 1;
+    blk.st.kdelta = k_stride - dh;
+    blk.st.skip = 60 * (QK_STEPS - dh4);
+    for (int32_t i = 0; i < Lq; i += 4) {
+        int32_t rows = Lq - i < 4 ? Lq - i : 4;
+        qk_extend4(q + i * q_stride, q_stride, rows, dh4, q_zp, blk.x + 8 * (QK_STEPS - dh4), qs);
+        for (int32_t r = 0; r < 4; r++) blk.st.c[r] = -k_zp * qs[r];
+        /* row r's output at row (r < rows ? r : 0) */
+        blk.st.d1 = rows > 1 ? s_stride : 0;
+        blk.st.d2 = rows > 2 ? s_stride : -blk.st.d1;
+        blk.st.d3 = rows > 3 ? s_stride : (rows > 2 ? -2 * s_stride : 0);
+        int8_t *si = s + i * s_stride;
+        blk.st.send = si + Lk;
+        qk_keys_asm(blk.x, k, si, rq->mult, rnd, rq->right);
+    }
+}
+#endif
+
 /* matmul_qk for dh % 4 == 0: blocks of four queries against one key, the queries extended once
  * (zero point subtracted), each key word split by two SXTB16 and used by eight SMLAD;
  * sum (q - zq)(k - zk) = sum (q - zq) k - zk sum (q - zq). */
@@ -354,9 +588,15 @@ static void qk_blocked(const int8_t *q, const int8_t *k, int8_t *s, int32_t Lq, 
      * check, its parameters stay in registers */
 #if defined(__ARM_FEATURE_DSP) && !defined(TSH_PORTABLE) && !defined(TSH_EMULATE_DSP)
     const int32_t fast = rq->fast, m = rq->mult, rnd = rq->rnd, right = rq->right, zp = rq->zp;
-#define QK_RQ(acc) (fast ? (int8_t)tsh_rq_short(acc, m, rnd, right, zp) : tsh_rq(rq, acc))
+#define QK_RQ(acc) (fast ? (int8_t)tsh_rq_short(acc, m, rnd, right, zp) : rq_slow(rq, acc))
 #else
 #define QK_RQ(acc) tsh_rq(rq, acc)
+#endif
+#if FC_PAIRS_ASM
+    if (fast && dh <= 4 * QK_STEPS && zp >= -128 && zp <= 127 && Lk >= 1) {
+        qk_asm(q, k, s, Lq, Lk, dh, q_stride, k_stride, s_stride, q_zp, k_zp, rq);
+        return;
+    }
 #endif
     for (int32_t i = 0; i < Lq; i += 4) {
         int32_t rows = Lq - i < 4 ? Lq - i : 4;
@@ -382,9 +622,57 @@ static void qk_blocked(const int8_t *q, const int8_t *k, int8_t *s, int32_t Lq, 
     }
 }
 
+/* The rows of matmul_pv against four transposed columns `vt` (see pv_blocked): per probability
+ * row and two keys one load of p, two LDRD of the pairs, four SMLAD; the short requantisation
+ * when the accumulator allows it. A function of its own so that its few spills sit near the
+ * stack pointer, not beyond pv_blocked's 4 KB table (three instructions per access there). */
+static void __attribute__((noinline)) pv_rows(const int16_t *p, const int32_t *vt, const int8_t *vl, int8_t *y,
+                                              int32_t Lq, int32_t Lk, int32_t p_stride, int32_t y_stride,
+                                              int32_t v_zp, const tsh_rq_t *rq)
+{
+    const int32_t *cend = vt + 4 * (Lk / 2);
+#if defined(__ARM_FEATURE_DSP) && !defined(TSH_PORTABLE) && !defined(TSH_EMULATE_DSP)
+    const int32_t fast = rq->fast, m = rq->mult, rnd = rq->rnd, right = rq->right, zp = rq->zp;
+    /* tsh_rq's short path for |acc| < 2^30 (a probability row of large values can exceed it) */
+#define PV_RQ(acc) (fast && (uint32_t)(acc) + (1u << 30) < (1u << 31) ? (int8_t)tsh_rq_short(acc, m, rnd, right, zp) \
+                                                                     : rq_slow(rq, acc))
+#else
+#define PV_RQ(acc) tsh_rq(rq, acc)
+#endif
+    for (int32_t i = 0; i < Lq; i++) {
+        const int16_t *pi = p + i * p_stride, *pp = pi;
+        const int32_t *c = vt;
+        int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+        while (c < cend) {
+            int32_t x, u0, u1, u2, u3;
+            memcpy(&x, pp, sizeof x);
+            pp += 2;
+#if defined(__ARM_FEATURE_DSP) && !defined(TSH_PORTABLE) && !defined(TSH_EMULATE_DSP)
+            __asm__("ldrd %0, %1, [%4], #8\n\tldrd %2, %3, [%4], #8"
+                    : "=&r"(u0), "=&r"(u1), "=&r"(u2), "=&r"(u3), "+r"(c) : : "memory");
+#else
+            u0 = c[0]; u1 = c[1]; u2 = c[2]; u3 = c[3];
+            c += 4;
+#endif
+            a0 = tsh_smlad(x, u0, a0);
+            a1 = tsh_smlad(x, u1, a1);
+            a2 = tsh_smlad(x, u2, a2);
+            a3 = tsh_smlad(x, u3, a3);
+        }
+        if (Lk & 1) {
+            int32_t pl = pi[Lk - 1];
+            a0 += pl * (vl[0] - v_zp); a1 += pl * (vl[1] - v_zp);
+            a2 += pl * (vl[2] - v_zp); a3 += pl * (vl[3] - v_zp);
+        }
+        int8_t *yi = y + i * y_stride;
+        yi[0] = PV_RQ(a0); yi[1] = PV_RQ(a1); yi[2] = PV_RQ(a2); yi[3] = PV_RQ(a3);
+    }
+#undef PV_RQ
+}
+
 /* matmul_pv for dh % 4 == 0, Lk <= TSH_PV_LKMAX: four columns of v at a time, transposed once into
- * (key j, key j+1) int16 pairs of v - zv, the four columns' pairs of a key pair side by side; then
- * per probability row and two keys: one load of p, two LDRD of the pairs, four SMLAD (no spills). */
+ * (key j, key j+1) int16 pairs of v - zv, the four columns' pairs of a key pair side by side, then
+ * every probability row against them (pv_rows). */
 static void pv_blocked(const int16_t *p, const int8_t *v, int8_t *y, int32_t Lq, int32_t Lk, int32_t dh,
                        int32_t p_stride, int32_t v_stride, int32_t y_stride, int32_t v_zp, const tsh_rq_t *rq)
 {
@@ -401,37 +689,8 @@ static void pv_blocked(const int16_t *p, const int8_t *v, int8_t *y, int32_t Lq,
             c[2] = tsh_ssub16(tsh_pkhtb(e1, e0), zz);
             c[3] = tsh_ssub16(tsh_pkhtb(o1, o0), zz);
         }
-        const int8_t *vl = v + (Lk - 1) * v_stride + t;   /* the odd last key, if any */
-        for (int32_t i = 0; i < Lq; i++) {
-            const int16_t *pi = p + i * p_stride;
-            const int32_t *c = vt;
-            int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
-            const int32_t *cend = vt + 4 * L2;
-            const int16_t *pp = pi;
-            while (c < cend) {
-                int32_t x, u0, u1, u2, u3;
-                memcpy(&x, pp, sizeof x);
-                pp += 2;
-#if defined(__ARM_FEATURE_DSP) && !defined(TSH_PORTABLE) && !defined(TSH_EMULATE_DSP)
-                __asm__("ldrd %0, %1, [%4], #8\n\tldrd %2, %3, [%4], #8"
-                        : "=&r"(u0), "=&r"(u1), "=&r"(u2), "=&r"(u3), "+r"(c) : : "memory");
-#else
-                u0 = c[0]; u1 = c[1]; u2 = c[2]; u3 = c[3];
-                c += 4;
-#endif
-                a0 = tsh_smlad(x, u0, a0);
-                a1 = tsh_smlad(x, u1, a1);
-                a2 = tsh_smlad(x, u2, a2);
-                a3 = tsh_smlad(x, u3, a3);
-            }
-            if (Lk & 1) {
-                int32_t pl = pi[Lk - 1];
-                a0 += pl * (vl[0] - v_zp); a1 += pl * (vl[1] - v_zp);
-                a2 += pl * (vl[2] - v_zp); a3 += pl * (vl[3] - v_zp);
-            }
-            int8_t *yi = y + i * y_stride + t;
-            yi[0] = tsh_rq(rq, a0); yi[1] = tsh_rq(rq, a1); yi[2] = tsh_rq(rq, a2); yi[3] = tsh_rq(rq, a3);
-        }
+        /* the odd last key, if any, plainly */
+        pv_rows(p, vt, v + (Lk - 1) * v_stride + t, y + t, Lq, Lk, p_stride, y_stride, v_zp, rq);
     }
 }
 #endif

@@ -2,9 +2,18 @@
 #include "tsh_fixedpoint.h"
 #include "tsh_kernels.h"
 
+/* four bytes a word (one load, four SXTB + LDRB, one store; y may be x itself) */
 void tsh_lut_s8(const int8_t *x, const int8_t *table, int8_t *y, int32_t n)
 {
-    for (int32_t i = 0; i < n; i++) y[i] = table[x[i] + 128];
+    const uint8_t *t = (const uint8_t *)table + 128;   /* indexed by the signed input */
+    int32_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        uint32_t v = (uint32_t)tsh_read32(x + i);
+        uint32_t r = (uint32_t)t[(int8_t)v] | (uint32_t)t[(int8_t)(v >> 8)] << 8 |
+                     (uint32_t)t[(int8_t)(v >> 16)] << 16 | (uint32_t)t[(int8_t)(v >> 24)] << 24;
+        memcpy(y + i, &r, sizeof r);
+    }
+    for (; i < n; i++) y[i] = table[x[i] + 128];
 }
 
 void tsh_mean_pool_s8(const int8_t *x, const int8_t *mask, int8_t *y, int32_t L, int32_t d, int32_t x_zp,
@@ -28,6 +37,28 @@ void tsh_embedding_s8(const int32_t *ids, const int8_t *table, int8_t *y, int32_
         if (id < 0 || id >= vocab) id = 0;
         memcpy(y + i * d, table + id * d, (size_t)d);
     }
+}
+
+/* MBQM (tsh_mbqm) when |x 2^left| < 2^30 and right <= 23 (one of them 0): no saturation anywhere, so
+ * SRDHM(x 2^left, m) = floor((x 2^left m + 2^30) / 2^31) (SMULL and a shift; SMMULR of 2 x 2^left on
+ * the Cortex-M4), then the rounding right shift with |h| <= 2^30 */
+static inline int32_t clr_mbqm(int32_t x, int32_t m, int32_t left, int32_t right)
+{
+    int32_t h;
+#if defined(__ARM_FEATURE_DSP) && !defined(TSH_PORTABLE) && !defined(TSH_EMULATE_DSP)
+    int32_t x2 = (int32_t)((uint32_t)x << (left + 1));
+    __asm__("smmulr %0, %1, %2" : "=r"(h) : "r"(x2), "r"(m));
+#else
+    h = (int32_t)(((int64_t)x * (1 << left) * m + ((int64_t)1 << 30)) >> 31);
+#endif
+    if (right == 0) return h;
+    return (h + (1 << (right - 1)) - (int32_t)((uint32_t)h >> 31)) >> right;
+}
+
+/* clr_mbqm's conditions for accumulators up to `bound` in magnitude and this shift */
+static inline int clr_short(int32_t bound, int32_t shift)
+{
+    return shift > 0 ? shift <= 16 && ((int64_t)bound << shift) < (1 << 30) : shift >= -23 && bound < (1 << 30);
 }
 
 void tsh_embedding_clr_s8(const int32_t *ids, const uint16_t *slot, const int32_t *clusters, const int8_t *u,
@@ -58,6 +89,17 @@ void tsh_embedding_clr_s8(const int32_t *ids, const uint16_t *slot, const int32_
         }
         const int8_t *ui = u + c[4] + i * r, *vc = v + c[5];
         const int32_t *vm = v_mult + c[6];
+        int32_t b1 = r * 16384, b2 = vsh > 0 && vsh <= 16 ? b1 << vsh : b1;
+        if (clr_short(b1, vsh) && clr_short(b2, ush)) {
+            /* |acc| <= b1 = r 2^14 and the first stage's |t| <= b1 2^left: both on the short path */
+            int32_t l1 = vsh > 0 ? vsh : 0, r1 = vsh > 0 ? 0 : -vsh, l2 = ush > 0 ? ush : 0, r2 = ush > 0 ? 0 : -ush;
+            for (int32_t j = 0; j < d; j++) {
+                int32_t acc = 0;
+                for (int32_t k = 0; k < r; k++) acc += ui[k] * vc[k * d + j];
+                out[j] = tsh_sat8(clr_mbqm(clr_mbqm(acc, vm[j], l1, r1), um, l2, r2));
+            }
+            continue;
+        }
         for (int32_t j = 0; j < d; j++) {
             int32_t acc = 0;
             for (int32_t k = 0; k < r; k++) acc += ui[k] * vc[k * d + j];
