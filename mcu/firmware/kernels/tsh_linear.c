@@ -1,6 +1,7 @@
 /* Linear algebra kernels: fully connected, attention matmuls, conv2d (twins of mcu/kernels.py). */
 #include "tsh_fixedpoint.h"
 #include "tsh_kernels.h"
+#include "tsh_mve.h"
 
 static inline int8_t requant_clamp(int32_t acc, int32_t mult, int32_t shift, int32_t zp, int32_t lo, int32_t hi)
 {
@@ -211,6 +212,9 @@ void tsh_fc_s8(const int8_t *x, const int8_t *w, const int32_t *bias, const int3
                int32_t y_stride, int32_t y_zp, int32_t act_min, int32_t act_max)
 {
     int32_t m = 0, N2 = N / 2 * 2;
+#if TSH_USE_MVE
+    if (tsh_mve_fc_s8(x, w, bias, mult, shift, y, M, K, N, x_stride, y_stride, y_zp, act_min, act_max)) return;
+#endif
 #if TSH_USE_DSP
     /* the register-blocked path needs 4-byte aligned 8-byte weight groups */
     if (K <= TSH_FC_KMAX && K % 4 == 0 && ((uintptr_t)w & 3u) == 0 && M >= 2) {

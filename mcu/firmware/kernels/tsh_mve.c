@@ -1,0 +1,121 @@
+/* Helium (MVE) paths of the linear kernels: the same integers as tsh_linear.c (twins of mcu/kernels.py),
+ * on Armv8.1-M vector instructions. VMLADAVA.S8 multiplies 16 int8 pairs and adds their sum to a scalar
+ * accumulator in one instruction; the requantisation stays scalar (the helpers of tsh_fixedpoint.h). */
+#include "tsh_mve.h"
+
+#if TSH_USE_MVE
+#include <arm_mve.h>
+
+#include "tsh_fixedpoint.h"
+
+/* y = clamp(MBQM(acc, mult, shift) + zp, lo, hi) on four lanes, exactly tsh_mbqm + tsh_add_clamp8 (the
+ * requantisation of base/quant.py) for any multiplier and shift: the saturating left shift VQSHL;
+ * SRDHM is VQRDMULH (saturating only at INT32_MIN x INT32_MIN, like tsh_srdhm); RDBPOT(e) is a rounding
+ * shift VRSHL by -e of x - 1 for negative x (round half away from zero; the subtraction saturates only at
+ * INT32_MIN, which shifts to the same result); the zero point is added with saturation (a saturated sum
+ * lies outside any int8 range as the exact one does) and the result clamped. */
+static inline int32x4_t rq4(int32x4_t acc, int32x4_t left, int32x4_t mult, int32x4_t negright, int32_t zp,
+                            int32_t lo, int32_t hi)
+{
+    int32x4_t x = vqrdmulhq_s32(vqshlq_s32(acc, left), mult);
+    x = vqaddq_s32(x, vshrq_n_s32(vandq_s32(x, negright), 31));
+    x = vqaddq_n_s32(vrshlq_s32(x, negright), zp);
+    return vminq_s32(vmaxq_s32(x, vdupq_n_s32(lo)), vdupq_n_s32(hi));
+}
+
+/* ---- fully connected ----
+ * The weights keep the layout of mcu.kernels.pack_fc_weights (channel pairs interleaved per 4 k): a
+ * de-interleaving load VLD2.32 of 32 bytes of a pair gives 16 consecutive k of each of its two rows.
+ * Three input rows x one channel pair per step of 16 k: two loads of weights, three of inputs, six
+ * VMLADAVA (96 MACs in 11 instructions). The K % 16 tail (one to three groups of 4 k, then nothing: the
+ * path takes K % 4 == 0) is a byte gather of each row's groups and zeroing loads of the inputs, both
+ * predicated on the tail's length. Two pairs' accumulators (3 rows x 4 channels) are requantised as
+ * three vectors of four channels. */
+
+/* offsets of row 0's bytes in the tail groups of a pair (row 1: +4) */
+static const uint8_t fc_tail_offsets[16] = {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27};
+
+/* acc[0..5] = bias + three rows (p0, p1, p2) . one channel pair (rows 0, 1 of acc[2r], acc[2r+1]) */
+static inline void fc_pair3(const int8_t *p0, const int8_t *p1, const int8_t *p2, const int8_t *wp, int32_t K16,
+                            int32_t rem, int32_t b0, int32_t b1, int32_t *acc)
+{
+    int32_t a0 = b0, a1 = b1, a2 = b0, a3 = b1, a4 = b0, a5 = b1;
+    for (int32_t s = 0; s < K16; s++) {
+        int32x4x2_t wv = vld2q_s32((const int32_t *)(const void *)wp);
+        int8x16_t w0 = vreinterpretq_s8_s32(wv.val[0]), w1 = vreinterpretq_s8_s32(wv.val[1]);
+        int8x16_t v0 = vld1q_s8(p0), v1 = vld1q_s8(p1), v2 = vld1q_s8(p2);
+        a0 = vmladavaq_s8(a0, v0, w0);
+        a1 = vmladavaq_s8(a1, v0, w1);
+        a2 = vmladavaq_s8(a2, v1, w0);
+        a3 = vmladavaq_s8(a3, v1, w1);
+        a4 = vmladavaq_s8(a4, v2, w0);
+        a5 = vmladavaq_s8(a5, v2, w1);
+        wp += 32;
+        p0 += 16;
+        p1 += 16;
+        p2 += 16;
+    }
+    if (rem) {
+        const mve_pred16_t pt = vctp8q((uint32_t)rem);
+        const uint8x16_t off0 = vld1q_u8(fc_tail_offsets), off1 = vaddq_n_u8(off0, 4);
+        int8x16_t w0 = vldrbq_gather_offset_z_s8(wp, off0, pt), w1 = vldrbq_gather_offset_z_s8(wp, off1, pt);
+        int8x16_t v0 = vld1q_z_s8(p0, pt), v1 = vld1q_z_s8(p1, pt), v2 = vld1q_z_s8(p2, pt);
+        a0 = vmladavaq_s8(a0, v0, w0);
+        a1 = vmladavaq_s8(a1, v0, w1);
+        a2 = vmladavaq_s8(a2, v1, w0);
+        a3 = vmladavaq_s8(a3, v1, w1);
+        a4 = vmladavaq_s8(a4, v2, w0);
+        a5 = vmladavaq_s8(a5, v2, w1);
+    }
+    acc[0] = a0; acc[1] = a1; acc[4] = a2; acc[5] = a3; acc[8] = a4; acc[9] = a5;
+}
+
+/* bias + x . w over K for one plainly stored channel */
+static inline int32_t fc_dot(const int8_t *x, const int8_t *w, int32_t K, int32_t acc)
+{
+    for (int32_t k = 0; k < K; k += 16) {
+        mve_pred16_t p = vctp8q((uint32_t)(K - k));
+        acc = vmladavaq_p_s8(acc, vld1q_z_s8(x + k, p), vld1q_z_s8(w + k, p), p);
+    }
+    return acc;
+}
+
+int tsh_mve_fc_s8(const int8_t *x, const int8_t *w, const int32_t *bias, const int32_t *mult,
+                  const int32_t *shift, int8_t *y, int32_t M, int32_t K, int32_t N, int32_t x_stride,
+                  int32_t y_stride, int32_t y_zp, int32_t act_min, int32_t act_max)
+{
+    /* VLD2.32 needs word-aligned pairs: 2 K bytes apart, from a word-aligned start */
+    if (K % 4 != 0 || ((uintptr_t)w & 3u) != 0) return 0;
+    int32_t K16 = K / 16, rem = K % 16, N2 = N / 2 * 2;
+    int32_t acc[12];   /* 3 rows x 4 channels */
+    for (int32_t m = 0; m < M; m += 3) {
+        int32_t rows = M - m < 3 ? M - m : 3;
+        const int8_t *x0 = x + m * x_stride;
+        const int8_t *x1 = rows > 1 ? x0 + x_stride : x0, *x2 = rows > 2 ? x0 + 2 * x_stride : x0;
+        int8_t *y0 = y + m * y_stride;
+        for (int32_t n = 0; n < N; n += 4) {
+            int32_t nc = N - n < 4 ? N - n : 4;   /* channels of this group */
+            for (int32_t j = 0; j < nc; j += 2) {
+                if (n + j < N2) {
+                    fc_pair3(x0, x1, x2, w + (n + j) * K, K16, rem, bias[n + j], bias[n + j + 1], acc + j);
+                } else {   /* the odd last channel, stored plainly after the pairs */
+                    acc[j] = fc_dot(x0, w + N2 * K, K, bias[N2]);
+                    acc[4 + j] = fc_dot(x1, w + N2 * K, K, bias[N2]);
+                    acc[8 + j] = fc_dot(x2, w + N2 * K, K, bias[N2]);
+                }
+            }
+            const mve_pred16_t pc = vctp32q((uint32_t)nc);
+            int32x4_t sh = vldrwq_z_s32(shift + n, pc), mu = vldrwq_z_s32(mult + n, pc);
+            int32x4_t left = vmaxq_s32(sh, vdupq_n_s32(0)), negright = vminq_s32(sh, vdupq_n_s32(0));
+            for (int32_t r = 0; r < rows; r++) {
+                int32x4_t q = rq4(vld1q_s32(acc + 4 * r), left, mu, negright, y_zp, act_min, act_max);
+                vstrbq_p_s32(y0 + r * y_stride + n, q, pc);
+            }
+        }
+    }
+    return 1;
+}
+
+#else
+typedef int tsh_mve_unused;   /* no MVE on this target: an empty translation unit otherwise */
+#endif
