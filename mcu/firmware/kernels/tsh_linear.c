@@ -452,6 +452,9 @@ void tsh_matmul_qk_s8(const int8_t *q, const int8_t *k, int8_t *s, int32_t Lq, i
                       int32_t mult, int32_t shift, int32_t s_zp)
 {
     /* sum (q - zq)(k - zk) = sum q k - zk sum q - zq sum k + dh zq zk */
+#if TSH_USE_MVE
+    if (tsh_mve_matmul_qk_s8(q, k, s, Lq, Lk, dh, q_stride, k_stride, s_stride, q_zp, k_zp, mult, shift, s_zp)) return;
+#endif
     tsh_rq_t rq = tsh_rq_make(mult, shift, s_zp, -128, 127);
     int32_t i = 0;
 #if TSH_USE_DSP
@@ -496,6 +499,9 @@ void tsh_matmul_pv_s8(const int16_t *p, const int8_t *v, int8_t *y, int32_t Lq, 
                       int32_t shift, int32_t y_zp)
 {
     /* sum_j p_j (v_j - zv) = sum_j p_j v_j - zv sum_j p_j */
+#if TSH_USE_MVE
+    if (tsh_mve_matmul_pv_s8(p, v, y, Lq, Lk, dh, p_stride, v_stride, y_stride, v_zp, mult, shift, y_zp)) return;
+#endif
     tsh_rq_t rq = tsh_rq_make(mult, shift, y_zp, -128, 127);
 #if TSH_USE_DSP
     if (dh % 4 == 0 && Lk <= TSH_PV_LKMAX) {

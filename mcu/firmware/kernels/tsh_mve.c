@@ -116,6 +116,130 @@ int tsh_mve_fc_s8(const int8_t *x, const int8_t *w, const int32_t *bias, const i
     return 1;
 }
 
+/* ---- attention ----
+ * matmul_qk: four queries x one key per step of 16 t: one key load, its sum (VADDVA), four query loads
+ * and four VMLADAVA; sum (q - zq)(k - zk) = sum q k - zk sum q - zq sum k + dh zq zk, the four scores of
+ * a key requantised as one vector and scattered down the key's column. A dh % 16 tail is one more step
+ * on zeroing loads predicated on its length. */
+int tsh_mve_matmul_qk_s8(const int8_t *q, const int8_t *k, int8_t *s, int32_t Lq, int32_t Lk, int32_t dh,
+                         int32_t q_stride, int32_t k_stride, int32_t s_stride, int32_t q_zp, int32_t k_zp,
+                         int32_t mult, int32_t shift, int32_t s_zp)
+{
+    int32_t D16 = dh / 16, rem = dh % 16;
+    const mve_pred16_t pt = vctp8q((uint32_t)rem);
+    const int32x4_t left = vdupq_n_s32(shift > 0 ? shift : 0), mu = vdupq_n_s32(mult);
+    const int32x4_t negright = vdupq_n_s32(shift > 0 ? 0 : shift);
+    const uint32x4_t rows_off = vmulq_n_u32(vidupq_n_u32(0, 1), (uint32_t)s_stride);
+    int32_t acc[4];
+    for (int32_t i = 0; i < Lq; i += 4) {
+        int32_t rows = Lq - i < 4 ? Lq - i : 4;
+        const int8_t *q0 = q + i * q_stride;
+        const int8_t *q1 = rows > 1 ? q0 + q_stride : q0, *q2 = rows > 2 ? q0 + 2 * q_stride : q0;
+        const int8_t *q3 = rows > 3 ? q0 + 3 * q_stride : q0;
+        /* per query: dh zq zk - zk sum q */
+        int32_t c[4];
+        const int8_t *qr[4] = {q0, q1, q2, q3};
+        for (int32_t r = 0; r < 4; r++) {
+            int32_t sum = 0;
+            for (int32_t t = 0; t < dh; t += 16) {
+                mve_pred16_t p = vctp8q((uint32_t)(dh - t));
+                sum = vaddvaq_p_s8(sum, vld1q_z_s8(qr[r] + t, p), p);
+            }
+            c[r] = dh * q_zp * k_zp - k_zp * sum;
+        }
+        const int32x4_t cv = vld1q_s32(c);
+        const mve_pred16_t prow = vctp32q((uint32_t)rows);
+        int8_t *si = s + i * s_stride;
+        for (int32_t j = 0; j < Lk; j++) {
+            const int8_t *kj = k + j * k_stride, *p0 = q0, *p1 = q1, *p2 = q2, *p3 = q3;
+            int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0, ks = 0;
+            for (int32_t g = 0; g < D16; g++) {
+                int8x16_t kv = vld1q_s8(kj);
+                ks = vaddvaq_s8(ks, kv);
+                a0 = vmladavaq_s8(a0, vld1q_s8(p0), kv);
+                a1 = vmladavaq_s8(a1, vld1q_s8(p1), kv);
+                a2 = vmladavaq_s8(a2, vld1q_s8(p2), kv);
+                a3 = vmladavaq_s8(a3, vld1q_s8(p3), kv);
+                kj += 16;
+                p0 += 16;
+                p1 += 16;
+                p2 += 16;
+                p3 += 16;
+            }
+            if (rem) {
+                int8x16_t kv = vld1q_z_s8(kj, pt);
+                ks = vaddvaq_s8(ks, kv);
+                a0 = vmladavaq_s8(a0, vld1q_z_s8(p0, pt), kv);
+                a1 = vmladavaq_s8(a1, vld1q_z_s8(p1, pt), kv);
+                a2 = vmladavaq_s8(a2, vld1q_z_s8(p2, pt), kv);
+                a3 = vmladavaq_s8(a3, vld1q_z_s8(p3, pt), kv);
+            }
+            acc[0] = a0; acc[1] = a1; acc[2] = a2; acc[3] = a3;
+            int32x4_t x = vaddq_n_s32(vaddq_s32(vld1q_s32(acc), cv), -q_zp * ks);
+            vstrbq_scatter_offset_p_s32(si + j, rows_off, rq4(x, left, mu, negright, s_zp, -128, 127), prow);
+        }
+    }
+    return 1;
+}
+
+/* matmul_pv: v - zv transposed once into int16 columns (keys padded with zeros to a multiple of 8), at
+ * most TSH_MVE_PV_ELEMS of them at a time on the stack; then per probability row and four columns, per 8
+ * keys: one load of p, four of columns, four VMLADAVA.S16 (32 MACs in 9 instructions); the four results
+ * requantised as one vector. */
+#define TSH_MVE_PV_ELEMS 2048          /* int16 elements of transposed columns on the stack (4 KB) */
+
+int tsh_mve_matmul_pv_s8(const int16_t *p, const int8_t *v, int8_t *y, int32_t Lq, int32_t Lk, int32_t dh,
+                         int32_t p_stride, int32_t v_stride, int32_t y_stride, int32_t v_zp, int32_t mult,
+                         int32_t shift, int32_t y_zp)
+{
+    int32_t L8 = (Lk + 7) / 8 * 8, cols = TSH_MVE_PV_ELEMS / L8 / 4 * 4;
+    if (cols < 4) return 0;
+    int16_t vt[TSH_MVE_PV_ELEMS];
+    const int32x4_t left = vdupq_n_s32(shift > 0 ? shift : 0), mu = vdupq_n_s32(mult);
+    const int32x4_t negright = vdupq_n_s32(shift > 0 ? 0 : shift);
+    /* element j of column t at vt[t L8 + j]: byte offsets 2 L8 t of eight columns */
+    const uint16x8_t col_off = vmulq_n_u16(vidupq_n_u16(0, 1), (uint16_t)(2 * L8));
+    for (int32_t t0 = 0; t0 < dh; t0 += cols) {
+        int32_t nt = dh - t0 < cols ? dh - t0 : cols;
+        int32_t nt4 = (nt + 3) / 4 * 4;
+        for (int32_t t = 0; t < nt4; t += 8) {   /* eight columns of each key row at a time */
+            mve_pred16_t pc = vctp16q((uint32_t)(nt - t));
+            for (int32_t j = 0; j < Lk; j++) {
+                int16x8_t e = vsubq_n_s16(vldrbq_z_s16(v + j * v_stride + t0 + t, pc), (int16_t)v_zp);
+                vstrhq_scatter_offset_p_s16(vt + t * L8 + j, col_off, e, pc);
+            }
+        }
+        for (int32_t t = 0; t < nt4; t++)   /* the padding keys, and columns up to a multiple of 4 */
+            for (int32_t j = t < nt ? Lk : 0; j < L8; j++) vt[t * L8 + j] = 0;
+        for (int32_t i = 0; i < Lq; i++) {
+            const int16_t *pi = p + i * p_stride;
+            int8_t *yi = y + i * y_stride + t0;
+            for (int32_t t = 0; t < nt; t += 4) {
+                const int16_t *c0 = vt + t * L8, *c1 = c0 + L8, *c2 = c1 + L8, *c3 = c2 + L8;
+                int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0, j = 0;
+                for (; j + 8 <= Lk; j += 8) {
+                    int16x8_t pv = vld1q_s16(pi + j);
+                    a0 = vmladavaq_s16(a0, pv, vld1q_s16(c0 + j));
+                    a1 = vmladavaq_s16(a1, pv, vld1q_s16(c1 + j));
+                    a2 = vmladavaq_s16(a2, pv, vld1q_s16(c2 + j));
+                    a3 = vmladavaq_s16(a3, pv, vld1q_s16(c3 + j));
+                }
+                if (j < Lk) {
+                    int16x8_t pv = vld1q_z_s16(pi + j, vctp16q((uint32_t)(Lk - j)));
+                    a0 = vmladavaq_s16(a0, pv, vld1q_s16(c0 + j));
+                    a1 = vmladavaq_s16(a1, pv, vld1q_s16(c1 + j));
+                    a2 = vmladavaq_s16(a2, pv, vld1q_s16(c2 + j));
+                    a3 = vmladavaq_s16(a3, pv, vld1q_s16(c3 + j));
+                }
+                int32_t acc[4] = {a0, a1, a2, a3};
+                vstrbq_p_s32(yi + t, rq4(vld1q_s32(acc), left, mu, negright, y_zp, -128, 127),
+                             vctp32q((uint32_t)(nt - t)));
+            }
+        }
+    }
+    return 1;
+}
+
 #else
 typedef int tsh_mve_unused;   /* no MVE on this target: an empty translation unit otherwise */
 #endif
