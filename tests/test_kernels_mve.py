@@ -34,14 +34,12 @@ def on_device(s: Schedule, x: np.ndarray, tmp_path) -> None:
     with open_board(fw) as dev:
         got = dev.infer(x).output
     bad = np.flatnonzero(got != want)
-    if bad.size:
-        out = 0
-        for c in s.calls:   # name the first call whose output differs
-            n = c.args[5].offset if c.kernel in ("fc_s8", "conv2d_s8") else c.args[2].offset
-            if n > bad[0]:
-                break
-            out = c.op
-        raise AssertionError(f"device differs from numpy at {bad[:10]} (in or after call {out})")
+    if bad.size:   # name the call whose output slot holds the first difference
+        starts = sorted((c.args[{"fc_s8": 5, "conv2d_s8": 5, "add_layernorm_s8": 5}.get(c.kernel, 2)].offset, c.op)
+                        for c in s.calls if c.kernel in ("fc_s8", "conv2d_s8", "add_layernorm_s8", "matmul_qk_s8",
+                                                         "matmul_pv_s8"))
+        op = max((st for st in starts if st[0] <= bad[0]), default=(0, "?"))[1]
+        raise AssertionError(f"device differs from numpy at {bad[:10]} (first in the output of {op})")
 
 
 class Zoo:
@@ -135,6 +133,20 @@ def draw_conv(d, z: Zoo, j: int):
     z.calls.append(Call("conv2d_s8", args, f"conv{j}", Hout * Wout * Cout * k * k * Cin))
 
 
+def draw_ln(d, z: Zoo, j: int):
+    M, dm = d(st.integers(1, 20)), d(st.one_of(st.sampled_from([32, 64, 128]), st.integers(1, 80)))
+    rng = np.random.default_rng(d(st.integers(0, 2 ** 32 - 1)))
+    gm = np.array([d(mult) for _ in range(dm)]) if d(st.booleans()) else rng.integers(1 << 30, 1 << 31, dm)
+    gs = np.array([d(shift) for _ in range(dm)]) if d(st.booleans()) else rng.integers(-20, -1, dm)
+    beta = rng.integers(-60, 61, dm) if d(st.booleans()) else rng.choice([-(2 ** 31), 2 ** 31 - 1, 0, 2 ** 30], dm)
+    lim = 1 << 12
+    args = (Ref("input", d(st.integers(0, X - M * dm))), Ref("input", d(st.integers(0, X - M * dm))),
+            z.const(f"gm{j}", gm.astype(np.int32)), z.const(f"gs{j}", gs.astype(np.int32)),
+            z.const(f"gb{j}", beta.astype(np.int32)), z.dest(M * dm), M, dm, d(zp), d(zp),
+            d(st.integers(-lim, lim)), d(st.integers(-lim, lim)), d(st.sampled_from([0, 1, 4096, 1 << 20])), d(zp))
+    z.calls.append(Call("add_layernorm_s8", args, f"ln{j}"))
+
+
 def test_kernel_zoo_on_the_emulated_cortex_m55_equals_numpy(tmp_path, arm_toolchain):
     s, x = kernel_zoo()
     on_device(s, x, tmp_path)
@@ -152,6 +164,7 @@ def test_drawn_linear_kernels_on_the_emulated_cortex_m55_equal_numpy(tmp_path, a
         draw_pv(d, z, j)
     for j in range(2):
         draw_conv(d, z, j)
+        draw_ln(d, z, j)
     rng = np.random.default_rng(d(st.integers(0, 2 ** 32 - 1)))
     x = rng.integers(-128, 128, size=X).astype(np.int8)
     x[d(st.integers(0, X - 1024)):][:1024] = d(st.sampled_from([-128, 127]))   # a run at one rail

@@ -4,24 +4,7 @@
 #include "tsh_mve.h"
 
 #if TSH_USE_MVE
-#include <arm_mve.h>
-
 #include "tsh_fixedpoint.h"
-
-/* y = clamp(MBQM(acc, mult, shift) + zp, lo, hi) on four lanes, exactly tsh_mbqm + tsh_add_clamp8 (the
- * requantisation of base/quant.py) for any multiplier and shift: the saturating left shift VQSHL;
- * SRDHM is VQRDMULH (saturating only at INT32_MIN x INT32_MIN, like tsh_srdhm); RDBPOT(e) is a rounding
- * shift VRSHL by -e of x - 1 for negative x (round half away from zero; the subtraction saturates only at
- * INT32_MIN, which shifts to the same result); the zero point is added with saturation (a saturated sum
- * lies outside any int8 range as the exact one does) and the result clamped. */
-static inline int32x4_t rq4(int32x4_t acc, int32x4_t left, int32x4_t mult, int32x4_t negright, int32_t zp,
-                            int32_t lo, int32_t hi)
-{
-    int32x4_t x = vqrdmulhq_s32(vqshlq_s32(acc, left), mult);
-    x = vqaddq_s32(x, vshrq_n_s32(vandq_s32(x, negright), 31));
-    x = vqaddq_n_s32(vrshlq_s32(x, negright), zp);
-    return vminq_s32(vmaxq_s32(x, vdupq_n_s32(lo)), vdupq_n_s32(hi));
-}
 
 /* ---- fully connected ----
  * The weights keep the layout of mcu.kernels.pack_fc_weights (channel pairs interleaved per 4 k): a
@@ -108,7 +91,7 @@ int tsh_mve_fc_s8(const int8_t *x, const int8_t *w, const int32_t *bias, const i
             int32x4_t sh = vldrwq_z_s32(shift + n, pc), mu = vldrwq_z_s32(mult + n, pc);
             int32x4_t left = vmaxq_s32(sh, vdupq_n_s32(0)), negright = vminq_s32(sh, vdupq_n_s32(0));
             for (int32_t r = 0; r < rows; r++) {
-                int32x4_t q = rq4(vld1q_s32(acc + 4 * r), left, mu, negright, y_zp, act_min, act_max);
+                int32x4_t q = tsh_mve_rq4(vld1q_s32(acc + 4 * r), left, mu, negright, y_zp, act_min, act_max);
                 vstrbq_p_s32(y0 + r * y_stride + n, q, pc);
             }
         }
@@ -176,7 +159,7 @@ int tsh_mve_matmul_qk_s8(const int8_t *q, const int8_t *k, int8_t *s, int32_t Lq
             }
             acc[0] = a0; acc[1] = a1; acc[2] = a2; acc[3] = a3;
             int32x4_t x = vaddq_n_s32(vaddq_s32(vld1q_s32(acc), cv), -q_zp * ks);
-            vstrbq_scatter_offset_p_s32(si + j, rows_off, rq4(x, left, mu, negright, s_zp, -128, 127), prow);
+            vstrbq_scatter_offset_p_s32(si + j, rows_off, tsh_mve_rq4(x, left, mu, negright, s_zp, -128, 127), prow);
         }
     }
     return 1;
@@ -232,7 +215,7 @@ int tsh_mve_matmul_pv_s8(const int16_t *p, const int8_t *v, int8_t *y, int32_t L
                     a3 = vmladavaq_s16(a3, pv, vld1q_s16(c3 + j));
                 }
                 int32_t acc[4] = {a0, a1, a2, a3};
-                vstrbq_p_s32(yi + t, rq4(vld1q_s32(acc), left, mu, negright, y_zp, -128, 127),
+                vstrbq_p_s32(yi + t, tsh_mve_rq4(vld1q_s32(acc), left, mu, negright, y_zp, -128, 127),
                              vctp32q((uint32_t)(nt - t)));
             }
         }

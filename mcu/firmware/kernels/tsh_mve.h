@@ -11,6 +11,29 @@
 
 #if defined(__ARM_FEATURE_MVE) && (__ARM_FEATURE_MVE & 1) && !defined(TSH_PORTABLE) && !defined(TSH_EMULATE_DSP)
 #define TSH_USE_MVE 1
+#include <arm_mve.h>
+
+/* y = clamp(MBQM(acc, mult, shift) + zp, lo, hi) on four lanes, exactly tsh_mbqm + tsh_add_clamp8 (the
+ * requantisation of base/quant.py) for any multiplier and shift: the saturating left shift VQSHL;
+ * SRDHM is VQRDMULH (saturating only at INT32_MIN x INT32_MIN, like tsh_srdhm); RDBPOT(e) is a rounding
+ * shift VRSHL by -e of x - 1 for negative x (round half away from zero; the subtraction saturates only at
+ * INT32_MIN, which shifts to the same result); the zero point is added with saturation (a saturated sum
+ * lies outside any int8 range as the exact one does) and the result clamped. left = max(shift, 0),
+ * negright = min(shift, 0) per lane. */
+static inline int32x4_t tsh_mve_mbqm(int32x4_t acc, int32x4_t left, int32x4_t mult, int32x4_t negright)
+{
+    int32x4_t x = vqrdmulhq_s32(vqshlq_s32(acc, left), mult);
+    x = vqaddq_s32(x, vshrq_n_s32(vandq_s32(x, negright), 31));
+    return vrshlq_s32(x, negright);
+}
+
+static inline int32x4_t tsh_mve_rq4(int32x4_t acc, int32x4_t left, int32x4_t mult, int32x4_t negright, int32_t zp,
+                                    int32_t lo, int32_t hi)
+{
+    int32x4_t x = vqaddq_n_s32(tsh_mve_mbqm(acc, left, mult, negright), zp);
+    return vminq_s32(vmaxq_s32(x, vdupq_n_s32(lo)), vdupq_n_s32(hi));
+}
+
 
 int tsh_mve_fc_s8(const int8_t *x, const int8_t *w, const int32_t *bias, const int32_t *mult,
                   const int32_t *shift, int8_t *y, int32_t M, int32_t K, int32_t N, int32_t x_stride,
