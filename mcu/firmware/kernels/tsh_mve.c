@@ -103,7 +103,7 @@ int tsh_mve_fc_s8(const int8_t *x, const int8_t *w, const int32_t *bias, const i
  * matmul_qk: four queries x one key per step of 16 t: one key load, its sum (VADDVA), four query loads
  * and four VMLADAVA; sum (q - zq)(k - zk) = sum q k - zk sum q - zq sum k + dh zq zk, the four scores of
  * a key requantised as one vector and scattered down the key's column. A dh % 16 tail is one more step
- * on zeroing loads predicated on its length. */
+ * on zeroing loads predicated on its length; heads of dh <= 16 keep the four queries in registers. */
 int tsh_mve_matmul_qk_s8(const int8_t *q, const int8_t *k, int8_t *s, int32_t Lq, int32_t Lk, int32_t dh,
                          int32_t q_stride, int32_t k_stride, int32_t s_stride, int32_t q_zp, int32_t k_zp,
                          int32_t mult, int32_t shift, int32_t s_zp)
@@ -133,6 +133,23 @@ int tsh_mve_matmul_qk_s8(const int8_t *q, const int8_t *k, int8_t *s, int32_t Lq
         const int32x4_t cv = vld1q_s32(c);
         const mve_pred16_t prow = vctp32q((uint32_t)rows);
         int8_t *si = s + i * s_stride;
+        if (dh <= 16) {   /* one step: the four queries stay in registers, no loop per key */
+            const mve_pred16_t pd = vctp8q((uint32_t)dh);
+            const int8x16_t v0 = vld1q_z_s8(q0, pd), v1 = vld1q_z_s8(q1, pd), v2 = vld1q_z_s8(q2, pd);
+            const int8x16_t v3 = vld1q_z_s8(q3, pd);
+            const int8_t *kj = k;
+            for (int32_t j = 0; j < Lk; j++, kj += k_stride) {
+                int8x16_t kv = vld1q_z_s8(kj, pd);
+                acc[0] = vmladavq_s8(v0, kv);
+                acc[1] = vmladavq_s8(v1, kv);
+                acc[2] = vmladavq_s8(v2, kv);
+                acc[3] = vmladavq_s8(v3, kv);
+                int32x4_t x = vaddq_n_s32(vaddq_s32(vld1q_s32(acc), cv), -q_zp * vaddvq_s8(kv));
+                vstrbq_scatter_offset_p_s32(si + j, rows_off, tsh_mve_rq4(x, left, mu, negright, s_zp, -128, 127),
+                                            prow);
+            }
+            continue;
+        }
         for (int32_t j = 0; j < Lk; j++) {
             const int8_t *kj = k + j * k_stride, *p0 = q0, *p1 = q1, *p2 = q2, *p3 = q3;
             int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0, ks = 0;
