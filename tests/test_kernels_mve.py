@@ -2,13 +2,13 @@
 mps3-an547 equal the numpy reference bit for bit: the Cortex-M4 kernel zoo (every kernel, adversarial
 requantisation parameters), then firmwares whose calls have shapes and parameters drawn by hypothesis
 (K with and without a 16-byte tail, odd channel counts, row counts not a multiple of the blocking,
-extreme multipliers and shifts, clamps, rails)."""
+extreme multipliers and shifts, clamps, rails; softmax masks and tables, LayerNorm scales)."""
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from mcu.graph import Buffer, Call, Const, Graph, Ref, Schedule, Tensor
-from mcu.kernels import conv_patch_len, pack_fc_weights
+from mcu.kernels import conv_patch_len, exp_lut, pack_fc_weights
 from tests.test_kernels_m4 import kernel_zoo
 
 pytestmark = pytest.mark.slow
@@ -35,9 +35,9 @@ def on_device(s: Schedule, x: np.ndarray, tmp_path) -> None:
         got = dev.infer(x).output
     bad = np.flatnonzero(got != want)
     if bad.size:   # name the call whose output slot holds the first difference
-        starts = sorted((c.args[{"fc_s8": 5, "conv2d_s8": 5, "add_layernorm_s8": 5}.get(c.kernel, 2)].offset, c.op)
-                        for c in s.calls if c.kernel in ("fc_s8", "conv2d_s8", "add_layernorm_s8", "matmul_qk_s8",
-                                                         "matmul_pv_s8"))
+        slot = {"fc_s8": 5, "conv2d_s8": 5, "add_layernorm_s8": 5, "softmax_s16": 3, "matmul_qk_s8": 2,
+                "matmul_pv_s8": 2}
+        starts = sorted((c.args[slot[c.kernel]].offset, c.op) for c in s.calls if c.kernel in slot)
         op = max((st for st in starts if st[0] <= bad[0]), default=(0, "?"))[1]
         raise AssertionError(f"device differs from numpy at {bad[:10]} (first in the output of {op})")
 
@@ -147,6 +147,21 @@ def draw_ln(d, z: Zoo, j: int):
     z.calls.append(Call("add_layernorm_s8", args, f"ln{j}"))
 
 
+def draw_softmax(d, z: Zoo, j: int):
+    Lq, Lk = d(st.integers(1, 6)), d(st.integers(1, 70))
+    ss, ps = Lk + d(st.integers(0, 3)), Lk + d(st.integers(0, 3))
+    rng = np.random.default_rng(d(st.integers(0, 2 ** 32 - 1)))
+    kind = d(st.sampled_from(["all", "prefix", "random"]))
+    n = Lk if kind == "all" else d(st.integers(0, Lk))
+    mask = (np.arange(Lk) < n) if kind != "random" else rng.integers(0, 2, Lk)
+    lut = d(st.sampled_from(["exp", "random", "tiny"]))
+    table = {"exp": exp_lut(d(st.floats(0.01, 0.5))), "random": rng.integers(0, 32769, 256),
+             "tiny": (np.arange(256) < 1).astype(np.int64)}[lut]
+    args = (Ref("input", d(st.integers(0, X - Lq * ss))), z.const(f"mask{j}", mask.astype(np.int8)),
+            z.const(f"lut{j}", table.astype(np.int32)), z.dest(2 * Lq * ps), Lq, Lk, ss, ps)
+    z.calls.append(Call("softmax_s16", args, f"softmax{j}"))
+
+
 def test_kernel_zoo_on_the_emulated_cortex_m55_equals_numpy(tmp_path, arm_toolchain):
     s, x = kernel_zoo()
     on_device(s, x, tmp_path)
@@ -165,6 +180,7 @@ def test_drawn_linear_kernels_on_the_emulated_cortex_m55_equal_numpy(tmp_path, a
     for j in range(2):
         draw_conv(d, z, j)
         draw_ln(d, z, j)
+        draw_softmax(d, z, j)
     rng = np.random.default_rng(d(st.integers(0, 2 ** 32 - 1)))
     x = rng.integers(-128, 128, size=X).astype(np.int8)
     x[d(st.integers(0, X - 1024)):][:1024] = d(st.sampled_from([-128, 127]))   # a run at one rail
