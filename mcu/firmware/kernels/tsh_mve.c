@@ -76,7 +76,21 @@ int tsh_mve_fc_s8(const int8_t *x, const int8_t *w, const int32_t *bias, const i
         const int8_t *x0 = x + m * x_stride;
         const int8_t *x1 = rows > 1 ? x0 + x_stride : x0, *x2 = rows > 2 ? x0 + 2 * x_stride : x0;
         int8_t *y0 = y + m * y_stride;
-        for (int32_t n = 0; n < N; n += 4) {
+        int32_t n = 0;
+        if (rows == 3) {   /* whole blocks of four channels: no predicates, no branches */
+            for (; n + 4 <= N2; n += 4) {
+                fc_pair3(x0, x1, x2, w + n * K, K16, rem, bias[n], bias[n + 1], acc);
+                fc_pair3(x0, x1, x2, w + (n + 2) * K, K16, rem, bias[n + 2], bias[n + 3], acc + 2);
+                int32x4_t sh = vld1q_s32(shift + n), mu = vld1q_s32(mult + n);
+                int32x4_t left = vmaxq_s32(sh, vdupq_n_s32(0)), negright = vminq_s32(sh, vdupq_n_s32(0));
+                vstrbq_s32(y0 + n, tsh_mve_rq4(vld1q_s32(acc), left, mu, negright, y_zp, act_min, act_max));
+                vstrbq_s32(y0 + y_stride + n,
+                           tsh_mve_rq4(vld1q_s32(acc + 4), left, mu, negright, y_zp, act_min, act_max));
+                vstrbq_s32(y0 + 2 * y_stride + n,
+                           tsh_mve_rq4(vld1q_s32(acc + 8), left, mu, negright, y_zp, act_min, act_max));
+            }
+        }
+        for (; n < N; n += 4) {
             int32_t nc = N - n < 4 ? N - n : 4;   /* channels of this group */
             for (int32_t j = 0; j < nc; j += 2) {
                 if (n + j < N2) {
