@@ -196,7 +196,7 @@ int tsh_mve_matmul_qk_s8(const int8_t *q, const int8_t *k, int8_t *s, int32_t Lq
     return 1;
 }
 
-/* matmul_pv: v - zv transposed once into int16 columns (keys padded with zeros to a multiple of 8), at
+/* matmul_pv: v - zv transposed once into int16 columns (rows of a multiple of 8 keys), at
  * most TSH_MVE_PV_ELEMS of them at a time on the stack; then per probability row and four columns, per 8
  * keys: one load of p, four of columns, four VMLADAVA.S16 (32 MACs in 9 instructions); the four results
  * requantised as one vector. */
@@ -223,13 +223,13 @@ int tsh_mve_matmul_pv_s8(const int16_t *p, const int8_t *v, int8_t *y, int32_t L
                 vstrhq_scatter_offset_p_s16(vt + t * L8 + j, col_off, e, pc);
             }
         }
-        for (int32_t t = 0; t < nt4; t++)   /* the padding keys, and columns up to a multiple of 4 */
-            for (int32_t j = t < nt ? Lk : 0; j < L8; j++) vt[t * L8 + j] = 0;
-        for (int32_t i = 0; i < Lq; i++) {
-            const int16_t *pi = p + i * p_stride;
-            int8_t *yi = y + i * y_stride + t0;
-            for (int32_t t = 0; t < nt; t += 4) {
-                const int16_t *c0 = vt + t * L8, *c1 = c0 + L8, *c2 = c1 + L8, *c3 = c2 + L8;
+        /* the padding keys and the columns past nt stay unwritten: they meet only zero lanes of p (the
+         * zeroing load of the last step), and the columns past nt are not stored */
+        for (int32_t t = 0; t < nt; t += 4) {
+            const int16_t *c0 = vt + t * L8, *c1 = c0 + L8, *c2 = c1 + L8, *c3 = c2 + L8;
+            const mve_pred16_t pc = vctp32q((uint32_t)(nt - t));
+            for (int32_t i = 0; i < Lq; i++) {
+                const int16_t *pi = p + i * p_stride;
                 int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0, j = 0;
                 for (; j + 8 <= Lk; j += 8) {
                     int16x8_t pv = vld1q_s16(pi + j);
@@ -246,8 +246,8 @@ int tsh_mve_matmul_pv_s8(const int16_t *p, const int8_t *v, int8_t *y, int32_t L
                     a3 = vmladavaq_s16(a3, pv, vld1q_s16(c3 + j));
                 }
                 int32_t acc[4] = {a0, a1, a2, a3};
-                vstrbq_p_s32(yi + t, tsh_mve_rq4(vld1q_s32(acc), left, mu, negright, y_zp, -128, 127),
-                             vctp32q((uint32_t)(nt - t)));
+                vstrbq_p_s32(y + i * y_stride + t0 + t, tsh_mve_rq4(vld1q_s32(acc), left, mu, negright, y_zp, -128, 127),
+                             pc);
             }
         }
     }
