@@ -36,7 +36,7 @@ def on_device(s: Schedule, x: np.ndarray, tmp_path) -> None:
     bad = np.flatnonzero(got != want)
     if bad.size:   # name the call whose output slot holds the first difference
         slot = {"fc_s8": 5, "conv2d_s8": 5, "add_layernorm_s8": 5, "softmax_s16": 3, "matmul_qk_s8": 2,
-                "matmul_pv_s8": 2}
+                "matmul_pv_s8": 2, "lut_s8": 2}
         starts = sorted((c.args[slot[c.kernel]].offset, c.op) for c in s.calls if c.kernel in slot)
         op = max((st for st in starts if st[0] <= bad[0]), default=(0, "?"))[1]
         raise AssertionError(f"device differs from numpy at {bad[:10]} (first in the output of {op})")
@@ -162,6 +162,13 @@ def draw_softmax(d, z: Zoo, j: int):
     z.calls.append(Call("softmax_s16", args, f"softmax{j}"))
 
 
+def draw_lut(d, z: Zoo, j: int):
+    n = d(st.integers(1, 300))
+    table = np.random.default_rng(d(st.integers(0, 2 ** 32 - 1))).integers(-128, 128, 256).astype(np.int8)
+    z.calls.append(Call("lut_s8", (Ref("input", d(st.integers(0, X - n))), z.const(f"t{j}", table), z.dest(n), n),
+                        f"lut{j}"))
+
+
 def test_kernel_zoo_on_the_emulated_cortex_m55_equals_numpy(tmp_path, arm_toolchain):
     s, x = kernel_zoo()
     on_device(s, x, tmp_path)
@@ -181,6 +188,7 @@ def test_drawn_linear_kernels_on_the_emulated_cortex_m55_equal_numpy(tmp_path, a
         draw_conv(d, z, j)
         draw_ln(d, z, j)
         draw_softmax(d, z, j)
+        draw_lut(d, z, j)
     rng = np.random.default_rng(d(st.integers(0, 2 ** 32 - 1)))
     x = rng.integers(-128, 128, size=X).astype(np.int8)
     x[d(st.integers(0, X - 1024)):][:1024] = d(st.sampled_from([-128, 127]))   # a run at one rail
