@@ -3,7 +3,9 @@
  * Chosen at compile time: a core with MVE integer instructions (__ARM_FEATURE_MVE, gcc -mcpu=cortex-m55)
  * takes them unless TSH_PORTABLE (plain C) or TSH_EMULATE_DSP (the host's emulated-DSP build) is
  * defined. Each entry point computes the same integers as its kernel in tsh_linear.c and returns 1, or
- * returns 0 without writing anything when the arguments do not suit it (the caller's path runs). */
+ * returns 0 without writing anything when the arguments do not suit it (the caller's path runs). The
+ * LayerNorm, softmax and table kernels keep their Helium rows in tsh_norm.c, tsh_softmax.c, tsh_misc.c
+ * under TSH_USE_MVE; the four-lane requantisation below is shared. */
 #ifndef TSH_MVE_H
 #define TSH_MVE_H
 
