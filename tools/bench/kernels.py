@@ -4,9 +4,9 @@
 
 - emulated Cortex-M: firmware whose model is one `tsh_fc_s8` call, run on the emulated board; the
   QEMU plugin counts the instructions of `tsh_model_run`. A second firmware with the same input and
-  output copies but no call is subtracted, so the figure is the kernel alone. Both the DSP path
-  (SMLAD/SXTB16) and the portable C path are measured, and the device output is checked against
-  the numpy reference bit for bit.
+  output copies but no call is subtracted, so the figure is the kernel alone. Both the board's own
+  path (SMLAD/SXTB16 on the Cortex-M4, Helium/MVE on the Cortex-M55 `mps3-an547`) and the portable C
+  path are measured, and the device output is checked against the numpy reference bit for bit.
 - host (x86-64): instructions of the same C kernel under `valgrind --tool=callgrind`.
 - `--model vit-mnist`: the same subtraction per kernel over a whole model's layerwise schedule
   (firmware that makes only that kernel's calls, on the model's real arena), so each kernel's
@@ -51,6 +51,7 @@ def schedules(g):
 
 
 def emulated(g, board: str, variant: str, x: np.ndarray) -> dict:
+    from mcu.boards import board as get_board
     from mcu.compile import build_firmware
     from mcu.codegen import generate
     from mcu.device import open_board
@@ -73,6 +74,8 @@ def emulated(g, board: str, variant: str, x: np.ndarray) -> dict:
                 out = r.output
     ref = run(s, {"input": x})["output"]
     instr = counts[s.name] - counts[empty.name]
+    if variant == "dsp" and get_board(board).cpu == "cortex-m55":
+        variant = "mve (Helium)"     # the core's own path: tsh_mve.c on Armv8.1-M
     return {"where": f"{board} (emulated)", "path": variant, "instructions": instr, "macs": s.macs(),
             "instr_per_mac": instr / s.macs(), "bit_exact": bool(np.array_equal(out, ref)),
             "total_with_copies": counts[s.name], "copies_only": counts[empty.name]}

@@ -1,6 +1,7 @@
 /* Linear algebra kernels: fully connected, attention matmuls, conv2d (twins of mcu/kernels.py). */
 #include "tsh_fixedpoint.h"
 #include "tsh_kernels.h"
+#include "tsh_mve.h"
 
 /* tsh_rq out of line: the rare fallback of the short requantisation paths, kept small in flash */
 static int8_t __attribute__((noinline, unused)) rq_slow(const tsh_rq_t *q, int32_t x)
@@ -309,6 +310,9 @@ void tsh_fc_s8(const int8_t *x, const int8_t *w, const int32_t *bias, const int3
                int32_t y_stride, int32_t y_zp, int32_t act_min, int32_t act_max)
 {
     int32_t m = 0, N2 = N / 2 * 2;
+#if TSH_USE_MVE
+    if (tsh_mve_fc_s8(x, w, bias, mult, shift, y, M, K, N, x_stride, y_stride, y_zp, act_min, act_max)) return;
+#endif
 #if TSH_USE_DSP
     /* the register-blocked path needs 4-byte aligned 8-byte weight groups */
     if (K <= TSH_FC_KMAX && K % 4 == 0 && ((uintptr_t)w & 3u) == 0 && M >= 2) {
@@ -707,6 +711,9 @@ void tsh_matmul_qk_s8(const int8_t *q, const int8_t *k, int8_t *s, int32_t Lq, i
                       int32_t mult, int32_t shift, int32_t s_zp)
 {
     /* sum (q - zq)(k - zk) = sum q k - zk sum q - zq sum k + dh zq zk */
+#if TSH_USE_MVE
+    if (tsh_mve_matmul_qk_s8(q, k, s, Lq, Lk, dh, q_stride, k_stride, s_stride, q_zp, k_zp, mult, shift, s_zp)) return;
+#endif
     tsh_rq_t rq = tsh_rq_make(mult, shift, s_zp, -128, 127);
     int32_t i = 0;
 #if TSH_USE_DSP
@@ -751,6 +758,9 @@ void tsh_matmul_pv_s8(const int16_t *p, const int8_t *v, int8_t *y, int32_t Lq, 
                       int32_t shift, int32_t y_zp)
 {
     /* sum_j p_j (v_j - zv) = sum_j p_j v_j - zv sum_j p_j */
+#if TSH_USE_MVE
+    if (tsh_mve_matmul_pv_s8(p, v, y, Lq, Lk, dh, p_stride, v_stride, y_stride, v_zp, mult, shift, y_zp)) return;
+#endif
     tsh_rq_t rq = tsh_rq_make(mult, shift, y_zp, -128, 127);
 #if TSH_USE_DSP
     if (dh % 4 == 0 && Lk <= TSH_PV_LKMAX) {

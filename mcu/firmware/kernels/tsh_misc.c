@@ -1,10 +1,20 @@
 /* Pointwise tables, pooling and token inputs (twins of mcu/kernels.py). */
 #include "tsh_fixedpoint.h"
 #include "tsh_kernels.h"
+#include "tsh_mve.h"
 
 /* four bytes a word (one load, four SXTB + LDRB, one store; y may be x itself) */
 void tsh_lut_s8(const int8_t *x, const int8_t *table, int8_t *y, int32_t n)
 {
+#if TSH_USE_MVE
+    /* Helium: sixteen table entries per byte gather, the index x + 128 being x with its top bit flipped */
+    for (int32_t i = 0; i < n; i += 16) {
+        mve_pred16_t p = vctp8q((uint32_t)(n - i));
+        uint8x16_t idx = veorq_u8(vld1q_z_u8((const uint8_t *)x + i, p), vdupq_n_u8(0x80));
+        vst1q_p_s8(y + i, vldrbq_gather_offset_z_s8(table, idx, p), p);
+    }
+    return;
+#endif
     const uint8_t *t = (const uint8_t *)table + 128;   /* indexed by the signed input */
     int32_t i = 0;
     for (; i + 4 <= n; i += 4) {

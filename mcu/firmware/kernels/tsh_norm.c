@@ -8,6 +8,7 @@
  * statistics read each row once. |ca|, |cb| <= 2^12 (the lowering's LN_IN_BITS): |u| <= 2^20. */
 #include "tsh_fixedpoint.h"
 #include "tsh_kernels.h"
+#include "tsh_mve.h"
 
 #define TSH_LN_GROUP 16     /* rows normalised together: their statistics live on the stack */
 #define TSH_LN_SUM32 512    /* up to this d, sum u and sum x fit int32 (d 2^21 < 2^31) */
@@ -52,11 +53,28 @@ static void ln_row_stats(const int8_t *a, const int8_t *b, int32_t d, int32_t ca
     int64_t su, sq = 0, mu;
     if (d <= TSH_LN_SUM32) {
         int32_t s32 = 0;
+#if TSH_USE_MVE
+        /* sum u = ca sum a + cb sum b, sum u^2 = ca^2 sum a^2 + 2 ca cb sum a b + cb^2 sum b^2: five
+         * reductions of 16 bytes (VADDVA, VMLADAVA), each within int32 for d <= TSH_LN_SUM32 */
+        int32_t sa = 0, sb = 0, saa = 0, sab = 0, sbb = 0;
+        for (int32_t j = 0; j < d; j += 16) {
+            mve_pred16_t p = vctp8q((uint32_t)(d - j));
+            int8x16_t va = vld1q_z_s8(a + j, p), vb = vld1q_z_s8(b + j, p);
+            sa = vaddvaq_s8(sa, va);
+            sb = vaddvaq_s8(sb, vb);
+            saa = vmladavaq_s8(saa, va, va);
+            sab = vmladavaq_s8(sab, va, vb);
+            sbb = vmladavaq_s8(sbb, vb, vb);
+        }
+        s32 = sa * ca + sb * cb;
+        sq = (int64_t)ca * ca * saa + 2 * (int64_t)ca * cb * sab + (int64_t)cb * cb * sbb;
+#else
         for (int32_t j = 0; j < d; j++) {
             int32_t u = a[j] * ca + b[j] * cb;
             s32 += u;
             sq += (int64_t)u * u;
         }
+#endif
         su = s32;
         mu = tsh_div_round32(s32 - d * off, d);
     } else {
@@ -88,6 +106,39 @@ static inline int32_t ln_rq(int32_t x, int32_t m, int32_t rnd, int32_t right, in
 #endif
 }
 
+#if TSH_USE_MVE
+/* The normalisation of `rows` rows on four channels at a time, when every inv < 2^31 (inv32) and
+ * beta + zy fits int32 (else 0, nothing written). 16 (x - mu) = a 16ca + b 16cb - 16c has |.| < 2^25, so
+ * n = RDBPOT64((x - mu) inv, 28) = sign * VRMULH(|16 (x - mu)|, inv) (round half away from zero is
+ * round half up of the magnitude); MBQM, beta + zy and the int8 clamp as tsh_mve_rq4. */
+static int ln_out_mve(const int8_t *a, const int8_t *b, const int32_t *gm, const int32_t *gs, const int32_t *beta,
+                      int8_t *y, int32_t rows, int32_t d, int32_t ca, int32_t cb, int32_t y_zp, const int32_t *cr,
+                      const int32_t *inv32)
+{
+    if (y_zp > (1 << 30) || y_zp < -(1 << 30)) return 0;
+    for (int32_t c = 0; c < d; c++)
+        if (beta[c] > (1 << 30) || beta[c] < -(1 << 30)) return 0;
+    const int32_t ca16 = ca * 16, cb16 = cb * 16;
+    for (int32_t c = 0; c < d; c += 4) {
+        mve_pred16_t p = vctp32q((uint32_t)(d - c));
+        int32x4_t sh = vldrwq_z_s32(gs + c, p), mu = vldrwq_z_s32(gm + c, p);
+        int32x4_t left = vmaxq_s32(sh, vdupq_n_s32(0)), negright = vminq_s32(sh, vdupq_n_s32(0));
+        int32x4_t zp = vaddq_n_s32(vldrwq_z_s32(beta + c, p), y_zp);
+        for (int32_t r = 0; r < rows; r++) {
+            int32_t i = r * d + c;
+            int32x4_t x16 = vmlaq_n_s32(vmulq_n_s32(vldrbq_z_s32(a + i, p), ca16), vldrbq_z_s32(b + i, p), cb16);
+            x16 = vsubq_n_s32(x16, cr[r] * 16);
+            int32x4_t sgn = vshrq_n_s32(x16, 31);
+            int32x4_t n = vrmulhq_s32(vabsq_s32(x16), vdupq_n_s32(inv32[r]));
+            n = vsubq_s32(veorq_s32(n, sgn), sgn);
+            int32x4_t out = vqaddq_s32(tsh_mve_mbqm(n, left, mu, negright), zp);
+            vstrbq_p_s32(y + i, vminq_s32(vmaxq_s32(out, vdupq_n_s32(-128)), vdupq_n_s32(127)), p);
+        }
+    }
+    return 1;
+}
+#endif
+
 void tsh_add_layernorm_s8(const int8_t *a, const int8_t *b, const int32_t *gm, const int32_t *gs,
                           const int32_t *beta, int8_t *y, int32_t M, int32_t d, int32_t a_zp, int32_t b_zp,
                           int32_t ca, int32_t cb, int32_t eps, int32_t y_zp)
@@ -103,6 +154,10 @@ void tsh_add_layernorm_s8(const int8_t *a, const int8_t *b, const int32_t *gm, c
             inv32[r] = (int32_t)inv[r];
             small &= inv[r] < ((int64_t)1 << 31);
         }
+#if TSH_USE_MVE
+        if (small && ln_out_mve(a + r0 * d, b + r0 * d, gm, gs, beta, y + r0 * d, rows, d, ca, cb, y_zp, cr, inv32))
+            continue;
+#endif
         /* channel by channel, so the channel's requantisation is set up once for the group */
         for (int32_t c = 0; c < d; c++) {
             int64_t zp = (int64_t)beta[c] + y_zp;
