@@ -122,6 +122,7 @@ def c_kernels() -> set[str]:
 def signature_mismatches(prototypes: dict[str, Prototype] | None = None) -> list[str]:
     """Where the C declarations (tsh_kernels.h) and the `@kernel` registry disagree: a kernel on one
     side only, or a parameter whose name or C type differs. Empty when the two are in step."""
+    import mcu.tflite_kernels  # noqa: F401  (registers the imported-graph kernels)
     import mcu.tiled  # noqa: F401  (registers attention_s8)
 
     protos = kernel_prototypes() if prototypes is None else prototypes
