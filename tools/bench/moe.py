@@ -105,9 +105,10 @@ def main(argv=None) -> int:
     ap.add_argument("--lowp-max-weight", type=float, default=0.35,
                     help="cheap misses: second experts with a gate weight below this read the int8 copy")
     # The target is 1% on held-out text; a margin calibrated to 1% on training text came out at +1.2-1.6% on
-    # held-out text (the two are small and differ), so the calibration keeps half of the 1% as headroom.
-    ap.add_argument("--max-ppl-increase", type=float, default=0.005,
-                    help="margin calibration: allowed ppl increase on training text (default 0.005)")
+    # held-out text (the two are small and differ), and one calibrated to 0.5% at +1.18% (the 1,400-step
+    # model, 10% budget), so the calibration keeps three quarters of the 1% as headroom.
+    ap.add_argument("--max-ppl-increase", type=float, default=0.0025,
+                    help="margin calibration: allowed ppl increase on training text (default 0.0025)")
     ap.add_argument("--int8", action="store_true", help="the int8 expert store (full copies int8)")
     ap.add_argument("--model", help="trained MoE model directory (default: the `moe train` model)")
     ap.add_argument("--quick", action="store_true", help="fewer tokens, budgets and profiles (smoke check)")
@@ -182,19 +183,26 @@ def main(argv=None) -> int:
         for prof in profiles:
             store = ExpertStore(base.root, storage=prof)
             for c in configs:
-                best = None
+                # each run beside an all-in-RAM run, so that the ratio compares the two under the same load
+                # (the machine is shared: a reference timed once at the start drifts from the cells)
+                best, ram_best = None, None
                 for _ in range(max(1, args.repeats)):
+                    with MoERuntime(base, "ram") as rt:
+                        r = rt.score(ids)
                     with open_config(store, c, budget, margins, cal, args.lowp_max_weight) as rt:
                         s = rt.score(ids)
                     if best is None or s.wall_seconds < best.wall_seconds:
                         best = s
+                    if ram_best is None or r.wall_seconds < ram_best.wall_seconds:
+                        ram_best = r
+                ram_ms = 1e3 * ram_best.wall_seconds / ram_best.tokens
                 summ = best.summary()
                 rows.append({"budget_pct": pct, "budget_bytes": budget, "slots": slots, "storage": prof,
                              "label": c.label, "policy": c.policy, "lowp": c.lowp, "prefetch": c.prefetch,
                              "margin": margins[c.margin_from].margin if c.margin_from else 0.0,
                              "belady_top2_trace": belady, "slots_int8": slots_int8,
                              "belady_top2_trace_int8_slots": belady_int8,
-                             "slowdown_vs_ram": summ["ms_per_token"] / ref_ms,
+                             "ram_ms_per_token": ram_ms, "slowdown_vs_ram": summ["ms_per_token"] / ram_ms,
                              "ppl_change_pct": 100 * (summ["perplexity"] / ref_ppl - 1),
                              **{k: v for k, v in summ.items() if k not in ("nll_sum", "nll_count")}})
                 con.print(f"  {pct}% {prof:5s} {c.label}: {summ['tokens_per_s']:.1f} tok/s, "
