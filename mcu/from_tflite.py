@@ -483,7 +483,7 @@ def pointwise(imp: Import, op, opts):
         table = T.rsqrt_table(x.scale, x.zp, y.scale, y.zp)
     elif kind == "GELU":        # not in TFLite Micro: LiteRT's table (tinyshield eval compares with LiteRT)
         imp.meta["not_in_micro"] = "GELU"
-        table = T.gelu_table(x.scale, x.zp, y.scale, y.zp, bool(getattr(opts, "approximate", False)))
+        table = T.litert_gelu_table(x.scale, x.zp, y.scale, y.zp, bool(getattr(opts, "approximate", False)))
     else:
         table = T.requant_table(x.scale, x.zp, y.scale, y.zp)
     name = imp.opname(op)

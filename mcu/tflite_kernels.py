@@ -393,7 +393,7 @@ def rsqrt_table(x_scale: float, x_zp: int, y_scale: float, y_zp: int) -> np.ndar
 @cache
 def _libm() -> ctypes.CDLL:
     """The C library's float32 erfcf and tanhf: the functions LiteRT's GELU table calls (numpy has no
-    float32 erfc, and its float32 tanh is not the C library's to the last bit)."""
+    float32 erfc, and its float32 tanh is its own code, not the C library's)."""
     m = ctypes.CDLL(ctypes.util.find_library("m"))
     for f in (m.erfcf, m.tanhf):
         f.restype, f.argtypes = ctypes.c_float, [ctypes.c_float]
@@ -407,11 +407,11 @@ def _gelu_f32(x: np.float32, approximate: bool) -> np.float32:
     half_x = f(f(0.5) * x)
     if not approximate:
         return f(half_x * f(m.erfcf(f(x * f(-math.sqrt(0.5))))))
-    cube = f(f(f(f(0.044715) * x) * x) * x)
-    return f(half_x * f(f(1) + f(m.tanhf(f(f(math.sqrt(2 / math.pi)) * f(x + cube))))))
+    cubic = f(f(f(f(0.044715) * x) * x) * x)
+    return f(half_x * f(f(1) + f(m.tanhf(f(f(math.sqrt(2 / math.pi)) * f(x + cubic))))))
 
 
-def gelu_table(x_scale: float, x_zp: int, y_scale: float, y_zp: int, approximate: bool) -> np.ndarray:
+def litert_gelu_table(x_scale: float, x_zp: int, y_scale: float, y_zp: int, approximate: bool) -> np.ndarray:
     """LiteRT's int8 GELU as a 256-entry table: each int8 value dequantised in float32, its GELU divided
     by the output scale (times the float32 reciprocal), rounded half away from zero, plus the zero point,
     saturated."""

@@ -189,7 +189,7 @@ def test_gelu_in_an_mlp_is_litert_gelu(approximate):
     s = layerwise(g)
     p = plan(s)
     table = next(t.data for n, t in g.tensors.items() if n.endswith(".gelu.table"))
-    assert np.array_equal(table, T.gelu_table(0.08, -10, 0.03, -100, approximate))
+    assert np.array_equal(table, T.litert_gelu_table(0.08, -10, 0.03, -100, approximate))
     it = Interpreter(model, preserve_all=True, xnnpack=False)
     rng = np.random.default_rng(1)
     for x in [rng.integers(-128, 128, (1, 4, 16)).astype(np.int8) for _ in range(8)]:
