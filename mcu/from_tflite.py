@@ -7,6 +7,9 @@ the file's own scales, zero points and integer weights (no requantisation of our
 quantisation). Values are symbolic per tensor index: `Act` (an int8 activation: a graph tensor,
 its shape and quantisation; RESHAPE and friends only change the shape), or a numpy constant.
 
+GELU, which TFLite Micro does not have, is LiteRT's int8 GELU (its 256-entry float32 table); a model with
+one records it in `meta["not_in_micro"]` and is checked against LiteRT's interpreter instead.
+
 Edges: an int8 input is the board's input as is; a float input followed by QUANTIZE is quantised on
 the host exactly as TFLite does (float32 x / scale, rounded half away from zero); a DEQUANTIZE at the
 end is done on the host. Anything else without a rule is refused, naming the operator's index, its
@@ -478,6 +481,9 @@ def pointwise(imp: Import, op, opts):
         table = T.tanh_table(x.scale, x.zp)
     elif kind == "RSQRT":
         table = T.rsqrt_table(x.scale, x.zp, y.scale, y.zp)
+    elif kind == "GELU":        # not in TFLite Micro: LiteRT's table (tinyshield eval compares with LiteRT)
+        imp.meta["not_in_micro"] = "GELU"
+        table = T.litert_gelu_table(x.scale, x.zp, y.scale, y.zp, bool(getattr(opts, "approximate", False)))
     else:
         table = T.requant_table(x.scale, x.zp, y.scale, y.zp)
     name = imp.opname(op)
@@ -627,7 +633,8 @@ RULES = {
     "FULLY_CONNECTED": fully_connected, "CONV_2D": conv_2d, "DEPTHWISE_CONV_2D": depthwise_conv_2d, "PAD": pad,
     "AVERAGE_POOL_2D": average_pool_2d,
     "ADD": binary, "SUB": binary, "MUL": binary, "SQUARED_DIFFERENCE": binary,
-    "MEAN": mean, "SOFTMAX": softmax, "LOGISTIC": pointwise, "TANH": pointwise, "RSQRT": pointwise, "QUANTIZE": quantize,
+    "MEAN": mean, "SOFTMAX": softmax, "LOGISTIC": pointwise, "TANH": pointwise, "RSQRT": pointwise, "GELU": pointwise,
+    "QUANTIZE": quantize,
     "RESHAPE": reshape, "SQUEEZE": reshape, "EXPAND_DIMS": reshape, "TRANSPOSE": transpose,
     "BATCH_MATMUL": batch_matmul, "STRIDED_SLICE": strided_slice, "CONCATENATION": concatenation,
     "GATHER": gather,
@@ -688,8 +695,29 @@ def micro_outputs(model, xs, long_softmax: bool = False) -> tuple[list[np.ndarra
     return outs, arena
 
 
+def litert_outputs(model, xs) -> list[np.ndarray]:
+    """LiteRT's interpreter (its builtin kernels, no XNNPACK delegate) on raw inputs: the reference for a
+    model with an operator TFLite Micro lacks (GELU)."""
+    from edge.litert.runtime import Interpreter
+
+    it = Interpreter(read(model)[0], xnnpack=False)
+    shape = tuple(int(s) for s in it.inputs[0]["shape"])
+    return [np.asarray(it.run(np.asarray(x).reshape(shape))) for x in xs]
+
+
+def largest_difference(graph: Graph, device_outputs, ref) -> int:
+    """The largest difference, in steps of the output's scale, between the board's outputs and an
+    interpreter's."""
+    scale = graph.meta["output_q"][0]
+    return max((int(np.rint(np.abs(np.asarray(dequantise_output(graph, y), np.float64).reshape(-1)
+                                   - np.asarray(r, np.float64).reshape(-1)).max(initial=0) /
+                            (scale if graph.meta.get("dequantize") else 1)))
+                for y, r in zip(device_outputs, ref)), default=0)
+
+
 def agreement(graph: Graph, device_outputs, micro) -> list[int]:
-    """Indices where the board's output (as the model returns it) differs from TFLite Micro's in any bit."""
+    """Indices where the board's output (as the model returns it) differs from the interpreter's (TFLite
+    Micro's, or LiteRT's for a model TFLite Micro cannot run) in any bit."""
     return [i for i, (y, r) in enumerate(zip(device_outputs, micro))
             if not np.array_equal(np.asarray(dequantise_output(graph, y)).reshape(-1).view(np.uint8),
                                   np.asarray(r).reshape(-1).view(np.uint8))]

@@ -17,15 +17,20 @@ mcu/firmware/kernels/tsh_tflite.c.
 - `mean_s8` (and `mean_s16`): MEAN over the middle axis of (outer, n, inner): the int32 sum minus n x_zp, times
   the output multiplier divided by n with TFLite's shift adjustment (done when building the op).
 - Pointwise int8 functions (LOGISTIC, TANH, RSQRT, requantising QUANTIZE) become the existing `lut_s8`:
-  their 256-entry tables are computed here with TFLite Micro's integer arithmetic.
+  their 256-entry tables are computed here with TFLite Micro's integer arithmetic. GELU, which TFLite
+  Micro does not have, is LiteRT's table: its float32 GELU of each dequantised int8 value, requantised.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import math
+from functools import cache
 
 import numpy as np
 
 from base.quant import (INT32_MAX, INT32_MIN, multiply_by_quantized_multiplier as mbqm, quantize_multiplier,
+                        round_half_away,
                         rounding_divide_by_pot as rdbpot, saturate, saturating_rounding_doubling_high_mul as srdhm)
 from mcu.kernels import _out, kernel, view2d
 
@@ -383,6 +388,37 @@ def rsqrt_table(x_scale: float, x_zp: int, y_scale: float, y_zp: int) -> np.ndar
         data = int(mbqm(1, im, ish + 20))
         out.append(int(np.clip(mbqm(data, m, s - 20) + y_zp, -128, 127)))
     return np.array(out, dtype=np.int8)
+
+
+@cache
+def _libm() -> ctypes.CDLL:
+    """The C library's float32 erfcf and tanhf: the functions LiteRT's GELU table calls (numpy has no
+    float32 erfc, and its float32 tanh is its own code, not the C library's)."""
+    m = ctypes.CDLL(ctypes.util.find_library("m"))
+    for f in (m.erfcf, m.tanhf):
+        f.restype, f.argtypes = ctypes.c_float, [ctypes.c_float]
+    return m
+
+
+def _gelu_f32(x: np.float32, approximate: bool) -> np.float32:
+    """LiteRT's float32 GELU of one value (every step rounded to float32 as its C++ does): exact as
+    0.5 x erfc(-x / sqrt 2), approximate as 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))."""
+    f, m = np.float32, _libm()
+    half_x = f(f(0.5) * x)
+    if not approximate:
+        return f(half_x * f(m.erfcf(f(x * f(-math.sqrt(0.5))))))
+    cubic = f(f(f(f(0.044715) * x) * x) * x)
+    return f(half_x * f(f(1) + f(m.tanhf(f(f(math.sqrt(2 / math.pi)) * f(x + cubic))))))
+
+
+def litert_gelu_table(x_scale: float, x_zp: int, y_scale: float, y_zp: int, approximate: bool) -> np.ndarray:
+    """LiteRT's int8 GELU as a 256-entry table: each int8 value dequantised in float32, its GELU divided
+    by the output scale (times the float32 reciprocal), rounded half away from zero, plus the zero point,
+    saturated."""
+    f = np.float32
+    inv = f(f(1) / f(y_scale))
+    g = [f(_gelu_f32(f(f(x_scale) * f(v - x_zp)), approximate) * inv) for v in range(-128, 128)]
+    return np.clip(round_half_away(np.array(g, np.float32)) + y_zp, -128, 127).astype(np.int8)
 
 
 def requant_table(x_scale: float, x_zp: int, y_scale: float, y_zp: int) -> np.ndarray:

@@ -17,10 +17,12 @@ LayerNorm, with k and v (read whole by every row) made before it; and the layer'
 over its input, row for row, when nothing reads that input later (`in_place`). A layer then needs
 its input/output, k and v, and a few blocks of rows.
 
-`row_tiled(graph, rows)` is a pure function graph -> Schedule; `search_rows` picks the block size.
+`row_tiled(graph, rows)` is a pure function graph -> Schedule; `search_rows` picks the block size,
+trading arena for fewer calls (`block_score`).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -370,24 +372,41 @@ def _block_calls(g: Graph, op: Op, r: Rows, r0: int, rb: int, where: dict, loc) 
     raise ValueError(op.kind)
 
 
-def search_rows(g: Graph, slack: float = 1.05, max_rows: int = 32, rounds: int = 2) -> Schedule:
+# What fewer calls are worth in arena: halving the number of calls (doubling the block) is worth up to
+# 10% more arena. Calls on one or two rows are dear on the board (FULLY_CONNECTED's kernel takes rows in
+# pairs, and every block re-reads the operands it reads whole: k, v, the weights), while at L >= 256 a
+# doubling grows the arena by only a few percent (tools/bench/tflite.py measures both).
+CALLS_HALVED_WORTH = 1.10
+
+
+def block_score(arena_bytes: int, calls: int) -> float:
+    """The search's cost of a block size: arena x calls^k, with k such that halving the calls pays for
+    CALLS_HALVED_WORTH times the arena (log-scale, so it compares models of any size alike)."""
+    return math.log(arena_bytes) + math.log2(CALLS_HALVED_WORTH) * math.log(max(calls, 1))
+
+
+def search_rows(g: Graph, max_rows: int = 32, rounds: int = 2) -> Schedule:
     """The best row-block schedule of `g` after the attention view passes (mcu.tflite_views)."""
     from mcu.tflite_views import attention_views
-    return _search(attention_views(g), slack, max_rows, rounds)
+    return _search(attention_views(g), max_rows, rounds)
 
 
-def _search(g: Graph, slack: float, max_rows: int, rounds: int) -> Schedule:
-    """The largest block (fewest calls) whose planned arena is within `slack` of the smallest found over
-    block sizes 1, 2, 4, ... max_rows; then chains cut where that shrinks the arena further (greedily, at
-    ops whose output leaves the chain: a long chain keeps all its whole inputs and outputs live at once)."""
+def block_sizes(g: Graph, max_rows: int = 32) -> list[tuple[int, int, int]]:
+    """(rows, planned arena bytes, calls) of the row-block schedule for rows 1, 2, 4, ... max_rows."""
     L = min(max((R for _, R in chains(g)), default=1), max_rows)
-    cands = []
-    r = 1
+    out, r = [], 1
     while r <= L:
-        cands.append((make_plan(row_tiled(g, r)).arena_bytes, r))
+        s = row_tiled(g, r)
+        out.append((r, make_plan(s).arena_bytes, len(s.calls)))
         r *= 2
-    best = min(a for a, _ in cands)
-    rows = max((c for c in cands if c[0] <= slack * best), key=lambda c: c[1])[1]
+    return out
+
+
+def _search(g: Graph, max_rows: int, rounds: int) -> Schedule:
+    """The block size of the lowest `block_score` (the larger on a tie) over 1, 2, 4, ... max_rows rows;
+    then chains cut where that shrinks the arena further (greedily, at ops whose output leaves the chain:
+    a long chain keeps all its whole inputs and outputs live at once)."""
+    rows = min(block_sizes(g, max_rows), key=lambda c: (block_score(c[1], c[2]), -c[0]))[0]
     cuts, arena = frozenset(), make_plan(row_tiled(g, rows)).arena_bytes
     for _ in range(rounds):
         trials = [(make_plan(row_tiled(g, rows, cuts | {i})).arena_bytes, i) for i in _exits(g, cuts)]

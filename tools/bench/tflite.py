@@ -1,6 +1,7 @@
 """Benchmark: .tflite models made by another converter, on the emulated board vs TFLite Micro.
 
     nice -n 10 .venv/bin/python -m tools.bench.tflite [--inputs 5] [--board mps2-an386] [--fixtures bert64,...]
+    nice -n 10 .venv/bin/python -m tools.bench.tflite --sweep bert64      # every row-block size of one fixture
 
 Fixtures: tests/fixtures/tflite (litert-torch + ai-edge-quantizer, see its README): the BERT-tiny-shaped
 int8 encoder at L = 64, 128, 256, 512, a tiny ViT, a conv + attention model. For each: the int8 graph
@@ -10,7 +11,9 @@ machine) and the ratio TFLite Micro / tiled (the target: >= 5x for the encoder a
 tiled firmware on the emulated board: every input's output compared with TFLite Micro's bit for bit,
 instructions per inference (QEMU plugin). Inputs: standard-normal values quantised with the model's
 input scale (the calibration distribution), fixed seed.
-Prints a table and writes build/bench/tflite.json.
+Prints a table and writes build/bench/tflite.json. `--sweep NAME`: the row-block schedule of one fixture
+at every block size the search considers (arena, calls, the search's score, instructions on the board
+for one input), the search's choice marked; writes build/bench/tflite_rows_NAME.json.
 """
 from __future__ import annotations
 
@@ -67,12 +70,75 @@ def measure(path: Path, board: str, n: int) -> dict:
     return row
 
 
+def sweep(path: Path, board: str) -> list[dict]:
+    """Every block size of the row-block search on the board: what the arena / calls trade buys."""
+    import tempfile
+
+    from base.errors import TinyshieldError
+    from mcu.build import get_board
+    from mcu.codegen import generate
+    from mcu.compile import build_firmware
+    from mcu.device import open_board
+    from mcu.from_tflite import lower_tflite, quantise_input
+    from mcu.planner import check, plan
+    from mcu.tflite_schedule import block_score, block_sizes, row_tiled, search_rows
+    from mcu.tflite_views import attention_views
+
+    g0 = lower_tflite(path)
+    g = attention_views(g0)
+    x = quantise_input(g0, inputs(g0, 1)[0])
+    chosen = search_rows(g0).params["rows"]
+    rows = []
+    for r, arena, calls in block_sizes(g):
+        s = row_tiled(g, r)
+        p = plan(s)
+        check(p, s)
+        row = {"rows": r, "arena": arena, "calls": calls, "score": block_score(arena, calls), "instructions": None,
+               "chosen": r == chosen, "error": None}
+        try:            # every call is code: many small blocks may not fit the board's flash
+            with tempfile.TemporaryDirectory() as d:
+                generate(s, p, Path(d) / "src")
+                fw = build_firmware(Path(d) / "src", get_board(board), input_bytes=g.tensors[g.inputs[0]].nbytes,
+                                    output_bytes=g.tensors[g.outputs[0]].nbytes)
+        except TinyshieldError as e:
+            row["error"] = str(e)
+        else:
+            with open_board(fw) as dev:
+                row["instructions"] = dev.infer(x).instructions
+        rows.append(row)
+    return rows
+
+
+def main_sweep(name: str, board: str) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    rows = sweep(FIXTURES / f"{name}.tflite", board)
+    t = Table(title=f"{name}: row-block sizes on {board} (emulated), one input")
+    for c in ["rows", "arena B", "calls", "score", "instr/inference", "chosen"]:
+        t.add_column(c, justify="right")
+    for r in rows:
+        t.add_row(str(r["rows"]), f"{r['arena']:,}", f"{r['calls']:,}", f"{r['score']:.4f}",
+                  f"{r['instructions']:,}" if r["instructions"] else "does not fit" if r["error"] else "-",
+                  "*" if r["chosen"] else "")
+    con = Console(width=120)
+    con.print(t)
+    out = build_dir() / "bench" / f"tflite_rows_{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"board": board, "model": name, "rows": rows}, indent=2))
+    con.print(f"wrote {out}")
+    return 0
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--fixtures", default=",".join(n for n in DEFAULT if (FIXTURES / f"{n}.tflite").exists()))
     p.add_argument("--inputs", type=int, default=5, help="inputs per model (default 5)")
     p.add_argument("--board", default="mps2-an386")
+    p.add_argument("--sweep", default=None, metavar="NAME", help="every row-block size of one fixture instead")
     args = p.parse_args(argv)
+    if args.sweep:
+        return main_sweep(args.sweep, args.board)
     from rich.console import Console
     from rich.table import Table
 
