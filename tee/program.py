@@ -18,7 +18,6 @@ tensor, which waits for every part.
 from __future__ import annotations
 
 import functools
-import heapq
 import math
 import weakref
 from collections.abc import Callable
@@ -262,35 +261,6 @@ def _shape(v):
     return None
 
 
-def _submits_first(nodes: list, member: dict, deps) -> list:
-    """The same nodes in an order that starts each outsourced call as early as possible and waits for its result
-    as late as possible: a topological order by (outsourced calls on the longest path to the node, graph order).
-    Work that does not need the pending result -- e.g. the private adapters x B^T A^T next to the public x W0^T --
-    then runs in the enclave while the accelerator computes, instead of after it. Values are unchanged: only
-    independent nodes trade places."""
-    pos = {n: i for i, n in enumerate(nodes)}
-    users: dict = {n: [] for n in nodes}
-    waiting, depth, ready = {}, {}, []
-    for n in nodes:
-        ds = [d for d in deps(n) if d in pos]
-        waiting[n] = len(ds)
-        for d in ds:
-            users[d].append(n)
-        depth[n] = max((depth[d] + (d.name in member) for d in ds), default=0)
-        if not ds:
-            heapq.heappush(ready, (depth[n], pos[n]))
-    order = []
-    while ready:
-        n = nodes[heapq.heappop(ready)[1]]
-        order.append(n)
-        for u in users[n]:
-            waiting[u] -= 1
-            if not waiting[u]:
-                heapq.heappush(ready, (depth[u], pos[u]))
-    out = nodes[-1]    # the output node stays last
-    return [n for n in order if n is not out] + [out]
-
-
 def _plan(graph: torch.fx.Graph, member: dict) -> list[_Step]:
     """The nodes the output needs, in order: a linear node reads only its call's input (so W^T and the
     reshapes feeding the fused K and V calls are never run), and each value is dropped after its last use."""
@@ -302,7 +272,7 @@ def _plan(graph: torch.fx.Graph, member: dict) -> list[_Step]:
         if n not in needed:
             needed.add(n)
             stack.extend(deps(n))
-    nodes = _submits_first([n for n in nodes if n in needed or n.op == "placeholder"], member, deps)
+    nodes = [n for n in nodes if n in needed or n.op == "placeholder"]
     last = {a.name: i for i, n in enumerate(nodes) for a in deps(n)}
     free = [[] for _ in nodes]
     for name, i in last.items():

@@ -535,7 +535,7 @@ def bench_task(task: str, seq_len: int, iters: int, warmup: int, threads: int, n
     # smaller set (each budget trains a model per mode; black-box thieves and public starting points are shared)
     finetune_ns = finetune_ns or {"sliced": ns, "others": ns}
     out["stealing_finetune"] = {}
-    for mode in bundle.MODES:
+    for mode in sorted(bundle.MODES, key=lambda m: m != "sliced"):    # the mode the targets are about first
         n_ft = finetune_ns["sliced" if mode == "sliced" else "others"]
         if not n_ft:
             continue
