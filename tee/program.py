@@ -312,7 +312,10 @@ class _Run:
         if n.target in _VIEWS and isinstance(out, torch.Size) and out[-1] == p.shape[-1] \
                 and out.numel() == p.shape.numel() and args[0] is p:
             return Parts(out, p.slices, [functools.partial(p.part, c) for c in range(len(p.slices))])
-        if n.target in _POINTWISE and self._rowwise(n, out, args, kwargs, p):
+        if (n.target in _POINTWISE and self._rowwise(n, out, args, kwargs, p)) or \
+                (n.target == aten.mm.default and args[0] is p and isinstance(args[1], torch.Tensor)
+                 and args[1].shape != p.shape):
+            # a matmul by a matrix held in the enclave (a private adapter) is row-wise in its left operand
             return self._per_part(n, out, args, kwargs, p)
         args, kwargs = torch.fx.node.map_aggregate((args, kwargs), _whole)
         return n.target(*args, **kwargs)

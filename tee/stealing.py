@@ -7,8 +7,11 @@ backbone is the public one with every layer it can recover from the accelerator'
 recovers in the clear is kept when it agrees better with the victim on the thief's own queries. What the
 accelerator received (the transcript) adds nothing here: in the blinded and sliced modes it is uniform field
 elements (tee.audit.transcript_report). The black-box baseline: the same queries and training from the public
-backbone alone. The head is a logistic regression on the frozen backbone's mean-pooled features (a linear probe:
-fine-tuning the whole backbone for every mode and N does not fit this machine's budget).
+backbone alone. Two thieves: `probe`, a logistic regression on the frozen backbone's mean-pooled features (cheap),
+and `finetune`, the whole model -- backbone and head -- fine-tuned on the labelled queries (TEESlice's attack), a
+bounded budget of FINETUNE_PASSES sentence passes (at least one epoch); its predictions are cached under
+build/steal/ by the hash of its inputs (initial weights, queries, answers, budget). A thief whose starting point
+is the public backbone itself (sliced, enclave-only) is the black-box thief: same inputs, same cached result.
 
 Membership inference: the confidence-threshold attack (Yeom et al.): "member" when the victim's probability for
 the true label exceeds a threshold, chosen on one half of the members and non-members, scored (balanced accuracy)
@@ -20,6 +23,8 @@ argmaxes differ is not measured yet.
 """
 from __future__ import annotations
 
+import hashlib
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,6 +44,7 @@ class Theft:
     blackbox_agreement: float
     layers_recovered: int        # outsourced layers the thief put into its backbone
     head_recovered: bool
+    attack: str = "probe"        # probe: logistic head on the frozen backbone; finetune: the whole model trained
 
 
 @dataclass
@@ -153,6 +159,99 @@ def steal(mode: str, victim, prog, accel: dict[str, np.ndarray], public, queries
         out.append(Theft(mode, n, victim_acc, float((pred == eval_labels).mean()), float((pred == y_e).mean()),
                          float((pred_bb == eval_labels).mean()), float((pred_bb == y_e).mean()),
                          len([k for k in recovered if k != head_name]), recovered_head))
+    return out
+
+
+FINETUNE_PASSES = 1500     # sentence passes of a fine-tuning thief with few queries (10 epochs of 50, 3 of 500)
+FINETUNE_LR = 5e-5         # the full fine-tuning recipe's (edge.recipes.minilm_task)
+
+
+def digest(*arrays) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(str((a.dtype, a.shape)).encode() + a.tobytes())
+    return h.hexdigest()[:16]
+
+
+def finetuned_predictions(init, texts: list[str], answers: np.ndarray, eval_texts: list[str], max_len: int = 64,
+                          batch_size: int = 32, seed: int = 0, passes: int = FINETUNE_PASSES) -> np.ndarray:
+    """The thief's model -- `init` (a BertClassifier) with every parameter trained on `texts` labelled `answers`,
+    max(1, passes // n) epochs -- and its answers on `eval_texts`. Cached by the inputs' hash."""
+    import copy
+    import json
+
+    from base.paths import build_dir, config_hash
+    from edge.models.minilm import encode
+    from edge.train import batches, cosine_warmup, endless, fit, logits, pad
+    from torch.nn import functional as F
+    n = len(texts)
+    epochs = max(1, passes // n)
+    steps = epochs * math.ceil(n / batch_size)
+    state = init.state_dict()
+    key = {"init": digest(*[state[k].numpy() for k in sorted(state)]),
+           "queries": hashlib.sha256("\0".join(texts).encode()).hexdigest()[:16], "answers": digest(answers),
+           "eval": hashlib.sha256("\0".join(eval_texts).encode()).hexdigest()[:16], "steps": steps,
+           "batch": batch_size, "lr": FINETUNE_LR, "max_len": max_len, "seed": seed, "version": 1}
+    out = build_dir() / "steal" / config_hash(key)
+    if (out / "predictions.npy").is_file():
+        return np.load(out / "predictions.npy")
+    torch.manual_seed(seed)
+    g = np.random.default_rng(seed)
+    model = copy.deepcopy(init)
+    seqs = encode(texts, max_len)
+    y = torch.from_numpy(np.asarray(answers, np.int64))
+    lengths = np.array([len(q) for q in seqs])
+    opt = torch.optim.AdamW(model.parameters(), lr=FINETUNE_LR, weight_decay=0.01)
+    sched = cosine_warmup(opt, steps, warm=max(1, steps // 10))
+
+    def loss_fn(idx):
+        ids, mask = pad([seqs[j] for j in idx])
+        return F.cross_entropy(logits(model, ids, mask), y[idx])
+
+    fit(model, opt, sched, endless(lambda: batches(n, batch_size, lengths, g)), loss_fn, steps, "thief", quiet=True)
+    pred = features(model, eval_texts, max_len)[1].argmax(1)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "predictions.tmp.npy"
+    np.save(tmp, pred)
+    (out / "key.json").write_text(json.dumps(key))
+    tmp.rename(out / "predictions.npy")
+    return pred
+
+
+def steal_finetune(mode: str, victim, prog, accel: dict[str, np.ndarray], public, queries: list[str],
+                   eval_texts: list[str], eval_labels: np.ndarray, ns=(50, 500, 5000), max_len: int = 64,
+                   passes: int = FINETUNE_PASSES) -> list[Theft]:
+    """Model stealing by fine-tuning: the thief trains its whole model (the public backbone with what it recovered
+    from the accelerator's file put in, a recovered head as the head's start) on N queries labelled by the victim;
+    the black-box thief trains the public model on the same queries."""
+    from tee.blinded import quantize_weights
+    from tee.modes import get
+    pub = public_layers(prog, public.state_dict())
+    recovered = get(mode).recover(accel, pub) if accel else {}
+    # a layer whose int8 codes are exactly the quantised public weights tells the thief nothing it lacks (sliced):
+    # it keeps the public fp32 weights there
+    recovered = {n: w for n, w in recovered.items() if not (n in pub and accel[n].dtype == np.int8 and
+                                                             np.array_equal(accel[n].T, quantize_weights(pub[n])[0]))}
+    head_name = next((n for n, layer in prog.layers.items()
+                      if any(module_path(x) == "classifier" for x in layer.nodes)), None)
+    thief = thief_model(public, prog, {n: w for n, w in recovered.items() if n != head_name})
+    head = recovered.get(head_name) if mode == "plain" else None
+    if head is not None and head.shape == tuple(thief.classifier.weight.shape):
+        with torch.no_grad():
+            thief.classifier.weight.copy_(torch.from_numpy(np.ascontiguousarray(head, np.float32)))
+    n_max = min(max(ns), len(queries))
+    y_q = features(victim, queries[:n_max], max_len)[1].argmax(1)
+    y_e = features(victim, eval_texts, max_len)[1].argmax(1)
+    out = []
+    for n in ns:
+        n = min(n, n_max)
+        pred_bb = finetuned_predictions(public, queries[:n], y_q[:n], eval_texts, max_len, passes=passes)
+        pred = finetuned_predictions(thief, queries[:n], y_q[:n], eval_texts, max_len, passes=passes)
+        out.append(Theft(mode, n, float((y_e == eval_labels).mean()), float((pred == eval_labels).mean()),
+                         float((pred == y_e).mean()), float((pred_bb == eval_labels).mean()),
+                         float((pred_bb == y_e).mean()), len([k for k in recovered if k != head_name]),
+                         head is not None, attack="finetune"))
     return out
 
 

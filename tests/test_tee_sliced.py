@@ -145,6 +145,18 @@ def test_stealing_and_membership_small(tee_env, sliced, public):
         assert [t.n for t in results[mode]] == [10, 40]
         for t in results[mode]:
             assert 0 <= t.stolen_accuracy <= 1 and 0 <= t.blackbox_agreement <= 1 and t.layers_recovered > 0
+    # the fine-tuning thief (a tiny budget here): against sliced it starts from the public backbone -- the black-box
+    # thief's own starting point, so the two are the same model
+    for mode, victim in (("plain", full), ("sliced", sliced)):
+        b = bundle.load_header(tee_env / f"steal-{mode}")
+        accel = load_file(str(b.path / "accelerator" / "weights.safetensors"))
+        (t,) = stealing.steal_finetune(mode, victim, Enclave(b.path).prog, accel, thief, texts.texts[:8],
+                                       texts.texts[40:60], texts.labels[40:60], ns=(8,), max_len=SEQ, passes=16)
+        assert t.attack == "finetune" and t.n == 8 and 0 <= t.stolen_agreement <= 1
+        if mode == "sliced":
+            assert t.layers_recovered == 0 and t.stolen_accuracy == t.blackbox_accuracy
+        else:
+            assert t.layers_recovered > 0 and t.head_recovered
     m = stealing.membership("sliced", sliced, texts.texts[:20], texts.labels[:20], texts.texts[20:40],
                             texts.labels[20:40], max_len=SEQ)
     assert m.members == m.nonmembers == 20 and 0 <= m.balanced_accuracy <= 1 and 0 <= m.auc <= 1

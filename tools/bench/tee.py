@@ -59,6 +59,10 @@ def main(argv=None) -> int:
                          "accuracy, sliced latency, stealing and membership against every mode (trains if not cached)")
     ap.add_argument("--task-only", action="store_true", help="only the --task part (the four embedding modes skipped)")
     ap.add_argument("--steal-n", default="50,500,5000", help="query budgets of the model thief (default 50,500,5000)")
+    ap.add_argument("--finetune-n", default="50,500,5000",
+                    help="query budgets of the fine-tuning thief against the sliced mode (and its black-box baseline)")
+    ap.add_argument("--finetune-n-others", default="50,500",
+                    help="query budgets of the fine-tuning thief against the other modes ('' skips them)")
     ap.add_argument("--members", type=int, default=500, help="training and held-out sentences each for membership")
     ap.add_argument("--task-iters", type=int, default=20, help="sliced vs enclave-only latency: median of this many")
     args = ap.parse_args(argv)
@@ -423,7 +427,9 @@ def main_tasks(args, result: dict | None = None) -> int:
     result["tasks"] = {}
     for task in args.task or ["sst2"]:
         con.print(f"task {task}")
-        result["tasks"][task] = bench_task(task, args.seq_len, args.task_iters, args.warmup, threads, ns, args.members)
+        ft = {"sliced": _ints(args.finetune_n), "others": _ints(args.finetune_n_others)}
+        result["tasks"][task] = bench_task(task, args.seq_len, args.task_iters, args.warmup, threads, ns, args.members,
+                                           ft)
         report_task(con, result["tasks"][task])
     result["load_avg_end_tasks"] = os.getloadavg()
     out = build_dir() / "bench" / (args.out if args.task_only else "tee-tasks.json")
@@ -432,8 +438,12 @@ def main_tasks(args, result: dict | None = None) -> int:
     return 0
 
 
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(n) for n in text.split(",") if n.strip())
+
+
 def bench_task(task: str, seq_len: int, iters: int, warmup: int, threads: int, ns: tuple[int, ...],
-               members: int) -> dict:
+               members: int, finetune_ns: dict | None = None) -> dict:
     """The model's confidentiality on a task: the sliced model (private slices trained on a public backbone) and
     the same backbone fully fine-tuned (what a user would otherwise ship), same data and budget (edge.recipes.minilm_task);
     sliced inference exact and its latency next to enclave-only; model stealing and membership inference against
@@ -474,20 +484,24 @@ def bench_task(task: str, seq_len: int, iters: int, warmup: int, threads: int, n
             y, _ = sessions["sliced"].infer(x)
             exact.append(bool(np.array_equal(y, program.forward(owner.prog, x, blinded.reference_lin(owner.blind)))))
         rows = {m: [] for m in sessions}
+        load_start = os.getloadavg()
         for i in range(n_runs):
             for m, s in sessions.items():
                 _, t = s.infer(inputs[i % len(inputs)])
                 s.ready()
                 if i >= warmup:
                     rows[m].append(t)
+        load = [load_start, os.getloadavg()]
     finally:
         for s in sessions.values():
             s.close()
     lat = {m: {"total_ms": float(np.median([t.total_s for t in ts])) * 1e3,
                "enclave_ms": float(np.median([t.enclave_s for t in ts])) * 1e3,
-               "accelerator_ms": float(np.median([t.accelerator_s for t in ts])) * 1e3} for m, ts in rows.items()}
+               "accelerator_ms": float(np.median([t.accelerator_s for t in ts])) * 1e3,
+               "transfer_ms": float(np.median([t.transfer_s for t in ts])) * 1e3,
+               "enclave_cpu_ms": float(np.median([t.enclave_cpu_s for t in ts])) * 1e3} for m, ts in rows.items()}
     out["sliced_inference"] = {"seq_len": seq_len, "iters": iters, "equal_to_fixed_point_reference": all(exact),
-                               "latency_ms": lat,
+                               "latency_ms": lat, "load_avg": load, "accel_threads": threads,
                                "sliced_over_enclave_only": round(lat["sliced"]["total_ms"] / lat["enclave-only"]["total_ms"], 3)}
 
     # ---- stealing and membership against every mode --------------------------------------------------------
@@ -515,15 +529,38 @@ def bench_task(task: str, seq_len: int, iters: int, warmup: int, threads: int, n
         member[mode] = member_of[v] | {"mode": mode, "victim": v}
         print(f"  {mode}: stealing and membership in {time.perf_counter() - t0:.0f} s", flush=True)
     out["stealing"], out["membership"] = steal, member
+    report_task(con_task(), {k: out[k] for k in ("task", "models", "sliced_inference", "stealing", "membership")}
+                | {"targets": "(fine-tuning thief next)"})
+    # the fine-tuning thief (whole model trained on the answers): the sliced mode at every budget, the others at a
+    # smaller set (each budget trains a model per mode; black-box thieves and public starting points are shared)
+    finetune_ns = finetune_ns or {"sliced": ns, "others": ns}
+    out["stealing_finetune"] = {}
+    for mode in sorted(bundle.MODES, key=lambda m: m != "sliced"):    # the mode the targets are about first
+        n_ft = finetune_ns["sliced" if mode == "sliced" else "others"]
+        if not n_ft:
+            continue
+        v = "sliced" if mode == "sliced" else "full"
+        b = bundle.load_header(root / f"steal-{mode}")
+        f = b.path / "accelerator" / "weights.safetensors"
+        accel = load_file(str(f)) if f.is_file() else {}
+        t0 = time.perf_counter()
+        out["stealing_finetune"][mode] = [asdict(t) for t in stealing.steal_finetune(
+            mode, models[v], Enclave(b.path).prog, accel, thief, queries, ev.texts, ev.labels, n_ft)]
+        print(f"  {mode}: fine-tuning thief in {time.perf_counter() - t0:.0f} s", flush=True)
     acc = {v: out["models"][v]["accuracy"] for v in models}
     out["targets"] = {
         "sliced_minus_full_accuracy_points": round(100 * (acc["sliced"] - acc["full"]), 2),
         "sliced_within_1_point": acc["sliced"] >= acc["full"] - 0.01,
         "sliced_stolen_le_blackbox_plus_1": all(t["stolen_accuracy"] <= t["blackbox_accuracy"] + 0.01
-                                                for t in steal["sliced"]),
+                                                for t in steal["sliced"] + out["stealing_finetune"].get("sliced", [])),
         "sliced_membership_le_52": member["sliced"]["balanced_accuracy"] <= 0.52,
         "sliced_le_enclave_only": out["sliced_inference"]["sliced_over_enclave_only"] <= 1.0}
     return out
+
+
+def con_task():
+    from rich.console import Console
+    return Console(width=170)
 
 
 def report_task(con, r: dict) -> None:
@@ -538,14 +575,16 @@ def report_task(con, r: dict) -> None:
     si = r["sliced_inference"]
     con.print(f"sliced L={si['seq_len']}: equal to its fixed-point reference: {si['equal_to_fixed_point_reference']}; "
               f"median of {si['iters']}: sliced {si['latency_ms']['sliced']['total_ms']:.1f} ms, enclave-only "
-              f"{si['latency_ms']['enclave-only']['total_ms']:.1f} ms ({si['sliced_over_enclave_only']:.2f}x)")
+              f"{si['latency_ms']['enclave-only']['total_ms']:.1f} ms ({si['sliced_over_enclave_only']:.2f}x)"
+              + (f"; load average {si['load_avg'][0][0]:.1f} -> {si['load_avg'][1][0]:.1f}" if "load_avg" in si else ""))
+    con.print({m: {k: round(v, 1) for k, v in d.items()} for m, d in si["latency_ms"].items()})
     tab = Table(title="model stealing: thief with the accelerator's view vs black-box (same queries)")
-    for c in ("mode", "N", "victim acc", "stolen acc", "agreement", "black-box acc", "black-box agreement",
+    for c in ("mode", "thief", "N", "victim acc", "stolen acc", "agreement", "black-box acc", "black-box agreement",
               "layers recovered"):
         tab.add_column(c, justify="right")
-    for mode, ts in r["stealing"].items():
+    for mode, ts in list(r["stealing"].items()) + list(r.get("stealing_finetune", {}).items()):
         for t in ts:
-            tab.add_row(mode, str(t["n"]), f"{t['victim_accuracy']:.2%}", f"{t['stolen_accuracy']:.2%}",
+            tab.add_row(mode, t.get("attack", "probe"), str(t["n"]), f"{t['victim_accuracy']:.2%}", f"{t['stolen_accuracy']:.2%}",
                         f"{t['stolen_agreement']:.2%}", f"{t['blackbox_accuracy']:.2%}",
                         f"{t['blackbox_agreement']:.2%}", str(t["layers_recovered"]) + (" + head" if t["head_recovered"] else ""))
     con.print(tab)
