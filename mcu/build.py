@@ -223,8 +223,11 @@ def deploy_graph(graph, board: str | Board | None, out_dir: Path, schedule: str 
     from mcu.codegen import generate
     from mcu.planner import check, plan as make_plan
 
+    from mcu.weight_layout import widen_fc_weights
+
     b = board if isinstance(board, Board) else get_board(board)
-    sched = _schedule(graph, schedule, b)
+    # fully connected weights widened to int16 where the flash has room (same outputs, fewer instructions)
+    sched = widen_fc_weights(_schedule(graph, schedule, b), b.flash_bytes)
     plan = make_plan(sched)
     check(plan, sched)
     check_budget(graph, plan, b)

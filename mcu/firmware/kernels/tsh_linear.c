@@ -395,14 +395,37 @@ void tsh_fc_s8(const int8_t *x, const int8_t *w, const int32_t *bias, const int3
     }
 }
 
-/* weight k of output channel n in the layout of mcu.kernels.pack_fc_weights_s16 */
-static inline int32_t w16_at(const int16_t *w, int32_t N, int32_t K, int32_t n, int32_t k)
+/* one row against a channel pair of mcu.kernels.pack_fc_weights_s16's layout starting at `wp`: per
+ * 4 k the row's word split by SXTB16 into (k, k+2), (k+1, k+3), four SMLAD on the stored pairs */
+static void fc_row_pair_w16(const int8_t *x, const int16_t *wp, int32_t K, int32_t *s0, int32_t *s1)
 {
-    int32_t N2 = N / 2 * 2, K4 = K / 4;
-    if (n >= N2) return w[N2 * K + (n - N2) * K + k];
-    const int16_t *wp = w + (n / 2) * 2 * K;
-    if (k < 4 * K4) return wp[8 * (k / 4) + 4 * (n % 2) + ((k % 4) >> 1 | (k % 2) << 1)];
-    return wp[8 * K4 + (n % 2) * (K - 4 * K4) + (k - 4 * K4)];
+    int32_t a0 = *s0, a1 = *s1, K4 = K / 4, g = 0;
+#if TSH_USE_DSP
+    for (; g < K4; g++, wp += 8) {
+        int32_t xv = tsh_read32(x + 4 * g), xa = tsh_sxtb16(xv), xb = tsh_sxtb16_ror8(xv), w[4];
+        memcpy(w, wp, sizeof w);
+        a0 = tsh_smlad(xb, w[1], tsh_smlad(xa, w[0], a0));
+        a1 = tsh_smlad(xb, w[3], tsh_smlad(xa, w[2], a1));
+    }
+#else
+    for (; g < K4; g++, wp += 8) {
+        const int8_t *xg = x + 4 * g;
+        a0 += xg[0] * wp[0] + xg[2] * wp[1] + xg[1] * wp[2] + xg[3] * wp[3];
+        a1 += xg[0] * wp[4] + xg[2] * wp[5] + xg[1] * wp[6] + xg[3] * wp[7];
+    }
+#endif
+    for (int32_t k = 0; k < K - 4 * K4; k++) {
+        a0 += x[4 * K4 + k] * wp[k];
+        a1 += x[4 * K4 + k] * wp[K - 4 * K4 + k];
+    }
+    *s0 = a0;
+    *s1 = a1;
+}
+
+static int32_t dot_s8_s16(const int8_t *x, const int16_t *w, int32_t K, int32_t acc)
+{
+    for (int32_t k = 0; k < K; k++) acc += x[k] * w[k];
+    return acc;
 }
 
 void tsh_fc_s8w16(const int8_t *x, const int16_t *w, const int32_t *bias, const int32_t *mult,
@@ -443,21 +466,26 @@ void tsh_fc_s8w16(const int8_t *x, const int16_t *w, const int32_t *bias, const 
             ch[0].st.d2 = rows > 2 ? y_stride : 0;
             fc_pairs3_w16_asm(ch[0].x, w);
             if (N2 < N)
-                for (int32_t r = 0; r < rows; r++) {
-                    int32_t acc = bias[N2];
-                    for (int32_t k = 0; k < K; k++) acc += x0[r * x_stride + k] * w16_at(w, N, K, N2, k);
-                    y0[r * y_stride + N2] = requant_clamp(acc, mult[N2], shift[N2], y_zp, act_min, act_max);
-                }
+                for (int32_t r = 0; r < rows; r++)
+                    y0[r * y_stride + N2] = requant_clamp(dot_s8_s16(x0 + r * x_stride, w + N2 * K, K, bias[N2]),
+                                                          mult[N2], shift[N2], y_zp, act_min, act_max);
         }
     }
 #endif
-    /* everything else (other cores, the host, the rows and parameters the block does not take): plainly */
-    for (; m < M; m++)
-        for (int32_t n = 0; n < N; n++) {
-            int32_t acc = bias[n];
-            for (int32_t k = 0; k < K; k++) acc += x[m * x_stride + k] * w16_at(w, N, K, n, k);
-            y[m * y_stride + n] = requant_clamp(acc, mult[n], shift[n], y_zp, act_min, act_max);
+    /* the rows and parameters the block does not take, other cores, the host: row by row */
+    int32_t N2r = N / 2 * 2;
+    for (; m < M; m++) {
+        const int8_t *xr = x + m * x_stride;
+        int8_t *yr = y + m * y_stride;
+        for (int32_t n = 0; n < N2r; n += 2) {
+            int32_t a0 = bias[n], a1 = bias[n + 1];
+            fc_row_pair_w16(xr, w + n * K, K, &a0, &a1);
+            yr[n] = requant_clamp(a0, mult[n], shift[n], y_zp, act_min, act_max);
+            yr[n + 1] = requant_clamp(a1, mult[n + 1], shift[n + 1], y_zp, act_min, act_max);
         }
+        if (N2r < N)
+            yr[N2r] = requant_clamp(dot_s8_s16(xr, w + N2r * K, K, bias[N2r]), mult[N2r], shift[N2r], y_zp, act_min, act_max);
+    }
 }
 
 /* sum_t x[t] w[t] and sum_t w[t] in one pass (the key sums of matmul_qk come for free) */
