@@ -26,8 +26,8 @@ def widen_fc_weights(sched: Schedule, flash_bytes: int) -> Schedule:
     """The schedule with as many fully connected layers' weights widened to int16 as fit `flash_bytes`
     (the board's flash budget less CODE_RESERVE), the layers that run the most MACs per extra byte first.
     A weight constant widens only when every call reading it is an fc_s8 call reading it whole (not, e.g.,
-    a tiled attention kernel that projects K/V itself, or one head's rows); the int8 copy then leaves the
-    firmware."""
+    a tiled attention kernel that projects K/V itself, or one head's rows) on at least two rows (a single
+    row, e.g. a classifier, gains nothing); the int8 copy then leaves the firmware."""
     readers: dict[str, list[Call]] = {}
     for c in sched.calls:
         for a in c.args:
@@ -35,7 +35,7 @@ def widen_fc_weights(sched: Schedule, flash_bytes: int) -> Schedule:
                 readers.setdefault(a.tensor, []).append(c)
     room = flash_bytes - CODE_RESERVE - const_bytes_used(sched)
     candidates = [(sum(c.macs for c in cs) / sched.graph.tensors[n].nbytes, n) for n, cs in readers.items()
-                  if all(c.kernel == "fc_s8" and c.args[1] == Const(n) for c in cs)]
+                  if all(c.kernel == "fc_s8" and c.args[1] == Const(n) and c.args[6] >= 2 for c in cs)]
     wide: set[str] = set()
     for _, n in sorted(candidates, reverse=True):
         extra = sched.graph.tensors[n].nbytes          # int16 storage doubles the bytes

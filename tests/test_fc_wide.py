@@ -104,3 +104,22 @@ def test_fc_s8w16_on_the_emulated_cortex_m4(tmp_path, arm_toolchain):
         n = (M * N + 3) // 4 * 4
         assert np.array_equal(got[off:off + M * N], got[off + n:off + n + M * N]), (M, Kd, N)
         off += 2 * n
+
+
+def test_widen_fc_weights_keeps_the_outputs_and_respects_the_flash_budget():
+    from mcu.execute import run
+    from mcu.planner import check, plan
+    from mcu.schedules import layerwise
+    from mcu.weight_layout import CODE_RESERVE, const_bytes_used, widen_fc_weights
+    from tools.bench.kernels import fc_graph
+
+    s = layerwise(fc_graph(7, 64, 10))
+    used = const_bytes_used(s)
+    assert widen_fc_weights(s, CODE_RESERVE + used + 64 * 10 - 1) is s      # one byte short: unchanged
+    w = widen_fc_weights(s, CODE_RESERVE + used + 64 * 10)
+    assert [c.kernel for c in w.calls] == ["fc_s8w16"] and w.params["wide_fc_weights"] == ["fc.weight"]
+    assert const_bytes_used(w) == used + 64 * 10                            # the int8 copy is not emitted
+    p = plan(w)
+    check(p, w)
+    x = np.random.default_rng(1).integers(-128, 128, size=7 * 64).astype(np.int8)
+    assert np.array_equal(run(w, {"input": x}, p)["output"], run(s, {"input": x}, plan(s))["output"])
