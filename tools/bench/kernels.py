@@ -5,8 +5,8 @@
 - emulated Cortex-M: firmware whose model is one `tsh_fc_s8` call, run on the emulated board; the
   QEMU plugin counts the instructions of `tsh_model_run`. A second firmware with the same input and
   output copies but no call is subtracted, so the figure is the kernel alone. Both the DSP path
-  (SMLAD/SXTB16) and the portable C path are measured, and the device output is checked against
-  the numpy reference bit for bit.
+  (SMLAD/SXTB16; `dsp-int16`: the weights stored widened, mcu/weight_layout.py) and the portable C
+  path are measured, and the device output is checked against the numpy reference bit for bit.
 - host (x86-64): instructions of the same C kernel under `valgrind --tool=callgrind`.
 - `--model vit-mnist`: the same subtraction per kernel over a whole model's layerwise schedule
   (firmware that makes only that kernel's calls, on the model's real arena), so each kernel's
@@ -56,13 +56,16 @@ def emulated(g, board: str, variant: str, x: np.ndarray) -> dict:
     from mcu.device import open_board
     from mcu.execute import run
     from mcu.planner import plan
+    from mcu.weight_layout import widen_fc_weights
 
     s, empty = schedules(g)
+    if variant == "dsp-int16":            # the weights stored widened to int16 (fc_s8w16)
+        s = widen_fc_weights(s, 1 << 40)
     counts = {}
     out = None
     for sched in (s, empty):
         p = plan(sched)
-        d = build_dir() / "bench" / "kernels" / f"{sched.name}-{g.name}"
+        d = build_dir() / "bench" / "kernels" / f"{sched.name}-{variant}-{g.name}"
         generate(sched, p, d)
         flags = ("-DTSH_PORTABLE",) if variant == "portable" else ()
         fw = build_firmware(d, board, extra_cflags=flags)
@@ -166,7 +169,7 @@ def main(argv=None):
     x = rng.integers(-128, 128, size=(a.M, a.K)).astype(np.int8)
     rows = []
     if not a.no_emulator:
-        for v in ("dsp", "portable"):
+        for v in ("dsp", "dsp-int16", "portable"):
             rows.append(emulated(g, a.board, v, x))
     for v in ("portable",):
         r = host(a.M, a.K, a.N, v)
