@@ -222,9 +222,14 @@ def deploy_graph(graph, board: str | Board | None, out_dir: Path, schedule: str 
     Returns (schedule, plan, firmware)."""
     from mcu.codegen import generate
     from mcu.planner import check, plan as make_plan
+    from mcu.weight_layout import widen_fc_weights
 
     b = board if isinstance(board, Board) else get_board(board)
+    # fully connected weights widened to int16 where the flash has room (same outputs, fewer instructions):
+    # fc_s8w16's assembly block is the Cortex-M4's; other cores keep their own fc_s8 paths
     sched = _schedule(graph, schedule, b)
+    if b.cpu == "cortex-m4":
+        sched = widen_fc_weights(sched, b.flash_bytes)
     plan = make_plan(sched)
     check(plan, sched)
     check_budget(graph, plan, b)

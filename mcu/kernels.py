@@ -149,6 +149,31 @@ def unpack_fc_weights(w: np.ndarray, N: int, K: int) -> np.ndarray:
     return np.concatenate([W, w[2 * P * K:N * K].reshape(N - 2 * P, K)], axis=0)
 
 
+def pack_fc_weights_s16(W: np.ndarray) -> np.ndarray:
+    """(N, K) int8 -> the int16 layout fc_s8w16 reads: `pack_fc_weights`' order with every group of 4 k
+    of a row stored widened as (k, k+2), (k+1, k+3) halfword pairs, the operands of SMLAD against
+    rows sign-extended by SXTB16, so the Cortex-M4 loads a channel pair's 4 k with one LDM and
+    extends nothing. Twice the bytes of the int8 layout; the same weight values."""
+    W = np.asarray(W)
+    N, K = W.shape
+    P, K4 = N // 2, K // 4
+    pairs = W[:2 * P].reshape(P, 2, K).astype(np.int16)
+    main = pairs[:, :, :4 * K4].reshape(P, 2, K4, 4)[..., [0, 2, 1, 3]].transpose(0, 2, 1, 3).reshape(P, 8 * K4)
+    tail = pairs[:, :, 4 * K4:].reshape(P, 2 * (K - 4 * K4))
+    out = np.concatenate([main, tail], axis=1).reshape(-1)
+    return np.concatenate([out, W[2 * P:].reshape(-1).astype(np.int16)])
+
+
+def unpack_fc_weights_s16(w: np.ndarray, N: int, K: int) -> np.ndarray:
+    """The inverse of `pack_fc_weights_s16`: flat int16 packed -> (N, K)."""
+    P, K4 = N // 2, K // 4
+    pairs = w[:2 * P * K].reshape(P, 2 * K)
+    main = pairs[:, :8 * K4].reshape(P, K4, 2, 4)[..., [0, 2, 1, 3]].transpose(0, 2, 1, 3).reshape(P, 2, 4 * K4)
+    tail = pairs[:, 8 * K4:].reshape(P, 2, K - 4 * K4)
+    W = np.concatenate([main, tail], axis=2).reshape(2 * P, K)
+    return np.concatenate([W, w[2 * P * K:N * K].reshape(N - 2 * P, K)], axis=0)
+
+
 @kernel(x="const i8*", w="const i8*", bias="const i32*", mult="const i32*", shift="const i32*", y="i8*",
         M="int", K="int", N="int", x_stride="int", y_stride="int", y_zp="int", act_min="int", act_max="int")
 def fc_s8(x, w, bias, mult, shift, y, M, K, N, x_stride, y_stride, y_zp, act_min, act_max):
@@ -161,6 +186,15 @@ def fc_s8(x, w, bias, mult, shift, y, M, K, N, x_stride, y_stride, y_zp, act_min
     W = unpack_fc_weights(w[:N * K], N, K).astype(np.int64)
     acc = X @ W.T + bias[:N]
     _out(view2d(y, M, N, y_stride), mbqm(acc, mult[:N], shift[:N]) + y_zp, act_min, act_max)
+
+
+@kernel(x="const i8*", w="const i16*", bias="const i32*", mult="const i32*", shift="const i32*", y="i8*",
+        M="int", K="int", N="int", x_stride="int", y_stride="int", y_zp="int", act_min="int", act_max="int")
+def fc_s8w16(x, w, bias, mult, shift, y, M, K, N, x_stride, y_stride, y_zp, act_min, act_max):
+    """`fc_s8` with the int8 weights stored widened to int16 by `pack_fc_weights_s16`: the same
+    arithmetic, only the storage differs (for boards whose flash has room for it)."""
+    fc_s8(x, pack_fc_weights(unpack_fc_weights_s16(w[:N * K], N, K)), bias, mult, shift, y, M, K, N,
+          x_stride, y_stride, y_zp, act_min, act_max)
 
 
 @kernel(q="const i8*", k="const i8*", s="i8*", Lq="int", Lk="int", dh="int", q_stride="int",

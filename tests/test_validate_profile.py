@@ -104,10 +104,10 @@ def _break_one_shift(schedule, which: int = 1):
 
     g = copy.copy(schedule.graph)
     g.tensors = dict(g.tensors)
-    fcs = [i for i, c in enumerate(schedule.calls) if c.kernel == "fc_s8"]
+    fcs = [i for i, c in enumerate(schedule.calls) if c.kernel in ("fc_s8", "fc_s8w16")]   # int8 or int16 weights
     i = fcs[which]
     c = schedule.calls[i]
-    k = [n for n, _ in KERNELS["fc_s8"].params].index("shift")
+    k = [n for n, _ in KERNELS[c.kernel].params].index("shift")
     t = g.tensors[c.args[k].tensor]
     g.tensors[t.name + ".broken"] = dataclasses.replace(t, name=t.name + ".broken", data=t.data + 1)
     args = list(c.args)

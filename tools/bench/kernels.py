@@ -5,7 +5,8 @@
 - emulated Cortex-M: firmware whose model is one `tsh_fc_s8` call, run on the emulated board; the
   QEMU plugin counts the instructions of `tsh_model_run`. A second firmware with the same input and
   output copies but no call is subtracted, so the figure is the kernel alone. Both the board's own
-  path (SMLAD/SXTB16 on the Cortex-M4, Helium/MVE on the Cortex-M55 `mps3-an547`) and the portable C
+  path (SMLAD/SXTB16 on the Cortex-M4, Helium/MVE on the Cortex-M55 `mps3-an547`; `dsp-int16`: the
+  weights stored widened, mcu/weight_layout.py) and the portable C
   path are measured, and the device output is checked against the numpy reference bit for bit.
 - host (x86-64): instructions of the same C kernel under `valgrind --tool=callgrind`.
 - `--model vit-mnist`: the same subtraction per kernel over a whole model's layerwise schedule
@@ -57,13 +58,16 @@ def emulated(g, board: str, variant: str, x: np.ndarray) -> dict:
     from mcu.device import open_board
     from mcu.execute import run
     from mcu.planner import plan
+    from mcu.weight_layout import widen_fc_weights
 
     s, empty = schedules(g)
+    if variant == "dsp-int16":            # the weights stored widened to int16 (fc_s8w16)
+        s = widen_fc_weights(s, 1 << 40)
     counts = {}
     out = None
     for sched in (s, empty):
         p = plan(sched)
-        d = build_dir() / "bench" / "kernels" / f"{sched.name}-{g.name}"
+        d = build_dir() / "bench" / "kernels" / f"{sched.name}-{variant}-{g.name}"
         generate(sched, p, d)
         flags = ("-DTSH_PORTABLE",) if variant == "portable" else ()
         fw = build_firmware(d, board, extra_cflags=flags)
@@ -169,7 +173,9 @@ def main(argv=None):
     x = rng.integers(-128, 128, size=(a.M, a.K)).astype(np.int8)
     rows = []
     if not a.no_emulator:
-        for v in ("dsp", "portable"):
+        from mcu.boards import board as get_board
+        m4 = get_board(a.board).cpu == "cortex-m4"     # the widened layout is for the M4's loop only
+        for v in ("dsp", "dsp-int16", "portable") if m4 else ("dsp", "portable"):
             rows.append(emulated(g, a.board, v, x))
     for v in ("portable",):
         r = host(a.M, a.K, a.N, v)

@@ -20,6 +20,10 @@ void tsh_fc_s8(const int8_t *x, const int8_t *w, const int32_t *bias, const int3
                const int32_t *shift, int8_t *y, int32_t M, int32_t K, int32_t N, int32_t x_stride,
                int32_t y_stride, int32_t y_zp, int32_t act_min, int32_t act_max);
 
+void tsh_fc_s8w16(const int8_t *x, const int16_t *w, const int32_t *bias, const int32_t *mult,
+                  const int32_t *shift, int8_t *y, int32_t M, int32_t K, int32_t N, int32_t x_stride,
+                  int32_t y_stride, int32_t y_zp, int32_t act_min, int32_t act_max);
+
 void tsh_matmul_qk_s8(const int8_t *q, const int8_t *k, int8_t *s, int32_t Lq, int32_t Lk, int32_t dh,
                       int32_t q_stride, int32_t k_stride, int32_t s_stride, int32_t q_zp, int32_t k_zp,
                       int32_t mult, int32_t shift, int32_t s_zp);

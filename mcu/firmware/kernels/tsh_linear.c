@@ -35,7 +35,8 @@ static inline int32_t wpair_at(const int8_t *wp, int32_t K, int32_t which, int32
 #define TSH_STR(x) TSH_STR2(x)
 
 /* Three rows sign-extended into int16 pairs, interleaved per 4 k: row0 (0,2) (1,3), row1, row2. */
-static void fc_extend3(const int8_t *x0, const int8_t *x1, const int8_t *x2, int32_t K4, int32_t *xe)
+/* inlined into each caller: its loop runs once per three rows, its call would run per chunk */
+static inline __attribute__((always_inline)) void fc_extend3(const int8_t *x0, const int8_t *x1, const int8_t *x2, int32_t K4, int32_t *xe)
 {
     for (int32_t g = 0; g < K4; g++) {
         int32_t v0 = tsh_read32(x0 + 4 * g), v1 = tsh_read32(x1 + 4 * g), v2 = tsh_read32(x2 + 4 * g);
@@ -90,98 +91,116 @@ struct fc_chunk {                 /* a chunk: its state, then its steps' extende
     "asr " a ", " a ", " r "\n\t"                                                                  \
     "ssat " a ", #8, " a "\n\t"
 
+/* the asm text of the two variants: the head (entry into the steps), one step's weight operands
+ * (t2, t0: row 0 of the pair as (k, k+2), (k+1, k+3) int16 pairs; t3, t1: row 1), then the
+ * multiply-accumulates against the three extended rows and the per-pair bookkeeping */
+#define FC_ASM_HEAD \
+        "adr %[t0], 3f\n\t"                                                                         \
+        "ldr %[t1], [%[x], #-16]\n\t"                                                               \
+        "add %[t0], %[t0], %[t1]\n\t"                                                               \
+        "orr %[t0], %[t0], #1\n\t"                                                                  \
+        "str %[t0], [%[x], #-12]\n"                                                                 \
+        "1:\n\t"                                                                                    \
+        "ldr %[t0], [%[x], #-48]\n\t"                                                               \
+        "ldrd %[a0], %[a1], [%[t0]], #8\n\t"                                                        \
+        "str %[t0], [%[x], #-48]\n\t"                                                               \
+        "mov %[a2], %[a0]\n\t"                                                                      \
+        "mov %[a3], %[a1]\n\t"                                                                      \
+        "mov %[a4], %[a0]\n\t"                                                                      \
+        "mov %[a5], %[a1]\n\t"                                                                      \
+        "ldr pc, [%[x], #-12]\n\t"                                                                  \
+        ".p2align 2\n"                                                                              \
+        "3:\n\t"                                                                                    \
+        ".set .Lfc_i, 0\n\t"                                                                        \
+        ".rept " TSH_STR(TSH_FC_UNROLL) "\n\t"
+#define FC_ASM_W8 \
+        "ldrd %[t0], %[t1], [%[w]], #8\n\t"                                                         \
+        "sxtb16 %[t2], %[t0]\n\t"                                                                   \
+        "sxtb16 %[t0], %[t0], ror #8\n\t"                                                           \
+        "sxtb16 %[t3], %[t1]\n\t"                                                                   \
+        "sxtb16 %[t1], %[t1], ror #8\n\t"
+/* int16 weights pre-arranged in that order (mcu.kernels.pack_fc_weights_s16): one LDM, no SXTB16; t2,
+ * t0, t3, t1 live in r0-r3 in that order so the LDM fills them from consecutive words */
+#define FC_ASM_W16 "ldm.w %[w]!, {%[t2], %[t0], %[t3], %[t1]}\n\t"
+#define FC_ASM_REST \
+        "ldrd %[xa], %[xb], [%[x], #(24 * .Lfc_i)]\n\t"                                                    \
+        "smlad %[a0], %[xa], %[t2], %[a0]\n\t"                                                             \
+        "smlad %[a0], %[xb], %[t0], %[a0]\n\t"                                                             \
+        "smlad %[a1], %[xa], %[t3], %[a1]\n\t"                                                             \
+        "smlad %[a1], %[xb], %[t1], %[a1]\n\t"                                                             \
+        "ldrd %[xa], %[xb], [%[x], #(24 * .Lfc_i + 8)]\n\t"                                                \
+        "smlad %[a2], %[xa], %[t2], %[a2]\n\t"                                                             \
+        "smlad %[a2], %[xb], %[t0], %[a2]\n\t"                                                             \
+        "smlad %[a3], %[xa], %[t3], %[a3]\n\t"                                                             \
+        "smlad %[a3], %[xb], %[t1], %[a3]\n\t"                                                             \
+        "ldrd %[xa], %[xb], [%[x], #(24 * .Lfc_i + 16)]\n\t"                                               \
+        "smlad %[a4], %[xa], %[t2], %[a4]\n\t"                                                             \
+        "smlad %[a4], %[xb], %[t0], %[a4]\n\t"                                                             \
+        "smlad %[a5], %[xa], %[t3], %[a5]\n\t"                                                             \
+        "smlad %[a5], %[xb], %[t1], %[a5]\n\t"                                                             \
+        ".set .Lfc_i, .Lfc_i + 1\n\t"                                                                      \
+        ".endr\n\t"                                                                                        \
+        "ldr %[t0], [%[x], #-8]\n\t"     /* the next chunk from its first step, else back to the first */  \
+        "cmp %[t0], #0\n\t"                                                                                \
+        "beq 5f\n\t"                                                                                       \
+        "mov %[x], %[t0]\n\t"                                                                              \
+        "b 3b\n"                                                                                           \
+        "5:\n\t"                                                                                           \
+        "ldr %[x], [%[x], #-4]\n\t"                                                                        \
+        /* the pair's multipliers (t1, t2), right shifts (xa, xb) and rounding terms (t3, t0) */           \
+        "ldr %[t0], [%[x], #-44]\n\t"                                                                      \
+        "ldrd %[t1], %[t2], [%[t0]], #8\n\t"                                                               \
+        "str %[t0], [%[x], #-44]\n\t"                                                                      \
+        "ldr %[t0], [%[x], #-40]\n\t"                                                                      \
+        "ldrd %[xa], %[xb], [%[t0]], #8\n\t"                                                               \
+        "str %[t0], [%[x], #-40]\n\t"                                                                      \
+        "ldr %[t0], [%[x], #-24]\n\t"                                                                      \
+        "rsb %[xa], %[xa], #0\n\t"                                                                         \
+        "rsb %[xb], %[xb], #0\n\t"                                                                         \
+        "lsl %[t3], %[t0], %[xa]\n\t"                                                                      \
+        "asr %[t3], %[t3], #1\n\t"                                                                         \
+        "lsl %[t0], %[t0], %[xb]\n\t"                                                                      \
+        "asr %[t0], %[t0], #1\n\t"                                                                         \
+        FC_RQ("%[a0]", "%[t1]", "%[t3]", "%[xa]")                                                          \
+        FC_RQ("%[a2]", "%[t1]", "%[t3]", "%[xa]")                                                          \
+        FC_RQ("%[a4]", "%[t1]", "%[t3]", "%[xa]")                                                          \
+        FC_RQ("%[a1]", "%[t2]", "%[t0]", "%[xb]")                                                          \
+        FC_RQ("%[a3]", "%[t2]", "%[t0]", "%[xb]")                                                          \
+        FC_RQ("%[a5]", "%[t2]", "%[t0]", "%[xb]")                                                          \
+        /* stores: row 0 at y, row 1 at y + d1, row 2 at y + d1 + d2 */                                    \
+        "ldr %[t1], [%[x], #-36]\n\t"                                                                      \
+        "ldr %[t2], [%[x], #-32]\n\t"                                                                      \
+        "strb %[a1], [%[t1], #1]\n\t"                                                                      \
+        "strb %[a0], [%[t1]], #2\n\t"                                                                      \
+        "str %[t1], [%[x], #-36]\n\t"                                                                      \
+        "add %[t1], %[t1], %[t2]\n\t"                                                                      \
+        "strb %[a2], [%[t1], #-2]\n\t"                                                                     \
+        "strb %[a3], [%[t1], #-1]\n\t"                                                                     \
+        "ldr %[t2], [%[x], #-28]\n\t"                                                                      \
+        "add %[t1], %[t1], %[t2]\n\t"                                                                      \
+        "strb %[a4], [%[t1], #-2]\n\t"                                                                     \
+        "strb %[a5], [%[t1], #-1]\n\t"                                                                     \
+        "ldr %[t0], [%[x], #-20]\n\t"                                                                      \
+        "cmp %[w], %[t0]\n\t"                                                                              \
+        "bne 1b\n\t"
+#define FC_ASM_OPERANDS \
+        : [a0] "=&r"(a0), [a1] "=&r"(a1), [a2] "=&r"(a2), [a3] "=&r"(a3), [a4] "=&r"(a4), [a5] "=&r"(a5),  \
+          [w] "+&r"(w), [x] "+&r"(base), [t0] "=&r"(t0), [t1] "=&r"(t1), [t2] "=&r"(t2), [t3] "=&r"(t3),   \
+          [xa] "=&r"(xa), [xb] "=&r"(xb)                                                                   \
+        :                                                                                                  \
+        : "memory", "cc"
+
 static void fc_pairs3_asm(const int32_t *base, const int8_t *w)
 {
     int32_t a0, a1, a2, a3, a4, a5, t0, t1, t2, t3, xa, xb;
-    __asm__ volatile(
-        "adr %[t0], 3f\n\t"
-        "ldr %[t1], [%[x], #-16]\n\t"
-        "add %[t0], %[t0], %[t1]\n\t"
-        "orr %[t0], %[t0], #1\n\t"
-        "str %[t0], [%[x], #-12]\n"
-        "1:\n\t"
-        "ldr %[t0], [%[x], #-48]\n\t"
-        "ldrd %[a0], %[a1], [%[t0]], #8\n\t"
-        "str %[t0], [%[x], #-48]\n\t"
-        "mov %[a2], %[a0]\n\t"
-        "mov %[a3], %[a1]\n\t"
-        "mov %[a4], %[a0]\n\t"
-        "mov %[a5], %[a1]\n\t"
-        "ldr pc, [%[x], #-12]\n\t"
-        ".p2align 2\n"
-        "3:\n\t"
-        ".set .Lfc_i, 0\n\t"
-        ".rept " TSH_STR(TSH_FC_UNROLL) "\n\t"
-        "ldrd %[t0], %[t1], [%[w]], #8\n\t"
-        "sxtb16 %[t2], %[t0]\n\t"
-        "sxtb16 %[t0], %[t0], ror #8\n\t"
-        "sxtb16 %[t3], %[t1]\n\t"
-        "sxtb16 %[t1], %[t1], ror #8\n\t"
-        "ldrd %[xa], %[xb], [%[x], #(24 * .Lfc_i)]\n\t"
-        "smlad %[a0], %[xa], %[t2], %[a0]\n\t"
-        "smlad %[a0], %[xb], %[t0], %[a0]\n\t"
-        "smlad %[a1], %[xa], %[t3], %[a1]\n\t"
-        "smlad %[a1], %[xb], %[t1], %[a1]\n\t"
-        "ldrd %[xa], %[xb], [%[x], #(24 * .Lfc_i + 8)]\n\t"
-        "smlad %[a2], %[xa], %[t2], %[a2]\n\t"
-        "smlad %[a2], %[xb], %[t0], %[a2]\n\t"
-        "smlad %[a3], %[xa], %[t3], %[a3]\n\t"
-        "smlad %[a3], %[xb], %[t1], %[a3]\n\t"
-        "ldrd %[xa], %[xb], [%[x], #(24 * .Lfc_i + 16)]\n\t"
-        "smlad %[a4], %[xa], %[t2], %[a4]\n\t"
-        "smlad %[a4], %[xb], %[t0], %[a4]\n\t"
-        "smlad %[a5], %[xa], %[t3], %[a5]\n\t"
-        "smlad %[a5], %[xb], %[t1], %[a5]\n\t"
-        ".set .Lfc_i, .Lfc_i + 1\n\t"
-        ".endr\n\t"
-        "ldr %[t0], [%[x], #-8]\n\t"     /* the next chunk from its first step, else back to the first */
-        "cmp %[t0], #0\n\t"
-        "beq 5f\n\t"
-        "mov %[x], %[t0]\n\t"
-        "b 3b\n"
-        "5:\n\t"
-        "ldr %[x], [%[x], #-4]\n\t"
-        /* the pair's multipliers (t1, t2), right shifts (xa, xb) and rounding terms (t3, t0) */
-        "ldr %[t0], [%[x], #-44]\n\t"
-        "ldrd %[t1], %[t2], [%[t0]], #8\n\t"
-        "str %[t0], [%[x], #-44]\n\t"
-        "ldr %[t0], [%[x], #-40]\n\t"
-        "ldrd %[xa], %[xb], [%[t0]], #8\n\t"
-        "str %[t0], [%[x], #-40]\n\t"
-        "ldr %[t0], [%[x], #-24]\n\t"
-        "rsb %[xa], %[xa], #0\n\t"
-        "rsb %[xb], %[xb], #0\n\t"
-        "lsl %[t3], %[t0], %[xa]\n\t"
-        "asr %[t3], %[t3], #1\n\t"
-        "lsl %[t0], %[t0], %[xb]\n\t"
-        "asr %[t0], %[t0], #1\n\t"
-        FC_RQ("%[a0]", "%[t1]", "%[t3]", "%[xa]")
-        FC_RQ("%[a2]", "%[t1]", "%[t3]", "%[xa]")
-        FC_RQ("%[a4]", "%[t1]", "%[t3]", "%[xa]")
-        FC_RQ("%[a1]", "%[t2]", "%[t0]", "%[xb]")
-        FC_RQ("%[a3]", "%[t2]", "%[t0]", "%[xb]")
-        FC_RQ("%[a5]", "%[t2]", "%[t0]", "%[xb]")
-        /* stores: row 0 at y, row 1 at y + d1, row 2 at y + d1 + d2 */
-        "ldr %[t1], [%[x], #-36]\n\t"
-        "ldr %[t2], [%[x], #-32]\n\t"
-        "strb %[a1], [%[t1], #1]\n\t"
-        "strb %[a0], [%[t1]], #2\n\t"
-        "str %[t1], [%[x], #-36]\n\t"
-        "add %[t1], %[t1], %[t2]\n\t"
-        "strb %[a2], [%[t1], #-2]\n\t"
-        "strb %[a3], [%[t1], #-1]\n\t"
-        "ldr %[t2], [%[x], #-28]\n\t"
-        "add %[t1], %[t1], %[t2]\n\t"
-        "strb %[a4], [%[t1], #-2]\n\t"
-        "strb %[a5], [%[t1], #-1]\n\t"
-        "ldr %[t0], [%[x], #-20]\n\t"
-        "cmp %[w], %[t0]\n\t"
-        "bne 1b\n\t"
-        : [a0] "=&r"(a0), [a1] "=&r"(a1), [a2] "=&r"(a2), [a3] "=&r"(a3), [a4] "=&r"(a4), [a5] "=&r"(a5),
-          [w] "+&r"(w), [x] "+&r"(base), [t0] "=&r"(t0), [t1] "=&r"(t1), [t2] "=&r"(t2), [t3] "=&r"(t3),
-          [xa] "=&r"(xa), [xb] "=&r"(xb)
-        :
-        : "memory", "cc");
+    __asm__ volatile(FC_ASM_HEAD FC_ASM_W8 FC_ASM_REST FC_ASM_OPERANDS);
+}
+
+static void fc_pairs3_w16_asm(const int32_t *base, const int16_t *w)
+{
+    int32_t a0, a1, a2, a3, a4, a5, xa, xb;
+    register int32_t t2 __asm__("r0"), t0 __asm__("r1"), t3 __asm__("r2"), t1 __asm__("r3");
+    __asm__ volatile(FC_ASM_HEAD FC_ASM_W16 FC_ASM_REST FC_ASM_OPERANDS);
 }
 
 #else
@@ -377,6 +396,99 @@ void tsh_fc_s8(const int8_t *x, const int8_t *w, const int32_t *bias, const int3
         }
         if (N2 < N)
             yr[N2] = requant_clamp(dot_s8(xr, w + N2 * K, K, bias[N2]), mult[N2], shift[N2], y_zp, act_min, act_max);
+    }
+}
+
+/* one row against a channel pair of mcu.kernels.pack_fc_weights_s16's layout starting at `wp`: per
+ * 4 k the row's word split by SXTB16 into (k, k+2), (k+1, k+3), four SMLAD on the stored pairs */
+static void fc_row_pair_w16(const int8_t *x, const int16_t *wp, int32_t K, int32_t *s0, int32_t *s1)
+{
+    int32_t a0 = *s0, a1 = *s1, K4 = K / 4, g = 0;
+#if TSH_USE_DSP
+    for (; g < K4; g++, wp += 8) {
+        int32_t xv = tsh_read32(x + 4 * g), xa = tsh_sxtb16(xv), xb = tsh_sxtb16_ror8(xv), w[4];
+        memcpy(w, wp, sizeof w);
+        a0 = tsh_smlad(xb, w[1], tsh_smlad(xa, w[0], a0));
+        a1 = tsh_smlad(xb, w[3], tsh_smlad(xa, w[2], a1));
+    }
+#else
+    for (; g < K4; g++, wp += 8) {
+        const int8_t *xg = x + 4 * g;
+        a0 += xg[0] * wp[0] + xg[2] * wp[1] + xg[1] * wp[2] + xg[3] * wp[3];
+        a1 += xg[0] * wp[4] + xg[2] * wp[5] + xg[1] * wp[6] + xg[3] * wp[7];
+    }
+#endif
+    for (int32_t k = 0; k < K - 4 * K4; k++) {
+        a0 += x[4 * K4 + k] * wp[k];
+        a1 += x[4 * K4 + k] * wp[K - 4 * K4 + k];
+    }
+    *s0 = a0;
+    *s1 = a1;
+}
+
+static int32_t dot_s8_s16(const int8_t *x, const int16_t *w, int32_t K, int32_t acc)
+{
+    for (int32_t k = 0; k < K; k++) acc += x[k] * w[k];
+    return acc;
+}
+
+void tsh_fc_s8w16(const int8_t *x, const int16_t *w, const int32_t *bias, const int32_t *mult,
+                  const int32_t *shift, int8_t *y, int32_t M, int32_t K, int32_t N, int32_t x_stride,
+                  int32_t y_stride, int32_t y_zp, int32_t act_min, int32_t act_max)
+{
+    int32_t m = 0;
+#if FC_PAIRS_ASM
+    /* tsh_fc_s8's Cortex-M4 path with the int16 steps (same conditions, same chunks) */
+    int32_t N2 = N / 2 * 2;
+    if (K <= TSH_FC_KMAX && K % 4 == 0 && ((uintptr_t)w & 3u) == 0 && M >= 2) {
+        int32_t K4 = K / 4, fast = act_min == -128 && act_max == 127 && y_zp >= -128 && y_zp <= 127;
+        for (int32_t n = 0; n < N2 && fast; n++)
+            fast = mult[n] >= 0 && shift[n] <= -1 && shift[n] >= -23 && bias[n] < (1 << 29) && bias[n] > -(1 << 29);
+        struct fc_chunk ch[FC_CHUNKS];
+        int32_t nch = (K4 + TSH_FC_UNROLL - 1) / TSH_FC_UNROLL, k0 = K4 - (nch - 1) * TSH_FC_UNROLL;
+        for (int32_t c = 0; c < nch; c++) {
+            ch[c].st.next = c + 1 < nch ? ch[c + 1].x : 0;
+            ch[c].st.first = ch[0].x;
+        }
+        ch[0].st.c = 2 * y_zp + 1;
+        ch[0].st.wend = (const int8_t *)(w + N2 * K);
+        ch[0].st.skip = 64 * (TSH_FC_UNROLL - k0);     /* a step: LDM, 3 LDRD, 12 SMLAD = 64 bytes */
+        for (; fast && N2 >= 2 && M - m >= 2; m += 3) {
+            int32_t rows = M - m < 3 ? M - m : 3;
+            const int8_t *x0 = x + m * x_stride;
+            const int8_t *x1 = rows > 1 ? x0 + x_stride : x0, *x2 = rows > 2 ? x1 + x_stride : x1;
+            int8_t *y0 = y + m * y_stride;
+            for (int32_t c = 0; c < nch; c++) {
+                int32_t g0 = c ? k0 + (c - 1) * TSH_FC_UNROLL : 0, n = c ? TSH_FC_UNROLL : k0;
+                fc_extend3(x0 + 4 * g0, x1 + 4 * g0, x2 + 4 * g0, n, ch[c].x + 6 * (c ? 0 : TSH_FC_UNROLL - k0));
+            }
+            ch[0].st.bias = bias;
+            ch[0].st.mult = mult;
+            ch[0].st.shift = shift;
+            ch[0].st.y = y0;
+            ch[0].st.d1 = rows > 1 ? y_stride : 0;
+            ch[0].st.d2 = rows > 2 ? y_stride : 0;
+            fc_pairs3_w16_asm(ch[0].x, w);
+            if (N2 < N)
+                for (int32_t r = 0; r < rows; r++)
+                    y0[r * y_stride + N2] = requant_clamp(dot_s8_s16(x0 + r * x_stride, w + N2 * K, K, bias[N2]),
+                                                          mult[N2], shift[N2], y_zp, act_min, act_max);
+        }
+    }
+#endif
+    /* the rows and parameters the block does not take, other cores, the host: row by row */
+    int32_t N2r = N / 2 * 2;
+    for (; m < M; m++) {
+        const int8_t *xr = x + m * x_stride;
+        int8_t *yr = y + m * y_stride;
+        for (int32_t n = 0; n < N2r; n += 2) {
+            int32_t a0 = bias[n], a1 = bias[n + 1];
+            fc_row_pair_w16(xr, w + n * K, K, &a0, &a1);
+            yr[n] = requant_clamp(a0, mult[n], shift[n], y_zp, act_min, act_max);
+            yr[n + 1] = requant_clamp(a1, mult[n + 1], shift[n + 1], y_zp, act_min, act_max);
+        }
+        if (N2r < N)
+            yr[N2r] = requant_clamp(dot_s8_s16(xr, w + N2r * K, K, bias[N2r]), mult[N2r], shift[N2r], y_zp, act_min, act_max);
     }
 }
 
