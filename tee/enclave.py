@@ -167,7 +167,7 @@ class Enclave:
 def main(client_conn, accel_conn, bundle_dir: str, buffer_names: tuple[str, str] | None = None,
          overlap: bool = False) -> None:
     """Process entry point (spawned with one thread)."""
-    torch.set_num_threads(1)
+    torch.set_num_threads(program.ENCLAVE_THREADS)
     torch.set_grad_enabled(False)
     buffers = tuple(dma.attach(n) for n in buffer_names) if buffer_names else None
     try:

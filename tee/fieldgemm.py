@@ -6,8 +6,9 @@ fieldkernels.digits), so y~ = x~ w_q^T mod p is one GEMM of the centred digits d
 
 That GEMM must be exact, and the fast kernels are not exact everywhere: oneDNN's u8 x s8 GEMM on AVX2 or
 AVX-512 without VNNI adds each pair of products in a saturating int16 (vpmaddubsw; 2 x 255 x 127 > 2^15 - 1),
-so it is wrong for large bytes there and right with VNNI or AMX. No kernel is trusted on reputation: at first
-use a process runs the candidates in KERNELS order (fastest first, as measured in tools/bench/tee.py) on
+so it is wrong for large bytes there and right with AVX-512 VNNI; on a CPU with AMX it takes yet another path,
+which is wrong on large sums (k >= 1032 with weights at the int8 limit, seen on a Xeon with torch 2.13). No
+kernel is trusted on reputation: at first use a process runs the candidates in KERNELS order (fastest first, as measured in tools/bench/tee.py) on
 adversarial planes against exact integer arithmetic (`self_test`, well under a second) and keeps the first
 that passes. `float32` is exact by construction and comes last. TINYSHIELD_FIELD_GEMM=<name> forces a kernel;
 one that fails the self-test here is refused, never used. The enclave's Freivalds check still guards every

@@ -32,7 +32,8 @@ from base.errors import TinyshieldError
 
 Lin = Callable[[str, torch.Tensor], torch.Tensor]  # (name, rows x in) -> rows x out, bias included
 Pending = Callable[[], torch.Tensor]               # waits for a submitted layer's result
-Submit = Callable[[str, torch.Tensor, slice], Pending]   # (name, part of the input, which rows of it) -> pending
+Submit = Callable[[str, torch.Tensor, slice], Pending]
+ENCLAVE_THREADS = 1      # the enclave's torch threads (tee/enclave.py); the reference `forward` uses as many   # (name, part of the input, which rows of it) -> pending
 
 aten = torch.ops.aten
 
@@ -312,10 +313,10 @@ class _Run:
         if n.target in _VIEWS and isinstance(out, torch.Size) and out[-1] == p.shape[-1] \
                 and out.numel() == p.shape.numel() and args[0] is p:
             return Parts(out, p.slices, [functools.partial(p.part, c) for c in range(len(p.slices))])
-        if (n.target in _POINTWISE and self._rowwise(n, out, args, kwargs, p)) or \
-                (n.target == aten.mm.default and args[0] is p and isinstance(args[1], torch.Tensor)
-                 and args[1].shape != p.shape):
-            # a matmul by a matrix held in the enclave (a private adapter) is row-wise in its left operand
+        # Only ops whose every output element is computed the same way whatever the row count are run per part.
+        # Not a float matmul (a private adapter's x.B): BLAS picks its kernel, and so its summation order, by the
+        # row count, so row parts can differ from the whole product in the last bit (seen on AVX-512 machines).
+        if n.target in _POINTWISE and self._rowwise(n, out, args, kwargs, p):
             return self._per_part(n, out, args, kwargs, p)
         args, kwargs = torch.fx.node.map_aggregate((args, kwargs), _whole)
         return n.target(*args, **kwargs)
@@ -395,8 +396,15 @@ def _whole(a):
 
 
 def forward(model, inputs: dict[str, np.ndarray], lin: Lin) -> np.ndarray:
-    """The model's output for `inputs` with every linear layer computed by `lin`."""
-    return pipelined(model, inputs, eager(lin), chunks=1)
+    """The model's output for `inputs` with every linear layer computed by `lin`, its float ops on one thread as
+    in the enclave: a float GEMM's summation order can depend on the thread count (e.g. 128 x 1536 by 1536 x 4
+    here), and the reference must be the enclave's arithmetic bit for bit."""
+    own = torch.get_num_threads()
+    torch.set_num_threads(ENCLAVE_THREADS)
+    try:
+        return pipelined(model, inputs, eager(lin), chunks=1)
+    finally:
+        torch.set_num_threads(own)
 
 
 @torch.no_grad()
