@@ -9,8 +9,9 @@ Layout of a store directory:
     experts/int4/L{l}E{e}.safetensors   low-precision copy: int4 per output channel, two values a byte
 
 The low-precision copies are what a cheap miss reads (HOBBIT): an expert that matters little for this
-token is read at 1/4 or 1/8 of the bytes. An int4 copy is unpacked to int8 when read, so in RAM every
-quantised expert is int8 + scales and one multiply path serves both.
+token is read at 1/4 or 1/8 of the bytes. An int4 copy stays packed in RAM (half the bytes of int8: what
+lets the least-used experts of a budget stay resident, `edge.moe.placement`) and is multiplied nibble
+plane by nibble plane, never unpacked whole (`Expert.ffn`).
 
 On the host profile reads go to this machine's disk, not the page cache: after reading a file we call
 `posix_fadvise(POSIX_FADV_DONTNEED)` on it, so the next read of the same expert is a real read again
@@ -49,9 +50,10 @@ PRECISIONS = ("full", "int8", "int4")  # "full" = the store's own dtype (float32
 
 @dataclass
 class Expert:
-    """One expert as it sits in RAM: float32 weights, or int8 weights with per-channel scales.
+    """One expert as it sits in RAM: float32 weights, or int8 weights with per-channel scales, or int4
+    weights packed two a byte (uint8, `quantize_int4`'s layout) with per-channel scales.
 
-    `precision` says which copy it came from ("float32", "int8", "int4"); int4 is held as int8."""
+    `precision` says which copy it came from ("float32", "int8", "int4")."""
     w1: torch.Tensor
     w2: torch.Tensor
     s1: torch.Tensor | None = None
@@ -66,10 +68,16 @@ class Expert:
     def quantised(self) -> bool:
         return self.s1 is not None
 
+    @property
+    def packed(self) -> bool:
+        return self.w1.dtype == torch.uint8
+
     def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Float weights (dequantised): the reference, and what the batched model is rebuilt from."""
         if self.s1 is None:
             return self.w1, self.w2
+        if self.packed:
+            return unpack_int4(self.w1).float() * self.s1, unpack_int4(self.w2).float() * self.s2
         return self.w1.float() * self.s1, self.w2.float() * self.s2
 
     def ffn(self, h: torch.Tensor) -> torch.Tensor:
@@ -82,7 +90,22 @@ class Expert:
         than this at decode shapes on this CPU.)"""
         if self.s1 is None:
             return F.gelu(h @ self.w1) @ self.w2
-        return (F.gelu((h @ self.w1.to(h.dtype)) * self.s1) @ self.w2.to(h.dtype)) * self.s2
+        mm = int4_matmul if self.packed else int8_matmul
+        return mm(F.gelu(mm(h, self.w1) * self.s1), self.w2) * self.s2
+
+
+def int8_matmul(h: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """h @ q for float rows h and int8 q (unscaled)."""
+    return h @ q.to(h.dtype)
+
+
+def int4_matmul(h: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """h @ unpack_int4(packed) without unpacking: row 2i of q is byte row i's low nibble, row 2i+1 its high
+    nibble, so h @ q = h[:, 0::2] @ low + h[:, 1::2] @ high. Each plane is sign-extended by int8 shifts
+    (low: << 4 then >> 4; high: >> 4), two passes over half-size planes instead of a full unpack."""
+    p = packed.view(torch.int8)
+    low, high = (p << 4) >> 4, p >> 4
+    return h[..., 0::2] @ low.to(h.dtype) + h[..., 1::2] @ high.to(h.dtype)
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,9 +160,7 @@ def expert_tensors(w1: torch.Tensor, w2: torch.Tensor, int8: bool | str) -> dict
 def _file_entry(root: Path, name: str, tensors: dict, meta: dict) -> dict:
     blob = st_save(tensors, metadata=meta)
     (root / name).write_bytes(blob)
-    ram = Expert(**{k: v for k, v in tensors.items()}).nbytes
-    if tensors["w1"].dtype == torch.uint8:  # int4 is unpacked to int8 when read
-        ram += tensors["w1"].numel() + tensors["w2"].numel()
+    ram = Expert(**{k: v for k, v in tensors.items()}).nbytes  # int4 stays packed in RAM
     return {"file": name, "sha256": hashlib.sha256(blob).hexdigest(), "file_bytes": len(blob), "ram_bytes": ram}
 
 
@@ -161,7 +182,7 @@ def write_store(model: MoEModel, root: str | Path, int8: bool = False, source: s
             ent["copies"] = {c: _file_entry(root, f"experts/{c}/L{l}E{e}.safetensors", expert_tensors(w1, w2, c),
                                             {**meta, "precision": c}) for c in copies}
             entries[f"{l}/{e}"] = ent
-    manifest = {"format": 2, "model": cfg.to_dict(), "dtype": "int8" if int8 else "float32", "source": str(source),
+    manifest = {"format": 3, "model": cfg.to_dict(), "dtype": "int8" if int8 else "float32", "source": str(source),
                 "experts": entries}
     (root / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
     return ExpertStore(root)
@@ -285,8 +306,8 @@ class ExpertStore:
                    if k not in t]
         if missing:
             raise TinyshieldError(f"{name}: {path} has no tensor {missing[0]!r} — rebuild the store")
-        if t["w1"].dtype == torch.uint8:  # packed int4
-            return Expert(unpack_int4(t["w1"]), unpack_int4(t["w2"]), t["s1"], t["s2"], "int4")
+        if t["w1"].dtype == torch.uint8:  # packed int4, kept packed
+            return Expert(t["w1"], t["w2"], t["s1"], t["s2"], "int4")
         kind = "float32" if "s1" not in t else "int8"
         return Expert(t["w1"], t["w2"], t.get("s1"), t.get("s2"), kind)
 
@@ -309,7 +330,7 @@ def store_for(model_dir: str | Path, int8: bool = False, storage: str | None = N
     model_dir = Path(model_dir)
     st = (model_dir / "model.safetensors").stat()
     d = artefact_dir("moe-store", {"model": str(model_dir.resolve()), "mtime": st.st_mtime_ns, "int8": int8,
-                                   "format": 2})
+                                   "format": 3})  # 3: int4 copies' RAM bytes are their packed size
     if not (d / "manifest.json").is_file():
         model, _ = load(model_dir)
         write_store(model, d, int8=int8, source=model_dir)
