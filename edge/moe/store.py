@@ -10,8 +10,8 @@ Layout of a store directory:
 
 The low-precision copies are what a cheap miss reads (HOBBIT): an expert that matters little for this
 token is read at 1/4 or 1/8 of the bytes. An int4 copy stays packed in RAM (half the bytes of int8: what
-lets the least-used experts of a budget stay resident, `edge.moe.placement`) and is multiplied nibble
-plane by nibble plane, never unpacked whole (`Expert.ffn`).
+lets the least-used experts of a budget stay resident, `edge.moe.placement`) and is multiplied a nibble
+at a time, never unpacked whole (`Expert.ffn`).
 
 On the host profile reads go to this machine's disk, not the page cache: after reading a file we call
 `posix_fadvise(POSIX_FADV_DONTNEED)` on it, so the next read of the same expert is a real read again
@@ -83,29 +83,14 @@ class Expert:
     def ffn(self, h: torch.Tensor) -> torch.Tensor:
         """GELU(h @ w1) @ w2 for a few rows h.
 
-        Int8 weights: the per-output-channel scale commutes with the product, h @ (q * s) = (h @ q) * s,
-        so the scale is applied to the (1 x f) and (1 x d) outputs instead of to the whole (d x f) and
-        (f x d) weights; the int8 -> float widening is the only per-use pass over the weights. (torch's
-        weight-only int8 GEMM, `_weight_int8pack_mm`, computes the same numbers but measured ~5x slower
-        than this at decode shapes on this CPU.)"""
+        Quantised weights go to the C kernel (`edge.moe.kernels`): the per-output-channel scale commutes
+        with the product, h @ (q * s) = (h @ q) * s, so it scales the (1 x f) and (1 x d) outputs, and the
+        int8 (or int4) weights are widened one at a time inside the product, never into a float copy of
+        the expert (which in torch cost more than the product: ~2x a float32 expert)."""
         if self.s1 is None:
             return F.gelu(h @ self.w1) @ self.w2
-        mm = int4_matmul if self.packed else int8_matmul
-        return mm(F.gelu(mm(h, self.w1) * self.s1), self.w2) * self.s2
-
-
-def int8_matmul(h: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """h @ q for float rows h and int8 q (unscaled)."""
-    return h @ q.to(h.dtype)
-
-
-def int4_matmul(h: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    """h @ unpack_int4(packed) without unpacking: row 2i of q is byte row i's low nibble, row 2i+1 its high
-    nibble, so h @ q = h[:, 0::2] @ low + h[:, 1::2] @ high. Each plane is sign-extended by int8 shifts
-    (low: << 4 then >> 4; high: >> 4), two passes over half-size planes instead of a full unpack."""
-    p = packed.view(torch.int8)
-    low, high = (p << 4) >> 4, p >> 4
-    return h[..., 0::2] @ low.to(h.dtype) + h[..., 1::2] @ high.to(h.dtype)
+        from edge.moe.kernels import expert_ffn
+        return expert_ffn(h, self.w1, self.s1, self.w2, self.s2)
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
