@@ -12,5 +12,6 @@ prefetch.py   the background I/O thread
 runtime.py    token-by-token decoding with experts from the cache; adaptive gating; prefetching
 calibrate.py  AdapMoE's offline measurements: sensitivities, gating threshold, per-layer hit curves
 adapmoe.py    assembling a runtime by policy name; budget parsing
+routing.py    cache-aware routing: a bonus on resident experts' gate logits, within a margin
 replay.py     offline replay of recorded traces (hit rates, Belady ceiling)
 """
