@@ -2,10 +2,14 @@
 
 torch has no float x int8 product at decode shapes that beats widening the weights to float first
 (`_weight_int8pack_mm` measured ~5x slower than widening), and widening a 105 kB int8 expert on every
-use cost more than the product itself: an int8 expert took ~2x the time of a float32 one. The C kernel
-widens one weight at a time inside the product (int4: one nibble at a time), so a quantised expert is
-as cheap as a float32 one and reading a quarter of the bytes. Its sums run in input order without
-fused multiply-adds, so the results do not depend on the instruction set (see the C file).
+use cost more than the product itself. The C kernel widens one weight at a time inside the product
+(int4: one nibble at a time), so a quantised expert costs no more than a float32 one while holding a
+quarter (an eighth) of the bytes. Its sums run in input order without fused multiply-adds, so the
+results do not depend on the instruction set (see the C file).
+
+Measured per expert use at the trained model's shape (1 x 160, 160 x 320, 320 x 160), one thread, Intel
+Xeon under load 4-5: float32 in torch 13-22 us; int8 widened in torch 27-30 us; int4 nibble planes in
+torch 86 us; this kernel 10.7 us (int8) and 19.7 us (int4), ctypes call included.
 """
 from __future__ import annotations
 

@@ -86,7 +86,7 @@ class Expert:
         Quantised weights go to the C kernel (`edge.moe.kernels`): the per-output-channel scale commutes
         with the product, h @ (q * s) = (h @ q) * s, so it scales the (1 x f) and (1 x d) outputs, and the
         int8 (or int4) weights are widened one at a time inside the product, never into a float copy of
-        the expert (which in torch cost more than the product: ~2x a float32 expert)."""
+        the expert (which, in torch, cost more than the product itself)."""
         if self.s1 is None:
             return F.gelu(h @ self.w1) @ self.w2
         from edge.moe.kernels import expert_ffn
