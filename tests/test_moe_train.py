@@ -39,6 +39,13 @@ def test_cli_train_run_trace(shared_data, build_tmp, one_thread, capsys):
                  "--prompt", "ROMEO:", "--tokens", "10"]) == 0
     out = capsys.readouterr().out
     assert "int8 cache (every expert from its int8 copy)" in out and "prefetch: issued" in out
+    assert main(["moe", "run", "--model", str(model_dir), "--budget", "25%", "--policy", "resident", "--storage",
+                 "emmc", "--prompt", "ROMEO:", "--tokens", "10"]) == 0
+    out = capsys.readouterr().out
+    assert "resident:" in out and " int8 + " in out and " int4 experts" in out and "hit rate 100.0%" in out
+    assert main(["moe", "run", "--model", str(model_dir), "--budget", "5%", "--policy", "resident",
+                 "--prompt", "x", "--tokens", "1"]) == 2
+    assert "even as int4" in capsys.readouterr().err
     assert main(["moe", "run", "--model", str(model_dir), "--storage", "floppy", "--prompt", "x"]) == 2
     assert "unknown storage profile 'floppy'" in capsys.readouterr().err
     trace_file = build_tmp / "t.json"

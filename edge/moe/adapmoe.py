@@ -1,7 +1,8 @@
 """Putting a runtime together: the trained model's store, its calibration, and a policy by name.
 
 `open_runtime(store, "adapmoe", budget, gating=..., prefetch=...)` is AdapMoE: DP-sized per-layer
-LRU partitions, adaptive gating and prefetching; the other names are the baselines.
+LRU partitions, adaptive gating and prefetching; "resident" keeps every expert in RAM, the least-used
+as int4 (placed for the budget from usage measured on training text); the other names are the baselines.
 """
 from __future__ import annotations
 
@@ -44,6 +45,11 @@ def open_runtime(store: ExpertStore, policy: str, budget_bytes: int, *, gating: 
     `prefetch` applies to them only when given explicitly there."""
     if policy not in POLICIES:
         raise TinyshieldError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    if policy == "resident":
+        from edge.moe.placement import expert_usage, place
+
+        placement = place(store, budget_bytes, expert_usage(store, calibration_ids()))
+        return MoERuntime(store, policy, budget_bytes, placement=placement, **options)
     if policy != "adapmoe":
         return MoERuntime(store, policy, budget_bytes, trace=trace, **options)
     if calibration is None and (gating or dp):

@@ -15,6 +15,10 @@ important use of a low-precision copy reads the full expert and replaces it in t
 `lowp_max_weight` >= 1 every expert is served from the copy: the cache then holds int8 experts only,
 four times as many in the same bytes, multiplied in int8 (`Expert.ffn`), and the per-layer slots are
 counted in the copy's bytes.
+
+When the budget is just short of holding every int8 expert, policy "resident" keeps them all anyway,
+the least-used ones as packed int4 (`edge.moe.placement`): RAM is filled once at load, decoding never
+reads storage.
 """
 from __future__ import annotations
 
@@ -33,7 +37,7 @@ from edge.moe.prefetch import Prefetcher
 from edge.moe.routing import cache_aware_route
 from edge.moe.store import Expert, ExpertStore
 
-POLICIES = ("ram", "on-demand", "lru", "lfu", "least-stale", "adapmoe", "belady")
+POLICIES = ("ram", "resident", "on-demand", "lru", "lfu", "least-stale", "adapmoe", "belady")
 
 
 @dataclass
@@ -67,6 +71,8 @@ class RunStats:
     upgrades: int = 0          # a low-precision copy was cached but the full expert was needed (counted as a miss)
     reroutes: int = 0          # layer passes where cache-aware routing chose differently from plain top-k
     device_seconds: float = 0.0  # modelled storage time of the profile (sum over reads)
+    load_seconds: float = 0.0  # filling RAM before decoding ("ram", "resident"): not part of wall_seconds
+    load_bytes: int = 0        # bytes read for that
     trace: list = field(default_factory=list, repr=False)  # demand keys in order
 
     @property
@@ -142,13 +148,15 @@ class MoERuntime:
                  gating: Gating | None = None, prefetch: bool = False, slots: list[int] | None = None,
                  trace: list[Key] | None = None, model: MoEModel | None = None, prefetch_at: str = "attn",
                  route_margin: float = 0.0, lowp: str | None = None, lowp_max_weight: float = 0.5,
-                 prefetch_k: int = 1):
+                 prefetch_k: int = 1, placement=None):
         """prefetch_at: guess layer l+1's expert from layer l's hidden state after its attention ("attn",
         more time to hide the read) or after its FFN ("ffn", a closer guess, less time).
         route_margin: cache-aware routing's bonus on the gate logits of resident experts (0 = top-k).
         lowp: "int8" or "int4": on a miss of an expert with gate weight < lowp_max_weight, read that copy (the
         top expert's weight is >= 1/top_k, so thresholds up to that spare it; from 1 on, every expert is low-precision).
-        prefetch_k: how many of layer l+1's predicted experts to prefetch (after cache-aware routing's bonus)."""
+        prefetch_k: how many of layer l+1's predicted experts to prefetch (after cache-aware routing's bonus).
+        placement: policy "resident": the copy of each expert held in RAM (`edge.moe.placement.place`), read
+        once here; its bytes must fit `budget_bytes`."""
         if prefetch_at not in ("attn", "ffn"):
             raise TinyshieldError(f"prefetch_at is 'attn' or 'ffn', not {prefetch_at!r}")
         if route_margin < 0:
@@ -171,8 +179,19 @@ class MoERuntime:
         self.stats = RunStats()
         self._prefetched: set[Key] = set()
         self._plock = threading.Lock()
+        t0, read0 = time.perf_counter(), store.bytes_read
         if policy == "ram":
             self.resident = store.load_all()
+            self.cache = None
+        elif policy == "resident":
+            if placement is None:
+                raise TinyshieldError("policy 'resident' needs a placement (edge.moe.placement.place, or "
+                                      "edge.moe.adapmoe.open_runtime which measures one)")
+            self.resident = {k: store.read(k, placement.precisions[k]) for k in store.keys()}
+            used = sum(v.nbytes for v in self.resident.values())
+            if used > budget_bytes:
+                raise TinyshieldError(f"the placement holds {used:,} B of experts, over the budget of "
+                                      f"{budget_bytes:,} B: place it again for this budget")
             self.cache = None
         else:
             self.resident = None
@@ -183,6 +202,9 @@ class MoERuntime:
         self.prefetcher = (Prefetcher(lambda key: store.read(key, ahead), self.cache, lambda x: x.nbytes,
                                       self._forget_prefetch)
                            if prefetch and self.cache is not None else None)
+        self.stats.load_seconds = time.perf_counter() - t0
+        self.stats.load_bytes = store.bytes_read - read0
+        self.placement = placement
         store.reset_counters()
         self.reset()
 

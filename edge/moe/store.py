@@ -9,8 +9,9 @@ Layout of a store directory:
     experts/int4/L{l}E{e}.safetensors   low-precision copy: int4 per output channel, two values a byte
 
 The low-precision copies are what a cheap miss reads (HOBBIT): an expert that matters little for this
-token is read at 1/4 or 1/8 of the bytes. An int4 copy is unpacked to int8 when read, so in RAM every
-quantised expert is int8 + scales and one multiply path serves both.
+token is read at 1/4 or 1/8 of the bytes. An int4 copy stays packed in RAM (half the bytes of int8: what
+lets the least-used experts of a budget stay resident, `edge.moe.placement`) and is multiplied a nibble
+at a time, never unpacked whole (`Expert.ffn`).
 
 On the host profile reads go to this machine's disk, not the page cache: after reading a file we call
 `posix_fadvise(POSIX_FADV_DONTNEED)` on it, so the next read of the same expert is a real read again
@@ -49,9 +50,10 @@ PRECISIONS = ("full", "int8", "int4")  # "full" = the store's own dtype (float32
 
 @dataclass
 class Expert:
-    """One expert as it sits in RAM: float32 weights, or int8 weights with per-channel scales.
+    """One expert as it sits in RAM: float32 weights, or int8 weights with per-channel scales, or int4
+    weights packed two a byte (uint8, `quantize_int4`'s layout) with per-channel scales.
 
-    `precision` says which copy it came from ("float32", "int8", "int4"); int4 is held as int8."""
+    `precision` says which copy it came from ("float32", "int8", "int4")."""
     w1: torch.Tensor
     w2: torch.Tensor
     s1: torch.Tensor | None = None
@@ -66,23 +68,29 @@ class Expert:
     def quantised(self) -> bool:
         return self.s1 is not None
 
+    @property
+    def packed(self) -> bool:
+        return self.w1.dtype == torch.uint8
+
     def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Float weights (dequantised): the reference, and what the batched model is rebuilt from."""
         if self.s1 is None:
             return self.w1, self.w2
+        if self.packed:
+            return unpack_int4(self.w1).float() * self.s1, unpack_int4(self.w2).float() * self.s2
         return self.w1.float() * self.s1, self.w2.float() * self.s2
 
     def ffn(self, h: torch.Tensor) -> torch.Tensor:
         """GELU(h @ w1) @ w2 for a few rows h.
 
-        Int8 weights: the per-output-channel scale commutes with the product, h @ (q * s) = (h @ q) * s,
-        so the scale is applied to the (1 x f) and (1 x d) outputs instead of to the whole (d x f) and
-        (f x d) weights; the int8 -> float widening is the only per-use pass over the weights. (torch's
-        weight-only int8 GEMM, `_weight_int8pack_mm`, computes the same numbers but measured ~5x slower
-        than this at decode shapes on this CPU.)"""
+        Quantised weights go to the C kernel (`edge.moe.kernels`): the per-output-channel scale commutes
+        with the product, h @ (q * s) = (h @ q) * s, so it scales the (1 x f) and (1 x d) outputs, and the
+        int8 (or int4) weights are widened one at a time inside the product, never into a float copy of
+        the expert (which, in torch, cost more than the product itself)."""
         if self.s1 is None:
             return F.gelu(h @ self.w1) @ self.w2
-        return (F.gelu((h @ self.w1.to(h.dtype)) * self.s1) @ self.w2.to(h.dtype)) * self.s2
+        from edge.moe.kernels import expert_ffn
+        return expert_ffn(h, self.w1, self.s1, self.w2, self.s2)
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,9 +145,7 @@ def expert_tensors(w1: torch.Tensor, w2: torch.Tensor, int8: bool | str) -> dict
 def _file_entry(root: Path, name: str, tensors: dict, meta: dict) -> dict:
     blob = st_save(tensors, metadata=meta)
     (root / name).write_bytes(blob)
-    ram = Expert(**{k: v for k, v in tensors.items()}).nbytes
-    if tensors["w1"].dtype == torch.uint8:  # int4 is unpacked to int8 when read
-        ram += tensors["w1"].numel() + tensors["w2"].numel()
+    ram = Expert(**{k: v for k, v in tensors.items()}).nbytes  # int4 stays packed in RAM
     return {"file": name, "sha256": hashlib.sha256(blob).hexdigest(), "file_bytes": len(blob), "ram_bytes": ram}
 
 
@@ -161,7 +167,7 @@ def write_store(model: MoEModel, root: str | Path, int8: bool = False, source: s
             ent["copies"] = {c: _file_entry(root, f"experts/{c}/L{l}E{e}.safetensors", expert_tensors(w1, w2, c),
                                             {**meta, "precision": c}) for c in copies}
             entries[f"{l}/{e}"] = ent
-    manifest = {"format": 2, "model": cfg.to_dict(), "dtype": "int8" if int8 else "float32", "source": str(source),
+    manifest = {"format": 3, "model": cfg.to_dict(), "dtype": "int8" if int8 else "float32", "source": str(source),
                 "experts": entries}
     (root / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
     return ExpertStore(root)
@@ -285,8 +291,8 @@ class ExpertStore:
                    if k not in t]
         if missing:
             raise TinyshieldError(f"{name}: {path} has no tensor {missing[0]!r} — rebuild the store")
-        if t["w1"].dtype == torch.uint8:  # packed int4
-            return Expert(unpack_int4(t["w1"]), unpack_int4(t["w2"]), t["s1"], t["s2"], "int4")
+        if t["w1"].dtype == torch.uint8:  # packed int4, kept packed
+            return Expert(t["w1"], t["w2"], t["s1"], t["s2"], "int4")
         kind = "float32" if "s1" not in t else "int8"
         return Expert(t["w1"], t["w2"], t.get("s1"), t.get("s2"), kind)
 
@@ -309,7 +315,7 @@ def store_for(model_dir: str | Path, int8: bool = False, storage: str | None = N
     model_dir = Path(model_dir)
     st = (model_dir / "model.safetensors").stat()
     d = artefact_dir("moe-store", {"model": str(model_dir.resolve()), "mtime": st.st_mtime_ns, "int8": int8,
-                                   "format": 2})
+                                   "format": 3})  # 3: int4 copies' RAM bytes are their packed size
     if not (d / "manifest.json").is_file():
         model, _ = load(model_dir)
         write_store(model, d, int8=int8, source=model_dir)

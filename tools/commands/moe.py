@@ -26,8 +26,9 @@ def register(sub):
 
     r = jobs.add_parser("run", help="generate text with experts served from the cache")
     common(r)
-    r.add_argument("--policy", default="adapmoe", help="ram, on-demand, lru, lfu, least-stale, adapmoe (default); "
-                                                       "belady is offline-only (see trace)")
+    r.add_argument("--policy", default="adapmoe", help="ram, resident (every expert in RAM: int8, the least-used "
+                                                       "int4 to fit the budget), on-demand, lru, lfu, least-stale, "
+                                                       "adapmoe (default); belady is offline-only (see trace)")
     r.add_argument("--margin", default="0", help="cache-aware routing: bonus on resident experts' gate logits, "
                                                  "or 'auto' (calibrated on training text for <= 1%% perplexity); "
                                                  "not with adapmoe")
@@ -125,7 +126,7 @@ def run_run(args):
     _threads(args.threads)
     store = _store(args)
     budget = parse_budget(args.budget, store.total_bytes)
-    if args.policy != "adapmoe":
+    if args.policy not in ("adapmoe", "resident"):
         from edge.moe.runtime import MoERuntime
 
         rt = MoERuntime(store, args.policy, budget, route_margin=_margin(args, store, budget), lowp=args.lowp,
@@ -133,8 +134,11 @@ def run_run(args):
                         prefetch_k=max(1, args.prefetch))
     elif args.margin != "0" or args.lowp or args.prefetch:
         from base.errors import TinyshieldError
-        raise TinyshieldError("--margin, --lowp and --prefetch are not part of adapmoe: use them with --policy lru "
-                              "or least-stale")
+        raise TinyshieldError(f"--margin, --lowp and --prefetch are not part of {args.policy}: use them with "
+                              "--policy lru or least-stale")
+    elif args.policy == "resident":
+        rt = open_runtime(store, "resident", budget)
+        print(f"resident: {rt.placement.describe()}; loaded in {1e3 * rt.stats.load_seconds:.0f} ms")
     else:
         rt = open_runtime(store, args.policy, budget, gating=not args.no_gating, prefetch=not args.no_prefetch)
     with rt:
