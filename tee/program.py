@@ -137,7 +137,7 @@ def _find(cap: Captured, only: frozenset[str] | None = None) -> Program:
         for n, (_, _, wi, _, _) in zip(nodes, items):
             prog.member[n.name] = (layer, slice(col, col + wi.shape[0]))
             col += wi.shape[0]
-    prog.plan = _plan(cap.graph, prog.member)
+    prog.plan = _plan(cap.graph, prog.member, const)
     if not prog.layers:
         raise TinyshieldError("the model has no linear layer to outsource (no matmul or convolution by constant "
                               "weights): run it enclave-only on the device instead")
@@ -229,17 +229,20 @@ _POINTWISE = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor
               aten.add.Scalar, aten.mul.Scalar, aten.native_layer_norm.default}
 
 
-def _getter(a):
+def _getter(a, value: Callable[[torch.fx.Node], object]):
     """env -> the value of `a` (a node, a literal, or lists and tuples of them): args fetched without fx's
-    generic tree walk, which cost more than the small ops themselves."""
+    generic tree walk, which cost more than the small ops themselves. `value(node)`: ("const", tensor) for a
+    value fixed at build time, bound here; else ("env", name) of the node whose value it is."""
     if isinstance(a, torch.fx.Node):
-        name = a.name
-        return lambda env: env[name]
+        kind, v = value(a)
+        if kind == "const":
+            return lambda env: v
+        return lambda env: env[v]
     if isinstance(a, (list, tuple)) and any(isinstance(x, (torch.fx.Node, list, tuple)) for x in a):
-        gs, kind = [_getter(x) for x in a], type(a)
+        gs, kind = [_getter(x, value) for x in a], type(a)
         return lambda env: kind(g(env) for g in gs)
     if isinstance(a, dict) and a:
-        gs = {k: _getter(v) for k, v in a.items()}
+        gs = {k: _getter(v, value) for k, v in a.items()}
         return lambda env: {k: g(env) for k, g in gs.items()}
     return lambda env: a
 
@@ -248,7 +251,7 @@ def _getter(a):
 class _Step:
     node: torch.fx.Node
     args: Callable                 # env -> (args, kwargs)
-    inputs: list[str]              # names of the nodes it reads
+    inputs: list[str]              # names of the values it reads from env (constants are bound in `args`)
     free: list[str]                # values no later node reads
     out: object = None             # its output's shape (a tuple of shapes for several outputs), None if no tensor
 
@@ -261,10 +264,69 @@ def _shape(v):
     return None
 
 
-def _plan(graph: torch.fx.Graph, member: dict) -> list[_Step]:
+def _meta(n) -> torch.Tensor | None:
+    v = n.meta.get("val") if isinstance(n, torch.fx.Node) else None
+    return v if isinstance(v, torch.Tensor) else None
+
+
+def _same(graph: torch.fx.Graph, member: dict) -> tuple[dict, dict]:
+    """(same, rewired): `same` maps a node that is another node's value under another name to that node -- a
+    reshape or expand to the shape it already has, or a reshape of a reshape back to the shape of the first one's
+    input; `rewired` gives a reshape of a reshape of a contiguous tensor new args that read that tensor directly
+    (the middle reshape is then often unused). Linear calls, their inputs and their outputs (column slices of a
+    fused call, not contiguous) are left as they are."""
+    inputs = {layer.x for layer, _ in member.values()}
+    same, rewired = {}, {}
+    res = lambda n: same.get(n, n)
+    for n in graph.nodes:
+        if n.op != "call_function" or n.name in member or n in inputs or \
+                n.target not in _VIEWS + (aten.expand.default,) or not isinstance(n.args[0], torch.fx.Node):
+            continue
+        src, out = res(n.args[0]), _meta(n)
+        if out is None or _meta(src) is None:
+            continue
+        if _meta(src).shape == out.shape:
+            same[n] = src
+            continue
+        if n.target not in _VIEWS or src.op != "call_function" or src.target not in _VIEWS or src.name in member \
+                or not isinstance(src.args[0], torch.fx.Node):
+            continue
+        root = res(src.args[0])
+        if root.name in member or _meta(root) is None or not _meta(root).is_contiguous():
+            continue
+        if _meta(root).shape == out.shape:
+            same[n] = root
+        else:
+            rewired[n] = ((root, *n.args[1:]), n.kwargs)
+    return same, rewired
+
+
+def _plan(graph: torch.fx.Graph, member: dict, const: dict[str, torch.Tensor]) -> list[_Step]:
     """The nodes the output needs, in order: a linear node reads only its call's input (so W^T and the
-    reshapes feeding the fused K and V calls are never run), and each value is dropped after its last use."""
-    deps = lambda n: [member[n.name][0].x] if n.name in member else n.all_input_nodes
+    reshapes feeding the fused K and V calls are never run), and each value is dropped after its last use.
+    Values of weights alone (parameters, and W^T of a private adapter) are bound at build time, contiguous, so
+    they are no steps; neither are reshapes and expands that change nothing (`_same`)."""
+    same, rewired = _same(graph, member)
+    res = lambda n: same.get(n, n)
+    args_of = lambda n: rewired.get(n, (n.args, n.kwargs))
+    fixed: dict[str, object] = {}
+
+    def value(n):
+        name = res(n).name
+        if name not in const:
+            return "env", name
+        if name not in fixed:    # a transposed weight becomes a contiguous one: small matmuls by it run faster
+            v = const[name]
+            fixed[name] = v.contiguous() if isinstance(v, torch.Tensor) else v
+        return "const", fixed[name]
+
+    def deps(n):
+        if n.name in member:
+            return [res(member[n.name][0].x)]
+        found = []
+        torch.fx.node.map_arg(args_of(n), found.append)
+        return [res(a) for a in found if res(a).name not in const]
+
     nodes = list(graph.nodes)
     needed, stack = set(), [nodes[-1]]
     while stack:
@@ -272,13 +334,13 @@ def _plan(graph: torch.fx.Graph, member: dict) -> list[_Step]:
         if n not in needed:
             needed.add(n)
             stack.extend(deps(n))
-    nodes = [n for n in nodes if n in needed or n.op == "placeholder"]
+    nodes = [n for n in nodes if (n in needed or n.op == "placeholder") and n.name not in const and n not in same]
     last = {a.name: i for i, n in enumerate(nodes) for a in deps(n)}
     free = [[] for _ in nodes]
     for name, i in last.items():
         free[i].append(name)
-    return [_Step(n, _getter((n.args, n.kwargs)), [a.name for a in n.all_input_nodes], free[i],
-                  _shape(n.meta.get("val"))) for i, n in enumerate(nodes)]
+    return [_Step(n, _getter(args_of(n), value), [a.name for a in deps(n)], free[i], _shape(n.meta.get("val")))
+            for i, n in enumerate(nodes)]
 
 
 class _Run:
@@ -359,7 +421,7 @@ class _Run:
 
     def _linear(self, step: _Step, layer: Linear, cols: slice):
         if layer.name not in self.calls:
-            x = self.env[layer.x.name]
+            x = self.env[step.inputs[0]]
             if layer.conv:
                 self.calls[layer.name] = self._conv(layer, _whole(x))
             else:
@@ -407,7 +469,7 @@ def pipelined(model, inputs: dict[str, np.ndarray], submit: Submit, chunks: int 
     if set(inputs) != set(prog.inputs):
         raise TinyshieldError(f"the model takes inputs {prog.inputs}, got {sorted(inputs)}")
     xs = [torch.from_numpy(np.ascontiguousarray(inputs[k])).to(e.dtype) for k, e in zip(prog.inputs, cap.example)]
-    out = _Run(prog, submit, chunks).run({**cap.consts, **dict(zip(cap.user_inputs, xs))})
+    out = _Run(prog, submit, chunks).run(dict(zip(cap.user_inputs, xs)))
     out = out[0] if isinstance(out, (tuple, list)) and len(out) == 1 else out
     return out.numpy()
 
