@@ -59,6 +59,15 @@ class Linear:
     b: np.ndarray                 # (out,) float32
     rows: int                     # rows per call for the captured input shapes
     conv: dict | None = None      # stride/padding/dilation/kernel of a convolution run as im2col
+    addend: Addend | None = None  # private low-rank terms the enclave adds to the call's output (`_low_rank`)
+
+
+@dataclass
+class Addend:
+    """x B^T A^T for every low-rank adapter on a call's outputs, as two matmuls: x times every adapter's B^T side by
+    side (Q, K and V read the same x), then times each A^T in its own rows and its projection's columns."""
+    down: torch.Tensor            # (in, sum of ranks)
+    up: torch.Tensor              # (sum of ranks, out), zero outside each adapter's block
 
 
 @dataclass
@@ -137,11 +146,63 @@ def _find(cap: Captured, only: frozenset[str] | None = None) -> Program:
         for n, (_, _, wi, _, _) in zip(nodes, items):
             prog.member[n.name] = (layer, slice(col, col + wi.shape[0]))
             col += wi.shape[0]
+    _low_rank(prog, const)
     prog.plan = _plan(cap.graph, prog.member, const)
     if not prog.layers:
         raise TinyshieldError("the model has no linear layer to outsource (no matmul or convolution by constant "
                               "weights): run it enclave-only on the device instead")
     return prog
+
+
+def _low_rank(prog: Program, const: dict[str, torch.Tensor]) -> None:
+    """Fold each low-rank term the graph adds to an outsourced call's output -- y = x W0^T + b + (x B^T) A^T, B and A
+    enclave-held weights, x the call's own input (edge.models.sliced.Adapted) -- into the call (`Linear.addend`):
+    the sum becomes one of the call's outputs, and the adapter's dozen graph steps (two matmuls per projection,
+    reshapes, the add on row parts) become two matmuls per call, run while the accelerator computes."""
+    def single(n):
+        return next(iter(n.users)) if len(n.users) == 1 else None
+
+    def shape(n):
+        return tuple(n.meta["val"].shape) if isinstance(n, torch.fx.Node) and _meta(n) is not None else None
+
+    def weight(n):      # n = mm(activation, constant weight), kept in the enclave
+        return n.op == "call_function" and n.target == aten.mm.default and n.name not in prog.member \
+            and not n.kwargs and isinstance(n.args[1], torch.fx.Node) and n.args[1].name in const
+
+    for layer in prog.layers.values():
+        if layer.conv:
+            continue
+        root, terms = _root(layer.x), []
+        for n in layer.nodes:
+            cols = prog.member[n.name][1]
+            v = single(n)
+            add = single(v) if v is not None and v.target in _VIEWS and shape(v) and shape(v)[-1] == shape(n)[-1] \
+                else None
+            if add is None or add.target != aten.add.Tensor or add.kwargs or len(add.args) != 2:
+                continue
+            other = add.args[1] if add.args[0] is v else add.args[0]
+            if not isinstance(other, torch.fx.Node) or shape(other) != shape(v) or shape(add) != shape(v):
+                continue
+            up = _root(other)
+            down = _root(up.args[0]) if weight(up) and isinstance(up.args[0], torch.fx.Node) else None
+            if down is None or not weight(down) or not isinstance(down.args[0], torch.fx.Node) \
+                    or _root(down.args[0]) is not root or shape(down.args[0]) != (layer.rows, layer.w.shape[1]):
+                continue
+            bt, at = const[down.args[1].name], const[up.args[1].name]
+            if bt.shape != (layer.w.shape[1], at.shape[0]) or at.shape[1] != cols.stop - cols.start:
+                continue
+            terms.append((add, cols, bt, at))
+        if not terms:
+            continue
+        ranks = [bt.shape[1] for _, _, bt, _ in terms]
+        up = torch.zeros(sum(ranks), len(layer.b))
+        r0 = 0
+        for (_, cols, _, at), r in zip(terms, ranks):
+            up[r0:r0 + r, cols] = at
+            r0 += r
+        layer.addend = Addend(torch.cat([bt for _, _, bt, _ in terms], 1).float().contiguous(), up)
+        for add, cols, _, _ in terms:
+            prog.member[add.name] = (layer, cols)    # the sum, read from the call's output columns
 
 
 def _order(cap: Captured, node) -> int:
@@ -431,6 +492,8 @@ class _Run:
                     x = Parts(flat.shape, rows, [functools.partial(lambda r: flat[r], r) for r in rows])
                 # part c is sent as soon as it is ready: this is where the enclave and the accelerator overlap
                 pending = [self.submit(layer.name, x.part(c), r) for c, r in enumerate(x.slices)]
+                if layer.addend is not None:
+                    pending = [_plus(p, layer.addend, x.part(c)) for c, p in enumerate(pending)]
                 self.calls[layer.name] = Parts((x.shape[:-1].numel(), len(layer.b)), x.slices, pending)
         y = self.calls[layer.name]
         out = step.out
@@ -444,6 +507,12 @@ class _Run:
         y = self.submit(layer.name, cols.transpose(1, 2).reshape(-1, cols.shape[1]), slice(0, layer.rows))()
         out = layer.nodes[0].meta["val"].shape     # (B, out, H', W')
         return y.reshape(out[0], -1, out[1]).transpose(1, 2).reshape(out)
+
+
+def _plus(wait: Pending, a: Addend, x: torch.Tensor) -> Pending:
+    """`wait`'s result plus x B^T A^T, computed now: the request is already out, so the accelerator works meanwhile."""
+    extra = torch.mm(torch.mm(x, a.down), a.up)
+    return lambda: wait() + extra
 
 
 def _flat(tree) -> list:

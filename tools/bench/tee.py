@@ -492,6 +492,7 @@ def bench_task(task: str, seq_len: int, iters: int, warmup: int, threads: int, n
                 if i >= warmup:
                     rows[m].append(t)
         load = [load_start, os.getloadavg()]
+        kernel = sessions["sliced"].accelerator_stats()["kernel"]
     finally:
         for s in sessions.values():
             s.close()
@@ -499,9 +500,11 @@ def bench_task(task: str, seq_len: int, iters: int, warmup: int, threads: int, n
                "enclave_ms": float(np.median([t.enclave_s for t in ts])) * 1e3,
                "accelerator_ms": float(np.median([t.accelerator_s for t in ts])) * 1e3,
                "transfer_ms": float(np.median([t.transfer_s for t in ts])) * 1e3,
-               "enclave_cpu_ms": float(np.median([t.enclave_cpu_s for t in ts])) * 1e3} for m, ts in rows.items()}
+               "enclave_cpu_ms": float(np.median([t.enclave_cpu_s for t in ts])) * 1e3,
+               "accelerator_cpu_ms": float(np.median([t.accelerator_cpu_s for t in ts])) * 1e3} for m, ts in rows.items()}
     out["sliced_inference"] = {"seq_len": seq_len, "iters": iters, "equal_to_fixed_point_reference": all(exact),
-                               "latency_ms": lat, "load_avg": load, "accel_threads": threads,
+                               "latency_ms": lat, "load_avg": load, "accel_threads": threads, "field_gemm": kernel,
+                               "enclave_steps": len(owner.prog.plan), "cpu": cpu_info()["model"],
                                "sliced_over_enclave_only": round(lat["sliced"]["total_ms"] / lat["enclave-only"]["total_ms"], 3)}
 
     # ---- stealing and membership against every mode --------------------------------------------------------
@@ -576,7 +579,9 @@ def report_task(con, r: dict) -> None:
     con.print(f"sliced L={si['seq_len']}: equal to its fixed-point reference: {si['equal_to_fixed_point_reference']}; "
               f"median of {si['iters']}: sliced {si['latency_ms']['sliced']['total_ms']:.1f} ms, enclave-only "
               f"{si['latency_ms']['enclave-only']['total_ms']:.1f} ms ({si['sliced_over_enclave_only']:.2f}x)"
-              + (f"; load average {si['load_avg'][0][0]:.1f} -> {si['load_avg'][1][0]:.1f}" if "load_avg" in si else ""))
+              + (f"; load average {si['load_avg'][0][0]:.1f} -> {si['load_avg'][1][0]:.1f}" if "load_avg" in si else "")
+              + (f"; {si['cpu']}, accelerator {si['accel_threads']} threads, {si['field_gemm']}, enclave plan "
+                 f"{si['enclave_steps']} steps" if "field_gemm" in si else ""))
     con.print({m: {k: round(v, 1) for k, v in d.items()} for m, d in si["latency_ms"].items()})
     tab = Table(title="model stealing: thief with the accelerator's view vs black-box (same queries)")
     for c in ("mode", "thief", "N", "victim acc", "stolen acc", "agreement", "black-box acc", "black-box agreement",
