@@ -158,7 +158,7 @@ def _low_rank(prog: Program, const: dict[str, torch.Tensor]) -> None:
     """Fold each low-rank term the graph adds to an outsourced call's output -- y = x W0^T + b + (x B^T) A^T, B and A
     enclave-held weights, x the call's own input (edge.models.sliced.Adapted) -- into the call (`Linear.addend`):
     the sum becomes one of the call's outputs, and the adapter's dozen graph steps (two matmuls per projection,
-    reshapes, the add on row parts) become two matmuls per call, run while the accelerator computes."""
+    reshapes, the add on row parts) become two matmuls per call on all its rows, run while the accelerator computes."""
     def single(n):
         return next(iter(n.users)) if len(n.users) == 1 else None
 
@@ -493,7 +493,11 @@ class _Run:
                 # part c is sent as soon as it is ready: this is where the enclave and the accelerator overlap
                 pending = [self.submit(layer.name, x.part(c), r) for c, r in enumerate(x.slices)]
                 if layer.addend is not None:
-                    pending = [_plus(p, layer.addend, x.part(c)) for c, p in enumerate(pending)]
+                    # computed on all rows at once, while the accelerator works: a GEMM's bits may depend on its
+                    # row count, and the reference runs the rows as one part
+                    a = layer.addend
+                    extra = torch.mm(torch.mm(x.whole().reshape(-1, a.down.shape[0]), a.down), a.up)
+                    pending = [_plus(p, extra[r]) for p, r in zip(pending, x.slices)]
                 self.calls[layer.name] = Parts((x.shape[:-1].numel(), len(layer.b)), x.slices, pending)
         y = self.calls[layer.name]
         out = step.out
@@ -509,9 +513,7 @@ class _Run:
         return y.reshape(out[0], -1, out[1]).transpose(1, 2).reshape(out)
 
 
-def _plus(wait: Pending, a: Addend, x: torch.Tensor) -> Pending:
-    """`wait`'s result plus x B^T A^T, computed now: the request is already out, so the accelerator works meanwhile."""
-    extra = torch.mm(torch.mm(x, a.down), a.up)
+def _plus(wait: Pending, extra: torch.Tensor) -> Pending:
     return lambda: wait() + extra
 
 
