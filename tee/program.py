@@ -6,6 +6,9 @@ im2col matmul -- each a named linear map (W: out x in, b), named by its module p
 the same tensor (Q, K and V) are fused into one call. `forward(prog, inputs, lin)` runs every other node
 with torch, in place, and calls `lin(name, x)` for the linear ones. The modes differ only in what `lin`
 does, so every mode and every model runs the same code; no model family is written out here.
+A private low-rank term the graph adds to an outsourced call's output (x B^T A^T of a sliced model's adapter) is
+folded into the call (`_low_rank`) and computed while the accelerator works; the plan (`_plan`) binds values of
+weights alone at build time and skips reshapes that change nothing, so the enclave runs few Python steps.
 
 `pipelined(prog, inputs, submit, chunks)` is the same pass with the rows (tokens) cut into `chunks` parts
 wherever the graph is provably row-wise (linear layers, pointwise ops, LayerNorm over the last dim, adds of
