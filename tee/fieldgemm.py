@@ -6,13 +6,14 @@ fieldkernels.digits), so y~ = x~ w_q^T mod p is one GEMM of the centred digits d
 
 That GEMM must be exact, and the fast kernels are not exact everywhere: oneDNN's u8 x s8 GEMM on AVX2 or
 AVX-512 without VNNI adds each pair of products in a saturating int16 (vpmaddubsw; 2 x 255 x 127 > 2^15 - 1),
-so it is wrong for large bytes there and right with AVX-512 VNNI; on a CPU with AMX it takes yet another path,
-which is wrong on large sums (k >= 1032 with weights at the int8 limit, seen on a Xeon with torch 2.13). No
-kernel is trusted on reputation: at first use a process runs the candidates in KERNELS order (fastest first, as measured in tools/bench/tee.py) on
-adversarial planes against exact integer arithmetic (`self_test`, well under a second) and keeps the first
-that passes. `float32` is exact by construction and comes last. TINYSHIELD_FIELD_GEMM=<name> forces a kernel;
-one that fails the self-test here is refused, never used. The enclave's Freivalds check still guards every
-answer, whatever kernel produced it.
+so it is wrong for large bytes there and right with VNNI or AMX. Its float32 output is the sum over the raw
+bytes (0..255), converted, less the zero point's share: exact while 255 x sum |w| stays within 2^24
+(`digit_bound`; with the centred digits' bound of 128 instead it fails the self-test on an AMX Xeon). No kernel
+is trusted on reputation: at first use a process runs the candidates in KERNELS order (fastest first, as
+measured in tools/bench/tee.py) on adversarial planes against exact integer arithmetic (`self_test`, well
+under a second) and keeps the first that passes. `float32` is exact by construction and comes last.
+TINYSHIELD_FIELD_GEMM=<name> forces a kernel; one that fails the self-test here is refused, never used. The
+enclave's Freivalds check still guards every answer, whatever kernel produced it.
 """
 from __future__ import annotations
 
@@ -32,18 +33,20 @@ ENV = "TINYSHIELD_FIELD_GEMM"
 MAX_W = 127           # |w_q|; -128 is never produced (blinded.quantize_weights) and would break onednn-u8-halves
 F32_EXACT = 2 ** 24   # float32 holds every integer up to this
 MAX_DIGIT = 128       # |digit - zero point| for the uint8 digits with zero point 128
+MAX_BYTE = 255        # the largest raw digit byte
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
 
 
-def exact_parts(w: np.ndarray) -> list[slice]:
+def exact_parts(w: np.ndarray, digit: int = MAX_DIGIT) -> list[slice]:
     """Consecutive input ranges of w (out, in) over which a digit GEMM's float32 sums are exact whatever the
-    digits: MAX_DIGIT * sum_j |w[o, j]| <= 2^24 for every output o. A real layer's weights are far from all
-    +-127 (MiniLM's widest rows reach 37% of the bound over 1536 inputs), so this is one range for every
-    MiniLM and ViT layer; the worst case (all +-127) allows 1032 inputs per range."""
+    digits: digit * sum_j |w[o, j]| <= 2^24 for every output o, `digit` the largest factor a kernel sums (its
+    `digit_bound`). A real layer's weights are far from all +-127 (MiniLM's widest rows reach 37% of the bound
+    over 1536 inputs at 128, 74% at 255), so this is one range for every MiniLM and ViT layer; the worst case (all
+    +-127) allows 1032 inputs per range at 128, 518 at 255."""
     acc = np.zeros(w.shape[0], np.int64)
     parts, start = [], 0
     for j, col in enumerate(np.abs(w.astype(np.int64)).T):
-        if MAX_DIGIT * int((acc + col).max(initial=0)) > F32_EXACT:
+        if digit * int((acc + col).max(initial=0)) > F32_EXACT:
             parts.append(slice(start, j))
             start, acc = j, np.zeros_like(acc)
         acc += col
@@ -51,11 +54,12 @@ def exact_parts(w: np.ndarray) -> list[slice]:
 
 
 # ---- kernels: each takes one input range's weights w (int8 (m, k)) and maps planes d (uint8 (rows, k)) to the
-# exact integers (d - 128) w^T, as float32 (`f32_sums`: exact only within an `exact_parts` range) or int32 ----
+# exact integers (d - 128) w^T, as float32 (`f32_sums`: exact only within an `exact_parts` range for the kernel's
+# `digit_bound`) or int32 ----
 class OnednnU8:
     """oneDNN's quantised linear with the weights packed once: uint8 bytes with zero point 128 (VNNI or AMX where
-    the CPU has them), float32 output."""
-    name, f32_sums = "onednn-u8", True
+    the CPU has them), float32 output -- of the raw bytes' sums, so its ranges are bounded by 255, not 128."""
+    name, f32_sums, digit_bound = "onednn-u8", True, MAX_BYTE
     available = _ONEDNN
 
     def __init__(self, w: torch.Tensor):
@@ -70,7 +74,7 @@ class OnednnU8:
 class IntMM:
     """torch._int_mm over signed digits (d XOR 0x80 read as int8): int32 sums, so no split along k; it repacks the
     weights on every call. On x86 it is oneDNN's int8 GEMM too, with the same AVX2 saturation."""
-    name, f32_sums = "int-mm", False
+    name, f32_sums, digit_bound = "int-mm", False, MAX_DIGIT
     available = hasattr(torch, "_int_mm")
 
     def __init__(self, w: torch.Tensor):
@@ -100,7 +104,7 @@ class Float32:
     """torch.mm in float32 over the centred digits. Operands are integers of at most 8 bits and, within an
     `exact_parts` range, every partial sum in any order is an integer below 2^24: exact on every CPU and for every
     summation order or blocking a BLAS picks (even bf16 or TF32 operand rounding would keep 8-bit integers)."""
-    name, f32_sums = "float32", True
+    name, f32_sums, digit_bound = "float32", True, MAX_DIGIT
     available = True
 
     def __init__(self, w: torch.Tensor):
@@ -125,7 +129,7 @@ class FieldGemm:
         if int(w.min()) < -MAX_W or self.k > MAX_K_INT8:
             raise TinyshieldError(f"a blinded layer's weights must lie in -{MAX_W}..{MAX_W} with at most {MAX_K_INT8} "
                                   "inputs; protect the model again")
-        ranges = exact_parts(w.numpy()) if self.kernel.f32_sums else [slice(0, self.k)]
+        ranges = exact_parts(w.numpy(), self.kernel.digit_bound) if self.kernel.f32_sums else [slice(0, self.k)]
         self.parts = [(cols, self.kernel(w[:, cols].contiguous())) for cols in ranges]
 
     def __call__(self, x_tilde: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:

@@ -6,6 +6,9 @@ im2col matmul -- each a named linear map (W: out x in, b), named by its module p
 the same tensor (Q, K and V) are fused into one call. `forward(prog, inputs, lin)` runs every other node
 with torch, in place, and calls `lin(name, x)` for the linear ones. The modes differ only in what `lin`
 does, so every mode and every model runs the same code; no model family is written out here.
+A private low-rank term the graph adds to an outsourced call's output (x B^T A^T of a sliced model's adapter) is
+folded into the call (`_low_rank`) and computed while the accelerator works; the plan (`_plan`) binds values of
+weights alone at build time and skips reshapes that change nothing, so the enclave runs few Python steps.
 
 `pipelined(prog, inputs, submit, chunks)` is the same pass with the rows (tokens) cut into `chunks` parts
 wherever the graph is provably row-wise (linear layers, pointwise ops, LayerNorm over the last dim, adds of
@@ -32,8 +35,8 @@ from base.errors import TinyshieldError
 
 Lin = Callable[[str, torch.Tensor], torch.Tensor]  # (name, rows x in) -> rows x out, bias included
 Pending = Callable[[], torch.Tensor]               # waits for a submitted layer's result
-Submit = Callable[[str, torch.Tensor, slice], Pending]
-ENCLAVE_THREADS = 1      # the enclave's torch threads (tee/enclave.py); the reference `forward` uses as many   # (name, part of the input, which rows of it) -> pending
+Submit = Callable[[str, torch.Tensor, slice], Pending]   # (name, part of the input, which rows of it) -> pending
+ENCLAVE_THREADS = 1      # the enclave's torch threads (tee/enclave.py); the reference `forward` uses as many
 
 aten = torch.ops.aten
 
@@ -60,6 +63,15 @@ class Linear:
     b: np.ndarray                 # (out,) float32
     rows: int                     # rows per call for the captured input shapes
     conv: dict | None = None      # stride/padding/dilation/kernel of a convolution run as im2col
+    addend: Addend | None = None  # private low-rank terms the enclave adds to the call's output (`_low_rank`)
+
+
+@dataclass
+class Addend:
+    """x B^T A^T for every low-rank adapter on a call's outputs, as two matmuls: x times every adapter's B^T side by
+    side (Q, K and V read the same x), then times each A^T in its own rows and its projection's columns."""
+    down: torch.Tensor            # (in, sum of ranks)
+    up: torch.Tensor              # (sum of ranks, out), zero outside each adapter's block
 
 
 @dataclass
@@ -138,11 +150,63 @@ def _find(cap: Captured, only: frozenset[str] | None = None) -> Program:
         for n, (_, _, wi, _, _) in zip(nodes, items):
             prog.member[n.name] = (layer, slice(col, col + wi.shape[0]))
             col += wi.shape[0]
-    prog.plan = _plan(cap.graph, prog.member)
+    _low_rank(prog, const)
+    prog.plan = _plan(cap.graph, prog.member, const)
     if not prog.layers:
         raise TinyshieldError("the model has no linear layer to outsource (no matmul or convolution by constant "
                               "weights): run it enclave-only on the device instead")
     return prog
+
+
+def _low_rank(prog: Program, const: dict[str, torch.Tensor]) -> None:
+    """Fold each low-rank term the graph adds to an outsourced call's output -- y = x W0^T + b + (x B^T) A^T, B and A
+    enclave-held weights, x the call's own input (edge.models.sliced.Adapted) -- into the call (`Linear.addend`):
+    the sum becomes one of the call's outputs, and the adapter's dozen graph steps (two matmuls per projection,
+    reshapes, the add on row parts) become two matmuls per call on all its rows, run while the accelerator computes."""
+    def single(n):
+        return next(iter(n.users)) if len(n.users) == 1 else None
+
+    def shape(n):
+        return tuple(n.meta["val"].shape) if isinstance(n, torch.fx.Node) and _meta(n) is not None else None
+
+    def weight(n):      # n = mm(activation, constant weight), kept in the enclave
+        return n.op == "call_function" and n.target == aten.mm.default and n.name not in prog.member \
+            and not n.kwargs and isinstance(n.args[1], torch.fx.Node) and n.args[1].name in const
+
+    for layer in prog.layers.values():
+        if layer.conv:
+            continue
+        root, terms = _root(layer.x), []
+        for n in layer.nodes:
+            cols = prog.member[n.name][1]
+            v = single(n)
+            add = single(v) if v is not None and v.target in _VIEWS and shape(v) and shape(v)[-1] == shape(n)[-1] \
+                else None
+            if add is None or add.target != aten.add.Tensor or add.kwargs or len(add.args) != 2:
+                continue
+            other = add.args[1] if add.args[0] is v else add.args[0]
+            if not isinstance(other, torch.fx.Node) or shape(other) != shape(v) or shape(add) != shape(v):
+                continue
+            up = _root(other)
+            down = _root(up.args[0]) if weight(up) and isinstance(up.args[0], torch.fx.Node) else None
+            if down is None or not weight(down) or not isinstance(down.args[0], torch.fx.Node) \
+                    or _root(down.args[0]) is not root or shape(down.args[0]) != (layer.rows, layer.w.shape[1]):
+                continue
+            bt, at = const[down.args[1].name], const[up.args[1].name]
+            if bt.shape != (layer.w.shape[1], at.shape[0]) or at.shape[1] != cols.stop - cols.start:
+                continue
+            terms.append((add, cols, bt, at))
+        if not terms:
+            continue
+        ranks = [bt.shape[1] for _, _, bt, _ in terms]
+        up = torch.zeros(sum(ranks), len(layer.b))
+        r0 = 0
+        for (_, cols, _, at), r in zip(terms, ranks):
+            up[r0:r0 + r, cols] = at
+            r0 += r
+        layer.addend = Addend(torch.cat([bt for _, _, bt, _ in terms], 1).float().contiguous(), up)
+        for add, cols, _, _ in terms:
+            prog.member[add.name] = (layer, cols)    # the sum, read from the call's output columns
 
 
 def _order(cap: Captured, node) -> int:
@@ -230,17 +294,20 @@ _POINTWISE = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor
               aten.add.Scalar, aten.mul.Scalar, aten.native_layer_norm.default}
 
 
-def _getter(a):
+def _getter(a, value: Callable[[torch.fx.Node], object]):
     """env -> the value of `a` (a node, a literal, or lists and tuples of them): args fetched without fx's
-    generic tree walk, which cost more than the small ops themselves."""
+    generic tree walk, which cost more than the small ops themselves. `value(node)`: ("const", tensor) for a
+    value fixed at build time, bound here; else ("env", name) of the node whose value it is."""
     if isinstance(a, torch.fx.Node):
-        name = a.name
-        return lambda env: env[name]
+        kind, v = value(a)
+        if kind == "const":
+            return lambda env: v
+        return lambda env: env[v]
     if isinstance(a, (list, tuple)) and any(isinstance(x, (torch.fx.Node, list, tuple)) for x in a):
-        gs, kind = [_getter(x) for x in a], type(a)
+        gs, kind = [_getter(x, value) for x in a], type(a)
         return lambda env: kind(g(env) for g in gs)
     if isinstance(a, dict) and a:
-        gs = {k: _getter(v) for k, v in a.items()}
+        gs = {k: _getter(v, value) for k, v in a.items()}
         return lambda env: {k: g(env) for k, g in gs.items()}
     return lambda env: a
 
@@ -249,7 +316,7 @@ def _getter(a):
 class _Step:
     node: torch.fx.Node
     args: Callable                 # env -> (args, kwargs)
-    inputs: list[str]              # names of the nodes it reads
+    inputs: list[str]              # names of the values it reads from env (constants are bound in `args`)
     free: list[str]                # values no later node reads
     out: object = None             # its output's shape (a tuple of shapes for several outputs), None if no tensor
 
@@ -262,10 +329,69 @@ def _shape(v):
     return None
 
 
-def _plan(graph: torch.fx.Graph, member: dict) -> list[_Step]:
+def _meta(n) -> torch.Tensor | None:
+    v = n.meta.get("val") if isinstance(n, torch.fx.Node) else None
+    return v if isinstance(v, torch.Tensor) else None
+
+
+def _same(graph: torch.fx.Graph, member: dict) -> tuple[dict, dict]:
+    """(same, rewired): `same` maps a node that is another node's value under another name to that node -- a
+    reshape or expand to the shape it already has, or a reshape of a reshape back to the shape of the first one's
+    input; `rewired` gives a reshape of a reshape of a contiguous tensor new args that read that tensor directly
+    (the middle reshape is then often unused). Linear calls, their inputs and their outputs (column slices of a
+    fused call, not contiguous) are left as they are."""
+    inputs = {layer.x for layer, _ in member.values()}
+    same, rewired = {}, {}
+    res = lambda n: same.get(n, n)
+    for n in graph.nodes:
+        if n.op != "call_function" or n.name in member or n in inputs or \
+                n.target not in _VIEWS + (aten.expand.default,) or not isinstance(n.args[0], torch.fx.Node):
+            continue
+        src, out = res(n.args[0]), _meta(n)
+        if out is None or _meta(src) is None:
+            continue
+        if _meta(src).shape == out.shape:
+            same[n] = src
+            continue
+        if n.target not in _VIEWS or src.op != "call_function" or src.target not in _VIEWS or src.name in member \
+                or not isinstance(src.args[0], torch.fx.Node):
+            continue
+        root = res(src.args[0])
+        if root.name in member or _meta(root) is None or not _meta(root).is_contiguous():
+            continue
+        if _meta(root).shape == out.shape:
+            same[n] = root
+        else:
+            rewired[n] = ((root, *n.args[1:]), n.kwargs)
+    return same, rewired
+
+
+def _plan(graph: torch.fx.Graph, member: dict, const: dict[str, torch.Tensor]) -> list[_Step]:
     """The nodes the output needs, in order: a linear node reads only its call's input (so W^T and the
-    reshapes feeding the fused K and V calls are never run), and each value is dropped after its last use."""
-    deps = lambda n: [member[n.name][0].x] if n.name in member else n.all_input_nodes
+    reshapes feeding the fused K and V calls are never run), and each value is dropped after its last use.
+    Values of weights alone (parameters, and W^T of a private adapter) are bound at build time, contiguous, so
+    they are no steps; neither are reshapes and expands that change nothing (`_same`)."""
+    same, rewired = _same(graph, member)
+    res = lambda n: same.get(n, n)
+    args_of = lambda n: rewired.get(n, (n.args, n.kwargs))
+    fixed: dict[str, object] = {}
+
+    def value(n):
+        name = res(n).name
+        if name not in const:
+            return "env", name
+        if name not in fixed:    # a transposed weight becomes a contiguous one: small matmuls by it run faster
+            v = const[name]
+            fixed[name] = v.contiguous() if isinstance(v, torch.Tensor) else v
+        return "const", fixed[name]
+
+    def deps(n):
+        if n.name in member:
+            return [res(member[n.name][0].x)]
+        found = []
+        torch.fx.node.map_arg(args_of(n), found.append)
+        return [res(a) for a in found if res(a).name not in const]
+
     nodes = list(graph.nodes)
     needed, stack = set(), [nodes[-1]]
     while stack:
@@ -273,13 +399,13 @@ def _plan(graph: torch.fx.Graph, member: dict) -> list[_Step]:
         if n not in needed:
             needed.add(n)
             stack.extend(deps(n))
-    nodes = [n for n in nodes if n in needed or n.op == "placeholder"]
+    nodes = [n for n in nodes if (n in needed or n.op == "placeholder") and n.name not in const and n not in same]
     last = {a.name: i for i, n in enumerate(nodes) for a in deps(n)}
     free = [[] for _ in nodes]
     for name, i in last.items():
         free[i].append(name)
-    return [_Step(n, _getter((n.args, n.kwargs)), [a.name for a in n.all_input_nodes], free[i],
-                  _shape(n.meta.get("val"))) for i, n in enumerate(nodes)]
+    return [_Step(n, _getter(args_of(n), value), [a.name for a in deps(n)], free[i], _shape(n.meta.get("val")))
+            for i, n in enumerate(nodes)]
 
 
 class _Run:
@@ -360,7 +486,7 @@ class _Run:
 
     def _linear(self, step: _Step, layer: Linear, cols: slice):
         if layer.name not in self.calls:
-            x = self.env[layer.x.name]
+            x = self.env[step.inputs[0]]
             if layer.conv:
                 self.calls[layer.name] = self._conv(layer, _whole(x))
             else:
@@ -370,6 +496,12 @@ class _Run:
                     x = Parts(flat.shape, rows, [functools.partial(lambda r: flat[r], r) for r in rows])
                 # part c is sent as soon as it is ready: this is where the enclave and the accelerator overlap
                 pending = [self.submit(layer.name, x.part(c), r) for c, r in enumerate(x.slices)]
+                if layer.addend is not None:
+                    # computed on all rows at once, while the accelerator works: a GEMM's bits may depend on its
+                    # row count, and the reference runs the rows as one part
+                    a = layer.addend
+                    extra = torch.mm(torch.mm(x.whole().reshape(-1, a.down.shape[0]), a.down), a.up)
+                    pending = [_plus(p, extra[r]) for p, r in zip(pending, x.slices)]
                 self.calls[layer.name] = Parts((x.shape[:-1].numel(), len(layer.b)), x.slices, pending)
         y = self.calls[layer.name]
         out = step.out
@@ -383,6 +515,10 @@ class _Run:
         y = self.submit(layer.name, cols.transpose(1, 2).reshape(-1, cols.shape[1]), slice(0, layer.rows))()
         out = layer.nodes[0].meta["val"].shape     # (B, out, H', W')
         return y.reshape(out[0], -1, out[1]).transpose(1, 2).reshape(out)
+
+
+def _plus(wait: Pending, extra: torch.Tensor) -> Pending:
+    return lambda: wait() + extra
 
 
 def _flat(tree) -> list:
@@ -415,7 +551,7 @@ def pipelined(model, inputs: dict[str, np.ndarray], submit: Submit, chunks: int 
     if set(inputs) != set(prog.inputs):
         raise TinyshieldError(f"the model takes inputs {prog.inputs}, got {sorted(inputs)}")
     xs = [torch.from_numpy(np.ascontiguousarray(inputs[k])).to(e.dtype) for k, e in zip(prog.inputs, cap.example)]
-    out = _Run(prog, submit, chunks).run({**cap.consts, **dict(zip(cap.user_inputs, xs))})
+    out = _Run(prog, submit, chunks).run(dict(zip(cap.user_inputs, xs)))
     out = out[0] if isinstance(out, (tuple, list)) and len(out) == 1 else out
     return out.numpy()
 

@@ -160,7 +160,8 @@ def test_field_gemm_is_exact_at_the_largest_sums():
     want = np.mod(xc @ w.astype(object), P).astype(np.int64)
     gemm = fieldgemm.FieldGemm(torch.from_numpy(w))
     assert [c.stop - c.start for c in fieldgemm.exact_parts(w.T)] == [1032, 504]
-    assert [c.stop - c.start for c, _ in gemm.parts] == ([1032, 504] if gemm.kernel.f32_sums else [k])
+    assert [c.stop - c.start for c, _ in gemm.parts] == ([518, 518, 500] if gemm.kernel.digit_bound == 255 else
+                                                         [1032, 504] if gemm.kernel.f32_sums else [k])
     assert np.array_equal(gemm(x).astype(np.int64), want)
     assert np.array_equal(fieldkernels.digits(x, unsigned=True).view(np.int8) ^ np.int8(-128), fieldkernels.digits(x))
 
@@ -170,11 +171,12 @@ def test_field_gemm_is_exact_at_the_largest_sums():
 def test_exact_parts_keep_every_float32_sum_exact(k, m, amp, seed):
     """Consecutive ranges covering every input, each within the float32 bound, none ended early."""
     w = np.random.default_rng(seed).integers(-amp, amp + 1, (m, k)).astype(np.int8)
-    parts = fieldgemm.exact_parts(w)
-    assert parts[0].start == 0 and parts[-1].stop == k and all(a.stop == b.start for a, b in zip(parts, parts[1:]))
     l1 = lambda c: int(np.abs(w[:, c].astype(np.int64)).sum(1).max())
-    assert all(fieldgemm.MAX_DIGIT * l1(c) <= fieldgemm.F32_EXACT for c in parts)
-    assert all(fieldgemm.MAX_DIGIT * l1(slice(c.start, c.stop + 1)) > fieldgemm.F32_EXACT for c in parts[:-1])
+    for digit in (fieldgemm.MAX_DIGIT, fieldgemm.MAX_BYTE):     # centred digits; raw bytes (onednn-u8)
+        parts = fieldgemm.exact_parts(w, digit)
+        assert parts[0].start == 0 and parts[-1].stop == k and all(a.stop == b.start for a, b in zip(parts, parts[1:]))
+        assert all(digit * l1(c) <= fieldgemm.F32_EXACT for c in parts)
+        assert all(digit * l1(slice(c.start, c.stop + 1)) > fieldgemm.F32_EXACT for c in parts[:-1])
 
 
 def test_recombination_is_exact_at_the_extremes():

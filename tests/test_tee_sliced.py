@@ -48,6 +48,7 @@ def perturbed(model, seed: int, skip=frozenset()):
 @pytest.fixture(scope="module")
 def sliced(public):
     from edge.models.sliced import from_public
+    torch.manual_seed(0)     # the head's initial weights: the same model (and fp32 logits) in every run
     model = from_public(public, 2, rank=4)
     return perturbed(model, 0, skip=model.public_state_names())
 
@@ -88,6 +89,25 @@ def test_sliced_is_exact_and_the_accelerator_holds_only_public_weights(tee_env, 
     acts = [bundle.record_inputs(owner.prog, [x]) for x in (x1, x2, x1)]
     r = audit.transcript_report("sliced", transcript, acts)
     assert r.rows_matched == 0 and r.repeated_input_identical == 0 and r.max_row_cos < r.chance_cos + 0.1, r
+
+
+def test_the_enclave_runs_no_step_for_weights_or_reshapes_that_change_nothing(sliced):
+    """The plan binds every weight (and W^T of an adapter, made contiguous) at build time and skips reshapes and
+    expands to the shape their input has: about half the captured graph's nodes, the same result."""
+    x = sentence("A quiet, moving film.")
+    prog = bundle.captured(sliced, {k: list(v.shape) for k, v in x.items()}, get("sliced").outsourced(sliced))
+    steps = [s.node for s in prog.plan]
+    assert not any(n.op == "placeholder" and n.name not in prog.cap.user_inputs for n in steps)
+    assert not any(n.target in (torch.ops.aten.permute.default, torch.ops.aten.t.default) and
+                   all(a.op == "placeholder" for a in n.all_input_nodes) for n in steps)
+    shape = lambda n: tuple(n.meta["val"].shape)
+    assert not any(n.target in (torch.ops.aten.view.default, torch.ops.aten.expand.default) and
+                   shape(n) == shape(n.args[0]) for n in steps if n.name not in prog.member)
+    assert len(steps) < 0.6 * len(prog.cap.graph.nodes)
+    with torch.no_grad():
+        eager = sliced(*(torch.from_numpy(v).long() for v in x.values())).numpy()
+    y = program.forward(prog, x, program.plain_lin(program.linears(prog)))
+    np.testing.assert_allclose(y, eager, rtol=1e-5, atol=1e-5)
 
 
 def test_sliced_lying_accelerator_is_caught(tee_env, sliced):
