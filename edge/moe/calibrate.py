@@ -148,7 +148,9 @@ def calibrate_margin(store: ExpertStore, ids: torch.Tensor, policy: str, budget_
     key = config_hash({"ids": config_hash(ids[:tokens + 1].tolist()), "policy": policy, "budget": budget_bytes,
                        "cand": list(candidates), "max": max_ppl_increase, "lowp": lowp, "slots": slots,
                        "lowp_max_weight": lowp_max_weight if lowp else None,
-                       "code": files_hash([Path(__file__).parent / f for f in ("runtime.py", "policies.py", "routing.py")])})
+                       "code": files_hash([Path(__file__).parent / f for f in
+                                          ("runtime.py", "policies.py", "routing.py", "store.py", "kernels.py",
+                                           "csrc/expert_ffn.c")])})
     path = store.root / f"margin-{key}.json"
     if path.is_file():
         return MarginCalibration(**json.loads(path.read_text()))
