@@ -738,6 +738,16 @@ static void qk_blocked(const int8_t *q, const int8_t *k, int8_t *s, int32_t Lq, 
     }
 }
 
+#if FC_PAIRS_ASM
+#define PV_ASM_PAIR(x)                                                                             \
+    "ldm %[c]!, {r4, r5, r6, r7}\n\t"                                                             \
+    "smlad %[a0], " x ", r4, %[a0]\n\t"                                                           \
+    "smlad %[a1], " x ", r5, %[a1]\n\t"                                                           \
+    "smlad %[a2], " x ", r6, %[a2]\n\t"                                                           \
+    "smlad %[a3], " x ", r7, %[a3]\n\t"
+#define PV_ASM_8 "ldm %[pp]!, {r0, r1, r2, r3}\n\t" PV_ASM_PAIR("r0") PV_ASM_PAIR("r1") PV_ASM_PAIR("r2") PV_ASM_PAIR("r3")
+#endif
+
 /* The rows of matmul_pv against four transposed columns `vt` (see pv_blocked): per probability
  * row and two keys one load of p, two LDRD of the pairs, four SMLAD; the short requantisation
  * when the accumulator allows it. A function of its own so that its few spills sit near the
@@ -755,10 +765,28 @@ static void __attribute__((noinline)) pv_rows(const int16_t *p, const int32_t *v
 #else
 #define PV_RQ(acc) tsh_rq(rq, acc)
 #endif
+#if FC_PAIRS_ASM
+    /* whole groups of 16 keys in assembly when every row is word aligned (LDM) */
+    const int32_t *c16 = ((uintptr_t)p & 3u) == 0 && (p_stride & 1) == 0 ? vt + 32 * (Lk / 16) : vt;
+#endif
     for (int32_t i = 0; i < Lq; i++) {
         const int16_t *pi = p + i * p_stride, *pp = pi;
         const int32_t *c = vt;
         int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+#if FC_PAIRS_ASM
+        /* per 8 keys: one LDM of four probability pairs, then per pair one LDM of the four columns'
+         * (v_j, v_j+1) pairs and four SMLAD: 21 instructions for 32 MACs; r0-r7 are the LDM lists */
+        if (c < c16)
+            __asm__ volatile(
+                "1:\n\t"
+                PV_ASM_8 PV_ASM_8
+                "ldr r0, %[end]\n\t"
+                "cmp %[c], r0\n\t"
+                "bne 1b\n\t"
+                : [a0] "+r"(a0), [a1] "+r"(a1), [a2] "+r"(a2), [a3] "+r"(a3), [pp] "+r"(pp), [c] "+r"(c)
+                : [end] "m"(c16)
+                : "r0", "r1", "r2", "r3", "r4", "r5", "r6", "r7", "memory", "cc");
+#endif
         while (c < cend) {
             int32_t x, u0, u1, u2, u3;
             memcpy(&x, pp, sizeof x);
