@@ -746,6 +746,55 @@ static void qk_blocked(const int8_t *q, const int8_t *k, int8_t *s, int32_t Lq, 
     "smlad %[a2], " x ", r6, %[a2]\n\t"                                                           \
     "smlad %[a3], " x ", r7, %[a3]\n\t"
 #define PV_ASM_8 "ldm %[pp]!, {r0, r1, r2, r3}\n\t" PV_ASM_PAIR("r0") PV_ASM_PAIR("r1") PV_ASM_PAIR("r2") PV_ASM_PAIR("r3")
+
+/* Every row of pv_rows in assembly when Lk % 16 == 0, the rows are word aligned and the short
+ * requantisation needs no range check (|acc| <= 128 * 2^15 * 255 < 2^30 for Lk <= 128): per row
+ * the key groups above, the four outputs requantised in place as in fc_pairs3_asm (zero point in
+ * the rounding term) and stored; what the loop does not keep in registers is read from the stack. */
+static void pv_rows_asm(const int16_t *pp, const int32_t *vt, int8_t *y, int32_t Lq, int32_t Lk, int32_t p_stride,
+                        int32_t y_stride, int32_t m, int32_t rnd, int32_t right)
+{
+    const int32_t *cend = vt + 2 * Lk, *c;
+    int32_t pdelta = 2 * (p_stride - Lk), a0, a1, a2, a3;
+    int8_t *yend = y + Lq * y_stride;
+    __asm__ volatile(
+        "2:\n\t"
+        "movs %[a0], #0\n\t"
+        "movs %[a1], #0\n\t"
+        "movs %[a2], #0\n\t"
+        "movs %[a3], #0\n\t"
+        "ldr %[c], %[vt]\n"
+        "1:\n\t"
+        PV_ASM_8 PV_ASM_8
+        "ldr r0, %[end]\n\t"
+        "cmp %[c], r0\n\t"
+        "bne 1b\n\t"
+        "ldr r0, %[m]\n\t"
+        "ldr r1, %[rnd]\n\t"
+        "ldr r2, %[r]\n\t"
+        FC_RQ("%[a0]", "r0", "r1", "r2")
+        FC_RQ("%[a1]", "r0", "r1", "r2")
+        FC_RQ("%[a2]", "r0", "r1", "r2")
+        FC_RQ("%[a3]", "r0", "r1", "r2")
+        "ldr r3, %[y]\n\t"
+        "strb %[a0], [r3]\n\t"
+        "strb %[a1], [r3, #1]\n\t"
+        "strb %[a2], [r3, #2]\n\t"
+        "strb %[a3], [r3, #3]\n\t"
+        "ldr r1, %[ys]\n\t"
+        "add r3, r3, r1\n\t"
+        "str r3, %[y]\n\t"
+        "ldr r0, %[pd]\n\t"
+        "add %[pp], %[pp], r0\n\t"
+        "ldr r0, %[yend]\n\t"
+        "cmp r3, r0\n\t"
+        "bne 2b\n\t"
+        : [a0] "=&r"(a0), [a1] "=&r"(a1), [a2] "=&r"(a2), [a3] "=&r"(a3), [pp] "+&r"(pp), [c] "=&r"(c),
+          [y] "+m"(y)
+        : [vt] "m"(vt), [end] "m"(cend), [m] "m"(m), [rnd] "m"(rnd), [r] "m"(right), [ys] "m"(y_stride),
+          [pd] "m"(pdelta), [yend] "m"(yend)
+        : "r0", "r1", "r2", "r3", "r4", "r5", "r6", "r7", "memory", "cc");
+}
 #endif
 
 /* The rows of matmul_pv against four transposed columns `vt` (see pv_blocked): per probability
@@ -767,7 +816,13 @@ static void __attribute__((noinline)) pv_rows(const int16_t *p, const int32_t *v
 #endif
 #if FC_PAIRS_ASM
     /* whole groups of 16 keys in assembly when every row is word aligned (LDM) */
-    const int32_t *c16 = ((uintptr_t)p & 3u) == 0 && (p_stride & 1) == 0 ? vt + 32 * (Lk / 16) : vt;
+    int32_t aligned = ((uintptr_t)p & 3u) == 0 && (p_stride & 1) == 0;
+    const int32_t *c16 = aligned ? vt + 32 * (Lk / 16) : vt;
+    if (aligned && Lk % 16 == 0 && Lk <= 128 && Lq >= 1 && fast && zp >= -128 && zp <= 127 && v_zp >= -128 &&
+        v_zp <= 127) {
+        pv_rows_asm(p, vt, y, Lq, Lk, p_stride, y_stride, m, (int32_t)((uint32_t)(2 * zp + 1) << right) >> 1, right);
+        return;
+    }
 #endif
     for (int32_t i = 0; i < Lq; i++) {
         const int16_t *pi = p + i * p_stride, *pp = pi;
