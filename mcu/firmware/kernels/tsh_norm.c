@@ -68,6 +68,28 @@ static void ln_row_stats(const int8_t *a, const int8_t *b, int32_t d, int32_t ca
         }
         s32 = sa * ca + sb * cb;
         sq = (int64_t)ca * ca * saa + 2 * (int64_t)ca * cb * sab + (int64_t)cb * cb * sbb;
+#elif TSH_USE_DSP
+        /* the same five sums on int16 pairs: per 4 bytes of a and b two SXTB16 each and ten SMLAD */
+        int32_t sa = 0, sb = 0, saa = 0, sab = 0, sbb = 0, j = 0;
+        const int32_t ones = 0x00010001;
+        for (; j + 4 <= d; j += 4) {
+            int32_t va = tsh_read32(a + j), vb = tsh_read32(b + j);
+            int32_t ae = tsh_sxtb16(va), ao = tsh_sxtb16_ror8(va), be = tsh_sxtb16(vb), bo = tsh_sxtb16_ror8(vb);
+            sa = tsh_smlad(ao, ones, tsh_smlad(ae, ones, sa));
+            sb = tsh_smlad(bo, ones, tsh_smlad(be, ones, sb));
+            saa = tsh_smlad(ao, ao, tsh_smlad(ae, ae, saa));
+            sab = tsh_smlad(ao, bo, tsh_smlad(ae, be, sab));
+            sbb = tsh_smlad(bo, bo, tsh_smlad(be, be, sbb));
+        }
+        for (; j < d; j++) {
+            sa += a[j];
+            sb += b[j];
+            saa += a[j] * a[j];
+            sab += a[j] * b[j];
+            sbb += b[j] * b[j];
+        }
+        s32 = sa * ca + sb * cb;
+        sq = (int64_t)ca * ca * saa + 2 * (int64_t)ca * cb * sab + (int64_t)cb * cb * sbb;
 #else
         for (int32_t j = 0; j < d; j++) {
             int32_t u = a[j] * ca + b[j] * cb;
@@ -103,6 +125,25 @@ static inline int32_t ln_rq(int32_t x, int32_t m, int32_t rnd, int32_t right, in
 #else
     (void)rnd;
     return tsh_add_clamp8(tsh_mbqm(x, m, -right), zp, -128, 127);
+#endif
+}
+
+/* n = RDBPOT64(xc inv, 28) for inv < 2^31 from X = 16 xc (|X| < 2^27): the high word of
+ * X inv + 2^31 - [X < 0] (round half away from zero), one SMLAL onto that 64-bit constant */
+static inline int32_t ln_n16(int32_t X, int32_t inv)
+{
+#if defined(__ARM_FEATURE_DSP) && !defined(TSH_PORTABLE) && !defined(TSH_EMULATE_DSP)
+    int32_t lo, hi;
+    __asm__("asr %[lo], %[x], #31\n\t"
+            "add %[lo], %[lo], #0x80000000\n\t"
+            "movs %[hi], #0\n\t"
+            "smlal %[lo], %[hi], %[x], %[inv]\n\t"
+            : [lo] "=&r"(lo), [hi] "=&r"(hi)
+            : [x] "r"(X), [inv] "r"(inv)
+            : "cc");
+    return hi;
+#else
+    return (int32_t)(((int64_t)X * inv + (int64_t)0x80000000 + (X >> 31)) >> 32);
 #endif
 }
 
@@ -144,6 +185,7 @@ void tsh_add_layernorm_s8(const int8_t *a, const int8_t *b, const int32_t *gm, c
                           int32_t ca, int32_t cb, int32_t eps, int32_t y_zp)
 {
     int32_t cr[TSH_LN_GROUP], inv32[TSH_LN_GROUP];
+    struct { int32_t nc16, inv; } rs[TSH_LN_GROUP];    /* -16 c and inv side by side: one LDRD a row */
     int64_t inv[TSH_LN_GROUP];
     int32_t off = a_zp * ca + b_zp * cb;
     for (int32_t r0 = 0; r0 < M; r0 += TSH_LN_GROUP) {
@@ -152,6 +194,8 @@ void tsh_add_layernorm_s8(const int8_t *a, const int8_t *b, const int32_t *gm, c
             int32_t i = (r0 + r) * d;
             ln_row_stats(a + i, b + i, d, ca, cb, off, eps, &cr[r], &inv[r]);
             inv32[r] = (int32_t)inv[r];
+            rs[r].nc16 = -16 * cr[r];
+            rs[r].inv = inv32[r];
             small &= inv[r] < ((int64_t)1 << 31);
         }
 #if TSH_USE_MVE
@@ -165,12 +209,11 @@ void tsh_add_layernorm_s8(const int8_t *a, const int8_t *b, const int32_t *gm, c
             const int8_t *ac = a + r0 * d + c, *bc = b + r0 * d + c;
             int8_t *yc = y + r0 * d + c;
             if (small && right >= 1 && right <= 23 && zp >= INT32_MIN && zp <= INT32_MAX) {
-                /* inv < 2^31: (u - c) inv + 2^27 - [u < c] fits one SMLAL, |n| < 2^25 */
-                int32_t rnd = 1 << (right - 1), z = (int32_t)zp;
+                /* inv < 2^31: 16 (u - c) inv + 2^31 - [u < c] in one SMLAL, |n| < 2^25 */
+                int32_t rnd = 1 << (right - 1), z = (int32_t)zp, ca16 = 16 * ca, cb16 = 16 * cb;
                 for (int32_t r = 0; r < rows; r++, ac += d, bc += d, yc += d) {
-                    int32_t xc = *ac * ca + *bc * cb - cr[r];
-                    int64_t p = (int64_t)xc * inv32[r] + ((1 << 27) + (xc >> 31));
-                    *yc = (int8_t)ln_rq((int32_t)(p >> 28), m, rnd, right, z);
+                    int32_t X = *ac * ca16 + *bc * cb16 + rs[r].nc16;
+                    *yc = (int8_t)ln_rq(ln_n16(X, rs[r].inv), m, rnd, right, z);
                 }
                 continue;
             }
