@@ -65,6 +65,8 @@ static inline int32_t clr_mbqm(int32_t x, int32_t m, int32_t left, int32_t right
     return (h + (1 << (right - 1)) - (int32_t)((uint32_t)h >> 31)) >> right;
 }
 
+#define CLR_RMAX 32    /* ranks whose (u_k, 0), (0, u_k) operands go on the stack (256 B) */
+
 /* clr_mbqm's conditions for accumulators up to `bound` in magnitude and this shift */
 static inline int clr_short(int32_t bound, int32_t shift)
 {
@@ -103,7 +105,34 @@ void tsh_embedding_clr_s8(const int32_t *ids, const uint16_t *slot, const int32_
         if (clr_short(b1, vsh) && clr_short(b2, ush)) {
             /* |acc| <= b1 = r 2^14 and the first stage's |t| <= b1 2^left: both on the short path */
             int32_t l1 = vsh > 0 ? vsh : 0, r1 = vsh > 0 ? 0 : -vsh, l2 = ush > 0 ? ush : 0, r2 = ush > 0 ? 0 : -ush;
-            for (int32_t j = 0; j < d; j++) {
+            int32_t j = 0;
+#if TSH_USE_DSP
+            if (r <= CLR_RMAX && ((uintptr_t)vc & 3u) == 0 && d % 4 == 0) {
+                /* four columns at a time: per k one word of v split by SXTB16 into (j, j+2), (j+1, j+3)
+                 * and four SMLAD against (u_k, 0) and (0, u_k) */
+                int32_t up[2 * CLR_RMAX];
+                for (int32_t k = 0; k < r; k++) {
+                    up[2 * k] = (int32_t)(uint16_t)ui[k];
+                    up[2 * k + 1] = (int32_t)((uint32_t)(uint16_t)ui[k] << 16);
+                }
+                for (; j < d; j += 4) {
+                    int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+                    const int8_t *vk = vc + j;
+                    for (int32_t k = 0; k < r; k++, vk += d) {
+                        int32_t w = tsh_read32(vk), e = tsh_sxtb16(w), o = tsh_sxtb16_ror8(w);
+                        a0 = tsh_smlad(e, up[2 * k], a0);
+                        a2 = tsh_smlad(e, up[2 * k + 1], a2);
+                        a1 = tsh_smlad(o, up[2 * k], a1);
+                        a3 = tsh_smlad(o, up[2 * k + 1], a3);
+                    }
+                    out[j] = tsh_sat8(clr_mbqm(clr_mbqm(a0, vm[j], l1, r1), um, l2, r2));
+                    out[j + 1] = tsh_sat8(clr_mbqm(clr_mbqm(a1, vm[j + 1], l1, r1), um, l2, r2));
+                    out[j + 2] = tsh_sat8(clr_mbqm(clr_mbqm(a2, vm[j + 2], l1, r1), um, l2, r2));
+                    out[j + 3] = tsh_sat8(clr_mbqm(clr_mbqm(a3, vm[j + 3], l1, r1), um, l2, r2));
+                }
+            }
+#endif
+            for (; j < d; j++) {
                 int32_t acc = 0;
                 for (int32_t k = 0; k < r; k++) acc += ui[k] * vc[k * d + j];
                 out[j] = tsh_sat8(clr_mbqm(clr_mbqm(acc, vm[j], l1, r1), um, l2, r2));
