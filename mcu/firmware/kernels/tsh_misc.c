@@ -65,7 +65,19 @@ static inline int32_t clr_mbqm(int32_t x, int32_t m, int32_t left, int32_t right
     return (h + (1 << (right - 1)) - (int32_t)((uint32_t)h >> 31)) >> right;
 }
 
-#define CLR_RMAX 32    /* ranks whose (u_k, 0), (0, u_k) operands go on the stack (256 B) */
+#define CLR_RMAX 64    /* ranks whose (u_k, 0), (0, u_k) operands go on the stack (512 B) */
+
+/* int8 saturation (SSAT on the Cortex-M) */
+static inline int8_t clr_sat8(int32_t x)
+{
+#if defined(__ARM_FEATURE_DSP) && !defined(TSH_PORTABLE) && !defined(TSH_EMULATE_DSP)
+    int32_t r;
+    __asm__("ssat %0, #8, %1" : "=r"(r) : "r"(x));
+    return (int8_t)r;
+#else
+    return tsh_sat8(x);
+#endif
+}
 
 /* clr_mbqm's conditions for accumulators up to `bound` in magnitude and this shift */
 static inline int clr_short(int32_t bound, int32_t shift)
@@ -96,6 +108,11 @@ void tsh_embedding_clr_s8(const int32_t *ids, const uint16_t *slot, const int32_
         int32_t i = s - c[0], r = c[2], um = u_mult[s], ush = c[7], vsh = c[8];
         if (c[3]) {
             const int8_t *ui = u + c[4] + i * d;
+            if (clr_short(128, ush)) {     /* |u| <= 128: the short MBQM */
+                int32_t l = ush > 0 ? ush : 0, rr = ush > 0 ? 0 : -ush;
+                for (int32_t j = 0; j < d; j++) out[j] = clr_sat8(clr_mbqm(ui[j], um, l, rr));
+                continue;
+            }
             for (int32_t j = 0; j < d; j++) out[j] = tsh_sat8(tsh_mbqm(ui[j], um, ush));
             continue;
         }
@@ -125,10 +142,10 @@ void tsh_embedding_clr_s8(const int32_t *ids, const uint16_t *slot, const int32_
                         a1 = tsh_smlad(o, up[2 * k], a1);
                         a3 = tsh_smlad(o, up[2 * k + 1], a3);
                     }
-                    out[j] = tsh_sat8(clr_mbqm(clr_mbqm(a0, vm[j], l1, r1), um, l2, r2));
-                    out[j + 1] = tsh_sat8(clr_mbqm(clr_mbqm(a1, vm[j + 1], l1, r1), um, l2, r2));
-                    out[j + 2] = tsh_sat8(clr_mbqm(clr_mbqm(a2, vm[j + 2], l1, r1), um, l2, r2));
-                    out[j + 3] = tsh_sat8(clr_mbqm(clr_mbqm(a3, vm[j + 3], l1, r1), um, l2, r2));
+                    out[j] = clr_sat8(clr_mbqm(clr_mbqm(a0, vm[j], l1, r1), um, l2, r2));
+                    out[j + 1] = clr_sat8(clr_mbqm(clr_mbqm(a1, vm[j + 1], l1, r1), um, l2, r2));
+                    out[j + 2] = clr_sat8(clr_mbqm(clr_mbqm(a2, vm[j + 2], l1, r1), um, l2, r2));
+                    out[j + 3] = clr_sat8(clr_mbqm(clr_mbqm(a3, vm[j + 3], l1, r1), um, l2, r2));
                 }
             }
 #endif
