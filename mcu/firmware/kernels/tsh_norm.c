@@ -212,10 +212,50 @@ static int ln_table(const int32_t *gm, const int32_t *gs, const int32_t *beta, i
 }
 
 /* u of one row (d % 4 == 0, |ca|, |cb| < 2^15) and sum u; sum u^2 into *sq */
-static int32_t ln_row_u(const int8_t *a, const int8_t *b, int32_t d, int32_t cab, int32_t *u, int64_t *sq)
+static int32_t __attribute__((noinline)) ln_row_u(const int8_t *a, const int8_t *b, int32_t d, int32_t cab, int32_t *u, int64_t *sq)
 {
     int32_t su = 0;
     int64_t q = 0;
+#if defined(__ARM_FEATURE_DSP) && !defined(TSH_PORTABLE) && !defined(TSH_EMULATE_DSP) && defined(__ARM_ARCH_7EM__)
+    /* per 4 bytes of a and b: the (a, b) pairs by SXTB16 and PKH, four SMUAD, one STM, four SMLAL:
+     * 25 instructions with the loop (the C loop took 36); r4-r7 are the STM list */
+    uint32_t lo = 0, hi = 0;
+    const int8_t *aend = a + d;
+    int32_t va, vb;
+    __asm__ volatile(
+        "1:\n\t"
+        "ldr %[va], [%[a]], #4\n\t"
+        "ldr %[vb], [%[b]], #4\n\t"
+        "sxtb16 r6, %[va]\n\t"                 /* a0 a2 */
+        "sxtb16 %[va], %[va], ror #8\n\t"      /* a1 a3 */
+        "sxtb16 r7, %[vb]\n\t"                 /* b0 b2 */
+        "sxtb16 %[vb], %[vb], ror #8\n\t"      /* b1 b3 */
+        "pkhbt r4, r6, r7, lsl #16\n\t"        /* a0 b0 */
+        "pkhtb r6, r7, r6, asr #16\n\t"        /* a2 b2 */
+        "pkhbt r5, %[va], %[vb], lsl #16\n\t"  /* a1 b1 */
+        "pkhtb r7, %[vb], %[va], asr #16\n\t"  /* a3 b3 */
+        "smuad r4, r4, %[cab]\n\t"
+        "smuad r5, r5, %[cab]\n\t"
+        "smuad r6, r6, %[cab]\n\t"
+        "smuad r7, r7, %[cab]\n\t"
+        "stm %[u]!, {r4, r5, r6, r7}\n\t"
+        "add %[su], %[su], r4\n\t"
+        "smlal %[lo], %[hi], r4, r4\n\t"
+        "add %[su], %[su], r5\n\t"
+        "smlal %[lo], %[hi], r5, r5\n\t"
+        "add %[su], %[su], r6\n\t"
+        "smlal %[lo], %[hi], r6, r6\n\t"
+        "add %[su], %[su], r7\n\t"
+        "smlal %[lo], %[hi], r7, r7\n\t"
+        "cmp %[a], %[aend]\n\t"
+        "bne 1b\n\t"
+        : [su] "+r"(su), [lo] "+r"(lo), [hi] "+r"(hi), [a] "+r"(a), [b] "+r"(b), [u] "+r"(u), [va] "=&r"(va),
+          [vb] "=&r"(vb)
+        : [cab] "r"(cab), [aend] "r"(aend)
+        : "r4", "r5", "r6", "r7", "memory", "cc");
+    *sq = (int64_t)((uint64_t)hi << 32 | lo);
+    return su;
+#endif
     for (int32_t j = 0; j < d; j += 4, u += 4) {
         int32_t va = tsh_read32(a + j), vb = tsh_read32(b + j);
         int32_t ae = tsh_sxtb16(va), ao = tsh_sxtb16_ror8(va), be = tsh_sxtb16(vb), bo = tsh_sxtb16_ror8(vb);
@@ -273,7 +313,7 @@ static int ln_rows_dsp(const int8_t *a, const int8_t *b, const int32_t *gm, cons
                        int8_t *y, int32_t M, int32_t d, int32_t off, int32_t ca, int32_t cb, int32_t eps, int32_t y_zp)
 {
     int32_t tab[3 * TSH_LN_ROW], u[TSH_LN_ROW];
-    if (d % 4 != 0 || d > TSH_LN_ROW || ca >= (1 << 15) || ca < -(1 << 15) || cb >= (1 << 15) || cb < -(1 << 15) ||
+    if (d % 4 != 0 || d < 4 || d > TSH_LN_ROW || ca >= (1 << 15) || ca < -(1 << 15) || cb >= (1 << 15) || cb < -(1 << 15) ||
         !ln_table(gm, gs, beta, y_zp, d, tab))
         return 0;
     int32_t cab = tsh_pkhbt(ca, cb);
