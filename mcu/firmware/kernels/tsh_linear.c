@@ -701,82 +701,84 @@ static void qk_extend4(const int8_t *q, int32_t q_stride, int32_t rows, int32_t 
 #if FC_PAIRS_ASM   /* the same Cortex-M4 condition: 14 registers for one asm block */
 #define QK_STEPS 16       /* head widths up to 64 take the straight-line key loop below */
 
-struct qk_state {         /* 44 bytes below the base; the asm uses these offsets */
-    int32_t c[4];         /* -44 .. -32: the accumulators' start, -k_zp sum_t (q - zq) per query */
-    int32_t kdelta;       /* -28: from the end of a key row to the next row */
-    int32_t d1, d2, d3;   /* -24 -20 -16: query row r's output - row r-1's (a repeated row: back to row 0) */
-    const int8_t *send;   /* -12: row 0's output end: the loop's stop */
-    int32_t skip;         /* -8: bytes of steps skipped, 60 (QK_STEPS - dh / 4) */
-    uint32_t entry;       /* -4: the first executed step (Thumb address) */
+struct qk_state {         /* just above the extended rows (x_end); the asm uses these offsets */
+    int32_t c[4];         /* 0 .. 12: the accumulators' start, -k_zp sum_t (q - zq) per query */
+    int32_t kdelta;       /* 16: from the end of a key row to the next row */
+    int32_t d1, d2, d3;   /* 20 24 28: query row r's output - row r-1's (a repeated row: back to row 0) */
+    const int8_t *send;   /* 32: row 0's output end: the loop's stop */
+    const int32_t *start; /* 36: the first executed step's rows */
+    uint32_t entry;       /* 40: the first executed step (Thumb address) */
+    int32_t m, rnd, right;/* 44 48 52: the requantisation (zero point in the rounding term) */
+    int32_t skip;         /* 56: bytes of steps skipped, 52 (QK_STEPS - dh / 4) */
 };
 
-struct qk_block {         /* the state, then the four extended query rows, 32 bytes a step */
-    struct qk_state st;
+struct qk_block {         /* the four extended query rows, 32 bytes a step, then the state */
     int32_t x[8 * QK_STEPS];
+    struct qk_state st;
 };
 
-/* Four queries (extended at `base` as qk_extend4 lays them out) against every key, in assembly:
- * per step of 4 t one load of the key word, two SXTB16, four LDRD of the query pairs and eight
- * SMLAD (15 instructions for 16 MACs), straight-line code entered part way; then the four scores
- * requantised in place as in fc_pairs3_asm (zero point folded into the rounding term) and stored
- * down the column. The multiplier, rounding term, right shift and output pointer stay in registers. */
-static void qk_keys_asm(const int32_t *base, const int8_t *k, int8_t *s, int32_t m, int32_t rnd, int32_t right)
+/* Four queries (extended as qk_extend4 lays them out, the last dh / 4 steps of `x`) against every
+ * key, in assembly: per step of 4 t one load of the key word, two SXTB16, two LDM of two query rows'
+ * pairs each and eight SMLAD (13 instructions for 16 MACs), straight-line code entered part way;
+ * then the four scores requantised in place as in fc_pairs3_asm (zero point folded into the
+ * rounding term) and stored down the column. r0-r3 are the LDM lists; the state sits at x_end. */
+static void qk_keys_asm(struct qk_state *st, const int8_t *k, int8_t *s)
 {
-    int32_t a0, a1, a2, a3, ka, kb, u, w;
+    int32_t a0, a1, a2, a3, ka, kb;
+    const int32_t *w;
     __asm__ volatile(
-        "adr %[u], 3f\n\t"
-        "ldr %[w], [%[x], #-8]\n\t"
-        "add %[u], %[u], %[w]\n\t"
-        "orr %[u], %[u], #1\n\t"
-        "str %[u], [%[x], #-4]\n"
+        "adr %[w], 3f\n\t"
+        "ldr %[ka], [%[x], #56]\n\t"
+        "add %[w], %[w], %[ka]\n\t"
+        "orr %[w], %[w], #1\n\t"
+        "str %[w], [%[x], #40]\n"
         "1:\n\t"
-        "ldrd %[a0], %[a1], [%[x], #-44]\n\t"
-        "ldrd %[a2], %[a3], [%[x], #-36]\n\t"
-        "ldr pc, [%[x], #-4]\n\t"
+        "ldrd %[a0], %[a1], [%[x], #0]\n\t"
+        "ldrd %[a2], %[a3], [%[x], #8]\n\t"
+        "ldr %[w], [%[x], #36]\n\t"
+        "ldr pc, [%[x], #40]\n\t"
         ".p2align 2\n"
         "3:\n\t"
-        ".set .Lqk_i, 0\n\t"
         ".rept " TSH_STR(QK_STEPS) "\n\t"
-        "ldr %[u], [%[k]], #4\n\t"
-        "sxtb16 %[ka], %[u]\n\t"
-        "sxtb16 %[kb], %[u], ror #8\n\t"
-        "ldrd %[u], %[w], [%[x], #(32 * .Lqk_i)]\n\t"
-        "smlad %[a0], %[u], %[ka], %[a0]\n\t"
-        "smlad %[a0], %[w], %[kb], %[a0]\n\t"
-        "ldrd %[u], %[w], [%[x], #(32 * .Lqk_i + 8)]\n\t"
-        "smlad %[a1], %[u], %[ka], %[a1]\n\t"
-        "smlad %[a1], %[w], %[kb], %[a1]\n\t"
-        "ldrd %[u], %[w], [%[x], #(32 * .Lqk_i + 16)]\n\t"
-        "smlad %[a2], %[u], %[ka], %[a2]\n\t"
-        "smlad %[a2], %[w], %[kb], %[a2]\n\t"
-        "ldrd %[u], %[w], [%[x], #(32 * .Lqk_i + 24)]\n\t"
-        "smlad %[a3], %[u], %[ka], %[a3]\n\t"
-        "smlad %[a3], %[w], %[kb], %[a3]\n\t"
-        ".set .Lqk_i, .Lqk_i + 1\n\t"
+        "ldr.w %[ka], [%[k]], #4\n\t"
+        "sxtb16 %[kb], %[ka], ror #8\n\t"
+        "sxtb16 %[ka], %[ka]\n\t"
+        "ldm.w %[w]!, {r0, r1, r2, r3}\n\t"
+        "smlad %[a0], r0, %[ka], %[a0]\n\t"
+        "smlad %[a0], r1, %[kb], %[a0]\n\t"
+        "smlad %[a1], r2, %[ka], %[a1]\n\t"
+        "smlad %[a1], r3, %[kb], %[a1]\n\t"
+        "ldm.w %[w]!, {r0, r1, r2, r3}\n\t"
+        "smlad %[a2], r0, %[ka], %[a2]\n\t"
+        "smlad %[a2], r1, %[kb], %[a2]\n\t"
+        "smlad %[a3], r2, %[ka], %[a3]\n\t"
+        "smlad %[a3], r3, %[kb], %[a3]\n\t"
         ".endr\n\t"
-        FC_RQ("%[a0]", "%[m]", "%[rnd]", "%[r]")
-        FC_RQ("%[a1]", "%[m]", "%[rnd]", "%[r]")
-        FC_RQ("%[a2]", "%[m]", "%[rnd]", "%[r]")
-        FC_RQ("%[a3]", "%[m]", "%[rnd]", "%[r]")
-        "ldr %[u], [%[x], #-24]\n\t"
+        "ldr %[ka], [%[x], #44]\n\t"
+        "ldr %[kb], [%[x], #48]\n\t"
+        "ldr %[w], [%[x], #52]\n\t"
+        FC_RQ("%[a0]", "%[ka]", "%[kb]", "%[w]")
+        FC_RQ("%[a1]", "%[ka]", "%[kb]", "%[w]")
+        FC_RQ("%[a2]", "%[ka]", "%[kb]", "%[w]")
+        FC_RQ("%[a3]", "%[ka]", "%[kb]", "%[w]")
+        "ldrd r0, r1, [%[x], #20]\n\t"
+        "ldr r2, [%[x], #28]\n\t"
         "strb %[a0], [%[s]], #1\n\t"
-        "add %[w], %[s], %[u]\n\t"
-        "strb %[a1], [%[w], #-1]\n\t"
-        "ldr %[u], [%[x], #-20]\n\t"
-        "add %[w], %[w], %[u]\n\t"
-        "strb %[a2], [%[w], #-1]\n\t"
-        "ldr %[u], [%[x], #-16]\n\t"
-        "add %[w], %[w], %[u]\n\t"
-        "strb %[a3], [%[w], #-1]\n\t"
-        "ldr %[u], [%[x], #-28]\n\t"
-        "add %[k], %[k], %[u]\n\t"
-        "ldr %[u], [%[x], #-12]\n\t"
-        "cmp %[s], %[u]\n\t"
+        "add r3, %[s], r0\n\t"
+        "strb %[a1], [r3, #-1]\n\t"
+        "add r3, r3, r1\n\t"
+        "strb %[a2], [r3, #-1]\n\t"
+        "add r3, r3, r2\n\t"
+        "strb %[a3], [r3, #-1]\n\t"
+        "ldr r0, [%[x], #16]\n\t"
+        "add %[k], %[k], r0\n\t"
+        "ldr r0, [%[x], #32]\n\t"
+        "cmp %[s], r0\n\t"
         "bne 1b\n\t"
         : [a0] "=&r"(a0), [a1] "=&r"(a1), [a2] "=&r"(a2), [a3] "=&r"(a3), [ka] "=&r"(ka), [kb] "=&r"(kb),
-          [u] "=&r"(u), [w] "=&r"(w), [k] "+&r"(k), [s] "+&r"(s)
-        : [x] "r"(base), [m] "r"(m), [rnd] "r"(rnd), [r] "r"(right)
-        : "memory", "cc");
+          [w] "=&r"(w), [k] "+&r"(k), [s] "+&r"(s)
+        : [x] "r"(st)
+        : "r0", "r1", "r2", "r3", "memory", "cc");
 }
 
 /* matmul_qk through qk_keys_asm: four queries at a time, the missing rows of the last block
@@ -787,9 +789,12 @@ static void qk_asm(const int8_t *q, const int8_t *k, int8_t *s, int32_t Lq, int3
 {
     struct qk_block blk;
     int32_t qs[4], dh4 = dh / 4;
-    int32_t rnd = (int32_t)((uint32_t)(2 * rq->zp + 1) << rq->right) >> 1;
+    blk.st.m = rq->mult;
+    blk.st.rnd = (int32_t)((uint32_t)(2 * rq->zp + 1) << rq->right) >> 1;
+    blk.st.right = rq->right;
     blk.st.kdelta = k_stride - dh;
-    blk.st.skip = 60 * (QK_STEPS - dh4);
+    blk.st.skip = 52 * (QK_STEPS - dh4);
+    blk.st.start = blk.x + 8 * (QK_STEPS - dh4);
     for (int32_t i = 0; i < Lq; i += 4) {
         int32_t rows = Lq - i < 4 ? Lq - i : 4;
         qk_extend4(q + i * q_stride, q_stride, rows, dh4, q_zp, blk.x + 8 * (QK_STEPS - dh4), qs);
@@ -800,7 +805,7 @@ static void qk_asm(const int8_t *q, const int8_t *k, int8_t *s, int32_t Lq, int3
         blk.st.d3 = rows > 3 ? s_stride : (rows > 2 ? -2 * s_stride : 0);
         int8_t *si = s + i * s_stride;
         blk.st.send = si + Lk;
-        qk_keys_asm(blk.x, k, si, rq->mult, rnd, rq->right);
+        qk_keys_asm(&blk.st, k, si);
     }
 }
 #endif
