@@ -324,141 +324,6 @@ static int32_t dot_s8(const int8_t *x, const int8_t *w, int32_t K, int32_t acc)
 }
 #endif
 
-#if FC_PAIRS_ASM
-/* One row against every channel pair of the int8 layout, K % 8 == 0 (the rows outside the three-row
- * blocks): the row sign-extended once, then per two steps of 4 k one LDM of the pair's 16 weight
- * bytes, eight SXTB16, two LDRD of the row and eight SMLAD (22 instructions for 16 MACs with the
- * loop; fc_row_pair extends the row again for every pair: 28) */
-static void __attribute__((noinline)) fc_row_w8_asm(const int8_t *x, const int8_t *w, const int32_t *bias,
-                                                    const int32_t *mult, const int32_t *shift, int8_t *y, int32_t K,
-                                                    int32_t N2, int32_t y_zp, int32_t act_min, int32_t act_max)
-{
-    int32_t xe[TSH_FC_KMAX / 2], K4 = K / 4;
-    for (int32_t g = 0; g < K4; g++) {
-        int32_t v = tsh_read32(x + 4 * g);
-        xe[2 * g] = tsh_sxtb16(v);
-        xe[2 * g + 1] = tsh_sxtb16_ror8(v);
-    }
-    const int32_t *xend = xe + 2 * K4;
-    for (int32_t n = 0; n < N2; n += 2) {
-        int32_t a0 = bias[n], a1 = bias[n + 1], xa, xb;
-        const int32_t *xp = xe;
-        __asm__ volatile(
-            "1:\n\t"
-            "ldm %[w]!, {r0, r1, r2, r3}\n\t"
-            "ldrd %[xa], %[xb], [%[x]], #16\n\t"
-            "sxtb16 r4, r0\n\t"
-            "sxtb16 r5, r0, ror #8\n\t"
-            "sxtb16 r6, r1\n\t"
-            "sxtb16 r7, r1, ror #8\n\t"
-            "smlad %[a0], %[xa], r4, %[a0]\n\t"
-            "smlad %[a0], %[xb], r5, %[a0]\n\t"
-            "smlad %[a1], %[xa], r6, %[a1]\n\t"
-            "smlad %[a1], %[xb], r7, %[a1]\n\t"
-            "ldrd %[xa], %[xb], [%[x], #-8]\n\t"
-            "sxtb16 r4, r2\n\t"
-            "sxtb16 r5, r2, ror #8\n\t"
-            "sxtb16 r6, r3\n\t"
-            "sxtb16 r7, r3, ror #8\n\t"
-            "smlad %[a0], %[xa], r4, %[a0]\n\t"
-            "smlad %[a0], %[xb], r5, %[a0]\n\t"
-            "smlad %[a1], %[xa], r6, %[a1]\n\t"
-            "smlad %[a1], %[xb], r7, %[a1]\n\t"
-            "ldr %[xa], %[end]\n\t"
-            "cmp %[x], %[xa]\n\t"
-            "bne 1b\n\t"
-            : [a0] "+r"(a0), [a1] "+r"(a1), [w] "+r"(w), [x] "+r"(xp), [xa] "=&r"(xa), [xb] "=&r"(xb)
-            : [end] "m"(xend)
-            : "r0", "r1", "r2", "r3", "r4", "r5", "r6", "r7", "memory", "cc");
-        y[n] = requant_clamp(a0, mult[n], shift[n], y_zp, act_min, act_max);
-        y[n + 1] = requant_clamp(a1, mult[n + 1], shift[n + 1], y_zp, act_min, act_max);
-    }
-}
-#endif
-
-void tsh_fc_s8(const int8_t *x, const int8_t *w, const int32_t *bias, const int32_t *mult,
-               const int32_t *shift, int8_t *y, int32_t M, int32_t K, int32_t N, int32_t x_stride,
-               int32_t y_stride, int32_t y_zp, int32_t act_min, int32_t act_max)
-{
-    int32_t m = 0, N2 = N / 2 * 2;
-#if TSH_USE_MVE
-    if (tsh_mve_fc_s8(x, w, bias, mult, shift, y, M, K, N, x_stride, y_stride, y_zp, act_min, act_max)) return;
-#endif
-#if TSH_USE_DSP
-    /* the register-blocked path needs 4-byte aligned 8-byte weight groups */
-    if (K <= TSH_FC_KMAX && K % 4 == 0 && ((uintptr_t)w & 3u) == 0 && M >= 2) {
-        /* blocks of three rows, channel pairs, the short requantisation: it needs |acc| < 2^30
-         * (|bias| + K 2^14 with K <= 512) and, folded into the rounding as on the Cortex-M4, an
-         * int8 zero point; other parameters go row by row below */
-        int32_t K4 = K / 4, fast = act_min == -128 && act_max == 127 && y_zp >= -128 && y_zp <= 127;
-        for (int32_t n = 0; n < N2 && fast; n++)
-            fast = mult[n] >= 0 && shift[n] <= -1 && shift[n] >= -23 && bias[n] < (1 << 29) && bias[n] > -(1 << 29);
-#if FC_PAIRS_ASM
-        /* chunk c's base ch[c].x; the short first chunk (k0 steps) ends where the full ones do */
-        struct fc_chunk ch[FC_CHUNKS];
-        int32_t nch = (K4 + TSH_FC_UNROLL - 1) / TSH_FC_UNROLL, k0 = K4 - (nch - 1) * TSH_FC_UNROLL;
-        for (int32_t c = 0; c < nch; c++) {
-            ch[c].st.next = c + 1 < nch ? ch[c + 1].x : 0;
-            ch[c].st.first = ch[0].x;
-        }
-        ch[0].st.c = 2 * y_zp + 1;
-        ch[0].st.wend = w + N2 * K;
-        ch[0].st.skip = 80 * (TSH_FC_UNROLL - k0);
-        /* a last single row goes row by row below: cheaper than a block of three copies */
-        for (; fast && N2 >= 2 && M - m >= 2; m += 3) {
-#else
-        int32_t xe[6 * (TSH_FC_KMAX / 4)];
-        for (; fast && m < M; m += 3) {
-#endif
-            int32_t rows = M - m < 3 ? M - m : 3;
-            const int8_t *x0 = x + m * x_stride;
-            const int8_t *x1 = rows > 1 ? x0 + x_stride : x0, *x2 = rows > 2 ? x1 + x_stride : x1;
-            int8_t *y0 = y + m * y_stride;
-#if FC_PAIRS_ASM
-            for (int32_t c = 0; c < nch; c++) {
-                int32_t g0 = c ? k0 + (c - 1) * TSH_FC_UNROLL : 0, n = c ? TSH_FC_UNROLL : k0;
-                fc_extend3(x0 + 4 * g0, x1 + 4 * g0, x2 + 4 * g0, n, ch[c].x + 6 * (c ? 0 : TSH_FC_UNROLL - k0));
-            }
-            ch[0].st.bias = bias;
-            ch[0].st.mult = mult;
-            ch[0].st.shift = shift;
-            ch[0].st.y = y0;
-            ch[0].st.d1 = rows > 1 ? y_stride : 0;   /* a repeated row writes the same bytes again */
-            ch[0].st.d2 = rows > 2 ? y_stride : 0;
-            fc_pairs3_asm(ch[0].x, w);
-#else
-            fc_extend3(x0, x1, x2, K4, xe);
-            fc_rows3_fast(xe, w, bias, mult, shift, y0, y_stride, rows, K4, N2, y_zp);
-#endif
-            if (N2 < N)
-                for (int32_t r = 0; r < rows; r++)
-                    y0[r * y_stride + N2] = requant_clamp(dot_s8(x0 + r * x_stride, w + N2 * K, K, bias[N2]),
-                                                          mult[N2], shift[N2], y_zp, act_min, act_max);
-        }
-    }
-#endif
-    for (; m < M; m++) {
-        const int8_t *xr = x + m * x_stride;
-        int8_t *yr = y + m * y_stride;
-#if FC_PAIRS_ASM
-        if (K % 8 == 0 && K <= TSH_FC_KMAX && ((uintptr_t)w & 3u) == 0 && N2 >= 2) {
-            fc_row_w8_asm(xr, w, bias, mult, shift, yr, K, N2, y_zp, act_min, act_max);
-            if (N2 < N)
-                yr[N2] = requant_clamp(dot_s8(xr, w + N2 * K, K, bias[N2]), mult[N2], shift[N2], y_zp, act_min, act_max);
-            continue;
-        }
-#endif
-        for (int32_t n = 0; n < N2; n += 2) {
-            int32_t a0 = bias[n], a1 = bias[n + 1];
-            fc_row_pair(xr, w + n * K, K, &a0, &a1);
-            yr[n] = requant_clamp(a0, mult[n], shift[n], y_zp, act_min, act_max);
-            yr[n + 1] = requant_clamp(a1, mult[n + 1], shift[n + 1], y_zp, act_min, act_max);
-        }
-        if (N2 < N)
-            yr[N2] = requant_clamp(dot_s8(xr, w + N2 * K, K, bias[N2]), mult[N2], shift[N2], y_zp, act_min, act_max);
-    }
-}
-
 /* one row against a channel pair of mcu.kernels.pack_fc_weights_s16's layout starting at `wp`: per
  * 4 k the row's word split by SXTB16 into (k, k+2), (k+1, k+3), four SMLAD on the stored pairs */
 static void fc_row_pair_w16(const int8_t *x, const int16_t *wp, int32_t K, int32_t *s0, int32_t *s1)
@@ -493,13 +358,38 @@ static int32_t dot_s8_s16(const int8_t *x, const int16_t *w, int32_t K, int32_t 
 }
 
 #if FC_PAIRS_ASM
-/* One row (the last of M = 3 q + 1) against every channel pair of the int16 layout, K % 8 == 0: the
- * row sign-extended once as fc_extend3 does, then per two steps of 4 k one LDM of the pair's eight
- * weight words, two LDRD of the row and eight SMLAD (14 instructions for 16 MACs with the loop; the
- * C loop took 21 for 8: its four weight words went through the stack) */
-static void __attribute__((noinline)) fc_row_w16_asm(const int8_t *x, const int16_t *w, const int32_t *bias,
-                                                     const int32_t *mult, const int32_t *shift, int8_t *y, int32_t K,
-                                                     int32_t N2, int32_t y_zp, int32_t act_min, int32_t act_max)
+/* two steps of 4 k of one row against a channel pair: the pair's weights as (k, k+2), (k+1, k+3)
+ * int16 pairs of row 0, then of row 1 (int8: one LDM of 16 bytes into r0-r3, SXTB16 into r4-r7;
+ * int16: one LDM of eight words into r0-r7), the row's pairs by LDRD, eight SMLAD */
+#define FC_ROW_SMLAD(w0, w1, w2, w3)                                                               \
+    "smlad %[a0], %[xa], " w0 ", %[a0]\n\t"                                                        \
+    "smlad %[a0], %[xb], " w1 ", %[a0]\n\t"                                                        \
+    "smlad %[a1], %[xa], " w2 ", %[a1]\n\t"                                                        \
+    "smlad %[a1], %[xb], " w3 ", %[a1]\n\t"
+#define FC_ROW_W8(w0, w1)                                                                          \
+    "sxtb16 r4, " w0 "\n\t"                                                                         \
+    "sxtb16 r5, " w0 ", ror #8\n\t"                                                                 \
+    "sxtb16 r6, " w1 "\n\t"                                                                         \
+    "sxtb16 r7, " w1 ", ror #8\n\t"
+#define FC_ROW_ASM(steps)                                                                          \
+    __asm__ volatile("1:\n\t" steps                                                                \
+                     "ldr %[xa], %[end]\n\t"                                                        \
+                     "cmp %[x], %[xa]\n\t"                                                          \
+                     "bne 1b\n\t"                                                                   \
+                     : [a0] "+r"(a0), [a1] "+r"(a1), [w] "+r"(wp), [x] "+r"(xp), [xa] "=&r"(xa),    \
+                       [xb] "=&r"(xb)                                                               \
+                     : [end] "m"(xend)                                                              \
+                     : "r0", "r1", "r2", "r3", "r4", "r5", "r6", "r7", "memory", "cc")
+
+/* One row against every channel pair (the rows outside the three-row blocks), K % 8 == 0: the row
+ * sign-extended once as fc_extend3 does, then per two steps of 4 k the pair's weights, two LDRD of
+ * the row and eight SMLAD: 22 (int8) or 14 (int16) instructions for 16 MACs with the loop;
+ * fc_row_pair takes 28 (it extends the row again for every pair), fc_row_pair_w16 42 (its weight
+ * words go through the stack). One body, one function per layout (`wide`: int16). */
+static inline __attribute__((always_inline)) void fc_row_m4(const int8_t *x, const void *w, int wide,
+                                                           const int32_t *bias, const int32_t *mult,
+                                                           const int32_t *shift, int8_t *y, int32_t K, int32_t N2,
+                                                           int32_t y_zp, int32_t act_min, int32_t act_max)
 {
     int32_t xe[TSH_FC_KMAX / 2], K4 = K / 4;
     for (int32_t g = 0; g < K4; g++) {
@@ -508,46 +398,61 @@ static void __attribute__((noinline)) fc_row_w16_asm(const int8_t *x, const int1
         xe[2 * g + 1] = tsh_sxtb16_ror8(v);
     }
     const int32_t *xend = xe + 2 * K4;
+    const void *wp = w;
     for (int32_t n = 0; n < N2; n += 2) {
         int32_t a0 = bias[n], a1 = bias[n + 1], xa, xb;
         const int32_t *xp = xe;
-        __asm__ volatile(
-            "1:\n\t"
-            "ldm %[w]!, {r0, r1, r2, r3, r4, r5, r6, r7}\n\t"
-            "ldrd %[xa], %[xb], [%[x]], #16\n\t"
-            "smlad %[a0], %[xa], r0, %[a0]\n\t"
-            "smlad %[a0], %[xb], r1, %[a0]\n\t"
-            "smlad %[a1], %[xa], r2, %[a1]\n\t"
-            "smlad %[a1], %[xb], r3, %[a1]\n\t"
-            "ldrd %[xa], %[xb], [%[x], #-8]\n\t"
-            "smlad %[a0], %[xa], r4, %[a0]\n\t"
-            "smlad %[a0], %[xb], r5, %[a0]\n\t"
-            "smlad %[a1], %[xa], r6, %[a1]\n\t"
-            "smlad %[a1], %[xb], r7, %[a1]\n\t"
-            "ldr %[xa], %[end]\n\t"
-            "cmp %[x], %[xa]\n\t"
-            "bne 1b\n\t"
-            : [a0] "+r"(a0), [a1] "+r"(a1), [w] "+r"(w), [x] "+r"(xp), [xa] "=&r"(xa), [xb] "=&r"(xb)
-            : [end] "m"(xend)
-            : "r0", "r1", "r2", "r3", "r4", "r5", "r6", "r7", "memory", "cc");
+        if (wide)
+            FC_ROW_ASM("ldm %[w]!, {r0, r1, r2, r3, r4, r5, r6, r7}\n\t"
+                       "ldrd %[xa], %[xb], [%[x]], #16\n\t" FC_ROW_SMLAD("r0", "r1", "r2", "r3")
+                       "ldrd %[xa], %[xb], [%[x], #-8]\n\t" FC_ROW_SMLAD("r4", "r5", "r6", "r7"));
+        else
+            FC_ROW_ASM("ldm %[w]!, {r0, r1, r2, r3}\n\t"
+                       "ldrd %[xa], %[xb], [%[x]], #16\n\t" FC_ROW_W8("r0", "r1") FC_ROW_SMLAD("r4", "r5", "r6", "r7")
+                       "ldrd %[xa], %[xb], [%[x], #-8]\n\t" FC_ROW_W8("r2", "r3") FC_ROW_SMLAD("r4", "r5", "r6", "r7"));
         y[n] = requant_clamp(a0, mult[n], shift[n], y_zp, act_min, act_max);
         y[n + 1] = requant_clamp(a1, mult[n + 1], shift[n + 1], y_zp, act_min, act_max);
     }
 }
-#endif
 
-void tsh_fc_s8w16(const int8_t *x, const int16_t *w, const int32_t *bias, const int32_t *mult,
-                  const int32_t *shift, int8_t *y, int32_t M, int32_t K, int32_t N, int32_t x_stride,
-                  int32_t y_stride, int32_t y_zp, int32_t act_min, int32_t act_max)
+static void __attribute__((noinline)) fc_row_w8_asm(const int8_t *x, const void *w, const int32_t *bias,
+                                                    const int32_t *mult, const int32_t *shift, int8_t *y, int32_t K,
+                                                    int32_t N2, int32_t y_zp, int32_t act_min, int32_t act_max)
 {
-    int32_t m = 0;
-#if FC_PAIRS_ASM
-    /* tsh_fc_s8's Cortex-M4 path with the int16 steps (same conditions, same chunks) */
-    int32_t N2 = N / 2 * 2;
+    fc_row_m4(x, w, 0, bias, mult, shift, y, K, N2, y_zp, act_min, act_max);
+}
+
+static void __attribute__((noinline)) fc_row_w16_asm(const int8_t *x, const void *w, const int32_t *bias,
+                                                     const int32_t *mult, const int32_t *shift, int8_t *y, int32_t K,
+                                                     int32_t N2, int32_t y_zp, int32_t act_min, int32_t act_max)
+{
+    fc_row_m4(x, w, 1, bias, mult, shift, y, K, N2, y_zp, act_min, act_max);
+}
+
+/* the odd last channel of a row (stored plainly after the pairs) */
+static inline int32_t fc_dot_last(const int8_t *x, const void *w, int wide, int32_t N2, int32_t K, int32_t acc)
+{
+    return wide ? dot_s8_s16(x, (const int16_t *)w + N2 * K, K, acc) : dot_s8(x, (const int8_t *)w + N2 * K, K, acc);
+}
+
+/* The Cortex-M4 path of both weight layouts (`wide`: fc_s8w16's int16 steps), inlined into each
+ * kernel: blocks of three rows (fc_pairs3_asm / fc_pairs3_w16_asm) while the requantisation is on
+ * the short path (|acc| < 2^30: |bias| + K 2^14 with K <= 512; an int8 zero point folded into the
+ * rounding), then the other rows one at a time (fc_row_w8_asm / fc_row_w16_asm) for K % 8 == 0.
+ * Returns the first row it leaves to the kernel's C loop. */
+static inline __attribute__((always_inline)) int32_t fc_m4(const int8_t *x, const void *w, int wide,
+                                                          const int32_t *bias, const int32_t *mult,
+                                                          const int32_t *shift, int8_t *y, int32_t M, int32_t K,
+                                                          int32_t N, int32_t x_stride, int32_t y_stride, int32_t y_zp,
+                                                          int32_t act_min, int32_t act_max)
+{
+    int32_t m = 0, N2 = N / 2 * 2;
+    /* the register-blocked path needs 4-byte aligned weight groups */
     if (K <= TSH_FC_KMAX && K % 4 == 0 && ((uintptr_t)w & 3u) == 0 && M >= 2) {
         int32_t K4 = K / 4, fast = act_min == -128 && act_max == 127 && y_zp >= -128 && y_zp <= 127;
         for (int32_t n = 0; n < N2 && fast; n++)
             fast = mult[n] >= 0 && shift[n] <= -1 && shift[n] >= -23 && bias[n] < (1 << 29) && bias[n] > -(1 << 29);
+        /* chunk c's base ch[c].x; the short first chunk (k0 steps) ends where the full ones do */
         struct fc_chunk ch[FC_CHUNKS];
         int32_t nch = (K4 + TSH_FC_UNROLL - 1) / TSH_FC_UNROLL, k0 = K4 - (nch - 1) * TSH_FC_UNROLL;
         for (int32_t c = 0; c < nch; c++) {
@@ -555,8 +460,10 @@ void tsh_fc_s8w16(const int8_t *x, const int16_t *w, const int32_t *bias, const 
             ch[c].st.first = ch[0].x;
         }
         ch[0].st.c = 2 * y_zp + 1;
-        ch[0].st.wend = (const int8_t *)(w + N2 * K);
-        ch[0].st.skip = 64 * (TSH_FC_UNROLL - k0);     /* a step: LDM, 3 LDRD, 12 SMLAD = 64 bytes */
+        ch[0].st.wend = (const int8_t *)w + (wide ? 2 : 1) * N2 * K;
+        /* a step: int8 LDRD, 4 SXTB16, 3 LDRD, 12 SMLAD = 80 bytes; int16 LDM, 3 LDRD, 12 SMLAD = 64 */
+        ch[0].st.skip = (wide ? 64 : 80) * (TSH_FC_UNROLL - k0);
+        /* a last single row goes row by row below: cheaper than a block of three copies */
         for (; fast && N2 >= 2 && M - m >= 2; m += 3) {
             int32_t rows = M - m < 3 ? M - m : 3;
             const int8_t *x0 = x + m * x_stride;
@@ -570,38 +477,100 @@ void tsh_fc_s8w16(const int8_t *x, const int16_t *w, const int32_t *bias, const 
             ch[0].st.mult = mult;
             ch[0].st.shift = shift;
             ch[0].st.y = y0;
-            ch[0].st.d1 = rows > 1 ? y_stride : 0;
+            ch[0].st.d1 = rows > 1 ? y_stride : 0;   /* a repeated row writes the same bytes again */
             ch[0].st.d2 = rows > 2 ? y_stride : 0;
-            fc_pairs3_w16_asm(ch[0].x, w);
+            if (wide)
+                fc_pairs3_w16_asm(ch[0].x, (const int16_t *)w);
+            else
+                fc_pairs3_asm(ch[0].x, (const int8_t *)w);
             if (N2 < N)
                 for (int32_t r = 0; r < rows; r++)
-                    y0[r * y_stride + N2] = requant_clamp(dot_s8_s16(x0 + r * x_stride, w + N2 * K, K, bias[N2]),
+                    y0[r * y_stride + N2] = requant_clamp(fc_dot_last(x0 + r * x_stride, w, wide, N2, K, bias[N2]),
+                                                          mult[N2], shift[N2], y_zp, act_min, act_max);
+        }
+    }
+    if (K % 8 == 0 && K <= TSH_FC_KMAX && ((uintptr_t)w & 3u) == 0 && N2 >= 2)
+        for (; m < M; m++) {
+            const int8_t *xr = x + m * x_stride;
+            int8_t *yr = y + m * y_stride;
+            if (wide)
+                fc_row_w16_asm(xr, w, bias, mult, shift, yr, K, N2, y_zp, act_min, act_max);
+            else
+                fc_row_w8_asm(xr, w, bias, mult, shift, yr, K, N2, y_zp, act_min, act_max);
+            if (N2 < N)
+                yr[N2] = requant_clamp(fc_dot_last(xr, w, wide, N2, K, bias[N2]), mult[N2], shift[N2], y_zp, act_min,
+                                       act_max);
+        }
+    return m;
+}
+#endif
+
+void tsh_fc_s8(const int8_t *x, const int8_t *w, const int32_t *bias, const int32_t *mult,
+               const int32_t *shift, int8_t *y, int32_t M, int32_t K, int32_t N, int32_t x_stride,
+               int32_t y_stride, int32_t y_zp, int32_t act_min, int32_t act_max)
+{
+    int32_t m = 0, N2 = N / 2 * 2;
+#if TSH_USE_MVE
+    if (tsh_mve_fc_s8(x, w, bias, mult, shift, y, M, K, N, x_stride, y_stride, y_zp, act_min, act_max)) return;
+#endif
+#if FC_PAIRS_ASM
+    m = fc_m4(x, w, 0, bias, mult, shift, y, M, K, N, x_stride, y_stride, y_zp, act_min, act_max);
+#elif TSH_USE_DSP
+    /* other DSP cores: blocks of three rows, channel pairs, the short requantisation (conditions as
+     * in fc_m4), in C */
+    if (K <= TSH_FC_KMAX && K % 4 == 0 && ((uintptr_t)w & 3u) == 0 && M >= 2) {
+        int32_t K4 = K / 4, fast = act_min == -128 && act_max == 127 && y_zp >= -128 && y_zp <= 127;
+        for (int32_t n = 0; n < N2 && fast; n++)
+            fast = mult[n] >= 0 && shift[n] <= -1 && shift[n] >= -23 && bias[n] < (1 << 29) && bias[n] > -(1 << 29);
+        int32_t xe[6 * (TSH_FC_KMAX / 4)];
+        for (; fast && m < M; m += 3) {
+            int32_t rows = M - m < 3 ? M - m : 3;
+            const int8_t *x0 = x + m * x_stride;
+            const int8_t *x1 = rows > 1 ? x0 + x_stride : x0, *x2 = rows > 2 ? x1 + x_stride : x1;
+            int8_t *y0 = y + m * y_stride;
+            fc_extend3(x0, x1, x2, K4, xe);
+            fc_rows3_fast(xe, w, bias, mult, shift, y0, y_stride, rows, K4, N2, y_zp);
+            if (N2 < N)
+                for (int32_t r = 0; r < rows; r++)
+                    y0[r * y_stride + N2] = requant_clamp(dot_s8(x0 + r * x_stride, w + N2 * K, K, bias[N2]),
                                                           mult[N2], shift[N2], y_zp, act_min, act_max);
         }
     }
 #endif
-    /* the rows and parameters the block does not take, other cores, the host: row by row */
-    int32_t N2r = N / 2 * 2;
     for (; m < M; m++) {
         const int8_t *xr = x + m * x_stride;
         int8_t *yr = y + m * y_stride;
-#if FC_PAIRS_ASM
-        if (K % 8 == 0 && K <= TSH_FC_KMAX && ((uintptr_t)w & 3u) == 0 && N2r >= 2) {
-            fc_row_w16_asm(xr, w, bias, mult, shift, yr, K, N2r, y_zp, act_min, act_max);
-            if (N2r < N)
-                yr[N2r] = requant_clamp(dot_s8_s16(xr, w + N2r * K, K, bias[N2r]), mult[N2r], shift[N2r], y_zp,
-                                        act_min, act_max);
-            continue;
+        for (int32_t n = 0; n < N2; n += 2) {
+            int32_t a0 = bias[n], a1 = bias[n + 1];
+            fc_row_pair(xr, w + n * K, K, &a0, &a1);
+            yr[n] = requant_clamp(a0, mult[n], shift[n], y_zp, act_min, act_max);
+            yr[n + 1] = requant_clamp(a1, mult[n + 1], shift[n + 1], y_zp, act_min, act_max);
         }
+        if (N2 < N)
+            yr[N2] = requant_clamp(dot_s8(xr, w + N2 * K, K, bias[N2]), mult[N2], shift[N2], y_zp, act_min, act_max);
+    }
+}
+
+void tsh_fc_s8w16(const int8_t *x, const int16_t *w, const int32_t *bias, const int32_t *mult,
+                  const int32_t *shift, int8_t *y, int32_t M, int32_t K, int32_t N, int32_t x_stride,
+                  int32_t y_stride, int32_t y_zp, int32_t act_min, int32_t act_max)
+{
+    int32_t m = 0, N2 = N / 2 * 2;
+#if FC_PAIRS_ASM
+    m = fc_m4(x, w, 1, bias, mult, shift, y, M, K, N, x_stride, y_stride, y_zp, act_min, act_max);
 #endif
-        for (int32_t n = 0; n < N2r; n += 2) {
+    /* the rows and parameters the Cortex-M4 path does not take, other cores, the host: row by row */
+    for (; m < M; m++) {
+        const int8_t *xr = x + m * x_stride;
+        int8_t *yr = y + m * y_stride;
+        for (int32_t n = 0; n < N2; n += 2) {
             int32_t a0 = bias[n], a1 = bias[n + 1];
             fc_row_pair_w16(xr, w + n * K, K, &a0, &a1);
             yr[n] = requant_clamp(a0, mult[n], shift[n], y_zp, act_min, act_max);
             yr[n + 1] = requant_clamp(a1, mult[n + 1], shift[n + 1], y_zp, act_min, act_max);
         }
-        if (N2r < N)
-            yr[N2r] = requant_clamp(dot_s8_s16(xr, w + N2r * K, K, bias[N2r]), mult[N2r], shift[N2r], y_zp, act_min, act_max);
+        if (N2 < N)
+            yr[N2] = requant_clamp(dot_s8_s16(xr, w + N2 * K, K, bias[N2]), mult[N2], shift[N2], y_zp, act_min, act_max);
     }
 }
 
