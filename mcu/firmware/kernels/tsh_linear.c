@@ -14,6 +14,13 @@ static inline int8_t requant_clamp(int32_t acc, int32_t mult, int32_t shift, int
     return tsh_add_clamp8(tsh_mbqm(acc, mult, shift), zp, lo, hi);
 }
 
+/* the same out of line: for paths that run once per row, kept small in flash */
+static int8_t __attribute__((noinline, unused)) requant_clamp_ool(int32_t acc, int32_t mult, int32_t shift, int32_t zp,
+                                                                  int32_t lo, int32_t hi)
+{
+    return requant_clamp(acc, mult, shift, zp, lo, hi);
+}
+
 /* ---- fully connected ----
  * Weight layout (mcu.kernels.pack_fc_weights): output channels in pairs; pair p (rows 2p, 2p+1)
  * starts at byte 2 p K and holds, for each group g of 4 k, row 2p's 4 bytes then row 2p+1's 4 bytes,
@@ -410,8 +417,8 @@ static inline __attribute__((always_inline)) void fc_row_m4(const int8_t *x, con
             FC_ROW_ASM("ldm %[w]!, {r0, r1, r2, r3}\n\t"
                        "ldrd %[xa], %[xb], [%[x]], #16\n\t" FC_ROW_W8("r0", "r1") FC_ROW_SMLAD("r4", "r5", "r6", "r7")
                        "ldrd %[xa], %[xb], [%[x], #-8]\n\t" FC_ROW_W8("r2", "r3") FC_ROW_SMLAD("r4", "r5", "r6", "r7"));
-        y[n] = requant_clamp(a0, mult[n], shift[n], y_zp, act_min, act_max);
-        y[n + 1] = requant_clamp(a1, mult[n + 1], shift[n + 1], y_zp, act_min, act_max);
+        y[n] = requant_clamp_ool(a0, mult[n], shift[n], y_zp, act_min, act_max);
+        y[n + 1] = requant_clamp_ool(a1, mult[n + 1], shift[n + 1], y_zp, act_min, act_max);
     }
 }
 
@@ -485,8 +492,8 @@ static inline __attribute__((always_inline)) int32_t fc_m4(const int8_t *x, cons
                 fc_pairs3_asm(ch[0].x, (const int8_t *)w);
             if (N2 < N)
                 for (int32_t r = 0; r < rows; r++)
-                    y0[r * y_stride + N2] = requant_clamp(fc_dot_last(x0 + r * x_stride, w, wide, N2, K, bias[N2]),
-                                                          mult[N2], shift[N2], y_zp, act_min, act_max);
+                    y0[r * y_stride + N2] = requant_clamp_ool(fc_dot_last(x0 + r * x_stride, w, wide, N2, K, bias[N2]),
+                                                              mult[N2], shift[N2], y_zp, act_min, act_max);
         }
     }
     if (K % 8 == 0 && K <= TSH_FC_KMAX && ((uintptr_t)w & 3u) == 0 && N2 >= 2)
@@ -498,8 +505,8 @@ static inline __attribute__((always_inline)) int32_t fc_m4(const int8_t *x, cons
             else
                 fc_row_w8_asm(xr, w, bias, mult, shift, yr, K, N2, y_zp, act_min, act_max);
             if (N2 < N)
-                yr[N2] = requant_clamp(fc_dot_last(xr, w, wide, N2, K, bias[N2]), mult[N2], shift[N2], y_zp, act_min,
-                                       act_max);
+                yr[N2] = requant_clamp_ool(fc_dot_last(xr, w, wide, N2, K, bias[N2]), mult[N2], shift[N2], y_zp,
+                                           act_min, act_max);
         }
     return m;
 }

@@ -142,10 +142,9 @@ void tsh_embedding_clr_s8(const int32_t *ids, const uint16_t *slot, const int32_
                         a1 = tsh_smlad(o, up[2 * k], a1);
                         a3 = tsh_smlad(o, up[2 * k + 1], a3);
                     }
-                    out[j] = clr_sat8(clr_mbqm(clr_mbqm(a0, vm[j], l1, r1), um, l2, r2));
-                    out[j + 1] = clr_sat8(clr_mbqm(clr_mbqm(a1, vm[j + 1], l1, r1), um, l2, r2));
-                    out[j + 2] = clr_sat8(clr_mbqm(clr_mbqm(a2, vm[j + 2], l1, r1), um, l2, r2));
-                    out[j + 3] = clr_sat8(clr_mbqm(clr_mbqm(a3, vm[j + 3], l1, r1), um, l2, r2));
+                    int32_t a[4] = {a0, a1, a2, a3};    /* one copy of the requantisation in flash */
+                    for (int32_t t = 0; t < 4; t++)
+                        out[j + t] = clr_sat8(clr_mbqm(clr_mbqm(a[t], vm[j + t], l1, r1), um, l2, r2));
                 }
             }
 #endif

@@ -123,6 +123,14 @@ static void ln_row_stats(const int8_t *a, const int8_t *b, int32_t d, int32_t ca
     ln_finish(su, sq, mu, d, off, eps, c_out, inv_out);
 }
 
+/* one output on the 64-bit steps (any inv, shift and offset z = beta + zy), out of line: rare */
+static int8_t __attribute__((noinline)) ln_out_slow(int32_t xc, int64_t inv, int32_t m, int32_t shift, int64_t z)
+{
+    int32_t n = (int32_t)tsh_rdbpot64((int64_t)xc * inv, 28);
+    int64_t out = (int64_t)tsh_mbqm(n, m, shift) + z;
+    return (int8_t)(out < -128 ? -128 : (out > 127 ? 127 : out));
+}
+
 /* MBQM + zero point + int8 saturation on the short path (preconditions: 1 <= right <= 23,
  * |x| < 2^30; rnd = 2^(right-1)) */
 static inline int32_t ln_rq(int32_t x, int32_t m, int32_t rnd, int32_t right, int32_t zp)
@@ -325,11 +333,8 @@ static int ln_rows_dsp(const int8_t *a, const int8_t *b, const int32_t *gm, cons
             ln_out_row(u, tab, y, d, -16 * c, (int32_t)inv);
             continue;
         }
-        for (int32_t j = 0; j < d; j++) {       /* a row of tiny spread: the 64-bit steps */
-            int32_t n = (int32_t)tsh_rdbpot64((int64_t)(u[j] - c) * inv, 28);
-            int64_t out = (int64_t)tsh_mbqm(n, gm[j], gs[j]) + beta[j] + y_zp;
-            y[j] = (int8_t)(out < -128 ? -128 : (out > 127 ? 127 : out));
-        }
+        for (int32_t j = 0; j < d; j++)         /* a row of tiny spread: the 64-bit steps */
+            y[j] = ln_out_slow(u[j] - c, inv, gm[j], gs[j], (int64_t)beta[j] + y_zp);
     }
     return 1;
 }
@@ -375,12 +380,8 @@ void tsh_add_layernorm_s8(const int8_t *a, const int8_t *b, const int32_t *gm, c
                 }
                 continue;
             }
-            for (int32_t r = 0; r < rows; r++, ac += d, bc += d, yc += d) {
-                int32_t xc = *ac * ca + *bc * cb - cr[r];
-                int32_t n = (int32_t)tsh_rdbpot64((int64_t)xc * inv[r], 28);
-                int64_t out = (int64_t)tsh_mbqm(n, m, gs[c]) + zp;
-                *yc = (int8_t)(out < -128 ? -128 : (out > 127 ? 127 : out));
-            }
+            for (int32_t r = 0; r < rows; r++, ac += d, bc += d, yc += d)
+                *yc = ln_out_slow(*ac * ca + *bc * cb - cr[r], inv[r], m, gs[c], zp);
         }
     }
 }
