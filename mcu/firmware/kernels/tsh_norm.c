@@ -144,25 +144,6 @@ static inline int32_t ln_rq(int32_t x, int32_t m, int32_t rnd, int32_t right, in
 #endif
 }
 
-/* n = RDBPOT64(xc inv, 28) for inv < 2^31 from X = 16 xc (|X| < 2^27): the high word of
- * X inv + 2^31 - [X < 0] (round half away from zero), one SMLAL onto that 64-bit constant */
-static inline int32_t ln_n16(int32_t X, int32_t inv)
-{
-#if defined(__ARM_FEATURE_DSP) && !defined(TSH_PORTABLE) && !defined(TSH_EMULATE_DSP)
-    int32_t lo, hi;
-    __asm__("asr %[lo], %[x], #31\n\t"
-            "add %[lo], %[lo], #0x80000000\n\t"
-            "movs %[hi], #0\n\t"
-            "smlal %[lo], %[hi], %[x], %[inv]\n\t"
-            : [lo] "=&r"(lo), [hi] "=&r"(hi)
-            : [x] "r"(X), [inv] "r"(inv)
-            : "cc");
-    return hi;
-#else
-    return (int32_t)(((int64_t)X * inv + (int64_t)0x80000000 + (X >> 31)) >> 32);
-#endif
-}
-
 #if TSH_USE_MVE
 /* The normalisation of `rows` rows on four channels at a time, when every inv < 2^31 (inv32) and
  * beta + zy fits int32 (else 0, nothing written). 16 (x - mu) = a 16ca + b 16cb - 16c has |.| < 2^25, so
@@ -346,7 +327,6 @@ void tsh_add_layernorm_s8(const int8_t *a, const int8_t *b, const int32_t *gm, c
                           int32_t ca, int32_t cb, int32_t eps, int32_t y_zp)
 {
     int32_t cr[TSH_LN_GROUP], inv32[TSH_LN_GROUP];
-    struct { int32_t nc16, inv; } rs[TSH_LN_GROUP];    /* -16 c and inv side by side: one LDRD a row */
     int64_t inv[TSH_LN_GROUP];
     int32_t off = a_zp * ca + b_zp * cb;
 #if TSH_USE_DSP && !TSH_USE_MVE
@@ -358,8 +338,6 @@ void tsh_add_layernorm_s8(const int8_t *a, const int8_t *b, const int32_t *gm, c
             int32_t i = (r0 + r) * d;
             ln_row_stats(a + i, b + i, d, ca, cb, off, eps, &cr[r], &inv[r]);
             inv32[r] = (int32_t)inv[r];
-            rs[r].nc16 = -16 * cr[r];
-            rs[r].inv = inv32[r];
             small &= inv[r] < ((int64_t)1 << 31);
         }
 #if TSH_USE_MVE
@@ -373,11 +351,12 @@ void tsh_add_layernorm_s8(const int8_t *a, const int8_t *b, const int32_t *gm, c
             const int8_t *ac = a + r0 * d + c, *bc = b + r0 * d + c;
             int8_t *yc = y + r0 * d + c;
             if (small && right >= 1 && right <= 23 && zp >= INT32_MIN && zp <= INT32_MAX) {
-                /* inv < 2^31: 16 (u - c) inv + 2^31 - [u < c] in one SMLAL, |n| < 2^25 */
-                int32_t rnd = 1 << (right - 1), z = (int32_t)zp, ca16 = 16 * ca, cb16 = 16 * cb;
+                /* inv < 2^31: (u - c) inv + 2^27 - [u < c] fits one SMLAL, |n| < 2^25 */
+                int32_t rnd = 1 << (right - 1), z = (int32_t)zp;
                 for (int32_t r = 0; r < rows; r++, ac += d, bc += d, yc += d) {
-                    int32_t X = *ac * ca16 + *bc * cb16 + rs[r].nc16;
-                    *yc = (int8_t)ln_rq(ln_n16(X, rs[r].inv), m, rnd, right, z);
+                    int32_t xc = *ac * ca + *bc * cb - cr[r];
+                    int64_t p = (int64_t)xc * inv32[r] + ((1 << 27) + (xc >> 31));
+                    *yc = (int8_t)ln_rq((int32_t)(p >> 28), m, rnd, right, z);
                 }
                 continue;
             }
