@@ -123,15 +123,6 @@ static void ln_row_stats(const int8_t *a, const int8_t *b, int32_t d, int32_t ca
     ln_finish(su, sq, mu, d, off, eps, c_out, inv_out);
 }
 
-/* one output on the 64-bit steps (any inv, shift and offset z = beta + zy), out of line: the rare
- * rows of tiny spread on the row-by-row path */
-static int8_t __attribute__((noinline)) ln_out_slow(int32_t xc, int64_t inv, int32_t m, int32_t shift, int64_t z)
-{
-    int32_t n = (int32_t)tsh_rdbpot64((int64_t)xc * inv, 28);
-    int64_t out = (int64_t)tsh_mbqm(n, m, shift) + z;
-    return (int8_t)(out < -128 ? -128 : (out > 127 ? 127 : out));
-}
-
 /* MBQM + zero point + int8 saturation on the short path (preconditions: 1 <= right <= 23,
  * |x| < 2^30; rnd = 2^(right-1)) */
 static inline int32_t ln_rq(int32_t x, int32_t m, int32_t rnd, int32_t right, int32_t zp)
@@ -296,6 +287,15 @@ static void ln_out_row(const int32_t *u, const int32_t *tab, int8_t *y, int32_t 
         y[j] = (int8_t)(r < -128 ? -128 : (r > 127 ? 127 : r));
     }
 #endif
+}
+
+/* one output on the 64-bit steps (any inv, shift and offset z = beta + zy), out of line: the rare
+ * rows of tiny spread on the row-by-row path */
+static int8_t __attribute__((noinline)) ln_out_slow(int32_t xc, int64_t inv, int32_t m, int32_t shift, int64_t z)
+{
+    int32_t n = (int32_t)tsh_rdbpot64((int64_t)xc * inv, 28);
+    int64_t out = (int64_t)tsh_mbqm(n, m, shift) + z;
+    return (int8_t)(out < -128 ? -128 : (out > 127 ? 127 : out));
 }
 
 /* the whole call row by row, or 0 if it does not meet the preconditions (nothing written) */
