@@ -2,7 +2,11 @@
 
 Facts about the emulated machines are QEMU 7.2's (see the design notes). The flash/RAM *budgets*
 are what the linker script enforces; on `mps2-an386` they are deliberately smaller than QEMU's
-4 MB / 4 MB so the board behaves like an STM32F746 (1 MB / 320 KB).
+4 MB / 4 MB so the board behaves like an STM32F746 (1 MB / 320 KB). `mps2-an386-4m` is the same emulated
+machine with the memories the real Arm MPS2+ AN386 image has (Arm Application Note AN386: 4 MB ZBT SSRAM1 for
+code at 0x0, 4 MB ZBT SSRAM2/3 for data at 0x2000_0000; QEMU's mps2-an386 maps the same two 4 MB RAMs): room for
+models whose weights need more than 1 MB, e.g. an uncompressed int8 word table or every FC weight widened to
+int16 for the Cortex-M4 loop (mcu/weight_layout.py).
 """
 from __future__ import annotations
 
@@ -48,6 +52,10 @@ BOARDS: dict[str, Board] = {b.id: b for b in [
           flash_origin=0x0000_0000, flash_bytes=1024 * 1024, ram_origin=0x2000_0000, ram_bytes=320 * 1024,
           uart="cmsdk", uart_base=0x4000_4000, uart_irq=0, cpu_hz=25_000_000,
           description="Cortex-M4F (DSP) with an STM32F746-sized budget, QEMU mps2-an386, CMSDK UART0"),
+    Board("mps2-an386-4m", machine="mps2-an386", cpu="cortex-m4", fpu="fpv4-sp-d16",
+          flash_origin=0x0000_0000, flash_bytes=4 * 1024 * 1024, ram_origin=0x2000_0000, ram_bytes=4 * 1024 * 1024,
+          uart="cmsdk", uart_base=0x4000_4000, uart_irq=0, cpu_hz=25_000_000,
+          description="Cortex-M4F (DSP) with the Arm MPS2+ AN386's full 4 MB code / 4 MB data SSRAM, QEMU mps2-an386"),
     Board("mps3-an547", machine="mps3-an547", cpu="cortex-m55", fpu="auto",
           flash_origin=0x0000_0000, flash_bytes=512 * 1024, ram_origin=0x2000_0000, ram_bytes=512 * 1024,
           uart="cmsdk", uart_base=0x4930_3000, uart_irq=33, cpu_hz=32_000_000,

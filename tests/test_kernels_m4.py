@@ -63,6 +63,13 @@ def kernel_zoo(seed=0):
     p8 = rng.integers(0, 2 ** 15, size=4 * 13).astype(np.int16)
     calls.append(Call("matmul_pv_s8", (const("p8", p8), Ref("input", 11), dest(4 * 16), 4, 13, 16, 13, 17, 16,
                                        5, 1 << 30, -12, -3), "pv-8cols"))
+    # whole groups of 16 keys (the assembly loop) with and without remaining pairs and an odd key;
+    # an odd row stride (unaligned rows: the C loop)
+    for name, (Lq, Lk, dh, ps, vs) in {"pv-64": (5, 64, 16, 64, 20), "pv-37": (3, 37, 8, 38, 9),
+                                       "pv-odd-stride": (3, 33, 4, 33, 5)}.items():
+        pg = rng.integers(-2 ** 15, 2 ** 15, size=Lq * ps).astype(np.int16)
+        calls.append(Call("matmul_pv_s8", (const(name, pg), Ref("input", 3), dest(Lq * dh), Lq, Lk, dh, ps, vs, dh,
+                                           int(rng.integers(-128, 128)), 3 << 29, -15, -2), name))
     calls.append(Call("conv2d_s8", (Ref("input"), const("cw", i8(4 * conv_patch_len(3, 3))), const("cb", rng.integers(-999, 999, 4).astype(np.int32)),
                                     const("cm", np.full(4, 1 << 30, np.int32)), const("cs", np.full(4, -8, np.int32)),
                                     dest(4 * 4 * 4), 7, 7, 3, 4, 4, 4, 3, 2, 1, -128, 3, 3, 127), "conv"))

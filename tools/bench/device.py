@@ -1,6 +1,6 @@
 """Benchmark: on-device cost of each model on each emulated board.
 
-    nice -n 10 .venv/bin/python -m tools.bench.device [--limit 50] [--boards stm32f405,mps2-an386,mps3-an547]
+    nice -n 10 .venv/bin/python -m tools.bench.device [--limit 50] [--boards stm32f405,mps2-an386,mps2-an386-4m,mps3-an547]
     nice -n 10 .venv/bin/python -m tools.bench.device --models bert-tiny-clr:ids:512 --boards stm32f405 --limit 1
 
 For every (model, board, schedule): flash/RAM use of the firmware, instructions per inference
@@ -140,7 +140,7 @@ def plot(rows: list[dict], path) -> None:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--limit", type=int, default=50, help="test inputs per configuration")
-    p.add_argument("--boards", default="stm32f405,mps2-an386,mps3-an547")
+    p.add_argument("--boards", default="stm32f405,mps2-an386,mps2-an386-4m,mps3-an547")
     p.add_argument("--schedules", default="layerwise,tiled,recompute")
     p.add_argument("--models", default="vit-mnist:mnist,bert-tiny-clr:sst2",
                    help="comma list of MODEL:DATASET[:L] (bert-tiny-clr: the compressed BERT-tiny, L = 64 unless given, "

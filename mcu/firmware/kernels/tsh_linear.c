@@ -14,6 +14,13 @@ static inline int8_t requant_clamp(int32_t acc, int32_t mult, int32_t shift, int
     return tsh_add_clamp8(tsh_mbqm(acc, mult, shift), zp, lo, hi);
 }
 
+/* the same out of line: for paths that run once per row, kept small in flash */
+static int8_t __attribute__((noinline, unused)) requant_clamp_ool(int32_t acc, int32_t mult, int32_t shift, int32_t zp,
+                                                                  int32_t lo, int32_t hi)
+{
+    return requant_clamp(acc, mult, shift, zp, lo, hi);
+}
+
 /* ---- fully connected ----
  * Weight layout (mcu.kernels.pack_fc_weights): output channels in pairs; pair p (rows 2p, 2p+1)
  * starts at byte 2 p K and holds, for each group g of 4 k, row 2p's 4 bytes then row 2p+1's 4 bytes,
@@ -324,81 +331,6 @@ static int32_t dot_s8(const int8_t *x, const int8_t *w, int32_t K, int32_t acc)
 }
 #endif
 
-void tsh_fc_s8(const int8_t *x, const int8_t *w, const int32_t *bias, const int32_t *mult,
-               const int32_t *shift, int8_t *y, int32_t M, int32_t K, int32_t N, int32_t x_stride,
-               int32_t y_stride, int32_t y_zp, int32_t act_min, int32_t act_max)
-{
-    int32_t m = 0, N2 = N / 2 * 2;
-#if TSH_USE_MVE
-    if (tsh_mve_fc_s8(x, w, bias, mult, shift, y, M, K, N, x_stride, y_stride, y_zp, act_min, act_max)) return;
-#endif
-#if TSH_USE_DSP
-    /* the register-blocked path needs 4-byte aligned 8-byte weight groups */
-    if (K <= TSH_FC_KMAX && K % 4 == 0 && ((uintptr_t)w & 3u) == 0 && M >= 2) {
-        /* blocks of three rows, channel pairs, the short requantisation: it needs |acc| < 2^30
-         * (|bias| + K 2^14 with K <= 512) and, folded into the rounding as on the Cortex-M4, an
-         * int8 zero point; other parameters go row by row below */
-        int32_t K4 = K / 4, fast = act_min == -128 && act_max == 127 && y_zp >= -128 && y_zp <= 127;
-        for (int32_t n = 0; n < N2 && fast; n++)
-            fast = mult[n] >= 0 && shift[n] <= -1 && shift[n] >= -23 && bias[n] < (1 << 29) && bias[n] > -(1 << 29);
-#if FC_PAIRS_ASM
-        /* chunk c's base ch[c].x; the short first chunk (k0 steps) ends where the full ones do */
-        struct fc_chunk ch[FC_CHUNKS];
-        int32_t nch = (K4 + TSH_FC_UNROLL - 1) / TSH_FC_UNROLL, k0 = K4 - (nch - 1) * TSH_FC_UNROLL;
-        for (int32_t c = 0; c < nch; c++) {
-            ch[c].st.next = c + 1 < nch ? ch[c + 1].x : 0;
-            ch[c].st.first = ch[0].x;
-        }
-        ch[0].st.c = 2 * y_zp + 1;
-        ch[0].st.wend = w + N2 * K;
-        ch[0].st.skip = 80 * (TSH_FC_UNROLL - k0);
-        /* a last single row goes row by row below: cheaper than a block of three copies */
-        for (; fast && N2 >= 2 && M - m >= 2; m += 3) {
-#else
-        int32_t xe[6 * (TSH_FC_KMAX / 4)];
-        for (; fast && m < M; m += 3) {
-#endif
-            int32_t rows = M - m < 3 ? M - m : 3;
-            const int8_t *x0 = x + m * x_stride;
-            const int8_t *x1 = rows > 1 ? x0 + x_stride : x0, *x2 = rows > 2 ? x1 + x_stride : x1;
-            int8_t *y0 = y + m * y_stride;
-#if FC_PAIRS_ASM
-            for (int32_t c = 0; c < nch; c++) {
-                int32_t g0 = c ? k0 + (c - 1) * TSH_FC_UNROLL : 0, n = c ? TSH_FC_UNROLL : k0;
-                fc_extend3(x0 + 4 * g0, x1 + 4 * g0, x2 + 4 * g0, n, ch[c].x + 6 * (c ? 0 : TSH_FC_UNROLL - k0));
-            }
-            ch[0].st.bias = bias;
-            ch[0].st.mult = mult;
-            ch[0].st.shift = shift;
-            ch[0].st.y = y0;
-            ch[0].st.d1 = rows > 1 ? y_stride : 0;   /* a repeated row writes the same bytes again */
-            ch[0].st.d2 = rows > 2 ? y_stride : 0;
-            fc_pairs3_asm(ch[0].x, w);
-#else
-            fc_extend3(x0, x1, x2, K4, xe);
-            fc_rows3_fast(xe, w, bias, mult, shift, y0, y_stride, rows, K4, N2, y_zp);
-#endif
-            if (N2 < N)
-                for (int32_t r = 0; r < rows; r++)
-                    y0[r * y_stride + N2] = requant_clamp(dot_s8(x0 + r * x_stride, w + N2 * K, K, bias[N2]),
-                                                          mult[N2], shift[N2], y_zp, act_min, act_max);
-        }
-    }
-#endif
-    for (; m < M; m++) {
-        const int8_t *xr = x + m * x_stride;
-        int8_t *yr = y + m * y_stride;
-        for (int32_t n = 0; n < N2; n += 2) {
-            int32_t a0 = bias[n], a1 = bias[n + 1];
-            fc_row_pair(xr, w + n * K, K, &a0, &a1);
-            yr[n] = requant_clamp(a0, mult[n], shift[n], y_zp, act_min, act_max);
-            yr[n + 1] = requant_clamp(a1, mult[n + 1], shift[n + 1], y_zp, act_min, act_max);
-        }
-        if (N2 < N)
-            yr[N2] = requant_clamp(dot_s8(xr, w + N2 * K, K, bias[N2]), mult[N2], shift[N2], y_zp, act_min, act_max);
-    }
-}
-
 /* one row against a channel pair of mcu.kernels.pack_fc_weights_s16's layout starting at `wp`: per
  * 4 k the row's word split by SXTB16 into (k, k+2), (k+1, k+3), four SMLAD on the stored pairs */
 static void fc_row_pair_w16(const int8_t *x, const int16_t *wp, int32_t K, int32_t *s0, int32_t *s1)
@@ -432,18 +364,102 @@ static int32_t dot_s8_s16(const int8_t *x, const int16_t *w, int32_t K, int32_t 
     return acc;
 }
 
-void tsh_fc_s8w16(const int8_t *x, const int16_t *w, const int32_t *bias, const int32_t *mult,
-                  const int32_t *shift, int8_t *y, int32_t M, int32_t K, int32_t N, int32_t x_stride,
-                  int32_t y_stride, int32_t y_zp, int32_t act_min, int32_t act_max)
-{
-    int32_t m = 0;
 #if FC_PAIRS_ASM
-    /* tsh_fc_s8's Cortex-M4 path with the int16 steps (same conditions, same chunks) */
-    int32_t N2 = N / 2 * 2;
+/* two steps of 4 k of one row against a channel pair: the pair's weights as (k, k+2), (k+1, k+3)
+ * int16 pairs of row 0, then of row 1 (int8: one LDM of 16 bytes into r0-r3, SXTB16 into r4-r7;
+ * int16: one LDM of eight words into r0-r7), the row's pairs by LDRD, eight SMLAD */
+#define FC_ROW_SMLAD(w0, w1, w2, w3)                                                               \
+    "smlad %[a0], %[xa], " w0 ", %[a0]\n\t"                                                        \
+    "smlad %[a0], %[xb], " w1 ", %[a0]\n\t"                                                        \
+    "smlad %[a1], %[xa], " w2 ", %[a1]\n\t"                                                        \
+    "smlad %[a1], %[xb], " w3 ", %[a1]\n\t"
+#define FC_ROW_W8(w0, w1)                                                                          \
+    "sxtb16 r4, " w0 "\n\t"                                                                         \
+    "sxtb16 r5, " w0 ", ror #8\n\t"                                                                 \
+    "sxtb16 r6, " w1 "\n\t"                                                                         \
+    "sxtb16 r7, " w1 ", ror #8\n\t"
+#define FC_ROW_ASM(steps)                                                                          \
+    __asm__ volatile("1:\n\t" steps                                                                \
+                     "ldr %[xa], %[end]\n\t"                                                        \
+                     "cmp %[x], %[xa]\n\t"                                                          \
+                     "bne 1b\n\t"                                                                   \
+                     : [a0] "+r"(a0), [a1] "+r"(a1), [w] "+r"(wp), [x] "+r"(xp), [xa] "=&r"(xa),    \
+                       [xb] "=&r"(xb)                                                               \
+                     : [end] "m"(xend)                                                              \
+                     : "r0", "r1", "r2", "r3", "r4", "r5", "r6", "r7", "memory", "cc")
+
+/* One row against every channel pair (the rows outside the three-row blocks), K % 8 == 0: the row
+ * sign-extended once as fc_extend3 does, then per two steps of 4 k the pair's weights, two LDRD of
+ * the row and eight SMLAD: 22 (int8) or 14 (int16) instructions for 16 MACs with the loop;
+ * fc_row_pair takes 28 (it extends the row again for every pair), fc_row_pair_w16 42 (its weight
+ * words go through the stack). One body, one function per layout (`wide`: int16). */
+static inline __attribute__((always_inline)) void fc_row_m4(const int8_t *x, const void *w, int wide,
+                                                           const int32_t *bias, const int32_t *mult,
+                                                           const int32_t *shift, int8_t *y, int32_t K, int32_t N2,
+                                                           int32_t y_zp, int32_t act_min, int32_t act_max)
+{
+    int32_t xe[TSH_FC_KMAX / 2], K4 = K / 4;
+    for (int32_t g = 0; g < K4; g++) {
+        int32_t v = tsh_read32(x + 4 * g);
+        xe[2 * g] = tsh_sxtb16(v);
+        xe[2 * g + 1] = tsh_sxtb16_ror8(v);
+    }
+    const int32_t *xend = xe + 2 * K4;
+    const void *wp = w;
+    for (int32_t n = 0; n < N2; n += 2) {
+        int32_t a0 = bias[n], a1 = bias[n + 1], xa, xb;
+        const int32_t *xp = xe;
+        if (wide)
+            FC_ROW_ASM("ldm %[w]!, {r0, r1, r2, r3, r4, r5, r6, r7}\n\t"
+                       "ldrd %[xa], %[xb], [%[x]], #16\n\t" FC_ROW_SMLAD("r0", "r1", "r2", "r3")
+                       "ldrd %[xa], %[xb], [%[x], #-8]\n\t" FC_ROW_SMLAD("r4", "r5", "r6", "r7"));
+        else
+            FC_ROW_ASM("ldm %[w]!, {r0, r1, r2, r3}\n\t"
+                       "ldrd %[xa], %[xb], [%[x]], #16\n\t" FC_ROW_W8("r0", "r1") FC_ROW_SMLAD("r4", "r5", "r6", "r7")
+                       "ldrd %[xa], %[xb], [%[x], #-8]\n\t" FC_ROW_W8("r2", "r3") FC_ROW_SMLAD("r4", "r5", "r6", "r7"));
+        y[n] = requant_clamp_ool(a0, mult[n], shift[n], y_zp, act_min, act_max);
+        y[n + 1] = requant_clamp_ool(a1, mult[n + 1], shift[n + 1], y_zp, act_min, act_max);
+    }
+}
+
+static void __attribute__((noinline)) fc_row_w8_asm(const int8_t *x, const void *w, const int32_t *bias,
+                                                    const int32_t *mult, const int32_t *shift, int8_t *y, int32_t K,
+                                                    int32_t N2, int32_t y_zp, int32_t act_min, int32_t act_max)
+{
+    fc_row_m4(x, w, 0, bias, mult, shift, y, K, N2, y_zp, act_min, act_max);
+}
+
+static void __attribute__((noinline)) fc_row_w16_asm(const int8_t *x, const void *w, const int32_t *bias,
+                                                     const int32_t *mult, const int32_t *shift, int8_t *y, int32_t K,
+                                                     int32_t N2, int32_t y_zp, int32_t act_min, int32_t act_max)
+{
+    fc_row_m4(x, w, 1, bias, mult, shift, y, K, N2, y_zp, act_min, act_max);
+}
+
+/* the odd last channel of a row (stored plainly after the pairs) */
+static inline int32_t fc_dot_last(const int8_t *x, const void *w, int wide, int32_t N2, int32_t K, int32_t acc)
+{
+    return wide ? dot_s8_s16(x, (const int16_t *)w + N2 * K, K, acc) : dot_s8(x, (const int8_t *)w + N2 * K, K, acc);
+}
+
+/* The Cortex-M4 path of both weight layouts (`wide`: fc_s8w16's int16 steps), inlined into each
+ * kernel: blocks of three rows (fc_pairs3_asm / fc_pairs3_w16_asm) while the requantisation is on
+ * the short path (|acc| < 2^30: |bias| + K 2^14 with K <= 512; an int8 zero point folded into the
+ * rounding), then the other rows one at a time (fc_row_w8_asm / fc_row_w16_asm) for K % 8 == 0.
+ * Returns the first row it leaves to the kernel's C loop. */
+static inline __attribute__((always_inline)) int32_t fc_m4(const int8_t *x, const void *w, int wide,
+                                                          const int32_t *bias, const int32_t *mult,
+                                                          const int32_t *shift, int8_t *y, int32_t M, int32_t K,
+                                                          int32_t N, int32_t x_stride, int32_t y_stride, int32_t y_zp,
+                                                          int32_t act_min, int32_t act_max)
+{
+    int32_t m = 0, N2 = N / 2 * 2;
+    /* the register-blocked path needs 4-byte aligned weight groups */
     if (K <= TSH_FC_KMAX && K % 4 == 0 && ((uintptr_t)w & 3u) == 0 && M >= 2) {
         int32_t K4 = K / 4, fast = act_min == -128 && act_max == 127 && y_zp >= -128 && y_zp <= 127;
         for (int32_t n = 0; n < N2 && fast; n++)
             fast = mult[n] >= 0 && shift[n] <= -1 && shift[n] >= -23 && bias[n] < (1 << 29) && bias[n] > -(1 << 29);
+        /* chunk c's base ch[c].x; the short first chunk (k0 steps) ends where the full ones do */
         struct fc_chunk ch[FC_CHUNKS];
         int32_t nch = (K4 + TSH_FC_UNROLL - 1) / TSH_FC_UNROLL, k0 = K4 - (nch - 1) * TSH_FC_UNROLL;
         for (int32_t c = 0; c < nch; c++) {
@@ -451,8 +467,10 @@ void tsh_fc_s8w16(const int8_t *x, const int16_t *w, const int32_t *bias, const 
             ch[c].st.first = ch[0].x;
         }
         ch[0].st.c = 2 * y_zp + 1;
-        ch[0].st.wend = (const int8_t *)(w + N2 * K);
-        ch[0].st.skip = 64 * (TSH_FC_UNROLL - k0);     /* a step: LDM, 3 LDRD, 12 SMLAD = 64 bytes */
+        ch[0].st.wend = (const int8_t *)w + (wide ? 2 : 1) * N2 * K;
+        /* a step: int8 LDRD, 4 SXTB16, 3 LDRD, 12 SMLAD = 80 bytes; int16 LDM, 3 LDRD, 12 SMLAD = 64 */
+        ch[0].st.skip = (wide ? 64 : 80) * (TSH_FC_UNROLL - k0);
+        /* a last single row goes row by row below: cheaper than a block of three copies */
         for (; fast && N2 >= 2 && M - m >= 2; m += 3) {
             int32_t rows = M - m < 3 ? M - m : 3;
             const int8_t *x0 = x + m * x_stride;
@@ -466,29 +484,100 @@ void tsh_fc_s8w16(const int8_t *x, const int16_t *w, const int32_t *bias, const 
             ch[0].st.mult = mult;
             ch[0].st.shift = shift;
             ch[0].st.y = y0;
-            ch[0].st.d1 = rows > 1 ? y_stride : 0;
+            ch[0].st.d1 = rows > 1 ? y_stride : 0;   /* a repeated row writes the same bytes again */
             ch[0].st.d2 = rows > 2 ? y_stride : 0;
-            fc_pairs3_w16_asm(ch[0].x, w);
+            if (wide)
+                fc_pairs3_w16_asm(ch[0].x, (const int16_t *)w);
+            else
+                fc_pairs3_asm(ch[0].x, (const int8_t *)w);
             if (N2 < N)
                 for (int32_t r = 0; r < rows; r++)
-                    y0[r * y_stride + N2] = requant_clamp(dot_s8_s16(x0 + r * x_stride, w + N2 * K, K, bias[N2]),
+                    y0[r * y_stride + N2] = requant_clamp_ool(fc_dot_last(x0 + r * x_stride, w, wide, N2, K, bias[N2]),
+                                                              mult[N2], shift[N2], y_zp, act_min, act_max);
+        }
+    }
+    if (K % 8 == 0 && K <= TSH_FC_KMAX && ((uintptr_t)w & 3u) == 0 && N2 >= 2)
+        for (; m < M; m++) {
+            const int8_t *xr = x + m * x_stride;
+            int8_t *yr = y + m * y_stride;
+            if (wide)
+                fc_row_w16_asm(xr, w, bias, mult, shift, yr, K, N2, y_zp, act_min, act_max);
+            else
+                fc_row_w8_asm(xr, w, bias, mult, shift, yr, K, N2, y_zp, act_min, act_max);
+            if (N2 < N)
+                yr[N2] = requant_clamp_ool(fc_dot_last(xr, w, wide, N2, K, bias[N2]), mult[N2], shift[N2], y_zp,
+                                           act_min, act_max);
+        }
+    return m;
+}
+#endif
+
+void tsh_fc_s8(const int8_t *x, const int8_t *w, const int32_t *bias, const int32_t *mult,
+               const int32_t *shift, int8_t *y, int32_t M, int32_t K, int32_t N, int32_t x_stride,
+               int32_t y_stride, int32_t y_zp, int32_t act_min, int32_t act_max)
+{
+    int32_t m = 0, N2 = N / 2 * 2;
+#if TSH_USE_MVE
+    if (tsh_mve_fc_s8(x, w, bias, mult, shift, y, M, K, N, x_stride, y_stride, y_zp, act_min, act_max)) return;
+#endif
+#if FC_PAIRS_ASM
+    m = fc_m4(x, w, 0, bias, mult, shift, y, M, K, N, x_stride, y_stride, y_zp, act_min, act_max);
+#elif TSH_USE_DSP
+    /* other DSP cores: blocks of three rows, channel pairs, the short requantisation (conditions as
+     * in fc_m4), in C */
+    if (K <= TSH_FC_KMAX && K % 4 == 0 && ((uintptr_t)w & 3u) == 0 && M >= 2) {
+        int32_t K4 = K / 4, fast = act_min == -128 && act_max == 127 && y_zp >= -128 && y_zp <= 127;
+        for (int32_t n = 0; n < N2 && fast; n++)
+            fast = mult[n] >= 0 && shift[n] <= -1 && shift[n] >= -23 && bias[n] < (1 << 29) && bias[n] > -(1 << 29);
+        int32_t xe[6 * (TSH_FC_KMAX / 4)];
+        for (; fast && m < M; m += 3) {
+            int32_t rows = M - m < 3 ? M - m : 3;
+            const int8_t *x0 = x + m * x_stride;
+            const int8_t *x1 = rows > 1 ? x0 + x_stride : x0, *x2 = rows > 2 ? x1 + x_stride : x1;
+            int8_t *y0 = y + m * y_stride;
+            fc_extend3(x0, x1, x2, K4, xe);
+            fc_rows3_fast(xe, w, bias, mult, shift, y0, y_stride, rows, K4, N2, y_zp);
+            if (N2 < N)
+                for (int32_t r = 0; r < rows; r++)
+                    y0[r * y_stride + N2] = requant_clamp(dot_s8(x0 + r * x_stride, w + N2 * K, K, bias[N2]),
                                                           mult[N2], shift[N2], y_zp, act_min, act_max);
         }
     }
 #endif
-    /* the rows and parameters the block does not take, other cores, the host: row by row */
-    int32_t N2r = N / 2 * 2;
     for (; m < M; m++) {
         const int8_t *xr = x + m * x_stride;
         int8_t *yr = y + m * y_stride;
-        for (int32_t n = 0; n < N2r; n += 2) {
+        for (int32_t n = 0; n < N2; n += 2) {
+            int32_t a0 = bias[n], a1 = bias[n + 1];
+            fc_row_pair(xr, w + n * K, K, &a0, &a1);
+            yr[n] = requant_clamp(a0, mult[n], shift[n], y_zp, act_min, act_max);
+            yr[n + 1] = requant_clamp(a1, mult[n + 1], shift[n + 1], y_zp, act_min, act_max);
+        }
+        if (N2 < N)
+            yr[N2] = requant_clamp(dot_s8(xr, w + N2 * K, K, bias[N2]), mult[N2], shift[N2], y_zp, act_min, act_max);
+    }
+}
+
+void tsh_fc_s8w16(const int8_t *x, const int16_t *w, const int32_t *bias, const int32_t *mult,
+                  const int32_t *shift, int8_t *y, int32_t M, int32_t K, int32_t N, int32_t x_stride,
+                  int32_t y_stride, int32_t y_zp, int32_t act_min, int32_t act_max)
+{
+    int32_t m = 0, N2 = N / 2 * 2;
+#if FC_PAIRS_ASM
+    m = fc_m4(x, w, 1, bias, mult, shift, y, M, K, N, x_stride, y_stride, y_zp, act_min, act_max);
+#endif
+    /* the rows and parameters the Cortex-M4 path does not take, other cores, the host: row by row */
+    for (; m < M; m++) {
+        const int8_t *xr = x + m * x_stride;
+        int8_t *yr = y + m * y_stride;
+        for (int32_t n = 0; n < N2; n += 2) {
             int32_t a0 = bias[n], a1 = bias[n + 1];
             fc_row_pair_w16(xr, w + n * K, K, &a0, &a1);
             yr[n] = requant_clamp(a0, mult[n], shift[n], y_zp, act_min, act_max);
             yr[n + 1] = requant_clamp(a1, mult[n + 1], shift[n + 1], y_zp, act_min, act_max);
         }
-        if (N2r < N)
-            yr[N2r] = requant_clamp(dot_s8_s16(xr, w + N2r * K, K, bias[N2r]), mult[N2r], shift[N2r], y_zp, act_min, act_max);
+        if (N2 < N)
+            yr[N2] = requant_clamp(dot_s8_s16(xr, w + N2 * K, K, bias[N2]), mult[N2], shift[N2], y_zp, act_min, act_max);
     }
 }
 
@@ -588,82 +677,84 @@ static void qk_extend4(const int8_t *q, int32_t q_stride, int32_t rows, int32_t 
 #if FC_PAIRS_ASM   /* the same Cortex-M4 condition: 14 registers for one asm block */
 #define QK_STEPS 16       /* head widths up to 64 take the straight-line key loop below */
 
-struct qk_state {         /* 44 bytes below the base; the asm uses these offsets */
-    int32_t c[4];         /* -44 .. -32: the accumulators' start, -k_zp sum_t (q - zq) per query */
-    int32_t kdelta;       /* -28: from the end of a key row to the next row */
-    int32_t d1, d2, d3;   /* -24 -20 -16: query row r's output - row r-1's (a repeated row: back to row 0) */
-    const int8_t *send;   /* -12: row 0's output end: the loop's stop */
-    int32_t skip;         /* -8: bytes of steps skipped, 60 (QK_STEPS - dh / 4) */
-    uint32_t entry;       /* -4: the first executed step (Thumb address) */
+struct qk_state {         /* just above the extended rows (x_end); the asm uses these offsets */
+    int32_t c[4];         /* 0 .. 12: the accumulators' start, -k_zp sum_t (q - zq) per query */
+    int32_t kdelta;       /* 16: from the end of a key row to the next row */
+    int32_t d1, d2, d3;   /* 20 24 28: query row r's output - row r-1's (a repeated row: back to row 0) */
+    const int8_t *send;   /* 32: row 0's output end: the loop's stop */
+    const int32_t *start; /* 36: the first executed step's rows */
+    uint32_t entry;       /* 40: the first executed step (Thumb address) */
+    int32_t m, rnd, right;/* 44 48 52: the requantisation (zero point in the rounding term) */
+    int32_t skip;         /* 56: bytes of steps skipped, 52 (QK_STEPS - dh / 4) */
 };
 
-struct qk_block {         /* the state, then the four extended query rows, 32 bytes a step */
-    struct qk_state st;
+struct qk_block {         /* the four extended query rows, 32 bytes a step, then the state */
     int32_t x[8 * QK_STEPS];
+    struct qk_state st;
 };
 
-/* Four queries (extended at `base` as qk_extend4 lays them out) against every key, in assembly:
- * per step of 4 t one load of the key word, two SXTB16, four LDRD of the query pairs and eight
- * SMLAD (15 instructions for 16 MACs), straight-line code entered part way; then the four scores
- * requantised in place as in fc_pairs3_asm (zero point folded into the rounding term) and stored
- * down the column. The multiplier, rounding term, right shift and output pointer stay in registers. */
-static void qk_keys_asm(const int32_t *base, const int8_t *k, int8_t *s, int32_t m, int32_t rnd, int32_t right)
+/* Four queries (extended as qk_extend4 lays them out, the last dh / 4 steps of `x`) against every
+ * key, in assembly: per step of 4 t one load of the key word, two SXTB16, two LDM of two query rows'
+ * pairs each and eight SMLAD (13 instructions for 16 MACs), straight-line code entered part way;
+ * then the four scores requantised in place as in fc_pairs3_asm (zero point folded into the
+ * rounding term) and stored down the column. r0-r3 are the LDM lists; the state sits at x_end. */
+static void qk_keys_asm(struct qk_state *st, const int8_t *k, int8_t *s)
 {
-    int32_t a0, a1, a2, a3, ka, kb, u, w;
+    int32_t a0, a1, a2, a3, ka, kb;
+    const int32_t *w;
     __asm__ volatile(
-        "adr %[u], 3f\n\t"
-        "ldr %[w], [%[x], #-8]\n\t"
-        "add %[u], %[u], %[w]\n\t"
-        "orr %[u], %[u], #1\n\t"
-        "str %[u], [%[x], #-4]\n"
+        "adr %[w], 3f\n\t"
+        "ldr %[ka], [%[x], #56]\n\t"
+        "add %[w], %[w], %[ka]\n\t"
+        "orr %[w], %[w], #1\n\t"
+        "str %[w], [%[x], #40]\n"
         "1:\n\t"
-        "ldrd %[a0], %[a1], [%[x], #-44]\n\t"
-        "ldrd %[a2], %[a3], [%[x], #-36]\n\t"
-        "ldr pc, [%[x], #-4]\n\t"
+        "ldrd %[a0], %[a1], [%[x], #0]\n\t"
+        "ldrd %[a2], %[a3], [%[x], #8]\n\t"
+        "ldr %[w], [%[x], #36]\n\t"
+        "ldr pc, [%[x], #40]\n\t"
         ".p2align 2\n"
         "3:\n\t"
-        ".set .Lqk_i, 0\n\t"
         ".rept " TSH_STR(QK_STEPS) "\n\t"
-        "ldr %[u], [%[k]], #4\n\t"
-        "sxtb16 %[ka], %[u]\n\t"
-        "sxtb16 %[kb], %[u], ror #8\n\t"
-        "ldrd %[u], %[w], [%[x], #(32 * .Lqk_i)]\n\t"
-        "smlad %[a0], %[u], %[ka], %[a0]\n\t"
-        "smlad %[a0], %[w], %[kb], %[a0]\n\t"
-        "ldrd %[u], %[w], [%[x], #(32 * .Lqk_i + 8)]\n\t"
-        "smlad %[a1], %[u], %[ka], %[a1]\n\t"
-        "smlad %[a1], %[w], %[kb], %[a1]\n\t"
-        "ldrd %[u], %[w], [%[x], #(32 * .Lqk_i + 16)]\n\t"
-        "smlad %[a2], %[u], %[ka], %[a2]\n\t"
-        "smlad %[a2], %[w], %[kb], %[a2]\n\t"
-        "ldrd %[u], %[w], [%[x], #(32 * .Lqk_i + 24)]\n\t"
-        "smlad %[a3], %[u], %[ka], %[a3]\n\t"
-        "smlad %[a3], %[w], %[kb], %[a3]\n\t"
-        ".set .Lqk_i, .Lqk_i + 1\n\t"
+        "ldr.w %[ka], [%[k]], #4\n\t"
+        "sxtb16 %[kb], %[ka], ror #8\n\t"
+        "sxtb16 %[ka], %[ka]\n\t"
+        "ldm.w %[w]!, {r0, r1, r2, r3}\n\t"
+        "smlad %[a0], r0, %[ka], %[a0]\n\t"
+        "smlad %[a0], r1, %[kb], %[a0]\n\t"
+        "smlad %[a1], r2, %[ka], %[a1]\n\t"
+        "smlad %[a1], r3, %[kb], %[a1]\n\t"
+        "ldm.w %[w]!, {r0, r1, r2, r3}\n\t"
+        "smlad %[a2], r0, %[ka], %[a2]\n\t"
+        "smlad %[a2], r1, %[kb], %[a2]\n\t"
+        "smlad %[a3], r2, %[ka], %[a3]\n\t"
+        "smlad %[a3], r3, %[kb], %[a3]\n\t"
         ".endr\n\t"
-        FC_RQ("%[a0]", "%[m]", "%[rnd]", "%[r]")
-        FC_RQ("%[a1]", "%[m]", "%[rnd]", "%[r]")
-        FC_RQ("%[a2]", "%[m]", "%[rnd]", "%[r]")
-        FC_RQ("%[a3]", "%[m]", "%[rnd]", "%[r]")
-        "ldr %[u], [%[x], #-24]\n\t"
+        "ldr %[ka], [%[x], #44]\n\t"
+        "ldr %[kb], [%[x], #48]\n\t"
+        "ldr %[w], [%[x], #52]\n\t"
+        FC_RQ("%[a0]", "%[ka]", "%[kb]", "%[w]")
+        FC_RQ("%[a1]", "%[ka]", "%[kb]", "%[w]")
+        FC_RQ("%[a2]", "%[ka]", "%[kb]", "%[w]")
+        FC_RQ("%[a3]", "%[ka]", "%[kb]", "%[w]")
+        "ldrd r0, r1, [%[x], #20]\n\t"
+        "ldr r2, [%[x], #28]\n\t"
         "strb %[a0], [%[s]], #1\n\t"
-        "add %[w], %[s], %[u]\n\t"
-        "strb %[a1], [%[w], #-1]\n\t"
-        "ldr %[u], [%[x], #-20]\n\t"
-        "add %[w], %[w], %[u]\n\t"
-        "strb %[a2], [%[w], #-1]\n\t"
-        "ldr %[u], [%[x], #-16]\n\t"
-        "add %[w], %[w], %[u]\n\t"
-        "strb %[a3], [%[w], #-1]\n\t"
-        "ldr %[u], [%[x], #-28]\n\t"
-        "add %[k], %[k], %[u]\n\t"
-        "ldr %[u], [%[x], #-12]\n\t"
-        "cmp %[s], %[u]\n\t"
+        "add r3, %[s], r0\n\t"
+        "strb %[a1], [r3, #-1]\n\t"
+        "add r3, r3, r1\n\t"
+        "strb %[a2], [r3, #-1]\n\t"
+        "add r3, r3, r2\n\t"
+        "strb %[a3], [r3, #-1]\n\t"
+        "ldr r0, [%[x], #16]\n\t"
+        "add %[k], %[k], r0\n\t"
+        "ldr r0, [%[x], #32]\n\t"
+        "cmp %[s], r0\n\t"
         "bne 1b\n\t"
         : [a0] "=&r"(a0), [a1] "=&r"(a1), [a2] "=&r"(a2), [a3] "=&r"(a3), [ka] "=&r"(ka), [kb] "=&r"(kb),
-          [u] "=&r"(u), [w] "=&r"(w), [k] "+&r"(k), [s] "+&r"(s)
-        : [x] "r"(base), [m] "r"(m), [rnd] "r"(rnd), [r] "r"(right)
-        : "memory", "cc");
+          [w] "=&r"(w), [k] "+&r"(k), [s] "+&r"(s)
+        : [x] "r"(st)
+        : "r0", "r1", "r2", "r3", "memory", "cc");
 }
 
 /* matmul_qk through qk_keys_asm: four queries at a time, the missing rows of the last block
@@ -674,9 +765,12 @@ static void qk_asm(const int8_t *q, const int8_t *k, int8_t *s, int32_t Lq, int3
 {
     struct qk_block blk;
     int32_t qs[4], dh4 = dh / 4;
-    int32_t rnd = (int32_t)((uint32_t)(2 * rq->zp + 1) << rq->right) >> 1;
+    blk.st.m = rq->mult;
+    blk.st.rnd = (int32_t)((uint32_t)(2 * rq->zp + 1) << rq->right) >> 1;
+    blk.st.right = rq->right;
     blk.st.kdelta = k_stride - dh;
-    blk.st.skip = 60 * (QK_STEPS - dh4);
+    blk.st.skip = 52 * (QK_STEPS - dh4);
+    blk.st.start = blk.x + 8 * (QK_STEPS - dh4);
     for (int32_t i = 0; i < Lq; i += 4) {
         int32_t rows = Lq - i < 4 ? Lq - i : 4;
         qk_extend4(q + i * q_stride, q_stride, rows, dh4, q_zp, blk.x + 8 * (QK_STEPS - dh4), qs);
@@ -687,7 +781,7 @@ static void qk_asm(const int8_t *q, const int8_t *k, int8_t *s, int32_t Lq, int3
         blk.st.d3 = rows > 3 ? s_stride : (rows > 2 ? -2 * s_stride : 0);
         int8_t *si = s + i * s_stride;
         blk.st.send = si + Lk;
-        qk_keys_asm(blk.x, k, si, rq->mult, rnd, rq->right);
+        qk_keys_asm(&blk.st, k, si);
     }
 }
 #endif
@@ -738,6 +832,65 @@ static void qk_blocked(const int8_t *q, const int8_t *k, int8_t *s, int32_t Lq, 
     }
 }
 
+#if FC_PAIRS_ASM
+#define PV_ASM_PAIR(x)                                                                             \
+    "ldm %[c]!, {r4, r5, r6, r7}\n\t"                                                             \
+    "smlad %[a0], " x ", r4, %[a0]\n\t"                                                           \
+    "smlad %[a1], " x ", r5, %[a1]\n\t"                                                           \
+    "smlad %[a2], " x ", r6, %[a2]\n\t"                                                           \
+    "smlad %[a3], " x ", r7, %[a3]\n\t"
+#define PV_ASM_8 "ldm %[pp]!, {r0, r1, r2, r3}\n\t" PV_ASM_PAIR("r0") PV_ASM_PAIR("r1") PV_ASM_PAIR("r2") PV_ASM_PAIR("r3")
+
+/* Every row of pv_rows in assembly when Lk % 16 == 0, the rows are word aligned and the short
+ * requantisation needs no range check (|acc| <= 128 * 2^15 * 255 < 2^30 for Lk <= 128): per row
+ * the key groups above, the four outputs requantised in place as in fc_pairs3_asm (zero point in
+ * the rounding term) and stored; what the loop does not keep in registers is read from the stack. */
+static void pv_rows_asm(const int16_t *pp, const int32_t *vt, int8_t *y, int32_t Lq, int32_t Lk, int32_t p_stride,
+                        int32_t y_stride, int32_t m, int32_t rnd, int32_t right)
+{
+    const int32_t *cend = vt + 2 * Lk, *c;
+    int32_t pdelta = 2 * (p_stride - Lk), a0, a1, a2, a3;
+    int8_t *yend = y + Lq * y_stride;
+    __asm__ volatile(
+        "2:\n\t"
+        "movs %[a0], #0\n\t"
+        "movs %[a1], #0\n\t"
+        "movs %[a2], #0\n\t"
+        "movs %[a3], #0\n\t"
+        "ldr %[c], %[vt]\n"
+        "1:\n\t"
+        PV_ASM_8 PV_ASM_8
+        "ldr r0, %[end]\n\t"
+        "cmp %[c], r0\n\t"
+        "bne 1b\n\t"
+        "ldr r0, %[m]\n\t"
+        "ldr r1, %[rnd]\n\t"
+        "ldr r2, %[r]\n\t"
+        FC_RQ("%[a0]", "r0", "r1", "r2")
+        FC_RQ("%[a1]", "r0", "r1", "r2")
+        FC_RQ("%[a2]", "r0", "r1", "r2")
+        FC_RQ("%[a3]", "r0", "r1", "r2")
+        "ldr r3, %[y]\n\t"
+        "strb %[a0], [r3]\n\t"
+        "strb %[a1], [r3, #1]\n\t"
+        "strb %[a2], [r3, #2]\n\t"
+        "strb %[a3], [r3, #3]\n\t"
+        "ldr r1, %[ys]\n\t"
+        "add r3, r3, r1\n\t"
+        "str r3, %[y]\n\t"
+        "ldr r0, %[pd]\n\t"
+        "add %[pp], %[pp], r0\n\t"
+        "ldr r0, %[yend]\n\t"
+        "cmp r3, r0\n\t"
+        "bne 2b\n\t"
+        : [a0] "=&r"(a0), [a1] "=&r"(a1), [a2] "=&r"(a2), [a3] "=&r"(a3), [pp] "+&r"(pp), [c] "=&r"(c),
+          [y] "+m"(y)
+        : [vt] "m"(vt), [end] "m"(cend), [m] "m"(m), [rnd] "m"(rnd), [r] "m"(right), [ys] "m"(y_stride),
+          [pd] "m"(pdelta), [yend] "m"(yend)
+        : "r0", "r1", "r2", "r3", "r4", "r5", "r6", "r7", "memory", "cc");
+}
+#endif
+
 /* The rows of matmul_pv against four transposed columns `vt` (see pv_blocked): per probability
  * row and two keys one load of p, two LDRD of the pairs, four SMLAD; the short requantisation
  * when the accumulator allows it. A function of its own so that its few spills sit near the
@@ -755,10 +908,34 @@ static void __attribute__((noinline)) pv_rows(const int16_t *p, const int32_t *v
 #else
 #define PV_RQ(acc) tsh_rq(rq, acc)
 #endif
+#if FC_PAIRS_ASM
+    /* whole groups of 16 keys in assembly when every row is word aligned (LDM) */
+    int32_t aligned = ((uintptr_t)p & 3u) == 0 && (p_stride & 1) == 0;
+    const int32_t *c16 = aligned ? vt + 32 * (Lk / 16) : vt;
+    if (aligned && Lk % 16 == 0 && Lk <= 128 && Lq >= 1 && fast && zp >= -128 && zp <= 127 && v_zp >= -128 &&
+        v_zp <= 127) {
+        pv_rows_asm(p, vt, y, Lq, Lk, p_stride, y_stride, m, (int32_t)((uint32_t)(2 * zp + 1) << right) >> 1, right);
+        return;
+    }
+#endif
     for (int32_t i = 0; i < Lq; i++) {
         const int16_t *pi = p + i * p_stride, *pp = pi;
         const int32_t *c = vt;
         int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+#if FC_PAIRS_ASM
+        /* per 8 keys: one LDM of four probability pairs, then per pair one LDM of the four columns'
+         * (v_j, v_j+1) pairs and four SMLAD: 21 instructions for 32 MACs; r0-r7 are the LDM lists */
+        if (c < c16)
+            __asm__ volatile(
+                "1:\n\t"
+                PV_ASM_8 PV_ASM_8
+                "ldr r0, %[end]\n\t"
+                "cmp %[c], r0\n\t"
+                "bne 1b\n\t"
+                : [a0] "+r"(a0), [a1] "+r"(a1), [a2] "+r"(a2), [a3] "+r"(a3), [pp] "+r"(pp), [c] "+r"(c)
+                : [end] "m"(c16)
+                : "r0", "r1", "r2", "r3", "r4", "r5", "r6", "r7", "memory", "cc");
+#endif
         while (c < cend) {
             int32_t x, u0, u1, u2, u3;
             memcpy(&x, pp, sizeof x);

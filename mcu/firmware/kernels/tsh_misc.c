@@ -65,6 +65,20 @@ static inline int32_t clr_mbqm(int32_t x, int32_t m, int32_t left, int32_t right
     return (h + (1 << (right - 1)) - (int32_t)((uint32_t)h >> 31)) >> right;
 }
 
+#define CLR_RMAX 64    /* ranks whose (u_k, 0), (0, u_k) operands go on the stack (512 B) */
+
+/* int8 saturation (SSAT on the Cortex-M) */
+static inline int8_t clr_sat8(int32_t x)
+{
+#if defined(__ARM_FEATURE_DSP) && !defined(TSH_PORTABLE) && !defined(TSH_EMULATE_DSP)
+    int32_t r;
+    __asm__("ssat %0, #8, %1" : "=r"(r) : "r"(x));
+    return (int8_t)r;
+#else
+    return tsh_sat8(x);
+#endif
+}
+
 /* clr_mbqm's conditions for accumulators up to `bound` in magnitude and this shift */
 static inline int clr_short(int32_t bound, int32_t shift)
 {
@@ -94,6 +108,11 @@ void tsh_embedding_clr_s8(const int32_t *ids, const uint16_t *slot, const int32_
         int32_t i = s - c[0], r = c[2], um = u_mult[s], ush = c[7], vsh = c[8];
         if (c[3]) {
             const int8_t *ui = u + c[4] + i * d;
+            if (clr_short(128, ush)) {     /* |u| <= 128: the short MBQM */
+                int32_t l = ush > 0 ? ush : 0, rr = ush > 0 ? 0 : -ush;
+                for (int32_t j = 0; j < d; j++) out[j] = clr_sat8(clr_mbqm(ui[j], um, l, rr));
+                continue;
+            }
             for (int32_t j = 0; j < d; j++) out[j] = tsh_sat8(tsh_mbqm(ui[j], um, ush));
             continue;
         }
@@ -103,7 +122,33 @@ void tsh_embedding_clr_s8(const int32_t *ids, const uint16_t *slot, const int32_
         if (clr_short(b1, vsh) && clr_short(b2, ush)) {
             /* |acc| <= b1 = r 2^14 and the first stage's |t| <= b1 2^left: both on the short path */
             int32_t l1 = vsh > 0 ? vsh : 0, r1 = vsh > 0 ? 0 : -vsh, l2 = ush > 0 ? ush : 0, r2 = ush > 0 ? 0 : -ush;
-            for (int32_t j = 0; j < d; j++) {
+            int32_t j = 0;
+#if TSH_USE_DSP
+            if (r <= CLR_RMAX && ((uintptr_t)vc & 3u) == 0 && d % 4 == 0) {
+                /* four columns at a time: per k one word of v split by SXTB16 into (j, j+2), (j+1, j+3)
+                 * and four SMLAD against (u_k, 0) and (0, u_k) */
+                int32_t up[2 * CLR_RMAX];
+                for (int32_t k = 0; k < r; k++) {
+                    up[2 * k] = (int32_t)(uint16_t)ui[k];
+                    up[2 * k + 1] = (int32_t)((uint32_t)(uint16_t)ui[k] << 16);
+                }
+                for (; j < d; j += 4) {
+                    int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+                    const int8_t *vk = vc + j;
+                    for (int32_t k = 0; k < r; k++, vk += d) {
+                        int32_t w = tsh_read32(vk), e = tsh_sxtb16(w), o = tsh_sxtb16_ror8(w);
+                        a0 = tsh_smlad(e, up[2 * k], a0);
+                        a2 = tsh_smlad(e, up[2 * k + 1], a2);
+                        a1 = tsh_smlad(o, up[2 * k], a1);
+                        a3 = tsh_smlad(o, up[2 * k + 1], a3);
+                    }
+                    int32_t a[4] = {a0, a1, a2, a3};    /* one copy of the requantisation in flash */
+                    for (int32_t t = 0; t < 4; t++)
+                        out[j + t] = clr_sat8(clr_mbqm(clr_mbqm(a[t], vm[j + t], l1, r1), um, l2, r2));
+                }
+            }
+#endif
+            for (; j < d; j++) {
                 int32_t acc = 0;
                 for (int32_t k = 0; k < r; k++) acc += ui[k] * vc[k * d + j];
                 out[j] = tsh_sat8(clr_mbqm(clr_mbqm(acc, vm[j], l1, r1), um, l2, r2));

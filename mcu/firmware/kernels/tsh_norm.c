@@ -46,6 +46,18 @@ static uint64_t ln_inv(uint32_t s)
     return (uint64_t)q0 << 16 | (uint64_t)q1 << 8 | (t / s);
 }
 
+/* c = off + mu and inv of a row from sum u, sum u^2 and the mean */
+static void ln_finish(int64_t su, int64_t sq, int64_t mu, int32_t d, int32_t off, int32_t eps, int32_t *c_out,
+                      int64_t *inv_out)
+{
+    int64_t c = off + mu;
+    uint64_t ss = (uint64_t)(sq - 2 * c * su + d * c * c);
+    uint64_t q = (d & (d - 1)) == 0 ? ss >> __builtin_ctz((uint32_t)d) : ss / (uint64_t)d;
+    uint32_t sigma = ln_isqrt(q + (uint64_t)(uint32_t)eps);
+    *c_out = (int32_t)c;
+    *inv_out = (int64_t)ln_inv(sigma < 1 ? 1 : sigma);
+}
+
 /* c = off + mu and inv of one row */
 static void ln_row_stats(const int8_t *a, const int8_t *b, int32_t d, int32_t ca, int32_t cb, int32_t off,
                          int32_t eps, int32_t *c_out, int64_t *inv_out)
@@ -68,6 +80,28 @@ static void ln_row_stats(const int8_t *a, const int8_t *b, int32_t d, int32_t ca
         }
         s32 = sa * ca + sb * cb;
         sq = (int64_t)ca * ca * saa + 2 * (int64_t)ca * cb * sab + (int64_t)cb * cb * sbb;
+#elif TSH_USE_DSP
+        /* the same five sums on int16 pairs: per 4 bytes of a and b two SXTB16 each and ten SMLAD */
+        int32_t sa = 0, sb = 0, saa = 0, sab = 0, sbb = 0, j = 0;
+        const int32_t ones = 0x00010001;
+        for (; j + 4 <= d; j += 4) {
+            int32_t va = tsh_read32(a + j), vb = tsh_read32(b + j);
+            int32_t ae = tsh_sxtb16(va), ao = tsh_sxtb16_ror8(va), be = tsh_sxtb16(vb), bo = tsh_sxtb16_ror8(vb);
+            sa = tsh_smlad(ao, ones, tsh_smlad(ae, ones, sa));
+            sb = tsh_smlad(bo, ones, tsh_smlad(be, ones, sb));
+            saa = tsh_smlad(ao, ao, tsh_smlad(ae, ae, saa));
+            sab = tsh_smlad(ao, bo, tsh_smlad(ae, be, sab));
+            sbb = tsh_smlad(bo, bo, tsh_smlad(be, be, sbb));
+        }
+        for (; j < d; j++) {
+            sa += a[j];
+            sb += b[j];
+            saa += a[j] * a[j];
+            sab += a[j] * b[j];
+            sbb += b[j] * b[j];
+        }
+        s32 = sa * ca + sb * cb;
+        sq = (int64_t)ca * ca * saa + 2 * (int64_t)ca * cb * sab + (int64_t)cb * cb * sbb;
 #else
         for (int32_t j = 0; j < d; j++) {
             int32_t u = a[j] * ca + b[j] * cb;
@@ -86,12 +120,7 @@ static void ln_row_stats(const int8_t *a, const int8_t *b, int32_t d, int32_t ca
         }
         mu = tsh_div_round(su - (int64_t)d * off, d);
     }
-    int64_t c = off + mu;
-    uint64_t ss = (uint64_t)(sq - 2 * c * su + d * c * c);
-    uint64_t q = (d & (d - 1)) == 0 ? ss >> __builtin_ctz((uint32_t)d) : ss / (uint64_t)d;
-    uint32_t sigma = ln_isqrt(q + (uint64_t)(uint32_t)eps);
-    *c_out = (int32_t)c;
-    *inv_out = (int64_t)ln_inv(sigma < 1 ? 1 : sigma);
+    ln_finish(su, sq, mu, d, off, eps, c_out, inv_out);
 }
 
 /* MBQM + zero point + int8 saturation on the short path (preconditions: 1 <= right <= 23,
@@ -139,6 +168,160 @@ static int ln_out_mve(const int8_t *a, const int8_t *b, const int32_t *gm, const
 }
 #endif
 
+#if TSH_USE_DSP && !TSH_USE_MVE
+/* Row by row on DSP cores for d % 4 == 0, d <= TSH_LN_ROW: one pass builds the row's u = a ca + b cb
+ * (SMLAD of (a, b) int16 pairs against (ca, cb)) and sums u and u^2; the normalisation then reads u
+ * and a per-channel table {m, rnd', right} with the channel's offset beta + zy folded into the
+ * rounding term as in fc's requantisation: (h - [h < 0] + 2^(right-1) + z 2^right) >> right =
+ * RDBPOT(h, right) + z exactly, no add overflows for |z 2^right| <= 2^30 and |h| < 2^25 (|n| < 2^25).
+ * The table and one row of u live on the stack (2 KB). */
+#define TSH_LN_ROW 128
+
+/* the table, or 0 if a channel's parameters leave the short path (1 <= right <= 23, |z 2^right| <= 2^30) */
+static int ln_table(const int32_t *gm, const int32_t *gs, const int32_t *beta, int32_t y_zp, int32_t d, int32_t *tab)
+{
+    for (int32_t c = 0; c < d; c++, tab += 3) {
+        int32_t right = -gs[c];
+        int64_t z = (int64_t)beta[c] + y_zp;
+        if (right < 1 || right > 23 || z > ((int64_t)1 << (30 - right)) || z < -((int64_t)1 << (30 - right)))
+            return 0;
+        tab[0] = gm[c];
+        tab[1] = (int32_t)(((int64_t)1 << (right - 1)) + z * ((int64_t)1 << right));
+        tab[2] = right;
+    }
+    return 1;
+}
+
+/* u of one row (d % 4 == 0, |ca|, |cb| < 2^15) and sum u; sum u^2 into *sq */
+static int32_t __attribute__((noinline)) ln_row_u(const int8_t *a, const int8_t *b, int32_t d, int32_t cab, int32_t *u, int64_t *sq)
+{
+    int32_t su = 0;
+    int64_t q = 0;
+#if defined(__ARM_FEATURE_DSP) && !defined(TSH_PORTABLE) && !defined(TSH_EMULATE_DSP) && defined(__ARM_ARCH_7EM__)
+    /* per 4 bytes of a and b: the (a, b) pairs by SXTB16 and PKH, four SMUAD, one STM, four SMLAL:
+     * 25 instructions with the loop (the C loop took 36); r4-r7 are the STM list */
+    uint32_t lo = 0, hi = 0;
+    const int8_t *aend = a + d;
+    int32_t va, vb;
+    __asm__ volatile(
+        "1:\n\t"
+        "ldr %[va], [%[a]], #4\n\t"
+        "ldr %[vb], [%[b]], #4\n\t"
+        "sxtb16 r6, %[va]\n\t"                 /* a0 a2 */
+        "sxtb16 %[va], %[va], ror #8\n\t"      /* a1 a3 */
+        "sxtb16 r7, %[vb]\n\t"                 /* b0 b2 */
+        "sxtb16 %[vb], %[vb], ror #8\n\t"      /* b1 b3 */
+        "pkhbt r4, r6, r7, lsl #16\n\t"        /* a0 b0 */
+        "pkhtb r6, r7, r6, asr #16\n\t"        /* a2 b2 */
+        "pkhbt r5, %[va], %[vb], lsl #16\n\t"  /* a1 b1 */
+        "pkhtb r7, %[vb], %[va], asr #16\n\t"  /* a3 b3 */
+        "smuad r4, r4, %[cab]\n\t"
+        "smuad r5, r5, %[cab]\n\t"
+        "smuad r6, r6, %[cab]\n\t"
+        "smuad r7, r7, %[cab]\n\t"
+        "stm %[u]!, {r4, r5, r6, r7}\n\t"
+        "add %[su], %[su], r4\n\t"
+        "smlal %[lo], %[hi], r4, r4\n\t"
+        "add %[su], %[su], r5\n\t"
+        "smlal %[lo], %[hi], r5, r5\n\t"
+        "add %[su], %[su], r6\n\t"
+        "smlal %[lo], %[hi], r6, r6\n\t"
+        "add %[su], %[su], r7\n\t"
+        "smlal %[lo], %[hi], r7, r7\n\t"
+        "cmp %[a], %[aend]\n\t"
+        "bne 1b\n\t"
+        : [su] "+r"(su), [lo] "+r"(lo), [hi] "+r"(hi), [a] "+r"(a), [b] "+r"(b), [u] "+r"(u), [va] "=&r"(va),
+          [vb] "=&r"(vb)
+        : [cab] "r"(cab), [aend] "r"(aend)
+        : "r4", "r5", "r6", "r7", "memory", "cc");
+    *sq = (int64_t)((uint64_t)hi << 32 | lo);
+    return su;
+#endif
+    for (int32_t j = 0; j < d; j += 4, u += 4) {
+        int32_t va = tsh_read32(a + j), vb = tsh_read32(b + j);
+        int32_t ae = tsh_sxtb16(va), ao = tsh_sxtb16_ror8(va), be = tsh_sxtb16(vb), bo = tsh_sxtb16_ror8(vb);
+        int32_t u0 = tsh_smlad(tsh_pkhbt(ae, be), cab, 0), u2 = tsh_smlad(tsh_pkhtb(be, ae), cab, 0);
+        int32_t u1 = tsh_smlad(tsh_pkhbt(ao, bo), cab, 0), u3 = tsh_smlad(tsh_pkhtb(bo, ao), cab, 0);
+        u[0] = u0; u[1] = u1; u[2] = u2; u[3] = u3;
+        su += u0 + u1 + u2 + u3;
+        q += (int64_t)u0 * u0 + (int64_t)u1 * u1 + (int64_t)u2 * u2 + (int64_t)u3 * u3;
+    }
+    *sq = q;
+    return su;
+}
+
+/* y[j] = sat8(MBQM(RDBPOT64((u[j] - c) inv, 28), m, -right) + z) for inv < 2^31 (nc16 = -16 c), the
+ * table's folded form; on the Cortex-M4 16 instructions a channel */
+static void ln_out_row(const int32_t *u, const int32_t *tab, int8_t *y, int32_t d, int32_t nc16, int32_t inv)
+{
+#if defined(__ARM_FEATURE_DSP) && !defined(TSH_PORTABLE) && !defined(TSH_EMULATE_DSP) && defined(__ARM_ARCH_7EM__)
+    int8_t *yend = y + d;
+    int32_t x, lo, hi;
+    __asm__ volatile(
+        "1:\n\t"
+        "ldr %[x], [%[u]], #4\n\t"
+        "ldm %[t]!, {r0, r1, r2}\n\t"
+        "add %[x], %[nc], %[x], lsl #4\n\t"
+        "asr %[lo], %[x], #31\n\t"
+        "add %[lo], %[lo], #0x80000000\n\t"
+        "movs %[hi], #0\n\t"
+        "smlal %[lo], %[hi], %[x], %[inv]\n\t"
+        "add %[hi], %[hi], %[hi]\n\t"
+        "smmulr %[hi], %[hi], r0\n\t"
+        "sub %[hi], %[hi], %[hi], lsr #31\n\t"
+        "add %[hi], %[hi], r1\n\t"
+        "asr %[hi], %[hi], r2\n\t"
+        "ssat %[hi], #8, %[hi]\n\t"
+        "strb %[hi], [%[y]], #1\n\t"
+        "cmp %[y], %[end]\n\t"
+        "bne 1b\n\t"
+        : [x] "=&r"(x), [lo] "=&r"(lo), [hi] "=&r"(hi), [u] "+&r"(u), [t] "+&r"(tab), [y] "+&r"(y)
+        : [nc] "r"(nc16), [inv] "r"(inv), [end] "r"(yend)
+        : "r0", "r1", "r2", "memory", "cc");
+#else
+    for (int32_t j = 0; j < d; j++, tab += 3) {
+        int32_t X = 16 * u[j] + nc16;
+        int32_t n = (int32_t)(((int64_t)X * inv + (int64_t)0x80000000 + (X >> 31)) >> 32);
+        int32_t h = tsh_mbqm(n, tab[0], 0);          /* SRDHM alone: no shift */
+        int64_t r = ((int64_t)h - (h < 0) + tab[1]) >> tab[2];
+        y[j] = (int8_t)(r < -128 ? -128 : (r > 127 ? 127 : r));
+    }
+#endif
+}
+
+/* one output on the 64-bit steps (any inv, shift and offset z = beta + zy), out of line: the rare
+ * rows of tiny spread on the row-by-row path */
+static int8_t __attribute__((noinline)) ln_out_slow(int32_t xc, int64_t inv, int32_t m, int32_t shift, int64_t z)
+{
+    int32_t n = (int32_t)tsh_rdbpot64((int64_t)xc * inv, 28);
+    int64_t out = (int64_t)tsh_mbqm(n, m, shift) + z;
+    return (int8_t)(out < -128 ? -128 : (out > 127 ? 127 : out));
+}
+
+/* the whole call row by row, or 0 if it does not meet the preconditions (nothing written) */
+static int ln_rows_dsp(const int8_t *a, const int8_t *b, const int32_t *gm, const int32_t *gs, const int32_t *beta,
+                       int8_t *y, int32_t M, int32_t d, int32_t off, int32_t ca, int32_t cb, int32_t eps, int32_t y_zp)
+{
+    int32_t tab[3 * TSH_LN_ROW], u[TSH_LN_ROW];
+    if (d % 4 != 0 || d < 4 || d > TSH_LN_ROW || ca >= (1 << 15) || ca < -(1 << 15) || cb >= (1 << 15) || cb < -(1 << 15) ||
+        !ln_table(gm, gs, beta, y_zp, d, tab))
+        return 0;
+    int32_t cab = tsh_pkhbt(ca, cb);
+    for (int32_t r = 0; r < M; r++, a += d, b += d, y += d) {
+        int64_t sq, inv;
+        int32_t c, su = ln_row_u(a, b, d, cab, u, &sq);
+        ln_finish(su, sq, tsh_div_round32(su - d * off, d), d, off, eps, &c, &inv);
+        if (inv < ((int64_t)1 << 31)) {
+            ln_out_row(u, tab, y, d, -16 * c, (int32_t)inv);
+            continue;
+        }
+        for (int32_t j = 0; j < d; j++)         /* a row of tiny spread: the 64-bit steps */
+            y[j] = ln_out_slow(u[j] - c, inv, gm[j], gs[j], (int64_t)beta[j] + y_zp);
+    }
+    return 1;
+}
+#endif
+
 void tsh_add_layernorm_s8(const int8_t *a, const int8_t *b, const int32_t *gm, const int32_t *gs,
                           const int32_t *beta, int8_t *y, int32_t M, int32_t d, int32_t a_zp, int32_t b_zp,
                           int32_t ca, int32_t cb, int32_t eps, int32_t y_zp)
@@ -146,6 +329,9 @@ void tsh_add_layernorm_s8(const int8_t *a, const int8_t *b, const int32_t *gm, c
     int32_t cr[TSH_LN_GROUP], inv32[TSH_LN_GROUP];
     int64_t inv[TSH_LN_GROUP];
     int32_t off = a_zp * ca + b_zp * cb;
+#if TSH_USE_DSP && !TSH_USE_MVE
+    if (ln_rows_dsp(a, b, gm, gs, beta, y, M, d, off, ca, cb, eps, y_zp)) return;
+#endif
     for (int32_t r0 = 0; r0 < M; r0 += TSH_LN_GROUP) {
         int32_t rows = M - r0 < TSH_LN_GROUP ? M - r0 : TSH_LN_GROUP, small = 1;
         for (int32_t r = 0; r < rows; r++) {
