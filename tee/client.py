@@ -12,12 +12,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from base.errors import TinyshieldError
+from edge.recipes import busy_cores
 from tee import accelerator, dma, enclave
 from tee.attestation import Channel, Quote, fresh_nonce, new_keypair, verify_quote
 from tee.bundle import Bundle, load_header
 from tee.link import POLL_S
 from tee.messages import Message, decode, encode, recv, send
 from tee.sealing import measurement
+
+FREE_CORES_FOR_OVERLAP = 1.5   # the enclave and the accelerator each spin on a core of their own
 
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 # Spinning OpenMP workers are ruinous on a shared, oversubscribed machine (measured: 10x slower matmuls).
@@ -59,9 +62,11 @@ class ProtectedSession:
                  attack_after: int = 0, seed: int | None = None, accel_threads: int | None = None, attest: bool = True,
                  transport: str = "dma", overlap: bool | None = None):
         """overlap: pipeline the encoder's row parts and poll for messages instead of sleeping (tee.link) --
-        faster where the enclave and the accelerator have cores of their own, slower where they share one;
-        None: on with two or more cores."""
-        overlap = (os.cpu_count() or 1) >= 2 if overlap is None else overlap
+        faster where the enclave and the accelerator have cores of their own, slower where they share one
+        (MiniLM L = 128 on a 2-core Xeon: 0.85x enclave-only idle, 3-4x with one core busy elsewhere);
+        None: on when two cores are free now (edge.recipes.busy_cores)."""
+        if overlap is None:
+            overlap = (os.cpu_count() or 1) - busy_cores() >= FREE_CORES_FOR_OVERLAP
         self.bundle: Bundle = load_header(bundle_dir)
         self.backend = backend or self.bundle.header["accelerator"]["backend"]
         if self.backend not in ("torch", "litert"):
