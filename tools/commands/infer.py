@@ -16,7 +16,7 @@ def register(sub):
     p.add_argument("--accel-threads", type=int, default=None, help="accelerator threads (default: all cores)")
     p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
                    help="pipeline the encoder's rows so enclave and accelerator work at the same time, polling for "
-                        "messages (default: on with two or more cores, where it is faster; see tools/bench/tee.py)")
+                        "messages (default: on when two cores are free now, where it is faster; see tools/bench/tee.py)")
     p.set_defaults(func=run)
 
 
