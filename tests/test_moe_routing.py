@@ -10,28 +10,15 @@ from hypothesis import strategies as st
 from base.errors import TinyshieldError
 from edge.moe.cache import replay
 from edge.moe.calibrate import calibrate_margin
-from edge.moe.model import MoEConfig, MoEModel, encode
 from edge.moe.policies import Belady, LayerLRU, LeastStale, even_slots
 from edge.moe.routing import cache_aware_route, within_margin
 from edge.moe.runtime import MoERuntime
 from edge.moe.store import ExpertStore, quantize_int4, unpack_int4, write_store
+from moe_tiny import CFG, TEXT, model, store  # noqa: F401 (model, store: the shared fixtures)
 
-CFG = MoEConfig(dim=32, layers=3, heads=2, experts=4, ffn=48, context=48)
-TEXT = encode("It was the best of times, it was the worst of times, it was the age of wisdom. " * 3)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # conftest: one torch thread per module
-
-
-@pytest.fixture(scope="module")
-def model(one_thread):
-    torch.manual_seed(0)
-    return MoEModel(CFG).eval()
-
-
-@pytest.fixture(scope="module")
-def store(model, tmp_path_factory):
-    return write_store(model, tmp_path_factory.mktemp("store"))
 
 
 @settings(max_examples=300, deadline=None)

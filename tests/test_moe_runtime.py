@@ -5,12 +5,11 @@ import torch
 from base.errors import TinyshieldError
 from edge.moe.adapmoe import open_runtime, parse_budget
 from edge.moe.calibrate import calibrate, full_model
-from edge.moe.model import MoEConfig, MoEModel, encode
+from edge.moe.model import MoEModel, encode
 from edge.moe.runtime import Gating, MoERuntime
 from edge.moe.store import write_store
+from moe_tiny import CFG, TEXT
 
-CFG = MoEConfig(dim=32, layers=3, heads=2, experts=4, ffn=48, context=48)
-TEXT = encode("It was the best of times, it was the worst of times, it was the age of wisdom. " * 3)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # conftest: one torch thread per module

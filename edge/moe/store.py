@@ -40,6 +40,7 @@ from safetensors.torch import save_file
 
 from base.errors import TinyshieldError
 from base.quant import quantize_weights_f32
+from edge.moe.kernels import expert_ffn
 from edge.moe.model import MoEConfig, MoEModel
 
 Key = tuple[int, int]  # (layer, expert)
@@ -89,7 +90,6 @@ class Expert:
         the expert (which, in torch, cost more than the product itself)."""
         if self.s1 is None:
             return F.gelu(h @ self.w1) @ self.w2
-        from edge.moe.kernels import expert_ffn
         return expert_ffn(h, self.w1, self.s1, self.w2, self.s2)
 
 

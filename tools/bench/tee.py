@@ -13,8 +13,8 @@
 - transcript: plaintext rows and mask reuse in what the accelerator received.
 - with --task sst2 (or agnews): the model's confidentiality on a task -- the sliced model (TEESlice: private
   slices on the public backbone) vs the same backbone fully fine-tuned, sliced latency (taking turns and with
-  overlap) vs enclave-only, model
-  stealing (N queries, thief with the accelerator's view vs black-box) and membership inference in every mode.
+  overlap) vs enclave-only, model stealing (N queries, thief with the accelerator's view vs black-box) and
+  membership inference in every mode.
 Prints rich tables and writes build/bench/tee.json (--task-only: just the task part, into --out).
 """
 from __future__ import annotations
@@ -486,9 +486,9 @@ def bench_task(task: str, seq_len: int, iters: int, warmup: int, threads: int, n
     try:
         exact = []
         for x in inputs:
+            ref = program.forward(owner.prog, x, blinded.reference_lin(owner.blind))
             for m in ("sliced", SLICED_OVERLAP):
-                y, _ = sessions[m].infer(x)
-                exact.append(bool(np.array_equal(y, program.forward(owner.prog, x, blinded.reference_lin(owner.blind)))))
+                exact.append(bool(np.array_equal(sessions[m].infer(x)[0], ref)))
         rows = {m: [] for m in sessions}
         load_start = os.getloadavg()
         for i in range(n_runs):

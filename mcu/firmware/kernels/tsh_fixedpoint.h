@@ -16,6 +16,19 @@
 #define TSH_USE_DSP 0
 #endif
 
+/* Inline assembly with the real DSP instructions: a DSP core, not the portable or DSP-emulating host builds.
+ * TSH_M4_ASM narrows it to ARMv7E-M (Cortex-M4/M7), whose blocks count on its registers and timings. */
+#if defined(__ARM_FEATURE_DSP) && !defined(TSH_PORTABLE) && !defined(TSH_EMULATE_DSP)
+#define TSH_DSP_ASM 1
+#else
+#define TSH_DSP_ASM 0
+#endif
+#if TSH_DSP_ASM && defined(__ARM_ARCH_7EM__)
+#define TSH_M4_ASM 1
+#else
+#define TSH_M4_ASM 0
+#endif
+
 /* gemmlowp SaturatingRoundingDoublingHighMul: trunc((a b + nudge) / 2^31) with nudge = +-2^30 is
  * exactly floor((a b + 2^30) / 2^31) for both signs of a b (for a b < 0 the truncation toward zero
  * of (a b + 1 - 2^30) / 2^31 is the ceiling, i.e. floor((a b + 2^30) / 2^31)), so one 64-bit add
@@ -127,7 +140,7 @@ static inline int8_t tsh_rq_apply(const tsh_rq_t *q, int32_t x)
  * RDBPOT is QADD of 2^(right-1), minus the sign bit, arithmetic shift (if that QADD saturates, the
  * exact result is >= 2^(31-right) >= 256 and saturates below as well); QADD of the zero point and
  * SSAT to int8 finish: the same integers as tsh_mbqm + zero point + clamp, in 7 instructions. */
-#if defined(__ARM_FEATURE_DSP) && !defined(TSH_PORTABLE) && !defined(TSH_EMULATE_DSP)
+#if TSH_DSP_ASM
 /* The short sequence itself (preconditions above; rnd = 2^(right-1)). */
 static inline int32_t tsh_rq_short(int32_t x, int32_t m, int32_t rnd, int32_t right, int32_t zp)
 {
@@ -162,7 +175,7 @@ static inline int32_t tsh_rq_short_left(int32_t x, int32_t m, int32_t left1, int
 
 static inline int8_t tsh_rq(const tsh_rq_t *q, int32_t x)
 {
-#if defined(__ARM_FEATURE_DSP) && !defined(TSH_PORTABLE) && !defined(TSH_EMULATE_DSP)
+#if TSH_DSP_ASM
     if (q->fast && (uint32_t)x + (1u << 30) < (1u << 31))
         return (int8_t)tsh_rq_short(x, q->mult, q->rnd, q->right, q->zp);
     if (q->fastl && (uint32_t)x + (uint32_t)q->lim < 2u * (uint32_t)q->lim)
@@ -201,7 +214,7 @@ static inline int64_t tsh_isqrt64(int64_t v)
 }
 
 /* ---- DSP instructions: the real ones on Cortex-M, C emulations for host tests of the same code ---- */
-#if defined(__ARM_FEATURE_DSP) && !defined(TSH_PORTABLE) && !defined(TSH_EMULATE_DSP)
+#if TSH_DSP_ASM
 static inline int32_t tsh_smlad(int32_t a, int32_t b, int32_t acc)
 {
     int32_t r;
@@ -276,7 +289,7 @@ static inline int32_t tsh_ssub16(int32_t a, int32_t b)
 /* the per-byte signed maximum of two words of four int8 (SSUB8 sets a GE flag per byte, SEL picks) */
 static inline uint32_t tsh_max_s8x4(uint32_t a, uint32_t b)
 {
-#if defined(__ARM_FEATURE_DSP) && !defined(TSH_PORTABLE) && !defined(TSH_EMULATE_DSP)
+#if TSH_DSP_ASM
     uint32_t t, r;
     __asm__("ssub8 %0, %2, %3\n\tsel %1, %2, %3" : "=&r"(t), "=r"(r) : "r"(a), "r"(b) : "cc");
     (void)t;

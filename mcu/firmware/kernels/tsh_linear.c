@@ -54,7 +54,7 @@ static inline __attribute__((always_inline)) void fc_extend3(const int8_t *x0, c
     }
 }
 
-#if defined(__ARM_FEATURE_DSP) && !defined(TSH_PORTABLE) && !defined(TSH_EMULATE_DSP) && defined(__ARM_ARCH_7EM__)
+#if TSH_M4_ASM
 #define FC_PAIRS_ASM 1
 /* The fully connected layer's hot loop on the Cortex-M4: one block of three rows (sign-extended
  * once into int16 pairs, row0 (k, k+2) (k+1, k+3), row1, row2 per 4 k) against every channel
@@ -658,7 +658,7 @@ static void qk_extend4(const int8_t *q, int32_t q_stride, int32_t rows, int32_t 
 }
 
 /* one query row's two pairs of the step (one LDRD on Cortex-M) into accumulator a */
-#if defined(__ARM_FEATURE_DSP) && !defined(TSH_PORTABLE) && !defined(TSH_EMULATE_DSP)
+#if TSH_DSP_ASM
 #define QK_ROW(a)                                                                                  \
     do {                                                                                           \
         __asm__("ldrd %0, %1, [%2], #8" : "=&r"(u), "=&r"(w), "+r"(x) : : "memory");               \
@@ -796,7 +796,7 @@ static void qk_blocked(const int8_t *q, const int8_t *k, int8_t *s, int32_t Lq, 
     int32_t xe[2 * TSH_ATT_DMAX], qs[4], dh4 = dh / 4;
     /* |acc| <= 2 dh 255 128 < 2^30 for dh <= TSH_ATT_DMAX: the short requantisation needs no range
      * check, its parameters stay in registers */
-#if defined(__ARM_FEATURE_DSP) && !defined(TSH_PORTABLE) && !defined(TSH_EMULATE_DSP)
+#if TSH_DSP_ASM
     const int32_t fast = rq->fast, m = rq->mult, rnd = rq->rnd, right = rq->right, zp = rq->zp;
 #define QK_RQ(acc) (fast ? (int8_t)tsh_rq_short(acc, m, rnd, right, zp) : rq_slow(rq, acc))
 #else
@@ -900,7 +900,7 @@ static void __attribute__((noinline)) pv_rows(const int16_t *p, const int32_t *v
                                               int32_t v_zp, const tsh_rq_t *rq)
 {
     const int32_t *cend = vt + 4 * (Lk / 2);
-#if defined(__ARM_FEATURE_DSP) && !defined(TSH_PORTABLE) && !defined(TSH_EMULATE_DSP)
+#if TSH_DSP_ASM
     const int32_t fast = rq->fast, m = rq->mult, rnd = rq->rnd, right = rq->right, zp = rq->zp;
     /* tsh_rq's short path for |acc| < 2^30 (a probability row of large values can exceed it) */
 #define PV_RQ(acc) (fast && (uint32_t)(acc) + (1u << 30) < (1u << 31) ? (int8_t)tsh_rq_short(acc, m, rnd, right, zp) \
@@ -940,7 +940,7 @@ static void __attribute__((noinline)) pv_rows(const int16_t *p, const int32_t *v
             int32_t x, u0, u1, u2, u3;
             memcpy(&x, pp, sizeof x);
             pp += 2;
-#if defined(__ARM_FEATURE_DSP) && !defined(TSH_PORTABLE) && !defined(TSH_EMULATE_DSP)
+#if TSH_DSP_ASM
             __asm__("ldrd %0, %1, [%4], #8\n\tldrd %2, %3, [%4], #8"
                     : "=&r"(u0), "=&r"(u1), "=&r"(u2), "=&r"(u3), "+r"(c) : : "memory");
 #else

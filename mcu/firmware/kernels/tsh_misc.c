@@ -55,7 +55,7 @@ void tsh_embedding_s8(const int32_t *ids, const int8_t *table, int8_t *y, int32_
 static inline int32_t clr_mbqm(int32_t x, int32_t m, int32_t left, int32_t right)
 {
     int32_t h;
-#if defined(__ARM_FEATURE_DSP) && !defined(TSH_PORTABLE) && !defined(TSH_EMULATE_DSP)
+#if TSH_DSP_ASM
     int32_t x2 = (int32_t)((uint32_t)x << (left + 1));
     __asm__("smmulr %0, %1, %2" : "=r"(h) : "r"(x2), "r"(m));
 #else
@@ -70,7 +70,7 @@ static inline int32_t clr_mbqm(int32_t x, int32_t m, int32_t left, int32_t right
 /* int8 saturation (SSAT on the Cortex-M) */
 static inline int8_t clr_sat8(int32_t x)
 {
-#if defined(__ARM_FEATURE_DSP) && !defined(TSH_PORTABLE) && !defined(TSH_EMULATE_DSP)
+#if TSH_DSP_ASM
     int32_t r;
     __asm__("ssat %0, #8, %1" : "=r"(r) : "r"(x));
     return (int8_t)r;

@@ -127,7 +127,7 @@ static void ln_row_stats(const int8_t *a, const int8_t *b, int32_t d, int32_t ca
  * |x| < 2^30; rnd = 2^(right-1)) */
 static inline int32_t ln_rq(int32_t x, int32_t m, int32_t rnd, int32_t right, int32_t zp)
 {
-#if defined(__ARM_FEATURE_DSP) && !defined(TSH_PORTABLE) && !defined(TSH_EMULATE_DSP)
+#if TSH_DSP_ASM
     return tsh_rq_short(x, m, rnd, right, zp);
 #else
     (void)rnd;
@@ -197,7 +197,7 @@ static int32_t __attribute__((noinline)) ln_row_u(const int8_t *a, const int8_t 
 {
     int32_t su = 0;
     int64_t q = 0;
-#if defined(__ARM_FEATURE_DSP) && !defined(TSH_PORTABLE) && !defined(TSH_EMULATE_DSP) && defined(__ARM_ARCH_7EM__)
+#if TSH_M4_ASM
     /* per 4 bytes of a and b: the (a, b) pairs by SXTB16 and PKH, four SMUAD, one STM, four SMLAL:
      * 25 instructions with the loop (the C loop took 36); r4-r7 are the STM list */
     uint32_t lo = 0, hi = 0;
@@ -254,7 +254,7 @@ static int32_t __attribute__((noinline)) ln_row_u(const int8_t *a, const int8_t 
  * table's folded form; on the Cortex-M4 16 instructions a channel */
 static void ln_out_row(const int32_t *u, const int32_t *tab, int8_t *y, int32_t d, int32_t nc16, int32_t inv)
 {
-#if defined(__ARM_FEATURE_DSP) && !defined(TSH_PORTABLE) && !defined(TSH_EMULATE_DSP) && defined(__ARM_ARCH_7EM__)
+#if TSH_M4_ASM
     int8_t *yend = y + d;
     int32_t x, lo, hi;
     __asm__ volatile(
